@@ -1,0 +1,151 @@
+"""The outbox table contract: how events are appended, and how the event log is read back.
+
+The write service appends events (position NULL) in the command's transaction. The
+relay assigns gap-free positions and publishes. Read replicas read positioned rows
+back in position order to catch up and to rebuild views. All three go through this
+module, so the table's shape is known in one place.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from google.protobuf.message import Message
+
+from shared_kernel.telemetry import current_trace_context
+from tessera.events.v1.envelope_pb2 import EventEnvelope
+
+# Postgres channel the outbox trigger notifies on commit (see migrations/0001).
+OUTBOX_NOTIFY_CHANNEL = "outbox_inserted"
+
+
+def events_channel(prefix: str) -> str:
+    """Redis pub/sub channel that carries serialized EventEnvelopes."""
+    return f"{prefix}events"
+
+
+def head_channel(prefix: str) -> str:
+    """Redis pub/sub channel that carries the relay's StreamHead heartbeats."""
+    return f"{prefix}events:head"
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event a command produced, before it is written to the outbox."""
+
+    payload: Message
+    aggregate_type: str
+    aggregate_id: str
+    aggregate_version: int
+    occurred_at: datetime
+    schema_version: int = 1
+    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+    @property
+    def event_type(self) -> str:
+        """Full protobuf name of the payload message."""
+        name: str = self.payload.DESCRIPTOR.full_name
+        return name
+
+
+_INSERT = """
+INSERT INTO outbox (event_id, event_type, schema_version, aggregate_type, aggregate_id,
+                    aggregate_version, payload, occurred_at, correlation_id, causation_id,
+                    traceparent, tracestate)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+"""
+
+
+async def append_events(
+    conn: asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any],
+    events: Sequence[NewEvent],
+    *,
+    correlation_id: str,
+    causation_id: str,
+) -> None:
+    """Insert events into the outbox on `conn`, inside the caller's transaction."""
+    if not events:
+        return
+    traceparent, tracestate = current_trace_context()
+    await conn.executemany(
+        _INSERT,
+        [
+            (
+                e.event_id,
+                e.event_type,
+                e.schema_version,
+                e.aggregate_type,
+                e.aggregate_id,
+                e.aggregate_version,
+                e.payload.SerializeToString(),
+                e.occurred_at,
+                correlation_id,
+                causation_id,
+                traceparent,
+                tracestate,
+            )
+            for e in events
+        ],
+    )
+
+
+ENVELOPE_COLUMNS = (
+    "event_id, event_type, schema_version, aggregate_type, aggregate_id, aggregate_version, "
+    "position, occurred_at, correlation_id, causation_id, traceparent, tracestate, payload"
+)
+
+
+def envelope_from_row(row: asyncpg.Record) -> EventEnvelope:
+    """Build the envelope for an outbox row that has a position."""
+    envelope = EventEnvelope(
+        event_id=str(row["event_id"]),
+        event_type=row["event_type"],
+        schema_version=row["schema_version"],
+        aggregate_type=row["aggregate_type"],
+        aggregate_id=row["aggregate_id"],
+        aggregate_version=row["aggregate_version"],
+        position=row["position"],
+        correlation_id=row["correlation_id"],
+        causation_id=row["causation_id"],
+        traceparent=row["traceparent"],
+        tracestate=row["tracestate"],
+        payload=bytes(row["payload"]),
+    )
+    occurred: datetime = row["occurred_at"]
+    envelope.occurred_at.FromDatetime(occurred.astimezone(UTC))
+    return envelope
+
+
+async def read_positioned(
+    conn: asyncpg.Connection[Any] | asyncpg.Pool[Any] | asyncpg.pool.PoolConnectionProxy[Any],
+    after: int,
+    limit: int,
+    up_to: int | None = None,
+) -> list[EventEnvelope]:
+    """Events with position in (after, up_to], in position order, at most `limit` of them."""
+    if up_to is None:
+        rows = await conn.fetch(
+            f"SELECT {ENVELOPE_COLUMNS} FROM outbox WHERE position > $1 ORDER BY position LIMIT $2",  # noqa: S608
+            after,
+            limit,
+        )
+    else:
+        rows = await conn.fetch(
+            f"SELECT {ENVELOPE_COLUMNS} FROM outbox WHERE position > $1 AND position <= $2 "  # noqa: S608
+            "ORDER BY position LIMIT $3",
+            after,
+            up_to,
+            limit,
+        )
+    return [envelope_from_row(r) for r in rows]
+
+
+async def head_position(conn: asyncpg.Connection[Any] | asyncpg.Pool[Any]) -> int:
+    """The highest position the relay has assigned (0 before the first event)."""
+    value = await conn.fetchval("SELECT last_position FROM relay_state WHERE singleton")
+    return int(value or 0)

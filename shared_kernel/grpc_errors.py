@@ -1,0 +1,195 @@
+"""The one place where errors become gRPC status codes.
+
+`ErrorMappingInterceptor` wraps every unary and server-streaming handler: the
+project's DomainErrors map to their documented codes (INVALID_ARGUMENT carries
+`google.rpc.BadRequest` field violations), driver errors that mean "a dependency is
+down" map to UNAVAILABLE, transient database conflicts to ABORTED, and anything else
+is a bug: logged with its traceback and answered INTERNAL. A handler never leaks
+UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn
+
+import asyncpg
+import grpc
+import redis.exceptions
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from shared_kernel import errors
+
+logger = logging.getLogger(__name__)
+
+_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Conflict: grpc.StatusCode.ABORTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+# SQLSTATEs that mean "try again": serialization_failure, deadlock_detected.
+_TRANSIENT_SQLSTATES = {"40001", "40P01"}
+
+_UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+def to_domain_error(exc: BaseException) -> errors.DomainError | None:
+    """Translate a driver exception into the project's error type, or None for a bug."""
+    if isinstance(exc, errors.DomainError):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+        return errors.Conflict("transient database conflict, retry the request")
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
+        return errors.Unavailable("database call exceeded its time limit")
+    if isinstance(exc, _UNAVAILABLE_TYPES):
+        return errors.Unavailable(f"a dependency is unavailable: {type(exc).__name__}")
+    return None
+
+
+def status_for(error: errors.DomainError) -> grpc.Status:
+    """Build the rich gRPC status (code, message, details) for a domain error."""
+    code = grpc.StatusCode.INTERNAL
+    for klass in type(error).__mro__:
+        if klass in _CODES:
+            code = _CODES[klass]
+            break
+    details: list[any_pb2.Any] = []
+    if isinstance(error, errors.InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in error.violations
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad_request)
+        details.append(packed)
+    elif isinstance(error, errors.AlreadyExists) and error.field:
+        info = error_details_pb2.ErrorInfo(
+            reason="ALREADY_EXISTS", domain="tessera", metadata={"field": error.field}
+        )
+        packed = any_pb2.Any()
+        packed.Pack(info)
+        details.append(packed)
+    status = status_pb2.Status(code=_rpc_code(code), message=error.message, details=details)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
+
+
+def _rpc_code(code: grpc.StatusCode) -> int:
+    value: int = code.value[0]
+    return value
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.DomainError) -> NoReturn:
+    """Abort the call with the status that belongs to `error`."""
+    status = status_for(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+async def _handle(exc: Exception, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+    domain_error = to_domain_error(exc)
+    if domain_error is None:
+        logger.error("unhandled error in %s", method, exc_info=exc, extra={"rpc_method": method})
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("context.abort returned")  # pragma: no cover
+    if isinstance(domain_error, errors.Unavailable | errors.Conflict):
+        logger.warning("%s failed: %s", method, domain_error.message, extra={"rpc_method": method})
+    await abort(context, domain_error)
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by handlers to gRPC statuses (see the module docstring)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """Wrap the unary-unary or unary-stream behaviour of the resolved handler."""
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _wrap_unary(inner: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await inner(request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await _handle(exc, method, context)
+
+    return wrapped
+
+
+def _wrap_stream(inner: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            async for item in inner(request, context):
+                yield item
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await _handle(exc, method, context)
+
+    return wrapped
+
+
+def bad_request_from_status(error: grpc.aio.AioRpcError) -> error_details_pb2.BadRequest | None:
+    """Client helper: extract BadRequest details from a failed call (used by tests and tools)."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad_request = error_details_pb2.BadRequest()
+                    detail.Unpack(bad_request)
+                    return bad_request
+    return None
+
+
+__all__ = [
+    "ErrorMappingInterceptor",
+    "abort",
+    "bad_request_from_status",
+    "status_for",
+    "to_domain_error",
+]

@@ -1,0 +1,40 @@
+"""Validation helpers shared by request mappers on both sides."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from shared_kernel.errors import FieldViolation, InvalidArgument
+
+# C0 and C1 control characters (tab, newline and friends included) and the Unicode
+# line/paragraph separators: none belongs in an id, a name or a single-line field.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def has_control_chars(value: str) -> bool:
+    """True when `value` holds a control character."""
+    return CONTROL_CHARS.search(value) is not None
+
+
+def uuid_violation(field: str, value: str) -> FieldViolation | None:
+    """A violation when `value` is not a canonical UUID, else None."""
+    if not value:
+        return FieldViolation(field, "is required")
+    if len(value) != 36:
+        return FieldViolation(field, "must be a UUID like 123e4567-e89b-12d3-a456-426614174000")
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return FieldViolation(field, "must be a UUID like 123e4567-e89b-12d3-a456-426614174000")
+    if str(parsed) != value.lower():
+        return FieldViolation(field, "must be a UUID like 123e4567-e89b-12d3-a456-426614174000")
+    return None
+
+
+def parse_uuid(field: str, value: str) -> uuid.UUID:
+    """Parse a canonical UUID or raise InvalidArgument naming `field`."""
+    violation = uuid_violation(field, value)
+    if violation is not None:
+        raise InvalidArgument([violation])
+    return uuid.UUID(value)
