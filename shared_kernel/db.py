@@ -14,9 +14,7 @@ from shared_kernel.settings import DatabaseSettings
 logger = logging.getLogger(__name__)
 
 
-async def create_pool(
-    settings: DatabaseSettings, application_name: str, wait_s: float = 30.0
-) -> asyncpg.Pool[Any]:
+async def create_pool(settings: DatabaseSettings, application_name: str, wait_s: float = 30.0) -> asyncpg.Pool[Any]:
     """Open a pool, retrying until Postgres answers or `wait_s` runs out."""
     deadline = time.monotonic() + wait_s
     server_settings = {"application_name": application_name}

@@ -86,9 +86,7 @@ def status_for(error: errors.DomainError) -> grpc.Status:
         packed.Pack(bad_request)
         details.append(packed)
     elif isinstance(error, errors.AlreadyExists) and error.field:
-        info = error_details_pb2.ErrorInfo(
-            reason="ALREADY_EXISTS", domain="tessera", metadata={"field": error.field}
-        )
+        info = error_details_pb2.ErrorInfo(reason="ALREADY_EXISTS", domain="tessera", metadata={"field": error.field})
         packed = any_pb2.Any()
         packed.Pack(info)
         details.append(packed)

@@ -66,9 +66,7 @@ async def apply(conn: asyncpg.Connection[Any], directory: Path = DEFAULT_DIR) ->
                     migration.version,
                     migration.name,
                 )
-            logger.info(
-                "applied migration", extra={"version": migration.version, "migration": migration.name}
-            )
+            logger.info("applied migration", extra={"version": migration.version, "migration": migration.name})
             applied.append(migration.version)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)

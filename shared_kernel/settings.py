@@ -16,9 +16,7 @@ class CommonSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Minimum level of log records written to stderr."
     )
-    log_format: Literal["text", "json"] = Field(
-        default="text", description="`json` writes one JSON object per line."
-    )
+    log_format: Literal["text", "json"] = Field(default="text", description="`json` writes one JSON object per line.")
 
 
 class DatabaseSettings(BaseSettings):

@@ -1,0 +1,62 @@
+"""Builders shared by the write service's tests: random, unique values per test."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from datetime import UTC, datetime
+
+from write_service.adapters.password_hasher import Argon2PasswordHasher
+from write_service.domain.commands import DeactivateUser, RegisterUser, UpdateUserProfile
+from write_service.service_layer.deadline import Deadline
+from write_service.service_layer.handlers import CommandMeta
+
+PASSWORD = "correct horse battery staple"
+
+
+def cheap_hasher() -> Argon2PasswordHasher:
+    """A real argon2id hasher with the smallest parameters, so tests stay fast."""
+    return Argon2PasswordHasher(time_cost=1, memory_cost_kib=8, parallelism=1, max_concurrent=4)
+
+
+def suffix() -> str:
+    """A short random token."""
+    return secrets.token_hex(4)
+
+
+def register(
+    email: str | None = None, username: str | None = None, password: str = PASSWORD, full_name: str = "Ada Lovelace"
+) -> RegisterUser:
+    """A valid RegisterUser with a fresh email and username unless given."""
+    token = suffix()
+    return RegisterUser.parse(
+        {
+            "email": email or f"user-{token}@example.com",
+            "username": username or f"user_{token}",
+            "password": password,
+            "full_name": full_name,
+        }
+    )
+
+
+def update(user_id: uuid.UUID, full_name: str = "Ada King", bio: str = "", avatar_url: str = "") -> UpdateUserProfile:
+    """A valid UpdateUserProfile."""
+    return UpdateUserProfile.parse(
+        {"user_id": str(user_id), "full_name": full_name, "bio": bio, "avatar_url": avatar_url}
+    )
+
+
+def deactivate(user_id: uuid.UUID, reason: str = "asked to leave") -> DeactivateUser:
+    """A valid DeactivateUser."""
+    return DeactivateUser.parse({"user_id": str(user_id), "reason": reason})
+
+
+def meta(seconds: float = 5.0, correlation_id: str = "") -> CommandMeta:
+    """Metadata for one command with a fresh id and a deadline `seconds` away."""
+    command_id = uuid.uuid4()
+    return CommandMeta(
+        command_id=command_id,
+        correlation_id=correlation_id or str(command_id),
+        received_at=datetime.now(UTC),
+        deadline=Deadline.after(seconds),
+    )

@@ -1,0 +1,1 @@
+"""The write service: the command API of tessera (validate, decide, commit state + outbox + log)."""

@@ -1,0 +1,67 @@
+"""`python -m write_service`: serve the command API until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from shared_kernel.grpc_server import GrpcServer, wait_for_shutdown_signal
+from shared_kernel.logs import configure_logging
+from shared_kernel.runtime import run
+from shared_kernel.telemetry import configure_tracing
+from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
+from write_service import bootstrap
+from write_service.entrypoints.grpc_server import SERVICE_NAME
+from write_service.settings import WriteServiceSettings
+
+logger = logging.getLogger("write_service")
+
+_POOL_CHECK_TIMEOUT_S = 5.0
+
+
+async def serve(
+    settings: WriteServiceSettings,
+    shutdown_signal: Callable[[], Awaitable[None]] = wait_for_shutdown_signal,
+) -> None:
+    """Open the pool, serve until `shutdown_signal` returns, then stop and close in reverse order."""
+    async with bootstrap.open_pool(settings) as pool:
+        service = bootstrap.build(pool, settings)
+        server = GrpcServer(settings, [SERVICE_NAME])
+        server.add(pb_grpc.add_UserCommandServiceServicer_to_server, service.servicer)
+        port = await server.start()
+        try:
+            await _check_pool(pool)
+            await server.set_serving(True)
+            logger.info("write service serving", extra={"port": port})
+            await shutdown_signal()
+            logger.info("shutting down")
+        finally:
+            await server.stop()
+
+
+async def _check_pool(pool: asyncpg.Pool[Any]) -> None:
+    """Prove the pool can run a query before health reports SERVING."""
+    await pool.fetchval("SELECT 1", timeout=_POOL_CHECK_TIMEOUT_S)
+
+
+async def main() -> int:
+    """Run the process; 0 after a clean shutdown, 1 when start-up fails."""
+    settings = WriteServiceSettings()
+    configure_logging(settings.log_level, settings.log_format, service="write_service")
+    provider = configure_tracing("write_service")
+    try:
+        await serve(settings)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, RuntimeError):
+        logger.exception("write service could not start or stopped abnormally")
+        return 1
+    finally:
+        provider.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main()))

@@ -1,0 +1,309 @@
+"""The Postgres unit of work and user repository (asyncpg).
+
+Every call is bounded by the command's deadline twice: client-side with `asyncio.timeout`
+(a hung network) and server-side with a transaction-local `statement_timeout` (a lock
+wait or a slow statement stops using the server when the caller has given up). Driver
+errors are translated here, once, into the project's error types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+import asyncpg
+
+from shared_kernel import errors
+from shared_kernel.event_log import NewEvent, append_events
+from shared_kernel.grpc_errors import to_domain_error
+from write_service.domain import model
+from write_service.service_layer.deadline import Deadline
+from write_service.service_layer.ports import CommandLogEntry, UnitOfWork, UserRepository
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+if TYPE_CHECKING:
+    # Generic only in the stubs; at run time the class cannot be subscripted.
+    from asyncpg.pool import PoolConnectionProxy
+
+    Connection = PoolConnectionProxy[Any]
+
+_CLIENT_GRACE_S = 0.1
+
+# A rollback still gets this long when the command's own time is used up, so the
+# connection goes back to the pool clean instead of being torn down.
+_ROLLBACK_GRACE_S = 2.0
+
+# The unique indexes of migrations/0001 and the request field each one protects.
+UNIQUE_INDEX_FIELDS = {"users_email_lower_key": "email", "users_username_lower_key": "username"}
+
+_USER_COLUMNS = (
+    "id, email, username, password_hash, full_name, bio, avatar_url, active, "
+    "deactivation_reason, version, created_at, updated_at"
+)
+
+_SELECT_FOR_UPDATE = f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1 FOR UPDATE"  # noqa: S608 - constant columns
+
+# Both unique indexes can answer this (lower(...) matches their expressions).
+_TAKEN = """
+SELECT coalesce(bool_or(lower(email) = lower($1)), false) AS email,
+       coalesce(bool_or(lower(username) = lower($2)), false) AS username
+FROM users
+WHERE lower(email) = lower($1) OR lower(username) = lower($2)
+"""
+
+_INSERT_USER = f"""
+INSERT INTO users ({_USER_COLUMNS})
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+"""  # noqa: S608 - constant columns
+
+_UPDATE_USER = """
+UPDATE users
+SET email = $2, username = $3, password_hash = $4, full_name = $5, bio = $6, avatar_url = $7,
+    active = $8, deactivation_reason = $9, version = $10, updated_at = $11
+WHERE id = $1 AND version = $12
+"""
+
+_INSERT_COMMAND_LOG = """
+INSERT INTO command_log (command_id, command_type, aggregate_type, aggregate_id, correlation_id,
+                         received_at, completed_at, outcome, status_code, error_message,
+                         event_ids, summary)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb)
+"""
+
+
+def translate_error(exc: BaseException) -> BaseException:
+    """The project's error for a driver exception; anything else is returned unchanged."""
+    if isinstance(exc, TimeoutError):
+        return errors.Unavailable("the database did not answer within the command's time limit")
+    return to_domain_error(exc) or exc
+
+
+class _Calls:
+    """Runs one connection's calls within the command's deadline."""
+
+    def __init__(self, conn: Connection, deadline: Deadline) -> None:
+        self.conn = conn
+        self.deadline = deadline
+
+    async def run(self, call: Awaitable[T]) -> T:
+        """Await `call`, cancelling it shortly after the deadline passes (TimeoutError)."""
+        # The grace lets the server-side statement_timeout fire first: a clean error that
+        # leaves the connection usable. This timeout is the backstop for a silent network.
+        async with asyncio.timeout(self.deadline.remaining() + _CLIENT_GRACE_S):
+            return await call
+
+
+class PostgresUserRepository(UserRepository):
+    """Users in the `users` table, read and written on the unit of work's connection."""
+
+    def __init__(self, calls: _Calls) -> None:
+        self._calls = calls
+
+    async def taken_fields(self, email: str, username: str) -> frozenset[str]:
+        """Which of "email" and "username" another user already has, case-insensitively."""
+        row = await self._calls.run(self._calls.conn.fetchrow(_TAKEN, email, username))
+        if row is None:
+            return frozenset()
+        return frozenset(name for name in ("email", "username") if row[name])
+
+    async def get_for_update(self, user_id: uuid.UUID) -> model.User | None:
+        """The user row, locked FOR UPDATE until the transaction ends."""
+        row = await self._calls.run(self._calls.conn.fetchrow(_SELECT_FOR_UPDATE, user_id))
+        if row is None:
+            return None
+        return model.User(
+            id=row["id"],
+            email=row["email"],
+            username=row["username"],
+            password_hash=row["password_hash"],
+            full_name=row["full_name"],
+            bio=row["bio"],
+            avatar_url=row["avatar_url"],
+            active=row["active"],
+            deactivation_reason=row["deactivation_reason"],
+            version=row["version"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            stored_version=row["version"],
+        )
+
+    async def add(self, user: model.User) -> None:
+        """Insert a new user; a unique-index violation (a concurrent twin) becomes AlreadyExists."""
+        try:
+            await self._calls.run(
+                self._calls.conn.execute(
+                    _INSERT_USER,
+                    user.id,
+                    user.email,
+                    user.username,
+                    user.password_hash,
+                    user.full_name,
+                    user.bio,
+                    user.avatar_url,
+                    user.active,
+                    user.deactivation_reason,
+                    user.version,
+                    user.created_at,
+                    user.updated_at,
+                )
+            )
+        except asyncpg.UniqueViolationError as exc:
+            field = UNIQUE_INDEX_FIELDS.get(exc.constraint_name or "")
+            if field == "email":
+                raise model.email_taken() from exc
+            if field == "username":
+                raise model.username_taken() from exc
+            raise
+        user.stored_version = user.version
+
+    async def save(self, user: model.User) -> None:
+        """Update the row if it is still at the version loaded; otherwise raise Conflict."""
+        status = await self._calls.run(
+            self._calls.conn.execute(
+                _UPDATE_USER,
+                user.id,
+                user.email,
+                user.username,
+                user.password_hash,
+                user.full_name,
+                user.bio,
+                user.avatar_url,
+                user.active,
+                user.deactivation_reason,
+                user.version,
+                user.updated_at,
+                user.stored_version,
+            )
+        )
+        if status != "UPDATE 1":
+            # FOR UPDATE makes this unreachable in practice; it guards against a caller that skipped it.
+            raise errors.Conflict(f"user {user.id} changed concurrently, retry the request")
+        user.stored_version = user.version
+
+
+class PostgresUnitOfWork(UnitOfWork):
+    """One asyncpg transaction on a pooled connection, bounded by the command's deadline."""
+
+    def __init__(self, pool: asyncpg.Pool[Any], deadline: Deadline) -> None:
+        self._pool = pool
+        self._deadline = deadline
+        self._conn: Connection | None = None
+        self._tx: asyncpg.transaction.Transaction | None = None
+        self._calls: _Calls | None = None
+        self._committed = False
+
+    async def __aenter__(self) -> Self:
+        """Take a connection, begin, and cap every statement at the time left."""
+        remaining = self._deadline.remaining()
+        if remaining <= 0:
+            raise errors.Unavailable("the command ran out of time before it reached the database")
+        try:
+            conn: Connection = await self._pool.acquire(timeout=remaining)
+        except TimeoutError:
+            raise errors.Unavailable("no database connection became free within the time limit") from None
+        except Exception as exc:
+            raise translate_error(exc) from exc
+        self._conn = conn
+        self._calls = _Calls(conn, self._deadline)
+        self._committed = False
+        try:
+            self._tx = conn.transaction()
+            await self._calls.run(self._tx.start())
+            # At least 1 ms: 0 would switch the server-side limit off.
+            timeout_ms = max(1, int(self._deadline.remaining() * 1000))
+            await self._calls.run(conn.execute("SELECT set_config('statement_timeout', $1, true)", str(timeout_ms)))
+        except BaseException as exc:
+            await self._finish()
+            if isinstance(exc, Exception):
+                raise translate_error(exc) from exc
+            raise
+        self.users = PostgresUserRepository(self._calls)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Roll back unless committed, release the connection, translate driver errors."""
+        await self._finish()
+        if exc is not None:
+            translated = translate_error(exc)
+            if translated is not exc:
+                raise translated from exc
+
+    async def append_events(self, events: Sequence[NewEvent], *, correlation_id: str, causation_id: str) -> None:
+        """Insert the events into the outbox on this transaction's connection."""
+        calls = self._active()
+        await calls.run(append_events(calls.conn, events, correlation_id=correlation_id, causation_id=causation_id))
+
+    async def log_command(self, entry: CommandLogEntry) -> None:
+        """Insert the command-log row on this transaction's connection."""
+        calls = self._active()
+        await calls.run(
+            calls.conn.execute(
+                _INSERT_COMMAND_LOG,
+                entry.command_id,
+                entry.command_type,
+                entry.aggregate_type,
+                entry.aggregate_id,
+                entry.correlation_id,
+                entry.received_at,
+                entry.completed_at,
+                entry.outcome,
+                entry.status_code,
+                entry.error_message,
+                list(entry.event_ids),
+                json.dumps(dict(entry.summary), sort_keys=True),
+            )
+        )
+
+    async def commit(self) -> None:
+        """Commit the transaction."""
+        calls = self._active()
+        assert self._tx is not None
+        await calls.run(self._tx.commit())
+        self._committed = True
+
+    def _active(self) -> _Calls:
+        if self._calls is None:
+            raise RuntimeError("the unit of work is used outside `async with`")
+        return self._calls
+
+    async def _finish(self) -> None:
+        """Roll back an open transaction and hand the connection back, whatever happened."""
+        conn, tx = self._conn, self._tx
+        self._conn = self._tx = self._calls = None
+        if conn is None:
+            return
+        try:
+            if tx is not None and not self._committed:
+                await self._rollback(conn, tx)
+        finally:
+            await self._pool.release(conn)
+
+    async def _rollback(self, conn: Connection, tx: asyncpg.transaction.Transaction) -> None:
+        try:
+            async with asyncio.timeout(max(self._deadline.remaining(), _ROLLBACK_GRACE_S)):
+                try:
+                    await tx.rollback()
+                except asyncpg.InterfaceError:
+                    # The transaction object is past rolling back (its start or commit failed);
+                    # end whatever the server still has open directly.
+                    if conn.is_in_transaction():
+                        await conn.execute("ROLLBACK")
+        except (Exception, asyncio.CancelledError) as exc:
+            # The connection's state is unknown: drop it rather than hand a dirty one to the next command.
+            logger.debug("rollback failed (%s); closing the connection", type(exc).__name__)
+            conn.terminate()
+            if isinstance(exc, asyncio.CancelledError):
+                raise

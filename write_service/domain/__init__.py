@@ -1,0 +1,1 @@
+"""The write model: commands, the User aggregate and its rules. No I/O here."""

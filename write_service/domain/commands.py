@@ -1,0 +1,247 @@
+"""Commands: what a caller asks the write side to do, validated before any handler runs.
+
+Field names match the protobuf request fields, so a violation names the field the caller
+sent. Every field rejects control characters (NUL included); `bio` alone may hold line
+feeds and tabs, because it is multi-line free text. Lengths count Unicode code points.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import ClassVar, Self
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, SecretStr, TypeAdapter, ValidationError, field_validator
+
+from shared_kernel.errors import FieldViolation, InvalidArgument, violations_from_pydantic
+from shared_kernel.validation import has_control_chars, uuid_violation
+
+USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,31}$")
+PASSWORD_MIN, PASSWORD_MAX = 8, 128
+FULL_NAME_MAX = 200
+BIO_MAX = 2000
+AVATAR_URL_MAX = 2048
+REASON_MAX = 500
+
+# shared_kernel.validation.CONTROL_CHARS minus line feed and tab, which multi-line text needs.
+_CONTROL_CHARS_BUT_LF_TAB = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+SummaryValue = str | int | bool
+
+
+def _single_line(value: str) -> str:
+    if has_control_chars(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def _required_text(value: str, maximum: int) -> str:
+    _single_line(value)
+    if not value:
+        raise ValueError("is required")
+    if len(value) > maximum:
+        raise ValueError(f"must be at most {maximum} characters")
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+def _user_id(value: object) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be a UUID string")  # noqa: TRY004 - pydantic reports ValueError, not TypeError
+    violation = uuid_violation("user_id", value)
+    if violation is not None:
+        raise ValueError(violation.description)
+    return uuid.UUID(value)
+
+
+class Command(BaseModel):
+    """Base of every command: immutable, no unknown fields, inputs never echoed in errors."""
+
+    # hide_input_in_errors keeps a rejected password out of a ValidationError's text.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    aggregate_type: ClassVar[str] = "user"
+
+    @classmethod
+    def parse(cls, fields: Mapping[str, object], extra: Sequence[FieldViolation] = ()) -> Self:
+        """Validate `fields` into a command; report every violation (plus `extra`) at once."""
+        violations = list(extra)
+        try:
+            command = cls.model_validate(dict(fields))
+        except ValidationError as exc:
+            details = exc.errors(include_url=False, include_input=False, include_context=False)
+            violations.extend(violations_from_pydantic(dict(d) for d in details))
+        else:
+            if not violations:
+                return command
+        # `from None`: the pydantic error adds nothing the violations lack.
+        raise InvalidArgument(violations) from None
+
+    @property
+    def command_type(self) -> str:
+        """Stable name of the command, as written to the command log."""
+        return type(self).__name__
+
+    @property
+    def aggregate_id(self) -> str:
+        """Id of the aggregate the command targets, empty when it creates one."""
+        return ""
+
+    def summary(self) -> dict[str, SummaryValue]:
+        """What the command log records about this command: never a secret."""
+        raise NotImplementedError
+
+
+class RegisterUser(Command):
+    """Create a user account."""
+
+    email: str
+    username: str
+    password: SecretStr
+    full_name: str
+
+    @field_validator("email")
+    @classmethod
+    def _check_email(cls, value: str) -> str:
+        _single_line(value)
+        if not value:
+            raise ValueError("is required")
+        try:
+            # Syntax only: a DNS look-up would make validation slow and flaky.
+            validate_email(value, check_deliverability=False)
+        except EmailNotValidError as exc:
+            raise ValueError(f"is not a valid e-mail address: {exc}") from None
+        return value
+
+    @field_validator("username")
+    @classmethod
+    def _check_username(cls, value: str) -> str:
+        if not value:
+            raise ValueError("is required")
+        if USERNAME_PATTERN.fullmatch(value) is None:
+            raise ValueError(
+                "must be 3 to 32 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _check_password(cls, value: SecretStr) -> SecretStr:
+        clear = value.get_secret_value()
+        if not PASSWORD_MIN <= len(clear) <= PASSWORD_MAX:
+            raise ValueError(f"must be {PASSWORD_MIN} to {PASSWORD_MAX} characters")
+        if has_control_chars(clear):
+            raise ValueError("must not contain control characters")
+        return value
+
+    @field_validator("full_name")
+    @classmethod
+    def _check_full_name(cls, value: str) -> str:
+        return _required_text(value, FULL_NAME_MAX)
+
+    def summary(self) -> dict[str, SummaryValue]:
+        """Email and username only; the password never leaves the command."""
+        return {"email": self.email, "username": self.username}
+
+
+class UpdateUserProfile(Command):
+    """Replace a user's full name, bio and avatar URL."""
+
+    user_id: uuid.UUID
+    full_name: str
+    bio: str = ""
+    avatar_url: str = ""
+
+    @field_validator("user_id", mode="before")
+    @classmethod
+    def _check_user_id(cls, value: object) -> uuid.UUID:
+        return _user_id(value)
+
+    @field_validator("full_name")
+    @classmethod
+    def _check_full_name(cls, value: str) -> str:
+        return _required_text(value, FULL_NAME_MAX)
+
+    @field_validator("bio")
+    @classmethod
+    def _check_bio(cls, value: str) -> str:
+        if _CONTROL_CHARS_BUT_LF_TAB.search(value) is not None:
+            raise ValueError("must not contain control characters other than line feed and tab")
+        if len(value) > BIO_MAX:
+            raise ValueError(f"must be at most {BIO_MAX} characters")
+        return value
+
+    @field_validator("avatar_url")
+    @classmethod
+    def _check_avatar_url(cls, value: str) -> str:
+        if not value:
+            return value
+        _single_line(value)
+        if len(value) > AVATAR_URL_MAX:
+            raise ValueError(f"must be at most {AVATAR_URL_MAX} characters")
+        if not _is_http_url(value):
+            raise ValueError("must be an http or https URL with a host")
+        return value
+
+    @property
+    def aggregate_id(self) -> str:
+        """The user's id."""
+        return str(self.user_id)
+
+    def summary(self) -> dict[str, SummaryValue]:
+        """The user and the shape of the change; the event holds the full profile."""
+        return {
+            "user_id": str(self.user_id),
+            "full_name_chars": len(self.full_name),
+            "bio_chars": len(self.bio),
+            "avatar_url_set": bool(self.avatar_url),
+        }
+
+
+class DeactivateUser(Command):
+    """Deactivate an active user."""
+
+    user_id: uuid.UUID
+    reason: str
+
+    @field_validator("user_id", mode="before")
+    @classmethod
+    def _check_user_id(cls, value: object) -> uuid.UUID:
+        return _user_id(value)
+
+    @field_validator("reason")
+    @classmethod
+    def _check_reason(cls, value: str) -> str:
+        return _required_text(value, REASON_MAX)
+
+    @property
+    def aggregate_id(self) -> str:
+        """The user's id."""
+        return str(self.user_id)
+
+    def summary(self) -> dict[str, SummaryValue]:
+        """The user and the reason given."""
+        return {"user_id": str(self.user_id), "reason": self.reason}
+
+
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>[^\s]+)$")
+
+
+_HTTP_URL: TypeAdapter[AnyHttpUrl] = TypeAdapter(AnyHttpUrl)
+
+
+def _is_http_url(value: str) -> bool:
+    """True for an absolute http(s) URL whose host pydantic accepts."""
+    match = _URL.match(value)
+    if match is None or match["scheme"].lower() not in {"http", "https"}:
+        return False
+    try:
+        url = _HTTP_URL.validate_python(value)
+    except ValidationError:
+        return False
+    return bool(url.host)

@@ -1,0 +1,1 @@
+"""Ways in: the gRPC servicer that maps protobuf requests to commands."""

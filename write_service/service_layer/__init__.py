@@ -1,0 +1,1 @@
+"""Ports, handlers and the command bus: the use cases, independent of Postgres and gRPC."""

@@ -1,0 +1,137 @@
+"""The command bus: runs a command's handler, retries transient conflicts, logs rejections.
+
+A serialization failure or deadlock (translated to `errors.Conflict` by the adapter) is
+retried with a fresh unit of work a bounded number of times, with jittered exponential
+backoff, as long as the command's deadline allows; then `Conflict` reaches the caller as
+ABORTED. A command the rules reject is recorded in the command log in a separate small
+transaction, best-effort: writing that row never replaces the original error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+
+from shared_kernel import errors
+from shared_kernel.grpc_errors import status_for
+from write_service.domain.commands import Command
+from write_service.service_layer.handlers import (
+    HANDLERS,
+    CommandMeta,
+    CommandResult,
+    Dependencies,
+    Handler,
+)
+from write_service.service_layer.ports import CommandLogEntry, Outcome, UnitOfWorkFactory
+
+logger = logging.getLogger(__name__)
+
+# Errors that mean "the rules said no": the command is rejected, not failed.
+_REJECTIONS = (errors.InvalidArgument, errors.NotFound, errors.AlreadyExists, errors.FailedPrecondition)
+
+
+class CommandBus:
+    """Dispatches each command to its handler with a fresh unit of work per attempt."""
+
+    def __init__(
+        self,
+        uow_factory: UnitOfWorkFactory,
+        deps: Dependencies,
+        *,
+        handlers: Mapping[type[Command], Handler] = HANDLERS,
+        max_attempts: int = 3,
+        retry_backoff_s: float = 0.02,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self._uow_factory = uow_factory
+        self._deps = deps
+        self._handlers = dict(handlers)
+        self._max_attempts = max_attempts
+        self._retry_backoff_s = retry_backoff_s
+        self._sleep = sleep
+
+    async def dispatch(self, command: Command, meta: CommandMeta) -> CommandResult:
+        """Run the command; return its result or raise the error that ended it."""
+        handler = self._handlers[type(command)]
+        log_extra = {
+            "command_type": command.command_type,
+            "command_id": str(meta.command_id),
+            "correlation_id": meta.correlation_id,
+        }
+        try:
+            result = await self._with_retries(handler, command, meta)
+        except _REJECTIONS as exc:
+            logger.info("command rejected: %s", exc.message, extra=log_extra)
+            await self._log_outcome(command, meta, "rejected", exc)
+            raise
+        except errors.Unavailable:
+            # The database is what failed (or the time ran out): a log write would only delay the reply.
+            raise
+        except errors.Conflict as exc:
+            # INFO: the error interceptor already warns about every ABORTED reply.
+            logger.info("command gave up on a transient conflict: %s", exc.message, extra=log_extra)
+            await self._log_outcome(command, meta, "failed", exc)
+            raise
+        except Exception as exc:
+            await self._log_outcome(command, meta, "failed", exc)
+            raise
+        logger.debug(
+            "command succeeded",
+            extra={**log_extra, "aggregate_id": str(result.aggregate_id), "version": result.version},
+        )
+        return result
+
+    async def _with_retries(self, handler: Handler, command: Command, meta: CommandMeta) -> CommandResult:
+        attempt = 1
+        while True:
+            try:
+                return await handler(command, self._uow_factory(meta.deadline), self._deps, meta)
+            except errors.Conflict:
+                delay = self._retry_backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not a secret
+                if attempt >= self._max_attempts or meta.deadline.remaining() <= delay:
+                    raise
+                logger.info(
+                    "transient conflict, retrying",
+                    extra={"command_id": str(meta.command_id), "attempt": attempt, "delay_s": round(delay, 4)},
+                )
+                attempt += 1
+                await self._sleep(delay)
+
+    async def _log_outcome(self, command: Command, meta: CommandMeta, outcome: Outcome, exc: Exception) -> None:
+        """Write a command-log row for a command that did not succeed; never raises."""
+        if meta.deadline.expired:
+            return
+        if isinstance(exc, errors.DomainError):
+            status_code = status_for(exc).code.name
+            message = exc.message
+        else:
+            # A bug: its text may hold anything, so only its type is recorded.
+            status_code, message = "INTERNAL", type(exc).__name__
+        entry = CommandLogEntry(
+            command_id=meta.command_id,
+            command_type=command.command_type,
+            aggregate_type=command.aggregate_type,
+            aggregate_id=command.aggregate_id,
+            correlation_id=meta.correlation_id,
+            received_at=meta.received_at,
+            completed_at=self._deps.clock(),
+            outcome=outcome,
+            status_code=status_code,
+            error_message=message,
+            summary=command.summary(),
+        )
+        try:
+            async with self._uow_factory(meta.deadline) as uow:
+                await uow.log_command(entry)
+                await uow.commit()
+        except Exception:
+            logger.warning(
+                "could not write the command-log row for a %s command",
+                outcome,
+                exc_info=True,
+                extra={"command_id": str(meta.command_id)},
+            )

@@ -1,0 +1,60 @@
+"""Configuration of the write service and its migrate command, read from the environment."""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from shared_kernel.settings import CommonSettings, DatabaseSettings, GrpcServerSettings
+
+
+class WriteServiceSettings(CommonSettings, DatabaseSettings, GrpcServerSettings):
+    """Everything `python -m write_service` reads from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
+
+    database_startup_wait_s: float = Field(
+        default=30.0, ge=0, le=600, description="How long start-up keeps retrying an unreachable Postgres."
+    )
+    command_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Most time one command may spend, whatever deadline the caller set (or none).",
+    )
+    command_max_attempts: int = Field(
+        default=3, ge=1, le=10, description="Attempts for a command that hits a serialization failure or deadlock."
+    )
+    command_retry_backoff_ms: int = Field(
+        default=20, ge=0, le=5000, description="First retry delay; doubles per attempt, with ±50% jitter."
+    )
+    argon2_time_cost: int = Field(default=3, ge=1, le=50, description="argon2id iterations.")
+    argon2_memory_cost_kib: int = Field(
+        default=65536, ge=8, le=4 * 1024 * 1024, description="argon2id memory per hash, in KiB."
+    )
+    argon2_parallelism: int = Field(default=4, ge=1, le=64, description="argon2id lanes (threads) per hash.")
+    argon2_max_concurrent: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="Hashes computed at once; peak hashing memory is this times ARGON2_MEMORY_COST_KIB.",
+    )
+
+    @model_validator(mode="after")
+    def _check_argon2(self) -> Self:
+        # argon2 refuses less than 8 KiB of memory per lane.
+        if self.argon2_memory_cost_kib < 8 * self.argon2_parallelism:
+            raise ValueError("argon2_memory_cost_kib must be at least 8 * argon2_parallelism")
+        return self
+
+
+class MigrateSettings(CommonSettings, DatabaseSettings):
+    """Everything `python -m write_service.migrate` reads from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
+
+    migrate_wait_s: float = Field(
+        default=60.0, ge=0, le=3600, description="How long migrate keeps retrying an unreachable Postgres."
+    )
