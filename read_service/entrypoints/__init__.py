@@ -1,0 +1,1 @@
+"""Thin adapters between the outside world (gRPC) and the read service."""

@@ -1,0 +1,1 @@
+"""Projections: pure functions from an event (and the prior state it touches) to Redis view changes."""

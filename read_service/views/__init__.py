@@ -1,0 +1,1 @@
+"""The query side: reads the Redis views the projections maintain."""

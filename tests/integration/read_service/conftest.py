@@ -1,0 +1,194 @@
+"""Helpers for read service tests: an event log that plays the relay, a publisher, projectors."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from read_service.keys import UserKeys
+from read_service.projections.users import UsersProjection
+from read_service.projector import Projector
+from shared_kernel.event_log import NewEvent, append_events, events_channel, head_channel, read_positioned
+from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
+from tessera.users.v1.events_pb2 import UserDeactivated, UserProfileUpdated, UserRegistered
+
+BASE_TIME = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+async def eventually(
+    check: Callable[[], Any], timeout: float = 15.0, message: str = "condition not met in time"
+) -> None:
+    """Poll `check` (sync or async) until it is truthy; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(message)
+        await asyncio.sleep(0.02)
+
+
+class EventLog:
+    """Writes events the way the write service and the relay together would: positioned and published."""
+
+    def __init__(self, pool: asyncpg.Pool[Any]) -> None:
+        self.pool = pool
+
+    async def append(self, *events: NewEvent) -> list[EventEnvelope]:
+        """Append events with the next positions; return their envelopes in position order."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await append_events(conn, events, correlation_id="test", causation_id=str(uuid.uuid4()))
+            last = await conn.fetchval("SELECT last_position FROM relay_state WHERE singleton FOR UPDATE")
+            for offset, event in enumerate(events, start=1):
+                await conn.execute(
+                    "UPDATE outbox SET position = $1, positioned_at = now(), published_at = now() WHERE event_id = $2",
+                    last + offset,
+                    event.event_id,
+                )
+            await conn.execute("UPDATE relay_state SET last_position = $1", last + len(events))
+        return await read_positioned(self.pool, last, len(events))
+
+    async def head(self) -> int:
+        """The last position assigned."""
+        return int(await self.pool.fetchval("SELECT last_position FROM relay_state"))
+
+
+class Publisher:
+    """Publishes on a prefix's channels, as the relay does."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    async def event(self, envelope: EventEnvelope) -> None:
+        """Publish one envelope."""
+        await self.client.publish(events_channel(self.prefix), envelope.SerializeToString())
+
+    async def head(self, position: int) -> None:
+        """Publish a StreamHead heartbeat."""
+        head = StreamHead(position=position)
+        head.sent_at.GetCurrentTime()
+        await self.client.publish(head_channel(self.prefix), head.SerializeToString())
+
+
+@dataclass
+class UserFactory:
+    """Builds user events with consistent aggregate versions."""
+
+    versions: dict[str, int] = field(default_factory=dict)
+    clock: int = 0
+
+    def _next(self, user_id: str) -> int:
+        self.versions[user_id] = self.versions.get(user_id, 0) + 1
+        return self.versions[user_id]
+
+    def _tick(self) -> datetime:
+        self.clock += 1
+        return BASE_TIME + timedelta(minutes=self.clock)
+
+    def register(
+        self,
+        email: str,
+        username: str,
+        full_name: str = "Some One",
+        at: datetime | None = None,
+        user_id: str | None = None,
+    ) -> tuple[str, NewEvent]:
+        """A UserRegistered event for a new user id (returned too)."""
+        user_id = user_id or str(uuid.uuid4())
+        when = at or self._tick()
+        payload = UserRegistered(user_id=user_id, email=email, username=username, full_name=full_name)
+        payload.registered_at.FromDatetime(when)
+        return user_id, NewEvent(payload, "user", user_id, self._next(user_id), when)
+
+    def update(self, user_id: str, full_name: str, bio: str = "", avatar_url: str = "") -> NewEvent:
+        """A UserProfileUpdated event."""
+        when = self._tick()
+        payload = UserProfileUpdated(user_id=user_id, full_name=full_name, bio=bio, avatar_url=avatar_url)
+        payload.updated_at.FromDatetime(when)
+        return NewEvent(payload, "user", user_id, self._next(user_id), when)
+
+    def deactivate(self, user_id: str, reason: str = "left") -> NewEvent:
+        """A UserDeactivated event."""
+        when = self._tick()
+        payload = UserDeactivated(user_id=user_id, reason=reason)
+        payload.deactivated_at.FromDatetime(when)
+        return NewEvent(payload, "user", user_id, self._next(user_id), when)
+
+
+async def dump_keyspace(client: aioredis.Redis, prefix: str) -> dict[str, Any]:
+    """Every key under `prefix` (prefix stripped) with its content, for comparing two key spaces."""
+    result: dict[str, Any] = {}
+    async for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        name = key.decode()[len(prefix) :]
+        kind_reply = await client.type(key)
+        kind = kind_reply.decode() if isinstance(kind_reply, bytes) else kind_reply
+        if kind == "string":
+            result[name] = await client.get(key)
+        elif kind == "hash":
+            result[name] = await client.hgetall(key)
+        elif kind == "zset":
+            result[name] = await client.zrange(key, 0, -1, withscores=True)
+        elif kind == "set":
+            result[name] = sorted(await client.smembers(key))
+        else:
+            raise AssertionError(f"unexpected {kind} at {name}")
+    return result
+
+
+StartProjector = Callable[..., Awaitable[Projector]]
+
+
+@pytest.fixture
+def event_log(db_pool: asyncpg.Pool[Any]) -> EventLog:
+    return EventLog(db_pool)
+
+
+@pytest.fixture
+def publisher(redis_client: aioredis.Redis, redis_prefix: str) -> Publisher:
+    return Publisher(redis_client, redis_prefix)
+
+
+@pytest.fixture
+def users() -> UserFactory:
+    return UserFactory()
+
+
+@pytest.fixture
+async def start_projector(
+    redis_server_url: str, db_pool: asyncpg.Pool[Any], redis_prefix: str, redis_client: aioredis.Redis
+) -> AsyncIterator[StartProjector]:
+    """Start projectors (each with its own Redis client) and stop them after the test.
+
+    Depending on `redis_client` makes its teardown, which deletes the test's keys, run after
+    the projectors have stopped writing them.
+    """
+    started: list[tuple[Projector, aioredis.Redis]] = []
+
+    async def start(prefix: str | None = None, client_name: str | None = None, **options: Any) -> Projector:
+        prefix = prefix or redis_prefix
+        client = aioredis.Redis.from_url(redis_server_url, client_name=client_name, socket_timeout=5)
+        options.setdefault("backoff_initial_s", 0.05)
+        options.setdefault("backoff_max_s", 0.5)
+        projector = Projector(client, db_pool, UsersProjection(UserKeys(prefix)), channel_prefix=prefix, **options)
+        started.append((projector, client))
+        projector.start()
+        return projector
+
+    yield start
+    for projector, client in reversed(started):
+        await projector.stop()
+        await client.aclose()
