@@ -1,0 +1,46 @@
+# syntax=docker/dockerfile:1
+# One image for every role: the command chooses it (python -m write_service | write_service.migrate
+# | relay | read_service). The code runs from /app, the source tree, with the package generated
+# from protos/ at build time.
+
+# Runtime dependencies only, read from pyproject.toml, so this layer changes only with it.
+FROM python:3.11-slim AS deps
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /build
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > requirements.txt \
+    && pip install -r requirements.txt
+
+# The codegen tools stay in this stage; only their output reaches the final image. protobuf is
+# held at the runtime's version so the generated code matches the runtime that imports it.
+FROM deps AS codegen
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['codegen']))" \
+        > codegen.txt \
+    && pip freeze | grep -i '^protobuf==' > constraints.txt \
+    && pip install -c constraints.txt -r codegen.txt
+COPY protos/ protos/
+COPY scripts/gen_protos.py scripts/gen_protos.py
+RUN mkdir -p /build/out && python scripts/gen_protos.py --out /build/out
+
+FROM python:3.11-slim
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    LOG_FORMAT=json
+RUN groupadd --system --gid 10001 tessera \
+    && useradd --system --uid 10001 --gid tessera --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin tessera
+COPY --from=deps /opt/venv /opt/venv
+WORKDIR /app
+COPY --chown=root:root . .
+COPY --from=codegen --chown=root:root /build/out/tessera /app/tessera
+# Fail the build, not the first start, if the generated code does not load on this runtime.
+RUN python -c "import importlib, pkgutil, tessera; [importlib.import_module(m.name) for m in pkgutil.walk_packages(tessera.__path__, 'tessera.')]"
+USER tessera:tessera
+EXPOSE 50051 50052
+CMD ["python", "-m", "write_service"]

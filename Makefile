@@ -1,0 +1,82 @@
+# Developer and CI entry points. Every tool runs from the project's own .venv; nothing
+# relies on an activated environment.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+MAKEFLAGS += --no-builtin-rules
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+UP_ARGS ?=
+PYTEST_ARGS ?=
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help venv gen up migrate test lint breaking ci clean distclean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+venv: $(STAMP) ## create .venv and install the project with its dev tools
+
+# Reinstalls whenever pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || { echo "creating $(VENV) with $$(command -v $(PYTHON))"; $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+gen: venv ## generate the tessera package from protos/
+	$(PY) scripts/gen_protos.py
+
+up: gen ## run the whole stack in the foreground (Ctrl-C stops it); UP_ARGS='--relays 3' passes options
+	$(PY) -m devstack up $(UP_ARGS)
+
+migrate: gen ## apply migrations to DATABASE_URL, or to the embedded Postgres in .stack/
+	$(PY) -m devstack migrate
+
+test: gen ## run the whole test suite; PYTEST_ARGS='-k relay' passes options
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: gen ## ruff, mypy, buf lint and format, and the generated-code check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code
+	$(PY) -m devstack.gencheck
+
+# Compares protos/ with where this branch left main; on main itself with the previous
+# commit (or with HEAD when protos/ has uncommitted changes). Skips when there is nothing
+# to compare with: no main branch, a single commit, or no protos/ there yet.
+breaking: venv ## buf breaking against main (or the previous commit when on main)
+	@base=""; \
+	for ref in main origin/main; do \
+	  if git rev-parse --verify --quiet "$$ref^{commit}" >/dev/null 2>&1; then base=$$ref; break; fi; \
+	done; \
+	if [ -z "$$base" ]; then echo "breaking: no main branch to compare with; skipped"; exit 0; fi; \
+	against=$$(git merge-base HEAD "$$base"); \
+	if [ "$$against" = "$$(git rev-parse HEAD)" ]; then \
+	  if [ -n "$$(git status --porcelain -- protos)" ]; then against=$$(git rev-parse HEAD); \
+	  elif git rev-parse --verify --quiet "HEAD~1^{commit}" >/dev/null 2>&1; then against=$$(git rev-parse HEAD~1); \
+	  else echo "breaking: main has no earlier commit; skipped"; exit 0; fi; \
+	fi; \
+	if ! git cat-file -e "$$against:protos" 2>/dev/null; then \
+	  echo "breaking: $$against has no protos/; skipped"; exit 0; \
+	fi; \
+	echo "breaking: comparing protos/ with $$against"; \
+	$(BIN)/buf breaking protos --against ".git#ref=$$against,subdir=protos"
+
+ci: lint breaking test ## everything CI checks
+
+clean: ## remove generated code, caches and the dev stack's data (.stack/)
+	rm -rf tessera .stack .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean ## clean, and remove .venv too
+	rm -rf $(VENV)

@@ -1,0 +1,251 @@
+"""`python -m devstack up|migrate|infra`: run the stack (or parts of it) in the foreground.
+
+DATABASE_URL and REDIS_URL, when set, point at servers to use; otherwise embedded Postgres and
+Redis keep their data under .stack/ in the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+from devstack.servers import EmbeddedPostgres, EmbeddedRedis, ServerError
+from devstack.supervisor import REPO_ROOT, Cancelled, ProcessExited, ServiceError, Stack, StackConfig
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+
+def _env_int(name: str, default: int) -> int:
+    """Integer from the environment, or `default`."""
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+def _ports(raw: str) -> list[int]:
+    """Parse '50052,50053' into ports."""
+    try:
+        return [int(part) for part in raw.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ports, got {raw!r}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface; every option also has a DEVSTACK_* environment variable."""
+    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("DEVSTACK_DATA_DIR", REPO_ROOT / ".stack")),
+        help="where embedded Postgres and Redis keep data, and logs go (env DEVSTACK_DATA_DIR; default .stack)",
+    )
+    data.add_argument("--postgres-port", type=int, default=_env_int("DEVSTACK_POSTGRES_PORT", 0))
+    data.add_argument("--redis-port", type=int, default=_env_int("DEVSTACK_REDIS_PORT", 0))
+    data.add_argument("--migrate-module", default="write_service.migrate", help="module run as the migrate command")
+
+    up = commands.add_parser("up", parents=[data], help="run the whole stack until Ctrl-C")
+    up.add_argument("--host", default=os.environ.get("DEVSTACK_HOST", "127.0.0.1"), help="bind address")
+    up.add_argument("--write-port", type=int, default=_env_int("DEVSTACK_WRITE_PORT", 50051))
+    up.add_argument(
+        "--read-ports",
+        type=_ports,
+        default=_ports(os.environ.get("DEVSTACK_READ_PORTS", "50052,50053")),
+        help="one port per read replica (env DEVSTACK_READ_PORTS; default 50052,50053)",
+    )
+    up.add_argument("--relays", type=int, default=_env_int("DEVSTACK_RELAYS", 2), help="number of relays")
+    up.add_argument("--startup-timeout", type=float, default=float(os.environ.get("DEVSTACK_STARTUP_TIMEOUT", "60")))
+    up.add_argument("--stop-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    # Stand-ins for the services, used to test the supervisor itself.
+    up.add_argument("--write-module", default="write_service", help=argparse.SUPPRESS)
+    up.add_argument("--relay-module", default="relay", help=argparse.SUPPRESS)
+    up.add_argument("--read-module", default="read_service", help=argparse.SUPPRESS)
+
+    commands.add_parser("migrate", parents=[data], help="apply migrations and exit")
+    commands.add_parser("infra", parents=[data], help="run only Postgres and Redis until Ctrl-C")
+    return parser
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event, received: list[str]) -> Iterator[None]:
+    """Turn Ctrl-C, SIGTERM and SIGHUP into setting `stop`; restore the old handlers afterwards."""
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        received.append(_STOP_SIGNALS.get(signal.Signals(signum), str(signum)))
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in _SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _display(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _grpcurl() -> str:
+    """How to invoke grpcurl: the one beside this interpreter, else the one on PATH."""
+    beside = Path(sys.executable).parent / "grpcurl"
+    if beside.exists():
+        return _display(beside)
+    return shutil.which("grpcurl") or "grpcurl"
+
+
+def usage_text(stack: Stack) -> str:
+    """What to print once the stack is up: addresses and grpcurl commands to try."""
+    grpcurl = _grpcurl()
+    write = stack.write_address
+    suffix = secrets.token_hex(3)
+    register = (
+        f'{{"email": "ada-{suffix}@example.com", "username": "ada-{suffix}", '
+        f'"password": "correct-horse-battery", "full_name": "Ada Lovelace"}}'
+    )
+    lines = [
+        "",
+        "tessera is up:",
+        f"  write    {write}  (tessera.users.v1.UserCommandService)",
+        f"  read     {', '.join(stack.read_addresses)}  (tessera.users.v1.UserQueryService)",
+        f"  relays   {', '.join(relay.name for relay in stack.relays)}  (one active, the others standby)",
+        f"  DATABASE_URL={stack.database_url}",
+        f"  REDIS_URL={stack.redis_url}",
+        f"  logs     {_display(stack.log_dir)}/",
+        "",
+        "Try it:",
+        f"  {grpcurl} -plaintext {write} list",
+        f"  {grpcurl} -plaintext {write} describe tessera.users.v1.UserCommandService",
+        f"  {grpcurl} -plaintext -d '{register}' \\",
+        f"      {write} tessera.users.v1.UserCommandService/RegisterUser",
+        "  # then, with the user_id it returned, ask each replica:",
+    ]
+    for address in stack.read_addresses:
+        lines += [
+            f"""  {grpcurl} -plaintext -d '{{"user_id": "USER_ID"}}' \\""",
+            f"      {address} tessera.users.v1.UserQueryService/GetUser",
+        ]
+    lines += ["", "devstack: stack is up; press Ctrl-C to stop", ""]
+    return "\n".join(lines)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Run the whole stack in the foreground until a signal, or until a service dies (exit 1)."""
+    stop = threading.Event()
+    received: list[str] = []
+    config = StackConfig(
+        database_url=os.environ.get("DATABASE_URL") or None,
+        redis_url=os.environ.get("REDIS_URL") or None,
+        host=args.host,
+        write_port=args.write_port,
+        read_ports=args.read_ports,
+        relays=args.relays,
+        postgres_port=args.postgres_port,
+        redis_port=args.redis_port,
+        data_dir=args.data_dir,
+        log_dir=args.data_dir / "logs",
+        echo=sys.stdout,
+        env={
+            "LOG_FORMAT": os.environ.get("LOG_FORMAT", "text"),
+            "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
+        },
+        startup_timeout=args.startup_timeout,
+        stop_grace=args.stop_grace,
+        migrate_module=args.migrate_module,
+        write_module=args.write_module,
+        relay_module=args.relay_module,
+        read_module=args.read_module,
+    )
+    stack = Stack(config, cancel=stop)
+    code = 0
+    with _stop_on_signals(stop, received):
+        try:
+            stack.start()
+            print(usage_text(stack), flush=True)
+            stack.watch()
+        except Cancelled:
+            pass
+        except ProcessExited as exc:
+            print(f"devstack: {exc}\ndevstack: stopping everything", file=sys.stderr, flush=True)
+            code = 1
+        except (ServiceError, ServerError) as exc:
+            print(f"devstack: {exc}", file=sys.stderr, flush=True)
+            code = 1
+        finally:
+            if received:
+                print(f"devstack: {received[0]} received, stopping", flush=True)
+            stack.stop()
+    print("devstack: stopped", flush=True)
+    return code
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply migrations to DATABASE_URL, or to the embedded Postgres under the data directory."""
+    stop = threading.Event()
+    config = StackConfig(
+        database_url=os.environ.get("DATABASE_URL") or None,
+        redis_url=os.environ.get("REDIS_URL") or None,
+        postgres_port=args.postgres_port,
+        data_dir=args.data_dir,
+        log_dir=args.data_dir / "logs",
+        echo=sys.stdout,
+        migrate_module=args.migrate_module,
+    )
+    stack = Stack(config, cancel=stop)
+    with _stop_on_signals(stop, []):
+        try:
+            stack.start_backing_services(redis=False)
+            stack.run_migrations(config.startup_timeout)
+        except (ServiceError, ServerError) as exc:
+            print(f"devstack: {exc}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            stack.stop()
+    return 0
+
+
+def cmd_infra(args: argparse.Namespace) -> int:
+    """Run only the embedded Postgres and Redis, printing their URLs, until a signal."""
+    stop = threading.Event()
+    with _stop_on_signals(stop, []):
+        try:
+            postgres = EmbeddedPostgres(port=args.postgres_port or None, data_dir=args.data_dir / "postgres")
+            redis = EmbeddedRedis(port=args.redis_port or None, data_dir=args.data_dir / "redis")
+            with postgres, redis:
+                print(f"DATABASE_URL={postgres.url}\nREDIS_URL={redis.url}", flush=True)
+                print("devstack: Postgres and Redis are up; press Ctrl-C to stop", flush=True)
+                while not stop.wait(0.5):
+                    for server in (postgres, redis):
+                        if not server.running:
+                            print(f"devstack: {server.name} exited:\n{server.log_tail()}", file=sys.stderr)
+                            return 1
+        except ServerError as exc:
+            print(f"devstack: {exc}", file=sys.stderr, flush=True)
+            return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m devstack`."""
+    args = build_parser().parse_args(argv)
+    commands = {"up": cmd_up, "migrate": cmd_migrate, "infra": cmd_infra}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""gRPC health probe: `python -m devstack.healthcheck ADDRESS` exits 0 iff the server is SERVING.
+
+`--reach-env NAME` instead checks that the host:port in the URL held by environment variable NAME
+accepts TCP connections (for processes without a gRPC port, such as the relay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from devstack.processes import Deadline
+
+OVERALL = ""  # grpc.health.v1 name of the server as a whole
+
+
+def check_serving(address: str, service: str = OVERALL, timeout: float = 1.0) -> bool:
+    """Whether the gRPC server at `address` reports SERVING for `service` within `timeout`."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+async def check_serving_async(address: str, service: str = OVERALL, rpc_timeout: float = 1.0) -> bool:
+    """Asyncio form of `check_serving`."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=rpc_timeout)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def wait_serving(
+    address: str,
+    timeout: float,
+    *,
+    service: str = OVERALL,
+    give_up: Callable[[], str | None] | None = None,
+) -> None:
+    """Poll until `address` is SERVING; raise TimeoutError, or RuntimeError when `give_up` returns a reason."""
+    deadline = Deadline(timeout)
+    while True:
+        reason = give_up() if give_up is not None else None
+        if reason is not None:
+            raise RuntimeError(reason)
+        if check_serving(address, service, timeout=min(1.0, max(deadline.remaining(), 0.1))):
+            return
+        if deadline.expired():
+            raise TimeoutError(f"{address} did not report SERVING within {timeout:g}s")
+        time.sleep(min(0.1, deadline.remaining()))
+
+
+async def wait_serving_async(address: str, within: float, *, service: str = OVERALL) -> None:
+    """Asyncio form of `wait_serving` (without `give_up`): poll for at most `within` seconds."""
+    deadline = Deadline(within)
+    while True:
+        if await check_serving_async(address, service, rpc_timeout=min(1.0, max(deadline.remaining(), 0.1))):
+            return
+        if deadline.expired():
+            raise TimeoutError(f"{address} did not report SERVING within {within:g}s")
+        await asyncio.sleep(min(0.1, deadline.remaining()))
+
+
+def check_reachable(url: str, timeout: float = 1.0) -> bool:
+    """Whether the host:port of `url` accepts a TCP connection within `timeout`."""
+    parts = urlsplit(url)
+    default_ports = {"postgresql": 5432, "postgres": 5432, "redis": 6379, "rediss": 6379}
+    port = parts.port or default_ports.get(parts.scheme)
+    if not parts.hostname or port is None:
+        return False
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the probe; exit 0 when healthy, 1 when not, 2 on bad usage."""
+    parser = argparse.ArgumentParser(prog="python -m devstack.healthcheck", description=__doc__)
+    parser.add_argument("address", nargs="?", help="host:port of a gRPC server")
+    parser.add_argument("--service", default=OVERALL, help="grpc.health.v1 service name (default: overall)")
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer")
+    parser.add_argument(
+        "--reach-env", action="append", default=[], metavar="NAME", help="env var holding a URL to reach"
+    )
+    args = parser.parse_args(argv)
+    if not args.address and not args.reach_env:
+        parser.error("give an ADDRESS or at least one --reach-env")
+    if args.address and not check_serving(args.address, args.service, args.timeout):
+        print(f"{args.address}: not SERVING", file=sys.stderr)
+        return 1
+    for name in args.reach_env:
+        url = os.environ.get(name, "")
+        if not check_reachable(url, args.timeout):
+            where = f"{urlsplit(url).hostname}:{urlsplit(url).port}" if url else "(unset)"
+            print(f"{name}: cannot reach {where}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The container setup, checked without a Docker engine: docker-compose.yml, Dockerfile, .dockerignore."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from devstack.healthcheck import main as healthcheck_main
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+# Our services and the module each runs; the rest of the compose file is Postgres and Redis.
+OURS = {
+    "migrate": "write_service.migrate",
+    "write": "write_service",
+    "relay": "relay",
+    "read": "read_service",
+}
+ONE_SHOT = {"migrate"}
+
+
+def _env(service: str) -> dict[str, Any]:
+    environment = SERVICES[service].get("environment", {})
+    assert isinstance(environment, dict), f"{service}: environment should be a mapping"
+    return environment
+
+
+def _healthcheck_argv(service: str) -> list[str]:
+    test = SERVICES[service]["healthcheck"]["test"]
+    if isinstance(test, str):
+        return shlex.split(test)
+    assert test[0] in ("CMD", "CMD-SHELL"), f"{service}: healthcheck test must start with CMD or CMD-SHELL"
+    return shlex.split(test[1]) if test[0] == "CMD-SHELL" else list(test[1:])
+
+
+def _module_file(module: str) -> Path | None:
+    """The file `python -m module` runs from the repository, if it exists."""
+    path = ROOT.joinpath(*module.split("."))
+    for candidate in (path / "__main__.py", path.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _depends(service: str) -> dict[str, str]:
+    depends = SERVICES[service].get("depends_on", {})
+    assert isinstance(depends, dict), f"{service}: depends_on should name a condition for each dependency"
+    return {name: spec["condition"] for name, spec in depends.items()}
+
+
+def test_topology():
+    assert set(SERVICES) == {"postgres", "redis", *OURS}
+    assert SERVICES["postgres"]["image"].startswith("postgres:16")
+    assert SERVICES["redis"]["image"].startswith("redis:7")
+    assert SERVICES["relay"]["deploy"]["replicas"] == 2  # one active, one standby
+    assert SERVICES["read"]["deploy"]["replicas"] >= 2
+    for name, service in SERVICES.items():
+        if service.get("deploy", {}).get("replicas", 1) > 1:
+            assert "container_name" not in service, f"{name}: a fixed container name cannot be replicated"
+
+
+@pytest.mark.parametrize("service", sorted(OURS))
+def test_every_service_of_ours_runs_the_image_built_by_the_dockerfile(service: str):
+    spec = SERVICES[service]
+    build = spec["build"]
+    assert build["context"] == "."
+    assert (ROOT / build["context"] / build["dockerfile"]).resolve() == ROOT / "Dockerfile"
+    images = {SERVICES[name]["image"] for name in OURS}
+    assert images == {spec["image"]}, "one image for every role"
+
+
+@pytest.mark.parametrize(("service", "module"), sorted(OURS.items()))
+def test_commands_run_real_modules(service: str, module: str):
+    command = SERVICES[service]["command"]
+    assert command == ["python", "-m", module]
+    assert _module_file(module) is not None, f"`python -m {module}` has nothing to run in the repository"
+
+
+def test_dependencies_wait_for_health_and_for_migrations():
+    assert _depends("migrate") == {"postgres": "service_healthy"}
+    assert _depends("write") == {"postgres": "service_healthy", "migrate": "service_completed_successfully"}
+    for service in ("relay", "read"):
+        assert _depends(service) == {
+            "postgres": "service_healthy",
+            "redis": "service_healthy",
+            "migrate": "service_completed_successfully",
+        }
+    for name in SERVICES:
+        for dependency, condition in _depends(name).items():
+            assert dependency in SERVICES
+            if condition == "service_healthy":
+                assert "healthcheck" in SERVICES[dependency], f"{name} waits for {dependency}'s health check"
+            if condition == "service_completed_successfully":
+                assert dependency in ONE_SHOT
+
+
+def test_every_long_running_service_has_a_health_check():
+    for name, service in SERVICES.items():
+        if name in ONE_SHOT:
+            assert service.get("restart") == "no", f"{name} runs once and must not be restarted"
+            continue
+        assert "healthcheck" in service, f"{name} has no health check"
+        assert service["healthcheck"].get("interval"), f"{name}: health check without an interval"
+    assert "pg_isready" in _healthcheck_argv("postgres")
+    assert _healthcheck_argv("redis") == ["redis-cli", "ping"]
+
+
+@pytest.mark.parametrize(("service", "port"), [("write", 50051), ("read", 50052)])
+def test_grpc_services_listen_publish_and_probe_the_same_port(service: str, port: int):
+    assert int(_env(service)["GRPC_PORT"]) == port
+    published = [str(mapping) for mapping in SERVICES[service]["ports"]]
+    assert any(mapping.endswith(f":{port}") for mapping in published), published
+    argv = _healthcheck_argv(service)
+    assert argv[:3] == ["python", "-m", "devstack.healthcheck"]
+    assert argv[3] == f"127.0.0.1:{port}"
+
+
+def test_read_replicas_each_get_a_host_port():
+    [mapping] = SERVICES["read"]["ports"]
+    match = re.fullmatch(r"(\d+)-(\d+):50052", str(mapping))
+    assert match, "a range of host ports, one per replica"
+    first, last = int(match[1]), int(match[2])
+    assert last - first + 1 >= SERVICES["read"]["deploy"]["replicas"]
+
+
+def test_relay_health_check_reaches_the_servers_it_works_between():
+    argv = _healthcheck_argv("relay")
+    assert argv[:3] == ["python", "-m", "devstack.healthcheck"]
+    reached = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--reach-env"]
+    assert sorted(reached) == ["DATABASE_URL", "REDIS_URL"]
+
+
+@pytest.mark.parametrize("service", sorted(set(SERVICES) - {"postgres", "redis", *ONE_SHOT}))
+def test_health_check_commands_parse(service: str, monkeypatch: pytest.MonkeyPatch):
+    argv = _healthcheck_argv(service)
+    for name, value in _env(service).items():
+        monkeypatch.setenv(name, str(value or ""))
+    # Nothing of the compose network exists here: the probe must answer "unhealthy", not misuse.
+    assert healthcheck_main([*argv[3:], "--timeout", "0.2"]) in (0, 1)
+
+
+def test_environment_points_at_the_compose_servers():
+    postgres_env = SERVICES["postgres"]["environment"]
+    for service in OURS:
+        env = _env(service)
+        database = urlsplit(env["DATABASE_URL"])
+        assert database.hostname == "postgres"
+        assert database.username == postgres_env["POSTGRES_USER"]
+        assert database.password == postgres_env["POSTGRES_PASSWORD"]
+        assert database.path == "/" + postgres_env["POSTGRES_DB"]
+        if service != "migrate":
+            assert env.get("REDIS_URL", "redis://redis:6379/0").startswith("redis://redis:")
+    for service in ("relay", "read"):
+        assert urlsplit(_env(service)["REDIS_URL"]).hostname == "redis"
+        assert _env(service)["REDIS_KEY_PREFIX"] == _env("relay")["REDIS_KEY_PREFIX"]
+
+
+# --- Dockerfile and .dockerignore -------------------------------------------------------
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
+    joined = re.sub(r"\\\n", " ", DOCKERFILE)
+    pairs = []
+    for raw in joined.splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            pairs.append((keyword.upper(), rest.strip()))
+    return pairs
+
+
+def _final_stage() -> list[tuple[str, str]]:
+    instructions = _instructions()
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    return instructions[last_from:]
+
+
+def test_dockerfile_builds_from_python_311_slim():
+    stages = {rest.split()[-1] for keyword, rest in _instructions() if keyword == "FROM" and " AS " in rest.upper()}
+    for keyword, rest in _instructions():
+        if keyword == "FROM":
+            base = rest.split()[0]
+            assert base == "python:3.11-slim" or base in stages, base
+
+
+def test_dockerfile_runs_the_codegen_and_ships_its_output():
+    runs = [rest for keyword, rest in _instructions() if keyword == "RUN"]
+    assert any("scripts/gen_protos.py" in run for run in runs), "the image must generate the tessera package"
+    final_copies = [rest for keyword, rest in _final_stage() if keyword == "COPY"]
+    assert any("--from=codegen" in copy and "tessera" in copy for copy in final_copies)
+
+
+def test_dockerfile_runs_as_a_non_root_user():
+    users = [rest for keyword, rest in _final_stage() if keyword == "USER"]
+    assert users, "the final stage must switch to an unprivileged user"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0")
+
+
+def test_dockerignore_keeps_local_state_and_generated_code_out():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".git", ".venv", ".stack", "tessera"} <= ignored
+    for needed in ("devstack", "migrations", "protos", "scripts", *{m.split(".")[0] for m in OURS.values()}):
+        assert needed not in ignored, f"{needed}/ is needed in the image"
