@@ -1,0 +1,66 @@
+"""The relay: moves committed outbox rows to Redis pub/sub, each with a gap-free global position.
+
+Run it with `python -m relay`; `relay.runner.Relay` is the testable core.
+
+Election. Exactly one relay is active: the one holding a session-level advisory lock
+(`pg_try_advisory_lock(RELAY_LOCK_KEY)`) on a dedicated connection, never a pooled one
+(a pool resets released connections with `pg_advisory_unlock_all()`). Standbys retry
+every RELAY_STANDBY_RETRY_S. The lock lives as long as the session: a killed relay's
+socket closes, the server ends its session and a standby wins the next retry. The
+session sets TCP keepalives and tcp_user_timeout, so a relay whose host vanished loses
+the lock within about 11 s instead of hours.
+
+Stepping down. The active relay stops relaying the moment it cannot prove it still holds
+the lock: the connection's termination callback fires, or a check every
+RELAY_HEARTBEAT_INTERVAL_S (bounded by DATABASE_CONNECT_TIMEOUT_S, so at most about 6 s
+by default: shorter than the server's 11 s) fails. Its relaying task is cancelled and
+awaited before anything else happens, and it goes back to standby. As a second line,
+every claim checks in the same transaction, against `pg_locks`, that the lock session's
+backend still holds the lock, so a relay that lost the lock cannot hand out positions.
+
+Waking. The session that holds the lock also LISTENs on `outbox_inserted` (a trigger
+notifies on commit); one connection keeps the two together: whoever holds the lock is
+the one woken, and losing it loses both. A poll every RELAY_POLL_INTERVAL_S covers lost
+notifications.
+
+A cycle. (1) Re-publish rows that have a position but no `published_at` (left by a crash
+or a failed publish), in position order. (2) Claim: in one transaction lock the
+`relay_state` row, `SELECT id FROM outbox WHERE position IS NULL ORDER BY id LIMIT n FOR
+UPDATE`, give those rows `last_position + 1 ...` in id order, advance `relay_state`,
+commit. Rows are claimed by status, never by "id greater than the last one": a bigserial
+id is taken at insert time but becomes visible at commit time, so id 41 can commit after
+id 42 was read, and a cursor on ids would skip it for good (the comment on `_lock_table`
+in pyeventsourcing's postgres.py explains the hazard; it serializes writers with a table
+lock instead, which we avoid by numbering at relay time). (3) Publish the batch as one
+pipelined round trip (no MULTI), each envelope serialized once. (4) Mark the batch
+published in one UPDATE. Repeat while batches come back full.
+
+Crash safety. Positions are committed before publishing. Publishing first and crashing
+before the commit would let a later claim give the same positions to other events, and a
+replica that applied the first would silently diverge. Committing first means a crash
+anywhere re-publishes the same event at the same position (step 1), which replicas skip
+as a duplicate; an event is never skipped. Redis down: the cycle retries with capped
+backoff (WARNING on each attempt); at most one claimed batch waits, and no new positions
+are handed out until it has gone out. Postgres down: the lock session is lost, the relay
+steps down and reconnects with capped backoff.
+
+Per-aggregate order. The write side locks the aggregate's row for the whole command, so
+the command for version v+1 inserts its outbox row only after version v's transaction
+committed. Its row therefore has a higher id, and it cannot be visible to a claim while
+version v is not: v is claimed in the same batch (earlier in id order) or an earlier one,
+and gets the lower position. Positions across aggregates follow commit visibility, which
+is all a reader can observe anyway.
+
+Heartbeat. Every RELAY_HEARTBEAT_INTERVAL_S the active relay publishes a StreamHead with
+the highest position it has published on the head channel, after the events themselves
+(same Redis, sequential commands), so a replica that lost the trailing message notices
+the gap without polling Postgres.
+
+No Redis stream. Events go to pub/sub only. Catch-up and rebuilds read the outbox table,
+the durable, position-indexed log; a bounded Redis stream would be a second, partial copy
+with its own trimming and consistency questions.
+
+Tracing. Each published event gets a PRODUCER span whose parent is the envelope's
+traceparent, so the trace of the command that produced it continues through the relay;
+events without a trace context get no span.
+"""

@@ -1,0 +1,55 @@
+"""The relay's settings: the shared pieces plus the relay's own knobs, read from the environment."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared_kernel.settings import CommonSettings, DatabaseSettings, RedisSettings
+
+# Any constant works as long as every relay of a deployment uses the same one and nothing
+# else takes it; it differs from the migrations' lock so a relay never waits on a migration.
+DEFAULT_LOCK_KEY = 0x7E55E2A1
+
+
+class RelaySettings(CommonSettings, DatabaseSettings, RedisSettings):
+    """Everything `python -m relay` reads from the environment (names are case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
+
+    relay_batch_size: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        description="Outbox rows positioned and published per batch; a full batch is followed at once by the next.",
+    )
+    relay_poll_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=300,
+        description="Fallback poll interval; NOTIFY normally wakes the relay sooner.",
+    )
+    relay_heartbeat_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=300,
+        description="How often the active relay publishes a StreamHead and re-checks that it holds the lock.",
+    )
+    relay_lock_key: int = Field(
+        default=DEFAULT_LOCK_KEY,
+        ge=0,
+        le=2**63 - 1,
+        description="Postgres advisory lock id that elects the one active relay.",
+    )
+    relay_standby_retry_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="How often a standby retries the lock; bounds the takeover time after the active relay dies.",
+    )
+    relay_shutdown_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=300,
+        description="How long SIGTERM waits for the batch in flight before cancelling it (it is re-published later).",
+    )
