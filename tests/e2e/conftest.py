@@ -1,0 +1,93 @@
+"""The real stack for end-to-end tests: write service, two relays and two read replicas as
+subprocesses on free ports, over a fresh database and a private Redis key prefix."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from devstack.supervisor import Stack, StackConfig
+from tests.conftest import create_database, drop_database
+
+# Cheap argon2 parameters keep registration fast in tests; production defaults are in settings.
+FAST_HASHING = {
+    "ARGON2_TIME_COST": "1",
+    "ARGON2_MEMORY_COST_KIB": "1024",
+    "ARGON2_PARALLELISM": "1",
+    "PAGE_TOKEN_SECRET": "end-to-end-test-page-token-secret",
+    "LOG_LEVEL": "INFO",
+}
+
+
+@pytest.fixture(scope="module")
+async def e2e_database(postgres_admin_url: str) -> AsyncIterator[str]:
+    """A migrated database shared by one test module's stack."""
+    url = await create_database(postgres_admin_url)
+    try:
+        yield url
+    finally:
+        await drop_database(postgres_admin_url, url)
+
+
+@pytest.fixture(scope="module")
+def e2e_prefix() -> str:
+    """The module's Redis key prefix."""
+    return f"e2e:{secrets.token_hex(5)}:"
+
+
+@pytest.fixture(scope="module")
+def e2e_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the services' logs go (printed on failure by the stack's error messages)."""
+    return tmp_path_factory.mktemp("stack-logs")
+
+
+@pytest.fixture(scope="module")
+async def stack(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_logs: Path) -> AsyncIterator[Stack]:
+    """Write service, two relays and two read replicas, all SERVING."""
+    config = StackConfig(
+        database_url=e2e_database,
+        redis_url=redis_server_url,
+        redis_key_prefix=e2e_prefix,
+        log_dir=e2e_logs,
+        migrate=False,
+        env=FAST_HASHING,
+    )
+    running = await Stack(config).start_async()
+    try:
+        yield running
+    finally:
+        await running.stop_async()
+        client = aioredis.Redis.from_url(redis_server_url)
+        keys = [k async for k in client.scan_iter(match=f"{e2e_prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest.fixture(scope="module")
+async def write_channel(stack: Stack) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the write service."""
+    async with grpc.aio.insecure_channel(stack.write_address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+async def read_channels(stack: Stack) -> AsyncIterator[list[grpc.aio.Channel]]:
+    """One channel per read replica."""
+    channels = [grpc.aio.insecure_channel(address) for address in stack.read_addresses]
+    try:
+        yield channels
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+@pytest.fixture
+def unique() -> Iterator[str]:
+    """A short random token for unique e-mails and usernames."""
+    yield secrets.token_hex(4)
