@@ -17,18 +17,19 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv gen up migrate test lint breaking ci clean distclean
+.PHONY: help venv gen up migrate test lint breaking ci lag clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## create .venv and install the project with its dev tools
 
-# Reinstalls whenever pyproject.toml changes.
+# Reinstalls whenever pyproject.toml changes. The compat editable mode puts the repository
+# root on sys.path, so the generated `tessera` package (made after install) imports too.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { echo "creating $(VENV) with $$(command -v $(PYTHON))"; $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --config-settings editable_mode=compat -e '.[dev]'
 	@touch $@
 
 gen: venv ## generate the tessera package from protos/
@@ -73,6 +74,10 @@ breaking: venv ## buf breaking against main (or the previous commit when on main
 	$(BIN)/buf breaking protos --against ".git#ref=$$against,subdir=protos"
 
 ci: lint breaking test ## everything CI checks
+
+LAG_COMMANDS ?= 1000
+lag: gen ## reply → visible-on-replica latency (median, p99) over LAG_COMMANDS RegisterUser calls on a fresh stack
+	$(PY) -m devstack.measure_lag -n $(LAG_COMMANDS) --json results/lag.json
 
 clean: ## remove generated code, caches and the dev stack's data (.stack/)
 	rm -rf tessera .stack .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info

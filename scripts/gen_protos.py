@@ -32,6 +32,7 @@ def main() -> int:
     os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
     out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
     target = out / PACKAGE
     if target.exists():
         shutil.rmtree(target)

@@ -276,3 +276,32 @@ async def test_health_reports_serving_on_every_server(stack: Stack) -> None:
             for name in ("", service):
                 reply = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_the_envelope_carries_the_callers_trace_context(
+    stack: Stack, write_channel: grpc.aio.Channel, unique: str
+) -> None:
+    trace_id = unique * 4
+    caller = f"00-{trace_id}-{'ab' * 8}-01"
+    reply = await commands(write_channel).RegisterUser(
+        cmd.RegisterUserRequest(
+            email=f"traced.{unique}@example.com", username=f"traced_{unique}", password=PASSWORD, full_name="T"
+        ),
+        metadata=(("traceparent", caller), ("x-correlation-id", f"corr-{unique}")),
+        timeout=10,
+    )
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT traceparent, correlation_id, causation_id FROM outbox WHERE aggregate_id = $1", reply.user_id
+        )
+        logged = await conn.fetchval(
+            "SELECT count(*) FROM command_log WHERE command_id::text = $1", row["causation_id"]
+        )
+    finally:
+        await conn.close()
+    # Same trace, new span: the write service's server span is a child of the caller's.
+    assert row["traceparent"].startswith(f"00-{trace_id}-")
+    assert row["traceparent"] != caller
+    assert row["correlation_id"] == f"corr-{unique}"
+    assert logged == 1
