@@ -295,6 +295,7 @@ async def test_the_envelope_carries_the_callers_trace_context(
         row = await conn.fetchrow(
             "SELECT traceparent, correlation_id, causation_id FROM outbox WHERE aggregate_id = $1", reply.user_id
         )
+        assert row is not None
         logged = await conn.fetchval(
             "SELECT count(*) FROM command_log WHERE command_id::text = $1", row["causation_id"]
         )
