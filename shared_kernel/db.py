@@ -1,41 +1,60 @@
-"""Postgres connection pools, opened in a composition root inside the running loop."""
+"""Postgres connections and pools, opened in a composition root inside the running loop."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg
 
 from shared_kernel.settings import DatabaseSettings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors that mean "not up yet"; a bad password or a missing database fails at once.
+NOT_UP_YET: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.PostgresConnectionError,
+)
 
 
-async def create_pool(settings: DatabaseSettings, application_name: str, wait_s: float = 30.0) -> asyncpg.Pool[Any]:
-    """Open a pool, retrying until Postgres answers or `wait_s` runs out."""
+async def retry_while_starting(open_: Callable[[], Awaitable[T]], wait_s: float) -> T:
+    """Call `open_` until it stops failing with a NOT_UP_YET error or `wait_s` runs out."""
     deadline = time.monotonic() + wait_s
-    server_settings = {"application_name": application_name}
-    if settings.database_statement_timeout_ms:
-        server_settings["statement_timeout"] = str(settings.database_statement_timeout_ms)
     delay = 0.1
     while True:
         try:
-            pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
-                str(settings.database_url),
-                min_size=settings.database_pool_min_size,
-                max_size=settings.database_pool_max_size,
-                timeout=settings.database_connect_timeout_s,
-                command_timeout=settings.database_statement_timeout_ms / 1000 or None,
-                server_settings=server_settings,
-            )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            return await open_()
+        except NOT_UP_YET as exc:
             if time.monotonic() + delay > deadline:
                 raise
             logger.warning("Postgres not reachable yet (%s), retrying", type(exc).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
-        else:
-            return pool
+
+
+async def create_pool(settings: DatabaseSettings, application_name: str, wait_s: float = 30.0) -> asyncpg.Pool[Any]:
+    """Open a pool, retrying until Postgres answers or `wait_s` runs out."""
+    server_settings = {"application_name": application_name}
+    if settings.database_statement_timeout_ms:
+        server_settings["statement_timeout"] = str(settings.database_statement_timeout_ms)
+
+    async def open_pool() -> asyncpg.Pool[Any]:
+        pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
+            str(settings.database_url),
+            min_size=settings.database_pool_min_size,
+            max_size=settings.database_pool_max_size,
+            timeout=settings.database_connect_timeout_s,
+            command_timeout=settings.database_statement_timeout_ms / 1000 or None,
+            server_settings=server_settings,
+        )
+        return pool
+
+    return await retry_while_starting(open_pool, wait_s)

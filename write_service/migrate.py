@@ -6,48 +6,33 @@ one-shot job beside a database that is still starting.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
-import time
 from typing import Any
 
 import asyncpg
 
 from shared_kernel import migrations
+from shared_kernel.db import NOT_UP_YET, retry_while_starting
 from shared_kernel.logs import configure_logging
 from shared_kernel.runtime import run
 from write_service.settings import MigrateSettings
 
 logger = logging.getLogger("write_service.migrate")
 
-# Errors that mean "not up yet"; a bad password or a missing database fails at once.
-_RETRYABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.PostgresConnectionError,
-)
+_FAILURES: tuple[type[BaseException], ...] = (*NOT_UP_YET, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 async def connect(settings: MigrateSettings) -> asyncpg.Connection[Any]:
     """Connect to DATABASE_URL, retrying with backoff until MIGRATE_WAIT_S runs out."""
-    deadline = time.monotonic() + settings.migrate_wait_s
-    delay = 0.1
-    while True:
-        try:
-            conn: asyncpg.Connection[Any] = await asyncpg.connect(
-                str(settings.database_url), timeout=settings.database_connect_timeout_s
-            )
-        except _RETRYABLE as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            logger.warning("Postgres not reachable yet (%s), retrying", type(exc).__name__)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-        else:
-            return conn
+
+    async def open_connection() -> asyncpg.Connection[Any]:
+        conn: asyncpg.Connection[Any] = await asyncpg.connect(
+            str(settings.database_url), timeout=settings.database_connect_timeout_s
+        )
+        return conn
+
+    return await retry_while_starting(open_connection, settings.migrate_wait_s)
 
 
 async def migrate(settings: MigrateSettings) -> list[migrations.Migration]:
@@ -66,7 +51,7 @@ async def main() -> int:
     configure_logging(settings.log_level, settings.log_format, service="write_service.migrate")
     try:
         applied = await migrate(settings)
-    except (*_RETRYABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except _FAILURES as exc:
         print(f"migrate failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if applied:
