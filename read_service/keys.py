@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from shared_kernel.identity import email_key as shared_email_key
 from tessera.users.v1.user_query_service_pb2 import UserView
 
 # Separates the sort key from the id inside an index member. NUL sorts before every other
@@ -68,7 +69,7 @@ class UserKeys:
 
 def email_key(email: str) -> str:
     """The case-insensitive form of an e-mail address used for lookups and ordering."""
-    return email.lower()
+    return shared_email_key(email)
 
 
 def index_member(sort: SortField, view: UserView) -> bytes:

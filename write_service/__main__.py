@@ -12,6 +12,7 @@ import asyncpg
 from shared_kernel.grpc_server import GrpcServer, wait_for_shutdown_signal
 from shared_kernel.logs import configure_logging
 from shared_kernel.runtime import run
+from shared_kernel.security.authn import AuthConfigurationError, authenticator_from_settings
 from shared_kernel.telemetry import configure_tracing
 from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
 from write_service import bootstrap
@@ -28,9 +29,10 @@ async def serve(
     shutdown_signal: Callable[[], Awaitable[None]] = wait_for_shutdown_signal,
 ) -> None:
     """Open the pool, serve until `shutdown_signal` returns, then stop and close in reverse order."""
-    async with bootstrap.open_pool(settings) as pool:
+    authenticator = authenticator_from_settings(settings)
+    async with bootstrap.open_pool(settings) as pool, bootstrap.expired_key_cleanup(pool, settings):
         service = bootstrap.build(pool, settings)
-        server = GrpcServer(settings, [SERVICE_NAME])
+        server = GrpcServer(settings, [SERVICE_NAME], authenticator=authenticator)
         server.add(pb_grpc.add_UserCommandServiceServicer_to_server, service.servicer)
         port = await server.start()
         try:
@@ -55,6 +57,9 @@ async def main() -> int:
     provider = configure_tracing("write_service")
     try:
         await serve(settings)
+    except AuthConfigurationError as exc:
+        logger.error("write service refused to start: %s", exc)  # noqa: TRY400 - a setting, not a bug
+        return 1
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, RuntimeError):
         logger.exception("write service could not start or stopped abnormally")
         return 1

@@ -11,14 +11,16 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
 
 from shared_kernel.db import create_pool
 from write_service.adapters.password_hasher import Argon2PasswordHasher
-from write_service.adapters.postgres import PostgresUnitOfWork
+from write_service.adapters.postgres import PostgresExpiredKeyPurger, PostgresUnitOfWork
 from write_service.entrypoints.grpc_server import UserCommandServicer
+from write_service.entrypoints.idempotency_cleanup import ExpiredKeyCleanup
 from write_service.service_layer.deadline import Deadline
 from write_service.service_layer.handlers import Dependencies
 from write_service.service_layer.messagebus import CommandBus
@@ -56,9 +58,27 @@ def build(pool: asyncpg.Pool[Any], settings: WriteServiceSettings) -> WriteServi
         Dependencies(hasher=hasher),
         max_attempts=settings.command_max_attempts,
         retry_backoff_s=settings.command_retry_backoff_ms / 1000,
+        idempotency_retention=timedelta(seconds=settings.idempotency_retention_s),
     )
     servicer = UserCommandServicer(bus, max_command_s=settings.command_timeout_s)
     return WriteService(bus=bus, servicer=servicer)
+
+
+@asynccontextmanager
+async def expired_key_cleanup(pool: asyncpg.Pool[Any], settings: WriteServiceSettings) -> AsyncIterator[None]:
+    """Delete expired idempotency keys periodically while the block runs; stop it on the way out."""
+    cleanup = ExpiredKeyCleanup(
+        PostgresExpiredKeyPurger(pool),
+        interval_s=settings.idempotency_cleanup_interval_s,
+        batch_size=settings.idempotency_cleanup_batch_size,
+    )
+    task = asyncio.create_task(cleanup.run(), name="idempotency-key-cleanup")
+    try:
+        yield
+    finally:
+        task.cancel()
+        # wait() never raises the task's CancelledError, yet still lets our own cancellation through.
+        await asyncio.wait([task])
 
 
 @asynccontextmanager

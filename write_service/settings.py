@@ -30,6 +30,18 @@ class WriteServiceSettings(CommonSettings, DatabaseSettings, GrpcServerSettings)
     command_retry_backoff_ms: int = Field(
         default=20, ge=0, le=5000, description="First retry delay; doubles per attempt, with ±50% jitter."
     )
+    idempotency_retention_s: int = Field(
+        default=86400,
+        ge=1,
+        le=30 * 86400,
+        description="How long the reply to a command sent with an idempotency key is kept for its retries.",
+    )
+    idempotency_cleanup_interval_s: float = Field(
+        default=60.0, gt=0, le=86400, description="How often expired idempotency keys are deleted."
+    )
+    idempotency_cleanup_batch_size: int = Field(
+        default=1000, ge=1, le=100_000, description="Expired idempotency keys deleted per transaction."
+    )
     argon2_time_cost: int = Field(default=3, ge=1, le=50, description="argon2id iterations.")
     argon2_memory_cost_kib: int = Field(
         default=65536, ge=8, le=4 * 1024 * 1024, description="argon2id memory per hash, in KiB."
@@ -58,3 +70,9 @@ class MigrateSettings(CommonSettings, DatabaseSettings):
     migrate_wait_s: float = Field(
         default=60.0, ge=0, le=3600, description="How long migrate keeps retrying an unreachable Postgres."
     )
+
+
+class AuditSettings(CommonSettings, DatabaseSettings):
+    """Everything `python -m write_service.audit` reads from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import argon2
+from argon2.low_level import hash_secret_raw
 from pydantic import SecretStr
 
 from write_service.service_layer.ports import PasswordHasher
@@ -28,6 +29,9 @@ class Argon2PasswordHasher(PasswordHasher):
             parallelism=parallelism,
             type=argon2.Type.ID,
         )
+        self._time_cost = time_cost
+        self._memory_cost_kib = memory_cost_kib
+        self._parallelism = parallelism
         # Each hash holds `memory_cost_kib` of RAM; the semaphore caps the total under load.
         self._slots = asyncio.Semaphore(max_concurrent)
 
@@ -35,3 +39,17 @@ class Argon2PasswordHasher(PasswordHasher):
         """The PHC-encoded argon2id hash of `password`."""
         async with self._slots:
             return await asyncio.to_thread(self._hasher.hash, password.get_secret_value())
+
+    async def derive(self, secret: SecretStr, salt: bytes) -> bytes:
+        """Raw argon2id of `secret` with a given salt and the same cost as `hash`: deterministic, never fast."""
+        async with self._slots:
+            return await asyncio.to_thread(
+                hash_secret_raw,
+                secret.get_secret_value().encode(),
+                salt,
+                time_cost=self._time_cost,
+                memory_cost=self._memory_cost_kib,
+                parallelism=self._parallelism,
+                hash_len=32,
+                type=argon2.Type.ID,
+            )

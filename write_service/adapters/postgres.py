@@ -13,6 +13,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -21,9 +22,18 @@ import asyncpg
 from shared_kernel import errors
 from shared_kernel.event_log import NewEvent, append_events
 from shared_kernel.grpc_errors import to_domain_error
+from shared_kernel.identity import email_key
 from write_service.domain import model
 from write_service.service_layer.deadline import Deadline
-from write_service.service_layer.ports import CommandLogEntry, UnitOfWork, UserRepository
+from write_service.service_layer.ports import (
+    CommandLogEntry,
+    ExpiredKeyPurger,
+    IdempotencyScope,
+    IdempotencyStore,
+    StoredReply,
+    UnitOfWork,
+    UserRepository,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +51,8 @@ _CLIENT_GRACE_S = 0.1
 # connection goes back to the pool clean instead of being torn down.
 _ROLLBACK_GRACE_S = 2.0
 
-# The unique indexes of migrations/0001 and the request field each one protects.
-UNIQUE_INDEX_FIELDS = {"users_email_lower_key": "email", "users_username_lower_key": "username"}
+# The unique indexes (migrations 0001 and 0003) and the request field each one protects.
+UNIQUE_INDEX_FIELDS = {"users_email_key_key": "email", "users_username_lower_key": "username"}
 
 _USER_COLUMNS = (
     "id, email, username, password_hash, full_name, bio, avatar_url, active, "
@@ -51,17 +61,18 @@ _USER_COLUMNS = (
 
 _SELECT_FOR_UPDATE = f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1 FOR UPDATE"  # noqa: S608 - constant columns
 
-# Both unique indexes can answer this (lower(...) matches their expressions).
+# Both unique indexes can answer this: $1 is the e-mail key (shared_kernel.identity), and
+# lower(username) matches the username index (usernames are ASCII by their pattern).
 _TAKEN = """
-SELECT coalesce(bool_or(lower(email) = lower($1)), false) AS email,
+SELECT coalesce(bool_or(email_key = $1), false) AS email,
        coalesce(bool_or(lower(username) = lower($2)), false) AS username
 FROM users
-WHERE lower(email) = lower($1) OR lower(username) = lower($2)
+WHERE email_key = $1 OR lower(username) = lower($2)
 """
 
 _INSERT_USER = f"""
-INSERT INTO users ({_USER_COLUMNS})
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+INSERT INTO users ({_USER_COLUMNS}, email_key)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
 """  # noqa: S608 - constant columns
 
 _UPDATE_USER = """
@@ -74,8 +85,47 @@ WHERE id = $1 AND version = $12
 _INSERT_COMMAND_LOG = """
 INSERT INTO command_log (command_id, command_type, aggregate_type, aggregate_id, correlation_id,
                          received_at, completed_at, outcome, status_code, error_message,
-                         event_ids, summary)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb)
+                         event_ids, summary, principal, idempotency_key, replay_of)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15)
+"""
+
+_SELECT_STORED_REPLY = """
+SELECT fingerprint, command_id, aggregate_id, aggregate_version, reply, created_at, expires_at
+FROM idempotency_keys
+WHERE principal = $1 AND command_type = $2 AND idempotency_key = $3
+"""
+
+# Replaces only a row that has expired (and not been purged yet); a live row updates
+# nothing, which put() reports as a conflict.
+_UPSERT_STORED_REPLY = """
+INSERT INTO idempotency_keys (principal, command_type, idempotency_key, lock_id, fingerprint, command_id,
+                              aggregate_id, aggregate_version, reply, created_at, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+ON CONFLICT (principal, command_type, idempotency_key) DO UPDATE
+SET lock_id = EXCLUDED.lock_id, fingerprint = EXCLUDED.fingerprint, command_id = EXCLUDED.command_id,
+    aggregate_id = EXCLUDED.aggregate_id, aggregate_version = EXCLUDED.aggregate_version,
+    reply = EXCLUDED.reply, created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at
+WHERE idempotency_keys.expires_at <= EXCLUDED.created_at
+"""
+
+# The CTE picks expired rows (skipping rows another purger is deleting); the lock test
+# runs only on those, and a row whose key a running command holds is left for next time.
+_PURGE_EXPIRED = """
+WITH expired AS (
+    SELECT principal, command_type, idempotency_key, lock_id
+    FROM idempotency_keys
+    WHERE expires_at <= $1
+    ORDER BY expires_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), unlocked AS (
+    SELECT principal, command_type, idempotency_key
+    FROM expired
+    WHERE pg_try_advisory_xact_lock(lock_id)
+)
+DELETE FROM idempotency_keys AS k
+USING unlocked AS u
+WHERE k.principal = u.principal AND k.command_type = u.command_type AND k.idempotency_key = u.idempotency_key
 """
 
 
@@ -109,7 +159,7 @@ class PostgresUserRepository(UserRepository):
 
     async def taken_fields(self, email: str, username: str) -> frozenset[str]:
         """Which of "email" and "username" another user already has, case-insensitively."""
-        row = await self._calls.run(self._calls.conn.fetchrow(_TAKEN, email, username))
+        row = await self._calls.run(self._calls.conn.fetchrow(_TAKEN, email_key(email), username))
         if row is None:
             return frozenset()
         return frozenset(name for name in ("email", "username") if row[name])
@@ -153,6 +203,7 @@ class PostgresUserRepository(UserRepository):
                     user.version,
                     user.created_at,
                     user.updated_at,
+                    email_key(user.email),
                 )
             )
         except asyncpg.UniqueViolationError as exc:
@@ -187,6 +238,74 @@ class PostgresUserRepository(UserRepository):
             # FOR UPDATE makes this unreachable in practice; it guards against a caller that skipped it.
             raise errors.Conflict(f"user {user.id} changed concurrently, retry the request")
         user.stored_version = user.version
+
+
+class PostgresIdempotencyStore(IdempotencyStore):
+    """Stored replies in `idempotency_keys`, serialized per key by a transaction-level advisory lock."""
+
+    def __init__(self, calls: _Calls) -> None:
+        self._calls = calls
+
+    async def try_lock(self, scope: IdempotencyScope) -> bool:
+        """pg_try_advisory_xact_lock on the scope's lock id: never waits, released at commit or rollback."""
+        acquired = await self._calls.run(
+            self._calls.conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", scope.lock_id)
+        )
+        return bool(acquired)
+
+    async def get(self, scope: IdempotencyScope) -> StoredReply | None:
+        """The stored row for the scope, or None."""
+        row = await self._calls.run(
+            self._calls.conn.fetchrow(_SELECT_STORED_REPLY, scope.principal, scope.command_type, scope.key)
+        )
+        if row is None:
+            return None
+        return StoredReply(
+            scope=scope,
+            fingerprint=bytes(row["fingerprint"]),
+            command_id=row["command_id"],
+            aggregate_id=row["aggregate_id"],
+            aggregate_version=row["aggregate_version"],
+            reply=bytes(row["reply"]),
+            created_at=row["created_at"],
+            expires_at=row["expires_at"],
+        )
+
+    async def put(self, reply: StoredReply) -> None:
+        """Insert, or replace an expired row; a live row (a twin that slipped past the lock) is a Conflict."""
+        status = await self._calls.run(
+            self._calls.conn.execute(
+                _UPSERT_STORED_REPLY,
+                reply.scope.principal,
+                reply.scope.command_type,
+                reply.scope.key,
+                reply.scope.lock_id,
+                reply.fingerprint,
+                reply.command_id,
+                reply.aggregate_id,
+                reply.aggregate_version,
+                reply.reply,
+                reply.created_at,
+                reply.expires_at,
+            )
+        )
+        if status != "INSERT 0 1":
+            raise errors.Conflict("another request with this idempotency key committed first; retry the request")
+
+
+class PostgresExpiredKeyPurger(ExpiredKeyPurger):
+    """Deletes expired `idempotency_keys` rows in short transactions of their own."""
+
+    def __init__(self, pool: asyncpg.Pool[Any], *, timeout_s: float = 30.0) -> None:
+        self._pool = pool
+        self._timeout_s = timeout_s
+
+    async def purge(self, now: datetime, limit: int) -> int:
+        """Delete up to `limit` expired rows whose key no running command holds; return how many."""
+        async with asyncio.timeout(self._timeout_s):
+            async with self._pool.acquire() as conn, conn.transaction():
+                status: str = await conn.execute(_PURGE_EXPIRED, now, limit)
+        return int(status.rsplit(" ", 1)[1])
 
 
 class PostgresUnitOfWork(UnitOfWork):
@@ -226,6 +345,7 @@ class PostgresUnitOfWork(UnitOfWork):
                 raise translate_error(exc) from exc
             raise
         self.users = PostgresUserRepository(self._calls)
+        self.idempotency = PostgresIdempotencyStore(self._calls)
         return self
 
     async def __aexit__(
@@ -264,6 +384,9 @@ class PostgresUnitOfWork(UnitOfWork):
                 entry.error_message,
                 list(entry.event_ids),
                 json.dumps(dict(entry.summary), sort_keys=True),
+                entry.principal,
+                entry.idempotency_key,
+                entry.replay_of,
             )
         )
 

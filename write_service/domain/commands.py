@@ -10,10 +10,19 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, Self
+from typing import Annotated, ClassVar, Self
 
 from email_validator import EmailNotValidError, validate_email
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, SecretStr, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from shared_kernel.errors import FieldViolation, InvalidArgument, violations_from_pydantic
 from shared_kernel.validation import has_control_chars, uuid_violation
@@ -29,6 +38,10 @@ REASON_MAX = 500
 _CONTROL_CHARS_BUT_LF_TAB = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 SummaryValue = str | int | bool
+FingerprintValue = str | int | bool | None
+
+# An expected version is one the aggregate can have: versions start at 1 (and are bigint).
+ExpectedVersion = Annotated[int | None, Field(ge=1, le=2**63 - 1)]
 
 
 def _single_line(value: str) -> str:
@@ -96,6 +109,24 @@ class Command(BaseModel):
         """What the command log records about this command: never a secret."""
         raise NotImplementedError
 
+    def fingerprint_fields(self) -> dict[str, FingerprintValue]:
+        """The non-secret fields in a canonical, JSON-ready form (the idempotency fingerprint's input).
+
+        A field left at its default is omitted: a field added to a command later, with a
+        default, then leaves the fingerprints of requests that do not use it unchanged.
+        """
+        fields: dict[str, FingerprintValue] = {}
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if isinstance(value, SecretStr) or (not info.is_required() and value == info.default):
+                continue
+            fields[name] = str(value) if isinstance(value, uuid.UUID) else value
+        return fields
+
+    def secret_fields(self) -> dict[str, SecretStr]:
+        """The fields that must never be stored or hashed quickly (passwords)."""
+        return {name: value for name in type(self).model_fields if isinstance(value := getattr(self, name), SecretStr)}
+
 
 class RegisterUser(Command):
     """Create a user account."""
@@ -156,6 +187,7 @@ class UpdateUserProfile(Command):
     full_name: str
     bio: str = ""
     avatar_url: str = ""
+    expected_version: ExpectedVersion = None
 
     @field_validator("user_id", mode="before")
     @classmethod
@@ -195,12 +227,15 @@ class UpdateUserProfile(Command):
 
     def summary(self) -> dict[str, SummaryValue]:
         """The user and the shape of the change; the event holds the full profile."""
-        return {
+        summary: dict[str, SummaryValue] = {
             "user_id": str(self.user_id),
             "full_name_chars": len(self.full_name),
             "bio_chars": len(self.bio),
             "avatar_url_set": bool(self.avatar_url),
         }
+        if self.expected_version is not None:
+            summary["expected_version"] = self.expected_version
+        return summary
 
 
 class DeactivateUser(Command):
@@ -208,6 +243,7 @@ class DeactivateUser(Command):
 
     user_id: uuid.UUID
     reason: str
+    expected_version: ExpectedVersion = None
 
     @field_validator("user_id", mode="before")
     @classmethod
@@ -226,7 +262,10 @@ class DeactivateUser(Command):
 
     def summary(self) -> dict[str, SummaryValue]:
         """The user and the reason given."""
-        return {"user_id": str(self.user_id), "reason": self.reason}
+        summary: dict[str, SummaryValue] = {"user_id": str(self.user_id), "reason": self.reason}
+        if self.expected_version is not None:
+            summary["expected_version"] = self.expected_version
+        return summary
 
 
 _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>[^\s]+)$")

@@ -5,7 +5,8 @@ Rules:
   repository, and by the database's unique indexes for the race between two commands);
 - only an active user's profile may change: a deactivated account is frozen, so the
   read side never shows edits made after the owner was switched off;
-- a user is deactivated at most once.
+- a user is deactivated at most once;
+- a command that names an expected version applies only to exactly that version.
 
 Every event raises the version by one, so `aggregate_version` is the version after the
 event and a user's events are numbered 1, 2, 3, ... without gaps.
@@ -97,6 +98,13 @@ class User:
             now,
         )
         return user
+
+    def require_version(self, expected: int | None) -> None:
+        """Refuse a command whose caller expected another version (optimistic concurrency)."""
+        if expected is not None and expected != self.version:
+            raise FailedPrecondition(
+                f"user {self.id} is at version {self.version}, not the expected version {expected}"
+            )
 
     def update_profile(self, *, full_name: str, bio: str, avatar_url: str, now: datetime) -> None:
         """Replace the profile and record UserProfileUpdated; a deactivated user is frozen."""

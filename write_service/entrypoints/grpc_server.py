@@ -2,7 +2,9 @@
 
 Errors are not handled here: shared_kernel's ErrorMappingInterceptor turns them into
 status codes. The servicer only builds each command's metadata (id, correlation id,
-deadline) from the call.
+principal, idempotency key, deadline) from the call, and turns the result into the reply.
+A keyed command's reply is parsed from the bytes that were stored with it, so a retry
+gets exactly the first reply.
 """
 
 from __future__ import annotations
@@ -10,24 +12,44 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, Self, TypeVar
 
 import grpc
 from opentelemetry import trace
 
+from shared_kernel import errors
+from shared_kernel.auth import current_principal
 from shared_kernel.errors import FieldViolation
 from tessera.users.v1 import user_command_service_pb2 as pb
 from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
 from write_service.domain.commands import Command, DeactivateUser, RegisterUser, UpdateUserProfile
 from write_service.service_layer.deadline import Deadline
 from write_service.service_layer.handlers import CommandMeta, CommandResult, utc_now
+from write_service.service_layer.idempotency import IDEMPOTENCY_KEY_FIELD, key_violation
 from write_service.service_layer.messagebus import CommandBus
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UserCommandService"].full_name
 CORRELATION_HEADER = "x-correlation-id"
 CORRELATION_ID_MAX = 128
+IDEMPOTENCY_HEADER = IDEMPOTENCY_KEY_FIELD
+# A caller with this little time left when the command gave up had its own deadline run out.
+_DEADLINE_SLACK_S = 0.02
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class _Reply(Protocol):
+    """What every command's response message has: the aggregate id and its version."""
+
+    def __init__(self, *, user_id: str, version: int) -> None: ...
+
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
+
+    @classmethod
+    def FromString(cls, data: bytes) -> Self: ...
+
+
+ReplyT = TypeVar("ReplyT", bound=_Reply)
 
 
 def correlation_violation(value: str) -> FieldViolation | None:
@@ -57,8 +79,7 @@ class UserCommandServicer(pb_grpc.UserCommandServiceServicer):
             },
             extra,
         )
-        result = await self._dispatch(command, meta)
-        return pb.RegisterUserResponse(user_id=str(result.aggregate_id), version=result.version)
+        return await self._dispatch(command, meta, pb.RegisterUserResponse, context)
 
     async def UpdateUserProfile(
         self, request: pb.UpdateUserProfileRequest, context: Context
@@ -71,30 +92,43 @@ class UserCommandServicer(pb_grpc.UserCommandServiceServicer):
                 "full_name": request.full_name,
                 "bio": request.bio,
                 "avatar_url": request.avatar_url,
+                "expected_version": _expected_version(request),
             },
             extra,
         )
-        result = await self._dispatch(command, meta)
-        return pb.UpdateUserProfileResponse(user_id=str(result.aggregate_id), version=result.version)
+        return await self._dispatch(command, meta, pb.UpdateUserProfileResponse, context)
 
     async def DeactivateUser(self, request: pb.DeactivateUserRequest, context: Context) -> pb.DeactivateUserResponse:
         """Deactivate a user."""
         meta, extra = self._meta(context)
-        command = DeactivateUser.parse({"user_id": request.user_id, "reason": request.reason}, extra)
-        result = await self._dispatch(command, meta)
-        return pb.DeactivateUserResponse(user_id=str(result.aggregate_id), version=result.version)
+        command = DeactivateUser.parse(
+            {"user_id": request.user_id, "reason": request.reason, "expected_version": _expected_version(request)},
+            extra,
+        )
+        return await self._dispatch(command, meta, pb.DeactivateUserResponse, context)
 
     def _meta(self, context: Context) -> tuple[CommandMeta, list[FieldViolation]]:
-        """The command's metadata, and a violation when the correlation header is malformed."""
+        """The command's metadata, and violations for a malformed correlation or idempotency header."""
         received_at = self._clock()
         command_id = uuid.uuid4()
         correlation_id = str(command_id)
+        idempotency_key: str | None = None
         violations: list[FieldViolation] = []
         for key, value in context.invocation_metadata() or ():
             if key == CORRELATION_HEADER and isinstance(value, str) and value:
                 violation = correlation_violation(value)
                 if violation is None:
                     correlation_id = value
+                else:
+                    violations.append(violation)
+            elif key == IDEMPOTENCY_HEADER:
+                # Present but empty (or sent twice, or binary) is a caller's mistake, not "no key".
+                text = value if isinstance(value, str) else ""
+                violation = key_violation(text)
+                if idempotency_key is not None:
+                    violation = FieldViolation(IDEMPOTENCY_HEADER, "must be sent at most once")
+                if violation is None:
+                    idempotency_key = text
                 else:
                     violations.append(violation)
         remaining = context.time_remaining()
@@ -104,16 +138,41 @@ class UserCommandServicer(pb_grpc.UserCommandServiceServicer):
             correlation_id=correlation_id,
             received_at=received_at,
             deadline=Deadline.after(budget),
+            principal=current_principal(),
+            idempotency_key=idempotency_key,
         )
         return meta, violations
 
-    async def _dispatch(self, command: Command, meta: CommandMeta) -> CommandResult:
+    async def _dispatch(
+        self, command: Command, meta: CommandMeta, reply_type: type[ReplyT], context: Context
+    ) -> ReplyT:
         span = trace.get_current_span()
         # Ids only: a span never carries a field of the request itself.
         span.set_attribute("tessera.command.id", str(meta.command_id))
         span.set_attribute("tessera.command.type", command.command_type)
         span.set_attribute("tessera.correlation_id", meta.correlation_id)
-        result = await self._bus.dispatch(command, meta)
+
+        def encode(result: CommandResult) -> bytes:
+            return reply_type(user_id=str(result.aggregate_id), version=result.version).SerializeToString(
+                deterministic=True
+            )
+
+        try:
+            result = await self._bus.dispatch(command, meta, encode_reply=encode)
+        except errors.Unavailable:
+            # When the caller's own deadline is what ran out, say so: the caller chose that
+            # limit, and UNAVAILABLE would invite a retry against a healthy database.
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= _DEADLINE_SLACK_S:
+                raise errors.DeadlineExceeded("the caller's deadline ran out before the command finished") from None
+            raise
         span.set_attribute("tessera.aggregate.id", str(result.aggregate_id))
         span.set_attribute("tessera.aggregate.version", result.version)
-        return result
+        if result.replay_of is not None:
+            span.set_attribute("tessera.command.replay_of", str(result.replay_of))
+        return reply_type.FromString(result.reply or encode(result))
+
+
+def _expected_version(request: pb.UpdateUserProfileRequest | pb.DeactivateUserRequest) -> int | None:
+    """The request's expected_version, or None when the caller did not set it (proto3 optional)."""
+    return request.expected_version if request.HasField("expected_version") else None

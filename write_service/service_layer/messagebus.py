@@ -5,14 +5,21 @@ retried with a fresh unit of work a bounded number of times, with jittered expon
 backoff, as long as the command's deadline allows; then `Conflict` reaches the caller as
 ABORTED. A command the rules reject is recorded in the command log in a separate small
 transaction, best-effort: writing that row never replaces the original error.
+
+A command with an idempotency key gets its fingerprint here, once, before the first
+attempt. A key still held by a running command is a `Conflict` too, so it is retried
+the same way: by then the first call has usually committed and its reply is returned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from datetime import timedelta
 
 from shared_kernel import errors
 from shared_kernel.grpc_errors import status_for
@@ -23,13 +30,23 @@ from write_service.service_layer.handlers import (
     CommandResult,
     Dependencies,
     Handler,
+    IdempotencyClaim,
+    ReplyEncoder,
 )
-from write_service.service_layer.ports import CommandLogEntry, Outcome, UnitOfWorkFactory
+from write_service.service_layer.idempotency import fingerprint
+from write_service.service_layer.ports import CommandLogEntry, IdempotencyScope, Outcome, UnitOfWorkFactory
 
 logger = logging.getLogger(__name__)
 
 # Errors that mean "the rules said no": the command is rejected, not failed.
 _REJECTIONS = (errors.InvalidArgument, errors.NotFound, errors.AlreadyExists, errors.FailedPrecondition)
+
+DEFAULT_IDEMPOTENCY_RETENTION = timedelta(days=1)
+
+
+def encode_result(result: CommandResult) -> bytes:
+    """The reply stored for a keyed command when the caller gives no encoder of its own."""
+    return json.dumps({"aggregate_id": str(result.aggregate_id), "version": result.version}).encode()
 
 
 class CommandBus:
@@ -43,10 +60,14 @@ class CommandBus:
         handlers: Mapping[type[Command], Handler] = HANDLERS,
         max_attempts: int = 3,
         retry_backoff_s: float = 0.02,
+        idempotency_retention: timedelta = DEFAULT_IDEMPOTENCY_RETENTION,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if idempotency_retention <= timedelta(0):
+            raise ValueError("idempotency_retention must be positive")
+        self._idempotency_retention = idempotency_retention
         self._uow_factory = uow_factory
         self._deps = deps
         self._handlers = dict(handlers)
@@ -54,14 +75,25 @@ class CommandBus:
         self._retry_backoff_s = retry_backoff_s
         self._sleep = sleep
 
-    async def dispatch(self, command: Command, meta: CommandMeta) -> CommandResult:
-        """Run the command; return its result or raise the error that ended it."""
+    async def dispatch(
+        self, command: Command, meta: CommandMeta, *, encode_reply: ReplyEncoder = encode_result
+    ) -> CommandResult:
+        """Run the command; return its result or raise the error that ended it.
+
+        With `meta.idempotency_key` set, `encode_reply` serializes the reply that is stored
+        and returned, byte for byte, to a retry.
+        """
         handler = self._handlers[type(command)]
         log_extra = {
             "command_type": command.command_type,
             "command_id": str(meta.command_id),
             "correlation_id": meta.correlation_id,
+            "principal": meta.principal,
         }
+        if meta.idempotency_key is not None:
+            log_extra["idempotency_key"] = meta.idempotency_key
+            if meta.idempotency is None:
+                meta = replace(meta, idempotency=await self._claim(command, meta, encode_reply))
         try:
             result = await self._with_retries(handler, command, meta)
         except _REJECTIONS as exc:
@@ -79,11 +111,28 @@ class CommandBus:
         except Exception as exc:
             await self._log_outcome(command, meta, "failed", exc)
             raise
+        if result.replay_of is not None:
+            logger.info(
+                "idempotent hit: returned the stored reply",
+                extra={**log_extra, "replay_of": str(result.replay_of), "aggregate_id": str(result.aggregate_id)},
+            )
+            return result
         logger.debug(
             "command succeeded",
             extra={**log_extra, "aggregate_id": str(result.aggregate_id), "version": result.version},
         )
         return result
+
+    async def _claim(self, command: Command, meta: CommandMeta, encode_reply: ReplyEncoder) -> IdempotencyClaim:
+        """The keyed command's scope and fingerprint (computed once, not per attempt)."""
+        assert meta.idempotency_key is not None
+        scope = IdempotencyScope(meta.principal, command.command_type, meta.idempotency_key)
+        return IdempotencyClaim(
+            scope=scope,
+            fingerprint=await fingerprint(command, scope, self._deps.hasher),
+            retention=self._idempotency_retention,
+            encode_reply=encode_reply,
+        )
 
     async def _with_retries(self, handler: Handler, command: Command, meta: CommandMeta) -> CommandResult:
         attempt = 1
@@ -123,6 +172,8 @@ class CommandBus:
             status_code=status_code,
             error_message=message,
             summary=command.summary(),
+            principal=meta.principal,
+            idempotency_key=meta.idempotency_key or "",
         )
         try:
             async with self._uow_factory(meta.deadline) as uow:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import hashlib
+import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +18,8 @@ from shared_kernel.event_log import NewEvent
 from write_service.domain.model import User
 from write_service.service_layer.deadline import Deadline
 
-Outcome = Literal["succeeded", "rejected", "failed"]
+# "replayed": a retry answered with the stored reply of an earlier command (idempotency key).
+Outcome = Literal["succeeded", "rejected", "failed", "replayed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,43 @@ class CommandLogEntry:
     event_ids: tuple[uuid.UUID, ...] = ()
     # Already redacted by the command: never a password or a hash.
     summary: Mapping[str, str | int | bool] = field(default_factory=dict)
+    # Who asked (shared_kernel.auth.current_principal() of the call) and with which key ("" for none).
+    principal: str = ""
+    idempotency_key: str = ""
+    # For outcome "replayed": the command whose stored reply was returned.
+    replay_of: uuid.UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyScope:
+    """What an idempotency key is unique within: one principal's commands of one type."""
+
+    principal: str
+    command_type: str
+    key: str
+
+    @property
+    def lock_id(self) -> int:
+        """The signed 64-bit advisory-lock key of this scope, the same in every process."""
+        # JSON keeps the three parts unambiguous whatever characters they hold.
+        encoded = json.dumps([self.principal, self.command_type, self.key]).encode()
+        return int.from_bytes(hashlib.sha256(encoded).digest()[:8], "big", signed=True)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReply:
+    """The first successful reply to a keyed command, kept until `expires_at`."""
+
+    scope: IdempotencyScope
+    # SHA-256 of the request's canonical form; the request itself is never stored.
+    fingerprint: bytes
+    command_id: uuid.UUID
+    aggregate_id: str
+    aggregate_version: int
+    # The serialized reply, returned byte for byte to a retry.
+    reply: bytes
+    created_at: datetime
+    expires_at: datetime
 
 
 class UserRepository(abc.ABC):
@@ -58,11 +98,36 @@ class UserRepository(abc.ABC):
         """Store a changed user; raises Conflict when its stored version moved meanwhile."""
 
 
+class IdempotencyStore(abc.ABC):
+    """Stored replies of keyed commands, read and written inside the unit of work's transaction."""
+
+    @abc.abstractmethod
+    async def try_lock(self, scope: IdempotencyScope) -> bool:
+        """Hold the scope's lock until the transaction ends; False (at once) when another holds it."""
+
+    @abc.abstractmethod
+    async def get(self, scope: IdempotencyScope) -> StoredReply | None:
+        """The committed reply stored for the scope, expired or not, or None."""
+
+    @abc.abstractmethod
+    async def put(self, reply: StoredReply) -> None:
+        """Store a reply, replacing one that expired by `reply.created_at`; Conflict when a live one exists."""
+
+
+class ExpiredKeyPurger(abc.ABC):
+    """Deletes idempotency records past their expiry, in their own transaction."""
+
+    @abc.abstractmethod
+    async def purge(self, now: datetime, limit: int) -> int:
+        """Delete up to `limit` records that expired by `now` and whose lock nobody holds; return how many."""
+
+
 class UnitOfWork(abc.ABC):
-    """One transaction: state, outbox and command-log rows commit together or not at all."""
+    """One transaction: state, outbox, command-log and idempotency rows commit together or not at all."""
 
     # Leaving the `async with` block without `commit()` rolls everything back.
     users: UserRepository
+    idempotency: IdempotencyStore
 
     @abc.abstractmethod
     async def __aenter__(self) -> Self:
@@ -100,3 +165,7 @@ class PasswordHasher(abc.ABC):
     @abc.abstractmethod
     async def hash(self, password: SecretStr) -> str:
         """The encoded hash of `password`."""
+
+    @abc.abstractmethod
+    async def derive(self, secret: SecretStr, salt: bytes) -> bytes:
+        """A deterministic 32-byte digest of `secret` under `salt`, as slow to guess from as `hash`."""

@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from shared_kernel import errors
 from tessera.users.v1 import events_pb2
+from tests.integration.write_service.support import wait_until_blocked
 from tests.integration.write_service.tables import everything_as_text, rows
 from tests.unit.write_service import helpers
 from write_service.adapters.postgres import PostgresUnitOfWork
@@ -134,8 +135,9 @@ async def test_a_failing_command_log_insert_rolls_back_state_and_outbox(pg_bus, 
 async def test_a_unique_index_violation_is_already_exists(db_pool, field, email, username):
     now = datetime.now(UTC)
     await db_pool.execute(
-        "INSERT INTO users (id, email, username, password_hash, full_name, version, created_at, updated_at) "
-        "VALUES ($1, 'taken@example.com', 'taken', 'h', 'T', 1, now(), now())",
+        "INSERT INTO users (id, email, email_key, username, password_hash, full_name, version, "
+        "created_at, updated_at) "
+        "VALUES ($1, 'taken@example.com', 'taken@example.com', 'taken', 'h', 'T', 1, now(), now())",
         uuid.uuid4(),
     )
     twin = model.User.register(
@@ -155,8 +157,9 @@ async def test_the_registration_race_is_already_exists(pg_bus, db_pool):
         tx = rival.transaction()
         await tx.start()
         await rival.execute(
-            "INSERT INTO users (id, email, username, password_hash, full_name, version, created_at, updated_at) "
-            "VALUES ($1, 'race@example.com', 'racer', 'h', 'R', 1, now(), now())",
+            "INSERT INTO users (id, email, email_key, username, password_hash, full_name, version, "
+            "created_at, updated_at) "
+            "VALUES ($1, 'race@example.com', 'race@example.com', 'racer', 'h', 'R', 1, now(), now())",
             uuid.uuid4(),
         )
         meta = helpers.meta()
@@ -177,18 +180,6 @@ async def test_the_registration_race_is_already_exists(pg_bus, db_pool):
         "rejected",
         "ALREADY_EXISTS",
     )
-
-
-async def wait_until_blocked(pool: asyncpg.Pool[Any], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        waiting = await pool.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        )
-        if waiting:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("no session started waiting on a lock")
 
 
 async def test_concurrent_updates_get_consecutive_versions(pg_bus, db_pool):

@@ -54,7 +54,11 @@ async def empty_database(postgres_admin_url: str) -> AsyncIterator[str]:
 async def test_migrate_applies_once_then_reports_nothing_pending(empty_database):
     first = await run_module("write_service.migrate", environment(DATABASE_URL=empty_database))
     assert first.returncode == 0, first.stderr
-    assert first.stdout.splitlines() == ["applied 0001_users_outbox_command_log"]
+    assert first.stdout.splitlines() == [
+        "applied 0001_users_outbox_command_log",
+        "applied 0002_idempotency_and_audit",
+        "applied 0003_email_key",
+    ]
     second = await run_module("write_service.migrate", environment(DATABASE_URL=empty_database))
     assert second.returncode == 0, second.stderr
     assert second.stdout.strip() == "no pending migrations"
@@ -104,6 +108,7 @@ async def test_the_service_serves_then_stops_cleanly_on_sigterm(database_url):
         ARGON2_MEMORY_COST_KIB="8",
         ARGON2_PARALLELISM="1",
         LOG_FORMAT="json",
+        AUTH_MODE="insecure",
     )
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "write_service", cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE

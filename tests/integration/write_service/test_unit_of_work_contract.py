@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
 from shared_kernel import errors
-from write_service.adapters.memory import InMemoryDatabase, InMemoryUnitOfWork
-from write_service.adapters.postgres import PostgresUnitOfWork
+from write_service.adapters.memory import InMemoryDatabase, InMemoryExpiredKeyPurger, InMemoryUnitOfWork
+from write_service.adapters.postgres import PostgresExpiredKeyPurger, PostgresUnitOfWork
 from write_service.domain import model
 from write_service.service_layer.deadline import Deadline
-from write_service.service_layer.ports import UnitOfWork
+from write_service.service_layer.ports import ExpiredKeyPurger, IdempotencyScope, StoredReply, UnitOfWork
 
 pytestmark = pytest.mark.integration
 
@@ -118,3 +119,109 @@ async def test_save_refuses_a_stale_version(new_uow):
         async with new_uow() as uow:
             await uow.users.save(stale)
             await uow.commit()
+
+
+# --- idempotency store -------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "postgres"])
+def backend(request: pytest.FixtureRequest) -> tuple[Factory, ExpiredKeyPurger]:
+    """Units of work and an expired-key purger over one fresh store of the parametrized kind."""
+    if request.param == "memory":
+        db = InMemoryDatabase()
+        return (lambda: InMemoryUnitOfWork(db, Deadline.after(5))), InMemoryExpiredKeyPurger(db)
+    pool: asyncpg.Pool[Any] = request.getfixturevalue("db_pool")
+    return (lambda: PostgresUnitOfWork(pool, Deadline.after(5))), PostgresExpiredKeyPurger(pool)
+
+
+def a_reply(key: str = "k-1", created_at: datetime = NOW, ttl: timedelta = timedelta(hours=1)) -> StoredReply:
+    return StoredReply(
+        scope=IdempotencyScope("svc", "RegisterUser", key),
+        fingerprint=bytes(range(32)),
+        command_id=uuid.uuid4(),
+        aggregate_id=str(uuid.uuid4()),
+        aggregate_version=1,
+        reply=b"\x0a\x01x\x10\x01",
+        created_at=created_at,
+        expires_at=created_at + ttl,
+    )
+
+
+async def put_committed(new_uow: Factory, reply: StoredReply) -> None:
+    async with new_uow() as uow:
+        await uow.idempotency.put(reply)
+        await uow.commit()
+
+
+async def stored_reply(new_uow: Factory, scope: IdempotencyScope) -> StoredReply | None:
+    async with new_uow() as uow:
+        return await uow.idempotency.get(scope)
+
+
+async def test_a_key_lock_is_exclusive_until_its_unit_of_work_ends(backend):
+    new_uow, _ = backend
+    scope = IdempotencyScope("svc", "RegisterUser", "k")
+    other_scope = IdempotencyScope("svc", "RegisterUser", "other")
+    async with new_uow() as second:
+        async with new_uow() as first:
+            assert await first.idempotency.try_lock(scope)
+            assert await first.idempotency.try_lock(scope)  # re-entrant within one transaction
+            assert not await second.idempotency.try_lock(scope)
+            assert await second.idempotency.try_lock(other_scope)
+        # Rolled back: the lock went with the transaction.
+        assert await second.idempotency.try_lock(scope)
+        await second.commit()
+    async with new_uow() as third:
+        assert await third.idempotency.try_lock(scope)
+
+
+async def test_a_reply_is_stored_and_read_back_whole(backend):
+    new_uow, _ = backend
+    reply = a_reply()
+    assert await stored_reply(new_uow, reply.scope) is None
+    await put_committed(new_uow, reply)
+    assert await stored_reply(new_uow, reply.scope) == reply
+    assert await stored_reply(new_uow, IdempotencyScope("other", "RegisterUser", "k-1")) is None
+
+
+async def test_an_uncommitted_reply_is_invisible(backend):
+    new_uow, _ = backend
+    reply = a_reply()
+    async with new_uow() as uow:
+        await uow.idempotency.put(reply)
+        assert await stored_reply(new_uow, reply.scope) is None
+    assert await stored_reply(new_uow, reply.scope) is None
+
+
+async def test_a_live_reply_is_never_replaced(backend):
+    new_uow, _ = backend
+    reply = a_reply()
+    await put_committed(new_uow, reply)
+    twin = replace(a_reply(), created_at=NOW + timedelta(minutes=59))
+    with pytest.raises(errors.Conflict):
+        await put_committed(new_uow, twin)
+    assert await stored_reply(new_uow, reply.scope) == reply
+
+
+async def test_an_expired_reply_is_replaced(backend):
+    new_uow, _ = backend
+    await put_committed(new_uow, a_reply())
+    newer = a_reply(created_at=NOW + timedelta(hours=1))
+    await put_committed(new_uow, newer)
+    assert await stored_reply(new_uow, newer.scope) == newer
+
+
+async def test_the_purge_spares_live_and_locked_replies(backend):
+    new_uow, purger = backend
+    old, held, live = a_reply("old"), a_reply("held"), a_reply("live", ttl=timedelta(days=2))
+    for reply in (old, held, live):
+        await put_committed(new_uow, reply)
+    later = NOW + timedelta(days=1)
+    async with new_uow() as running:
+        assert await running.idempotency.try_lock(held.scope)
+        assert await purger.purge(later, 10) == 1
+    assert await stored_reply(new_uow, old.scope) is None
+    assert await stored_reply(new_uow, held.scope) == held
+    assert await purger.purge(later, 10) == 1
+    assert await stored_reply(new_uow, held.scope) is None
+    assert await stored_reply(new_uow, live.scope) == live

@@ -6,6 +6,7 @@ import secrets
 import uuid
 from datetime import UTC, datetime
 
+from shared_kernel.auth import ANONYMOUS
 from write_service.adapters.password_hasher import Argon2PasswordHasher
 from write_service.domain.commands import DeactivateUser, RegisterUser, UpdateUserProfile
 from write_service.service_layer.deadline import Deadline
@@ -39,19 +40,35 @@ def register(
     )
 
 
-def update(user_id: uuid.UUID, full_name: str = "Ada King", bio: str = "", avatar_url: str = "") -> UpdateUserProfile:
+def update(
+    user_id: uuid.UUID,
+    full_name: str = "Ada King",
+    bio: str = "",
+    avatar_url: str = "",
+    expected_version: int | None = None,
+) -> UpdateUserProfile:
     """A valid UpdateUserProfile."""
     return UpdateUserProfile.parse(
-        {"user_id": str(user_id), "full_name": full_name, "bio": bio, "avatar_url": avatar_url}
+        {
+            "user_id": str(user_id),
+            "full_name": full_name,
+            "bio": bio,
+            "avatar_url": avatar_url,
+            "expected_version": expected_version,
+        }
     )
 
 
-def deactivate(user_id: uuid.UUID, reason: str = "asked to leave") -> DeactivateUser:
+def deactivate(
+    user_id: uuid.UUID, reason: str = "asked to leave", expected_version: int | None = None
+) -> DeactivateUser:
     """A valid DeactivateUser."""
-    return DeactivateUser.parse({"user_id": str(user_id), "reason": reason})
+    return DeactivateUser.parse({"user_id": str(user_id), "reason": reason, "expected_version": expected_version})
 
 
-def meta(seconds: float = 5.0, correlation_id: str = "") -> CommandMeta:
+def meta(
+    seconds: float = 5.0, correlation_id: str = "", principal: str = ANONYMOUS, idempotency_key: str | None = None
+) -> CommandMeta:
     """Metadata for one command with a fresh id and a deadline `seconds` away."""
     command_id = uuid.uuid4()
     return CommandMeta(
@@ -59,4 +76,11 @@ def meta(seconds: float = 5.0, correlation_id: str = "") -> CommandMeta:
         correlation_id=correlation_id or str(command_id),
         received_at=datetime.now(UTC),
         deadline=Deadline.after(seconds),
+        principal=principal,
+        idempotency_key=idempotency_key,
     )
+
+
+def key() -> str:
+    """A fresh idempotency key."""
+    return f"key-{uuid.uuid4()}"

@@ -200,3 +200,42 @@ def test_commands_are_immutable():
     command = DeactivateUser.parse({"user_id": USER_ID, "reason": "x"})
     with pytest.raises(ValueError, match="frozen"):
         command.reason = "y"
+
+
+@pytest.mark.parametrize("command_type", [UpdateUserProfile, DeactivateUser])
+def test_expected_version_is_optional_and_at_least_1(command_type):
+    fields = update_fields() if command_type is UpdateUserProfile else {"user_id": USER_ID, "reason": "r"}
+    assert command_type.parse(fields).expected_version is None
+    assert command_type.parse({**fields, "expected_version": 7}).expected_version == 7
+    assert command_type.parse({**fields, "expected_version": 2**63 - 1}).expected_version == 2**63 - 1
+    for bad in (0, 2**63):
+        with pytest.raises(InvalidArgument) as exc_info:
+            command_type.parse({**fields, "expected_version": bad})
+        assert list(violations(exc_info)) == ["expected_version"]
+
+
+def test_an_expected_version_shows_in_the_summary_and_the_fingerprint_fields():
+    command = UpdateUserProfile.parse(update_fields(expected_version=3))
+    assert command.summary()["expected_version"] == 3
+    assert command.fingerprint_fields() == {"user_id": USER_ID, "full_name": "Ada", "expected_version": 3}
+    assert "expected_version" not in UpdateUserProfile.parse(update_fields()).summary()
+
+
+def test_fields_at_their_default_stay_out_of_the_fingerprint():
+    # So adding an optional field later does not change the fingerprint of older requests.
+    plain = UpdateUserProfile.parse({"user_id": USER_ID, "full_name": "Ada"})
+    explicit = UpdateUserProfile.parse(update_fields(bio="", avatar_url="", expected_version=None))
+    assert plain.fingerprint_fields() == explicit.fingerprint_fields() == {"user_id": USER_ID, "full_name": "Ada"}
+    assert UpdateUserProfile.parse(update_fields(bio="b")).fingerprint_fields()["bio"] == "b"
+
+
+def test_the_fingerprint_fields_leave_the_password_out():
+    command = RegisterUser.parse(register_fields())
+    assert command.fingerprint_fields() == {
+        "email": "Ada@Example.com",
+        "username": "ada.l",
+        "full_name": "Ada Lovelace",
+    }
+    assert [(name, value.get_secret_value()) for name, value in command.secret_fields().items()] == [
+        ("password", SECRET)
+    ]
