@@ -2,6 +2,10 @@
 
 DATABASE_URL and REDIS_URL, when set, point at servers to use; otherwise embedded Postgres and
 Redis keep their data under .stack/ in the repository.
+
+`up` requires bearer tokens, like production: the services verify them with AUTH_SIGNING_KEY
+when it is set, else with a random key made on first run and kept in .stack/auth-signing-key.
+It prints a development token with every scope. `--insecure` runs without authentication.
 """
 
 from __future__ import annotations
@@ -19,9 +23,18 @@ from pathlib import Path
 from types import FrameType
 
 from devstack.servers import EmbeddedPostgres, EmbeddedRedis, ServerError
-from devstack.supervisor import REPO_ROOT, Cancelled, ProcessExited, ServiceError, Stack, StackConfig
+from devstack.supervisor import (
+    ALL_SCOPES,
+    REPO_ROOT,
+    Cancelled,
+    ProcessExited,
+    ServiceError,
+    Stack,
+    StackConfig,
+)
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+DEV_TOKEN_TTL_S = 30 * 24 * 3600
 _STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 
@@ -67,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--relays", type=int, default=_env_int("DEVSTACK_RELAYS", 2), help="number of relays")
     up.add_argument("--startup-timeout", type=float, default=float(os.environ.get("DEVSTACK_STARTUP_TIMEOUT", "60")))
     up.add_argument("--stop-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    up.add_argument(
+        "--insecure",
+        action="store_true",
+        default=os.environ.get("DEVSTACK_INSECURE", "") not in ("", "0", "false"),
+        help="run the services with AUTH_MODE=insecure: no tokens needed (env DEVSTACK_INSECURE=1)",
+    )
     # Stand-ins for the services, used to test the supervisor itself.
     up.add_argument("--write-module", default="write_service", help=argparse.SUPPRESS)
     up.add_argument("--relay-module", default="relay", help=argparse.SUPPRESS)
@@ -109,9 +128,31 @@ def _grpcurl() -> str:
     return shutil.which("grpcurl") or "grpcurl"
 
 
+def _token_lines(stack: Stack) -> tuple[list[str], str]:
+    """Lines that explain authentication, and the grpcurl header option to use."""
+    if not stack.config.auth:
+        return ["  auth     OFF (AUTH_MODE=insecure): every caller is trusted", ""], ""
+    token = stack.mint_token(ALL_SCOPES, sub="developer", ttl_s=DEV_TOKEN_TTL_S)
+    path = stack.signing_key_path
+    where = f"the key in {_display(path)}" if path is not None else "AUTH_SIGNING_KEY"
+    key = f"$(cat {_display(path)})" if path is not None else "$AUTH_SIGNING_KEY"
+    lines = [
+        f"  auth     bearer tokens required, signed with {where}",
+        "",
+        f"A token with every scope ({', '.join(ALL_SCOPES)}), valid {DEV_TOKEN_TTL_S // 86400} days:",
+        f"  export TOKEN={token}",
+        "Mint others (e.g. read-only):",
+        f"  AUTH_SIGNING_KEY={key} {_display(Path(sys.executable))} -m shared_kernel.security.tokens \\",
+        "      mint --sub alice --scopes users:read --ttl 3600",
+        "",
+    ]
+    return lines, '-H "authorization: Bearer $TOKEN" '
+
+
 def usage_text(stack: Stack) -> str:
-    """What to print once the stack is up: addresses and grpcurl commands to try."""
+    """What to print once the stack is up: addresses, the token and grpcurl commands to try."""
     grpcurl = _grpcurl()
+    auth_lines, header = _token_lines(stack)
     write = stack.write_address
     suffix = secrets.token_hex(3)
     register = (
@@ -127,17 +168,17 @@ def usage_text(stack: Stack) -> str:
         f"  DATABASE_URL={stack.database_url}",
         f"  REDIS_URL={stack.redis_url}",
         f"  logs     {_display(stack.log_dir)}/",
-        "",
+        *auth_lines,
         "Try it:",
         f"  {grpcurl} -plaintext {write} list",
         f"  {grpcurl} -plaintext {write} describe tessera.users.v1.UserCommandService",
-        f"  {grpcurl} -plaintext -d '{register}' \\",
+        f"  {grpcurl} -plaintext {header}-d '{register}' \\",
         f"      {write} tessera.users.v1.UserCommandService/RegisterUser",
         "  # then, with the user_id it returned, ask each replica:",
     ]
     for address in stack.read_addresses:
         lines += [
-            f"""  {grpcurl} -plaintext -d '{{"user_id": "USER_ID"}}' \\""",
+            f"""  {grpcurl} -plaintext {header}-d '{{"user_id": "USER_ID"}}' \\""",
             f"      {address} tessera.users.v1.UserQueryService/GetUser",
         ]
     lines += ["", "devstack: stack is up; press Ctrl-C to stop", ""]
@@ -166,6 +207,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         },
         startup_timeout=args.startup_timeout,
         stop_grace=args.stop_grace,
+        auth=not args.insecure,
+        signing_key=os.environ.get("AUTH_SIGNING_KEY") or None,
         migrate_module=args.migrate_module,
         write_module=args.write_module,
         relay_module=args.relay_module,

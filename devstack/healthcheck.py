@@ -2,6 +2,10 @@
 
 `--reach-env NAME` instead checks that the host:port in the URL held by environment variable NAME
 accepts TCP connections (for processes without a gRPC port, such as the relay).
+
+For a server with TLS, `--tls-ca` names the CA that signed its certificate (and, with mutual
+TLS, `--tls-cert`/`--tls-key` the probe's own); `--tls-server-name` is the name the
+certificate carries when the probe dials an address it does not list (such as 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -13,19 +17,32 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.processes import Deadline
+from shared_kernel.security.tls import channel_credentials
 
 OVERALL = ""  # grpc.health.v1 name of the server as a whole
 
 
-def check_serving(address: str, service: str = OVERALL, timeout: float = 1.0) -> bool:
-    """Whether the gRPC server at `address` reports SERVING for `service` within `timeout`."""
-    with grpc.insecure_channel(address) as channel:
+def check_serving(
+    address: str,
+    service: str = OVERALL,
+    timeout: float = 1.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str | None = None,
+) -> bool:
+    """Whether the gRPC server at `address` reports SERVING for `service` within `timeout` (TLS with `credentials`)."""
+    if credentials is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        channel = grpc.secure_channel(address, credentials, options=options)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -99,10 +116,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--reach-env", action="append", default=[], metavar="NAME", help="env var holding a URL to reach"
     )
+    parser.add_argument("--tls-ca", type=Path, help="dial with TLS, trusting this CA (PEM)")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate for mutual TLS (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="key of the client certificate (PEM)")
+    parser.add_argument("--tls-server-name", help="name to expect in the server's certificate")
     args = parser.parse_args(argv)
     if not args.address and not args.reach_env:
         parser.error("give an ADDRESS or at least one --reach-env")
-    if args.address and not check_serving(args.address, args.service, args.timeout):
+    credentials = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        try:
+            credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        except (OSError, ValueError) as exc:
+            parser.error(f"TLS options: {exc}")
+    if args.address and not check_serving(
+        args.address, args.service, args.timeout, credentials=credentials, server_name=args.tls_server_name
+    ):
         print(f"{args.address}: not SERVING", file=sys.stderr)
         return 1
     for name in args.reach_env:

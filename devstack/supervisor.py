@@ -10,6 +10,7 @@ import asyncio
 import atexit
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -33,8 +34,14 @@ from devstack.servers import (
     log_tail,
     port_is_free,
 )
+from shared_kernel.security.tokens import TokenSigner
+from shared_kernel.settings import MIN_SIGNING_KEY_BYTES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Every scope the services know today: the development token may do anything.
+ALL_SCOPES = ("users:read", "users:write", "admin")
+SIGNING_KEY_FILE = "auth-signing-key"
 
 _ECHO_LOCK = threading.Lock()
 
@@ -387,6 +394,20 @@ class ServiceProcess:
             self._pump = None
 
 
+def load_or_create_signing_key(path: Path) -> str:
+    """The signing key stored at `path`, made (random, readable only by its owner) on first use."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        # O_EXCL: two stacks starting at once cannot each write a different key.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_urlsafe(48) + "\n")
+    key = path.read_text().strip()
+    if len(key.encode()) < MIN_SIGNING_KEY_BYTES:
+        raise ServiceError(f"the signing key in {path} is shorter than {MIN_SIGNING_KEY_BYTES} bytes; delete the file")
+    return key
+
+
 def terminate_all(processes: Iterable[ServiceProcess], grace: float) -> None:
     """Terminate several processes at once: SIGTERM to all, then wait, sharing one grace period."""
     processes = list(processes)
@@ -418,6 +439,10 @@ class StackConfig:
     echo: TextIO | None = None  # where prefixed child output (and progress) goes, if anywhere
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment for every service
     migrate: bool = True  # False: the database is already migrated (tests that made it themselves)
+    # True: services require bearer tokens signed with `signing_key` (None: kept in data_dir, or
+    # random for this stack alone). False: they run with AUTH_MODE=insecure and trust every caller.
+    auth: bool = False
+    signing_key: str | None = None
     startup_timeout: float = 60.0
     stop_grace: float = 10.0
     python: str = sys.executable
@@ -444,6 +469,7 @@ class Stack:
         self.relays: list[ServiceProcess] = []
         self.readers: list[ServiceProcess] = []
         self._width = len("devstack")  # output prefixes line up for names up to this long
+        self._signing_key: str | None = None
 
     # -- state
 
@@ -465,12 +491,54 @@ class Stack:
         """host:port of every read replica."""
         return [reader.address for reader in self.readers]
 
+    @property
+    def signing_key_path(self) -> Path | None:
+        """Where the stack keeps its token signing key (None: it lives in memory only)."""
+        if self.config.signing_key is not None or self.config.data_dir is None:
+            return None
+        return self.config.data_dir / SIGNING_KEY_FILE
+
+    @property
+    def signing_key(self) -> str:
+        """The key the services verify tokens with (with auth on)."""
+        if not self.config.auth:
+            raise ServiceError("this stack runs without authentication (StackConfig.auth is False)")
+        if self._signing_key is None:
+            path = self.signing_key_path
+            if self.config.signing_key is not None:
+                if len(self.config.signing_key.encode()) < MIN_SIGNING_KEY_BYTES:
+                    raise ServiceError(f"the signing key must be at least {MIN_SIGNING_KEY_BYTES} bytes")
+                self._signing_key = self.config.signing_key
+            elif path is not None:
+                self._signing_key = load_or_create_signing_key(path)
+            else:
+                self._signing_key = secrets.token_urlsafe(48)
+        return self._signing_key
+
+    def mint_token(self, scopes: Iterable[str] = ALL_SCOPES, sub: str = "devstack", ttl_s: int = 3600) -> str:
+        """A bearer token the services accept (auth on only)."""
+        return TokenSigner(self.signing_key.encode()).mint(sub, scopes, ttl_s)
+
+    def auth_metadata(
+        self, scopes: Iterable[str] = ALL_SCOPES, sub: str = "devstack", ttl_s: int = 3600
+    ) -> list[tuple[str, str]]:
+        """gRPC metadata carrying a fresh token with `scopes`; an empty list when auth is off."""
+        if not self.config.auth:
+            return []
+        return [("authorization", f"Bearer {self.mint_token(scopes, sub, ttl_s)}")]
+
     def service_env(self) -> dict[str, str]:
-        """Environment every service gets: the URLs (those known), the Redis key prefix and `config.env`."""
+        """Environment every service gets: the URLs (those known), the Redis key prefix, auth and `config.env`."""
         urls = {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url}
+        if self.config.auth:
+            auth = {"AUTH_MODE": "required", "AUTH_SIGNING_KEY": self.signing_key}
+        else:
+            # Explicit, so a developer's own AUTH_* variables cannot turn it on half-way.
+            auth = {"AUTH_MODE": "insecure"}
         return {
             **{name: url for name, url in urls.items() if url},
             "REDIS_KEY_PREFIX": self.config.redis_key_prefix,
+            **auth,
             **self.config.env,
         }
 

@@ -2,6 +2,10 @@
 
 create → add servicers → start (health + reflection) → serve until SIGTERM/SIGINT →
 health NOT_SERVING → drain in-flight calls for a grace period → stop.
+
+Every server enforces the limits in its settings (message sizes, concurrent calls,
+keepalive policy, connection age), listens with TLS or mutual TLS when configured, and
+authenticates calls when it is given an authenticator.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from shared_kernel.grpc_errors import ErrorMappingInterceptor
+from shared_kernel.security import tls
+from shared_kernel.security.authn import Authenticator
+from shared_kernel.security.interceptor import AuthInterceptor
 from shared_kernel.settings import GrpcServerSettings
 from shared_kernel.telemetry import context_from_headers
 
@@ -71,8 +78,39 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+def server_options(settings: GrpcServerSettings) -> list[tuple[str, Any]]:
+    """gRPC core channel arguments for the limits in `settings`."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+        ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+        # Off unless asked for: with it, a second server on a taken port would silently share it.
+        ("grpc.so_reuseport", 1 if settings.grpc_so_reuseport else 0),
+        ("grpc.keepalive_time_ms", _ms(settings.grpc_keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.grpc_keepalive_timeout_s)),
+        # The server-side name of this argument is "min RECEIVED ping interval": how often clients may ping.
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(settings.grpc_min_client_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", settings.grpc_max_ping_strikes),
+        ("grpc.keepalive_permit_without_calls", int(settings.grpc_keepalive_permit_without_calls)),
+    ]
+    if settings.grpc_max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", _ms(settings.grpc_max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", _ms(settings.grpc_max_connection_age_grace_s)),
+        ]
+    return options
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
 class GrpcServer:
-    """A grpc.aio server with health, reflection, error mapping and graceful shutdown."""
+    """A grpc.aio server with health, reflection, error mapping, limits, TLS, auth and graceful shutdown.
+
+    Without an `authenticator` every call is let through unauthenticated: that is for tests
+    that exercise a servicer in-process. The service processes always pass one, built by
+    `shared_kernel.security.authn.authenticator_from_settings`.
+    """
 
     def __init__(
         self,
@@ -80,20 +118,21 @@ class GrpcServer:
         service_names: Sequence[str],
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
         options: Sequence[tuple[str, Any]] = (),
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.settings = settings
         self.service_names = list(service_names)
         self.health = health_aio.HealthServicer()
-        max_bytes = settings.grpc_max_message_bytes
+        chain: list[grpc.aio.ServerInterceptor] = [TracingInterceptor(), ErrorMappingInterceptor()]
+        if authenticator is not None:
+            # Inside the error mapping and the span, so refusals are traced and never become INTERNAL.
+            chain.append(AuthInterceptor(authenticator))
         self.server = grpc.aio.server(
-            interceptors=[TracingInterceptor(), ErrorMappingInterceptor(), *interceptors],
-            options=[
-                ("grpc.max_receive_message_length", max_bytes),
-                ("grpc.max_send_message_length", max_bytes),
-                ("grpc.so_reuseport", 1),
-                *options,
-            ],
+            interceptors=[*chain, *interceptors],
+            options=[*server_options(settings), *options],
+            maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs or None,
         )
+        self.authenticated = authenticator is not None
         self.port = 0
 
     def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: object) -> None:
@@ -113,12 +152,31 @@ class GrpcServer:
                 self.server,
             )
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        self.port = self.server.add_insecure_port(address)
+        credentials = tls.server_credentials(self.settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            try:
+                self.port = self.server.add_secure_port(address, credentials)
+            except RuntimeError as exc:
+                raise RuntimeError(
+                    f"could not bind {address} with TLS: are GRPC_TLS_CERT_FILE and GRPC_TLS_KEY_FILE "
+                    "a PEM certificate chain and its matching private key?"
+                ) from exc
         if self.port == 0:
             raise RuntimeError(f"could not bind {address}")
         await self.set_serving(False)
         await self.server.start()
-        logger.info("gRPC server listening", extra={"address": f"{self.settings.grpc_host}:{self.port}"})
+        logger.info(
+            "gRPC server listening",
+            extra={
+                "address": f"{self.settings.grpc_host}:{self.port}",
+                "transport": tls.describe(self.settings),
+                "authentication": self.settings.auth_mode if self.authenticated else "none",
+                "reflection": self.settings.grpc_reflection,
+                "max_concurrent_rpcs": self.settings.grpc_max_concurrent_rpcs or "unlimited",
+            },
+        )
         return self.port
 
     async def set_serving(self, serving: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -46,9 +47,24 @@ def e2e_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("stack-logs")
 
 
+@asynccontextmanager
+async def running_stack(config: StackConfig, redis_url: str) -> AsyncIterator[Stack]:
+    """Start a stack, yield it, then stop it and delete its Redis keys."""
+    running = await Stack(config).start_async()
+    try:
+        yield running
+    finally:
+        await running.stop_async()
+        client = aioredis.Redis.from_url(redis_url)
+        keys = [k async for k in client.scan_iter(match=f"{config.redis_key_prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
 @pytest.fixture(scope="module")
 async def stack(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_logs: Path) -> AsyncIterator[Stack]:
-    """Write service, two relays and two read replicas, all SERVING."""
+    """Write service, two relays and two read replicas, all SERVING; no authentication (AUTH_MODE=insecure)."""
     config = StackConfig(
         database_url=e2e_database,
         redis_url=redis_server_url,
@@ -57,16 +73,24 @@ async def stack(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_l
         migrate=False,
         env=FAST_HASHING,
     )
-    running = await Stack(config).start_async()
-    try:
+    async with running_stack(config, redis_server_url) as running:
         yield running
-    finally:
-        await running.stop_async()
-        client = aioredis.Redis.from_url(redis_server_url)
-        keys = [k async for k in client.scan_iter(match=f"{e2e_prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
+
+
+@pytest.fixture(scope="module")
+async def auth_stack(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_logs: Path) -> AsyncIterator[Stack]:
+    """Like `stack`, but every service requires bearer tokens; `auth_stack.auth_metadata(scopes)` makes them."""
+    config = StackConfig(
+        database_url=e2e_database,
+        redis_url=redis_server_url,
+        redis_key_prefix=e2e_prefix,
+        log_dir=e2e_logs,
+        migrate=False,
+        env=FAST_HASHING,
+        auth=True,
+    )
+    async with running_stack(config, redis_server_url) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

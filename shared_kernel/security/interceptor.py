@@ -1,0 +1,130 @@
+"""The server interceptor that authenticates every call and checks its scope.
+
+Health and reflection pass untouched. Any other call is authenticated from its metadata:
+no or a bad token is UNAUTHENTICATED, a token without the scope the method needs is
+PERMISSION_DENIED naming that scope (both with a `www-authenticate` trailer in the style of
+RFC 6750). An accepted call runs with its principal bound through `shared_kernel.auth`,
+for unary and streaming handlers alike, and unbound when it ends.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
+
+import grpc
+
+from shared_kernel.auth import reset_principal, set_principal
+from shared_kernel.security.authn import REALM, AuthenticationError, Authenticator, Identity
+from shared_kernel.security.scopes import grants, required_scope
+
+logger = logging.getLogger(__name__)
+
+# A string: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates and authorizes each call (see the module docstring)."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._authenticator = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        """Resolve the handler, then replace it with one that refuses or one that binds the principal."""
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        required = required_scope(method)
+        if handler is None or required is None:
+            return handler
+        try:
+            identity = self._authenticator.authenticate(tuple(handler_call_details.invocation_metadata or ()))
+        except AuthenticationError as exc:
+            logger.info(
+                "call refused: %s", exc.description, extra={"rpc_method": method, "grpc_code": "UNAUTHENTICATED"}
+            )
+            return _refusing(
+                handler,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{exc.description} (WWW-Authenticate: {exc.challenge()})",
+                exc.challenge(),
+            )
+        if not grants(identity.scopes, required):
+            logger.info(
+                "call refused: missing scope %s",
+                required,
+                extra={"rpc_method": method, "principal": identity.principal, "grpc_code": "PERMISSION_DENIED"},
+            )
+            challenge = f'Bearer realm="{REALM}", error="insufficient_scope", scope="{required}"'
+            return _refusing(
+                handler,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f'the token of {identity.principal!r} lacks the scope "{required}" that {method} needs',
+                challenge,
+            )
+        return _as_principal(handler, identity)
+
+
+def _refusing(handler: Handler, code: grpc.StatusCode, details: str, challenge: str) -> Handler:
+    """A handler of the same kind as `handler` that fails every call with `code`."""
+
+    async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(code, details, (("www-authenticate", challenge),))
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        # An async generator, like the handlers it stands for: outer interceptors iterate it.
+        await refuse(request, context)
+        yield  # never reached: abort raises
+
+    return _rebuilt(handler, lambda _original, streaming: refuse_stream if streaming else refuse)
+
+
+def _as_principal(handler: Handler, identity: Identity) -> Handler:
+    """`handler` with the caller's principal bound while it runs."""
+
+    def bind(inner: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+        if streaming and inspect.isasyncgenfunction(inner):
+
+            async def bound_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                token = set_principal(identity.principal)
+                try:
+                    async for item in inner(request, context):
+                        yield item
+                finally:
+                    reset_principal(token)
+
+            return bound_stream
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            token = set_principal(identity.principal)
+            try:
+                return await inner(request, context)
+            finally:
+                reset_principal(token)
+
+        return unary
+
+    return _rebuilt(handler, bind)
+
+
+def _rebuilt(handler: Handler, replace: Callable[[Callable[..., Any], bool], Callable[..., Any]]) -> Handler:
+    """A handler of `handler`'s kind and serializers whose behaviour is `replace(original, streams_responses)`."""
+    serializers: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(replace(handler.unary_unary, False), **serializers)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(replace(handler.unary_stream, True), **serializers)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(replace(handler.stream_unary, False), **serializers)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(replace(handler.stream_stream, True), **serializers)
+    raise AssertionError("a method handler of no known kind")
