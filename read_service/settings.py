@@ -34,6 +34,13 @@ class ReadServiceSettings(CommonSettings, DatabaseSettings, RedisSettings, GrpcS
         default=20, ge=1, le=1000, description="ListUsers page size when the request says 0."
     )
     list_page_size_max: int = Field(default=100, ge=1, le=1000, description="Largest page size ListUsers accepts.")
+    query_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="Most time one query may wait for Redis, whatever deadline the caller set; "
+        "running out of it answers UNAVAILABLE.",
+    )
     list_scan_limit: int = Field(
         default=5000,
         ge=1,

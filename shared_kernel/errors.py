@@ -66,6 +66,10 @@ class ResourceExhausted(DomainError):
     """A limit was hit (too slow a watcher, too many calls); maps to RESOURCE_EXHAUSTED."""
 
 
+class DeadlineExceeded(DomainError):
+    """The caller's own deadline ran out before the answer was ready; maps to DEADLINE_EXCEEDED."""
+
+
 def violations_from_pydantic(errors: Iterable[dict[str, object]], prefix: str = "") -> list[FieldViolation]:
     """Turn pydantic's `ValidationError.errors()` into field violations with dotted paths."""
     result: list[FieldViolation] = []

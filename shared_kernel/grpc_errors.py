@@ -6,6 +6,12 @@ project's DomainErrors map to their documented codes (INVALID_ARGUMENT carries
 down" map to UNAVAILABLE, transient database conflicts to ABORTED, and anything else
 is a bug: logged with its traceback and answered INTERNAL. A handler never leaks
 UNKNOWN.
+
+It also wraps each handler's request deserializer: grpcio calls it before any handler
+or interceptor code runs and answers UNKNOWN when it raises, so a body that is not a
+valid protobuf message (corrupt wire format, a string field that is not UTF-8) would
+reach the caller as UNKNOWN. The wrapper turns such a body into an `UndecodableRequest`
+stand-in, and the wrapped handler answers INVALID_ARGUMENT before the servicer runs.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import asyncpg
 import grpc
 import redis.exceptions
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -34,6 +41,7 @@ _CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.Conflict: grpc.StatusCode.ABORTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 # SQLSTATEs that mean "try again": serialization_failure, deadlock_detected.
@@ -115,7 +123,53 @@ async def _handle(exc: Exception, method: str, context: grpc.aio.ServicerContext
         raise AssertionError("context.abort returned")  # pragma: no cover
     if isinstance(domain_error, errors.Unavailable | errors.Conflict):
         logger.warning("%s failed: %s", method, domain_error.message, extra={"rpc_method": method})
+    elif isinstance(domain_error, errors.DeadlineExceeded):
+        logger.info("%s gave up: %s", method, domain_error.message, extra={"rpc_method": method})
     await abort(context, domain_error)
+
+
+class UndecodableRequest:
+    """Stands in for a request body the protobuf runtime could not parse; never reaches a servicer."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: errors.InvalidArgument | None) -> None:
+        # None: the deserializer itself failed (a bug), answered INTERNAL.
+        self.error = error
+
+
+def _message_name(deserializer: Callable[[bytes], Any]) -> str:
+    # Generated handlers pass `Message.FromString`, a method bound to the message class.
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", None)
+    return name if isinstance(name, str) else "the request message"
+
+
+def tolerant_deserializer(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any] | None:
+    """Wrap `deserializer` so that a body it cannot parse becomes an `UndecodableRequest`."""
+    if deserializer is None:
+        return None
+    message_name = _message_name(deserializer)
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except (DecodeError, ValueError):
+            # The body came from the caller: a parse failure is the caller's mistake. Its
+            # text is not echoed back (it may be anything); the message type names the fix.
+            return UndecodableRequest(
+                errors.InvalidArgument.single(
+                    "request",
+                    f"is not a valid {message_name} (corrupt protobuf encoding, "
+                    "or a string field that is not valid UTF-8)",
+                )
+            )
+        except Exception:
+            logger.exception("request deserializer of %s failed", method, extra={"rpc_method": method})
+            return UndecodableRequest(None)
+
+    return deserialize
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -126,29 +180,65 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        """Wrap the unary-unary or unary-stream behaviour of the resolved handler."""
+        """Wrap the behaviour and the request deserializer of the resolved handler, whatever its kind."""
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method
+        deserializer = tolerant_deserializer(handler.request_deserializer, method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method, streaming_request=True),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method, streaming_request=True),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
 
-def _wrap_unary(inner: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+async def _reject_undecodable(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, UndecodableRequest):
+        if request.error is None:
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            raise AssertionError("context.abort returned")  # pragma: no cover
+        await abort(context, request.error)
+
+
+async def _checked_requests(
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[Any]:
+    # A streaming handler reads its requests lazily, so each one is checked as it arrives.
+    async for request in requests:
+        await _reject_undecodable(request, context)
+        yield request
+
+
+def _wrap_unary(
+    inner: Callable[..., Any], method: str, *, streaming_request: bool = False
+) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
+            if streaming_request:
+                request = _checked_requests(request, context)
+            else:
+                await _reject_undecodable(request, context)
             return await inner(request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
@@ -158,9 +248,15 @@ def _wrap_unary(inner: Callable[..., Any], method: str) -> Callable[..., Awaitab
     return wrapped
 
 
-def _wrap_stream(inner: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(
+    inner: Callable[..., Any], method: str, *, streaming_request: bool = False
+) -> Callable[..., AsyncIterator[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
+            if streaming_request:
+                request = _checked_requests(request, context)
+            else:
+                await _reject_undecodable(request, context)
             async for item in inner(request, context):
                 yield item
         except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -186,8 +282,10 @@ def bad_request_from_status(error: grpc.aio.AioRpcError) -> error_details_pb2.Ba
 
 __all__ = [
     "ErrorMappingInterceptor",
+    "UndecodableRequest",
     "abort",
     "bad_request_from_status",
     "status_for",
     "to_domain_error",
+    "tolerant_deserializer",
 ]

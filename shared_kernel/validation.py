@@ -5,11 +5,16 @@ from __future__ import annotations
 import re
 import uuid
 
+from email_validator import EmailNotValidError, validate_email
+
 from shared_kernel.errors import FieldViolation, InvalidArgument
 
 # C0 and C1 control characters (tab, newline and friends included) and the Unicode
 # line/paragraph separators: none belongs in an id, a name or a single-line field.
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+# RFC 5321's limit on a forward path; longer input is refused before any parsing.
+MAX_EMAIL_CHARS = 320
 
 
 def has_control_chars(value: str) -> bool:
@@ -38,3 +43,22 @@ def parse_uuid(field: str, value: str) -> uuid.UUID:
     if violation is not None:
         raise InvalidArgument([violation])
     return uuid.UUID(value)
+
+
+def email_violation(field: str, value: str) -> FieldViolation | None:
+    """A violation when `value` is not a syntactically valid e-mail address, else None.
+
+    Syntax only (no DNS look-up), with the same library and options the write side uses
+    to accept an address, so every registered address passes.
+    """
+    if not value:
+        return FieldViolation(field, "is required")
+    if len(value) > MAX_EMAIL_CHARS:
+        return FieldViolation(field, f"must be at most {MAX_EMAIL_CHARS} characters")
+    if has_control_chars(value):
+        return FieldViolation(field, "must not contain control characters")
+    try:
+        validate_email(value, check_deliverability=False)
+    except EmailNotValidError as exc:
+        return FieldViolation(field, f"is not a valid e-mail address: {exc}")
+    return None

@@ -2,6 +2,10 @@
 
 Errors are raised as shared_kernel.errors types (or left as driver errors) and turned
 into statuses by the server's ErrorMappingInterceptor; nothing here picks a status code.
+
+Every query reads Redis within a budget: the caller's remaining deadline, capped by
+QUERY_TIMEOUT_S (see `within_budget`). The query path makes no Postgres call; only the
+projector's catch-up reads Postgres.
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ from read_service.keys import SortField, Subset
 from read_service.page_tokens import InvalidPageToken, PageTokenCodec
 from read_service.views.users import ListUsersQuery, UserViews
 from shared_kernel import errors
-from shared_kernel.validation import has_control_chars, parse_uuid
+from shared_kernel.validation import email_violation, has_control_chars, parse_uuid
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1 import user_query_service_pb2_grpc as pb_grpc
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UserQueryService"].full_name
 
-MAX_EMAIL_CHARS = 320
 MAX_SEARCH_CHARS = 100
+# The most a query waits for Redis when the caller's deadline allows more (QUERY_TIMEOUT_S).
+DEFAULT_QUERY_TIMEOUT_S = 5.0
+# Upper bound of the head start taken on the caller's deadline (see _deadline_margin).
+DEADLINE_MARGIN_S = 0.05
 
 _SORTS = {
     pb.USER_SORT_FIELD_UNSPECIFIED: SortField.CREATED_AT,
@@ -107,25 +114,55 @@ def list_query_from_request(request: pb.ListUsersRequest, limits: PageLimits, to
 
 
 def email_from_request(email: str) -> str:
-    """Validate the e-mail address of a lookup; raises InvalidArgument."""
-    if not email:
-        raise errors.InvalidArgument.single("email", "is required")
-    if len(email) > MAX_EMAIL_CHARS:
-        raise errors.InvalidArgument.single("email", f"must be at most {MAX_EMAIL_CHARS} characters")
-    if has_control_chars(email):
-        raise errors.InvalidArgument.single("email", "must not contain control characters")
+    """Validate the e-mail address of a lookup (as the write side validates one); raises InvalidArgument.
+
+    Something that could never have been registered is the caller's mistake, so it is
+    refused here instead of being looked up.
+    """
+    violation = email_violation("email", email)
+    if violation is not None:
+        raise errors.InvalidArgument([violation])
     return email
 
 
-async def _within_deadline(context: grpc.aio.ServicerContext[Any, Any], work: Awaitable[T]) -> T:
-    """Run `work`, giving up when the caller's deadline passes (a timeout maps to UNAVAILABLE)."""
+def _deadline_margin(remaining: float) -> float:
+    # Give up a little before the caller's deadline, so that the caller receives this
+    # service's DEADLINE_EXCEEDED and its reason instead of its own timer's bare one.
+    return min(DEADLINE_MARGIN_S, remaining / 10)
+
+
+async def within_budget(
+    context: grpc.aio.ServicerContext[Any, Any], work: Callable[[], Awaitable[T]], server_max_s: float
+) -> T:
+    """Run `work` within the caller's remaining deadline and at most `server_max_s` seconds.
+
+    When the caller's deadline is the tighter bound and runs out: DeadlineExceeded (its own
+    choice, retrying the same call will not help). When the server's maximum runs out first:
+    Unavailable, because the read model did not answer in time and another replica may.
+    """
     remaining = context.time_remaining()
-    # Without a deadline grpc reports an effectively infinite time; the Redis socket timeout
-    # still bounds each call then.
-    if remaining is None or not math.isfinite(remaining) or remaining > 86_400:
-        return await work
-    async with asyncio.timeout(remaining):
-        return await work
+    caller_bound = remaining is not None and math.isfinite(remaining) and remaining < server_max_s
+    budget = server_max_s
+    if caller_bound:
+        assert remaining is not None
+        budget = remaining - _deadline_margin(remaining)
+        if budget <= 0:
+            # Not worth starting: the answer could not reach the caller in time.
+            raise errors.DeadlineExceeded("the caller's deadline passed before the query started")
+    timer = asyncio.timeout(budget)
+    try:
+        async with timer:
+            return await work()
+    except TimeoutError as exc:
+        if not timer.expired():
+            raise  # a driver's own timeout, not ours: mapped like any other driver error
+        if caller_bound:
+            raise errors.DeadlineExceeded(
+                "the caller's deadline passed while the read model (Redis) was being queried"
+            ) from exc
+        raise errors.Unavailable(
+            f"the read model (Redis) did not answer within {server_max_s:g} s; retry, possibly on another replica"
+        ) from exc
 
 
 class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
@@ -137,11 +174,15 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         tokens: PageTokenCodec,
         is_ready: Callable[[], bool],
         limits: PageLimits | None = None,
+        query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
     ) -> None:
+        if query_timeout_s <= 0:
+            raise ValueError("query_timeout_s must be positive")
         self._views = views
         self._tokens = tokens
         self._is_ready = is_ready
         self._limits = limits or PageLimits()
+        self._query_timeout_s = query_timeout_s
 
     def _require_ready(self) -> None:
         # Before the first catch-up the views may be empty or partial: an empty answer would
@@ -155,7 +196,7 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         """One user by id."""
         user_id = str(parse_uuid("user_id", request.user_id))
         self._require_ready()
-        view = await _within_deadline(context, self._views.get(user_id))
+        view = await within_budget(context, lambda: self._views.get(user_id), self._query_timeout_s)
         if view is None:
             raise errors.NotFound(f"user {user_id} not found")
         return pb.GetUserResponse(user=view)
@@ -166,7 +207,7 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         """One user by e-mail address, case-insensitively."""
         email = email_from_request(request.email)
         self._require_ready()
-        view = await _within_deadline(context, self._views.get_by_email(email))
+        view = await within_budget(context, lambda: self._views.get_by_email(email), self._query_timeout_s)
         if view is None:
             raise errors.NotFound("no user has this e-mail address")
         return pb.GetUserByEmailResponse(user=view)
@@ -177,6 +218,6 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         """One page of users."""
         query = list_query_from_request(request, self._limits, self._tokens)
         self._require_ready()
-        page = await _within_deadline(context, self._views.list_page(query))
+        page = await within_budget(context, lambda: self._views.list_page(query), self._query_timeout_s)
         token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
         return pb.ListUsersResponse(users=page.users, next_page_token=token)
