@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv gen up migrate test lint breaking ci lag clean distclean
+.PHONY: help venv gen up migrate test lint breaking ci lag chaos clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -78,6 +78,9 @@ ci: lint breaking test ## everything CI checks
 LAG_COMMANDS ?= 1000
 lag: gen ## reply → visible-on-replica latency (median, p99) over LAG_COMMANDS RegisterUser calls on a fresh stack
 	$(PY) -m devstack.measure_lag -n $(LAG_COMMANDS) --json results/lag.json
+
+chaos: gen ## fault injection under load (kills, pauses, restarts, network faults; ~3 min); figures in results/chaos.json
+	TESSERA_CHAOS=1 GRPC_ENABLE_FORK_SUPPORT=false $(PY) -m pytest tests/chaos $(PYTEST_ARGS)
 
 clean: ## remove generated code, caches and the dev stack's data (.stack/)
 	rm -rf tessera .stack .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -22,6 +24,7 @@ from read_service.settings import ReadServiceSettings
 from read_service.views.users import UserViews
 from shared_kernel.db import create_pool
 from shared_kernel.grpc_server import GrpcServer
+from shared_kernel.security.authn import Authenticator
 from tessera.users.v1.user_query_service_pb2_grpc import add_UserQueryServiceServicer_to_server
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,26 @@ class ReadService:
         return self.server.port
 
 
+class ClosedTransportAwareConnection(Connection):
+    """A Redis connection that reports a write to a connection the server closed as a ConnectionError.
+
+    Under uvloop (which the processes run on) writing to a transport the peer has reset
+    raises RuntimeError ("unable to perform operation on <TCPTransport closed=True>; the
+    handler is closed", uvloop#506) where the default loop raises ConnectionResetError, and
+    redis-py passes it on unchanged: a query after a Redis restart would answer INTERNAL.
+    As a ConnectionError the client's retry reconnects, and beyond it callers get UNAVAILABLE.
+    """
+
+    async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
+        """Send `command`; a closed transport raises redis.exceptions.ConnectionError."""
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:
+            if "handler is closed" not in str(exc):
+                raise
+            raise redis.exceptions.ConnectionError(f"the connection was closed: {exc}") from exc
+
+
 def create_redis_client(url: str, timeout_s: float) -> aioredis.Redis:
     """A Redis client that fails fast when Redis is down.
 
@@ -57,6 +80,7 @@ def create_redis_client(url: str, timeout_s: float) -> aioredis.Redis:
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
+        connection_class=ClosedTransportAwareConnection,
     )
 
 
@@ -71,8 +95,13 @@ def _page_token_codec(settings: ReadServiceSettings) -> PageTokenCodec:
 
 
 @asynccontextmanager
-async def running_read_service(settings: ReadServiceSettings) -> AsyncIterator[ReadService]:
+async def running_read_service(
+    settings: ReadServiceSettings, authenticator: Authenticator | None = None
+) -> AsyncIterator[ReadService]:
     """Open Postgres and Redis, start the gRPC server and the projector; stop all on exit.
+
+    `authenticator` checks every call (the process passes the one its settings ask for);
+    without one, calls are not authenticated, which only in-process tests want.
 
     On exit: the server reports NOT_SERVING and drains its calls, then the projector stops,
     then Redis and Postgres close (the reverse of opening).
@@ -85,7 +114,7 @@ async def running_read_service(settings: ReadServiceSettings) -> AsyncIterator[R
         stack.push_async_callback(redis_client.aclose)
 
         keys = UserKeys(settings.redis_key_prefix)
-        server = GrpcServer(settings, [SERVICE_NAME])
+        server = GrpcServer(settings, [SERVICE_NAME], authenticator=authenticator)
 
         async def on_readiness_change(ready: bool) -> None:
             await server.set_serving(ready)
@@ -105,6 +134,7 @@ async def running_read_service(settings: ReadServiceSettings) -> AsyncIterator[R
             tokens,
             is_ready=lambda: projector.ready,
             limits=PageLimits(settings.list_page_size_default, settings.list_page_size_max),
+            query_timeout_s=settings.query_timeout_s,
         )
         server.add(add_UserQueryServiceServicer_to_server, servicer)
         # Health stays NOT_SERVING from start() until the projector's first catch-up.

@@ -6,13 +6,16 @@ up from the log to its head, then applies live events. An event is applied only 
 position is the checkpoint + 1 (see view_store and projections.base): a lower position
 is a duplicate, a higher one reveals a gap and triggers another catch-up, as does a
 StreamHead heartbeat ahead of the checkpoint, a re-subscription after a silent
-reconnect, or an overflow of the local buffer. Errors talking to Redis or Postgres end
-the session; the projector then reconnects with capped, jittered backoff.
+reconnect, or an overflow of the local buffer. Live events that have queued up behind
+each other are applied together, in one pipeline, as catch-up applies the log. Errors
+talking to Redis or Postgres end the session; the projector then reconnects with capped,
+jittered backoff (any other error too, logged with its traceback).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -38,11 +41,15 @@ from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 
 logger = logging.getLogger(__name__)
 
-# Failures that end a session and lead to a reconnect rather than a crash.
+# Failures that end a session and lead to a reconnect. asyncpg raises InternalClientError
+# ("cannot switch to state N; another operation (2) is in progress") instead of a
+# connection error when the server ends a session (a terminated backend, a restart) just
+# as a query starts on it (MagicStack/asyncpg#1069).
 _TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.RedisError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
 )
@@ -171,27 +178,31 @@ class Projector:
         self._state = ProjectorState.STOPPED
 
     async def run(self) -> None:
-        """Project until cancelled, reconnecting after transient Redis or Postgres failures."""
+        """Project until cancelled, reconnecting after transient Redis or Postgres failures.
+
+        Any other error is logged with its traceback and retried the same way: ending the
+        task instead would leave the replica serving views that silently stop changing.
+        """
         backoff = self._backoff_initial_s
         while True:
             self._session_caught_up = False
             try:
                 await self._session()
-            except _TRANSIENT_ERRORS as exc:
+            except Exception as exc:
                 self._reconnects += 1
                 self._state = ProjectorState.RECONNECTING
                 if self._session_caught_up:
                     # The session worked for a while: this is a new outage, not the same one.
                     backoff = self._backoff_initial_s
-                # A script error is a bug or foreign data in our key space, not an outage.
-                level = logging.ERROR if isinstance(exc, redis.exceptions.ResponseError) else logging.WARNING
-                logger.log(
-                    level,
-                    "projector session ended: %s: %s; reconnecting",
-                    type(exc).__name__,
-                    exc,
-                    extra={"projection": self._projection.name, "retry_in_s": round(backoff, 3)},
-                )
+                extra = {"projection": self._projection.name, "retry_in_s": round(backoff, 3)}
+                if not isinstance(exc, _TRANSIENT_ERRORS):
+                    logger.exception("projector session failed unexpectedly; reconnecting", extra=extra)
+                else:
+                    # A script error is a bug or foreign data in our key space, not an outage.
+                    level = logging.ERROR if isinstance(exc, redis.exceptions.ResponseError) else logging.WARNING
+                    logger.log(
+                        level, "projector session ended: %s: %s; reconnecting", type(exc).__name__, exc, extra=extra
+                    )
                 # Jitter spreads the reconnects of many replicas after a shared outage.
                 await asyncio.sleep(random.uniform(backoff / 2, backoff))  # noqa: S311
                 backoff = min(backoff * 2, self._backoff_max_s)
@@ -253,9 +264,13 @@ class Projector:
             await self._wait_subscribed(subscribed, reader, inbox)
             await self._catch_up(target=0)
             self._session_caught_up = True
+            held: collections.deque[_Inbound] = collections.deque()
             while True:
-                item = await inbox.get()
-                await self._handle(item)
+                item = held.popleft() if held else await inbox.get()
+                if item.kind is _Kind.EVENT and not inbox.empty():
+                    await self._handle_events(self._take_events(item, inbox, held))
+                else:
+                    await self._handle(item)
         finally:
             if reader is not None:
                 reader.cancel()
@@ -350,7 +365,62 @@ class Projector:
         else:
             if item.kind is _Kind.OVERFLOW:
                 self._overflow_pending = False
+            else:
+                # Redis dropped the subscription (a restart, or this replica was too slow to
+                # read) and the client re-subscribed: whatever was published meanwhile is lost.
+                logger.warning(
+                    "pub/sub subscription was re-established; catching up from the event log",
+                    extra={"projection": self._projection.name, "checkpoint": self._checkpoint},
+                )
             await self._catch_up(target=0)
+
+    def _take_events(
+        self, first: _Inbound, inbox: asyncio.Queue[_Inbound], held: collections.deque[_Inbound]
+    ) -> list[_Inbound]:
+        """`first` and the events queued right behind it (up to a batch); a non-event stops the run and is held."""
+        run = [first]
+        while len(run) < self._batch_size and not inbox.empty():
+            item = inbox.get_nowait()
+            if item.kind is not _Kind.EVENT:
+                held.append(item)
+                break
+            run.append(item)
+        return run
+
+    async def _handle_events(self, items: list[_Inbound]) -> None:
+        """Decode a run of queued live events and apply them together."""
+        envelopes: list[EventEnvelope] = []
+        for item in items:
+            try:
+                envelopes.append(EventEnvelope.FromString(item.data))
+            except DecodeError:
+                await self._on_events(envelopes)
+                envelopes = []
+                logger.warning("undecodable message on the events channel; catching up")
+                await self._catch_up(target=0)
+        await self._on_events(envelopes)
+
+    async def _on_events(self, envelopes: list[EventEnvelope]) -> None:
+        """Apply live events that queued up behind each other in one pipeline, as catch-up does.
+
+        A replica that falls behind (a burst after a relay failover, a busy machine) then
+        catches up at batch speed instead of paying two round trips per event.
+        """
+        if len(envelopes) <= 1:
+            for envelope in envelopes:
+                await self._on_event(envelope)
+            return
+        highest = max(e.position for e in envelopes)
+        self._head = max(self._head, highest)
+        # A relay re-publish can repeat positions: keep one envelope per position, in order.
+        fresh = sorted(
+            {e.position: e for e in envelopes if e.position > self._checkpoint}.values(), key=lambda e: e.position
+        )
+        self._duplicates += len(envelopes) - len(fresh)
+        # _apply_batch starts from the checkpoint in Redis, which another replica sharing the
+        # views may have moved past ours; a gap before or inside the run is left to the log.
+        if fresh and await self._apply_batch(fresh) < highest:
+            await self._catch_up(target=highest)
 
     async def _on_event(self, envelope: EventEnvelope) -> None:
         position = envelope.position

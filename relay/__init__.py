@@ -18,6 +18,14 @@ awaited before anything else happens, and it goes back to standby. As a second l
 every claim checks in the same transaction, against `pg_locks`, that the lock session's
 backend still holds the lock, so a relay that lost the lock cannot hand out positions.
 
+Frozen relays. A relay that is alive but frozen (SIGSTOP, a VM pause, a blocked event
+loop) cannot step down by itself, and its kernel keeps the TCP session, and with it the
+lock, alive. The lock session therefore sets Postgres's idle_session_timeout to
+RELAY_LOCK_IDLE_TIMEOUT_S (Postgres 14+): a healthy session queries every heartbeat or
+standby retry, so only a frozen one stays idle that long; the server ends it and a
+standby takes over. When the frozen relay wakes, its guard sees the lost session and its
+next claim fails the fence; a batch it was publishing goes out again as duplicates.
+
 Waking. The session that holds the lock also LISTENs on `outbox_inserted` (a trigger
 notifies on commit); one connection keeps the two together: whoever holds the lock is
 the one woken, and losing it loses both. A poll every RELAY_POLL_INTERVAL_S covers lost

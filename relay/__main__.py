@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
+from relay.publisher import ClosedTransportAwareConnection
 from relay.runner import Relay
 from relay.settings import RelaySettings
 from shared_kernel.db import create_pool
@@ -54,6 +55,7 @@ async def main() -> int:
             str(settings.redis_url),
             socket_timeout=settings.redis_socket_timeout_s,
             socket_connect_timeout=settings.redis_socket_timeout_s,
+            connection_class=ClosedTransportAwareConnection,
         )
         try:
             relay = Relay(settings, pool, redis)

@@ -22,6 +22,18 @@ logger = logging.getLogger(__name__)
 Connect: TypeAlias = "Callable[[], Awaitable[asyncpg.Connection[Any]]]"
 NotifyCallback: TypeAlias = Callable[[], None]
 
+# What a lost or failing Postgres session can raise. asyncpg raises InternalClientError
+# ("cannot switch to state N; another operation (2) is in progress") rather than a
+# connection error when the server ends a session (pg_terminate_backend, a restart) just
+# as a query starts on it (MagicStack/asyncpg#1069); the chaos suite hits it.
+POSTGRES_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+
 _HOLDS_LOCK = """
 SELECT EXISTS (
     SELECT 1 FROM pg_locks
@@ -70,7 +82,7 @@ class LeaderSession:
         try:
             fence = self.fence
             holds = await self._conn.fetchval(_HOLDS_LOCK, fence.classid, fence.objid, timeout=self._timeout_s)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except POSTGRES_ERRORS as exc:
             raise LeadershipLost(f"the lock connection failed a check: {type(exc).__name__}") from exc
         if not holds:
             raise LeadershipLost("the lock session no longer holds the relay lock")
@@ -91,7 +103,7 @@ class LeaderSession:
                 await conn.execute("SELECT pg_advisory_unlock($1)", self._key, timeout=self._timeout_s)
                 self._held = False
             await conn.close(timeout=self._timeout_s)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except POSTGRES_ERRORS as exc:
             logger.debug("lock connection did not close cleanly (%s); dropping it", type(exc).__name__)
             conn.terminate()
         except asyncio.CancelledError:

@@ -14,7 +14,7 @@ import redis.exceptions
 from opentelemetry import trace
 
 from relay.backoff import Backoff
-from relay.leadership import Connect, LeaderSession
+from relay.leadership import POSTGRES_ERRORS, Connect, LeaderSession
 from relay.outbox import Fence, LeadershipLost, claim_batch, mark_published, published_head, stranded_batch
 from relay.publisher import Publisher, RedisPublisher
 from relay.settings import RelaySettings
@@ -23,13 +23,7 @@ from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 
 logger = logging.getLogger(__name__)
 
-_POSTGRES_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    OSError,
-    TimeoutError,
-)
-_DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (*_POSTGRES_ERRORS, redis.exceptions.RedisError)
+_DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (*POSTGRES_ERRORS, redis.exceptions.RedisError)
 
 # The lock session must notice a dead peer in seconds, not after the kernel's two-hour
 # keepalive default: the server then ends the session (releasing the lock for a standby)
@@ -110,7 +104,7 @@ class Relay:
                 except LeadershipLost as exc:
                     logger.warning("relay stopped relaying: %s", exc, extra={"lock_key": self._settings.relay_lock_key})
                     await self._sleep_unless_stopping(backoff.next_delay())
-                except _POSTGRES_ERRORS as exc:
+                except POSTGRES_ERRORS as exc:
                     delay = backoff.next_delay()
                     logger.warning(
                         "relay lock session failed (%s); reconnecting in %.2fs",
@@ -213,13 +207,15 @@ class Relay:
             heartbeat = asyncio.create_task(self._heartbeat_loop(), name="relay-heartbeat")
             self._work = work
             try:
-                done, _ = await asyncio.wait({work, guard}, return_when=asyncio.FIRST_COMPLETED)
+                # The heartbeat only ends by failing; waiting on it too keeps a bug in it from
+                # silently ending the heartbeats that replicas rely on to notice a lost tail.
+                done, _ = await asyncio.wait({work, guard, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self._work = None
                 # Relaying has stopped before the lock can be released.
                 await _cancel_and_wait({work, guard, heartbeat})
             # The guard's reason comes first: a lost lock also makes the claim's fence fail.
-            for task in (guard, work):
+            for task in (guard, work, heartbeat):
                 if task in done and not task.cancelled() and (error := task.exception()) is not None:
                     raise error
         finally:
@@ -290,11 +286,40 @@ class Relay:
             )
 
     async def _connect_session(self) -> asyncpg.Connection[Any]:
-        return await asyncpg.connect(
+        conn = await asyncpg.connect(
             str(self._settings.database_url),
             timeout=self._settings.database_connect_timeout_s,
             server_settings=_SESSION_SERVER_SETTINGS,
         )
+        try:
+            await _limit_idle_time(
+                conn, self._settings.relay_lock_idle_timeout_s, self._settings.database_connect_timeout_s
+            )
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+
+async def _limit_idle_time(conn: asyncpg.Connection[Any], seconds: float, timeout_s: float) -> None:
+    """Have Postgres end the session after `seconds` without a query from us (0: never).
+
+    A relay that is alive but frozen (SIGSTOP, a VM pause, a blocked event loop) keeps its
+    TCP session, and with it the lock: the kernel still answers keepalives. The chaos
+    suite's SIGSTOP scenario showed the whole stream stalling for as long as the freeze
+    lasts. A healthy session queries every heartbeat or standby retry, so only a frozen
+    one stays idle this long; Postgres then ends it and a standby takes the lock.
+    Positions stay safe: the frozen relay's next claim fails its fence.
+    """
+    if not seconds:
+        return
+    if conn.get_server_version().major < 14:
+        # idle_session_timeout is Postgres 14+; older servers keep the previous behaviour.
+        logger.info("Postgres before 14: a frozen relay keeps the lock until its session ends")
+        return
+    await conn.execute(
+        "SELECT set_config('idle_session_timeout', $1, false)", f"{round(seconds * 1000)}ms", timeout=timeout_s
+    )
 
 
 async def _wait_event(event: asyncio.Event, seconds: float) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Self
+
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared_kernel.settings import CommonSettings, DatabaseSettings, RedisSettings
@@ -47,9 +49,28 @@ class RelaySettings(CommonSettings, DatabaseSettings, RedisSettings):
         le=60,
         description="How often a standby retries the lock; bounds the takeover time after the active relay dies.",
     )
+    relay_lock_idle_timeout_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="Postgres ends the lock session after this long without a query from the relay "
+        "(idle_session_timeout, Postgres 14+), so a frozen relay hands the lock over; 0 disables.",
+    )
     relay_shutdown_grace_s: float = Field(
         default=10.0,
         ge=0,
         le=300,
         description="How long SIGTERM waits for the batch in flight before cancelling it (it is re-published later).",
     )
+
+    @model_validator(mode="after")
+    def _idle_timeout_above_the_session_rhythm(self) -> Self:
+        # A healthy session queries every heartbeat (active) or standby retry: the timeout
+        # must leave room for a slow check, or healthy relays would lose the lock.
+        rhythm = max(self.relay_heartbeat_interval_s, self.relay_standby_retry_s)
+        if self.relay_lock_idle_timeout_s and self.relay_lock_idle_timeout_s < 3 * rhythm:
+            raise ValueError(
+                "relay_lock_idle_timeout_s must be 0 or at least 3 x max(relay_heartbeat_interval_s, "
+                "relay_standby_retry_s)"
+            )
+        return self

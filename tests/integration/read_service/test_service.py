@@ -118,6 +118,7 @@ async def test_the_process_serves_and_stops_cleanly_on_sigterm(
         "GRPC_PORT": str(port),
         "GRPC_SHUTDOWN_GRACE_S": "1",
         "PAGE_TOKEN_SECRET": "integration-test-secret-0123456789",
+        "AUTH_MODE": "insecure",
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -17,6 +17,7 @@ def test_defaults() -> None:
     assert settings.relay_lock_key == DEFAULT_LOCK_KEY
     assert settings.relay_standby_retry_s == 0.5
     assert settings.relay_shutdown_grace_s == 10.0
+    assert settings.relay_lock_idle_timeout_s == 10.0
 
 
 def test_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,6 +54,19 @@ def test_rejects_values_outside_the_limits(monkeypatch: pytest.MonkeyPatch, name
     monkeypatch.setenv(name, value)
     with pytest.raises(pydantic.ValidationError):
         RelaySettings()
+
+
+@pytest.mark.parametrize(("idle_timeout", "valid"), [("0", True), ("3", True), ("2.9", False), ("-1", False)])
+def test_the_idle_timeout_leaves_room_for_the_session_rhythm(
+    monkeypatch: pytest.MonkeyPatch, idle_timeout: str, valid: bool
+) -> None:
+    monkeypatch.setenv("RELAY_HEARTBEAT_INTERVAL_S", "1")
+    monkeypatch.setenv("RELAY_LOCK_IDLE_TIMEOUT_S", idle_timeout)
+    if valid:
+        assert RelaySettings().relay_lock_idle_timeout_s == float(idle_timeout)
+    else:
+        with pytest.raises(pydantic.ValidationError):
+            RelaySettings()
 
 
 def test_the_lock_is_not_the_migrations_lock() -> None:
