@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-import redis.exceptions
-from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -24,6 +22,7 @@ from read_service.settings import ReadServiceSettings
 from read_service.views.users import UserViews
 from shared_kernel.db import create_pool
 from shared_kernel.grpc_server import GrpcServer
+from shared_kernel.redis_client import ClosedTransportAwareConnection
 from shared_kernel.security.authn import Authenticator
 from tessera.users.v1.user_query_service_pb2_grpc import add_UserQueryServiceServicer_to_server
 
@@ -46,26 +45,6 @@ class ReadService:
     def port(self) -> int:
         """The port the gRPC server is bound to."""
         return self.server.port
-
-
-class ClosedTransportAwareConnection(Connection):
-    """A Redis connection that reports a write to a connection the server closed as a ConnectionError.
-
-    Under uvloop (which the processes run on) writing to a transport the peer has reset
-    raises RuntimeError ("unable to perform operation on <TCPTransport closed=True>; the
-    handler is closed", uvloop#506) where the default loop raises ConnectionResetError, and
-    redis-py passes it on unchanged: a query after a Redis restart would answer INTERNAL.
-    As a ConnectionError the client's retry reconnects, and beyond it callers get UNAVAILABLE.
-    """
-
-    async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
-        """Send `command`; a closed transport raises redis.exceptions.ConnectionError."""
-        try:
-            await super().send_packed_command(command, check_health)
-        except RuntimeError as exc:
-            if "handler is closed" not in str(exc):
-                raise
-            raise redis.exceptions.ConnectionError(f"the connection was closed: {exc}") from exc
 
 
 def create_redis_client(url: str, timeout_s: float) -> aioredis.Redis:

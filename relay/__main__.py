@@ -12,11 +12,11 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from relay.publisher import ClosedTransportAwareConnection
 from relay.runner import Relay
 from relay.settings import RelaySettings
 from shared_kernel.db import create_pool
 from shared_kernel.logs import configure_logging
+from shared_kernel.redis_client import ClosedTransportAwareConnection
 from shared_kernel.runtime import run
 from shared_kernel.telemetry import configure_tracing
 

@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from opentelemetry import trace
-from redis.asyncio.connection import Connection
 
 from shared_kernel.event_log import events_channel, head_channel
 from shared_kernel.telemetry import context_from_envelope
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
-
-
-class ClosedTransportAwareConnection(Connection):
-    """A Redis connection that reports a write to a connection the server closed as a ConnectionError.
-
-    Under uvloop (which the processes run on) writing to a transport the peer has reset
-    raises RuntimeError ("unable to perform operation on <TCPTransport closed=True>; the
-    handler is closed", uvloop#506) where the default loop raises ConnectionResetError, and
-    redis-py passes it on unchanged: the relay would take a Redis restart for a bug and
-    crash. As a ConnectionError it is retried like any other outage.
-    """
-
-    async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
-        """Send `command`; a closed transport raises redis.exceptions.ConnectionError."""
-        try:
-            await super().send_packed_command(command, check_health)
-        except RuntimeError as exc:
-            if "handler is closed" not in str(exc):
-                raise
-            raise redis.exceptions.ConnectionError(f"the connection was closed: {exc}") from exc
 
 
 class Publisher(Protocol):

@@ -54,6 +54,8 @@ _UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    # What asyncpg raises when the server ends the session just as a query starts (asyncpg#1069).
+    asyncpg.exceptions.InternalClientError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     ConnectionError,

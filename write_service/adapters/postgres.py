@@ -412,7 +412,20 @@ class PostgresUnitOfWork(UnitOfWork):
             if tx is not None and not self._committed:
                 await self._rollback(conn, tx)
         finally:
+            await self._release(conn)
+
+    async def _release(self, conn: Connection) -> None:
+        """Hand the connection back; a failure to reset it never changes the command's outcome.
+
+        The pool resets a connection on release and, when that fails (the server ended the
+        session just then; asyncpg may report it as InternalClientError), terminates it and
+        re-raises. By then the transaction has committed or rolled back, so the caller must
+        still get the command's own result, not an error about a connection it no longer uses.
+        """
+        try:
             await self._pool.release(conn)
+        except Exception as exc:
+            logger.warning("discarded a connection that failed to reset on release (%s)", type(exc).__name__)
 
     async def _rollback(self, conn: Connection, tx: asyncpg.transaction.Transaction) -> None:
         try:

@@ -19,8 +19,9 @@ import uvloop
 from redis.asyncio.connection import Connection
 
 from devstack.tcp_proxy import TcpProxy
-from relay.publisher import ClosedTransportAwareConnection, RedisPublisher
+from relay.publisher import RedisPublisher
 from relay.runner import Role
+from shared_kernel.redis_client import ClosedTransportAwareConnection
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tests.integration.relay.conftest import RelayHarness
 from tests.integration.relay.support import (
