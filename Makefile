@@ -73,7 +73,7 @@ breaking: venv ## buf breaking against main (or the previous commit when on main
 	echo "breaking: comparing protos/ with $$against"; \
 	$(BIN)/buf breaking protos --against ".git#ref=$$against,subdir=protos"
 
-ci: lint breaking test ## everything CI checks
+ci: lint breaking test chaos ## everything CI checks (the chaos suite included, ~4 min)
 
 LAG_COMMANDS ?= 1000
 lag: gen ## reply → visible-on-replica latency (median, p99) over LAG_COMMANDS RegisterUser calls on a fresh stack
