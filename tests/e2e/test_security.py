@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 
@@ -156,3 +157,30 @@ def test_a_service_without_a_signing_key_refuses_to_start(module: str, tmp_path:
     assert "refused to start" in log
     assert "AUTH_SIGNING_KEY is not set" in log
     assert "Traceback" not in log
+
+
+async def test_the_audit_trail_names_the_tokens_subject(auth_stack: Stack, channels, unique: str) -> None:
+    write, _ = channels
+    stub = cmd_grpc.UserCommandServiceStub(write)
+    as_alice = auth_stack.auth_metadata(WRITE, sub=f"alice-{unique}")
+    reply = await stub.RegisterUser(
+        registration(f"audit{unique}"), metadata=[*as_alice, ("idempotency-key", f"audit-{unique}")], timeout=10
+    )
+    again = await stub.RegisterUser(
+        registration(f"audit{unique}"), metadata=[*as_alice, ("idempotency-key", f"audit-{unique}")], timeout=10
+    )
+    assert again == reply
+    conn = await asyncpg.connect(auth_stack.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT principal, outcome, idempotency_key FROM command_log WHERE aggregate_id = $1 ORDER BY received_at",
+            reply.user_id,
+        )
+        events = await conn.fetchval("SELECT count(*) FROM outbox WHERE aggregate_id = $1", reply.user_id)
+    finally:
+        await conn.close()
+    assert [(r["principal"], r["outcome"], r["idempotency_key"]) for r in rows] == [
+        (f"alice-{unique}", "succeeded", f"audit-{unique}"),
+        (f"alice-{unique}", "replayed", f"audit-{unique}"),
+    ]
+    assert events == 1
