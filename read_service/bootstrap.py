@@ -13,12 +13,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from read_service.consistency import ConsistencyGate, log_versions
 from read_service.entrypoints.grpc_server import SERVICE_NAME, PageLimits, UserQueryServicer
 from read_service.keys import UserKeys
 from read_service.page_tokens import PageTokenCodec
 from read_service.projections.users import UsersProjection
 from read_service.projector import Projector
 from read_service.settings import ReadServiceSettings
+from read_service.view_store import ViewStore
 from read_service.views.users import UserViews
 from shared_kernel.db import create_pool
 from shared_kernel.grpc_server import GrpcServer
@@ -94,6 +96,7 @@ async def running_read_service(
 
         keys = UserKeys(settings.redis_key_prefix)
         server = GrpcServer(settings, [SERVICE_NAME], authenticator=authenticator)
+        projection = UsersProjection(keys)
 
         async def on_readiness_change(ready: bool) -> None:
             await server.set_serving(ready)
@@ -101,19 +104,28 @@ async def running_read_service(
         projector = Projector(
             redis_client,
             pool,
-            UsersProjection(keys),
+            projection,
             channel_prefix=settings.redis_key_prefix,
             batch_size=settings.catchup_batch_size,
             on_readiness_change=on_readiness_change,
         )
         stack.push_async_callback(projector.stop)
 
+        views = UserViews(redis_client, keys, scan_limit=settings.list_scan_limit)
+
+        async def user_version(user_id: str) -> int:
+            view = await views.get(user_id)
+            return 0 if view is None else view.version
+
         servicer = UserQueryServicer(
-            UserViews(redis_client, keys, scan_limit=settings.list_scan_limit),
+            views,
             tokens,
             is_ready=lambda: projector.ready,
             limits=PageLimits(settings.list_page_size_default, settings.list_page_size_max),
             query_timeout_s=settings.query_timeout_s,
+            gate=ConsistencyGate(projector, user_version, log_versions(pool)),
+            checkpoint=ViewStore(redis_client, projection.checkpoint_key).checkpoint,
+            max_wait_ms=settings.consistency_max_wait_ms,
         )
         server.add(add_UserQueryServiceServicer_to_server, servicer)
         # Health stays NOT_SERVING from start() until the projector's first catch-up.

@@ -219,6 +219,14 @@ class Projector:
         """The last checkpoint this projector read from or wrote to Redis."""
         return self._checkpoint
 
+    def changed(self) -> asyncio.Event:
+        """An event set the next time the checkpoint moves (after the views of that move are written).
+
+        Each move replaces it, so a reader takes it before looking at the views and waits on
+        it: queries waiting for a consistency token are woken this way, not by polling.
+        """
+        return self._checkpoint_changed
+
     def status(self) -> ProjectorStatus:
         """A snapshot of the projector's state and counters."""
         return ProjectorStatus(

@@ -41,6 +41,13 @@ class ReadServiceSettings(CommonSettings, DatabaseSettings, RedisSettings, GrpcS
         description="Most time one query may wait for Redis, whatever deadline the caller set; "
         "running out of it answers UNAVAILABLE.",
     )
+    consistency_max_wait_ms: int = Field(
+        default=5000,
+        ge=0,
+        le=60_000,
+        description="Most milliseconds a query waits for its consistency token to be reflected, "
+        "whatever max_wait_ms asks; past it the answer is marked stale.",
+    )
     list_scan_limit: int = Field(
         default=5000,
         ge=1,

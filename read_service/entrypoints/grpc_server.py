@@ -18,10 +18,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from read_service.consistency import DEFAULT_MAX_WAIT_MS, STALE_HEADER, ConsistencyGate, user_token
 from read_service.keys import SortField, Subset
 from read_service.page_tokens import InvalidPageToken, PageTokenCodec
 from read_service.views.users import ListUsersQuery, UserViews
 from shared_kernel import errors
+from shared_kernel.consistency import ConsistencyToken
 from shared_kernel.validation import email_violation, has_control_chars, parse_uuid
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1 import user_query_service_pb2_grpc as pb_grpc
@@ -175,6 +177,10 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         is_ready: Callable[[], bool],
         limits: PageLimits | None = None,
         query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
+        *,
+        gate: ConsistencyGate | None = None,
+        checkpoint: Callable[[], Awaitable[int]] | None = None,
+        max_wait_ms: int = DEFAULT_MAX_WAIT_MS,
     ) -> None:
         if query_timeout_s <= 0:
             raise ValueError("query_timeout_s must be positive")
@@ -183,6 +189,9 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         self._is_ready = is_ready
         self._limits = limits or PageLimits()
         self._query_timeout_s = query_timeout_s
+        self._gate = gate
+        self._checkpoint = checkpoint
+        self._max_wait_s = max_wait_ms / 1000
 
     def _require_ready(self) -> None:
         # Before the first catch-up the views may be empty or partial: an empty answer would
@@ -190,34 +199,72 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         if not self._is_ready():
             raise errors.Unavailable("the read model is catching up with the event log; retry shortly")
 
+    async def _reflect(
+        self, token: ConsistencyToken | None, max_wait_ms: int, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[bool, int]:
+        """Wait for the request's consistency token; return (stale, view position) for the reply."""
+        stale = False
+        if token is not None:
+            stale = not await self._wait_for(token, max_wait_ms, context)
+            if stale:
+                await context.send_initial_metadata(((STALE_HEADER, "true"),))
+        return stale, await self._view_position(context)
+
+    async def _view_position(self, context: grpc.aio.ServicerContext[Any, Any]) -> int:
+        # Read from Redis before the query's own read: the checkpoint only moves forward, so the
+        # answer reflects at least this position, whichever replica's projector wrote it.
+        read = self._checkpoint
+        if read is None:
+            return 0
+        return await within_budget(context, read, self._query_timeout_s)
+
+    async def _wait_for(
+        self, token: ConsistencyToken, max_wait_ms: int, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bool:
+        if self._gate is None:
+            # Without a projector to wait on, the view cannot be shown to reflect anything.
+            return False
+        budget = self._max_wait_s if max_wait_ms == 0 else min(max_wait_ms / 1000, self._max_wait_s)
+        remaining = context.time_remaining()
+        if remaining is not None and math.isfinite(remaining):
+            # Leave time for the read that follows the wait and for the answer to travel.
+            budget = min(budget, remaining - 2 * _deadline_margin(remaining))
+        return await self._gate.wait(token, max(budget, 0.0))
+
     async def GetUser(
         self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetUserResponse:
         """One user by id."""
         user_id = str(parse_uuid("user_id", request.user_id))
+        token = user_token(request.consistency_token)
         self._require_ready()
+        stale, position = await self._reflect(token, request.max_wait_ms, context)
         view = await within_budget(context, lambda: self._views.get(user_id), self._query_timeout_s)
         if view is None:
             raise errors.NotFound(f"user {user_id} not found")
-        return pb.GetUserResponse(user=view)
+        return pb.GetUserResponse(user=view, stale=stale, view_position=position)
 
     async def GetUserByEmail(
         self, request: pb.GetUserByEmailRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetUserByEmailResponse:
         """One user by e-mail address, case-insensitively."""
         email = email_from_request(request.email)
+        token = user_token(request.consistency_token)
         self._require_ready()
+        stale, position = await self._reflect(token, request.max_wait_ms, context)
         view = await within_budget(context, lambda: self._views.get_by_email(email), self._query_timeout_s)
         if view is None:
             raise errors.NotFound("no user has this e-mail address")
-        return pb.GetUserByEmailResponse(user=view)
+        return pb.GetUserByEmailResponse(user=view, stale=stale, view_position=position)
 
     async def ListUsers(
         self, request: pb.ListUsersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListUsersResponse:
         """One page of users."""
         query = list_query_from_request(request, self._limits, self._tokens)
+        consistency = user_token(request.consistency_token)
         self._require_ready()
+        stale, position = await self._reflect(consistency, request.max_wait_ms, context)
         page = await within_budget(context, lambda: self._views.list_page(query), self._query_timeout_s)
         token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
-        return pb.ListUsersResponse(users=page.users, next_page_token=token)
+        return pb.ListUsersResponse(users=page.users, next_page_token=token, stale=stale, view_position=position)

@@ -17,6 +17,7 @@ from typing import Literal
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
+from shared_kernel.consistency import encode_token
 from tessera.users.v1 import user_command_service_pb2 as cmd
 from tessera.users.v1 import user_query_service_pb2 as qry
 
@@ -468,7 +469,27 @@ LIST_ROWS: list[Row] = [
         INVALID,
     ),
     ("token_10k", "10 KiB page_token", _list(page_token="A" * (10 * KIB)), INVALID),
+    ("consistency_sql", "consistency_token `' OR 1=1 --`", _list(consistency_token="' OR 1=1 --"), INVALID),
+    ("consistency_10k", "10 KiB consistency_token", _list(consistency_token="A" * (10 * KIB)), INVALID),
+    (
+        "consistency_other_type",
+        "consistency_token naming another aggregate type",
+        _list(consistency_token=encode_token("order", UNKNOWN_ID, 1)),
+        INVALID,
+    ),
     ("5mib", "5 MiB search", _list(search="s" * (5 * MIB)), TOO_BIG),
+]
+
+
+# Refused only after the replica has looked at its view of the token's user (Redis) and at the
+# event log, so these rows are not watched.
+CONSISTENCY_LOOKUP_ROWS: list[Row] = [
+    (
+        "consistency_no_such_version",
+        "consistency_token for a version the user never reached",
+        _real_user(lambda user_id: qry.ListUsersRequest(consistency_token=encode_token("user", user_id, 999))),
+        "FAILED_PRECONDITION",
+    ),
 ]
 
 
@@ -531,6 +552,7 @@ def _cases() -> list[Case]:
         *_section("GetUser", read, "redis", GET_ROWS),
         *_section("GetUserByEmail", read, "redis", BY_EMAIL_ROWS),
         *_section("ListUsers", read, "redis", LIST_ROWS),
+        *_section("ListUsers", read, "none", CONSISTENCY_LOOKUP_ROWS),
         *_server_rows(write),
         *_server_rows(read),
         Case(

@@ -19,6 +19,7 @@ from opentelemetry import trace
 
 from shared_kernel import errors
 from shared_kernel.auth import current_principal
+from shared_kernel.consistency import encode_token
 from shared_kernel.errors import FieldViolation
 from tessera.users.v1 import user_command_service_pb2 as pb
 from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
@@ -39,9 +40,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class _Reply(Protocol):
-    """What every command's response message has: the aggregate id and its version."""
+    """What every command's response message has: the aggregate id, its version and a consistency token."""
 
-    def __init__(self, *, user_id: str, version: int) -> None: ...
+    def __init__(self, *, user_id: str, version: int, consistency_token: str) -> None: ...
 
     def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
 
@@ -153,9 +154,10 @@ class UserCommandServicer(pb_grpc.UserCommandServiceServicer):
         span.set_attribute("tessera.correlation_id", meta.correlation_id)
 
         def encode(result: CommandResult) -> bytes:
-            return reply_type(user_id=str(result.aggregate_id), version=result.version).SerializeToString(
-                deterministic=True
-            )
+            # The token goes into the stored bytes, so an idempotent replay hands out the same one.
+            token = encode_token(command.aggregate_type, str(result.aggregate_id), result.version)
+            reply = reply_type(user_id=str(result.aggregate_id), version=result.version, consistency_token=token)
+            return reply.SerializeToString(deterministic=True)
 
         try:
             result = await self._bus.dispatch(command, meta, encode_reply=encode)

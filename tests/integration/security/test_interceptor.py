@@ -133,10 +133,15 @@ async def test_health_is_open_without_a_token(serve: ServeFactory):
 async def _list_services(port: int) -> list[str]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        request = reflection_pb2.ServerReflectionRequest(list_services="")
-        async for reply in stub.ServerReflectionInfo(iter([request]), timeout=5):
-            return sorted(service.name for service in reply.list_services_response.service)
-    raise AssertionError("no reflection reply")
+        # Write, half-close, then read: with a request iterator, the library's sending task
+        # can still be writing when the channel closes, which fails as an internal error.
+        call = stub.ServerReflectionInfo(timeout=5)
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        await call.done_writing()
+        reply = await call.read()
+        if reply is grpc.aio.EOF:
+            raise AssertionError("no reflection reply")
+        return sorted(service.name for service in reply.list_services_response.service)
 
 
 async def test_reflection_is_open_when_enabled_and_absent_when_disabled(serve: ServeFactory):

@@ -1,0 +1,117 @@
+"""Read your writes: waiting until a replica's view reflects a consistency token.
+
+A query that carries a token is answered once the view of the token's aggregate has at
+least the token's version. The wait is woken by the projector after each applied batch
+(`ViewProgress.changed`), never by a timer; when the budget runs out the query is answered
+with what the replica has and marked stale. A version that can never arrive (the event log
+holds fewer versions of the aggregate) is refused promptly instead: the log is asked once
+when the wait starts and once more when it times out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import asyncpg
+
+from shared_kernel import errors
+from shared_kernel.consistency import FIELD, ConsistencyToken, decode_token
+
+USER_AGGREGATE = "user"
+STALE_HEADER = "x-tessera-stale"
+DEFAULT_MAX_WAIT_MS = 5000
+
+
+class ViewProgress(Protocol):
+    """How far a projection has got, and a way to be told when it moves."""
+
+    @property
+    def checkpoint(self) -> int:
+        """The position of the last event the views reflect."""
+
+    def changed(self) -> asyncio.Event:
+        """An event set the next time the checkpoint moves (a fresh one after each move)."""
+
+
+VersionReader = Callable[[str, str], Awaitable[int]]
+
+
+def log_versions(pool: asyncpg.Pool[Any]) -> VersionReader:
+    """Reads the highest version of an aggregate in the Postgres event log (0 when it has none)."""
+
+    async def latest(aggregate_type: str, aggregate_id: str) -> int:
+        value = await pool.fetchval(
+            "SELECT max(aggregate_version) FROM outbox WHERE aggregate_type = $1 AND aggregate_id = $2",
+            aggregate_type,
+            aggregate_id,
+        )
+        return int(value or 0)
+
+    return latest
+
+
+def user_token(token: str) -> ConsistencyToken | None:
+    """The request's token decoded (None when empty); InvalidArgument when it is garbage or not a user's."""
+    if not token:
+        return None
+    decoded = decode_token(token)
+    if decoded.aggregate_type != USER_AGGREGATE:
+        raise errors.InvalidArgument.single(
+            FIELD, f"names a {decoded.aggregate_type} but this service serves {USER_AGGREGATE} views"
+        )
+    return decoded
+
+
+class ConsistencyGate:
+    """Waits, within a budget, until the views reflect a token."""
+
+    def __init__(
+        self,
+        progress: ViewProgress,
+        current_version: Callable[[str], Awaitable[int]],
+        log_version: VersionReader,
+    ) -> None:
+        self._progress = progress
+        self._current_version = current_version
+        self._log_version = log_version
+
+    async def wait(self, token: ConsistencyToken, budget_s: float) -> bool:
+        """True once the views reflect `token`; False (stale) when `budget_s` runs out first.
+
+        Raises FailedPrecondition when the event log shows the version can never arrive.
+        """
+        deadline = time.monotonic() + budget_s
+        checked_log = False
+        while True:
+            # Take the event before reading, so a move between the read and the wait still wakes us.
+            changed = self._progress.changed()
+            current = await self._current_version(token.aggregate_id)
+            if current >= token.version:
+                return True
+            if not checked_log:
+                await self._check_exists(token)
+                checked_log = True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                await self._check_exists(token)
+                return False
+            try:
+                async with asyncio.timeout(remaining):
+                    await changed.wait()
+            except TimeoutError:
+                # One last look: the apply may have landed just as the budget ran out.
+                if await self._current_version(token.aggregate_id) >= token.version:
+                    return True
+                await self._check_exists(token)
+                return False
+
+    async def _check_exists(self, token: ConsistencyToken) -> None:
+        latest = await self._log_version(token.aggregate_type, token.aggregate_id)
+        if latest < token.version:
+            raise errors.FailedPrecondition(
+                f"consistency token refers to version {token.version} of {token.aggregate_type} "
+                f"{token.aggregate_id}, which does not exist (current version {latest})"
+            )
