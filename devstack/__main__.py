@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import shutil
 import signal
 import sys
 import threading
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
+from devstack.processes import find_grpcurl
 from devstack.servers import EmbeddedPostgres, EmbeddedRedis, ServerError
 from devstack.supervisor import (
     ALL_SCOPES,
@@ -121,11 +121,9 @@ def _display(path: Path) -> str:
 
 
 def _grpcurl() -> str:
-    """How to invoke grpcurl: the one beside this interpreter, else the one on PATH."""
-    beside = Path(sys.executable).parent / "grpcurl"
-    if beside.exists():
-        return _display(beside)
-    return shutil.which("grpcurl") or "grpcurl"
+    """How to invoke grpcurl, as short as it can be written from here."""
+    found = find_grpcurl()
+    return _display(found) if found else "grpcurl"
 
 
 def _token_lines(stack: Stack) -> tuple[list[str], str]:

@@ -4,12 +4,41 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 _PROC = Path("/proc")
+
+
+class StartStop:
+    """`with thing:` starts it and stops it, whatever happened inside."""
+
+    def start(self) -> Self:
+        """Start; subclasses implement it."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop; subclasses implement it."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        """Start."""
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Stop."""
+        self.stop()
 
 
 class Deadline:
@@ -113,3 +142,9 @@ def wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
 
     poll_until(all_gone, timeout)
     return remaining
+
+
+def find_grpcurl() -> Path | None:
+    """The grpcurl binary wrapper installed beside this interpreter (the dev extra), else the one on PATH."""
+    found = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+    return Path(found) if found else None

@@ -27,14 +27,13 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, ClassVar, Self
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from devstack.processes import Deadline, pid_alive, process_tree, send_signal, wait_gone
+from devstack.processes import Deadline, StartStop, pid_alive, process_tree, send_signal, wait_gone
 
 LOCALHOST = "127.0.0.1"
 _log = logging.getLogger(__name__)
@@ -230,7 +229,7 @@ def _kill_leftovers() -> None:
             server.stop()
 
 
-class EmbeddedServer(ABC):
+class EmbeddedServer(StartStop, ABC):
     """Lifecycle shared by the embedded servers: one child process and one directory."""
 
     name: ClassVar[str] = "server"
@@ -261,7 +260,7 @@ class EmbeddedServer(ABC):
     def url(self) -> str:
         """Connection URL of the server."""
 
-    def _prepare(self) -> None:  # noqa: B027 (optional hook)
+    def _prepare(self) -> None:
         """Create whatever the server needs in its directory before it starts (nothing by default)."""
 
     @abstractmethod
@@ -361,19 +360,6 @@ class EmbeddedServer(ABC):
             pids.update(process_tree(self._process.pid))
         send_signal(pids, signal.SIGCONT)
         self._paused = []
-
-    def __enter__(self) -> Self:
-        """Start the server."""
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Stop the server and clean up."""
-        self.stop()
 
     def __repr__(self) -> str:
         """Name, address and state."""

@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import IO, Self, TextIO
 
 from devstack.healthcheck import check_serving
-from devstack.processes import Deadline, signal_group
+from devstack.processes import Deadline, StartStop, signal_group
 from devstack.servers import (
     LOCALHOST,
     EmbeddedPostgres,
@@ -453,7 +453,7 @@ class StackConfig:
     read_module: str = "read_service"
 
 
-class Stack:
+class Stack(StartStop):
     """Postgres, Redis, migrations, the write service, relays and read replicas, started and stopped together."""
 
     def __init__(self, config: StackConfig | None = None, cancel: threading.Event | None = None) -> None:
@@ -647,19 +647,6 @@ class Stack:
                 self._say(f"stopping embedded {server.name}")
             if server is not None:
                 server.stop()
-
-    def __enter__(self) -> Self:
-        """Start the stack."""
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Stop the stack."""
-        self.stop()
 
     # -- internals
 

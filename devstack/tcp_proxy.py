@@ -32,9 +32,9 @@ import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from devstack.processes import StartStop
 from devstack.servers import LOCALHOST
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def _abort(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-class TcpProxy:
+class TcpProxy(StartStop):
     """Forwards 127.0.0.1:`port` to a target, with faults switched on and off from any thread."""
 
     def __init__(self, target_host: str, target_port: int, *, listen_port: int = 0) -> None:
@@ -223,19 +223,6 @@ class TcpProxy:
         thread.join(_CONTROL_TIMEOUT_S)
         self._thread = None
         self._loop = None
-
-    def __enter__(self) -> Self:
-        """Start the proxy."""
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Stop the proxy."""
-        self.stop()
 
     # -- where to connect
 

