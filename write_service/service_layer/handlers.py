@@ -118,28 +118,40 @@ async def update_user_profile(
     command: UpdateUserProfile, uow: UnitOfWork, deps: Dependencies, meta: CommandMeta
 ) -> CommandResult:
     """Replace the profile of an active user."""
-    async with uow:
-        if (stored := await _stored_reply(uow, command, deps, meta)) is not None:
-            return stored
-        user = await _get(uow, command.user_id)
-        user.require_version(command.expected_version)
+
+    def change(user: model.User) -> None:
         user.update_profile(
             full_name=command.full_name, bio=command.bio, avatar_url=command.avatar_url, now=deps.clock()
         )
-        await uow.users.save(user)
-        return await _commit(uow, command, user, deps, meta)
+
+    return await _change_user(command, change, uow, deps, meta)
 
 
 async def deactivate_user(
     command: DeactivateUser, uow: UnitOfWork, deps: Dependencies, meta: CommandMeta
 ) -> CommandResult:
     """Deactivate an active user."""
+
+    def change(user: model.User) -> None:
+        user.deactivate(reason=command.reason, now=deps.clock())
+
+    return await _change_user(command, change, uow, deps, meta)
+
+
+async def _change_user(
+    command: UpdateUserProfile | DeactivateUser,
+    change: Callable[[model.User], None],
+    uow: UnitOfWork,
+    deps: Dependencies,
+    meta: CommandMeta,
+) -> CommandResult:
+    """Load a user, check the expected version, apply `change`, save and commit (or replay a stored reply)."""
     async with uow:
         if (stored := await _stored_reply(uow, command, deps, meta)) is not None:
             return stored
         user = await _get(uow, command.user_id)
         user.require_version(command.expected_version)
-        user.deactivate(reason=command.reason, now=deps.clock())
+        change(user)
         await uow.users.save(user)
         return await _commit(uow, command, user, deps, meta)
 
