@@ -62,17 +62,22 @@ async def running_stack(config: StackConfig, redis_url: str) -> AsyncIterator[St
         await client.aclose()
 
 
+def _config(database_url: str, redis_url: str, prefix: str, logs: Path, *, auth: bool) -> StackConfig:
+    return StackConfig(
+        database_url=database_url,
+        redis_url=redis_url,
+        redis_key_prefix=prefix,
+        log_dir=logs,
+        migrate=False,
+        env=FAST_HASHING,
+        auth=auth,
+    )
+
+
 @pytest.fixture(scope="module")
 async def stack(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_logs: Path) -> AsyncIterator[Stack]:
     """Write service, two relays and two read replicas, all SERVING; no authentication (AUTH_MODE=insecure)."""
-    config = StackConfig(
-        database_url=e2e_database,
-        redis_url=redis_server_url,
-        redis_key_prefix=e2e_prefix,
-        log_dir=e2e_logs,
-        migrate=False,
-        env=FAST_HASHING,
-    )
+    config = _config(e2e_database, redis_server_url, e2e_prefix, e2e_logs, auth=False)
     async with running_stack(config, redis_server_url) as running:
         yield running
 
@@ -80,15 +85,7 @@ async def stack(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_l
 @pytest.fixture(scope="module")
 async def auth_stack(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_logs: Path) -> AsyncIterator[Stack]:
     """Like `stack`, but every service requires bearer tokens; `auth_stack.auth_metadata(scopes)` makes them."""
-    config = StackConfig(
-        database_url=e2e_database,
-        redis_url=redis_server_url,
-        redis_key_prefix=e2e_prefix,
-        log_dir=e2e_logs,
-        migrate=False,
-        env=FAST_HASHING,
-        auth=True,
-    )
+    config = _config(e2e_database, redis_server_url, e2e_prefix, e2e_logs, auth=True)
     async with running_stack(config, redis_server_url) as running:
         yield running
 

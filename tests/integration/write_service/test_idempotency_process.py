@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
 import time
 from typing import Any
 
 import asyncpg
-import grpc
 import pytest
 
 from tessera.users.v1 import user_command_service_pb2 as pb
 from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
-from tests.integration.write_service.test_processes import ROOT, environment, free_port, wait_until_serving
+from tests.integration.write_service.support import running_write_service
 from tests.unit.write_service import helpers
 
 pytestmark = pytest.mark.integration
@@ -30,63 +26,41 @@ async def wait_until_gone(pool: asyncpg.Pool[Any], key: str, timeout: float = 15
 
 
 async def test_the_service_replays_retries_and_deletes_expired_keys(database_url, db_pool):
-    port = free_port()
-    env = environment(
-        DATABASE_URL=database_url,
-        GRPC_HOST="127.0.0.1",
-        GRPC_PORT=str(port),
-        GRPC_SHUTDOWN_GRACE_S="2",
-        ARGON2_TIME_COST="1",
-        ARGON2_MEMORY_COST_KIB="8",
-        ARGON2_PARALLELISM="1",
-        AUTH_MODE="insecure",
-        IDEMPOTENCY_CLEANUP_INTERVAL_S="0.1",
-        IDEMPOTENCY_RETENTION_S="3600",
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "write_service", cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await wait_until_serving(channel)
-            stub = pb_grpc.UserCommandServiceStub(channel)
-            request = pb.RegisterUserRequest(
-                email=f"p{helpers.suffix()}@example.com",
-                username=f"p{helpers.suffix()}",
-                password=helpers.PASSWORD,
-                full_name="Process Test",
-            )
-            expired_key, live_key = helpers.key(), helpers.key()
-            first = await stub.RegisterUser(request, metadata=(("idempotency-key", expired_key),), timeout=10)
-            again = await stub.RegisterUser(request, metadata=(("idempotency-key", expired_key),), timeout=10)
-            assert again == first
-            other = pb.RegisterUserRequest(
-                email=f"q{helpers.suffix()}@example.com",
-                username=f"q{helpers.suffix()}",
-                password=helpers.PASSWORD,
-                full_name="Process Test",
-            )
-            await stub.RegisterUser(other, metadata=(("idempotency-key", live_key),), timeout=10)
-            [stored] = await db_pool.fetch(
-                "SELECT expires_at - created_at AS retention FROM idempotency_keys WHERE idempotency_key = $1",
-                live_key,
-            )
-            assert stored["retention"].total_seconds() == 3600
-            await db_pool.execute(
-                "UPDATE idempotency_keys SET created_at = now() - interval '2 hours', "
-                "expires_at = now() - interval '1 hour' WHERE idempotency_key = $1",
-                expired_key,
-            )
-            await wait_until_gone(db_pool, expired_key)
-            assert await db_pool.fetchval("SELECT count(*) FROM idempotency_keys WHERE idempotency_key = $1", live_key)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(process.communicate(), 20)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0, stderr.decode()
-    log = stderr.decode()
+    async with running_write_service(
+        database_url, IDEMPOTENCY_CLEANUP_INTERVAL_S="0.1", IDEMPOTENCY_RETENTION_S="3600"
+    ) as service:
+        stub = pb_grpc.UserCommandServiceStub(service.channel)
+        request = pb.RegisterUserRequest(
+            email=f"p{helpers.suffix()}@example.com",
+            username=f"p{helpers.suffix()}",
+            password=helpers.PASSWORD,
+            full_name="Process Test",
+        )
+        expired_key, live_key = helpers.key(), helpers.key()
+        first = await stub.RegisterUser(request, metadata=(("idempotency-key", expired_key),), timeout=10)
+        again = await stub.RegisterUser(request, metadata=(("idempotency-key", expired_key),), timeout=10)
+        assert again == first
+        other = pb.RegisterUserRequest(
+            email=f"q{helpers.suffix()}@example.com",
+            username=f"q{helpers.suffix()}",
+            password=helpers.PASSWORD,
+            full_name="Process Test",
+        )
+        await stub.RegisterUser(other, metadata=(("idempotency-key", live_key),), timeout=10)
+        [stored] = await db_pool.fetch(
+            "SELECT expires_at - created_at AS retention FROM idempotency_keys WHERE idempotency_key = $1",
+            live_key,
+        )
+        assert stored["retention"].total_seconds() == 3600
+        await db_pool.execute(
+            "UPDATE idempotency_keys SET created_at = now() - interval '2 hours', "
+            "expires_at = now() - interval '1 hour' WHERE idempotency_key = $1",
+            expired_key,
+        )
+        await wait_until_gone(db_pool, expired_key)
+        assert await db_pool.fetchval("SELECT count(*) FROM idempotency_keys WHERE idempotency_key = $1", live_key)
+        returncode, log = await service.terminate()
+    assert returncode == 0, log
     assert "deleted expired idempotency keys" in log
     assert "idempotent hit" in log
     assert helpers.PASSWORD not in log
