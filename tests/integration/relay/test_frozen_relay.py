@@ -7,7 +7,6 @@ SIGSTOP scenario, docs/chaos.md).
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 
@@ -16,7 +15,7 @@ import pytest
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tests.integration.relay.conftest import RelayHarness
 from tests.integration.relay.support import ChannelRecorder, assert_gap_free, ids_of, insert_events, wait_until
-from tests.integration.relay.test_process import TAKEOVER_DEADLINE_S, RelayProcess
+from tests.integration.relay.test_process import TAKEOVER_DEADLINE_S, RelayProcess, relay_env
 
 pytestmark = pytest.mark.integration
 
@@ -30,13 +29,10 @@ async def test_a_frozen_active_relay_hands_over_and_steps_down_when_it_resumes(
     redis_prefix: str,
     published: ChannelRecorder[EventEnvelope],
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "RELAY_"))}
-    env.update(
-        DATABASE_URL=database_url,
-        REDIS_URL=redis_server_url,
-        REDIS_KEY_PREFIX=redis_prefix,
-        LOG_FORMAT="json",
-        LOG_LEVEL="INFO",
+    env = relay_env(
+        database_url,
+        redis_server_url,
+        redis_prefix,
         RELAY_STANDBY_RETRY_S="0.1",
         RELAY_POLL_INTERVAL_S="0.5",
         RELAY_HEARTBEAT_INTERVAL_S="0.2",

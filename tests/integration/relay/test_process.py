@@ -32,6 +32,16 @@ ROOT = Path(__file__).resolve().parents[3]
 TAKEOVER_DEADLINE_S = 10.0
 
 
+def relay_env(database_url: str, redis_url: str, prefix: str, **relay: str) -> dict[str, str]:
+    """Environment for `python -m relay`: this process's, less OTEL_/RELAY_ settings, plus the test's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "RELAY_"))}
+    env.update(
+        DATABASE_URL=database_url, REDIS_URL=redis_url, REDIS_KEY_PREFIX=prefix, LOG_FORMAT="json", LOG_LEVEL="INFO"
+    )
+    env.update(relay)
+    return env
+
+
 class RelayProcess:
     """A `python -m relay` child whose JSON log lines are collected as they come."""
 
@@ -96,13 +106,10 @@ async def test_sigkill_of_the_active_process_fails_over_without_losing_events(
     redis_prefix: str,
     published: ChannelRecorder[EventEnvelope],
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "RELAY_"))}
-    env.update(
-        DATABASE_URL=database_url,
-        REDIS_URL=redis_server_url,
-        REDIS_KEY_PREFIX=redis_prefix,
-        LOG_FORMAT="json",
-        LOG_LEVEL="INFO",
+    env = relay_env(
+        database_url,
+        redis_server_url,
+        redis_prefix,
         RELAY_STANDBY_RETRY_S="0.2",
         RELAY_POLL_INTERVAL_S="0.5",
         RELAY_HEARTBEAT_INTERVAL_S="0.5",
