@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # One image for every role: the command chooses it (python -m write_service | write_service.migrate
-# | relay | read_service). The code runs from /app, the source tree, with the package generated
+# | relay | read_service | write_service.saga | payment_provider). The code runs from /app, the source tree, with the package generated
 # from protos/ at build time.
 
 # Runtime dependencies only, read from pyproject.toml, so this layer changes only with it.
@@ -41,6 +41,8 @@ COPY --chown=root:root . .
 COPY --from=codegen --chown=root:root /build/out/tessera /app/tessera
 # Fail the build, not the first start, if the generated code does not load on this runtime.
 RUN python -c "import importlib, pkgutil, tessera; [importlib.import_module(m.name) for m in pkgutil.walk_packages(tessera.__path__, 'tessera.')]"
+# The payment provider's state directory: a named volume mounted here starts with this owner.
+RUN mkdir -p /var/lib/tessera/payment-provider && chown -R tessera:tessera /var/lib/tessera
 USER tessera:tessera
-EXPOSE 50051 50052
+EXPOSE 50051 50052 50061 50070
 CMD ["python", "-m", "write_service"]

@@ -6,6 +6,9 @@ Redis keep their data under .stack/ in the repository.
 `up` requires bearer tokens, like production: the services verify them with AUTH_SIGNING_KEY
 when it is set, else with a random key made on first run and kept in .stack/auth-signing-key.
 It prints a development token with every scope. `--insecure` runs without authentication.
+
+`up` also runs the payment provider (payments kept in .stack/payment-provider.sqlite3; PAYMENT_*
+variables in the environment set its initial failures) and the saga workers that call it.
 """
 
 from __future__ import annotations
@@ -78,6 +81,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="one port per read replica (env DEVSTACK_READ_PORTS; default 50052,50053)",
     )
     up.add_argument("--relays", type=int, default=_env_int("DEVSTACK_RELAYS", 2), help="number of relays")
+    up.add_argument(
+        "--provider-port",
+        type=int,
+        default=_env_int("DEVSTACK_PROVIDER_PORT", 50070),
+        help="port of the payment provider (env DEVSTACK_PROVIDER_PORT; default 50070)",
+    )
+    up.add_argument(
+        "--no-provider",
+        action="store_true",
+        default=os.environ.get("DEVSTACK_PROVIDER", "1") in ("0", "false"),
+        help="do not run the payment provider; the saga workers then call PAYMENT_PROVIDER_ADDRESS "
+        "(env DEVSTACK_PROVIDER=0)",
+    )
+    up.add_argument(
+        "--saga-workers",
+        type=int,
+        default=_env_int("DEVSTACK_SAGA_WORKERS", 1),
+        help="number of saga workers (env DEVSTACK_SAGA_WORKERS; default 1)",
+    )
+    up.add_argument(
+        "--saga-ports",
+        type=_ports,
+        default=_ports(os.environ.get("DEVSTACK_SAGA_PORTS", "50061")),
+        help="health ports of the saga workers, one each; workers beyond the list get free ports "
+        "(env DEVSTACK_SAGA_PORTS; default 50061)",
+    )
     up.add_argument("--startup-timeout", type=float, default=float(os.environ.get("DEVSTACK_STARTUP_TIMEOUT", "60")))
     up.add_argument("--stop-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
     up.add_argument(
@@ -90,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--write-module", default="write_service", help=argparse.SUPPRESS)
     up.add_argument("--relay-module", default="relay", help=argparse.SUPPRESS)
     up.add_argument("--read-module", default="read_service", help=argparse.SUPPRESS)
+    up.add_argument("--provider-module", default="payment_provider", help=argparse.SUPPRESS)
+    up.add_argument("--saga-module", default="write_service.saga", help=argparse.SUPPRESS)
 
     commands.add_parser("migrate", parents=[data], help="apply migrations and exit")
     commands.add_parser("infra", parents=[data], help="run only Postgres and Redis until Ctrl-C")
@@ -163,6 +194,12 @@ def usage_text(stack: Stack) -> str:
         f"  write    {write}  (tessera.users.v1.UserCommandService)",
         f"  read     {', '.join(stack.read_addresses)}  (tessera.users.v1.UserQueryService)",
         f"  relays   {', '.join(relay.name for relay in stack.relays)}  (one active, the others standby)",
+        *(
+            [f"  payments {stack.provider_address}  (tessera.payments.v1.PaymentProviderService)"]
+            if stack.provider
+            else []
+        ),
+        *([f"  sagas    {', '.join(stack.saga_addresses)}  (saga workers, health only)"] if stack.saga_workers else []),
         f"  DATABASE_URL={stack.database_url}",
         f"  REDIS_URL={stack.redis_url}",
         f"  logs     {_display(stack.log_dir)}/",
@@ -179,8 +216,42 @@ def usage_text(stack: Stack) -> str:
             f"""  {grpcurl} -plaintext {header}-d '{{"user_id": "USER_ID"}}' \\""",
             f"      {address} tessera.users.v1.UserQueryService/GetUser",
         ]
+    lines += _provider_lines(stack, grpcurl)
     lines += ["", "devstack: stack is up; press Ctrl-C to stop", ""]
     return "\n".join(lines)
+
+
+def _provider_lines(stack: Stack, grpcurl: str) -> list[str]:
+    """Addresses of the payment provider and the saga workers, and grpcurl commands for them."""
+    lines: list[str] = []
+    if stack.saga_workers:
+        lines += [
+            "",
+            f"Saga workers ({', '.join(stack.saga_addresses)}: grpc.health.v1 only); their health:",
+            f"  {grpcurl} -plaintext {stack.saga_addresses[0]} grpc.health.v1.Health/Check",
+        ]
+    if stack.provider is None:
+        return lines
+    provider = stack.provider_address
+    service = "tessera.payments.v1.PaymentProviderService"
+    admin = "tessera.payments.v1.PaymentProviderAdminService"
+    decline = '{"configuration": {"decline_above_minor": "100000", "latency_ms": 50}}'
+    authorize = (
+        '{"reference": "try-1", "amount": {"currency_code": "EUR", "amount_minor": "1999"}, '
+        '"customer_id": "me", "idempotency_key": "try-1-auth"}'
+    )
+    lines += [
+        "",
+        f"Payment provider at {provider} (no token; payments in {stack.provider_state_file()}):",
+        f"  {grpcurl} -plaintext {provider} {service}/ListPayments",
+        f"  {grpcurl} -plaintext -d '{authorize}' \\",
+        f"      {provider} {service}/Authorize",
+        "  # inject failures while it runs (the whole configuration is replaced; {} switches them off):",
+        f"  {grpcurl} -plaintext -d '{decline}' {provider} {admin}/Configure",
+        f"  {grpcurl} -plaintext {provider} {admin}/GetConfiguration",
+        f"  {grpcurl} -plaintext {provider} {admin}/GetCounters",
+    ]
+    return lines
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -194,6 +265,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         write_port=args.write_port,
         read_ports=args.read_ports,
         relays=args.relays,
+        payment_provider=not args.no_provider,
+        provider_port=args.provider_port,
+        saga_workers=args.saga_workers,
+        saga_ports=args.saga_ports,
         postgres_port=args.postgres_port,
         redis_port=args.redis_port,
         data_dir=args.data_dir,
@@ -211,6 +286,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         write_module=args.write_module,
         relay_module=args.relay_module,
         read_module=args.read_module,
+        provider_module=args.provider_module,
+        saga_module=args.saga_module,
     )
     stack = Stack(config, cancel=stop)
     code = 0

@@ -1,0 +1,1 @@
+"""A stand-in for an external card payment provider, with injectable failures (docs/decisions/0014)."""
