@@ -19,8 +19,10 @@ import asyncpg
 from shared_kernel.db import create_pool
 from write_service.adapters.password_hasher import Argon2PasswordHasher
 from write_service.adapters.postgres import PostgresExpiredKeyPurger, PostgresUnitOfWork
+from write_service.entrypoints.catalog_servicer import CatalogCommandServicer
 from write_service.entrypoints.grpc_server import UserCommandServicer
 from write_service.entrypoints.idempotency_cleanup import ExpiredKeyCleanup
+from write_service.entrypoints.order_servicer import OrderCommandServicer
 from write_service.service_layer.deadline import Deadline
 from write_service.service_layer.handlers import Dependencies
 from write_service.service_layer.messagebus import CommandBus
@@ -39,6 +41,8 @@ class WriteService:
 
     bus: CommandBus
     servicer: UserCommandServicer
+    catalog_servicer: CatalogCommandServicer
+    order_servicer: OrderCommandServicer
 
 
 def build(pool: asyncpg.Pool[Any], settings: WriteServiceSettings) -> WriteService:
@@ -61,7 +65,12 @@ def build(pool: asyncpg.Pool[Any], settings: WriteServiceSettings) -> WriteServi
         idempotency_retention=timedelta(seconds=settings.idempotency_retention_s),
     )
     servicer = UserCommandServicer(bus, max_command_s=settings.command_timeout_s)
-    return WriteService(bus=bus, servicer=servicer)
+    return WriteService(
+        bus=bus,
+        servicer=servicer,
+        catalog_servicer=CatalogCommandServicer(bus, max_command_s=settings.command_timeout_s),
+        order_servicer=OrderCommandServicer(bus, max_command_s=settings.command_timeout_s),
+    )
 
 
 @asynccontextmanager

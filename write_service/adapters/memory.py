@@ -13,22 +13,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Self
+from typing import Generic, Self, TypeVar
 
 from shared_kernel import errors
 from shared_kernel.event_log import NewEvent
 from shared_kernel.identity import email_key
-from write_service.domain import model
+from write_service.domain import catalog, model, orders
+from write_service.domain.aggregate import Aggregate
 from write_service.service_layer.deadline import Deadline
 from write_service.service_layer.ports import (
     CommandLogEntry,
     ExpiredKeyPurger,
     IdempotencyScope,
     IdempotencyStore,
+    OrderRepository,
+    ProductRepository,
+    SagaHandoff,
     StoredReply,
     UnitOfWork,
     UserRepository,
 )
+
+A = TypeVar("A", bound=Aggregate)
 
 ScopeKey = tuple[str, str, str]
 
@@ -47,10 +53,33 @@ class OutboxRecord:
 
 
 @dataclass
+class SagaRecord:
+    """A saga_executions row and its saga_steps, as far as the write side's commands touch them."""
+
+    id: uuid.UUID
+    order_id: uuid.UUID
+    saga_type: str
+    status: str
+    current_step: str
+    version: int
+    attempts: int
+    last_error: str
+    next_attempt_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    # (step, kind, outcome, detail, attempt)
+    steps: list[tuple[str, str, str, str, int]] = field(default_factory=list)
+
+
+@dataclass
 class InMemoryDatabase:
     """The committed state every in-memory unit of work shares."""
 
     users: dict[uuid.UUID, model.User] = field(default_factory=dict)
+    products: dict[uuid.UUID, catalog.Product] = field(default_factory=dict)
+    orders: dict[uuid.UUID, orders.Order] = field(default_factory=dict)
+    # By order id.
+    sagas: dict[uuid.UUID, SagaRecord] = field(default_factory=dict)
     outbox: list[OutboxRecord] = field(default_factory=list)
     command_log: list[CommandLogEntry] = field(default_factory=list)
     idempotency: dict[ScopeKey, StoredReply] = field(default_factory=dict)
@@ -131,15 +160,40 @@ def _same_email(a: str, b: str) -> bool:
     return email_key(a) == email_key(b)
 
 
-class InMemoryUserRepository(UserRepository):
+class _Staged(Generic[A]):
+    """Aggregates of one kind in a dict of the InMemoryDatabase; changes are staged until commit."""
+
+    def __init__(self, committed: dict[uuid.UUID, A]) -> None:
+        self._committed = committed
+        self.staged: dict[uuid.UUID, A] = {}
+
+    def _visible(self) -> dict[uuid.UUID, A]:
+        return {**self._committed, **self.staged}
+
+    async def get_for_update(self, aggregate_id: uuid.UUID) -> A | None:
+        """A private copy of the aggregate, as a fresh load from storage would give."""
+        found = self._visible().get(aggregate_id)
+        return copy.deepcopy(found) if found is not None else None
+
+    async def save(self, aggregate: A) -> None:
+        """Stage a changed aggregate if its stored version has not moved."""
+        current = self._visible().get(aggregate.id)
+        if current is None or current.version != aggregate.stored_version:
+            raise errors.Conflict(f"{aggregate.aggregate_type} {aggregate.id} changed concurrently, retry the request")
+        self._stage(aggregate)
+
+    def _stage(self, aggregate: A) -> None:
+        aggregate.stored_version = aggregate.version
+        stored = copy.deepcopy(aggregate)
+        stored.pending_events = []
+        self.staged[aggregate.id] = stored
+
+
+class InMemoryUserRepository(_Staged[model.User], UserRepository):
     """Users in an InMemoryDatabase; changes are staged until the unit of work commits."""
 
     def __init__(self, db: InMemoryDatabase) -> None:
-        self._db = db
-        self.staged: dict[uuid.UUID, model.User] = {}
-
-    def _visible(self) -> dict[uuid.UUID, model.User]:
-        return {**self._db.users, **self.staged}
+        super().__init__(db.users)
 
     async def taken_fields(self, email: str, username: str) -> frozenset[str]:
         """Which of "email" and "username" another user already has, case-insensitively."""
@@ -151,24 +205,17 @@ class InMemoryUserRepository(UserRepository):
                 taken.add("username")
         return frozenset(taken)
 
-    async def get_for_update(self, user_id: uuid.UUID) -> model.User | None:
-        """A private copy of the user, as a fresh load from storage would give."""
+    async def get_customer(self, user_id: uuid.UUID) -> orders.Customer | None:
+        """The user's customer facts, or None."""
         user = self._visible().get(user_id)
-        return copy.deepcopy(user) if user is not None else None
+        if user is None:
+            return None
+        return orders.Customer(id=user.id, full_name=user.full_name, email=user.email, active=user.active)
 
     async def add(self, user: model.User) -> None:
         """Stage a new user; a taken email or username raises AlreadyExists."""
         self.check_unique(user, self._visible())
-        user.stored_version = user.version
-        self.staged[user.id] = self._stored_copy(user)
-
-    async def save(self, user: model.User) -> None:
-        """Stage a changed user if its stored version has not moved."""
-        current = self._visible().get(user.id)
-        if current is None or current.version != user.stored_version:
-            raise errors.Conflict(f"user {user.id} changed concurrently, retry the request")
-        user.stored_version = user.version
-        self.staged[user.id] = self._stored_copy(user)
+        self._stage(user)
 
     @staticmethod
     def check_unique(user: model.User, others: dict[uuid.UUID, model.User]) -> None:
@@ -181,11 +228,85 @@ class InMemoryUserRepository(UserRepository):
             if _same(other.username, user.username):
                 raise model.username_taken()
 
+
+class InMemoryProductRepository(_Staged[catalog.Product], ProductRepository):
+    """Products in an InMemoryDatabase; changes are staged until the unit of work commits."""
+
+    def __init__(self, db: InMemoryDatabase) -> None:
+        super().__init__(db.products)
+
+    async def sku_taken(self, sku: str) -> bool:
+        """Whether a product already has `sku`, case-insensitively."""
+        return any(_same(product.sku, sku) for product in self._visible().values())
+
+    async def by_skus(self, skus: Sequence[str]) -> dict[str, catalog.Product]:
+        """Copies of the products with these skus, keyed by lower-case sku."""
+        wanted = {sku.lower() for sku in skus}
+        return {
+            product.sku.lower(): copy.deepcopy(product)
+            for product in self._visible().values()
+            if product.sku.lower() in wanted
+        }
+
+    async def add(self, product: catalog.Product) -> None:
+        """Stage a new product; a taken sku raises AlreadyExists."""
+        self.check_unique(product, self._visible())
+        self._stage(product)
+
     @staticmethod
-    def _stored_copy(user: model.User) -> model.User:
-        stored = copy.deepcopy(user)
-        stored.pending_events = []
-        return stored
+    def check_unique(product: catalog.Product, others: dict[uuid.UUID, catalog.Product]) -> None:
+        """Raise AlreadyExists when another product holds `product`'s sku."""
+        if any(other.id != product.id and _same(other.sku, product.sku) for other in others.values()):
+            raise catalog.sku_taken()
+
+
+class InMemoryOrderRepository(_Staged[orders.Order], OrderRepository):
+    """Orders in an InMemoryDatabase; changes are staged until the unit of work commits."""
+
+    def __init__(self, db: InMemoryDatabase) -> None:
+        super().__init__(db.orders)
+
+    async def add(self, order: orders.Order) -> None:
+        """Stage a new order (its foreign keys are checked at commit)."""
+        self._stage(order)
+
+
+class InMemorySagaHandoff(SagaHandoff):
+    """Saga rows in an InMemoryDatabase; staged until the unit of work commits."""
+
+    def __init__(self, db: InMemoryDatabase) -> None:
+        self._db = db
+        self.staged: dict[uuid.UUID, SagaRecord] = {}
+
+    async def start(self, saga_id: uuid.UUID, order_id: uuid.UUID, now: datetime) -> None:
+        """Stage a running place_order saga due now at reserve_stock."""
+        if order_id in self._db.sagas or order_id in self.staged:
+            raise ValueError("saga_executions.order_id is unique")
+        self.staged[order_id] = SagaRecord(
+            id=saga_id,
+            order_id=order_id,
+            saga_type="place_order",
+            status="running",
+            current_step="reserve_stock",
+            version=1,
+            attempts=0,
+            last_error="",
+            next_attempt_at=now,
+            created_at=now,
+            updated_at=now,
+        )
+
+    async def request_compensation(self, order_id: uuid.UUID, reason: str, now: datetime) -> None:
+        """Stage the saga turned to compensating, with a cancel_requested step."""
+        current = self.staged.get(order_id) or self._db.sagas.get(order_id)
+        if current is None:
+            raise RuntimeError(f"order {order_id} has no saga")
+        saga = copy.deepcopy(current)
+        saga.status, saga.current_step, saga.attempts, saga.last_error = "compensating", "compensate", 0, ""
+        saga.next_attempt_at = saga.updated_at = now
+        saga.version += 1
+        saga.steps.append(("cancel_requested", "compensate", "succeeded", reason, 1))
+        self.staged[order_id] = saga
 
 
 class InMemoryUnitOfWork(UnitOfWork):
@@ -197,6 +318,9 @@ class InMemoryUnitOfWork(UnitOfWork):
         self._events: list[OutboxRecord] = []
         self._log: list[CommandLogEntry] = []
         self._users = InMemoryUserRepository(db)
+        self._products = InMemoryProductRepository(db)
+        self._orders = InMemoryOrderRepository(db)
+        self._sagas = InMemorySagaHandoff(db)
         self._idempotency = InMemoryIdempotencyStore(db)
         self._open = False
         self.committed = False
@@ -207,6 +331,12 @@ class InMemoryUnitOfWork(UnitOfWork):
             raise errors.Unavailable("the command ran out of time before it reached the database")
         self._users = InMemoryUserRepository(self._db)
         self.users = self._users
+        self._products = InMemoryProductRepository(self._db)
+        self.products = self._products
+        self._orders = InMemoryOrderRepository(self._db)
+        self.orders = self._orders
+        self._sagas = InMemorySagaHandoff(self._db)
+        self.sagas = self._sagas
         self._idempotency = InMemoryIdempotencyStore(self._db)
         self.idempotency = self._idempotency
         self._events, self._log = [], []
@@ -243,6 +373,15 @@ class InMemoryUnitOfWork(UnitOfWork):
         for user in staged.values():
             others = {k: v for k, v in self._db.users.items() if k not in staged}
             InMemoryUserRepository.check_unique(user, {**others, **staged})
+        staged_products = self._products.staged
+        for product in staged_products.values():
+            others_p = {k: v for k, v in self._db.products.items() if k not in staged_products}
+            InMemoryProductRepository.check_unique(product, {**others_p, **staged_products})
+        users, products = {**self._db.users, **staged}, {**self._db.products, **staged_products}
+        for order in self._orders.staged.values():
+            # The foreign keys of orders and order_lines.
+            if order.customer_id not in users or any(line.product_id not in products for line in order.lines):
+                raise ValueError("an order must name an existing customer and existing products")
         known = {(r.event.aggregate_type, r.event.aggregate_id, r.event.aggregate_version) for r in self._db.outbox}
         for record in self._events:
             key = (record.event.aggregate_type, record.event.aggregate_id, record.event.aggregate_version)
@@ -254,12 +393,15 @@ class InMemoryUnitOfWork(UnitOfWork):
         for reply in self._idempotency.staged.values():
             InMemoryIdempotencyStore.check_replaceable(self._db, reply)
         self._db.users.update(staged)
+        self._db.products.update(staged_products)
+        self._db.orders.update(self._orders.staged)
+        self._db.sagas.update(self._sagas.staged)
         self._db.outbox.extend(self._events)
         self._db.command_log.extend(self._log)
         self._db.idempotency.update(self._idempotency.staged)
         self._db.commits += 1
         self._events, self._log = [], []
-        self._users.staged = {}
+        self._users.staged, self._products.staged, self._orders.staged, self._sagas.staged = {}, {}, {}, {}
         # Like Postgres, the transaction's locks end with it.
         self._idempotency.release()
         self.committed = True

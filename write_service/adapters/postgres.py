@@ -12,10 +12,10 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self
 
 import asyncpg
 
@@ -23,7 +23,10 @@ from shared_kernel import errors
 from shared_kernel.event_log import NewEvent, append_events
 from shared_kernel.grpc_errors import to_domain_error
 from shared_kernel.identity import email_key
-from write_service.domain import model
+from write_service.adapters.pg_calls import Calls
+from write_service.adapters.postgres_catalog import PostgresProductRepository
+from write_service.adapters.postgres_orders import PostgresOrderRepository, PostgresSagaHandoff
+from write_service.domain import model, orders
 from write_service.service_layer.deadline import Deadline
 from write_service.service_layer.ports import (
     CommandLogEntry,
@@ -35,17 +38,10 @@ from write_service.service_layer.ports import (
     UserRepository,
 )
 
-logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
 if TYPE_CHECKING:
-    # Generic only in the stubs; at run time the class cannot be subscripted.
-    from asyncpg.pool import PoolConnectionProxy
+    from write_service.adapters.pg_calls import Connection
 
-    Connection = PoolConnectionProxy[Any]
-
-_CLIENT_GRACE_S = 0.1
+logger = logging.getLogger(__name__)
 
 # A rollback still gets this long when the command's own time is used up, so the
 # connection goes back to the pool clean instead of being torn down.
@@ -60,6 +56,9 @@ _USER_COLUMNS = (
 )
 
 _SELECT_FOR_UPDATE = f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1 FOR UPDATE"  # noqa: S608 - constant columns
+
+# FOR SHARE: the user cannot be deactivated (or renamed) until the order that reads it commits.
+_SELECT_CUSTOMER = "SELECT id, full_name, email, active FROM users WHERE id = $1 FOR SHARE"
 
 # Both unique indexes can answer this: $1 is the e-mail key (shared_kernel.identity), and
 # lower(username) matches the username index (usernames are ASCII by their pattern).
@@ -136,25 +135,10 @@ def translate_error(exc: BaseException) -> BaseException:
     return to_domain_error(exc) or exc
 
 
-class _Calls:
-    """Runs one connection's calls within the command's deadline."""
-
-    def __init__(self, conn: Connection, deadline: Deadline) -> None:
-        self.conn = conn
-        self.deadline = deadline
-
-    async def run(self, call: Awaitable[T]) -> T:
-        """Await `call`, cancelling it shortly after the deadline passes (TimeoutError)."""
-        # The grace lets the server-side statement_timeout fire first: a clean error that
-        # leaves the connection usable. This timeout is the backstop for a silent network.
-        async with asyncio.timeout(self.deadline.remaining() + _CLIENT_GRACE_S):
-            return await call
-
-
 class PostgresUserRepository(UserRepository):
     """Users in the `users` table, read and written on the unit of work's connection."""
 
-    def __init__(self, calls: _Calls) -> None:
+    def __init__(self, calls: Calls) -> None:
         self._calls = calls
 
     async def taken_fields(self, email: str, username: str) -> frozenset[str]:
@@ -184,6 +168,13 @@ class PostgresUserRepository(UserRepository):
             updated_at=row["updated_at"],
             stored_version=row["version"],
         )
+
+    async def get_customer(self, user_id: uuid.UUID) -> orders.Customer | None:
+        """The user's customer facts, share-locked until the transaction ends."""
+        row = await self._calls.run(self._calls.conn.fetchrow(_SELECT_CUSTOMER, user_id))
+        if row is None:
+            return None
+        return orders.Customer(id=row["id"], full_name=row["full_name"], email=row["email"], active=row["active"])
 
     async def add(self, user: model.User) -> None:
         """Insert a new user; a unique-index violation (a concurrent twin) becomes AlreadyExists."""
@@ -243,7 +234,7 @@ class PostgresUserRepository(UserRepository):
 class PostgresIdempotencyStore(IdempotencyStore):
     """Stored replies in `idempotency_keys`, serialized per key by a transaction-level advisory lock."""
 
-    def __init__(self, calls: _Calls) -> None:
+    def __init__(self, calls: Calls) -> None:
         self._calls = calls
 
     async def try_lock(self, scope: IdempotencyScope) -> bool:
@@ -316,7 +307,7 @@ class PostgresUnitOfWork(UnitOfWork):
         self._deadline = deadline
         self._conn: Connection | None = None
         self._tx: asyncpg.transaction.Transaction | None = None
-        self._calls: _Calls | None = None
+        self._calls: Calls | None = None
         self._committed = False
 
     async def __aenter__(self) -> Self:
@@ -331,7 +322,7 @@ class PostgresUnitOfWork(UnitOfWork):
         except Exception as exc:
             raise translate_error(exc) from exc
         self._conn = conn
-        self._calls = _Calls(conn, self._deadline)
+        self._calls = Calls(conn, self._deadline)
         self._committed = False
         try:
             self._tx = conn.transaction()
@@ -345,6 +336,9 @@ class PostgresUnitOfWork(UnitOfWork):
                 raise translate_error(exc) from exc
             raise
         self.users = PostgresUserRepository(self._calls)
+        self.products = PostgresProductRepository(self._calls)
+        self.orders = PostgresOrderRepository(self._calls)
+        self.sagas = PostgresSagaHandoff(self._calls)
         self.idempotency = PostgresIdempotencyStore(self._calls)
         return self
 
@@ -397,7 +391,7 @@ class PostgresUnitOfWork(UnitOfWork):
         await calls.run(self._tx.commit())
         self._committed = True
 
-    def _active(self) -> _Calls:
+    def _active(self) -> Calls:
         if self._calls is None:
             raise RuntimeError("the unit of work is used outside `async with`")
         return self._calls

@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Annotated, ClassVar, Self
+from typing import Annotated, Any, ClassVar, Self
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -38,20 +39,23 @@ REASON_MAX = 500
 _CONTROL_CHARS_BUT_LF_TAB = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 SummaryValue = str | int | bool
-FingerprintValue = str | int | bool | None
+# JSON-ready values: nested commands (an order's items and address) become lists and objects.
+FingerprintValue = str | int | bool | None | list[Any] | dict[str, Any]
 
 # An expected version is one the aggregate can have: versions start at 1 (and are bigint).
 ExpectedVersion = Annotated[int | None, Field(ge=1, le=2**63 - 1)]
 
 
-def _single_line(value: str) -> str:
+def single_line(value: str) -> str:
+    """`value` unless it holds a control character."""
     if has_control_chars(value):
         raise ValueError("must not contain control characters")
     return value
 
 
-def _required_text(value: str, maximum: int) -> str:
-    _single_line(value)
+def required_text(value: str, maximum: int) -> str:
+    """`value` if it is 1 to `maximum` characters on one line and not blank."""
+    single_line(value)
     if not value:
         raise ValueError("is required")
     if len(value) > maximum:
@@ -61,15 +65,41 @@ def _required_text(value: str, maximum: int) -> str:
     return value
 
 
-def _user_id(value: object) -> uuid.UUID:
+def optional_text(value: str, maximum: int, *, multi_line: bool = False) -> str:
+    """`value` if it is at most `maximum` characters without control characters (LF and tab if `multi_line`)."""
+    if multi_line:
+        if _CONTROL_CHARS_BUT_LF_TAB.search(value) is not None:
+            raise ValueError("must not contain control characters other than line feed and tab")
+    else:
+        single_line(value)
+    if len(value) > maximum:
+        raise ValueError(f"must be at most {maximum} characters")
+    return value
+
+
+def bounded_int(value: int, minimum: int, maximum: int) -> int:
+    """`value` if it lies in minimum..maximum."""
+    if not minimum <= value <= maximum:
+        raise ValueError(f"must be {minimum} to {maximum}")
+    return value
+
+
+def uuid_value(value: object) -> uuid.UUID:
+    """A canonical UUID string (or a UUID) as a UUID; anything else is a ValueError for pydantic."""
     if isinstance(value, uuid.UUID):
         return value
     if not isinstance(value, str):
         raise ValueError("must be a UUID string")  # noqa: TRY004 - pydantic reports ValueError, not TypeError
-    violation = uuid_violation("user_id", value)
+    violation = uuid_violation("id", value)
     if violation is not None:
         raise ValueError(violation.description)
     return uuid.UUID(value)
+
+
+class CommandPart(BaseModel):
+    """A structured field of a command (an address, an item, an amount): immutable, no unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 class Command(BaseModel):
@@ -83,7 +113,7 @@ class Command(BaseModel):
     @classmethod
     def parse(cls, fields: Mapping[str, object], extra: Sequence[FieldViolation] = ()) -> Self:
         """Validate `fields` into a command; report every violation (plus `extra`) at once."""
-        violations = list(extra)
+        violations = [*extra, *cls.cross_field_violations(fields)]
         try:
             command = cls.model_validate(dict(fields))
         except ValidationError as exc:
@@ -94,6 +124,11 @@ class Command(BaseModel):
                 return command
         # `from None`: the pydantic error adds nothing the violations lack.
         raise InvalidArgument(violations) from None
+
+    @classmethod
+    def cross_field_violations(cls, fields: Mapping[str, object]) -> list[FieldViolation]:
+        """Violations that involve several fields of the raw input; reported with the others."""
+        return []
 
     @property
     def command_type(self) -> str:
@@ -120,12 +155,65 @@ class Command(BaseModel):
             value = getattr(self, name)
             if isinstance(value, SecretStr) or (not info.is_required() and value == info.default):
                 continue
-            fields[name] = str(value) if isinstance(value, uuid.UUID) else value
+            fields[name] = _json_ready(value)
         return fields
 
     def secret_fields(self) -> dict[str, SecretStr]:
         """The fields that must never be stored or hashed quickly (passwords)."""
         return {name: value for name in type(self).model_fields if isinstance(value := getattr(self, name), SecretStr)}
+
+
+def required_part(value: object) -> object:
+    """`value` unless it is None: a message field the caller left unset."""
+    if value is None:
+        raise ValueError("is required")
+    return value
+
+
+# The id of an aggregate a command names: a canonical UUID string.
+AggregateId = Annotated[uuid.UUID, BeforeValidator(uuid_value)]
+# A structured field (a CommandPart) that must be set.
+Required = BeforeValidator(required_part)
+
+
+class ChangeCommand(Command):
+    """A command on an existing aggregate, named by its `id_field`, with an optional expected version."""
+
+    # The field that holds the aggregate's id (`user_id`, `product_id`, `order_id`).
+    id_field: ClassVar[str]
+
+    expected_version: ExpectedVersion = None
+
+    @property
+    def aggregate_uuid(self) -> uuid.UUID:
+        """The id of the aggregate the command changes."""
+        value = getattr(self, self.id_field)
+        assert isinstance(value, uuid.UUID)
+        return value
+
+    @property
+    def aggregate_id(self) -> str:
+        """The id of the aggregate the command changes, as text."""
+        return str(self.aggregate_uuid)
+
+    def versioned_summary(self, **fields: SummaryValue) -> dict[str, SummaryValue]:
+        """The aggregate's id, `fields`, and the expected version when one was given."""
+        summary: dict[str, SummaryValue] = {self.id_field: self.aggregate_id, **fields}
+        if self.expected_version is not None:
+            summary["expected_version"] = self.expected_version
+        return summary
+
+
+def _json_ready(value: object) -> FingerprintValue:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, BaseModel):
+        dumped: dict[str, Any] = value.model_dump(mode="json")
+        return dumped
+    if isinstance(value, tuple | list):
+        return [_json_ready(item) for item in value]
+    assert isinstance(value, str | int | bool) or value is None
+    return value
 
 
 class RegisterUser(Command):
@@ -139,7 +227,7 @@ class RegisterUser(Command):
     @field_validator("email")
     @classmethod
     def _check_email(cls, value: str) -> str:
-        _single_line(value)
+        single_line(value)
         if not value:
             raise ValueError("is required")
         try:
@@ -173,99 +261,68 @@ class RegisterUser(Command):
     @field_validator("full_name")
     @classmethod
     def _check_full_name(cls, value: str) -> str:
-        return _required_text(value, FULL_NAME_MAX)
+        return required_text(value, FULL_NAME_MAX)
 
     def summary(self) -> dict[str, SummaryValue]:
         """Email and username only; the password never leaves the command."""
         return {"email": self.email, "username": self.username}
 
 
-class UpdateUserProfile(Command):
+class UpdateUserProfile(ChangeCommand):
     """Replace a user's full name, bio and avatar URL."""
 
-    user_id: uuid.UUID
+    id_field: ClassVar[str] = "user_id"
+
+    user_id: AggregateId
     full_name: str
     bio: str = ""
     avatar_url: str = ""
-    expected_version: ExpectedVersion = None
-
-    @field_validator("user_id", mode="before")
-    @classmethod
-    def _check_user_id(cls, value: object) -> uuid.UUID:
-        return _user_id(value)
 
     @field_validator("full_name")
     @classmethod
     def _check_full_name(cls, value: str) -> str:
-        return _required_text(value, FULL_NAME_MAX)
+        return required_text(value, FULL_NAME_MAX)
 
     @field_validator("bio")
     @classmethod
     def _check_bio(cls, value: str) -> str:
-        if _CONTROL_CHARS_BUT_LF_TAB.search(value) is not None:
-            raise ValueError("must not contain control characters other than line feed and tab")
-        if len(value) > BIO_MAX:
-            raise ValueError(f"must be at most {BIO_MAX} characters")
-        return value
+        return optional_text(value, BIO_MAX, multi_line=True)
 
     @field_validator("avatar_url")
     @classmethod
     def _check_avatar_url(cls, value: str) -> str:
         if not value:
             return value
-        _single_line(value)
+        single_line(value)
         if len(value) > AVATAR_URL_MAX:
             raise ValueError(f"must be at most {AVATAR_URL_MAX} characters")
         if not _is_http_url(value):
             raise ValueError("must be an http or https URL with a host")
         return value
 
-    @property
-    def aggregate_id(self) -> str:
-        """The user's id."""
-        return str(self.user_id)
-
     def summary(self) -> dict[str, SummaryValue]:
         """The user and the shape of the change; the event holds the full profile."""
-        summary: dict[str, SummaryValue] = {
-            "user_id": str(self.user_id),
-            "full_name_chars": len(self.full_name),
-            "bio_chars": len(self.bio),
-            "avatar_url_set": bool(self.avatar_url),
-        }
-        if self.expected_version is not None:
-            summary["expected_version"] = self.expected_version
-        return summary
+        return self.versioned_summary(
+            full_name_chars=len(self.full_name), bio_chars=len(self.bio), avatar_url_set=bool(self.avatar_url)
+        )
 
 
-class DeactivateUser(Command):
+class DeactivateUser(ChangeCommand):
     """Deactivate an active user."""
 
-    user_id: uuid.UUID
-    reason: str
-    expected_version: ExpectedVersion = None
+    id_field: ClassVar[str] = "user_id"
 
-    @field_validator("user_id", mode="before")
-    @classmethod
-    def _check_user_id(cls, value: object) -> uuid.UUID:
-        return _user_id(value)
+    user_id: AggregateId
+    reason: str
 
     @field_validator("reason")
     @classmethod
     def _check_reason(cls, value: str) -> str:
-        return _required_text(value, REASON_MAX)
-
-    @property
-    def aggregate_id(self) -> str:
-        """The user's id."""
-        return str(self.user_id)
+        return required_text(value, REASON_MAX)
 
     def summary(self) -> dict[str, SummaryValue]:
         """The user and the reason given."""
-        summary: dict[str, SummaryValue] = {"user_id": str(self.user_id), "reason": self.reason}
-        if self.expected_version is not None:
-            summary["expected_version"] = self.expected_version
-        return summary
+        return self.versioned_summary(reason=self.reason)
 
 
 _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>[^\s]+)$")

@@ -8,8 +8,7 @@ Rules:
 - a user is deactivated at most once;
 - a command that names an expected version applies only to exactly that version.
 
-Every event raises the version by one, so `aggregate_version` is the version after the
-event and a user's events are numbered 1, 2, 3, ... without gaps.
+Versions and events work as in `aggregate.Aggregate`.
 """
 
 from __future__ import annotations
@@ -17,13 +16,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-
-from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
+from typing import ClassVar
 
 from shared_kernel.errors import AlreadyExists, FailedPrecondition
-from shared_kernel.event_log import NewEvent
 from tessera.users.v1 import events_pb2
+from write_service.domain.aggregate import Aggregate, timestamp
 
 USER_AGGREGATE = "user"
 
@@ -38,17 +35,12 @@ def username_taken() -> AlreadyExists:
     return AlreadyExists("username is already taken", field="username")
 
 
-def _timestamp(moment: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
 @dataclass(eq=False, kw_only=True)
-class User:
+class User(Aggregate):
     """A user account as the write side knows it."""
 
-    id: uuid.UUID
+    aggregate_type: ClassVar[str] = USER_AGGREGATE
+
     email: str
     username: str
     # Kept out of repr so a logged aggregate never shows even the hash.
@@ -58,12 +50,7 @@ class User:
     avatar_url: str = ""
     active: bool = True
     deactivation_reason: str = ""
-    version: int
     created_at: datetime
-    updated_at: datetime
-    # Version of the row in storage: 0 until first saved. Guards the save against lost updates.
-    stored_version: int = 0
-    pending_events: list[NewEvent] = field(default_factory=list, repr=False)
 
     @classmethod
     def register(
@@ -93,18 +80,11 @@ class User:
                 email=email,
                 username=username,
                 full_name=full_name,
-                registered_at=_timestamp(now),
+                registered_at=timestamp(now),
             ),
             now,
         )
         return user
-
-    def require_version(self, expected: int | None) -> None:
-        """Refuse a command whose caller expected another version (optimistic concurrency)."""
-        if expected is not None and expected != self.version:
-            raise FailedPrecondition(
-                f"user {self.id} is at version {self.version}, not the expected version {expected}"
-            )
 
     def update_profile(self, *, full_name: str, bio: str, avatar_url: str, now: datetime) -> None:
         """Replace the profile and record UserProfileUpdated; a deactivated user is frozen."""
@@ -119,7 +99,7 @@ class User:
                 full_name=full_name,
                 bio=bio,
                 avatar_url=avatar_url,
-                updated_at=_timestamp(now),
+                updated_at=timestamp(now),
             ),
             now,
         )
@@ -131,19 +111,6 @@ class User:
         self.active = False
         self.deactivation_reason = reason
         self._record(
-            events_pb2.UserDeactivated(user_id=str(self.id), reason=reason, deactivated_at=_timestamp(now)),
+            events_pb2.UserDeactivated(user_id=str(self.id), reason=reason, deactivated_at=timestamp(now)),
             now,
-        )
-
-    def _record(self, payload: Message, now: datetime) -> None:
-        self.version += 1
-        self.updated_at = now
-        self.pending_events.append(
-            NewEvent(
-                payload=payload,
-                aggregate_type=USER_AGGREGATE,
-                aggregate_id=str(self.id),
-                aggregate_version=self.version,
-                occurred_at=now,
-            )
         )

@@ -1,7 +1,8 @@
-"""The gRPC servicer: maps protobuf requests to commands and results to replies, nothing more.
+"""The gRPC command servicers' shared machinery, and the users' servicer.
 
+A servicer maps protobuf requests to commands and results to replies, nothing more.
 Errors are not handled here: shared_kernel's ErrorMappingInterceptor turns them into
-status codes. The servicer only builds each command's metadata (id, correlation id,
+status codes. `CommandServicer` builds each command's metadata (id, correlation id,
 principal, idempotency key, deadline) from the call, and turns the result into the reply.
 A keyed command's reply is parsed from the bytes that were stored with it, so a retry
 gets exactly the first reply.
@@ -10,9 +11,9 @@ gets exactly the first reply.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 import grpc
 from opentelemetry import trace
@@ -42,7 +43,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class _Reply(Protocol):
     """What every command's response message has: the aggregate id, its version and a consistency token."""
 
-    def __init__(self, *, user_id: str, version: int, consistency_token: str) -> None: ...
+    # Keyword arguments: the aggregate's id field (`user_id`, `product_id`, ...), `version`, `consistency_token`.
+    def __init__(self, **fields: Any) -> None: ...
 
     def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
 
@@ -51,6 +53,9 @@ class _Reply(Protocol):
 
 
 ReplyT = TypeVar("ReplyT", bound=_Reply)
+CommandT = TypeVar("CommandT", bound=Command)
+# Adds what a reply carries beyond id, version and token (from the command's events).
+ReplyExtras = Callable[[ReplyT, CommandResult], None]
 
 
 def correlation_violation(value: str) -> FieldViolation | None:
@@ -60,53 +65,16 @@ def correlation_violation(value: str) -> FieldViolation | None:
     return None
 
 
-class UserCommandServicer(pb_grpc.UserCommandServiceServicer):
-    """Serves tessera.users.v1.UserCommandService over the command bus."""
+class CommandServicer:
+    """Base of the command servicers: request metadata in, the bus's result out as the reply."""
+
+    # The reply field that holds the aggregate's id.
+    id_field: ClassVar[str]
 
     def __init__(self, bus: CommandBus, *, max_command_s: float, clock: Callable[[], datetime] = utc_now) -> None:
         self._bus = bus
         self._max_command_s = max_command_s
         self._clock = clock
-
-    async def RegisterUser(self, request: pb.RegisterUserRequest, context: Context) -> pb.RegisterUserResponse:
-        """Create a user."""
-        meta, extra = self._meta(context)
-        command = RegisterUser.parse(
-            {
-                "email": request.email,
-                "username": request.username,
-                "password": request.password,
-                "full_name": request.full_name,
-            },
-            extra,
-        )
-        return await self._dispatch(command, meta, pb.RegisterUserResponse, context)
-
-    async def UpdateUserProfile(
-        self, request: pb.UpdateUserProfileRequest, context: Context
-    ) -> pb.UpdateUserProfileResponse:
-        """Replace a user's profile."""
-        meta, extra = self._meta(context)
-        command = UpdateUserProfile.parse(
-            {
-                "user_id": request.user_id,
-                "full_name": request.full_name,
-                "bio": request.bio,
-                "avatar_url": request.avatar_url,
-                "expected_version": _expected_version(request),
-            },
-            extra,
-        )
-        return await self._dispatch(command, meta, pb.UpdateUserProfileResponse, context)
-
-    async def DeactivateUser(self, request: pb.DeactivateUserRequest, context: Context) -> pb.DeactivateUserResponse:
-        """Deactivate a user."""
-        meta, extra = self._meta(context)
-        command = DeactivateUser.parse(
-            {"user_id": request.user_id, "reason": request.reason, "expected_version": _expected_version(request)},
-            extra,
-        )
-        return await self._dispatch(command, meta, pb.DeactivateUserResponse, context)
 
     def _meta(self, context: Context) -> tuple[CommandMeta, list[FieldViolation]]:
         """The command's metadata, and violations for a malformed correlation or idempotency header."""
@@ -144,8 +112,26 @@ class UserCommandServicer(pb_grpc.UserCommandServiceServicer):
         )
         return meta, violations
 
+    async def _run(
+        self,
+        command_type: type[CommandT],
+        fields: Mapping[str, object],
+        reply_type: type[ReplyT],
+        context: Context,
+        extras: ReplyExtras[ReplyT] | None = None,
+    ) -> ReplyT:
+        """Parse the command (with the headers' violations), dispatch it, and build or replay the reply."""
+        meta, violations = self._meta(context)
+        command = command_type.parse(fields, violations)
+        return await self._dispatch(command, meta, reply_type, context, extras)
+
     async def _dispatch(
-        self, command: Command, meta: CommandMeta, reply_type: type[ReplyT], context: Context
+        self,
+        command: Command,
+        meta: CommandMeta,
+        reply_type: type[ReplyT],
+        context: Context,
+        extras: ReplyExtras[ReplyT] | None = None,
     ) -> ReplyT:
         span = trace.get_current_span()
         # Ids only: a span never carries a field of the request itself.
@@ -156,7 +142,10 @@ class UserCommandServicer(pb_grpc.UserCommandServiceServicer):
         def encode(result: CommandResult) -> bytes:
             # The token goes into the stored bytes, so an idempotent replay hands out the same one.
             token = encode_token(command.aggregate_type, str(result.aggregate_id), result.version)
-            reply = reply_type(user_id=str(result.aggregate_id), version=result.version, consistency_token=token)
+            fields = {self.id_field: str(result.aggregate_id), "version": result.version, "consistency_token": token}
+            reply = reply_type(**fields)
+            if extras is not None:
+                extras(reply, result)
             return reply.SerializeToString(deterministic=True)
 
         try:
@@ -175,6 +164,46 @@ class UserCommandServicer(pb_grpc.UserCommandServiceServicer):
         return reply_type.FromString(result.reply or encode(result))
 
 
-def _expected_version(request: pb.UpdateUserProfileRequest | pb.DeactivateUserRequest) -> int | None:
+class _HasExpectedVersion(Protocol):
+    expected_version: int
+
+    def HasField(self, field_name: Any) -> bool: ...
+
+
+def expected_version(request: _HasExpectedVersion) -> int | None:
     """The request's expected_version, or None when the caller did not set it (proto3 optional)."""
     return request.expected_version if request.HasField("expected_version") else None
+
+
+class UserCommandServicer(CommandServicer, pb_grpc.UserCommandServiceServicer):
+    """Serves tessera.users.v1.UserCommandService over the command bus."""
+
+    id_field = "user_id"
+
+    async def RegisterUser(self, request: pb.RegisterUserRequest, context: Context) -> pb.RegisterUserResponse:
+        """Create a user."""
+        fields = {
+            "email": request.email,
+            "username": request.username,
+            "password": request.password,
+            "full_name": request.full_name,
+        }
+        return await self._run(RegisterUser, fields, pb.RegisterUserResponse, context)
+
+    async def UpdateUserProfile(
+        self, request: pb.UpdateUserProfileRequest, context: Context
+    ) -> pb.UpdateUserProfileResponse:
+        """Replace a user's profile."""
+        fields = {
+            "user_id": request.user_id,
+            "full_name": request.full_name,
+            "bio": request.bio,
+            "avatar_url": request.avatar_url,
+            "expected_version": expected_version(request),
+        }
+        return await self._run(UpdateUserProfile, fields, pb.UpdateUserProfileResponse, context)
+
+    async def DeactivateUser(self, request: pb.DeactivateUserRequest, context: Context) -> pb.DeactivateUserResponse:
+        """Deactivate a user."""
+        fields = {"user_id": request.user_id, "reason": request.reason, "expected_version": expected_version(request)}
+        return await self._run(DeactivateUser, fields, pb.DeactivateUserResponse, context)

@@ -15,7 +15,9 @@ from typing import Literal, Self
 from pydantic import SecretStr
 
 from shared_kernel.event_log import NewEvent
+from write_service.domain.catalog import Product
 from write_service.domain.model import User
+from write_service.domain.orders import Customer, Order
 from write_service.service_layer.deadline import Deadline
 
 # "replayed": a retry answered with the stored reply of an earlier command (idempotency key).
@@ -90,12 +92,71 @@ class UserRepository(abc.ABC):
         """The user, locked until the transaction ends, or None when unknown."""
 
     @abc.abstractmethod
+    async def get_customer(self, user_id: uuid.UUID) -> Customer | None:
+        """The user as a customer, share-locked until the transaction ends (it cannot be deactivated meanwhile)."""
+
+    @abc.abstractmethod
     async def add(self, user: User) -> None:
         """Store a new user; a taken email or username raises AlreadyExists naming the field."""
 
     @abc.abstractmethod
     async def save(self, user: User) -> None:
         """Store a changed user; raises Conflict when its stored version moved meanwhile."""
+
+
+class ProductRepository(abc.ABC):
+    """Loads and stores Product aggregates inside the unit of work's transaction."""
+
+    @abc.abstractmethod
+    async def sku_taken(self, sku: str) -> bool:
+        """Whether a product already has `sku`, case-insensitively."""
+
+    @abc.abstractmethod
+    async def get_for_update(self, product_id: uuid.UUID) -> Product | None:
+        """The product, locked until the transaction ends, or None when unknown."""
+
+    @abc.abstractmethod
+    async def by_skus(self, skus: Sequence[str]) -> dict[str, Product]:
+        """The products with these skus, share-locked until the transaction ends, keyed by lower-case sku.
+
+        The lock keeps a product from being discontinued or repriced between the look-up and the commit.
+        """
+
+    @abc.abstractmethod
+    async def add(self, product: Product) -> None:
+        """Store a new product; a taken sku raises AlreadyExists naming the field "sku"."""
+
+    @abc.abstractmethod
+    async def save(self, product: Product) -> None:
+        """Store a changed product; raises Conflict when its stored version moved meanwhile."""
+
+
+class OrderRepository(abc.ABC):
+    """Loads and stores Order aggregates (the order and its lines) inside the unit of work's transaction."""
+
+    @abc.abstractmethod
+    async def get_for_update(self, order_id: uuid.UUID) -> Order | None:
+        """The order with its lines, its row locked until the transaction ends, or None when unknown."""
+
+    @abc.abstractmethod
+    async def add(self, order: Order) -> None:
+        """Store a new order and its lines."""
+
+    @abc.abstractmethod
+    async def save(self, order: Order) -> None:
+        """Store a changed order and its lines; raises Conflict when its stored version moved meanwhile."""
+
+
+class SagaHandoff(abc.ABC):
+    """Hands work to the order saga in the command's transaction; the saga worker does the rest."""
+
+    @abc.abstractmethod
+    async def start(self, saga_id: uuid.UUID, order_id: uuid.UUID, now: datetime) -> None:
+        """Create the order's place_order saga, due now at its first step (reserve stock)."""
+
+    @abc.abstractmethod
+    async def request_compensation(self, order_id: uuid.UUID, reason: str, now: datetime) -> None:
+        """Turn the order's saga, whatever its state, to compensating (release stock, void or refund), due now."""
 
 
 class IdempotencyStore(abc.ABC):
@@ -127,6 +188,9 @@ class UnitOfWork(abc.ABC):
 
     # Leaving the `async with` block without `commit()` rolls everything back.
     users: UserRepository
+    products: ProductRepository
+    orders: OrderRepository
+    sagas: SagaHandoff
     idempotency: IdempotencyStore
 
     @abc.abstractmethod

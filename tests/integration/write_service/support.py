@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +19,80 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.servers import find_free_port
+from shared_kernel.auth import reset_principal, set_principal
+from shared_kernel.grpc_server import GrpcServer
+from tessera.catalog.v1 import catalog_command_service_pb2_grpc as catalog_grpc
+from tessera.orders.v1 import order_command_service_pb2_grpc as orders_grpc
+from tessera.users.v1 import user_command_service_pb2_grpc as users_grpc
+from write_service import bootstrap
+from write_service.entrypoints.catalog_servicer import CATALOG_SERVICE_NAME
 from write_service.entrypoints.grpc_server import SERVICE_NAME
+from write_service.entrypoints.order_servicer import ORDER_SERVICE_NAME
+from write_service.settings import WriteServiceSettings
 
 ROOT = Path(__file__).resolve().parents[3]
+PRINCIPAL_HEADER = "x-test-principal"
+
+
+class PrincipalFromHeader(grpc.aio.ServerInterceptor):
+    """Stands in for authentication: binds the principal a test header names for the call."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner: Callable[..., Any] = handler.unary_unary
+
+        async def with_principal(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            metadata = dict(context.invocation_metadata() or ())
+            token = set_principal(str(metadata.get(PRINCIPAL_HEADER, "anonymous")))
+            try:
+                return await inner(request, context)
+            finally:
+                reset_principal(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            with_principal,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+@asynccontextmanager
+async def in_process_write_server(
+    pool: asyncpg.Pool[Any], command_timeout_s: float = 5.0
+) -> AsyncIterator[grpc.aio.Channel]:
+    """The real GrpcServer with every command servicer of `bootstrap.build` on port 0, and a channel to it.
+
+    Calls run as the principal the PRINCIPAL_HEADER header names ("anonymous" without it).
+    """
+    settings = WriteServiceSettings(
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        grpc_shutdown_grace_s=1.0,
+        command_timeout_s=command_timeout_s,
+        argon2_time_cost=1,
+        argon2_memory_cost_kib=8,
+        argon2_parallelism=1,
+    )
+    service = bootstrap.build(pool, settings)
+    server = GrpcServer(
+        settings, [SERVICE_NAME, CATALOG_SERVICE_NAME, ORDER_SERVICE_NAME], interceptors=[PrincipalFromHeader()]
+    )
+    server.add(users_grpc.add_UserCommandServiceServicer_to_server, service.servicer)
+    server.add(catalog_grpc.add_CatalogCommandServiceServicer_to_server, service.catalog_servicer)
+    server.add(orders_grpc.add_OrderCommandServiceServicer_to_server, service.order_servicer)
+    port = await server.start()
+    await server.set_serving(True)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop()
 
 
 async def wait_until_blocked(pool: asyncpg.Pool[Any], timeout: float = 5.0) -> None:

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 
-from shared_kernel.auth import reset_principal, set_principal
 from shared_kernel.grpc_errors import bad_request_from_status
 from shared_kernel.grpc_server import GrpcServer
 from tessera.users.v1 import user_command_service_pb2 as pb
 from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
+from tests.integration.write_service.support import PRINCIPAL_HEADER, PrincipalFromHeader
 from tests.integration.write_service.tables import rows
 from tests.unit.write_service import helpers
 from write_service import bootstrap
@@ -24,36 +24,7 @@ from write_service.settings import WriteServiceSettings
 
 pytestmark = pytest.mark.integration
 
-PRINCIPAL_HEADER = "x-test-principal"
 REGISTER = f"/{SERVICE_NAME}/RegisterUser"
-
-
-class PrincipalFromHeader(grpc.aio.ServerInterceptor):
-    """Stands in for authentication: binds the principal a test header names for the call."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner: Callable[..., Any] = handler.unary_unary
-
-        async def with_principal(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            metadata = dict(context.invocation_metadata() or ())
-            token = set_principal(str(metadata.get(PRINCIPAL_HEADER, "anonymous")))
-            try:
-                return await inner(request, context)
-            finally:
-                reset_principal(token)
-
-        return grpc.unary_unary_rpc_method_handler(
-            with_principal,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
 
 
 @pytest.fixture

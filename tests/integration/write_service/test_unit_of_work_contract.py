@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,28 +11,16 @@ import asyncpg
 import pytest
 
 from shared_kernel import errors
+from tests.integration.write_service.conftest import Factory
 from write_service.adapters.memory import InMemoryDatabase, InMemoryExpiredKeyPurger, InMemoryUnitOfWork
 from write_service.adapters.postgres import PostgresExpiredKeyPurger, PostgresUnitOfWork
 from write_service.domain import model
 from write_service.service_layer.deadline import Deadline
-from write_service.service_layer.ports import ExpiredKeyPurger, IdempotencyScope, StoredReply, UnitOfWork
+from write_service.service_layer.ports import ExpiredKeyPurger, IdempotencyScope, StoredReply
 
 pytestmark = pytest.mark.integration
 
 NOW = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
-
-Factory = Callable[[], UnitOfWork]
-
-
-@pytest.fixture(params=["memory", "postgres"])
-def new_uow(request: pytest.FixtureRequest) -> Factory:
-    """A factory of units of work on a fresh, empty store of the parametrized kind."""
-    if request.param == "memory":
-        db = InMemoryDatabase()
-        return lambda: InMemoryUnitOfWork(db, Deadline.after(5))
-    # Sync fixture: pytest-asyncio can set up the async db_pool only from outside the loop.
-    pool: asyncpg.Pool[Any] = request.getfixturevalue("db_pool")
-    return lambda: PostgresUnitOfWork(pool, Deadline.after(5))
 
 
 def a_user(email: str = "Ada@Example.com", username: str = "Ada") -> model.User:

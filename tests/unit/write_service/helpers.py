@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 
 from shared_kernel.auth import ANONYMOUS
 from write_service.adapters.password_hasher import Argon2PasswordHasher
+from write_service.domain.catalog_commands import AddProduct
 from write_service.domain.commands import DeactivateUser, RegisterUser, UpdateUserProfile
+from write_service.domain.order_commands import PlaceOrder
 from write_service.service_layer.deadline import Deadline
 from write_service.service_layer.handlers import CommandMeta
 
@@ -84,3 +86,43 @@ def meta(
 def key() -> str:
     """A fresh idempotency key."""
     return f"key-{uuid.uuid4()}"
+
+
+def add_product(
+    sku: str | None = None,
+    name: str = "Analytical Engine",
+    currency_code: str = "EUR",
+    amount_minor: int = 1999,
+    initial_stock: int = 10,
+) -> AddProduct:
+    """A valid AddProduct with a fresh sku unless given."""
+    return AddProduct.parse(
+        {
+            "sku": sku or f"SKU-{suffix()}",
+            "name": name,
+            "price": {"currency_code": currency_code, "amount_minor": amount_minor},
+            "initial_stock": initial_stock,
+        }
+    )
+
+
+ADDRESS = {
+    "recipient": "Ada Lovelace",
+    "line1": "12 St James's Square",
+    "line2": "",
+    "city": "London",
+    "postal_code": "SW1Y 4JH",
+    "country_code": "GB",
+}
+
+
+def place_order(customer_id: uuid.UUID, *items: tuple[str, int], notes: str = "") -> PlaceOrder:
+    """A valid PlaceOrder of (sku, quantity) items."""
+    return PlaceOrder.parse(
+        {
+            "customer_id": str(customer_id),
+            "items": [{"sku": sku, "quantity": quantity} for sku, quantity in items],
+            "shipping_address": dict(ADDRESS),
+            "notes": notes,
+        }
+    )

@@ -169,10 +169,18 @@ async def test_retries_are_bounded_then_conflict(bus, db, sleeps):
     assert (entry.command_id, entry.outcome, entry.status_code) == (meta.command_id, "failed", "ABORTED")
 
 
-async def test_no_retry_when_the_deadline_cannot_cover_the_backoff(bus, db, sleeps):
+async def test_no_retry_when_the_deadline_cannot_cover_the_backoff(db, sleeps):
+    # A first backoff of at least 5 s (10 s ± 50%) against 5 s left: never worth waiting for,
+    # however slow the machine (a tiny deadline instead could expire before the commit).
+    bus = CommandBus(
+        lambda deadline: InMemoryUnitOfWork(db, deadline),
+        Dependencies(hasher=helpers.cheap_hasher(), clock=lambda: NOW),
+        retry_backoff_s=10.0,
+        sleep=sleeps,
+    )
     db.commit_failures.append(errors.Conflict("again"))
     with pytest.raises(errors.Conflict):
-        await bus.dispatch(helpers.register(), helpers.meta(seconds=0.001))
+        await bus.dispatch(helpers.register(), helpers.meta(seconds=5.0))
     assert sleeps.delays == []
 
 
