@@ -17,6 +17,7 @@ stand-in, and the wrapped handler answers INVALID_ARGUMENT before the servicer r
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
@@ -250,9 +251,12 @@ def _wrap_unary(
     return wrapped
 
 
-def _wrap_stream(
-    inner: Callable[..., Any], method: str, *, streaming_request: bool = False
-) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(inner: Callable[..., Any], method: str, *, streaming_request: bool = False) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(inner):
+        # A handler that streams with context.write() (grpc.health.v1.Health/Watch does) is
+        # a coroutine, not a generator: await it, and its writes go straight to the caller.
+        return _wrap_unary(inner, method, streaming_request=streaming_request)
+
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
             if streaming_request:

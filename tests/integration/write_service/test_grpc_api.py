@@ -84,6 +84,16 @@ async def test_health_reports_serving(channel):
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_health_watch_streams_through_the_error_mapping_interceptor(channel):
+    # Watch writes with context.write() instead of yielding; the interceptor must pass that through,
+    # or clients that health-check with a service config (round_robin) see INTERNAL.
+    health = health_pb2_grpc.HealthStub(channel)
+    call = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+    first = await call.read()
+    call.cancel()
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+
+
 async def test_commands_reply_with_the_id_and_new_version(stub):
     registered = await stub.RegisterUser(register_request(), timeout=10)
     assert str(uuid.UUID(registered.user_id)) == registered.user_id
