@@ -14,9 +14,16 @@ from shared_kernel.logs import configure_logging
 from shared_kernel.runtime import run
 from shared_kernel.security.authn import AuthConfigurationError, authenticator_from_settings
 from shared_kernel.telemetry import configure_tracing
+from tessera.catalog.v1 import catalog_command_service_pb2_grpc as catalog_grpc
+from tessera.orders.v1 import order_command_service_pb2_grpc as orders_grpc
+from tessera.orders.v1 import saga_admin_service_pb2_grpc as saga_admin_grpc
 from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
 from write_service import bootstrap
+from write_service.entrypoints.catalog_servicer import CATALOG_SERVICE_NAME
 from write_service.entrypoints.grpc_server import SERVICE_NAME
+from write_service.entrypoints.order_servicer import ORDER_SERVICE_NAME
+from write_service.saga.admin_service import SERVICE_NAME as SAGA_ADMIN_SERVICE_NAME
+from write_service.saga.admin_service import OrderSagaAdminServicer
 from write_service.settings import WriteServiceSettings
 
 logger = logging.getLogger("write_service")
@@ -32,8 +39,15 @@ async def serve(
     authenticator = authenticator_from_settings(settings)
     async with bootstrap.open_pool(settings) as pool, bootstrap.expired_key_cleanup(pool, settings):
         service = bootstrap.build(pool, settings)
-        server = GrpcServer(settings, [SERVICE_NAME], authenticator=authenticator)
+        server = GrpcServer(
+            settings,
+            [SERVICE_NAME, CATALOG_SERVICE_NAME, ORDER_SERVICE_NAME, SAGA_ADMIN_SERVICE_NAME],
+            authenticator=authenticator,
+        )
         server.add(pb_grpc.add_UserCommandServiceServicer_to_server, service.servicer)
+        server.add(catalog_grpc.add_CatalogCommandServiceServicer_to_server, service.catalog_servicer)
+        server.add(orders_grpc.add_OrderCommandServiceServicer_to_server, service.order_servicer)
+        server.add(saga_admin_grpc.add_OrderSagaAdminServiceServicer_to_server, OrderSagaAdminServicer(pool))
         port = await server.start()
         try:
             await _check_pool(pool)
