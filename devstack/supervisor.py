@@ -1,5 +1,8 @@
 """Run the services as child processes: one at a time (`ServiceProcess`) or the whole stack (`Stack`).
 
+The stack is Postgres, Redis, migrations, the write service, relays, read replicas, the payment
+provider (a stand-in for an external one) and saga workers that call it.
+
 Every child runs in a session of its own, so a Ctrl-C in the terminal reaches only the supervisor,
 which then stops the children in order: SIGTERM, a grace period, then SIGKILL.
 """
@@ -40,7 +43,7 @@ from shared_kernel.settings import MIN_SIGNING_KEY_BYTES
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Every scope the services know today: the development token may do anything.
-ALL_SCOPES = ("users:read", "users:write", "admin")
+ALL_SCOPES = ("users:read", "users:write", "catalog:read", "catalog:write", "orders:read", "orders:write", "admin")
 SIGNING_KEY_FILE = "auth-signing-key"
 
 _ECHO_LOCK = threading.Lock()
@@ -432,6 +435,17 @@ class StackConfig:
     write_port: int = 0
     read_ports: Sequence[int] = (0, 0)
     relays: int = 2
+    # The payment provider: started unless False (then the saga workers get PAYMENT_PROVIDER_ADDRESS
+    # from `saga_env` or the environment). `provider_env` is added to its environment, e.g.
+    # {"PAYMENT_LATENCY_MS": "50"}; without PAYMENT_STATE_FILE there, it keeps payments in
+    # data_dir/payment-provider.sqlite3, or in memory when there is no data_dir.
+    payment_provider: bool = True
+    provider_port: int = 0
+    provider_env: Mapping[str, str] = field(default_factory=dict)
+    # Saga workers (`python -m write_service.saga`), each with a health port: saga_ports[i], else free.
+    saga_workers: int = 1
+    saga_ports: Sequence[int] = ()
+    saga_env: Mapping[str, str] = field(default_factory=dict)
     postgres_port: int = 0
     redis_port: int = 0
     data_dir: Path | None = None  # embedded servers keep data in data_dir/{postgres,redis}; None: temporary
@@ -451,10 +465,13 @@ class StackConfig:
     write_module: str = "write_service"
     relay_module: str = "relay"
     read_module: str = "read_service"
+    provider_module: str = "payment_provider"
+    saga_module: str = "write_service.saga"
 
 
 class Stack(StartStop):
-    """Postgres, Redis, migrations, the write service, relays and read replicas, started and stopped together."""
+    """Postgres, Redis, migrations, the write service, relays, read replicas, the payment provider and
+    saga workers, started and stopped together."""
 
     def __init__(self, config: StackConfig | None = None, cancel: threading.Event | None = None) -> None:
         """Prepare the stack; `cancel`, when set, abandons start-up waits."""
@@ -468,6 +485,8 @@ class Stack(StartStop):
         self.write: ServiceProcess | None = None
         self.relays: list[ServiceProcess] = []
         self.readers: list[ServiceProcess] = []
+        self.provider: ServiceProcess | None = None
+        self.saga_workers: list[ServiceProcess] = []
         self._width = len("devstack")  # output prefixes line up for names up to this long
         self._signing_key: str | None = None
 
@@ -475,9 +494,10 @@ class Stack(StartStop):
 
     @property
     def processes(self) -> list[ServiceProcess]:
-        """Every service process started so far, in start order."""
+        """Every service process started so far, in start order (stopped in the reverse order)."""
         first = [self.write] if self.write is not None else []
-        return [*first, *self.relays, *self.readers]
+        provider = [self.provider] if self.provider is not None else []
+        return [*first, *provider, *self.saga_workers, *self.relays, *self.readers]
 
     @property
     def write_address(self) -> str:
@@ -490,6 +510,20 @@ class Stack(StartStop):
     def read_addresses(self) -> list[str]:
         """host:port of every read replica."""
         return [reader.address for reader in self.readers]
+
+    @property
+    def provider_address(self) -> str:
+        """host:port of the payment provider (PaymentProviderService and PaymentProviderAdminService)."""
+        if self.provider is None:
+            raise ServiceError(
+                "the stack runs no payment provider (not started, or StackConfig.payment_provider False)"
+            )
+        return self.provider.address
+
+    @property
+    def saga_addresses(self) -> list[str]:
+        """host:port of every saga worker's health service."""
+        return [worker.address for worker in self.saga_workers]
 
     @property
     def signing_key_path(self) -> Path | None:
@@ -559,6 +593,11 @@ class Stack(StartStop):
                 self.add_relay()
             for port in self.config.read_ports:
                 self.readers.append(self._spawn_reader(port))
+            if self.config.payment_provider:
+                self.provider = self._spawn_provider()
+            for index in range(self.config.saga_workers):
+                ports = self.config.saga_ports
+                self.saga_workers.append(self._spawn_saga_worker(ports[index] if index < len(ports) else 0))
             for process in self.processes:
                 process.wait_healthy(max(deadline.remaining(), 0.1), cancel=self.cancel)
         except BaseException:
@@ -625,6 +664,22 @@ class Stack(StartStop):
         reader.wait_healthy(self.config.startup_timeout, cancel=self.cancel)
         return reader
 
+    def add_saga_worker(self, port: int = 0) -> ServiceProcess:
+        """Start one more saga worker and wait until it is SERVING."""
+        worker = self._spawn_saga_worker(port)
+        self.saga_workers.append(worker)
+        worker.wait_healthy(self.config.startup_timeout, cancel=self.cancel)
+        return worker
+
+    def provider_state_file(self) -> str:
+        """Where the payment provider keeps payments (`:memory:`: for the life of its process only)."""
+        configured = self.config.provider_env.get("PAYMENT_STATE_FILE")
+        if configured:
+            return configured
+        if self.config.data_dir is not None:
+            return str(self.config.data_dir / "payment-provider.sqlite3")
+        return ":memory:"
+
     def check(self) -> None:
         """Raise ProcessExited if any service exited without being asked to."""
         for process in self.processes:
@@ -637,7 +692,10 @@ class Stack(StartStop):
             self.check()
 
     def stop(self) -> None:
-        """Stop the services (readers, relays, then write), then the embedded servers; idempotent."""
+        """Stop the services (readers, relays, saga workers, provider, then write), then the embedded servers.
+
+        Idempotent.
+        """
         services = list(reversed(self.processes))
         if any(process.running for process in services):
             self._say("stopping services")
@@ -650,12 +708,14 @@ class Stack(StartStop):
 
     # -- internals
 
-    def _spawn(self, name: str, module: str, port: int | None, log_path: Path) -> ServiceProcess:
+    def _spawn(
+        self, name: str, module: str, port: int | None, log_path: Path, env: Mapping[str, str] | None = None
+    ) -> ServiceProcess:
         return ServiceProcess.python_module(
             name,
             module,
             python=self.config.python,
-            env=self.service_env(),
+            env=self.service_env() if env is None else env,
             grpc_port=port,
             host=self.config.host,
             log_path=log_path,
@@ -664,10 +724,40 @@ class Stack(StartStop):
             cwd=self.config.cwd,
         ).start()
 
+    def _spawn_provider(self) -> ServiceProcess:
+        env = {**self.service_env(), "PAYMENT_STATE_FILE": self.provider_state_file(), **self.config.provider_env}
+        return self._spawn(
+            "provider", self.config.provider_module, self.config.provider_port, self.log_dir / "provider.log", env=env
+        )
+
+    def _spawn_saga_worker(self, port: int) -> ServiceProcess:
+        name = f"saga-{len(self.saga_workers) + 1}"
+        env = self.service_env()
+        if self.provider is not None:
+            env["PAYMENT_PROVIDER_ADDRESS"] = self.provider.address
+        env.update(self.config.saga_env)
+        worker = ServiceProcess.python_module(
+            name,
+            self.config.saga_module,
+            python=self.config.python,
+            env=env,
+            grpc_port=port,
+            host=self.config.host,
+            log_path=self.log_dir / f"{name}.log",
+            echo=self.config.echo,
+            prefix_width=self._width,
+            cwd=self.config.cwd,
+        )
+        # The worker reads SAGA_WORKER_PORT before GRPC_PORT: a developer's own value must not win.
+        worker.env["SAGA_WORKER_PORT"] = worker.env["GRPC_PORT"]
+        return worker.start()
+
     def _check_ports(self) -> None:
         """Refuse to start when a fixed port is taken: gRPC's SO_REUSEPORT would share it silently."""
         config = self.config
-        ports = [config.write_port, *config.read_ports]
+        ports = [config.write_port, *config.read_ports, *config.saga_ports[: config.saga_workers]]
+        if config.payment_provider:
+            ports.append(config.provider_port)
         if not config.database_url:
             ports.append(config.postgres_port)
         if not config.redis_url:

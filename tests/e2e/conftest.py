@@ -1,5 +1,6 @@
-"""The real stack for end-to-end tests: write service, two relays and two read replicas as
-subprocesses on free ports, over a fresh database and a private Redis key prefix."""
+"""The real stack for end-to-end tests: write service, two relays, two read replicas, the payment
+provider and a saga worker as subprocesses on free ports, over a fresh database and a private
+Redis key prefix. `stack.provider_address` and `stack.saga_workers` reach the last two."""
 
 from __future__ import annotations
 
@@ -94,6 +95,13 @@ async def auth_stack(e2e_database: str, redis_server_url: str, e2e_prefix: str, 
 async def write_channel(stack: Stack) -> AsyncIterator[grpc.aio.Channel]:
     """A channel to the write service."""
     async with grpc.aio.insecure_channel(stack.write_address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+async def provider_channel(stack: Stack) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the payment provider (PaymentProviderService and PaymentProviderAdminService)."""
+    async with grpc.aio.insecure_channel(stack.provider_address) as channel:
         yield channel
 
 
