@@ -21,7 +21,12 @@ from shared_kernel import errors
 from shared_kernel.consistency import FIELD, ConsistencyToken, decode_token
 
 USER_AGGREGATE = "user"
+PRODUCT_AGGREGATE = "product"
+ORDER_AGGREGATE = "order"
 STALE_HEADER = "x-tessera-stale"
+# Set (to the position) when the view's projection is parked at an event: the answer reflects
+# the log only up to the position before it (docs/decisions/0016-parked-events-and-rebuilds.md).
+PARKED_HEADER = "x-tessera-parked"
 DEFAULT_MAX_WAIT_MS = 5000
 
 
@@ -53,16 +58,21 @@ def log_versions(pool: asyncpg.Pool[Any]) -> VersionReader:
     return latest
 
 
-def user_token(token: str) -> ConsistencyToken | None:
-    """The request's token decoded (None when empty); InvalidArgument when it is garbage or not a user's."""
+def token_for(aggregate_type: str, token: str) -> ConsistencyToken | None:
+    """The request's token decoded (None when empty); InvalidArgument when garbage or for another aggregate type."""
     if not token:
         return None
     decoded = decode_token(token)
-    if decoded.aggregate_type != USER_AGGREGATE:
+    if decoded.aggregate_type != aggregate_type:
         raise errors.InvalidArgument.single(
-            FIELD, f"names a {decoded.aggregate_type} but this service serves {USER_AGGREGATE} views"
+            FIELD, f"names a {decoded.aggregate_type} but this service serves {aggregate_type} views"
         )
     return decoded
+
+
+def user_token(token: str) -> ConsistencyToken | None:
+    """The request's token decoded (None when empty); InvalidArgument when it is garbage or not a user's."""
+    return token_for(USER_AGGREGATE, token)
 
 
 class ConsistencyGate:
@@ -77,6 +87,11 @@ class ConsistencyGate:
         self._progress = progress
         self._current_version = current_version
         self._log_version = log_version
+
+    def parked_position(self) -> int | None:
+        """The position of the event the view's projection is parked at (None when it is not parked)."""
+        parked = getattr(self._progress, "parked", None)
+        return None if parked is None else int(parked.position)
 
     async def wait(self, token: ConsistencyToken, budget_s: float) -> bool:
         """True once the views reflect `token`; False (stale) when `budget_s` runs out first.

@@ -1,4 +1,7 @@
-"""The Redis key layout of the users read model, in one place for the projection and the queries.
+"""The Redis key layout of the read models, in one place for the projections and the queries.
+
+The users read model is laid out here; the catalog and orders read models at the end of
+this module (CatalogKeys, OrderKeys).
 
 Every key starts with the deployment's `redis_key_prefix` (written `P` below):
 
@@ -7,6 +10,9 @@ Every key starts with the deployment's `redis_key_prefix` (written `P` below):
     P users:by_email                    hash    lower-cased e-mail -> user id
     P users:stats                       hash    `users` and `active_users` counters
     P users:idx:<sort>:<subset>         zset    one member per user, every score 0, ordered by member
+    P users:order:<order id>            string  the order's customer, currency, total and paid flag
+                                                (see projections.users.OrderNote)
+    P users:spent:<user id>             hash    currency -> minor units paid and not refunded
 
 `<sort>` is `created_at`, `email` or `username`; `<subset>` is `all`, `active` or `inactive`,
 so that every (sort, filter) pair of ListUsers reads one index in order. A member is the sort
@@ -66,6 +72,14 @@ class UserKeys:
         """Key of the sorted index for one (sort, subset) pair."""
         return f"{self.prefix}users:idx:{sort.value}:{subset.value}"
 
+    def order(self, order_id: str) -> str:
+        """Key of the users projection's own note of an order: customer, total and whether it is paid."""
+        return f"{self.prefix}users:order:{order_id}"
+
+    def spent(self, user_id: str) -> str:
+        """Key of the hash of what a user has paid and not been refunded: currency -> minor units."""
+        return f"{self.prefix}users:spent:{user_id}"
+
 
 def email_key(email: str) -> str:
     """The case-insensitive form of an e-mail address used for lookups and ordering."""
@@ -87,4 +101,95 @@ def index_member(sort: SortField, view: UserView) -> bytes:
 
 def member_user_id(member: bytes) -> str:
     """The user id at the end of an index member."""
+    return member.rsplit(MEMBER_SEPARATOR, 1)[-1].decode()
+
+
+# -- catalog ---------------------------------------------------------------------------------
+#
+#     P catalog:checkpoint                string  last event-log position applied to these views
+#     P catalog:view:<product id>         string  serialized tessera.catalog.v1.ProductView
+#     P catalog:idx:all                   zset    every product, member lower(sku) NUL product id
+#     P catalog:idx:active                zset    the products not discontinued, same members
+
+
+class CatalogKeys:
+    """Builds the keys of the catalog read model under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.checkpoint = f"{prefix}catalog:checkpoint"
+
+    def view(self, product_id: str) -> str:
+        """Key of one product's serialized view."""
+        return f"{self.prefix}catalog:view:{product_id}"
+
+    def index(self, include_discontinued: bool) -> str:
+        """Key of the sku-ordered index with or without discontinued products."""
+        return f"{self.prefix}catalog:idx:{'all' if include_discontinued else 'active'}"
+
+
+def product_member(sku: str, product_id: str) -> bytes:
+    """The member that places a product in the catalog indexes: sku order, case-insensitively."""
+    return sku.lower().encode() + MEMBER_SEPARATOR + product_id.encode()
+
+
+# -- orders ----------------------------------------------------------------------------------
+#
+#     P orders:checkpoint                 string  last event-log position applied to these views
+#     P orders:view:<order id>            string  serialized tessera.orders.v1.OrderView
+#     P orders:customer:<customer id>     zset    the customer's orders, member placed_at NUL order id
+#     P orders:idx:<sort>                 zset    every order, member <sort key> NUL order id, for
+#                                                 SearchOrders; <sort> is placed_at, total or updated_at
+#     P orders:stats:<currency>:<day>     hash    the figures of orders placed that UTC day (YYYY-MM-DD)
+#                                                 in that currency: `placed`, `status:<STATUS>`,
+#                                                 `paid`, `revenue`, `qty:<sku>`, `name:<sku>`
+#
+# Times and amounts in members are zero-padded decimal (microseconds since the epoch, minor
+# units), so that byte order is numeric order and members are exact keyset cursors.
+
+
+class OrderSortField(StrEnum):
+    """The orders SearchOrders offers; each value names an index in the key layout."""
+
+    PLACED_AT = "placed_at"
+    TOTAL = "total"
+    UPDATED_AT = "updated_at"
+
+
+class OrderKeys:
+    """Builds the keys of the orders read model under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.checkpoint = f"{prefix}orders:checkpoint"
+
+    def view(self, order_id: str) -> str:
+        """Key of one order's serialized view."""
+        return f"{self.prefix}orders:view:{order_id}"
+
+    def by_customer(self, customer_id: str) -> str:
+        """Key of one customer's orders, in placing order."""
+        return f"{self.prefix}orders:customer:{customer_id}"
+
+    def index(self, sort: OrderSortField) -> str:
+        """Key of the index of every order for one sort."""
+        return f"{self.prefix}orders:idx:{sort.value}"
+
+    def stats(self, currency_code: str, day: str) -> str:
+        """Key of the figures of one (currency, UTC day)."""
+        return f"{self.prefix}orders:stats:{currency_code}:{day}"
+
+
+def padded(value: int) -> str:
+    """A non-negative integer as fixed-width decimal, so that byte order is numeric order."""
+    return f"{max(value, 0):0{_CREATED_AT_DIGITS}d}"
+
+
+def keyed_member(sort_key: int, entity_id: str) -> bytes:
+    """An index member: the padded sort key, NUL, the id."""
+    return padded(sort_key).encode() + MEMBER_SEPARATOR + entity_id.encode()
+
+
+def member_id(member: bytes) -> str:
+    """The id at the end of any index member."""
     return member.rsplit(MEMBER_SEPARATOR, 1)[-1].decode()

@@ -1,10 +1,19 @@
-"""The users projection: user events -> UserView, e-mail index, sorted list indexes and counters."""
+"""The users projection: user events -> UserView, e-mail index, sorted list indexes and counters.
+
+It also follows the orders of each user for the view's order figures: OrderPlaced counts
+the order and moves `last_order_at`; the payment events keep what the user has paid and
+not been refunded, per currency, in a hash that queries merge into the view (`total_spent`).
+The later events of an order name only the order, so the projection keeps its own small
+note of each order (customer, currency, total, paid) in its key space.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -13,6 +22,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from read_service.keys import SortField, Subset, UserKeys, email_key, index_member
 from read_service.projections.base import Effect, Op, PoisonEvent
 from tessera.events.v1.envelope_pb2 import EventEnvelope
+from tessera.orders.v1.events_pb2 import (
+    OrderConfirmed,
+    OrderItemAdded,
+    OrderPlaced,
+    PaymentCaptured,
+    PaymentRefunded,
+)
 from tessera.users.v1.events_pb2 import UserDeactivated, UserProfileUpdated, UserRegistered
 from tessera.users.v1.user_query_service_pb2 import UserView
 
@@ -30,12 +46,73 @@ M = TypeVar("M", bound=Message)
 # Event types whose effect depends on the user's current view.
 _NEEDS_VIEW = frozenset({_PROFILE_UPDATED, _DEACTIVATED})
 
+_ORDER_PLACED = OrderPlaced.DESCRIPTOR.full_name
+_ORDER_ITEM_ADDED = OrderItemAdded.DESCRIPTOR.full_name
+_PAYMENT_CAPTURED = PaymentCaptured.DESCRIPTOR.full_name
+_ORDER_CONFIRMED = OrderConfirmed.DESCRIPTOR.full_name
+_PAYMENT_REFUNDED = PaymentRefunded.DESCRIPTOR.full_name
+# Order events after OrderPlaced that change what the customer has spent, with their payload types.
+_ORDER_FOLLOW_UPS: dict[str, type[Message]] = {
+    _ORDER_ITEM_ADDED: OrderItemAdded,
+    _PAYMENT_CAPTURED: PaymentCaptured,
+    _ORDER_CONFIRMED: OrderConfirmed,
+    _PAYMENT_REFUNDED: PaymentRefunded,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OrderNote:
+    """What the users projection remembers of an order: whose it is, its total and whether it is paid."""
+
+    customer_id: str
+    currency_code: str
+    total_minor: int
+    paid: bool = False
+
+    def encode(self) -> bytes:
+        """The stored form (compact JSON)."""
+        return json.dumps(
+            {
+                "customer_id": self.customer_id,
+                "currency": self.currency_code,
+                "total": self.total_minor,
+                "paid": self.paid,
+            },
+            separators=(",", ":"),
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> OrderNote:
+        """The note from its stored form."""
+        data = json.loads(raw)
+        return cls(str(data["customer_id"]), str(data["currency"]), int(data["total"]), bool(data["paid"]))
+
 
 def _canonical_user_id(envelope: EventEnvelope) -> str:
     try:
         return str(uuid.UUID(envelope.aggregate_id))
     except ValueError as exc:
         raise PoisonEvent(f"aggregate_id {envelope.aggregate_id!r} is not a UUID") from exc
+
+
+def _decode_payload(message_type: type[M], envelope: EventEnvelope) -> M:
+    if envelope.schema_version != _SCHEMA_VERSION:
+        raise PoisonEvent(f"{envelope.event_type} schema version {envelope.schema_version} is not supported")
+    try:
+        return message_type.FromString(envelope.payload)
+    except DecodeError as exc:
+        raise PoisonEvent(f"payload of {envelope.event_type} does not decode") from exc
+
+
+def _order_id(envelope: EventEnvelope, payload: Message) -> str:
+    try:
+        order_id = str(uuid.UUID(getattr(payload, "order_id", "")))
+    except ValueError as exc:
+        raise PoisonEvent(f"order_id {getattr(payload, 'order_id', '')!r} is not a UUID") from exc
+    if order_id != envelope.aggregate_id.lower():
+        raise PoisonEvent(f"payload order_id {order_id!r} differs from aggregate_id {envelope.aggregate_id!r}")
+    return order_id
 
 
 def _decode(message_type: type[M], envelope: EventEnvelope) -> M:
@@ -60,6 +137,7 @@ class UsersProjection:
     """Maintains the users read model described in read_service.keys."""
 
     name = "users"
+    version: int = 1
 
     def __init__(self, keys: UserKeys) -> None:
         self._keys = keys
@@ -67,6 +145,8 @@ class UsersProjection:
             _REGISTERED: self._registered,
             _PROFILE_UPDATED: self._profile_updated,
             _DEACTIVATED: self._deactivated,
+            _ORDER_PLACED: self._order_placed,
+            **dict.fromkeys(_ORDER_FOLLOW_UPS, self._order_follow_up),
         }
 
     @property
@@ -75,14 +155,21 @@ class UsersProjection:
         return self._keys.checkpoint
 
     def state_keys(self, envelope: EventEnvelope) -> Sequence[str]:
-        """The user's view key for events that change an existing user, else nothing."""
-        if envelope.event_type not in _NEEDS_VIEW:
-            return ()
+        """The user's view key for events that change an existing user, the order's note for order events."""
         try:
-            return (self._keys.view(_canonical_user_id(envelope)),)
-        except PoisonEvent:
+            if envelope.event_type in _NEEDS_VIEW:
+                return (self._keys.view(_canonical_user_id(envelope)),)
+            if envelope.event_type == _ORDER_PLACED:
+                placed = _decode_payload(OrderPlaced, envelope)
+                customer_id = str(uuid.UUID(placed.customer_id))
+                return (self._keys.order(_order_id(envelope, placed)), self._keys.view(customer_id))
+            follow_up = _ORDER_FOLLOW_UPS.get(envelope.event_type)
+            if follow_up is not None:
+                return (self._keys.order(_order_id(envelope, _decode_payload(follow_up, envelope))),)
+        except (PoisonEvent, ValueError):
             # project() raises the same error with the event in hand; nothing to read here.
             return ()
+        return ()
 
     def project(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> Effect:
         """The ops for one event; unknown event types change nothing but the checkpoint."""
@@ -175,3 +262,68 @@ class UsersProjection:
                 ops.append(("ZADD", self._keys.index(sort, Subset.INACTIVE), 0, member))
             ops.append(("HINCRBY", self._keys.stats, "active_users", -1))
         return Effect(ops=ops, state={key: data})
+
+    # -- order figures ---------------------------------------------------------------------------
+
+    def _order_placed(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> Effect:
+        event = _decode_payload(OrderPlaced, envelope)
+        order_id = _order_id(envelope, event)
+        try:
+            customer_id = str(uuid.UUID(event.customer_id))
+        except ValueError as exc:
+            raise PoisonEvent(f"customer_id {event.customer_id!r} is not a UUID") from exc
+        note_key = self._keys.order(order_id)
+        if state.get(note_key) is not None:
+            logger.warning("OrderPlaced for an order already noted; skipped", extra={"event_id": envelope.event_id})
+            return Effect()
+        note = OrderNote(customer_id, event.total.currency_code, event.total.amount_minor).encode()
+        ops: list[Op] = [("SET", note_key, note)]
+        changed: dict[str, bytes | None] = {note_key: note}
+        view_key = self._keys.view(customer_id)
+        raw = state.get(view_key)
+        if raw is None:
+            logger.warning(
+                "OrderPlaced for a customer without a view; order not counted",
+                extra={"event_id": envelope.event_id, "customer_id": customer_id},
+            )
+        else:
+            view = UserView.FromString(raw)
+            view.order_count += 1
+            placed_at = _time_or_occurred(event.placed_at, envelope)
+            if view.last_order_at.ToMicroseconds() < placed_at.ToMicroseconds() or not view.HasField("last_order_at"):
+                view.last_order_at.CopyFrom(placed_at)
+            data = view.SerializeToString(deterministic=True)
+            ops.append(("SET", view_key, data))
+            changed[view_key] = data
+        return Effect(ops=ops, state=changed)
+
+    def _order_follow_up(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> Effect:
+        payload = _decode_payload(_ORDER_FOLLOW_UPS[envelope.event_type], envelope)
+        note_key = self._keys.order(_order_id(envelope, payload))
+        raw = state.get(note_key)
+        if raw is None:
+            logger.warning(
+                "%s for an order without a note; skipped",
+                envelope.event_type,
+                extra={"event_id": envelope.event_id, "position": envelope.position},
+            )
+            return Effect()
+        before = OrderNote.decode(raw)
+        after = before
+        if isinstance(payload, OrderItemAdded):
+            after = replace(before, total_minor=payload.total.amount_minor)
+        elif isinstance(payload, PaymentCaptured | OrderConfirmed):
+            after = replace(before, paid=True)
+        elif isinstance(payload, PaymentRefunded):
+            after = replace(before, paid=False)
+        if after == before:
+            return Effect()
+        spent_before = before.total_minor if before.paid else 0
+        spent_after = after.total_minor if after.paid else 0
+        data = after.encode()
+        ops: list[Op] = [("SET", note_key, data)]
+        if spent_after != spent_before:
+            ops.append(
+                ("HINCRBY", self._keys.spent(after.customer_id), after.currency_code, spent_after - spent_before)
+            )
+        return Effect(ops=ops, state={note_key: data})

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from read_service.keys import SortField, Subset, UserKeys, email_key, member_user_id
+from read_service.near_cache import NearCache
+from tessera.common.v1.money_pb2 import Money
 from tessera.users.v1.user_query_service_pb2 import UserView
 
 # Index members read per round trip while a search filters them.
@@ -62,15 +64,48 @@ def _matches(view: UserView, query: ListUsersQuery) -> bool:
 class UserViews:
     """Reads users from Redis; raises the driver's errors for the caller to map."""
 
-    def __init__(self, client: aioredis.Redis, keys: UserKeys, scan_limit: int = 5000) -> None:
+    def __init__(
+        self, client: aioredis.Redis, keys: UserKeys, scan_limit: int = 5000, *, cache: NearCache | None = None
+    ) -> None:
         self._client = client
         self._keys = keys
         self._scan_limit = scan_limit
+        self._cache = cache
 
     async def get(self, user_id: str) -> UserView | None:
-        """The user with this canonical id, or None."""
+        """The user with this canonical id, or None (through the near cache, when there is one)."""
+        if self._cache is None:
+            return await self._read(user_id)
+        # The view and what the user spent are kept apart: a write to either drops the entry.
+        keys = (self._keys.view(user_id), self._keys.spent(user_id))
+        return await self._cache.get(keys, lambda: self._read(user_id))
+
+    async def _read(self, user_id: str) -> UserView | None:
         raw = await self._client.get(self._keys.view(user_id))
-        return None if raw is None else UserView.FromString(_as_bytes(raw))
+        if raw is None:
+            return None
+        view = UserView.FromString(_as_bytes(raw))
+        await self._add_spending([view])
+        return view
+
+    async def version(self, user_id: str) -> int:
+        """The user version the view reflects (0 when there is none); reads the view only."""
+        raw = await self._client.get(self._keys.view(user_id))
+        return 0 if raw is None else UserView.FromString(_as_bytes(raw)).version
+
+    async def _add_spending(self, views: list[UserView]) -> None:
+        # What a user has spent is kept apart from the view (payment events name the order,
+        # not the user, so the projection cannot read the view when they arrive); merge it here.
+        if not views:
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            for view in views:
+                pipe.hgetall(self._keys.spent(view.user_id))
+            spent = await pipe.execute()
+        for view, amounts in zip(views, spent, strict=True):
+            for currency, amount in sorted((_as_bytes(c).decode(), int(a)) for c, a in amounts.items()):
+                if amount:
+                    view.total_spent.append(Money(currency_code=currency, amount_minor=amount))
 
     async def get_by_email(self, email: str) -> UserView | None:
         """The user with this e-mail address (any case), or None."""
@@ -116,12 +151,16 @@ class UserViews:
             if budget is not None and scanned >= budget:
                 break
         if len(hits) == wanted:
-            page = hits[:-1]
-            return UserPage([view for _, view in page], page[-1][0] if page else cursor)
-        if exhausted:
-            return UserPage([view for _, view in hits], None)
-        # The scan budget ran out first: resume after the last member read.
-        return UserPage([view for _, view in hits], cursor)
+            hits = hits[:-1]
+            next_cursor = hits[-1][0] if hits else cursor
+        elif exhausted:
+            next_cursor = None
+        else:
+            # The scan budget ran out first: resume after the last member read.
+            next_cursor = cursor
+        views = [view for _, view in hits]
+        await self._add_spending(views)
+        return UserPage(views, next_cursor)
 
     async def _range(self, index: str, cursor: bytes | None, descending: bool, count: int) -> list[bytes]:
         if descending:

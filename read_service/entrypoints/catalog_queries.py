@@ -1,0 +1,71 @@
+"""tessera.catalog.v1.ProductQueryService: products from the catalog views, with the shared freshness contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from read_service.consistency import PRODUCT_AGGREGATE, token_for
+from read_service.entrypoints.freshness import Freshness
+from read_service.entrypoints.requests import PageLimits, open_page_token, page_size
+from read_service.page_tokens import PageTokenCodec
+from read_service.views.catalog import ListProductsQuery, ProductViews
+from shared_kernel import errors
+from shared_kernel.validation import parse_uuid
+from tessera.catalog.v1 import product_query_service_pb2 as pb
+from tessera.catalog.v1 import product_query_service_pb2_grpc as pb_grpc
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ProductQueryService"].full_name
+
+
+def list_products_query(
+    request: pb.ListProductsRequest, limits: PageLimits, tokens: PageTokenCodec
+) -> ListProductsQuery:
+    """Validate a ListProductsRequest into a query; raises InvalidArgument listing every bad field."""
+    violations: list[errors.FieldViolation] = []
+    size = page_size(request.page_size, limits, violations)
+    if violations:
+        raise errors.InvalidArgument(violations)
+    query = ListProductsQuery(page_size=size, include_discontinued=request.include_discontinued)
+    cursor = open_page_token(tokens, request.page_token, query.binding())
+    return ListProductsQuery(size, query.include_discontinued, cursor)
+
+
+class ProductQueryServicer(pb_grpc.ProductQueryServiceServicer):
+    """Serves ProductQueryService from the catalog views."""
+
+    def __init__(
+        self, views: ProductViews, tokens: PageTokenCodec, freshness: Freshness, limits: PageLimits | None = None
+    ) -> None:
+        self._views = views
+        self._tokens = tokens
+        self._freshness = freshness
+        self._limits = limits or PageLimits()
+
+    async def GetProduct(
+        self, request: pb.GetProductRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetProductResponse:
+        """One product by id."""
+        product_id = str(parse_uuid("product_id", request.product_id))
+        token = token_for(PRODUCT_AGGREGATE, request.consistency_token)
+        self._freshness.require_ready()
+        stale, position = await self._freshness.reflect(token, request.max_wait_ms, context)
+        view = await self._freshness.read(context, lambda: self._views.get(product_id))
+        if view is None:
+            raise errors.NotFound(f"product {product_id} not found")
+        return pb.GetProductResponse(product=view, stale=stale, view_position=position)
+
+    async def ListProducts(
+        self, request: pb.ListProductsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListProductsResponse:
+        """One page of products in sku order."""
+        query = list_products_query(request, self._limits, self._tokens)
+        token = token_for(PRODUCT_AGGREGATE, request.consistency_token)
+        self._freshness.require_ready()
+        stale, position = await self._freshness.reflect(token, request.max_wait_ms, context)
+        page = await self._freshness.read(context, lambda: self._views.list_page(query))
+        next_token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
+        return pb.ListProductsResponse(
+            products=page.products, next_page_token=next_token, stale=stale, view_position=position
+        )

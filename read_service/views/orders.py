@@ -1,0 +1,296 @@
+"""Queries over the orders read model (key layout in read_service.keys, OrderKeys).
+
+Lists read one sorted index in order and the views of its members; filters (statuses,
+text, and the placing time for sorts other than placed_at) are checked on the views. At
+most `scan_limit` members are read per call when filtering, so a rare filter may give a
+short (even empty) page with a next cursor: callers follow tokens until none is returned.
+Statistics read one hash per day of the range and add them up; no order is read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+
+import redis.asyncio as aioredis
+
+from read_service.keys import OrderKeys, OrderSortField, member_id, padded
+from read_service.near_cache import NearCache
+from read_service.projections.orders import status_name
+from tessera.common.v1.money_pb2 import Money
+from tessera.orders.v1.order_pb2 import OrderStatus
+from tessera.orders.v1.order_query_service_pb2 import (
+    DailyFigures,
+    OrderView,
+    ProductQuantity,
+    StatusCount,
+)
+
+# Index members read per round trip while a filter is applied.
+_SCAN_CHUNK = 256
+# The statuses an order can be in, in enum order (what GetOrderStatistics reports on).
+STATUSES = [s for s in OrderStatus.values() if s != OrderStatus.ORDER_STATUS_UNSPECIFIED]
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerOrdersQuery:
+    """One page request of ListOrdersByCustomer, validated and normalized."""
+
+    customer_id: str
+    page_size: int
+    statuses: frozenset[int] = frozenset()
+    cursor: bytes | None = None
+
+    def binding(self) -> bytes:
+        """What a page token is bound to: the customer and the status filter."""
+        return json.dumps(["orders.customer", self.customer_id, sorted(self.statuses)]).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class SearchOrdersQuery:
+    """One page request of SearchOrders, validated and normalized."""
+
+    page_size: int
+    text: str = ""  # case-folded; empty matches every order
+    statuses: frozenset[int] = frozenset()
+    placed_from_us: int | None = None  # inclusive, microseconds since the epoch
+    placed_to_us: int | None = None  # exclusive
+    sort: OrderSortField = OrderSortField.PLACED_AT
+    descending: bool = True
+    cursor: bytes | None = None
+
+    def binding(self) -> bytes:
+        """What a page token is bound to: everything but the size and the cursor."""
+        return json.dumps(
+            [
+                "orders.search",
+                self.text,
+                sorted(self.statuses),
+                self.placed_from_us,
+                self.placed_to_us,
+                self.sort.value,
+                self.descending,
+            ]
+        ).encode()
+
+    def matches(self, view: OrderView) -> bool:
+        """Whether `view` passes the filters."""
+        if self.statuses and view.status not in self.statuses:
+            return False
+        placed = view.placed_at.ToMicroseconds()
+        if self.placed_from_us is not None and placed < self.placed_from_us:
+            return False
+        if self.placed_to_us is not None and placed >= self.placed_to_us:
+            return False
+        if not self.text:
+            return True
+        texts = [view.customer_name, view.customer_email]
+        for line in view.lines:
+            texts.append(line.sku)
+            texts.append(line.product_name)
+        return any(self.text in t.casefold() for t in texts)
+
+
+@dataclass(frozen=True, slots=True)
+class OrderPage:
+    """One page of orders and the cursor to continue after it (None on the last page)."""
+
+    orders: list[OrderView]
+    next_cursor: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatisticsQuery:
+    """GetOrderStatistics, validated: one currency, UTC days `first`..`last` (both included)."""
+
+    currency_code: str
+    first: date
+    last: date
+    top_products: int
+
+
+@dataclass(slots=True)
+class Statistics:
+    """The figures of a range, summed from its days."""
+
+    currency_code: str
+    total_orders: int = 0
+    paid_orders: int = 0
+    revenue_minor: int = 0
+    by_status: list[StatusCount] = field(default_factory=list)
+    top_products: list[ProductQuantity] = field(default_factory=list)
+    daily: list[DailyFigures] = field(default_factory=list)
+
+    def money(self, amount_minor: int) -> Money:
+        """An amount in this range's currency."""
+        return Money(currency_code=self.currency_code, amount_minor=amount_minor)
+
+    @property
+    def average_minor(self) -> int:
+        """Revenue divided by paid orders, rounded down; 0 without paid orders."""
+        return self.revenue_minor // self.paid_orders if self.paid_orders else 0
+
+
+class OrderViews:
+    """Reads orders from Redis; raises the driver's errors for the caller to map."""
+
+    def __init__(
+        self, client: aioredis.Redis, keys: OrderKeys, scan_limit: int = 5000, *, cache: NearCache | None = None
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._scan_limit = scan_limit
+        self._cache = cache
+
+    async def get(self, order_id: str) -> OrderView | None:
+        """The order with this canonical id, or None (through the near cache, when there is one)."""
+        if self._cache is None:
+            return await self._read(order_id)
+        return await self._cache.get((self._keys.view(order_id),), lambda: self._read(order_id))
+
+    async def _read(self, order_id: str) -> OrderView | None:
+        raw = await self._client.get(self._keys.view(order_id))
+        return None if raw is None else OrderView.FromString(_as_bytes(raw))
+
+    async def version(self, order_id: str) -> int:
+        """The order version the view reflects (0 when there is none)."""
+        view = await self._read(order_id.lower())
+        return 0 if view is None else view.version
+
+    async def by_customer(self, query: CustomerOrdersQuery) -> OrderPage:
+        """One page of a customer's orders, newest first."""
+
+        def matches(view: OrderView) -> bool:
+            return not query.statuses or view.status in query.statuses
+
+        return await self._scan(
+            self._keys.by_customer(query.customer_id),
+            descending=True,
+            cursor=query.cursor,
+            page_size=query.page_size,
+            matches=matches,
+            filtered=bool(query.statuses),
+        )
+
+    async def search(self, query: SearchOrdersQuery) -> OrderPage:
+        """One page of matching orders in the query's order."""
+        low, high = b"-", b"+"
+        if query.sort is OrderSortField.PLACED_AT:
+            # The placing-time bounds become bounds of the index range itself.
+            if query.placed_from_us is not None:
+                low = b"[" + padded(query.placed_from_us).encode()
+            if query.placed_to_us is not None:
+                high = b"(" + padded(query.placed_to_us).encode()
+            filtered = bool(query.text or query.statuses)
+        else:
+            filtered = bool(
+                query.text or query.statuses or query.placed_from_us is not None or query.placed_to_us is not None
+            )
+        return await self._scan(
+            self._keys.index(query.sort),
+            descending=query.descending,
+            cursor=query.cursor,
+            page_size=query.page_size,
+            matches=query.matches,
+            filtered=filtered,
+            low=low,
+            high=high,
+        )
+
+    async def statistics(self, query: StatisticsQuery) -> Statistics:
+        """The range's figures: one HGETALL per day, in one pipeline."""
+        days = [query.first + timedelta(days=n) for n in range((query.last - query.first).days + 1)]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for day in days:
+                pipe.hgetall(self._keys.stats(query.currency_code, day.isoformat()))
+            hashes = await pipe.execute()
+        result = Statistics(query.currency_code)
+        statuses: Counter[str] = Counter()
+        quantities: Counter[str] = Counter()
+        names: dict[str, str] = {}
+        for day, raw in zip(days, hashes, strict=True):
+            figures = {_as_bytes(k).decode(): _as_bytes(v).decode() for k, v in raw.items()}
+            placed = int(figures.get("placed", 0))
+            revenue = int(figures.get("revenue", 0))
+            result.total_orders += placed
+            result.paid_orders += int(figures.get("paid", 0))
+            result.revenue_minor += revenue
+            result.daily.append(DailyFigures(date=day.isoformat(), orders=placed, revenue=result.money(revenue)))
+            for name, value in figures.items():
+                kind, _, rest = name.partition(":")
+                if kind == "status":
+                    statuses[rest] += int(value)
+                elif kind == "qty":
+                    quantities[rest] += int(value)
+                elif kind == "name":
+                    names[rest] = value  # later days win: the name as last seen
+        result.by_status = [StatusCount(status=s, count=statuses[status_name(s)]) for s in STATUSES]
+        ranked = sorted(((q, sku) for sku, q in quantities.items() if q > 0), key=lambda item: (-item[0], item[1]))
+        result.top_products = [
+            ProductQuantity(sku=sku, product_name=names.get(sku, ""), quantity=q)
+            for q, sku in ranked[: query.top_products]
+        ]
+        return result
+
+    async def _scan(
+        self,
+        index: str,
+        *,
+        descending: bool,
+        cursor: bytes | None,
+        page_size: int,
+        matches: Callable[[OrderView], bool],
+        filtered: bool,
+        low: bytes = b"-",
+        high: bytes = b"+",
+    ) -> OrderPage:
+        wanted = page_size + 1  # one more than a page tells whether another page exists
+        budget = self._scan_limit if filtered else None
+        chunk = max(wanted, _SCAN_CHUNK) if filtered else wanted
+        hits: list[tuple[bytes, OrderView]] = []
+        scanned = 0
+        exhausted = False
+        while len(hits) < wanted:
+            count = chunk if budget is None else min(chunk, budget - scanned)
+            members = await self._range(index, cursor, descending, count, low=low, high=high)
+            raws = await self._client.mget([self._keys.view(member_id(m)) for m in members]) if members else []
+            for member, raw in zip(members, raws, strict=True):
+                scanned += 1
+                cursor = member
+                if raw is None:
+                    continue
+                view = OrderView.FromString(_as_bytes(raw))
+                if matches(view):
+                    hits.append((member, view))
+                    if len(hits) == wanted:
+                        break
+            if len(members) < count:
+                exhausted = True
+                break
+            if budget is not None and scanned >= budget:
+                break
+        if len(hits) == wanted:
+            page = hits[:-1]
+            return OrderPage([view for _, view in page], page[-1][0] if page else cursor)
+        if exhausted:
+            return OrderPage([view for _, view in hits], None)
+        # The scan budget ran out first: resume after the last member read.
+        return OrderPage([view for _, view in hits], cursor)
+
+    async def _range(
+        self, index: str, cursor: bytes | None, descending: bool, count: int, *, low: bytes, high: bytes
+    ) -> list[bytes]:
+        if descending:
+            start = b"(" + cursor if cursor is not None else high
+            members = await self._client.zrange(index, start, low, desc=True, bylex=True, offset=0, num=count)
+        else:
+            start = b"(" + cursor if cursor is not None else low
+            members = await self._client.zrange(index, start, high, bylex=True, offset=0, num=count)
+        return [m for m in members if isinstance(m, bytes)]
