@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from devstack.servers import EmbeddedPostgres, EmbeddedRedis
 from devstack.supervisor import ServiceProcess, Stack, StackConfig
 from devstack.tcp_proxy import TcpProxy
+from read_service.generations import served_checkpoint
 from relay.settings import DEFAULT_LOCK_KEY
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tessera.users.v1 import user_query_service_pb2 as queries
@@ -355,12 +356,11 @@ async def checkpoint(redis_url: str) -> int:
     """The users views' checkpoint in Redis (0 when Redis is empty or down)."""
     client = aioredis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
-        value = await client.get(f"{KEY_PREFIX}users:checkpoint")
+        return await served_checkpoint(client, KEY_PREFIX, "users")
     except (redis.RedisError, OSError):
         return 0
     finally:
         await client.aclose()
-    return int(value or 0)
 
 
 async def head_position(database_url: str) -> int:

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.servers import EmbeddedPostgres, EmbeddedRedis
 from devstack.supervisor import Stack, StackConfig
+from read_service.generations import checkpoint_key, pointer_key
 from tests.e2e.conftest import FAST_HASHING
 
 WRITE_APPLICATION = "tessera-write-service"
@@ -184,7 +185,11 @@ class RedisMonitor:
             args = re.findall(r'"((?:[^"\\]|\\.)*)"', line)
             if len(args) < 2 or args[0].upper() not in QUERY_COMMANDS:
                 continue
-            if any(args[1].startswith(prefix + kind) for kind in READ_KEY_KINDS):
+            if not args[1].startswith(prefix):
+                continue
+            # The views live in a generation's key space (read_service.generations).
+            rest = re.sub(r"^[a-z]+@v\d+g\d+:", "", args[1][len(prefix) :])
+            if rest.startswith(READ_KEY_KINDS):
                 found.append(line)
         return found
 
@@ -239,7 +244,10 @@ class HostileStack:
             while True:
                 pending = await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
                 head = await conn.fetchval("SELECT last_position FROM relay_state")
-                checkpoint = int(await asyncio.to_thread(client.get, f"{self.prefix}users:checkpoint") or 0)
+                generation = await asyncio.to_thread(client.get, pointer_key(self.prefix, "users"))
+                name = generation.decode() if isinstance(generation, bytes) else generation
+                key = None if name is None else checkpoint_key(self.prefix, "users", name)
+                checkpoint = 0 if key is None else int(await asyncio.to_thread(client.get, key) or 0)
                 if pending == 0 and checkpoint == head:
                     return
                 if time.monotonic() > deadline:
