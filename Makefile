@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv gen up migrate test lint breaking ci lag chaos clean distclean
+.PHONY: help venv gen up migrate test lint breaking ci lag bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss chaos clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -78,6 +78,29 @@ ci: lint breaking test chaos ## everything CI checks (the chaos suite included, 
 LAG_COMMANDS ?= 1000
 lag: gen ## reply → visible-on-replica latency (median, p99) over LAG_COMMANDS RegisterUser calls on a fresh stack
 	$(PY) -m devstack.measure_lag -n $(LAG_COMMANDS) --json results/lag.json
+
+BENCH_ARGS ?=
+bench-read: gen ## GetUser calls/s of one replica with 1 and with 2 worker processes, in one run; figures in results/read_rps.json
+	$(PY) -m devstack.measure_read_rps --json results/read_rps.json $(BENCH_ARGS)
+
+SAGA_ORDERS ?= 1000
+bench-saga: gen ## orders/s confirmed through the whole stack (provider at 0 latency); figures in results/saga.json
+	$(PY) -m devstack.measure_saga -n $(SAGA_ORDERS) --json results/saga.json $(BENCH_ARGS)
+
+bench-lease: gen ## applying-lease takeover time after kill -9 of the holder (median of 5); results/lease.json
+	$(PY) -m devstack.measure_lease_takeover --rounds 5 --json results/lease.json
+
+REBUILD_ARGS ?= --all
+rebuild: gen ## blue/green rebuild of the read views from the event log (REBUILD_ARGS: --projection NAME or --all)
+	$(PY) -m read_service.admin rebuild $(REBUILD_ARGS)
+
+REBUILD_EVENTS ?= 100000
+bench-rebuild: gen ## rebuild throughput (events/s) over REBUILD_EVENTS user events; figures in results/rebuild.json
+	$(PY) -m devstack.measure_rebuild -n $(REBUILD_EVENTS) --json results/rebuild.json
+
+LOSS_USERS ?= 10000
+bench-redis-loss: gen ## time from a Redis restart (views lost) to SERVING for LOSS_USERS users; results/redis_loss.json
+	$(PY) -m devstack.measure_redis_loss -n $(LOSS_USERS) --json results/redis_loss.json
 
 chaos: gen ## fault injection under load (kills, pauses, restarts, network faults; ~3 min); figures in results/chaos.json
 	TESSERA_CHAOS=1 GRPC_ENABLE_FORK_SUPPORT=false $(PY) -m pytest tests/chaos $(PYTEST_ARGS)

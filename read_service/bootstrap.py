@@ -3,34 +3,52 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import grpc
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from read_service.consistency import ConsistencyGate, log_versions
+from read_service.entrypoints import catalog_queries, order_queries
+from read_service.entrypoints.freshness import Freshness
 from read_service.entrypoints.grpc_server import SERVICE_NAME, PageLimits, UserQueryServicer
-from read_service.keys import UserKeys
+from read_service.generations import replica_generations
+from read_service.keys import CatalogKeys, OrderKeys, UserKeys
+from read_service.lease import ApplyMode, LeaseOptions, default_holder_id
+from read_service.near_cache import NearCache, view_caches
 from read_service.page_tokens import PageTokenCodec
+from read_service.projections.base import Projection
+from read_service.projections.catalog import CatalogProjection
+from read_service.projections.orders import OrdersProjection
 from read_service.projections.users import UsersProjection
 from read_service.projector import Projector
 from read_service.settings import ReadServiceSettings
-from read_service.view_store import ViewStore
+from read_service.views.catalog import ProductViews
+from read_service.views.orders import OrderViews
 from read_service.views.users import UserViews
+from read_service.watch import ChangeFeed, WatchLimiter, attach_feed, customer_orders
 from shared_kernel.db import create_pool
 from shared_kernel.grpc_server import GrpcServer
 from shared_kernel.redis_client import ClosedTransportAwareConnection
 from shared_kernel.security.authn import Authenticator
+from tessera.catalog.v1.product_query_service_pb2_grpc import add_ProductQueryServiceServicer_to_server
+from tessera.orders.v1.order_query_service_pb2_grpc import add_OrderQueryServiceServicer_to_server
 from tessera.users.v1.user_query_service_pb2_grpc import add_UserQueryServiceServicer_to_server
 
 logger = logging.getLogger(__name__)
 
 APPLICATION_NAME = "tessera-read-service"
+# Redis connections one process opens at most; more concurrent commands wait for one.
+REDIS_MAX_CONNECTIONS = 200
+
+# Decides what health reports when the projector's readiness changes (default: exactly that).
+ReadinessHook = Callable[[GrpcServer, bool], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,27 +60,45 @@ class ReadService:
     projector: Projector
     redis: aioredis.Redis
     pool: asyncpg.Pool[Any]
+    # Every projector of the replica (users first, so `projector` is the first of them); the
+    # replica is ready when all of them are.
+    projectors: tuple[Projector, ...] = ()
+    # The near caches by projection name (read_service.near_cache) and the change feeds of watches.
+    near_caches: tuple[NearCache, ...] = ()
+    feeds: tuple[ChangeFeed, ...] = ()
 
     @property
     def port(self) -> int:
         """The port the gRPC server is bound to."""
         return self.server.port
 
+    @property
+    def projector_tasks(self) -> list[Any]:
+        """The running task of every projector (a finished one is a projector that died)."""
+        return [p.task for p in self.projectors or (self.projector,) if p.task is not None]
 
-def create_redis_client(url: str, timeout_s: float) -> aioredis.Redis:
+
+def create_redis_client(url: str, timeout_s: float, max_connections: int = REDIS_MAX_CONNECTIONS) -> aioredis.Redis:
     """A Redis client that fails fast when Redis is down.
 
     The driver's default retries with backoff of up to seconds would hold every query that
     long; one quick retry still covers a pooled connection the server closed, and beyond it
     callers get UNAVAILABLE (and may try another replica) while the projector backs off.
+
+    The driver's default pool refuses a command once 100 connections are in use (under load,
+    the 101st concurrent query would fail); this pool makes it wait, within `timeout_s`, for
+    one of `max_connections` connections instead.
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
         connection_class=ClosedTransportAwareConnection,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 def _page_token_codec(settings: ReadServiceSettings) -> PageTokenCodec:
@@ -77,12 +113,18 @@ def _page_token_codec(settings: ReadServiceSettings) -> PageTokenCodec:
 
 @asynccontextmanager
 async def running_read_service(
-    settings: ReadServiceSettings, authenticator: Authenticator | None = None
+    settings: ReadServiceSettings,
+    authenticator: Authenticator | None = None,
+    *,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    readiness_hook: ReadinessHook | None = None,
 ) -> AsyncIterator[ReadService]:
     """Open Postgres and Redis, start the gRPC server and the projector; stop all on exit.
 
     `authenticator` checks every call (the process passes the one its settings ask for);
     without one, calls are not authenticated, which only in-process tests want.
+    `interceptors` run innermost, around the servicers; `readiness_hook`, when given, sets
+    health instead of the projector's readiness alone (a worker of a group reports the group's).
 
     On exit: the server reports NOT_SERVING and drains its calls, then the projector stops,
     then Redis and Postgres close (the reverse of opening).
@@ -95,11 +137,35 @@ async def running_read_service(
         stack.push_async_callback(redis_client.aclose)
 
         keys = UserKeys(settings.redis_key_prefix)
-        server = GrpcServer(settings, [SERVICE_NAME], authenticator=authenticator)
+        catalog_keys = CatalogKeys(settings.redis_key_prefix)
+        order_keys = OrderKeys(settings.redis_key_prefix)
+        server = GrpcServer(
+            settings,
+            [SERVICE_NAME, catalog_queries.SERVICE_NAME, order_queries.SERVICE_NAME],
+            interceptors=interceptors,
+            authenticator=authenticator,
+        )
         projection = UsersProjection(keys)
+        # Each projection has its own applying lease; `always` lets every replica apply.
+        lease = (
+            LeaseOptions(
+                holder_id=default_holder_id(settings.read_replica_id),
+                ttl_ms=settings.read_lease_ttl_ms,
+                renew_interval_ms=settings.read_lease_renew_ms,
+            )
+            if settings.read_apply_mode is ApplyMode.LEASE
+            else None
+        )
+        # One projector per projection, each with its own checkpoint and subscription.
+        projectors: list[Projector] = []
 
-        async def on_readiness_change(ready: bool) -> None:
-            await server.set_serving(ready)
+        async def on_readiness_change(_ready: bool) -> None:
+            # The replica serves once every projection has caught up, and stops when one falls behind.
+            ready = bool(projectors) and all(p.ready for p in projectors)
+            if readiness_hook is None:
+                await server.set_serving(ready)
+            else:
+                await readiness_hook(server, ready)
 
         projector = Projector(
             redis_client,
@@ -108,28 +174,113 @@ async def running_read_service(
             channel_prefix=settings.redis_key_prefix,
             batch_size=settings.catchup_batch_size,
             on_readiness_change=on_readiness_change,
+            lease=lease,
+            # The views live in a generation (read_service.generations); `keys`, the queries', follow it.
+            generations=replica_generations(
+                redis_client, settings.redis_key_prefix, projection, lambda p: UsersProjection(UserKeys(p)), keys
+            ),
         )
         stack.push_async_callback(projector.stop)
+        projectors.append(projector)
 
-        views = UserViews(redis_client, keys, scan_limit=settings.list_scan_limit)
+        def start_projector(other: Projection, factory: Callable[[str], Projection], query_keys: object) -> Projector:
+            started = Projector(
+                redis_client,
+                pool,
+                other,
+                channel_prefix=settings.redis_key_prefix,
+                batch_size=settings.catchup_batch_size,
+                on_readiness_change=on_readiness_change,
+                lease=lease,
+                generations=replica_generations(redis_client, settings.redis_key_prefix, other, factory, query_keys),
+            )
+            stack.push_async_callback(started.stop)
+            projectors.append(started)
+            return started
 
-        async def user_version(user_id: str) -> int:
-            view = await views.get(user_id)
-            return 0 if view is None else view.version
+        catalog_projection = CatalogProjection(catalog_keys)
+        catalog_projector = start_projector(
+            catalog_projection, lambda p: CatalogProjection(CatalogKeys(p)), catalog_keys
+        )
+        orders_projection = OrdersProjection(order_keys)
+        orders_projector = start_projector(orders_projection, lambda p: OrdersProjection(OrderKeys(p)), order_keys)
+        limits = PageLimits(settings.list_page_size_default, settings.list_page_size_max)
+
+        # Watch streams and the near caches follow each projector's effects (read_service.watch).
+        limiter = WatchLimiter(settings.watch_max_streams)
+        caches = view_caches(("users", "catalog", "orders"), settings.near_cache_size)
+        feeds: dict[str, ChangeFeed] = {
+            owned.name: attach_feed(owner, owned, redis_client, pool, cache=caches[owned.name], settings=settings)
+            for owner, owned in (
+                (projector, projection),
+                (catalog_projector, catalog_projection),
+                (orders_projector, orders_projection),
+            )
+        }
+
+        def freshness(owner: Projector, owned: Projection, version: Callable[[str], Awaitable[int]]) -> Freshness:
+            # Queries of a view wait on, and are ready with, the projector that writes it.
+            return Freshness(
+                lambda: owner.ready,
+                settings.query_timeout_s,
+                gate=ConsistencyGate(owner, version, log_versions(pool)),
+                checkpoint=caches[owned.name].observe(owner.read_checkpoint),
+                max_wait_ms=settings.consistency_max_wait_ms,
+            )
+
+        product_views = ProductViews(redis_client, catalog_keys, cache=caches["catalog"])
+        server.add(
+            add_ProductQueryServiceServicer_to_server,
+            catalog_queries.ProductQueryServicer(
+                product_views,
+                tokens,
+                freshness(catalog_projector, catalog_projection, product_views.version),
+                limits,
+            ),
+        )
+        order_views = OrderViews(redis_client, order_keys, scan_limit=settings.list_scan_limit, cache=caches["orders"])
+        server.add(
+            add_OrderQueryServiceServicer_to_server,
+            order_queries.OrderQueryServicer(
+                order_views,
+                tokens,
+                freshness(orders_projector, orders_projection, order_views.version),
+                limits,
+                watch_order=lambda order_id: feeds["orders"].watches(limiter).one(order_keys.view(order_id)),
+                watch_customer=lambda customer: customer_orders(feeds["orders"].watches(limiter), order_keys, customer),
+            ),
+        )
+
+        views = UserViews(redis_client, keys, scan_limit=settings.list_scan_limit, cache=caches["users"])
+        user_version = views.version
 
         servicer = UserQueryServicer(
             views,
             tokens,
             is_ready=lambda: projector.ready,
-            limits=PageLimits(settings.list_page_size_default, settings.list_page_size_max),
+            limits=limits,
             query_timeout_s=settings.query_timeout_s,
             gate=ConsistencyGate(projector, user_version, log_versions(pool)),
-            checkpoint=ViewStore(redis_client, projection.checkpoint_key).checkpoint,
+            checkpoint=caches["users"].observe(projector.read_checkpoint),
             max_wait_ms=settings.consistency_max_wait_ms,
+            watch=lambda user_id: feeds["users"].watches(limiter).one(keys.view(user_id)),
         )
         server.add(add_UserQueryServiceServicer_to_server, servicer)
         # Health stays NOT_SERVING from start() until the projector's first catch-up.
         await server.start()
         stack.push_async_callback(server.stop)
-        projector.start()
-        yield ReadService(settings, server, projector, redis_client, pool)
+        for change_feed in feeds.values():
+            # Runs before server.stop (last in, first out): watches end cleanly, then calls drain.
+            stack.push_async_callback(change_feed.close)
+        for started in projectors:
+            started.start()
+        yield ReadService(
+            settings,
+            server,
+            projector,
+            redis_client,
+            pool,
+            tuple(projectors),
+            near_caches=tuple(caches.values()),
+            feeds=tuple(feeds.values()),
+        )

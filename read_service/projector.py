@@ -10,6 +10,24 @@ reconnect, or an overflow of the local buffer. Live events that have queued up b
 each other are applied together, in one pipeline, as catch-up applies the log. Errors
 talking to Redis or Postgres end the session; the projector then reconnects with capped,
 jittered backoff (any other error too, logged with its traceback).
+
+An event the projection raises on is *parked*: nothing at or after its position is applied
+(the views stay exact as of the position before it), the event and its error are recorded
+in Redis (read_service.generations), logged and counted, and the projector waits until an
+operator skips it (`python -m read_service.admin skip`) or the checkpoint moves past it.
+
+With `generations`, the projector also decides which key space it writes (a generation,
+see read_service.generations), builds a new one when the projection's version changed,
+and follows the pointer when a rebuild switches it. A light probe (every
+`probe_interval_s`) notices a Redis that lost its data (the pointer gone, the checkpoint
+gone back) and a switch; a lost connection to Redis counts as a loss too, because Redis
+may come back empty. Either makes the projector not ready until it has rebuilt.
+
+With a `lease` (read_service.lease), the projector applies only while it holds its
+projection's applying lease, checked before every write. Otherwise it *follows*: it writes
+nothing, moves its checkpoint with the holder's announcements (and a read every renew
+interval), serves the holder's views and runs a normal session, starting with a catch-up
+from the shared checkpoint, as soon as it takes the lease over.
 """
 
 from __future__ import annotations
@@ -33,8 +51,11 @@ from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from redis.asyncio.client import PubSub
 
-from read_service.projections.base import Effect, PoisonEvent, Projection
+from read_service.generations import Generations, ParkedEvent, Plan, generation_version, parked_key
+from read_service.lease import ApplyingLease, LeaseLost, LeaseOptions, applied_channel, lease_key
+from read_service.projections.base import Effect, Projection
 from read_service.view_store import ApplyResult, Outcome, ViewStore
+from shared_kernel import errors
 from shared_kernel.event_log import events_channel, head_channel, head_position, read_positioned
 from shared_kernel.telemetry import context_from_envelope
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
@@ -62,6 +83,10 @@ class ProjectorState(enum.StrEnum):
     CATCHING_UP = "catching_up"
     LIVE = "live"
     RECONNECTING = "reconnecting"
+    PARKED = "parked"
+    OUTDATED = "outdated"
+    # Another replica holds the applying lease: this one serves its views and follows its checkpoint.
+    FOLLOWING = "following"
     STOPPED = "stopped"
 
 
@@ -79,7 +104,40 @@ class ProjectorStatus:
     duplicates: int
     catch_ups: int
     reconnects: int
+    # Events parked since start (each position counted once), and the one parked now, if any.
     poison_events: int
+    parked: ParkedEvent | None = None
+    generation: str | None = None
+    # With the applying lease (read_service.lease): whether this projector applies, and who does.
+    applying: bool = True
+    lease_holder: str | None = None
+
+
+class KeySpaceLost(Exception):
+    """Redis no longer holds what this projector wrote (a flush, a restart without persistence)."""
+
+
+class KeySpaceChanged(Exception):
+    """The pointer names another generation than the one this projector writes."""
+
+
+async def _stop_task(task: asyncio.Task[None], attempts: int = 5, wait_s: float = 0.5) -> None:
+    """Cancel a helper task of a session and wait for it, within bounds.
+
+    On Python 3.11 a cancellation that lands as redis-py's read timeout expires can be turned
+    into that timeout (asyncio.timeout, fixed in 3.12): the pub/sub reader then reads on, and
+    awaiting it would hang the session's end (and stop()) for ever. So cancel again until it ends.
+    """
+    for _ in range(attempts):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=wait_s)
+        if done:
+            if not task.cancelled():
+                # Consume the outcome; its error ended the session already, or does not matter now.
+                with contextlib.suppress(Exception):
+                    task.result()
+            return
+    logger.error("a projector task did not stop when cancelled; abandoning it", extra={"task": task.get_name()})
 
 
 class _Kind(enum.Enum):
@@ -87,6 +145,7 @@ class _Kind(enum.Enum):
     HEAD = "head"
     RESUBSCRIBED = "resubscribed"
     OVERFLOW = "overflow"
+    RETRY = "retry"
     FAILED = "failed"
 
 
@@ -120,11 +179,31 @@ class Projector:
         on_readiness_change: ReadinessCallback | None = None,
         on_applied: Callable[[int], None] | None = None,
         tracer: trace.Tracer | None = None,
+        generations: Generations | None = None,
+        probe_interval_s: float = 0.5,
+        switch_grace_s: float = 2.0,
+        lease: LeaseOptions | None = None,
     ) -> None:
         self._client = client
         self._pool = pool
         self._projection = projection
         self._store = ViewStore(client, projection.checkpoint_key)
+        # Without generations the key space is fixed: parked records and skips then live
+        # under the channel prefix, with an empty generation name.
+        self._generations = generations
+        self._meta = generations or Generations(
+            client,
+            channel_prefix,
+            projection.name,
+            int(getattr(projection, "version", 1)),
+            factory=lambda _: projection,
+        )
+        self._generation: str | None = None
+        self._probe_interval_s = probe_interval_s
+        self._switch_grace_s = switch_grace_s
+        self._parked: ParkedEvent | None = None
+        self._logged_park: tuple[str, int] | None = None
+        self._cleanup: set[asyncio.Task[None]] = set()
         self._events_channel = events_channel(channel_prefix)
         self._head_channel = head_channel(channel_prefix)
         self._batch_size = batch_size
@@ -152,6 +231,14 @@ class Projector:
         self._overflow_pending = False
         self._session_caught_up = False
         self._task: asyncio.Task[None] | None = None
+        # Without a lease this projector applies always; with one, only while it holds it.
+        self._lease = (
+            None
+            if lease is None
+            else ApplyingLease(client, lease_key(self._meta.base, projection.name, self._meta.version), lease)
+        )
+        self._lease_keeper: asyncio.Task[None] | None = None
+        self._followed: str | None = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -159,6 +246,7 @@ class Projector:
         """Start the projector in a task of the running loop (once) and return that task."""
         if self._task is None:
             self._task = asyncio.create_task(self.run(), name=f"projector:{self._projection.name}")
+        self._keep_lease()
         return self._task
 
     @property
@@ -170,11 +258,14 @@ class Projector:
         """Stop the projector and wait for it; safe to call more than once, or before start()."""
         task = self._task
         if task is not None and not task.done():
-            task.cancel()
-            # The projector's own cancellation is expected here; the caller's is not swallowed
-            # because a cancelled caller raises CancelledError from this await as well.
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # A cancellation can be lost on Python 3.11 (see _stop_task), so it is repeated; the
+            # caller's own cancellation still propagates from the wait.
+            await _stop_task(task, attempts=20)
+        for cleanup in list(self._cleanup):
+            cleanup.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *_TRANSIENT_ERRORS):
+                await cleanup
+        await self._release_lease()
         self._state = ProjectorState.STOPPED
 
     async def run(self) -> None:
@@ -184,11 +275,28 @@ class Projector:
         task instead would leave the replica serving views that silently stop changing.
         """
         backoff = self._backoff_initial_s
+        self._keep_lease()
         while True:
             self._session_caught_up = False
             try:
+                if self._lease is not None and not self._lease.held:
+                    await self._follow()
+                    continue
                 await self._session()
+            except LeaseLost as exc:
+                # Not a failure: another replica applies now (this one paused, or lost Redis for a while).
+                logger.warning("%s; following the holder", exc, extra={"projection": self._projection.name})
+                backoff = self._backoff_initial_s
+                continue
+            except KeySpaceChanged as exc:
+                # Not a failure: a rebuild switched the pointer (or another replica won a build).
+                logger.info("%s; following it", exc, extra={"projection": self._projection.name})
+                backoff = self._backoff_initial_s
+                continue
             except Exception as exc:
+                if isinstance(exc, KeySpaceLost | redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+                    # Redis may come back empty: never answer from it before checking.
+                    await self._set_ready(False)
                 self._reconnects += 1
                 self._state = ProjectorState.RECONNECTING
                 if self._session_caught_up:
@@ -219,6 +327,37 @@ class Projector:
         """The last checkpoint this projector read from or wrote to Redis."""
         return self._checkpoint
 
+    @property
+    def parked(self) -> ParkedEvent | None:
+        """The event this projection is stopped at, if any (the views reflect the position before it)."""
+        return self._parked
+
+    @property
+    def generation(self) -> str | None:
+        """The generation this projector writes (None without generations, or before it decided)."""
+        return self._generation
+
+    async def read_checkpoint(self) -> int:
+        """The checkpoint of the key space this projector writes, read from Redis (queries call it first).
+
+        A checkpoint below the one this projector already saw means Redis lost data since: the
+        query is refused (Unavailable) rather than answered from an emptied key space, and the
+        replica stops serving at once instead of at the next probe.
+        """
+        known = self._checkpoint  # the projector may move on while the read is in flight
+        checkpoint = await self._store.checkpoint()
+        if checkpoint < known and self._ready:
+            logger.warning(
+                "a query found the checkpoint back at %s from %s: Redis lost data",
+                checkpoint,
+                known,
+                extra={"projection": self._projection.name},
+            )
+            await self._set_ready(False)
+        if checkpoint < known:
+            raise errors.Unavailable("the read model lost its data and is being rebuilt; retry shortly")
+        return checkpoint
+
     def changed(self) -> asyncio.Event:
         """An event set the next time the checkpoint moves (after the views of that move are written).
 
@@ -241,6 +380,10 @@ class Projector:
             catch_ups=self._catch_ups,
             reconnects=self._reconnects,
             poison_events=self._poison_events,
+            parked=self._parked,
+            generation=self._generation,
+            applying=self._lease is None or self._lease.held,
+            lease_holder=None if self._lease is None else self._lease.holder,
         )
 
     async def wait_for_checkpoint(self, position: int, timeout_s: float) -> bool:
@@ -255,14 +398,155 @@ class Projector:
                 await asyncio.wait_for(changed.wait(), remaining)
         return True
 
+    # -- the applying lease (read_service.lease) -------------------------------------------------
+
+    def _keep_lease(self) -> None:
+        if self._lease is not None and self._lease_keeper is None:
+            self._lease_keeper = asyncio.create_task(self._lease.run(), name=f"lease:{self._projection.name}")
+
+    async def _release_lease(self) -> None:
+        keeper, self._lease_keeper = self._lease_keeper, None
+        if keeper is None or self._lease is None:
+            return
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        # Given up at once rather than left to expire, so that a follower takes over in milliseconds.
+        with contextlib.suppress(*_TRANSIENT_ERRORS):
+            await asyncio.wait_for(self._lease.release(), self._subscribe_timeout_s)
+
+    def _check_lease(self) -> None:
+        if self._lease is not None:
+            self._lease.check()
+
+    async def _follow(self) -> None:
+        """Serve the holder's views while another replica holds the lease; return when this one may apply.
+
+        Nothing is written here. The checkpoint (and so readiness, consistency-token waits and
+        changed()) follows the holder's announcements; every renew interval the checkpoint is
+        read as well (announcements may be lost), the key space is checked like the probe does
+        and the holder's parked event, if any, is picked up so that queries report it.
+        """
+        lease = self._lease
+        assert lease is not None
+        changed = lease.changed()
+        if not await self._follow_keyspace():
+            # Nothing of this version to serve yet: its lease holder claims or builds it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), self._probe_interval_s)
+            return
+        self._state = ProjectorState.FOLLOWING
+        pubsub = self._client.pubsub()
+        announced: asyncio.Queue[int] = asyncio.Queue()
+        reader: asyncio.Task[None] | None = None
+        interval = lease.options.renew_interval_ms / 1000
+        try:
+            await pubsub.subscribe(applied_channel(self._projection.checkpoint_key))
+            reader = asyncio.create_task(self._read_announcements(pubsub, announced))
+            # Ready once the holder has applied the log as far as it reaches now.
+            target = await head_position(self._pool)
+            while not lease.held:
+                changed = lease.changed()
+                await self._check_keyspace()
+                await self._observe_checkpoint(await self._store.checkpoint())
+                await self._follow_parked()
+                self._log_holder()
+                if not self._ready and (self._checkpoint >= target or self._parked is not None):
+                    await self._set_ready(True)
+                self._session_caught_up = True
+                await self._follow_announcements(announced, reader, changed, target, time.monotonic() + interval)
+        finally:
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, *_TRANSIENT_ERRORS):
+                    await reader
+            with contextlib.suppress(*_TRANSIENT_ERRORS):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        # The holder's park was the holder's: as the holder now, this projector finds it again itself.
+        self._parked = None
+        self._followed = None
+        logger.info(
+            "this replica holds the applying lease now; catching up from checkpoint %s",
+            self._checkpoint,
+            extra={"projection": self._projection.name, "holder": lease.options.holder_id},
+        )
+
+    async def _follow_announcements(
+        self,
+        announced: asyncio.Queue[int],
+        reader: asyncio.Task[None],
+        changed: asyncio.Event,
+        target: int,
+        deadline: float,
+    ) -> None:
+        """Until `deadline` or a change of the lease: observe each checkpoint the holder announces."""
+        while not changed.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            got = asyncio.ensure_future(announced.get())
+            flipped = asyncio.ensure_future(changed.wait())
+            try:
+                await asyncio.wait({got, flipped, reader}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                got.cancel()
+                flipped.cancel()
+            if reader.done():
+                reader.result()
+                raise redis.exceptions.ConnectionError("the announcement subscription ended")
+            if got.done() and not got.cancelled() and got.result() > self._checkpoint:
+                await self._observe_checkpoint(got.result())
+                if not self._ready and self._checkpoint >= target:
+                    await self._set_ready(True)
+
+    async def _follow_keyspace(self) -> bool:
+        """Serve the pointer's generation if this version can read it; False (not ready) otherwise."""
+        generations = self._generations
+        if generations is None:
+            return True
+        current = await generations.current()
+        try:
+            servable = current is not None and generation_version(current) == generations.version
+        except ValueError:
+            servable = False
+        if current is None or not servable:
+            await self._set_ready(False)
+            return False
+        self._use(current)
+        if self._on_switch_prefix is not None:
+            self._on_switch_prefix(generations.prefix(current))
+        return True
+
+    async def _follow_parked(self) -> None:
+        raw = await self._client.hget(parked_key(self._meta.base, self._projection.name), self._generation or "")
+        record = None if raw is None else ParkedEvent.from_json(raw)
+        self._parked = record if record is not None and record.position == self._checkpoint + 1 else None
+
+    def _log_holder(self) -> None:
+        assert self._lease is not None
+        holder = self._lease.holder
+        if holder != self._followed:
+            self._followed = holder
+            logger.info(
+                "following the applying lease holder %s",
+                holder or "(none yet)",
+                extra={"projection": self._projection.name, "checkpoint": self._checkpoint, "holder": holder},
+            )
+
+    async def _read_announcements(self, pubsub: PubSub, announced: asyncio.Queue[int]) -> None:
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._ping_interval_s)
+            if message is not None and message["type"] == "message":
+                with contextlib.suppress(ValueError):
+                    announced.put_nowait(int(message["data"]))
+
     # -- one connected session ----------------------------------------------------------------
 
     async def _session(self) -> None:
         await self._store.load_script()
+        replaces = await self._choose_keyspace()
         pubsub = self._client.pubsub()
         inbox: asyncio.Queue[_Inbound] = asyncio.Queue()
         subscribed = asyncio.Event()
         reader: asyncio.Task[None] | None = None
+        probe: asyncio.Task[None] | None = None
         self._overflow_pending = False
         try:
             await pubsub.subscribe(self._events_channel, self._head_channel)
@@ -270,7 +554,10 @@ class Projector:
             # Catch-up must not start before the subscription is live, or events published
             # in between would be in neither the log read nor the buffer.
             await self._wait_subscribed(subscribed, reader, inbox)
-            await self._catch_up(target=0)
+            await self._catch_up(target=0, building=replaces is not None)
+            if replaces is not None:
+                await self._finish_build(replaces)
+            probe = asyncio.create_task(self._probe(inbox))
             self._session_caught_up = True
             held: collections.deque[_Inbound] = collections.deque()
             while True:
@@ -280,12 +567,142 @@ class Projector:
                 else:
                     await self._handle(item)
         finally:
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, *_TRANSIENT_ERRORS):
-                    await reader
+            for task in (probe, reader):
+                if task is not None:
+                    await _stop_task(task)
             with contextlib.suppress(*_TRANSIENT_ERRORS):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+
+    async def _choose_keyspace(self) -> str | None:
+        """Pick the generation to write; return the one it replaces when this session builds it.
+
+        Returns None when the pointer's generation is served as it is. An outdated replica
+        (the pointer names a newer version) stays not ready and waits for the pointer to move.
+        """
+        generations = self._generations
+        if generations is None:
+            return None
+        while True:
+            resolution = await generations.resolve()
+            if resolution.plan is not Plan.OUTDATED:
+                break
+            if self._state is not ProjectorState.OUTDATED:
+                logger.error(
+                    "the served generation %s was built by a newer version of this projection; not serving it",
+                    resolution.generation,
+                    extra={"projection": self._projection.name, "version": generations.version},
+                )
+            self._state = ProjectorState.OUTDATED
+            await self._set_ready(False)
+            while await generations.current() == resolution.generation:  # noqa: ASYNC110 - a Redis key, polled
+                await asyncio.sleep(self._probe_interval_s)
+        self._use(resolution.generation)
+        if resolution.plan is Plan.BUILD:
+            logger.info(
+                "building generation %s from the event log (replaces %s)",
+                resolution.generation,
+                resolution.replaces,
+                extra={"projection": self._projection.name},
+            )
+            await self._set_ready(False)
+            return resolution.replaces or ""
+        if self._on_switch_prefix is not None:
+            self._on_switch_prefix(generations.prefix(resolution.generation))
+        return None
+
+    @property
+    def _on_switch_prefix(self) -> Callable[[str], None] | None:
+        return None if self._generations is None else self._generations.on_switch
+
+    def _use(self, generation: str) -> None:
+        """Write to `generation` from now on (a no-op when it is already the one in use)."""
+        generations = self._generations
+        if generations is None or generation == self._generation:
+            return
+        projection = generations.factory(generations.prefix(generation))
+        self._projection = projection
+        self._store = ViewStore(self._client, projection.checkpoint_key)
+        self._generation = generation
+        # Another key space: its checkpoint is a new baseline, not a step back.
+        self._checkpoint = 0
+        self._parked = None
+
+    async def _finish_build(self, replaces: str) -> None:
+        """Switch the pointer to the generation just built; drop the old one after a grace period."""
+        generations = self._generations
+        built = self._generation
+        assert generations is not None and built is not None
+        if not await generations.switch(replaces or None, built):
+            # Another replica switched first: drop this build and serve theirs.
+            self._cleanup_later(built, 0.0)
+            raise KeySpaceChanged(f"generation {await generations.current()} was switched in by another builder")
+        logger.info(
+            "switched to generation %s", built, extra={"projection": self._projection.name, "replaced": replaces}
+        )
+        if generations.on_switch is not None:
+            generations.on_switch(generations.prefix(built))
+        await self._set_ready(True)
+        if replaces:
+            self._cleanup_later(replaces, self._switch_grace_s)
+
+    def _cleanup_later(self, generation: str, delay_s: float) -> None:
+        generations = self._generations
+        assert generations is not None
+
+        async def cleanup() -> None:
+            # Queries that started on the old key space finish within the grace period.
+            await asyncio.sleep(delay_s)
+            removed = await generations.drop(generation)
+            logger.info(
+                "dropped generation %s (%s keys)",
+                generation,
+                removed,
+                extra={"projection": self._projection.name},
+            )
+
+        task = asyncio.create_task(cleanup(), name=f"drop:{self._projection.name}:{generation}")
+        self._cleanup.add(task)
+        task.add_done_callback(self._cleanup.discard)
+
+    async def _probe(self, inbox: asyncio.Queue[_Inbound]) -> None:
+        """Every probe interval: is the key space still there and still ours; can a parked event go?"""
+        while True:
+            await asyncio.sleep(self._probe_interval_s)
+            try:
+                # A holder that lost the lease while idle becomes a follower now, not at its next event.
+                self._check_lease()
+                retry = await self._check_keyspace()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                inbox.put_nowait(_Inbound(_Kind.FAILED, error=exc))
+                return
+            if retry:
+                inbox.put_nowait(_Inbound(_Kind.RETRY))
+
+    async def _check_keyspace(self) -> bool:
+        """Raise KeySpaceLost or KeySpaceChanged as the probe finds; True when a parked event may go on."""
+        # What this projector knew before the read: it may apply more while the read is in flight,
+        # and a checkpoint behind that later value is not one that went back.
+        known = self._checkpoint
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.get(self._meta.pointer)
+            pipe.get(self._projection.checkpoint_key)
+            pointer_raw, checkpoint_raw = await pipe.execute()
+        pointer = None if pointer_raw is None else bytes(pointer_raw).decode()
+        checkpoint = int(checkpoint_raw or 0)
+        if self._generations is not None and pointer is None:
+            await self._set_ready(False)
+            raise KeySpaceLost("the generation pointer is gone from Redis: its data was lost")
+        if self._generations is not None and pointer != self._generation:
+            raise KeySpaceChanged(f"the pointer moved from generation {self._generation} to {pointer}")
+        if checkpoint < known:
+            await self._set_ready(False)
+            raise KeySpaceLost(f"the checkpoint went back from {known} to {checkpoint}")
+        parked = self._parked
+        return parked is not None and (
+            checkpoint >= parked.position or await self._meta.skipped(parked.position) is not None
+        )
 
     async def _wait_subscribed(
         self, subscribed: asyncio.Event, reader: asyncio.Task[None], inbox: asyncio.Queue[_Inbound]
@@ -352,6 +769,9 @@ class Projector:
         if item.kind is _Kind.FAILED:
             assert item.error is not None
             raise item.error
+        if item.kind is _Kind.RETRY:
+            await self._retry_parked()
+            return
         if item.kind is _Kind.EVENT:
             try:
                 envelope = EventEnvelope.FromString(item.data)
@@ -368,7 +788,7 @@ class Projector:
                 logger.warning("undecodable message on the head channel; ignored")
                 return
             self._head = max(self._head, head.position)
-            if head.position > self._checkpoint:
+            if head.position > self._checkpoint and self._parked is None:
                 await self._catch_up(target=head.position)
         else:
             if item.kind is _Kind.OVERFLOW:
@@ -420,6 +840,8 @@ class Projector:
             return
         highest = max(e.position for e in envelopes)
         self._head = max(self._head, highest)
+        if self._parked is not None:
+            return
         # A relay re-publish can repeat positions: keep one envelope per position, in order.
         fresh = sorted(
             {e.position: e for e in envelopes if e.position > self._checkpoint}.values(), key=lambda e: e.position
@@ -435,6 +857,9 @@ class Projector:
         self._head = max(self._head, position)
         if position <= self._checkpoint:
             self._duplicates += 1
+            return
+        if self._parked is not None:
+            # Stopped at the parked event: the log keeps this one for after the skip.
             return
         if position > self._checkpoint + 1:
             await self._catch_up(target=position)
@@ -455,7 +880,11 @@ class Projector:
                 span.set_attribute("tessera.projection.outcome", "gap")
                 # Fall through to the catch-up below, outside this span.
             else:
-                effect = self._project(envelope, state)
+                effect = await self._project(envelope, state)
+                if effect is None:
+                    span.set_attribute("tessera.projection.outcome", "parked")
+                    return
+                self._check_lease()
                 result = await self._store.apply(position, effect.ops)
                 await self._record(envelope, result, span)
                 if result.outcome is not Outcome.GAP:
@@ -464,8 +893,31 @@ class Projector:
 
     # -- catch-up from the event log ------------------------------------------------------------
 
-    async def _catch_up(self, target: int) -> None:
-        """Apply the log from the checkpoint to its head, and to at least `target`."""
+    async def _retry_parked(self) -> None:
+        """The parked event was skipped, or another writer moved past it: resume from the log."""
+        parked = self._parked
+        if parked is None:
+            return
+        self._parked = None
+        await self._catch_up(target=0)
+        now = self._current_park()
+        if now is None or now.position != parked.position:
+            await self._meta.unpark(parked.generation)
+            logger.info(
+                "resumed after the parked event at position %s",
+                parked.position,
+                extra={"projection": self._projection.name, "checkpoint": self._checkpoint},
+            )
+            if now is not None:
+                await self._meta.park(now)
+
+    async def _catch_up(self, target: int, building: bool = False) -> None:
+        """Apply the log from the checkpoint to its head, and to at least `target`.
+
+        `building`: a new generation is being built; readiness waits for the switch.
+        """
+        if self._parked is not None:
+            return
         self._state = ProjectorState.CATCHING_UP
         self._catch_ups += 1
         started = time.monotonic()
@@ -480,12 +932,14 @@ class Projector:
                 if not events:
                     break
                 advanced = await self._apply_batch(events)
+                if self._is_parked():
+                    break
                 if advanced == checkpoint:
                     # The log has a hole right after the checkpoint (a position not committed
                     # yet); retry below rather than spin on the same read.
                     break
                 checkpoint = advanced
-            if checkpoint >= target:
+            if checkpoint >= target or self._is_parked():
                 break
             # A live event may be ahead of what the log shows: the relay publishes right
             # after it commits, so the rows appear within moments.
@@ -507,8 +961,14 @@ class Projector:
                 "elapsed_s": round(time.monotonic() - started, 3),
             },
         )
-        self._state = ProjectorState.LIVE
-        await self._set_ready(True)
+        if self._is_parked():
+            # The views are exact as of the position before the parked event: they keep being
+            # served, and the queries that read them say so (see read_service.generations).
+            self._state = ProjectorState.PARKED
+        else:
+            self._state = ProjectorState.LIVE
+        if not building:
+            await self._set_ready(True)
 
     async def _apply_batch(self, events: list[EventEnvelope]) -> int:
         """Apply a run of consecutive events in one pipeline; return the checkpoint after it."""
@@ -538,37 +998,104 @@ class Projector:
                     attributes=self._span_attributes(envelope),
                 )
                 spans.append(span)
-                effect = self._project(envelope, overlay)
+                effect = await self._project(envelope, overlay, park=False)
+                if effect is None:
+                    span.set_attribute("tessera.projection.outcome", "parked")
+                    break
                 overlay.update(effect.state)
                 items.append((envelope.position, effect.ops))
+            self._check_lease()
             results = await self._store.apply_many(items)
-            for envelope, span, result in zip(run, spans, results, strict=True):
+            for envelope, span, result in zip(run, spans, results, strict=False):
                 await self._record(envelope, result, span)
         finally:
             for span in spans:
                 span.end()
+        if len(items) < len(run):
+            # Park only now: the events before it are in Redis and the checkpoint is right before it.
+            await self._park(run[len(items)], self._park_error)
+        if not results:
+            return checkpoint
         return max(r.checkpoint for r in results)
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _project(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> Effect:
+    async def _project(
+        self, envelope: EventEnvelope, state: Mapping[str, bytes | None], *, park: bool = True
+    ) -> Effect | None:
+        """The event's effect; None when the projection raised and the event is not skipped.
+
+        Applying past an event the projection cannot handle would leave views that are
+        silently wrong, so the projector stops there (parks it) instead. `park=False` leaves
+        the parking to the caller, which first applies the events before it.
+        """
         try:
-            return self._projection.project(envelope, state)
-        except PoisonEvent as exc:
-            # Halting here would freeze every replica's views behind one bad event; skipping
-            # it keeps them current and the log keeps the event for a rebuild after a fix.
+            effect = self._projection.project(envelope, state)
+        except Exception as exc:
+            skip = await self._meta.skipped(envelope.position)
+            if skip is not None:
+                logger.warning(
+                    "applying nothing for the event at position %s: an operator skipped it",
+                    envelope.position,
+                    extra={"projection": self._projection.name, "skip": skip, "error": str(exc)},
+                )
+                return Effect()
+            self._park_error = exc
+            if park:
+                await self._park(envelope, exc)
+            return None
+        for listener in self.effect_listeners:
+            listener(envelope, effect)
+        return effect
+
+    _park_error: BaseException = RuntimeError("no error")
+    # Called with each event and the effect computed for it from the state at position - 1,
+    # before it is written: the effect is the same whichever replica writes it, and it holds
+    # once the checkpoint reaches the position (read_service.watch waits for that). Set per instance.
+    effect_listeners: tuple[Callable[[EventEnvelope, Effect], None], ...] = ()
+
+    def _is_parked(self) -> bool:
+        # A method rather than an attribute test: the type checker would keep an earlier
+        # narrowing of the attribute across the awaits that change it.
+        return self._parked is not None
+
+    def _current_park(self) -> ParkedEvent | None:
+        return self._parked
+
+    async def _park(self, envelope: EventEnvelope, exc: BaseException) -> None:
+        record = ParkedEvent(
+            projection=self._projection.name,
+            generation=self._generation or "",
+            position=envelope.position,
+            event_id=envelope.event_id,
+            event_type=envelope.event_type,
+            aggregate_type=envelope.aggregate_type,
+            aggregate_id=envelope.aggregate_id,
+            error=f"{type(exc).__name__}: {exc}",
+            parked_at=datetime.now(UTC).isoformat(),
+        )
+        self._parked = record
+        self._state = ProjectorState.PARKED
+        if self._logged_park != (record.generation, record.position):
+            self._logged_park = (record.generation, record.position)
             self._poison_events += 1
-            logger.error(  # noqa: TRY400 - the reason is in the message; no traceback needed
-                "skipping an event the projection cannot read: %s",
-                exc,
+            logger.error(
+                "projection parked at position %s: %s; nothing after it is applied until an operator skips it",
+                record.position,
+                record.error,
                 extra={
-                    "projection": self._projection.name,
-                    "event_id": envelope.event_id,
-                    "event_type": envelope.event_type,
-                    "position": envelope.position,
+                    "projection": record.projection,
+                    "generation": record.generation,
+                    "position": record.position,
+                    "event_id": record.event_id,
+                    "event_type": record.event_type,
+                    "aggregate_type": record.aggregate_type,
+                    "aggregate_id": record.aggregate_id,
+                    "error": record.error,
                 },
             )
-            return Effect()
+            logger.debug("parked event's traceback", exc_info=exc)
+        await self._meta.park(record)
 
     async def _record(self, envelope: EventEnvelope, result: ApplyResult, span: trace.Span) -> None:
         span.set_attribute("tessera.projection.outcome", result.outcome.name.lower())
@@ -580,6 +1107,14 @@ class Projector:
                 self._on_applied(envelope.position)
         elif result.outcome is Outcome.DUPLICATE:
             self._duplicates += 1
+            if self._lease is not None:
+                # Only another applier moves the checkpoint between our snapshot and our write:
+                # two replicas held the lease at once, and the apply script kept the order.
+                logger.warning(
+                    "duplicate apply refused at position %s: another replica applied it",
+                    envelope.position,
+                    extra={"projection": self._projection.name, "checkpoint": result.checkpoint},
+                )
 
     async def _observe_checkpoint(self, checkpoint: int) -> None:
         if checkpoint < self._checkpoint:
@@ -596,6 +1131,9 @@ class Projector:
             self._checkpoint = checkpoint
             changed, self._checkpoint_changed = self._checkpoint_changed, asyncio.Event()
             changed.set()
+            if self._lease is not None and self._lease.held:
+                # Followers wake on this rather than polling (read_service.lease).
+                self._lease.announce(self._projection.checkpoint_key, checkpoint)
 
     async def _set_ready(self, ready: bool) -> None:
         if ready == self._ready:

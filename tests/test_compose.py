@@ -24,8 +24,12 @@ OURS = {
     "write": "write_service",
     "relay": "relay",
     "read": "read_service",
+    "saga-worker": "write_service.saga",
+    "payment-provider": "payment_provider",
 }
 ONE_SHOT = {"migrate"}
+# Stands in for an external system: it needs neither Postgres nor Redis.
+EXTERNAL = {"payment-provider"}
 
 
 def _env(service: str) -> dict[str, Any]:
@@ -63,6 +67,8 @@ def test_topology():
     assert SERVICES["redis"]["image"].startswith("redis:7")
     assert SERVICES["relay"]["deploy"]["replicas"] == 2  # one active, one standby
     assert SERVICES["read"]["deploy"]["replicas"] >= 2
+    assert SERVICES["saga-worker"]["deploy"]["replicas"] >= 1
+    assert SERVICES["payment-provider"].get("deploy", {}).get("replicas", 1) == 1  # one set of books
     for name, service in SERVICES.items():
         if service.get("deploy", {}).get("replicas", 1) > 1:
             assert "container_name" not in service, f"{name}: a fixed container name cannot be replicated"
@@ -94,6 +100,12 @@ def test_dependencies_wait_for_health_and_for_migrations():
             "redis": "service_healthy",
             "migrate": "service_completed_successfully",
         }
+    assert _depends("saga-worker") == {
+        "postgres": "service_healthy",
+        "migrate": "service_completed_successfully",
+        "payment-provider": "service_healthy",
+    }
+    assert _depends("payment-provider") == {}
     for name in SERVICES:
         for dependency, condition in _depends(name).items():
             assert dependency in SERVICES
@@ -114,7 +126,7 @@ def test_every_long_running_service_has_a_health_check():
     assert _healthcheck_argv("redis") == ["redis-cli", "ping"]
 
 
-@pytest.mark.parametrize(("service", "port"), [("write", 50051), ("read", 50052)])
+@pytest.mark.parametrize(("service", "port"), [("write", 50051), ("read", 50052), ("payment-provider", 50070)])
 def test_grpc_services_listen_publish_and_probe_the_same_port(service: str, port: int):
     assert int(_env(service)["GRPC_PORT"]) == port
     published = [str(mapping) for mapping in SERVICES[service]["ports"]]
@@ -124,12 +136,75 @@ def test_grpc_services_listen_publish_and_probe_the_same_port(service: str, port
     assert argv[3] == f"127.0.0.1:{port}"
 
 
+def test_saga_workers_probe_their_health_port_and_reach_the_provider_by_its_port():
+    env = _env("saga-worker")
+    argv = _healthcheck_argv("saga-worker")
+    assert argv[:3] == ["python", "-m", "devstack.healthcheck"]
+    assert argv[3] == f"127.0.0.1:{int(env['GRPC_PORT'])}"
+    assert "ports" not in SERVICES["saga-worker"], "replicas with health only publish nothing"
+    host, _, port = str(env["PAYMENT_PROVIDER_ADDRESS"]).partition(":")
+    assert host == "payment-provider"
+    assert int(port) == int(_env("payment-provider")["GRPC_PORT"])
+
+
+def test_payment_provider_keeps_its_books_in_a_volume_it_may_write():
+    state = Path(str(_env("payment-provider")["PAYMENT_STATE_FILE"]))
+    volumes = [str(volume) for volume in SERVICES["payment-provider"]["volumes"]]
+    mounted = [volume.split(":", 1) for volume in volumes]
+    assert any(name in COMPOSE["volumes"] and state.parent == Path(target) for name, target in mounted)
+    # The image runs as a non-root user: the directory must exist in the image, owned by that user,
+    # so the named volume starts out writable.
+    runs = " ".join(rest for keyword, rest in _final_stage() if keyword == "RUN")
+    assert f"mkdir -p {state.parent}" in runs
+    assert "chown" in runs
+
+
+def test_payment_provider_failure_settings_are_passed_from_the_host():
+    env = _env("payment-provider")
+    for name in (
+        "PAYMENT_LATENCY_MS",
+        "PAYMENT_DECLINE_RATE",
+        "PAYMENT_TIMEOUT_RATE",
+        "PAYMENT_UNAVAILABLE_RATE",
+        "PAYMENT_DECLINE_ABOVE_MINOR",
+        "PAYMENT_SEED",
+    ):
+        assert re.fullmatch(rf"\$\{{{name}:-[0-9.]+\}}", str(env[name])), name
+
+
 def test_read_replicas_each_get_a_host_port():
     [mapping] = SERVICES["read"]["ports"]
     match = re.fullmatch(r"(\d+)-(\d+):50052", str(mapping))
     assert match, "a range of host ports, one per replica"
     first, last = int(match[1]), int(match[2])
     assert last - first + 1 >= SERVICES["read"]["deploy"]["replicas"]
+
+
+def test_read_replicas_run_a_worker_group_that_stops_within_the_stop_grace_period():
+    from read_service.settings import ReadServiceSettings
+    from read_service.workers import STOP_MARGIN_S
+
+    workers = str(_env("read")["READ_WORKERS"])
+    match = re.fullmatch(r"\$\{READ_WORKERS:-(\d+)\}", workers)
+    assert match, "READ_WORKERS may be set from the host, with a default"
+    assert ReadServiceSettings(read_workers=int(match[1])).read_workers >= 2
+    # The parent gives its workers their drain period plus a margin before it kills them; compose
+    # must wait longer than that before it kills the parent.
+    grace = ReadServiceSettings.model_fields["grpc_shutdown_grace_s"].default
+    stop_grace = SERVICES["read"].get("stop_grace_period", COMPOSE["x-app"]["stop_grace_period"])
+    assert float(str(stop_grace).removesuffix("s")) > grace + STOP_MARGIN_S
+    assert SERVICES["read"]["init"] is True, "an init process passes SIGTERM on to the group's parent"
+
+
+def test_read_replicas_sharing_one_redis_apply_under_the_lease_by_default():
+    from read_service.lease import ApplyMode
+    from read_service.settings import ReadServiceSettings
+
+    mode = str(_env("read")["READ_APPLY_MODE"])
+    match = re.fullmatch(r"\$\{READ_APPLY_MODE:-(\w+)\}", mode)
+    assert match, "READ_APPLY_MODE may be set from the host, with a default"
+    assert ApplyMode(match[1]) is ApplyMode.LEASE
+    assert ReadServiceSettings().read_apply_mode is ApplyMode.LEASE
 
 
 def test_relay_health_check_reaches_the_servers_it_works_between():
@@ -150,7 +225,7 @@ def test_health_check_commands_parse(service: str, monkeypatch: pytest.MonkeyPat
 
 def test_environment_points_at_the_compose_servers():
     postgres_env = SERVICES["postgres"]["environment"]
-    for service in OURS:
+    for service in set(OURS) - EXTERNAL:
         env = _env(service)
         database = urlsplit(env["DATABASE_URL"])
         assert database.hostname == "postgres"

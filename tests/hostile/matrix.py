@@ -18,6 +18,12 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from shared_kernel.consistency import encode_token
+from tessera.catalog.v1 import catalog_command_service_pb2 as ccmd
+from tessera.catalog.v1 import product_query_service_pb2 as cqry
+from tessera.common.v1 import money_pb2
+from tessera.orders.v1 import order_command_service_pb2 as ocmd
+from tessera.orders.v1 import order_pb2
+from tessera.orders.v1 import order_query_service_pb2 as oqry
 from tessera.users.v1 import user_command_service_pb2 as cmd
 from tessera.users.v1 import user_query_service_pb2 as qry
 
@@ -493,6 +499,431 @@ CONSISTENCY_LOOKUP_ROWS: list[Row] = [
 ]
 
 
+# --- catalog and orders query services (read replicas) --------------------------------------
+
+PRODUCT_QUERIES = "/tessera.catalog.v1.ProductQueryService/"
+ORDER_QUERIES = "/tessera.orders.v1.OrderQueryService/"
+
+
+def _ids(field: str, make: Callable[[str], Message]) -> list[Row]:
+    return [(f"id_{key}", f"{field}: {label}", _msg(make(value)), INVALID) for key, value, label in ID_SHAPES]
+
+
+def _search(**fields: object) -> Build:
+    return _msg(oqry.SearchOrdersRequest(**fields))  # type: ignore[arg-type]
+
+
+def _stats(**fields: object) -> Build:
+    values: dict[str, object] = {"from_date": "2024-01-01", "to_date": "2024-01-31", "currency_code": "EUR"}
+    values.update(fields)
+    return _msg(oqry.GetOrderStatisticsRequest(**values))  # type: ignore[arg-type]
+
+
+def _placed(start: tuple[int, int] | None = None, end: tuple[int, int] | None = None) -> Build:
+    request = oqry.SearchOrdersRequest()
+    if start is not None:
+        request.placed_from.seconds, request.placed_from.nanos = start
+    if end is not None:
+        request.placed_to.seconds, request.placed_to.nanos = end
+    return _msg(request)
+
+
+GET_PRODUCT_ROWS: list[Row] = [
+    *_ids("product_id", lambda v: cqry.GetProductRequest(product_id=v)),
+    ("noise", "1 KiB of seeded random bytes", _const(SEEDED_NOISE), INVALID),
+    (
+        "consistency_other_type",
+        "consistency_token naming an order",
+        _msg(cqry.GetProductRequest(product_id=UNKNOWN_ID, consistency_token=encode_token("order", UNKNOWN_ID, 1))),
+        INVALID,
+    ),
+    ("unknown", "well-formed unknown id", _msg(cqry.GetProductRequest(product_id=UNKNOWN_ID)), "NOT_FOUND"),
+]
+
+LIST_PRODUCTS_ROWS: list[Row] = [
+    ("page_size_minus_one", "page_size -1", _msg(cqry.ListProductsRequest(page_size=-1)), INVALID),
+    ("page_size_101", "page_size 101", _msg(cqry.ListProductsRequest(page_size=101)), INVALID),
+    (
+        "token_made_up",
+        "page_token: base64url of made-up bytes",
+        _msg(cqry.ListProductsRequest(page_token=MADE_UP_TOKEN)),
+        INVALID,
+    ),
+    ("token_sql", "page_token `' OR 1=1 --`", _msg(cqry.ListProductsRequest(page_token="' OR 1=1 --")), INVALID),
+    (
+        "consistency_sql",
+        "consistency_token `' OR 1=1 --`",
+        _msg(cqry.ListProductsRequest(consistency_token="' OR 1=1 --")),
+        INVALID,
+    ),
+    ("valid", "page_size 0, discontinued included", _msg(cqry.ListProductsRequest(include_discontinued=True)), "OK"),
+]
+
+GET_ORDER_ROWS: list[Row] = [
+    *_ids("order_id", lambda v: oqry.GetOrderRequest(order_id=v)),
+    ("noise", "1 KiB of seeded random bytes", _const(SEEDED_NOISE), INVALID),
+    (
+        "consistency_other_type",
+        "consistency_token naming a user",
+        _msg(oqry.GetOrderRequest(order_id=UNKNOWN_ID, consistency_token=encode_token("user", UNKNOWN_ID, 1))),
+        INVALID,
+    ),
+    ("unknown", "well-formed unknown id", _msg(oqry.GetOrderRequest(order_id=UNKNOWN_ID)), "NOT_FOUND"),
+]
+
+CUSTOMER_ORDERS_ROWS: list[Row] = [
+    *_ids("customer_id", lambda v: oqry.ListOrdersByCustomerRequest(customer_id=v)),
+    (
+        "status_0",
+        "statuses [UNSPECIFIED]",
+        _real_user(lambda i: oqry.ListOrdersByCustomerRequest(customer_id=i, statuses=[0])),  # type: ignore[list-item]
+        INVALID,
+    ),
+    (
+        "status_99",
+        "statuses [99] (not in the enum)",
+        _real_user(lambda i: oqry.ListOrdersByCustomerRequest(customer_id=i, statuses=[1, 99])),  # type: ignore[list-item]
+        INVALID,
+    ),
+    (
+        "page_size_101",
+        "page_size 101",
+        _real_user(lambda i: oqry.ListOrdersByCustomerRequest(customer_id=i, page_size=101)),
+        INVALID,
+    ),
+    (
+        "token_made_up",
+        "page_token: base64url of made-up bytes",
+        _real_user(lambda i: oqry.ListOrdersByCustomerRequest(customer_id=i, page_token=MADE_UP_TOKEN)),
+        INVALID,
+    ),
+    ("valid", "a real user (no orders)", _real_user(lambda i: oqry.ListOrdersByCustomerRequest(customer_id=i)), "OK"),
+]
+
+SEARCH_ORDERS_ROWS: list[Row] = [
+    ("text_101", "text of 101 chars", _search(text="t" * 101), INVALID),
+    ("text_crlf", "text with CR LF", _search(text="a\r\nb"), INVALID),
+    ("text_nul", "text with NUL", _search(text="a\x00"), INVALID),
+    ("text_utf8", "text not valid UTF-8 (raw bytes)", _const(bytes_field(1, INVALID_UTF8)), INVALID),
+    ("status_99", "statuses [99] (not in the enum)", _search(statuses=[99]), INVALID),
+    ("sort_by_99", "sort_by 99 (not in the enum)", _search(sort_by=99), INVALID),
+    ("sort_direction_99", "sort_direction 99 (not in the enum)", _search(sort_direction=99), INVALID),
+    ("page_size_minus_one", "page_size -1", _search(page_size=-1), INVALID),
+    ("from_after_to", "placed_from after placed_to", _placed((1_700_000_000, 0), (1_600_000_000, 0)), INVALID),
+    ("nanos_negative", "placed_from with nanos -1", _placed((1_700_000_000, -1)), INVALID),
+    ("seconds_huge", "placed_to in the year 10000", _placed(None, (253_402_300_800, 0)), INVALID),
+    ("token_made_up", "page_token: base64url of made-up bytes", _search(page_token=MADE_UP_TOKEN), INVALID),
+    (
+        "consistency_other_type",
+        "consistency_token naming a product",
+        _search(consistency_token=encode_token("product", UNKNOWN_ID, 1)),
+        INVALID,
+    ),
+    (
+        "text_sql",
+        "text `' OR 1=1; DROP TABLE orders; --` (a literal substring)",
+        _search(text="' OR 1=1; DROP TABLE orders; --"),
+        "OK",
+    ),
+    ("text_glob", "text `*?[a-z]{1}` (a literal substring)", _search(text="*?[a-z]{1}"), "OK"),
+    ("valid_window", "a one-day placing window", _placed((1_700_000_000, 0), (1_700_086_400, 0)), "OK"),
+    ("5mib", "5 MiB text", _search(text="s" * (5 * MIB)), TOO_BIG),
+]
+
+ORDER_STATISTICS_ROWS: list[Row] = [
+    ("empty", "every field empty", _msg(oqry.GetOrderStatisticsRequest()), INVALID),
+    ("date_slashes", "from_date `2024/01/01`", _stats(from_date="2024/01/01"), INVALID),
+    ("date_feb_30", "to_date `2024-02-30`", _stats(to_date="2024-02-30"), INVALID),
+    ("date_crlf", "from_date with CR LF", _stats(from_date="2024-01-01\r\n"), INVALID),
+    ("from_after_to", "from_date after to_date", _stats(from_date="2024-02-01"), INVALID),
+    ("range_367", "to_date 367 days after from_date", _stats(to_date="2025-01-02"), INVALID),
+    ("currency_lower", "currency_code `eur`", _stats(currency_code="eur"), INVALID),
+    ("currency_long", "currency_code `EURO`", _stats(currency_code="EURO"), INVALID),
+    ("currency_nul", "currency_code with NUL", _stats(currency_code="E\x00R"), INVALID),
+    ("top_minus_one", "top_products -1", _stats(top_products=-1), INVALID),
+    ("top_101", "top_products 101", _stats(top_products=101), INVALID),
+    ("range_366", "to_date 366 days after from_date (the most allowed)", _stats(to_date="2025-01-01"), "OK"),
+    ("valid", "one month in EUR", _stats(), "OK"),
+]
+
+
+def _read_model_cases() -> list[Case]:
+    sections = [
+        ("get_product", PRODUCT_QUERIES + "GetProduct", GET_PRODUCT_ROWS),
+        ("list_products", PRODUCT_QUERIES + "ListProducts", LIST_PRODUCTS_ROWS),
+        ("get_order", ORDER_QUERIES + "GetOrder", GET_ORDER_ROWS),
+        ("customer_orders", ORDER_QUERIES + "ListOrdersByCustomer", CUSTOMER_ORDERS_ROWS),
+        ("search_orders", ORDER_QUERIES + "SearchOrders", SEARCH_ORDERS_ROWS),
+        ("order_statistics", ORDER_QUERIES + "GetOrderStatistics", ORDER_STATISTICS_ROWS),
+    ]
+    # Not watched: the Redis monitor recognises the users key space only; the statuses are checked.
+    return [
+        Case(f"{prefix}.{key}", method, text, build, expected, "read")
+        for prefix, method, rows in sections
+        for key, text, build, expected in rows
+    ]
+
+
+# --- catalog and orders command services (write service) -----------------------------------
+
+CATALOG_COMMANDS = "/tessera.catalog.v1.CatalogCommandService/"
+ORDER_COMMANDS = "/tessera.orders.v1.OrderCommandService/"
+EUR_1 = money_pb2.Money(currency_code="EUR", amount_minor=100)
+ADDRESS = order_pb2.Address(
+    recipient="Ada Lovelace", line1="12 St James's Square", city="London", postal_code="SW1Y 4JH", country_code="GB"
+)
+
+
+def _product(**overrides: object) -> Build:
+    def build(given: Given) -> bytes:
+        fields: dict[str, object] = {"sku": given.canary, "name": f"Canary {given.canary}", "price": EUR_1}
+        fields.update(overrides)
+        return encode(ccmd.AddProductRequest(**fields))  # type: ignore[arg-type]
+
+    return build
+
+
+def _place(**overrides: object) -> Build:
+    def build(given: Given) -> bytes:
+        fields: dict[str, object] = {
+            "customer_id": given.user_id,
+            "items": [ocmd.OrderItem(sku=given.canary, quantity=1)],
+            "shipping_address": ADDRESS,
+        }
+        fields.update(overrides)
+        return encode(ocmd.PlaceOrderRequest(**fields))  # type: ignore[arg-type]
+
+    return build
+
+
+def _address(**overrides: str) -> Build:
+    address = order_pb2.Address()
+    address.CopyFrom(ADDRESS)
+    for name, value in overrides.items():
+        setattr(address, name, value)
+    return _place(shipping_address=address)
+
+
+def _items(*items: tuple[str, int]) -> Build:
+    return _place(items=[ocmd.OrderItem(sku=sku, quantity=quantity) for sku, quantity in items])
+
+
+def _command_ids(field: str, make: Callable[[str], Message]) -> list[Row]:
+    return [(f"id_{key}", f"{field}: {label}", _msg(make(value)), INVALID) for key, value, label in ID_SHAPES]
+
+
+ADD_PRODUCT_ROWS: list[Row] = [
+    ("empty", "every field empty", _msg(ccmd.AddProductRequest()), INVALID),
+    ("sku_glob", "sku `*?[a-z]`", _product(sku="*?[a-z]"), INVALID),
+    ("sku_sql", "sku `x'; DROP TABLE products;--`", _product(sku="x'; DROP TABLE products;--"), INVALID),
+    ("sku_crlf", "sku with CR LF", _product(sku="SKU\r\n1"), INVALID),
+    ("sku_65", "sku of 65 chars", _product(sku="s" * 65), INVALID),
+    ("name_nul", "name with NUL", _product(name="Engine\x00"), INVALID),
+    ("name_10k", "10 KiB name", _product(name="n" * (10 * KIB)), INVALID),
+    (
+        "name_utf8",
+        "name not valid UTF-8 (raw bytes)",
+        _const(bytes_field(1, b"SKU-1") + bytes_field(2, INVALID_UTF8)),
+        INVALID,
+    ),
+    ("price_missing", "no price", _product(price=None), INVALID),
+    ("currency_lower", "currency `eur`", _product(price=money_pb2.Money(currency_code="eur", amount_minor=1)), INVALID),
+    (
+        "currency_unknown",
+        "currency `EUE` (not ISO 4217)",
+        _product(price=money_pb2.Money(currency_code="EUE")),
+        INVALID,
+    ),
+    ("amount_negative", "amount -1", _product(price=money_pb2.Money(currency_code="EUR", amount_minor=-1)), INVALID),
+    ("stock_negative", "initial_stock -1", _product(initial_stock=-1), INVALID),
+    ("stock_int64_max", "initial_stock 2^63-1", _product(initial_stock=2**63 - 1), INVALID),
+    ("noise", "1 KiB of seeded random bytes", _const(SEEDED_NOISE), INVALID),
+    ("corrupt", "corrupt tags (`ff` x 16)", _const(CORRUPT_TAGS), INVALID),
+    ("5mib", "5 MiB name", _product(name="a" * (5 * MIB)), TOO_BIG),
+    ("valid", "a new product", _product(), "OK"),
+]
+
+UPDATE_PRICE_ROWS: list[Row] = [
+    *_command_ids("product_id", lambda v: ccmd.UpdateProductPriceRequest(product_id=v, price=EUR_1)),
+    ("price_missing", "no price", _msg(ccmd.UpdateProductPriceRequest(product_id=UNKNOWN_ID)), INVALID),
+    (
+        "currency_glob",
+        "currency `E*`",
+        _msg(ccmd.UpdateProductPriceRequest(product_id=UNKNOWN_ID, price=money_pb2.Money(currency_code="E*"))),
+        INVALID,
+    ),
+    (
+        "expected_version_0",
+        "expected_version 0",
+        _msg(ccmd.UpdateProductPriceRequest(product_id=UNKNOWN_ID, price=EUR_1, expected_version=0)),
+        INVALID,
+    ),
+    (
+        "unknown",
+        "well-formed unknown id",
+        _msg(ccmd.UpdateProductPriceRequest(product_id=UNKNOWN_ID, price=EUR_1)),
+        "NOT_FOUND",
+    ),
+]
+
+RESTOCK_ROWS: list[Row] = [
+    *_command_ids("product_id", lambda v: ccmd.RestockProductRequest(product_id=v, quantity=1)),
+    ("quantity_0", "quantity 0", _msg(ccmd.RestockProductRequest(product_id=UNKNOWN_ID)), INVALID),
+    ("quantity_negative", "quantity -5", _msg(ccmd.RestockProductRequest(product_id=UNKNOWN_ID, quantity=-5)), INVALID),
+    (
+        "quantity_2e62",
+        "quantity 2^62",
+        _msg(ccmd.RestockProductRequest(product_id=UNKNOWN_ID, quantity=2**62)),
+        INVALID,
+    ),
+    (
+        "unknown",
+        "well-formed unknown id",
+        _msg(ccmd.RestockProductRequest(product_id=UNKNOWN_ID, quantity=1)),
+        "NOT_FOUND",
+    ),
+]
+
+DISCONTINUE_ROWS: list[Row] = [
+    *_command_ids("product_id", lambda v: ccmd.DiscontinueProductRequest(product_id=v)),
+    (
+        "reason_crlf",
+        "reason with CR LF",
+        _msg(ccmd.DiscontinueProductRequest(product_id=UNKNOWN_ID, reason="a\r\nb")),
+        INVALID,
+    ),
+    (
+        "reason_10k",
+        "10 KiB reason",
+        _msg(ccmd.DiscontinueProductRequest(product_id=UNKNOWN_ID, reason="r" * (10 * KIB))),
+        INVALID,
+    ),
+    ("unknown", "well-formed unknown id", _msg(ccmd.DiscontinueProductRequest(product_id=UNKNOWN_ID)), "NOT_FOUND"),
+]
+
+PLACE_ORDER_ROWS: list[Row] = [
+    ("empty", "every field empty", _msg(ocmd.PlaceOrderRequest()), INVALID),
+    *[
+        (f"customer_{key}", f"customer_id: {label}", _place(customer_id=value), INVALID)
+        for key, value, label in ID_SHAPES
+    ],
+    ("items_empty", "no items", _place(items=[]), INVALID),
+    ("items_101", "101 items", _items(*((f"S-{n}", 1) for n in range(101))), INVALID),
+    ("quantity_0", "item quantity 0", _items(("S-1", 0)), INVALID),
+    ("quantity_10001", "item quantity 10001", _items(("S-1", 10_001)), INVALID),
+    ("quantity_negative", "item quantity -1", _items(("S-1", -1)), INVALID),
+    ("sku_twice", "one sku twice (other case)", _items(("S-1", 1), ("s-1", 1)), INVALID),
+    ("sku_glob", "item sku `*`", _items(("*", 1)), INVALID),
+    ("address_missing", "no shipping address", _place(shipping_address=None), INVALID),
+    ("country_lower", "country_code `gb`", _address(country_code="gb"), INVALID),
+    ("city_crlf", "city with CR LF", _address(city="London\r\nX"), INVALID),
+    ("recipient_blank", "recipient of spaces", _address(recipient="   "), INVALID),
+    ("notes_1001", "notes of 1001 chars", _place(notes="n" * 1001), INVALID),
+    ("notes_cr", "notes with CR", _place(notes="a\rb"), INVALID),
+    ("noise", "1 KiB of seeded random bytes", _const(SEEDED_NOISE), INVALID),
+    ("5mib", "5 MiB notes", _place(notes="n" * (5 * MIB)), TOO_BIG),
+]
+
+# Refused by a business rule, after the customer or the catalog was looked up: not watched.
+PLACE_ORDER_RULE_ROWS: list[Row] = [
+    ("unknown_sku", "a real customer, an unknown sku", _place(), "FAILED_PRECONDITION"),
+    ("unknown_customer", "a well-formed unknown customer", _place(customer_id=UNKNOWN_ID), "FAILED_PRECONDITION"),
+]
+
+ADD_ITEM_ROWS: list[Row] = [
+    *_command_ids(
+        "order_id", lambda v: ocmd.AddOrderItemRequest(order_id=v, item=ocmd.OrderItem(sku="S-1", quantity=1))
+    ),
+    ("item_missing", "no item", _msg(ocmd.AddOrderItemRequest(order_id=UNKNOWN_ID)), INVALID),
+    (
+        "quantity_0",
+        "item quantity 0",
+        _msg(ocmd.AddOrderItemRequest(order_id=UNKNOWN_ID, item=ocmd.OrderItem(sku="S-1"))),
+        INVALID,
+    ),
+    (
+        "unknown",
+        "well-formed unknown id",
+        _msg(ocmd.AddOrderItemRequest(order_id=UNKNOWN_ID, item=ocmd.OrderItem(sku="S-1", quantity=1))),
+        "NOT_FOUND",
+    ),
+]
+
+CANCEL_ROWS: list[Row] = [
+    *_command_ids("order_id", lambda v: ocmd.CancelOrderRequest(order_id=v, reason="r")),
+    ("reason_empty", "empty reason", _msg(ocmd.CancelOrderRequest(order_id=UNKNOWN_ID)), INVALID),
+    ("reason_crlf", "reason with CR LF", _msg(ocmd.CancelOrderRequest(order_id=UNKNOWN_ID, reason="a\r\nb")), INVALID),
+    (
+        "reason_501",
+        "reason of 501 chars",
+        _msg(ocmd.CancelOrderRequest(order_id=UNKNOWN_ID, reason="r" * 501)),
+        INVALID,
+    ),
+    ("unknown", "well-formed unknown id", _msg(ocmd.CancelOrderRequest(order_id=UNKNOWN_ID, reason="r")), "NOT_FOUND"),
+]
+
+SHIP_ROWS: list[Row] = [
+    *_command_ids("order_id", lambda v: ocmd.ShipOrderRequest(order_id=v, carrier="DHL", tracking_number="T-1")),
+    (
+        "carrier_empty",
+        "empty carrier",
+        _msg(ocmd.ShipOrderRequest(order_id=UNKNOWN_ID, tracking_number="T-1")),
+        INVALID,
+    ),
+    (
+        "tracking_glob",
+        "tracking_number `*`",
+        _msg(ocmd.ShipOrderRequest(order_id=UNKNOWN_ID, carrier="DHL", tracking_number="*")),
+        INVALID,
+    ),
+    (
+        "tracking_101",
+        "tracking_number of 101 chars",
+        _msg(ocmd.ShipOrderRequest(order_id=UNKNOWN_ID, carrier="DHL", tracking_number="T" * 101)),
+        INVALID,
+    ),
+    (
+        "unknown",
+        "well-formed unknown id",
+        _msg(ocmd.ShipOrderRequest(order_id=UNKNOWN_ID, carrier="DHL", tracking_number="T-1")),
+        "NOT_FOUND",
+    ),
+]
+
+
+def _write_model_cases() -> list[Case]:
+    write: Target = "write"
+    sections: list[tuple[str, str, Watch, list[Row]]] = [
+        ("add_product", CATALOG_COMMANDS + "AddProduct", "postgres", ADD_PRODUCT_ROWS),
+        ("update_price", CATALOG_COMMANDS + "UpdateProductPrice", "postgres", UPDATE_PRICE_ROWS),
+        ("restock", CATALOG_COMMANDS + "RestockProduct", "postgres", RESTOCK_ROWS),
+        ("discontinue", CATALOG_COMMANDS + "DiscontinueProduct", "postgres", DISCONTINUE_ROWS),
+        ("place_order", ORDER_COMMANDS + "PlaceOrder", "postgres", PLACE_ORDER_ROWS),
+        ("place_order", ORDER_COMMANDS + "PlaceOrder", "none", PLACE_ORDER_RULE_ROWS),
+        ("add_item", ORDER_COMMANDS + "AddOrderItem", "postgres", ADD_ITEM_ROWS),
+        ("cancel", ORDER_COMMANDS + "CancelOrder", "postgres", CANCEL_ROWS),
+        ("ship", ORDER_COMMANDS + "ShipOrder", "postgres", SHIP_ROWS),
+    ]
+    cases = [
+        Case(f"{prefix}.{key}", method, text, build, expected, write, watch)
+        for prefix, method, watch, rows in sections
+        for key, text, build, expected in rows
+    ]
+    cases.append(
+        Case(
+            "place_order.correlation_long",
+            ORDER_COMMANDS + "PlaceOrder",
+            "valid fields, `x-correlation-id` of 200 chars",
+            _place(),
+            INVALID,
+            write,
+            "postgres",
+            metadata=(("x-correlation-id", "c" * 200),),
+        )
+    )
+    return cases
+
+
 def _server_rows(target: Target) -> list[Case]:
     rows: list[Row] = [
         ("health", "Check, whole server", _health(""), "OK"),
@@ -584,6 +1015,8 @@ def _cases() -> list[Case]:
             read,
         ),
     ]
+    rows += _read_model_cases()
+    rows += _write_model_cases()
     return rows
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("write_service", "read_service", "relay")
+SERVICES = ("write_service", "read_service", "relay", "payment_provider")
 
 
 def _imported_roots(package: str) -> dict[str, set[str]]:
