@@ -111,6 +111,15 @@ def _page_token_codec(settings: ReadServiceSettings) -> PageTokenCodec:
     return PageTokenCodec(key)
 
 
+def open_events_client(settings: ReadServiceSettings, stack: AsyncExitStack) -> aioredis.Redis | None:
+    """The relays' Redis when this replica keeps its views in a server of its own; None when they share one."""
+    if settings.redis_events_url is None:
+        return None
+    client = create_redis_client(str(settings.redis_events_url), settings.redis_socket_timeout_s)
+    stack.push_async_callback(client.aclose)
+    return client
+
+
 @asynccontextmanager
 async def running_read_service(
     settings: ReadServiceSettings,
@@ -135,6 +144,7 @@ async def running_read_service(
         stack.push_async_callback(pool.close)
         redis_client = create_redis_client(str(settings.redis_url), settings.redis_socket_timeout_s)
         stack.push_async_callback(redis_client.aclose)
+        events_client = open_events_client(settings, stack)
 
         keys = UserKeys(settings.redis_key_prefix)
         catalog_keys = CatalogKeys(settings.redis_key_prefix)
@@ -175,6 +185,7 @@ async def running_read_service(
             batch_size=settings.catchup_batch_size,
             on_readiness_change=on_readiness_change,
             lease=lease,
+            events_client=events_client,
             # The views live in a generation (read_service.generations); `keys`, the queries', follow it.
             generations=replica_generations(
                 redis_client, settings.redis_key_prefix, projection, lambda p: UsersProjection(UserKeys(p)), keys
@@ -192,6 +203,7 @@ async def running_read_service(
                 batch_size=settings.catchup_batch_size,
                 on_readiness_change=on_readiness_change,
                 lease=lease,
+                events_client=events_client,
                 generations=replica_generations(redis_client, settings.redis_key_prefix, other, factory, query_keys),
             )
             stack.push_async_callback(started.stop)

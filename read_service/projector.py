@@ -183,8 +183,12 @@ class Projector:
         probe_interval_s: float = 0.5,
         switch_grace_s: float = 2.0,
         lease: LeaseOptions | None = None,
+        events_client: aioredis.Redis | None = None,
     ) -> None:
         self._client = client
+        # The relay's Redis, where the event stream is published; the views' Redis unless a
+        # replica keeps its views in a Redis server of its own.
+        self._events_client = client if events_client is None else events_client
         self._pool = pool
         self._projection = projection
         self._store = ViewStore(client, projection.checkpoint_key)
@@ -542,7 +546,7 @@ class Projector:
     async def _session(self) -> None:
         await self._store.load_script()
         replaces = await self._choose_keyspace()
-        pubsub = self._client.pubsub()
+        pubsub = self._events_client.pubsub()
         inbox: asyncio.Queue[_Inbound] = asyncio.Queue()
         subscribed = asyncio.Event()
         reader: asyncio.Task[None] | None = None

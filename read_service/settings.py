@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, RedisDsn, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from read_service.lease import ApplyMode
@@ -23,6 +23,11 @@ class ReadServiceSettings(CommonSettings, DatabaseSettings, RedisSettings, GrpcS
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
 
     grpc_port: int = Field(default=50052, ge=0, le=65535, description="Port to bind (0 picks a free one).")
+    redis_events_url: RedisDsn | None = Field(
+        default=None,
+        description="Redis server the relays publish the event stream to, when this replica keeps its views in "
+        "a Redis server of its own (REDIS_URL); unset: the stream is read from REDIS_URL.",
+    )
     page_token_secret: SecretStr | None = Field(
         default=None,
         min_length=16,

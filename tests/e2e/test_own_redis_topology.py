@@ -1,8 +1,10 @@
 """The "own Redis" topology: each replica keeps its views in a Redis of its own and applies the stream itself.
 
-Here the two key spaces are two database numbers of the test Redis server. Redis pub/sub is
-server-wide, so both replicas hear the relay's stream whichever database they keep views in; each
-catches up from the Postgres event log by itself and serves correct views without the other.
+First the two key spaces are two database numbers of the test Redis server: pub/sub is
+server-wide, so both replicas hear the relay's stream whichever database they keep views in.
+Then a replica keeps its views in a Redis server of its own and reads the stream from the
+relays' server (REDIS_EVENTS_URL). Each catches up from the Postgres event log by itself and
+serves correct views without the other.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from devstack.servers import EmbeddedRedis
 from devstack.supervisor import ServiceProcess, Stack, StackConfig
 from tessera.users.v1 import user_command_service_pb2 as cmd
 from tessera.users.v1 import user_command_service_pb2_grpc as cmd_grpc
@@ -69,9 +72,11 @@ async def write_only_stack(
         await client.aclose()
 
 
-def own_redis_replica(stack: Stack, name: str, redis_url: str) -> ServiceProcess:
+def own_redis_replica(stack: Stack, name: str, redis_url: str, events_url: str | None = None) -> ServiceProcess:
     """A replica whose views live at `redis_url` (started, not yet waited for)."""
     env = {**stack.service_env(), "REDIS_URL": redis_url}
+    if events_url is not None:
+        env["REDIS_EVENTS_URL"] = events_url
     return ServiceProcess.python_module(
         name, "read_service", env=env, grpc_port=0, log_path=stack.log_dir / f"{name}.log"
     ).start()
@@ -157,3 +162,40 @@ async def test_replicas_with_their_own_redis_each_apply_the_stream_and_serve_cor
         await stopped.wait_healthy_async(60)
         reply = await get_user(stopped.address, ada.user_id, again.consistency_token)
         assert (reply.stale, reply.user.full_name, reply.user.version) == (False, "Ada, Countess", 3)
+
+
+async def test_a_replica_with_a_redis_server_of_its_own_reads_the_stream_from_the_relays_redis(
+    write_only_stack: Stack, redis_server_url: str
+) -> None:
+    with EmbeddedRedis() as own:
+        replica = own_redis_replica(write_only_stack, "read-own-server", own.url, events_url=redis_server_url)
+        try:
+            async with grpc.aio.insecure_channel(write_only_stack.write_address) as channel:
+                commands: UserCommandServiceAsyncStub = cmd_grpc.UserCommandServiceStub(channel)
+                unique = secrets.token_hex(4)
+                await replica.wait_healthy_async(60)
+                # Written after the replica is up: reaching it takes the live stream from the other server.
+                registered = await commands.RegisterUser(
+                    cmd.RegisterUserRequest(
+                        email=f"mary.{unique}@example.com",
+                        username=f"mary_{unique}",
+                        password="own-server-Pa55",
+                        full_name="Mary",
+                    ),
+                    timeout=10,
+                )
+                renamed = await commands.UpdateUserProfile(
+                    cmd.UpdateUserProfileRequest(user_id=registered.user_id, full_name="Mary Somerville"), timeout=10
+                )
+                reply = await get_user(replica.address, registered.user_id, renamed.consistency_token)
+                assert not reply.stale
+                assert (reply.user.full_name, reply.user.version) == ("Mary Somerville", 2)
+            # The views are in the replica's own server, not in the relays'.
+            prefix = write_only_stack.config.redis_key_prefix
+            client = own.client()
+            try:
+                assert any(True for _ in client.scan_iter(match=f"{prefix}*", count=1000))
+            finally:
+                client.close()
+        finally:
+            replica.terminate(grace=10)
