@@ -11,6 +11,7 @@ import logging
 import sys
 
 from read_service.bootstrap import running_read_service
+from read_service.projector_metrics import register_projector_metrics
 from read_service.settings import ReadServiceSettings
 from read_service.workers import GroupLink, ReplicaHeaderInterceptor, WorkerGroup
 from shared_kernel.grpc_server import wait_for_shutdown_signal
@@ -40,6 +41,7 @@ async def serve(settings: ReadServiceSettings) -> int:
             interceptors=[ReplicaHeaderInterceptor(settings.read_replica_id)],
             readiness_hook=link.readiness_hook if link is not None else None,
         ) as service:
+            register_projector_metrics(service.projectors)
             # A projector that dies of a bug ends the process, so the orchestrator (or the group) restarts it.
             extra: list[asyncio.Future[None]] = list(service.projector_tasks)
             if link is not None and link.parent_gone is not None:

@@ -12,6 +12,8 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
 from read_service.admin import AdminError, skip
 from read_service.bootstrap import running_read_service
@@ -19,6 +21,7 @@ from read_service.consistency import PARKED_HEADER, STALE_HEADER
 from read_service.generations import parked_events, skip_field, skips_key
 from read_service.projections.users import UsersProjection
 from read_service.projector import ProjectorState
+from read_service.projector_metrics import register_projector_metrics
 from shared_kernel.event_log import NewEvent
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceStub
@@ -39,6 +42,28 @@ async def _log_with_a_broken_event(event_log: EventLog, users: UserFactory, db_p
     await event_log.append(first, broken, after)
     await db_pool.execute(BROKEN_PAYLOAD, broken.event_id)
     return first_id, broken, after_id
+
+
+def parked_metrics(projector: Any) -> dict[str, int]:
+    """The users projection's checkpoint and parked figures, as a metrics reader collects them."""
+    reader = InMemoryMetricReader()
+    register_projector_metrics([projector], meter_provider=MeterProvider(metric_readers=[reader]))
+    collected = reader.get_metrics_data()
+    assert collected is not None
+    wanted = {
+        "tessera.read.projection.parked_position",
+        "tessera.read.projection.parked_events",
+        "tessera.read.projection.checkpoint",
+    }
+    figures: dict[str, int] = {}
+    for resource in collected.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name in wanted:
+                    (point,) = [p for p in metric.data.data_points if p.attributes == {"projection": "users"}]
+                    assert isinstance(point, NumberDataPoint)
+                    figures[metric.name] = int(point.value)
+    return figures
 
 
 async def test_a_projection_that_raises_parks_the_event_and_applies_nothing_after_it(
@@ -70,13 +95,19 @@ async def test_a_projection_that_raises_parks_the_event_and_applies_nothing_afte
     assert (record.projection, record.position, record.event_type) == ("users", 2, broken.event_type)
     logged = [r for r in caplog.records if r.levelname == "ERROR" and "parked at position 2" in r.getMessage()]
     assert logged and logged[0].__dict__["event_id"] == str(broken.event_id)
+    assert parked_metrics(projector) == {
+        "tessera.read.projection.parked_position": 2,
+        "tessera.read.projection.parked_events": 1,
+        "tessera.read.projection.checkpoint": 1,
+    }
 
     # Live events, heartbeats and a re-subscription all leave it stopped there.
     late_id, late = users.register("late@example.com", "late")
     (late_envelope,) = await event_log.append(late)
     await publisher.event(late_envelope)
     await publisher.head(late_envelope.position)
-    await asyncio.sleep(0.5)  # several probe intervals: nothing may move
+    # It has heard of the later events and still moves nothing.
+    await eventually(lambda: projector.status().head >= late_envelope.position)
     assert projector.checkpoint == 1
     assert await view_of(redis_client, redis_prefix, late_id) is None
 
