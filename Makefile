@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv gen up migrate test lint breaking ci lag bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss chaos clean distclean
+.PHONY: help venv gen up migrate test lint breaking ci lag lag-orders bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss chaos clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -78,6 +78,9 @@ ci: lint breaking test chaos ## everything CI checks (the chaos suite included, 
 LAG_COMMANDS ?= 1000
 lag: gen ## reply → visible-on-replica latency (median, p99) over LAG_COMMANDS RegisterUser calls on a fresh stack
 	$(PY) -m devstack.measure_lag -n $(LAG_COMMANDS) --json results/lag.json
+
+lag-orders: gen ## PlaceOrder reply → order visible on each replica (median, p99), saga workers running
+	$(PY) -m devstack.measure_lag --orders -n $(LAG_COMMANDS) --json results/lag_orders.json
 
 BENCH_ARGS ?=
 bench-read: gen ## GetUser calls/s of one replica with 1 and with 2 worker processes, in one run; figures in results/read_rps.json
