@@ -79,11 +79,14 @@ def settlement_for(payment_state: str | None) -> Settlement:
     """What compensation does with the provider's payment for the order.
 
     No payment at all is voided too: the void blocks an authorization that may still be on its
-    way (a call that timed out on our side but reaches the provider later).
+    way (a call that timed out on our side but reaches the provider later). A payment already
+    voided or refunded is settled again with the same idempotency key: the provider replays
+    its first reply, and the saga records the event it could not record when that call's
+    answer was lost (a timeout that took effect, a crash, a re-plan).
     """
-    if payment_state is None or payment_state == "authorized":
+    if payment_state is None or payment_state in ("authorized", "voided"):
         return "void"
-    if payment_state == "captured":
+    if payment_state in ("captured", "refunded"):
         return "refund"
     return "none"
 

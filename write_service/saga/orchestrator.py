@@ -444,8 +444,10 @@ class SagaRunner:
             now = datetime.now(UTC)
             if action == "void":
                 after = await self._provider.void(reference, model.idempotency_key(saga.id, "void"))
-                detail = f"voided {after.authorization_id}" if before is not None else "voided before any authorization"
-                if before is not None:
+                detail = (
+                    f"voided {after.authorization_id}" if after.authorization_id else "voided before any authorization"
+                )
+                if after.authorization_id:
                     event = order_events.PaymentVoided(
                         order_id=reference, authorization_id=after.authorization_id, voided_at=_ts(now)
                     )

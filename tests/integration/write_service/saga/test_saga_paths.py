@@ -220,6 +220,39 @@ async def test_cancel_of_a_confirmed_order_releases_stock_and_refunds(
     assert (await order_row(db_pool, order_id))["cancelled_by"] == "tester"  # the caller's cancellation stands
 
 
+async def test_a_refund_whose_answer_was_lost_is_recorded_once(
+    db_pool: asyncpg.Pool[Any], database_url: str, provider: grpc.aio.Channel
+) -> None:
+    customer = await add_user(db_pool)
+    product, _ = await add_product(db_pool, 3)
+    order_id = await place_order(db_pool, customer, [(product, 1)])
+    async with running_worker(db_pool, database_url, provider, Settings(timeout_s=0.3)):
+        await wait_sagas_settled(db_pool)
+        assert (await order_row(db_pool, order_id))["status"] == "confirmed"
+        # The refund takes effect at the provider, but its answer never reaches the worker.
+        await configure_provider(
+            provider,
+            scripted_failures=[
+                admin_pb.ScriptedFailure(
+                    reference=str(order_id),
+                    method=admin_pb.PROVIDER_METHOD_REFUND,
+                    kind=admin_pb.FAILURE_KIND_TIMEOUT_APPLIED,
+                    times=1,
+                )
+            ],
+        )
+        await cancel_order(db_pool, order_id)
+        await wait_sagas_settled(db_pool)
+    paid = await payment(provider, order_id)
+    assert paid is not None
+    assert (paid.state, paid.captures, paid.refunds) == (pb.PAYMENT_STATE_REFUNDED, 1, 1)
+    events = [name for name, _ in await order_events_of(db_pool, order_id)]
+    # The read side learns of the refund (paid → false) exactly once, although the provider refunded
+    # before the retry asked it again.
+    assert events.count("PaymentRefunded") == 1
+    assert events[-1] == "PaymentRefunded"
+
+
 async def test_cancel_before_the_saga_ran_voids_the_reference(
     db_pool: asyncpg.Pool[Any], database_url: str, provider: grpc.aio.Channel
 ) -> None:

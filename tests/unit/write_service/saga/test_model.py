@@ -54,8 +54,8 @@ def test_kinds_and_retry_status() -> None:
         (None, "void"),  # never authorized: void anyway so a late authorization is refused
         ("authorized", "void"),
         ("captured", "refund"),
-        ("voided", "none"),
-        ("refunded", "none"),
+        ("voided", "void"),  # settled again with the same key: the provider replays, the event is recorded
+        ("refunded", "refund"),
         ("declined", "none"),
     ],
 )
