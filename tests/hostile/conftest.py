@@ -30,9 +30,22 @@ from read_service.generations import checkpoint_key, pointer_key
 from tests.e2e.conftest import FAST_HASHING
 
 WRITE_APPLICATION = "tessera-write-service"
-READ_KEY_KINDS = ("users:view:", "users:by_email", "users:idx:")
+READ_KEY_KINDS = (
+    "users:view:",
+    "users:by_email",
+    "users:idx:",
+    "users:spent:",
+    "catalog:view:",
+    "catalog:idx:",
+    "orders:view:",
+    "orders:customer:",
+    "orders:idx:",
+    "orders:stats:",
+)
 # The commands the query path sends; the projector's writes go through EVALSHA instead.
-QUERY_COMMANDS = frozenset({"GET", "MGET", "HGET", "ZRANGE", "ZRANGEBYLEX", "ZREVRANGEBYLEX"})
+QUERY_COMMANDS = frozenset(
+    {"GET", "MGET", "HGET", "HGETALL", "ZRANGE", "ZRANGEBYLEX", "ZREVRANGEBYLEX", "ZRANGEBYSCORE", "ZREVRANGEBYSCORE"}
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -179,7 +192,7 @@ class RedisMonitor:
 
     @staticmethod
     def query_commands(lines: list[str], prefix: str) -> list[str]:
-        """The lines that are a query-path read of the users views under `prefix`."""
+        """The lines that are a query-path read of the views under `prefix`."""
         found = []
         for line in lines:
             args = re.findall(r'"((?:[^"\\]|\\.)*)"', line)

@@ -656,9 +656,9 @@ def _read_model_cases() -> list[Case]:
         ("search_orders", ORDER_QUERIES + "SearchOrders", SEARCH_ORDERS_ROWS),
         ("order_statistics", ORDER_QUERIES + "GetOrderStatistics", ORDER_STATISTICS_ROWS),
     ]
-    # Not watched: the Redis monitor recognises the users key space only; the statuses are checked.
+    # Watched like the users queries: a refused request never reaches Redis, a control row does.
     return [
-        Case(f"{prefix}.{key}", method, text, build, expected, "read")
+        Case(f"{prefix}.{key}", method, text, build, expected, "read", "redis")
         for prefix, method, rows in sections
         for key, text, build, expected in rows
     ]
