@@ -8,6 +8,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -63,22 +64,23 @@ async def running_stack(config: StackConfig, redis_url: str) -> AsyncIterator[St
         await client.aclose()
 
 
-def _config(database_url: str, redis_url: str, prefix: str, logs: Path, *, auth: bool) -> StackConfig:
-    return StackConfig(
-        database_url=database_url,
-        redis_url=redis_url,
-        redis_key_prefix=prefix,
-        log_dir=logs,
-        migrate=False,
-        env=FAST_HASHING,
-        auth=auth,
-    )
+def e2e_config(database_url: str, redis_url: str, prefix: str, logs: Path, **overrides: Any) -> StackConfig:
+    """A stack over the module's database, Redis prefix and log folder; `overrides` set other StackConfig fields."""
+    fields: dict[str, Any] = {
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "redis_key_prefix": prefix,
+        "log_dir": logs,
+        "migrate": False,
+        "env": FAST_HASHING,
+    }
+    return StackConfig(**(fields | overrides))
 
 
 @pytest.fixture(scope="module")
 async def stack(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_logs: Path) -> AsyncIterator[Stack]:
     """Write service, two relays and two read replicas, all SERVING; no authentication (AUTH_MODE=insecure)."""
-    config = _config(e2e_database, redis_server_url, e2e_prefix, e2e_logs, auth=False)
+    config = e2e_config(e2e_database, redis_server_url, e2e_prefix, e2e_logs, auth=False)
     async with running_stack(config, redis_server_url) as running:
         yield running
 
@@ -86,7 +88,7 @@ async def stack(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_l
 @pytest.fixture(scope="module")
 async def auth_stack(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_logs: Path) -> AsyncIterator[Stack]:
     """Like `stack`, but every service requires bearer tokens; `auth_stack.auth_metadata(scopes)` makes them."""
-    config = _config(e2e_database, redis_server_url, e2e_prefix, e2e_logs, auth=True)
+    config = e2e_config(e2e_database, redis_server_url, e2e_prefix, e2e_logs, auth=True)
     async with running_stack(config, redis_server_url) as running:
         yield running
 

@@ -43,7 +43,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from devstack.supervisor import Stack, StackConfig
+from devstack.supervisor import Stack
 from tessera.catalog.v1 import catalog_command_service_pb2 as cat
 from tessera.catalog.v1 import catalog_command_service_pb2_grpc as cat_grpc
 from tessera.catalog.v1 import product_query_service_pb2 as pq
@@ -60,7 +60,7 @@ from tessera.payments.v1 import payment_provider_pb2 as pp
 from tessera.payments.v1 import payment_provider_pb2_grpc as pp_grpc
 from tessera.users.v1 import user_command_service_pb2 as uc
 from tessera.users.v1 import user_command_service_pb2_grpc as uc_grpc
-from tests.e2e.conftest import FAST_HASHING, running_stack
+from tests.e2e.conftest import e2e_config, running_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -581,15 +581,7 @@ SAGA_ENV = {
 @pytest.fixture(scope="module")
 async def stack(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_logs: Path) -> AsyncIterator[Stack]:
     """The e2e stack (no authentication), its saga worker tuned by SAGA_ENV."""
-    config = StackConfig(
-        database_url=e2e_database,
-        redis_url=redis_server_url,
-        redis_key_prefix=e2e_prefix,
-        log_dir=e2e_logs,
-        migrate=False,
-        env=FAST_HASHING,
-        saga_env=SAGA_ENV,
-    )
+    config = e2e_config(e2e_database, redis_server_url, e2e_prefix, e2e_logs, saga_env=SAGA_ENV)
     async with running_stack(config, redis_server_url) as running:
         yield running
 

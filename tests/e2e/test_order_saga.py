@@ -16,7 +16,7 @@ import asyncpg
 import grpc
 import pytest
 
-from devstack.supervisor import Stack, StackConfig
+from devstack.supervisor import Stack
 from tessera.catalog.v1 import catalog_command_service_pb2 as catalog
 from tessera.catalog.v1 import catalog_command_service_pb2_grpc as catalog_grpc
 from tessera.common.v1.money_pb2 import Money
@@ -31,7 +31,7 @@ from tessera.payments.v1 import payment_provider_pb2 as pay
 from tessera.payments.v1 import payment_provider_pb2_grpc as pay_grpc
 from tessera.users.v1 import user_command_service_pb2 as users
 from tessera.users.v1 import user_command_service_pb2_grpc as users_grpc
-from tests.e2e.conftest import FAST_HASHING, running_stack
+from tests.e2e.conftest import e2e_config, running_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -166,16 +166,8 @@ class Shop:
 @pytest.fixture(scope="module")
 async def shop(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_logs: Path) -> AsyncIterator[Shop]:
     """The whole stack with one saga worker; no authentication."""
-    config = StackConfig(
-        database_url=e2e_database,
-        redis_url=redis_server_url,
-        redis_key_prefix=e2e_prefix,
-        log_dir=e2e_logs,
-        migrate=False,
-        env=FAST_HASHING,
-        saga_env=SAGA_ENV,
-        relays=1,
-        read_ports=(0,),
+    config = e2e_config(
+        e2e_database, redis_server_url, e2e_prefix, e2e_logs, saga_env=SAGA_ENV, relays=1, read_ports=(0,)
     )
     async with running_stack(config, redis_server_url) as stack:
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(e2e_database, min_size=1, max_size=4)

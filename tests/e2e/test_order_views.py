@@ -10,6 +10,7 @@ import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +20,7 @@ import asyncpg
 import grpc
 import pytest
 
-from devstack.supervisor import Stack, StackConfig
+from devstack.supervisor import Stack
 from tessera.catalog.v1 import catalog_command_service_pb2 as catalog
 from tessera.catalog.v1 import catalog_command_service_pb2_grpc as catalog_grpc
 from tessera.catalog.v1 import product_query_service_pb2 as products
@@ -36,7 +37,7 @@ from tessera.users.v1 import user_command_service_pb2 as users
 from tessera.users.v1 import user_command_service_pb2_grpc as users_grpc
 from tessera.users.v1 import user_query_service_pb2 as user_views
 from tessera.users.v1 import user_query_service_pb2_grpc as user_views_grpc
-from tests.e2e.conftest import FAST_HASHING, running_stack
+from tests.e2e.conftest import e2e_config, running_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -201,28 +202,25 @@ class Shop:
 
 @pytest.fixture(scope="module")
 async def shop(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_logs: Path) -> AsyncIterator[Shop]:
-    config = StackConfig(
-        database_url=e2e_database,
-        redis_url=redis_server_url,
-        redis_key_prefix=e2e_prefix,
-        log_dir=e2e_logs,
-        migrate=False,
-        env=FAST_HASHING,
-        saga_env=SAGA_ENV,
-        relays=1,
-    )
-    async with running_stack(config, redis_server_url) as stack:
-        pool: asyncpg.Pool[Any] = await asyncpg.create_pool(e2e_database, min_size=1, max_size=4)
-        write = grpc.aio.insecure_channel(stack.write_address)
-        provider = grpc.aio.insecure_channel(stack.provider_address)
-        retry = RetryUnavailable()
-        replicas = [grpc.aio.insecure_channel(address, interceptors=[retry]) for address in stack.read_addresses]
-        try:
-            yield Shop(stack, pool, write, provider, replicas, retry)
-        finally:
-            for channel in (write, provider, *replicas):
-                await channel.close()
-            await pool.close()
+    config = e2e_config(e2e_database, redis_server_url, e2e_prefix, e2e_logs, saga_env=SAGA_ENV, relays=1)
+    async with running_stack(config, redis_server_url) as stack, opened_shop(stack, e2e_database) as opened:
+        yield opened
+
+
+@asynccontextmanager
+async def opened_shop(stack: Stack, database_url: str) -> AsyncIterator[Shop]:
+    """Channels to every service of a running stack and a pool on its database; closed on the way out."""
+    pool: asyncpg.Pool[Any] = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    write = grpc.aio.insecure_channel(stack.write_address)
+    provider = grpc.aio.insecure_channel(stack.provider_address)
+    retry = RetryUnavailable()
+    replicas = [grpc.aio.insecure_channel(address, interceptors=[retry]) for address in stack.read_addresses]
+    try:
+        yield Shop(stack, pool, write, provider, replicas, retry)
+    finally:
+        for channel in (write, provider, *replicas):
+            await channel.close()
+        await pool.close()
 
 
 @dataclass

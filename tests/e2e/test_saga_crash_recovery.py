@@ -19,9 +19,8 @@ import asyncpg
 import grpc
 import pytest
 
-from devstack.supervisor import StackConfig
 from tessera.payments.v1 import payment_provider_pb2 as pay
-from tests.e2e.conftest import FAST_HASHING, running_stack
+from tests.e2e.conftest import e2e_config, running_stack
 from tests.e2e.test_order_saga import SAGA_ENV, Shop
 
 pytestmark = pytest.mark.e2e
@@ -50,16 +49,8 @@ class Ledger:
 @pytest.fixture(scope="module")
 async def shop(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_logs: Path) -> AsyncIterator[Shop]:
     """The stack with one saga worker whose leases run out after 2 s."""
-    config = StackConfig(
-        database_url=e2e_database,
-        redis_url=redis_server_url,
-        redis_key_prefix=e2e_prefix,
-        log_dir=e2e_logs,
-        migrate=False,
-        env=FAST_HASHING,
-        saga_env=CRASH_ENV,
-        relays=1,
-        read_ports=(0,),
+    config = e2e_config(
+        e2e_database, redis_server_url, e2e_prefix, e2e_logs, saga_env=CRASH_ENV, relays=1, read_ports=(0,)
     )
     async with running_stack(config, redis_server_url) as stack:
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(e2e_database, min_size=1, max_size=4)

@@ -9,18 +9,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 
-from devstack.supervisor import StackConfig
 from tessera.orders.v1 import order_query_service_pb2 as order_views
 from tessera.users.v1 import user_command_service_pb2 as users
 from tessera.users.v1 import user_command_service_pb2_grpc as users_grpc
 from tessera.users.v1 import user_query_service_pb2 as user_views
 from tessera.users.v1 import user_query_service_pb2_grpc as user_views_grpc
-from tests.e2e.conftest import FAST_HASHING, running_stack
-from tests.e2e.test_order_views import CALL_S, SAGA_ENV, RetryUnavailable, Shop, eventually
+from tests.e2e.conftest import FAST_HASHING, e2e_config, running_stack
+from tests.e2e.test_order_views import CALL_S, SAGA_ENV, Shop, eventually, opened_shop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -36,28 +34,11 @@ WATCH_ENV = {
 @pytest.fixture(scope="module")
 async def shop(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_logs: Path) -> AsyncIterator[Shop]:
     """Two replicas sharing one Redis, with the near cache on and small watch queues."""
-    config = StackConfig(
-        database_url=e2e_database,
-        redis_url=redis_server_url,
-        redis_key_prefix=e2e_prefix,
-        log_dir=e2e_logs,
-        migrate=False,
-        env=WATCH_ENV,
-        saga_env=SAGA_ENV,
-        relays=1,
+    config = e2e_config(
+        e2e_database, redis_server_url, e2e_prefix, e2e_logs, env=WATCH_ENV, saga_env=SAGA_ENV, relays=1
     )
-    async with running_stack(config, redis_server_url) as stack:
-        pool: asyncpg.Pool[Any] = await asyncpg.create_pool(e2e_database, min_size=1, max_size=4)
-        write = grpc.aio.insecure_channel(stack.write_address)
-        provider = grpc.aio.insecure_channel(stack.provider_address)
-        retry = RetryUnavailable()
-        replicas = [grpc.aio.insecure_channel(address, interceptors=[retry]) for address in stack.read_addresses]
-        try:
-            yield Shop(stack, pool, write, provider, replicas, retry)
-        finally:
-            for channel in (write, provider, *replicas):
-                await channel.close()
-            await pool.close()
+    async with running_stack(config, redis_server_url) as stack, opened_shop(stack, e2e_database) as opened:
+        yield opened
 
 
 async def update(shop: Shop, user_id: str, n: int, bio: str = "") -> users.UpdateUserProfileResponse:
