@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from google.protobuf.message import DecodeError, Message
-from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf.message import Message
 
 from read_service.keys import SortField, Subset, UserKeys, email_key, index_member
 from read_service.projections.base import Effect, Op, PoisonEvent
+from read_service.projections.support import canonical_id, decode, time_or_occurred
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tessera.orders.v1.events_pb2 import (
     OrderConfirmed,
@@ -33,9 +32,6 @@ from tessera.users.v1.events_pb2 import UserDeactivated, UserProfileUpdated, Use
 from tessera.users.v1.user_query_service_pb2 import UserView
 
 logger = logging.getLogger(__name__)
-
-# The payload schema versions this projection understands, per event type.
-_SCHEMA_VERSION = 1
 
 _REGISTERED = UserRegistered.DESCRIPTOR.full_name
 _PROFILE_UPDATED = UserProfileUpdated.DESCRIPTOR.full_name
@@ -90,47 +86,23 @@ class OrderNote:
 
 
 def _canonical_user_id(envelope: EventEnvelope) -> str:
-    try:
-        return str(uuid.UUID(envelope.aggregate_id))
-    except ValueError as exc:
-        raise PoisonEvent(f"aggregate_id {envelope.aggregate_id!r} is not a UUID") from exc
-
-
-def _decode_payload(message_type: type[M], envelope: EventEnvelope) -> M:
-    if envelope.schema_version != _SCHEMA_VERSION:
-        raise PoisonEvent(f"{envelope.event_type} schema version {envelope.schema_version} is not supported")
-    try:
-        return message_type.FromString(envelope.payload)
-    except DecodeError as exc:
-        raise PoisonEvent(f"payload of {envelope.event_type} does not decode") from exc
+    return canonical_id(envelope.aggregate_id, "aggregate_id")
 
 
 def _order_id(envelope: EventEnvelope, payload: Message) -> str:
-    try:
-        order_id = str(uuid.UUID(getattr(payload, "order_id", "")))
-    except ValueError as exc:
-        raise PoisonEvent(f"order_id {getattr(payload, 'order_id', '')!r} is not a UUID") from exc
+    order_id = canonical_id(getattr(payload, "order_id", ""), "order_id")
     if order_id != envelope.aggregate_id.lower():
         raise PoisonEvent(f"payload order_id {order_id!r} differs from aggregate_id {envelope.aggregate_id!r}")
     return order_id
 
 
 def _decode(message_type: type[M], envelope: EventEnvelope) -> M:
-    if envelope.schema_version != _SCHEMA_VERSION:
-        raise PoisonEvent(f"{envelope.event_type} schema version {envelope.schema_version} is not supported")
-    try:
-        payload = message_type.FromString(envelope.payload)
-    except DecodeError as exc:
-        raise PoisonEvent(f"payload of {envelope.event_type} does not decode") from exc
+    """A user event's payload, which must name the envelope's user."""
+    payload = decode(message_type, envelope)
     user_id = getattr(payload, "user_id", "")
     if user_id.lower() != envelope.aggregate_id.lower():
         raise PoisonEvent(f"payload user_id {user_id!r} differs from aggregate_id {envelope.aggregate_id!r}")
     return payload
-
-
-def _time_or_occurred(value: Timestamp, envelope: EventEnvelope) -> Timestamp:
-    # An unset payload timestamp falls back to the envelope's, so a view never says 1970.
-    return value if value.seconds or value.nanos else envelope.occurred_at
 
 
 class UsersProjection:
@@ -160,12 +132,12 @@ class UsersProjection:
             if envelope.event_type in _NEEDS_VIEW:
                 return (self._keys.view(_canonical_user_id(envelope)),)
             if envelope.event_type == _ORDER_PLACED:
-                placed = _decode_payload(OrderPlaced, envelope)
-                customer_id = str(uuid.UUID(placed.customer_id))
+                placed = decode(OrderPlaced, envelope)
+                customer_id = canonical_id(placed.customer_id, "customer_id")
                 return (self._keys.order(_order_id(envelope, placed)), self._keys.view(customer_id))
             follow_up = _ORDER_FOLLOW_UPS.get(envelope.event_type)
             if follow_up is not None:
-                return (self._keys.order(_order_id(envelope, _decode_payload(follow_up, envelope))),)
+                return (self._keys.order(_order_id(envelope, decode(follow_up, envelope))),)
         except (PoisonEvent, ValueError):
             # project() raises the same error with the event in hand; nothing to read here.
             return ()
@@ -181,7 +153,7 @@ class UsersProjection:
     def _registered(self, envelope: EventEnvelope, _state: Mapping[str, bytes | None]) -> Effect:
         event = _decode(UserRegistered, envelope)
         user_id = _canonical_user_id(envelope)
-        registered_at = _time_or_occurred(event.registered_at, envelope)
+        registered_at = time_or_occurred(event.registered_at, envelope)
         view = UserView(
             user_id=user_id,
             email=event.email,
@@ -237,7 +209,7 @@ class UsersProjection:
         view.bio = event.bio
         view.avatar_url = event.avatar_url
         view.version = envelope.aggregate_version
-        view.updated_at.CopyFrom(_time_or_occurred(event.updated_at, envelope))
+        view.updated_at.CopyFrom(time_or_occurred(event.updated_at, envelope))
         data = view.SerializeToString(deterministic=True)
         key = self._keys.view(view.user_id)
         return Effect(ops=[("SET", key, data)], state={key: data})
@@ -251,7 +223,7 @@ class UsersProjection:
         view.active = False
         view.deactivation_reason = event.reason
         view.version = envelope.aggregate_version
-        view.updated_at.CopyFrom(_time_or_occurred(event.deactivated_at, envelope))
+        view.updated_at.CopyFrom(time_or_occurred(event.deactivated_at, envelope))
         data = view.SerializeToString(deterministic=True)
         key = self._keys.view(view.user_id)
         ops: list[Op] = [("SET", key, data)]
@@ -266,12 +238,9 @@ class UsersProjection:
     # -- order figures ---------------------------------------------------------------------------
 
     def _order_placed(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> Effect:
-        event = _decode_payload(OrderPlaced, envelope)
+        event = decode(OrderPlaced, envelope)
         order_id = _order_id(envelope, event)
-        try:
-            customer_id = str(uuid.UUID(event.customer_id))
-        except ValueError as exc:
-            raise PoisonEvent(f"customer_id {event.customer_id!r} is not a UUID") from exc
+        customer_id = canonical_id(event.customer_id, "customer_id")
         note_key = self._keys.order(order_id)
         if state.get(note_key) is not None:
             logger.warning("OrderPlaced for an order already noted; skipped", extra={"event_id": envelope.event_id})
@@ -289,7 +258,7 @@ class UsersProjection:
         else:
             view = UserView.FromString(raw)
             view.order_count += 1
-            placed_at = _time_or_occurred(event.placed_at, envelope)
+            placed_at = time_or_occurred(event.placed_at, envelope)
             if view.last_order_at.ToMicroseconds() < placed_at.ToMicroseconds() or not view.HasField("last_order_at"):
                 view.last_order_at.CopyFrom(placed_at)
             data = view.SerializeToString(deterministic=True)
@@ -298,7 +267,7 @@ class UsersProjection:
         return Effect(ops=ops, state=changed)
 
     def _order_follow_up(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> Effect:
-        payload = _decode_payload(_ORDER_FOLLOW_UPS[envelope.event_type], envelope)
+        payload = decode(_ORDER_FOLLOW_UPS[envelope.event_type], envelope)
         note_key = self._keys.order(_order_id(envelope, payload))
         raw = state.get(note_key)
         if raw is None:
