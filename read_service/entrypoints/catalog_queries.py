@@ -49,9 +49,9 @@ class ProductQueryServicer(pb_grpc.ProductQueryServiceServicer):
         """One product by id."""
         product_id = str(parse_uuid("product_id", request.product_id))
         token = token_for(PRODUCT_AGGREGATE, request.consistency_token)
-        self._freshness.require_ready()
-        stale, position = await self._freshness.reflect(token, request.max_wait_ms, context)
-        view = await self._freshness.read(context, lambda: self._views.get(product_id))
+        view, stale, position = await self._freshness.answer(
+            context, token, request.max_wait_ms, lambda: self._views.get(product_id)
+        )
         if view is None:
             raise errors.NotFound(f"product {product_id} not found")
         return pb.GetProductResponse(product=view, stale=stale, view_position=position)
@@ -62,9 +62,9 @@ class ProductQueryServicer(pb_grpc.ProductQueryServiceServicer):
         """One page of products in sku order."""
         query = list_products_query(request, self._limits, self._tokens)
         token = token_for(PRODUCT_AGGREGATE, request.consistency_token)
-        self._freshness.require_ready()
-        stale, position = await self._freshness.reflect(token, request.max_wait_ms, context)
-        page = await self._freshness.read(context, lambda: self._views.list_page(query))
+        page, stale, position = await self._freshness.answer(
+            context, token, request.max_wait_ms, lambda: self._views.list_page(query)
+        )
         next_token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
         return pb.ListProductsResponse(
             products=page.products, next_page_token=next_token, stale=stale, view_position=position

@@ -121,6 +121,17 @@ class Freshness:
             await context.send_initial_metadata(tuple(headers))
         return stale or parked is not None, await self._view_position(context)
 
+    async def answer(
+        self, context: Context, token: ConsistencyToken | None, max_wait_ms: int, work: Callable[[], Awaitable[T]]
+    ) -> tuple[T, bool, int]:
+        """What one query does: refuse while catching up, wait for the token, then read within the budget.
+
+        Returns the read's result, whether the answer is stale, and the view position it reflects.
+        """
+        self.require_ready()
+        stale, position = await self.reflect(token, max_wait_ms, context)
+        return await self.read(context, work), stale, position
+
     async def read(self, context: Context, work: Callable[[], Awaitable[T]]) -> T:
         """Run one read of the view within the query budget."""
         return await within_budget(context, work, self._query_timeout_s)

@@ -151,9 +151,9 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         """One user by id."""
         user_id = str(parse_uuid("user_id", request.user_id))
         token = user_token(request.consistency_token)
-        self._freshness.require_ready()
-        stale, position = await self._freshness.reflect(token, request.max_wait_ms, context)
-        view = await self._freshness.read(context, lambda: self._views.get(user_id))
+        view, stale, position = await self._freshness.answer(
+            context, token, request.max_wait_ms, lambda: self._views.get(user_id)
+        )
         if view is None:
             raise errors.NotFound(f"user {user_id} not found")
         return pb.GetUserResponse(user=view, stale=stale, view_position=position)
@@ -164,9 +164,9 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         """One user by e-mail address, case-insensitively."""
         email = email_from_request(request.email)
         token = user_token(request.consistency_token)
-        self._freshness.require_ready()
-        stale, position = await self._freshness.reflect(token, request.max_wait_ms, context)
-        view = await self._freshness.read(context, lambda: self._views.get_by_email(email))
+        view, stale, position = await self._freshness.answer(
+            context, token, request.max_wait_ms, lambda: self._views.get_by_email(email)
+        )
         if view is None:
             raise errors.NotFound("no user has this e-mail address")
         return pb.GetUserByEmailResponse(user=view, stale=stale, view_position=position)
@@ -177,9 +177,9 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         """One page of users."""
         query = list_query_from_request(request, self._limits, self._tokens)
         consistency = user_token(request.consistency_token)
-        self._freshness.require_ready()
-        stale, position = await self._freshness.reflect(consistency, request.max_wait_ms, context)
-        page = await self._freshness.read(context, lambda: self._views.list_page(query))
+        page, stale, position = await self._freshness.answer(
+            context, consistency, request.max_wait_ms, lambda: self._views.list_page(query)
+        )
         token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
         return pb.ListUsersResponse(users=page.users, next_page_token=token, stale=stale, view_position=position)
 

@@ -159,9 +159,9 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
         """One order by id."""
         order_id = str(parse_uuid("order_id", request.order_id))
         token = token_for(ORDER_AGGREGATE, request.consistency_token)
-        self._freshness.require_ready()
-        stale, position = await self._freshness.reflect(token, request.max_wait_ms, context)
-        view = await self._freshness.read(context, lambda: self._views.get(order_id))
+        view, stale, position = await self._freshness.answer(
+            context, token, request.max_wait_ms, lambda: self._views.get(order_id)
+        )
         if view is None:
             raise errors.NotFound(f"order {order_id} not found")
         return pb.GetOrderResponse(order=view, stale=stale, view_position=position)
@@ -172,9 +172,9 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
         """One page of a customer's orders, newest first."""
         query = customer_orders_query(request, self._limits, self._tokens)
         token = token_for(ORDER_AGGREGATE, request.consistency_token)
-        self._freshness.require_ready()
-        stale, position = await self._freshness.reflect(token, request.max_wait_ms, context)
-        page = await self._freshness.read(context, lambda: self._views.by_customer(query))
+        page, stale, position = await self._freshness.answer(
+            context, token, request.max_wait_ms, lambda: self._views.by_customer(query)
+        )
         next_token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
         return pb.ListOrdersByCustomerResponse(
             orders=page.orders, next_page_token=next_token, stale=stale, view_position=position
@@ -186,9 +186,9 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
         """One page of matching orders."""
         query = search_orders_query(request, self._limits, self._tokens)
         token = token_for(ORDER_AGGREGATE, request.consistency_token)
-        self._freshness.require_ready()
-        stale, position = await self._freshness.reflect(token, request.max_wait_ms, context)
-        page = await self._freshness.read(context, lambda: self._views.search(query))
+        page, stale, position = await self._freshness.answer(
+            context, token, request.max_wait_ms, lambda: self._views.search(query)
+        )
         next_token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
         return pb.SearchOrdersResponse(
             orders=page.orders, next_page_token=next_token, stale=stale, view_position=position
@@ -200,9 +200,9 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
         """The figures of a date range in one currency, from the per-day aggregates."""
         query = statistics_query(request)
         token = token_for(ORDER_AGGREGATE, request.consistency_token)
-        self._freshness.require_ready()
-        stale, position = await self._freshness.reflect(token, request.max_wait_ms, context)
-        figures = await self._freshness.read(context, lambda: self._views.statistics(query))
+        figures, stale, position = await self._freshness.answer(
+            context, token, request.max_wait_ms, lambda: self._views.statistics(query)
+        )
         return pb.GetOrderStatisticsResponse(
             total_orders=figures.total_orders,
             revenue=figures.money(figures.revenue_minor),
