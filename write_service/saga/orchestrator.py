@@ -173,6 +173,10 @@ class StepTx:
         self.order_version += 1
         self.events.append(NewEvent(payload, ORDER, str(self.saga.order_id), self.order_version, self.now))
 
+    def product_event(self, payload: Message, product_id: object, version: int) -> None:
+        """Queue an event on a product, at the version its row update returned."""
+        self.events.append(NewEvent(payload, PRODUCT, str(product_id), version, self.now))
+
 
 @dataclass(frozen=True, slots=True)
 class StepLog:
@@ -290,21 +294,17 @@ class SagaRunner:
             units = 0
             for line in lines:
                 product = taken[line["product_id"]]
-                tx.events.append(
-                    NewEvent(
-                        catalog_events.StockReserved(
-                            product_id=str(line["product_id"]),
-                            sku=line["sku"],
-                            order_id=str(saga.order_id),
-                            quantity=line["quantity"],
-                            stock_available=product["stock_available"],
-                            reserved_at=_ts(tx.now),
-                        ),
-                        PRODUCT,
-                        str(line["product_id"]),
-                        product["version"],
-                        tx.now,
-                    )
+                tx.product_event(
+                    catalog_events.StockReserved(
+                        product_id=str(line["product_id"]),
+                        sku=line["sku"],
+                        order_id=str(saga.order_id),
+                        quantity=line["quantity"],
+                        stock_available=product["stock_available"],
+                        reserved_at=_ts(tx.now),
+                    ),
+                    line["product_id"],
+                    product["version"],
                 )
                 units += line["quantity"]
             # The status changes without an order event (the StockReserved events carry the
@@ -492,21 +492,17 @@ class SagaRunner:
         await tx.conn.fetch(_LOCK_PRODUCTS, [row["product_id"] for row in rows])
         units = 0
         for back in sorted(await tx.conn.fetch(_RETURN_STOCK, tx.saga.order_id, tx.now), key=lambda r: r["id"]):
-            tx.events.append(
-                NewEvent(
-                    catalog_events.StockReleased(
-                        product_id=str(back["id"]),
-                        sku=back["sku"],
-                        order_id=str(tx.saga.order_id),
-                        quantity=back["quantity"],
-                        stock_available=back["stock_available"],
-                        released_at=_ts(tx.now),
-                    ),
-                    PRODUCT,
-                    str(back["id"]),
-                    back["version"],
-                    tx.now,
-                )
+            tx.product_event(
+                catalog_events.StockReleased(
+                    product_id=str(back["id"]),
+                    sku=back["sku"],
+                    order_id=str(tx.saga.order_id),
+                    quantity=back["quantity"],
+                    stock_available=back["stock_available"],
+                    released_at=_ts(tx.now),
+                ),
+                back["id"],
+                back["version"],
             )
             units += back["quantity"]
         await tx.conn.execute(_STAMP_RELEASED, tx.saga.order_id, tx.now)
