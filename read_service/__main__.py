@@ -16,6 +16,7 @@ from read_service.settings import ReadServiceSettings
 from read_service.workers import GroupLink, ReplicaHeaderInterceptor, WorkerGroup
 from shared_kernel.grpc_server import wait_for_shutdown_signal
 from shared_kernel.logs import configure_logging
+from shared_kernel.metrics import configure_metrics
 from shared_kernel.runtime import run
 from shared_kernel.security.authn import AuthConfigurationError, authenticator_from_settings
 from shared_kernel.telemetry import configure_tracing
@@ -71,10 +72,13 @@ def main() -> int:
     if settings.read_workers > 1:
         return run(supervise(settings))
     provider = configure_tracing("tessera-read-service")
+    # Workers of a group share one environment: each serves metrics on METRICS_PORT + its index.
+    process_metrics = configure_metrics("tessera-read-service", port_offset=settings.read_worker_index)
     try:
         return run(serve(settings))
     finally:
         provider.shutdown()
+        process_metrics.shutdown()
 
 
 if __name__ == "__main__":

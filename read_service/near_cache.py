@@ -10,7 +10,9 @@ write it. Two rules keep it exact:
   epoch), and a read that finds another epoch when it ends does not store what it read: it
   may be the value from before the write.
 - A hit is served only when the feed has applied invalidations at least up to the checkpoint
-  the query reports (`view_position`, read from Redis just before the read). Until then the
+  the query reports (`view_position`, read from Redis just before the read). A query that
+  expects a miss reads the checkpoint as the first command of its own pipeline instead
+  (`fill`), and a value read that way is stored under the same epoch rule. Until then the
   query reads Redis, so a reply is never older than the position it states, even when
   another replica's projector moved the checkpoint first.
 
@@ -96,15 +98,17 @@ class NearCache:
 
     # -- the query side ---------------------------------------------------------------------
 
-    def observe(self, read: Callable[[], Awaitable[int]]) -> Callable[[], Awaitable[int]]:
+    def observe(self, read: Callable[[], Awaitable[int]]) -> ObservedCheckpoint:
         """Wrap a checkpoint read so that the reads that follow it in the same task know it."""
+        return ObservedCheckpoint(self, read)
 
-        async def observed() -> int:
-            checkpoint = await read()
-            self._reported.set(checkpoint)
-            return checkpoint
+    def report(self, checkpoint: int) -> None:
+        """Tell the reads that follow in this task the checkpoint the query reports."""
+        self._reported.set(checkpoint)
 
-        return observed
+    def may_hit(self, key: str) -> bool:
+        """Whether a lookup of `key` could be served from memory (given a recent enough checkpoint)."""
+        return self._through is not None and key in self._entries
 
     async def get(self, keys: Sequence[str], load: Callable[[], Awaitable[T]]) -> T:
         """The value `load` reads from `keys` (the first names the entry), from memory when exact."""
@@ -122,18 +126,31 @@ class NearCache:
         elif entry is not None:
             self._behind += 1
         self._misses += 1
+        loaded: T = await self._load(keys, load)
+        return loaded
+
+    async def fill(self, keys: Sequence[str], load: Callable[[], Awaitable[tuple[T, int]]]) -> tuple[T, int]:
+        """A miss by choice: run `load` (value and checkpoint read together) and keep the value when exact."""
+        if not self.enabled:
+            return await load()
+        self._misses += 1
+        value, checkpoint = await self._load(keys, load, first=True)
+        return value, checkpoint
+
+    async def _load(self, keys: Sequence[str], load: Callable[[], Awaitable[Any]], first: bool = False) -> Any:
+        # first: `load` answers a pair and only its first item is the entry's value.
         epoch = self._epoch
         marks = self._begin(keys)
         stored = False
         try:
-            value = await load()
+            result = await load()
             stored = self._end(keys, marks, epoch)
         finally:
             if not stored:
                 self._release(keys)
         if stored:
-            self._store(key, tuple(keys), value)
-        return value
+            self._store(keys[0], tuple(keys), result[0] if first else result)
+        return result
 
     def _begin(self, keys: Sequence[str]) -> list[int]:
         marks = []
@@ -216,6 +233,20 @@ class NearCache:
             invalidations=self._invalidations,
             resets=self._resets,
         )
+
+
+class ObservedCheckpoint:
+    """A checkpoint read wrapped by `NearCache.observe`: calling it reads and reports the checkpoint."""
+
+    def __init__(self, cache: NearCache, read: Callable[[], Awaitable[int]]) -> None:
+        self.cache = cache
+        self.read = read
+
+    async def __call__(self) -> int:
+        """Read the checkpoint and report it to the cache for the reads that follow in this task."""
+        checkpoint = await self.read()
+        self.cache.report(checkpoint)
+        return checkpoint
 
 
 def register_metrics(caches: Sequence[NearCache]) -> None:

@@ -54,7 +54,7 @@ from redis.asyncio.client import PubSub
 from read_service.generations import Generations, ParkedEvent, Plan, generation_version, parked_key
 from read_service.lease import ApplyingLease, LeaseLost, LeaseOptions, applied_channel, lease_key
 from read_service.projections.base import Effect, Projection
-from read_service.view_store import ApplyResult, Outcome, ViewStore
+from read_service.view_store import ApplyResult, CheckpointReader, Outcome, ViewStore
 from shared_kernel import errors
 from shared_kernel.event_log import events_channel, head_channel, head_position, read_positioned
 from shared_kernel.telemetry import context_from_envelope
@@ -111,6 +111,8 @@ class ProjectorStatus:
     # With the applying lease (read_service.lease): whether this projector applies, and who does.
     applying: bool = True
     lease_holder: str | None = None
+    # When the newest applied event happened (its envelope's occurred_at), for lag in seconds.
+    last_applied_occurred_at: datetime | None = None
 
 
 class KeySpaceLost(Exception):
@@ -192,6 +194,9 @@ class Projector:
         self._pool = pool
         self._projection = projection
         self._store = ViewStore(client, projection.checkpoint_key)
+        self._checkpoint_reader = CheckpointReader(
+            lambda: self._store, lambda: self._checkpoint, self._verify_read_checkpoint
+        )
         # Without generations the key space is fixed: parked records and skips then live
         # under the channel prefix, with an empty generation name.
         self._generations = generations
@@ -226,6 +231,7 @@ class Projector:
         self._checkpoint = 0
         self._head = 0
         self._last_applied_at: datetime | None = None
+        self._last_applied_envelope: EventEnvelope | None = None
         self._applied = 0
         self._duplicates = 0
         self._catch_ups = 0
@@ -341,15 +347,19 @@ class Projector:
         """The generation this projector writes (None without generations, or before it decided)."""
         return self._generation
 
-    async def read_checkpoint(self) -> int:
-        """The checkpoint of the key space this projector writes, read from Redis (queries call it first).
+    @property
+    def read_checkpoint(self) -> CheckpointReader:
+        """Reads the checkpoint of the key space this projector writes, from Redis (queries call it first).
 
         A checkpoint below the one this projector already saw means Redis lost data since: the
         query is refused (Unavailable) rather than answered from an emptied key space, and the
-        replica stops serving at once instead of at the next probe.
+        replica stops serving at once instead of at the next probe. A query may also queue the
+        read in its own pipeline (see CheckpointReader).
         """
-        known = self._checkpoint  # the projector may move on while the read is in flight
-        checkpoint = await self._store.checkpoint()
+        return self._checkpoint_reader
+
+    async def _verify_read_checkpoint(self, checkpoint: int, known: int) -> int:
+        # `known` was taken before the read: the projector may move on while it is in flight.
         if checkpoint < known and self._ready:
             logger.warning(
                 "a query found the checkpoint back at %s from %s: Redis lost data",
@@ -388,6 +398,9 @@ class Projector:
             generation=self._generation,
             applying=self._lease is None or self._lease.held,
             lease_holder=None if self._lease is None else self._lease.holder,
+            last_applied_occurred_at=None
+            if self._last_applied_envelope is None
+            else self._last_applied_envelope.occurred_at.ToDatetime(tzinfo=UTC),
         )
 
     async def wait_for_checkpoint(self, position: int, timeout_s: float) -> bool:
@@ -874,17 +887,11 @@ class Projector:
         position = envelope.position
         with self._span(envelope) as span:
             keys = self._projection.state_keys(envelope)
-            checkpoint, state = await self._store.snapshot(keys)
-            await self._observe_checkpoint(checkpoint)
-            if checkpoint >= position:
-                self._duplicates += 1
-                span.set_attribute("tessera.projection.outcome", "duplicate")
-                return
-            if checkpoint < position - 1:
-                span.set_attribute("tessera.projection.outcome", "gap")
-                # Fall through to the catch-up below, outside this span.
-            else:
-                effect = await self._project(envelope, state)
+            if not keys:
+                # Nothing to read first (most often an event this projection ignores): the apply
+                # script checks the position against the checkpoint itself, so one round trip
+                # does instead of two. A duplicate or a gap comes back as the script's outcome.
+                effect = await self._project(envelope, {})
                 if effect is None:
                     span.set_attribute("tessera.projection.outcome", "parked")
                     return
@@ -893,6 +900,26 @@ class Projector:
                 await self._record(envelope, result, span)
                 if result.outcome is not Outcome.GAP:
                     return
+            else:
+                checkpoint, state = await self._store.snapshot(keys)
+                await self._observe_checkpoint(checkpoint)
+                if checkpoint >= position:
+                    self._duplicates += 1
+                    span.set_attribute("tessera.projection.outcome", "duplicate")
+                    return
+                if checkpoint < position - 1:
+                    span.set_attribute("tessera.projection.outcome", "gap")
+                    # Fall through to the catch-up below, outside this span.
+                else:
+                    effect = await self._project(envelope, state)
+                    if effect is None:
+                        span.set_attribute("tessera.projection.outcome", "parked")
+                        return
+                    self._check_lease()
+                    result = await self._store.apply(position, effect.ops)
+                    await self._record(envelope, result, span)
+                    if result.outcome is not Outcome.GAP:
+                        return
         await self._catch_up(target=position)
 
     # -- catch-up from the event log ------------------------------------------------------------
@@ -995,11 +1022,17 @@ class Projector:
         spans = []
         try:
             for envelope in run:
-                span = self._tracer.start_span(
-                    f"{self._projection.name} project",
-                    context=context_from_envelope(envelope.traceparent, envelope.tracestate),
-                    kind=trace.SpanKind.CONSUMER,
-                    attributes=self._span_attributes(envelope),
+                # Like the relay, no span for an event without a trace context: a root span per
+                # event would be noise, and during a replay making them was a quarter of the work.
+                span = (
+                    self._tracer.start_span(
+                        f"{self._projection.name} project",
+                        context=context_from_envelope(envelope.traceparent, envelope.tracestate),
+                        kind=trace.SpanKind.CONSUMER,
+                        attributes=self._span_attributes(envelope),
+                    )
+                    if envelope.traceparent
+                    else trace.INVALID_SPAN
                 )
                 spans.append(span)
                 effect = await self._project(envelope, overlay, park=False)
@@ -1107,6 +1140,7 @@ class Projector:
         if result.outcome is Outcome.APPLIED:
             self._applied += 1
             self._last_applied_at = datetime.now(UTC)
+            self._last_applied_envelope = envelope
             if self._on_applied is not None:
                 self._on_applied(envelope.position)
         elif result.outcome is Outcome.DUPLICATE:
@@ -1163,6 +1197,10 @@ class Projector:
 
     @contextlib.contextmanager
     def _span(self, envelope: EventEnvelope) -> Iterator[trace.Span]:
+        if not envelope.traceparent:
+            # No trace context, no span (see _apply_batch).
+            yield trace.INVALID_SPAN
+            return
         context = context_from_envelope(envelope.traceparent, envelope.tracestate)
         with self._tracer.start_as_current_span(
             f"{self._projection.name} project",

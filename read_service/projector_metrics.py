@@ -1,5 +1,13 @@
 """The projectors' progress as OpenTelemetry metrics: checkpoint, lag, parked events, duplicates.
 
+Lag has two gauges per projection:
+  tessera.read.projection.behind       positions: the highest position this replica has seen
+                                       (events, relay heartbeats) minus its checkpoint
+  tessera.read.projection.lag_seconds  0 when caught up; while behind, the age of the newest
+                                       applied event (now minus its occurred_at), i.e. how old the
+                                       state the views show may be. Not reported while behind
+                                       before the first apply (unknown).
+
 Observable instruments read each projector's status when a metrics reader collects, so
 nothing is counted on the apply path. With no metrics SDK configured the API's no-op
 meter makes this free.
@@ -8,6 +16,7 @@ meter makes this free.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
 
 from opentelemetry import metrics
 
@@ -17,14 +26,26 @@ METER_NAME = "tessera.read_service.projector"
 
 
 def status_observations(
-    projectors: Sequence[Projector], value: Callable[[ProjectorStatus], int]
+    projectors: Sequence[Projector], value: Callable[[ProjectorStatus], float | None]
 ) -> list[metrics.Observation]:
-    """One observation per projector, labelled with its projection."""
+    """One observation per projector, labelled with its projection (none where `value` gives None)."""
     observed = []
     for projector in projectors:
         status = projector.status()
-        observed.append(metrics.Observation(value(status), {"projection": status.projection}))
+        measured = value(status)
+        if measured is not None:
+            observed.append(metrics.Observation(measured, {"projection": status.projection}))
     return observed
+
+
+def lag_seconds(status: ProjectorStatus, now: datetime | None = None) -> float | None:
+    """0 when caught up; else the age of the newest applied event (None when nothing was applied yet)."""
+    if status.checkpoint >= status.head:
+        return 0.0
+    if status.last_applied_occurred_at is None:
+        return None
+    age = ((now or datetime.now(UTC)) - status.last_applied_occurred_at).total_seconds()
+    return max(age, 0.0)
 
 
 def register_projector_metrics(
@@ -34,7 +55,7 @@ def register_projector_metrics(
     meter = metrics.get_meter(METER_NAME, meter_provider=meter_provider)
 
     def observe(
-        value: Callable[[ProjectorStatus], int],
+        value: Callable[[ProjectorStatus], float | None],
     ) -> Callable[[metrics.CallbackOptions], Iterable[metrics.Observation]]:
         def callback(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
             return status_observations(projectors, value)
@@ -50,6 +71,17 @@ def register_projector_metrics(
         "tessera.read.projection.behind",
         [observe(lambda s: max(s.head - s.checkpoint, 0))],
         description="Events the projection is behind the highest position this replica has seen",
+    )
+    meter.create_observable_gauge(
+        "tessera.read.projection.head",
+        [observe(lambda s: s.head)],
+        description="Highest event position this replica has seen announced or delivered",
+    )
+    meter.create_observable_gauge(
+        "tessera.read.projection.lag_seconds",
+        [observe(lag_seconds)],
+        unit="s",
+        description="0 when caught up; while behind, the age of the newest event applied to the views",
     )
     meter.create_observable_gauge(
         "tessera.read.projection.parked_position",

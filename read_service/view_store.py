@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from read_service.near_cache import NearCache, ObservedCheckpoint
 from read_service.projections.base import Op
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,31 @@ class ApplyResult:
     checkpoint: int
 
 
+# Moves the checkpoint over a run of consecutive events that change nothing else (events a
+# projection ignores): one call for the run instead of one apply-script call per event,
+# which is most of the work when a replica replays the log for a projection that ignores
+# most of it. KEYS[1] is the checkpoint key, ARGV[1] and ARGV[2] the run's first and last
+# positions. Returns the checkpoint before and after the call. Below the run's start (a
+# gap) or at or past its end (all duplicates) nothing changes; otherwise the events after
+# the checkpoint are applied, which for them means moving the checkpoint to the last one.
+_ADVANCE_SCRIPT = """
+local checkpoint = tonumber(redis.call('GET', KEYS[1]) or '0')
+local first = tonumber(ARGV[1])
+local last = tonumber(ARGV[2])
+if first == nil or last == nil or first < 1 or last < first then
+  return redis.error_reply('ERR positions must be positive integers, first <= last')
+end
+if checkpoint < first - 1 or checkpoint >= last then
+  return {checkpoint, checkpoint}
+end
+redis.call('SET', KEYS[1], ARGV[2])
+return {checkpoint, last}
+"""
+
+# Fewer consecutive no-op events than this are applied one by one.
+_MIN_ADVANCE_RUN = 2
+
+
 def encode_ops(ops: Sequence[Op]) -> list[str | bytes | int]:
     """Flatten ops into the script's ARGV layout: for each op, its length then its arguments."""
     argv: list[str | bytes | int] = []
@@ -63,10 +89,17 @@ class ViewStore:
         self._client = client
         self._checkpoint_key = checkpoint_key
         self._sha: str | None = None
+        self._advance_sha: str | None = None
+
+    @property
+    def checkpoint_key(self) -> str:
+        """The Redis key holding the position of the last event applied."""
+        return self._checkpoint_key
 
     async def load_script(self) -> None:
-        """Load the apply script into Redis's script cache (again after a Redis restart)."""
+        """Load the apply scripts into Redis's script cache (again after a Redis restart)."""
         self._sha = await self._client.script_load(_SCRIPT)
+        self._advance_sha = await self._client.script_load(_ADVANCE_SCRIPT)
 
     async def checkpoint(self) -> int:
         """The position of the last event applied (0 when none was)."""
@@ -102,12 +135,137 @@ class ViewStore:
             return await self._apply_many(events)
 
     async def _apply_many(self, events: Sequence[tuple[int, Sequence[Op]]]) -> list[ApplyResult]:
-        if self._sha is None:
+        if self._sha is None or self._advance_sha is None:
             await self.load_script()
-        sha = self._sha
-        assert sha is not None
+        sha, advance_sha = self._sha, self._advance_sha
+        assert sha is not None and advance_sha is not None
+        calls = _calls(events)
         async with self._client.pipeline(transaction=False) as pipe:
-            for position, ops in events:
-                pipe.evalsha(sha, 1, self._checkpoint_key, str(position), *encode_ops(ops))
+            for first, last, ops in calls:
+                if first == last:
+                    pipe.evalsha(sha, 1, self._checkpoint_key, str(first), *encode_ops(ops))
+                else:
+                    pipe.evalsha(advance_sha, 1, self._checkpoint_key, str(first), str(last))
             raw_results = await pipe.execute()
-        return [_result(raw) for raw in raw_results]
+        results: list[ApplyResult] = []
+        for (first, last, _), raw in zip(calls, raw_results, strict=True):
+            if first == last:
+                results.append(_result(raw))
+            else:
+                results.extend(_advance_results(first, last, int(raw[0])))
+        return results
+
+
+def _calls(events: Sequence[tuple[int, Sequence[Op]]]) -> list[tuple[int, int, Sequence[Op]]]:
+    """The script calls for `events`: (position, position, ops) each, or (first, last, ()) for a no-op run."""
+    calls: list[tuple[int, int, Sequence[Op]]] = []
+    run: list[int] = []
+
+    def flush() -> None:
+        if len(run) >= _MIN_ADVANCE_RUN:
+            calls.append((run[0], run[-1], ()))
+        else:
+            calls.extend((position, position, ()) for position in run)
+        run.clear()
+
+    for position, ops in events:
+        if not ops and (not run or position == run[-1] + 1):
+            run.append(position)
+            continue
+        flush()
+        if ops:
+            calls.append((position, position, ops))
+        else:
+            run.append(position)
+    flush()
+    return calls
+
+
+def _advance_results(first: int, last: int, before: int) -> list[ApplyResult]:
+    """Per-event results of a no-op run, as one apply-script call per event would have answered."""
+    if before < first - 1:
+        return [ApplyResult(Outcome.GAP, before)] * (last - first + 1)
+    return [
+        ApplyResult(Outcome.DUPLICATE, before) if position <= before else ApplyResult(Outcome.APPLIED, position)
+        for position in range(first, last + 1)
+    ]
+
+
+class CheckpointReader:
+    """A query's read of a projection's checkpoint: a call of its own, or queued in the query's read.
+
+    Calling it reads the checkpoint alone. A query that reads its view in one pipeline puts
+    a GET of `key` first in that pipeline instead (Redis runs a pipeline's commands in order,
+    so the view read reflects at least that checkpoint) and passes the value to `verify`,
+    with what `known` said just before: one round trip instead of two.
+    """
+
+    def __init__(
+        self,
+        store: Callable[[], ViewStore],
+        known: Callable[[], int],
+        verify: Callable[[int, int], Awaitable[int]],
+    ) -> None:
+        self._store = store
+        self._known = known
+        self._verify = verify
+
+    @property
+    def key(self) -> str:
+        """The checkpoint key to read now (it changes when the projector switches generations)."""
+        return self._store().checkpoint_key
+
+    def known(self) -> int:
+        """The checkpoint the projector knows now; take it before the read, pass it to `verify`."""
+        return self._known()
+
+    async def verify(self, checkpoint: int, known: int) -> int:
+        """Check a checkpoint read from Redis against `known` (raises when Redis lost data); return it."""
+        return await self._verify(checkpoint, known)
+
+    async def __call__(self) -> int:
+        """Read the checkpoint in a round trip of its own, and verify it."""
+        known = self._known()
+        return await self._verify(await self._store().checkpoint(), known)
+
+
+class QueryCheckpoint:
+    """The checkpoint one query reports as `view_position`, read by the view's own read when it can.
+
+    A view that reads in one pipeline asks `pipelined()` for the checkpoint key, puts a GET of
+    it first in the pipeline and hands the value to `settle`: one round trip for both. Any
+    other read calls `read()` first, a round trip of its own. Either way `position` is the
+    checkpoint the reply reflects at least, and the near cache (if any) is told about it.
+    """
+
+    __slots__ = ("_cache", "_read", "_reader", "position")
+
+    def __init__(self, read: Callable[[], Awaitable[int]] | None) -> None:
+        self._read = read
+        self._cache: NearCache | None = None
+        inner: object = read
+        if isinstance(read, ObservedCheckpoint):
+            self._cache = read.cache
+            inner = read.read
+        self._reader = inner if isinstance(inner, CheckpointReader) else None
+        self.position = 0
+
+    def pipelined(self) -> tuple[str, int] | None:
+        """(checkpoint key, checkpoint known now) for a read that takes the checkpoint itself; None if it cannot."""
+        if self._reader is None:
+            return None
+        return self._reader.key, self._reader.known()
+
+    async def settle(self, raw: bytes | str | None, known: int) -> int:
+        """Verify the checkpoint value a pipelined read got (raises when Redis lost data); remember it."""
+        assert self._reader is not None
+        self.position = await self._reader.verify(int(raw or 0), known)
+        if self._cache is not None:
+            self._cache.report(self.position)
+        return self.position
+
+    async def read(self) -> int:
+        """Read the checkpoint in a round trip of its own (0 when the view has none)."""
+        if self._read is not None:
+            self.position = await self._read()
+        return self.position

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -89,10 +90,10 @@ class ReplicaHeaderInterceptor(grpc.aio.ServerInterceptor):
     """Adds `x-tessera-replica: <replica id>/<pid>` to the initial metadata of every reply.
 
     Unary calls and server streams get it, failed calls too (it is sent just before the error);
-    client streams and reflection pass through untouched. A server stream is handed on as an async
-    generator whichever way its handler streams (the health servicer's Watch writes with
-    `context.write`): the error mapping outside iterates it, and client-side health checking
-    (round_robin's `healthCheckConfig`) relies on Watch.
+    client streams and reflection pass through untouched. A server stream keeps its handler's
+    shape: an async generator is wrapped in one, a coroutine that streams with `context.write`
+    (the health servicer's Watch, which client-side health checking relies on) in a coroutine,
+    so its messages go straight to the caller without a generator in between.
     """
 
     def __init__(self, replica_id: str, pid: int | None = None) -> None:
@@ -141,18 +142,22 @@ class ReplicaHeaderInterceptor(grpc.aio.ServerInterceptor):
 
         return unary
 
-    def _stream(self, inner: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+    def _stream(self, inner: Callable[..., Any]) -> Callable[..., Any]:
         header = self._header
+        if not inspect.isasyncgenfunction(inner):
+
+            async def written(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+                wrapped = _HeaderContext(context, header)
+                await inner(request, wrapped)
+                await wrapped.send_header()
+
+            return written
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             wrapped = _HeaderContext(context, header)
-            produced = inner(request, wrapped)
-            if hasattr(produced, "__aiter__"):
-                async for item in produced:
-                    await wrapped.send_header()
-                    yield item
-            else:
-                await produced  # a handler that streams with context.write()
+            async for item in inner(request, wrapped):
+                await wrapped.send_header()
+                yield item
             await wrapped.send_header()
 
         return stream

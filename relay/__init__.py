@@ -39,9 +39,11 @@ commit. Rows are claimed by status, never by "id greater than the last one": a b
 id is taken at insert time but becomes visible at commit time, so id 41 can commit after
 id 42 was read, and a cursor on ids would skip it for good (the comment on `_lock_table`
 in pyeventsourcing's postgres.py explains the hazard; it serializes writers with a table
-lock instead, which we avoid by numbering at relay time). (3) Publish the batch as one
-pipelined round trip (no MULTI), each envelope serialized once. (4) Mark the batch
-published in one UPDATE. Repeat while batches come back full.
+lock instead, which we avoid by numbering at relay time). (3) Publish the batch with one
+script call that PUBLISHes each envelope in order (one reply instead of one per event),
+each envelope serialized once. (4) Mark the batch published in one UPDATE over its
+position range, on a second connection while the next batch is being claimed. Repeat
+while batches come back full.
 
 Crash safety. Positions are committed before publishing. Publishing first and crashing
 before the commit would let a later claim give the same positions to other events, and a

@@ -12,10 +12,12 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
+from relay.metrics import backlog_sampler, register_relay_metrics
 from relay.runner import Relay
 from relay.settings import RelaySettings
 from shared_kernel.db import create_pool
 from shared_kernel.logs import configure_logging
+from shared_kernel.metrics import Sampler, configure_metrics
 from shared_kernel.redis_client import ClosedTransportAwareConnection
 from shared_kernel.runtime import run
 from shared_kernel.telemetry import configure_tracing
@@ -31,9 +33,11 @@ async def main() -> int:
     settings = RelaySettings()
     configure_logging(settings.log_level, settings.log_format, service="relay")
     provider = configure_tracing("tessera-relay")
+    process_metrics = configure_metrics("tessera-relay")
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     relay: Relay | None = None
+    backlog: Sampler | None = None
     shutdowns: set[asyncio.Task[None]] = set()
 
     def on_signal(signum: signal.Signals) -> None:
@@ -61,12 +65,18 @@ async def main() -> int:
             relay = Relay(settings, pool, redis)
             if stop_requested.is_set():
                 return 0
+            if process_metrics.enabled:
+                backlog = backlog_sampler(pool, process_metrics.settings.metrics_sample_interval_s)
+                register_relay_metrics(backlog, lambda: relay.published_head if relay is not None else 0)
+                backlog.start()
             logger.info(
                 "relay starting",
                 extra={"lock_key": settings.relay_lock_key, "batch_size": settings.relay_batch_size},
             )
             await relay.run()
         finally:
+            if backlog is not None:
+                await backlog.stop()
             await redis.aclose()
             try:
                 async with asyncio.timeout(settings.database_connect_timeout_s):
@@ -80,6 +90,7 @@ async def main() -> int:
         for signum in _SIGNALS:
             loop.remove_signal_handler(signum)
         provider.shutdown()
+        process_metrics.shutdown()
     logger.info("relay stopped")
     return 0
 

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import enum
 import logging
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -15,6 +16,7 @@ from opentelemetry import trace
 
 from relay.backoff import Backoff
 from relay.leadership import POSTGRES_ERRORS, Connect, LeaderSession
+from relay.metrics import record_published
 from relay.outbox import Fence, LeadershipLost, claim_batch, mark_published, published_head, stranded_batch
 from relay.publisher import Publisher, RedisPublisher
 from relay.settings import RelaySettings
@@ -22,6 +24,7 @@ from shared_kernel.event_log import OUTBOX_NOTIFY_CHANNEL
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (*POSTGRES_ERRORS, redis.exceptions.RedisError)
 
@@ -155,23 +158,45 @@ class Relay:
                 sent += len(envelopes)
             if len(envelopes) < batch_size or self._stopping.is_set():
                 break
+        # The batch just published is marked while the next one is claimed: two pooled
+        # connections touching different rows, so Postgres does both at once. Marks may
+        # land in any order; each only needs to follow its own batch's publish.
+        # A failure leaves at most the last published batch unmarked: it goes out again
+        # as stranded rows, which replicas skip as duplicates.
+        unmarked: list[EventEnvelope] = []
         while not self._stopping.is_set():
-            async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
-                envelopes = await claim_batch(conn, batch_size, self._fence)
+            if unmarked:
+                envelopes = await _together(self._mark(unmarked), self._claim(batch_size))
+                unmarked = []
+            else:
+                envelopes = await self._claim(batch_size)
             if not envelopes:
                 break
-            await self._publish(envelopes)
+            await self._publish_only(envelopes)
+            unmarked = envelopes
             sent += len(envelopes)
             if len(envelopes) < batch_size:
                 break
+        if unmarked:
+            await self._mark(unmarked)
         return sent
 
-    async def _publish(self, envelopes: list[EventEnvelope]) -> None:
-        await self._publisher.publish_events(envelopes)
-        positions = [e.position for e in envelopes]
-        self._head = max(self._head, positions[-1])
+    async def _claim(self, batch_size: int) -> list[EventEnvelope]:
         async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
-            await mark_published(conn, positions)
+            return await claim_batch(conn, batch_size, self._fence)
+
+    async def _publish(self, envelopes: list[EventEnvelope]) -> None:
+        await self._publish_only(envelopes)
+        await self._mark(envelopes)
+
+    async def _publish_only(self, envelopes: list[EventEnvelope]) -> None:
+        await self._publisher.publish_events(envelopes)
+        record_published(len(envelopes))
+        self._head = max(self._head, envelopes[-1].position)
+
+    async def _mark(self, envelopes: list[EventEnvelope]) -> None:
+        async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
+            await mark_published(conn, envelopes[0].position, envelopes[-1].position)
         logger.debug("published %d events", len(envelopes), extra=_span_of(envelopes))
 
     async def _serve_session(self, backoff: Backoff) -> None:
@@ -332,7 +357,7 @@ async def _wait_event(event: asyncio.Event, seconds: float) -> bool:
     return event.is_set()
 
 
-async def _cancel_and_wait(tasks: set[asyncio.Task[None]]) -> None:
+async def _cancel_and_wait(tasks: set[asyncio.Task[Any]]) -> None:
     """Cancel `tasks` and wait until all have finished, cancelling again if one shrugged it off."""
     pending = {t for t in tasks if not t.done()}
     while pending:
@@ -340,6 +365,25 @@ async def _cancel_and_wait(tasks: set[asyncio.Task[None]]) -> None:
             task.cancel()
         # Library code can swallow a cancellation; asking again once a second is harmless.
         _, pending = await asyncio.wait(pending, timeout=1.0)
+
+
+async def _together(first: Awaitable[None], second: Awaitable[_T]) -> _T:
+    """Run both concurrently to the end; return the second's result, or raise an error (the first's first).
+
+    Unlike gather, neither is left running when the other fails, and a cancellation
+    cancels both and waits for them.
+    """
+    tasks: tuple[asyncio.Task[Any], asyncio.Task[_T]] = (asyncio.ensure_future(first), asyncio.ensure_future(second))
+    try:
+        await asyncio.wait(tasks)
+    except BaseException:
+        await _cancel_and_wait(set(tasks))
+        raise
+    errors = [task.exception() for task in tasks]
+    for error in errors:
+        if error is not None:
+            raise error
+    return tasks[1].result()
 
 
 def _span_of(envelopes: list[EventEnvelope]) -> dict[str, int]:

@@ -25,6 +25,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from shared_kernel.grpc_errors import ErrorMappingInterceptor
+from shared_kernel.rpc_metrics import rpc_metrics_interceptors
 from shared_kernel.security import tls
 from shared_kernel.security.authn import Authenticator
 from shared_kernel.security.interceptor import AuthInterceptor
@@ -32,6 +33,8 @@ from shared_kernel.settings import GrpcServerSettings
 from shared_kernel.telemetry import context_from_headers
 
 logger = logging.getLogger(__name__)
+
+_NO_PARENT = otel_context.Context()
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -42,6 +45,8 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         self._tracer = trace.get_tracer("tessera.grpc")
+        # Span attributes per method, built once (the SDK copies them into each span).
+        self._attributes: dict[str, dict[str, str]] = {}
 
     async def intercept_service(
         self,
@@ -57,16 +62,21 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         inner: Callable[..., Any] = handler.unary_unary
         tracer = self._tracer
+        attributes = self._attributes.get(method)
+        if attributes is None:
+            attributes = self._attributes[method] = {"rpc.system": "grpc", "rpc.method": method}
 
         async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            headers = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-            token = otel_context.attach(context_from_headers(headers))
+            metadata = context.invocation_metadata() or ()
+            # Most calls carry no trace context: then the span is a root, without parsing anything.
+            parent = _NO_PARENT
+            for key, _ in metadata:
+                if key == "traceparent":
+                    parent = context_from_headers({k: v for k, v in metadata if isinstance(v, str)})
+                    break
+            token = otel_context.attach(parent)
             try:
-                with tracer.start_as_current_span(
-                    method,
-                    kind=trace.SpanKind.SERVER,
-                    attributes={"rpc.system": "grpc", "rpc.method": method},
-                ):
+                with tracer.start_as_current_span(method, kind=trace.SpanKind.SERVER, attributes=attributes):
                     return await inner(request, context)
             finally:
                 otel_context.detach(token)
@@ -123,7 +133,12 @@ class GrpcServer:
         self.settings = settings
         self.service_names = list(service_names)
         self.health = health_aio.HealthServicer()
-        chain: list[grpc.aio.ServerInterceptor] = [TracingInterceptor(), ErrorMappingInterceptor()]
+        # Metrics outermost (only when configured): they record the status the error mapping produced.
+        chain: list[grpc.aio.ServerInterceptor] = [
+            *rpc_metrics_interceptors(),
+            TracingInterceptor(),
+            ErrorMappingInterceptor(),
+        ]
         if authenticator is not None:
             # Inside the error mapping and the span, so refusals are traced and never become INTERNAL.
             chain.append(AuthInterceptor(authenticator))

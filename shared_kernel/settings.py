@@ -22,6 +22,29 @@ class CommonSettings(BaseSettings):
     log_format: Literal["text", "json"] = Field(default="text", description="`json` writes one JSON object per line.")
 
 
+class MetricsSettings(BaseSettings):
+    """Where a process's OpenTelemetry metrics go: a Prometheus scrape endpoint and/or OTLP (OTEL_METRICS_EXPORTER)."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
+
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics over HTTP at /metrics on this port (0 picks a free one, logged); "
+        "unset: no endpoint.",
+    )
+    metrics_host: str = Field(default="127.0.0.1", min_length=1, description="Interface the metrics endpoint binds.")
+    metrics_sample_interval_s: float = Field(
+        default=10.0, gt=0, le=3600, description="How often database-backed gauges (backlog, saga states) are sampled."
+    )
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_port_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+
 class DatabaseSettings(BaseSettings):
     """Connection to the primary Postgres."""
 

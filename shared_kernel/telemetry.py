@@ -31,7 +31,7 @@ def _exporters() -> list[SpanExporter]:
             exporters.append(ConsoleSpanExporter())
         elif name == "otlp":
             try:
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
                     OTLPSpanExporter,
                 )
             except ImportError:

@@ -30,6 +30,9 @@ OURS = {
 ONE_SHOT = {"migrate"}
 # Stands in for an external system: it needs neither Postgres nor Redis.
 EXTERNAL = {"payment-provider"}
+# Started only with `--profile observability`; their images have no shell to probe health with,
+# except Prometheus.
+OBSERVABILITY = {"otel-collector", "jaeger", "prometheus"}
 
 
 def _env(service: str) -> dict[str, Any]:
@@ -62,7 +65,7 @@ def _depends(service: str) -> dict[str, str]:
 
 
 def test_topology():
-    assert set(SERVICES) == {"postgres", "redis", *OURS}
+    assert set(SERVICES) == {"postgres", "redis", *OURS, *OBSERVABILITY}
     assert SERVICES["postgres"]["image"].startswith("postgres:16")
     assert SERVICES["redis"]["image"].startswith("redis:7")
     assert SERVICES["relay"]["deploy"]["replicas"] == 2  # one active, one standby
@@ -119,6 +122,8 @@ def test_every_long_running_service_has_a_health_check():
     for name, service in SERVICES.items():
         if name in ONE_SHOT:
             assert service.get("restart") == "no", f"{name} runs once and must not be restarted"
+            continue
+        if name in OBSERVABILITY - {"prometheus"}:
             continue
         assert "healthcheck" in service, f"{name} has no health check"
         assert service["healthcheck"].get("interval"), f"{name}: health check without an interval"
@@ -214,7 +219,7 @@ def test_relay_health_check_reaches_the_servers_it_works_between():
     assert sorted(reached) == ["DATABASE_URL", "REDIS_URL"]
 
 
-@pytest.mark.parametrize("service", sorted(set(SERVICES) - {"postgres", "redis", *ONE_SHOT}))
+@pytest.mark.parametrize("service", sorted(set(SERVICES) - {"postgres", "redis", *ONE_SHOT, *OBSERVABILITY}))
 def test_health_check_commands_parse(service: str, monkeypatch: pytest.MonkeyPatch):
     argv = _healthcheck_argv(service)
     for name, value in _env(service).items():
@@ -237,6 +242,71 @@ def test_environment_points_at_the_compose_servers():
     for service in ("relay", "read"):
         assert urlsplit(_env(service)["REDIS_URL"]).hostname == "redis"
         assert _env(service)["REDIS_KEY_PREFIX"] == _env("relay")["REDIS_KEY_PREFIX"]
+
+
+# --- the `observability` profile ------------------------------------------------------
+
+
+def test_observability_services_run_only_in_their_profile():
+    for name, service in SERVICES.items():
+        profiles = service.get("profiles", [])
+        assert profiles == (["observability"] if name in OBSERVABILITY else []), name
+        for dependency in _depends(name):
+            # A service outside the profile may not need one inside it: `docker compose up` would fail.
+            assert name in OBSERVABILITY or dependency not in OBSERVABILITY, f"{name} depends on {dependency}"
+    assert SERVICES["otel-collector"]["image"].startswith("otel/opentelemetry-collector-contrib:")
+    assert SERVICES["jaeger"]["image"].startswith("jaegertracing/all-in-one:")
+    assert SERVICES["prometheus"]["image"].startswith("prom/prometheus:")
+    assert "16686:16686" in SERVICES["jaeger"]["ports"]
+    assert "9090:9090" in SERVICES["prometheus"]["ports"]
+
+
+def test_services_export_to_the_collector_only_when_asked_to():
+    for service in set(OURS) - EXTERNAL:
+        env = _env(service)
+        assert env["OTEL_TRACES_EXPORTER"] == "${OTEL_TRACES_EXPORTER:-none}"
+        assert env["OTEL_METRICS_EXPORTER"] == "${OTEL_METRICS_EXPORTER:-none}"
+        endpoint = re.fullmatch(r"\$\{OTEL_EXPORTER_OTLP_ENDPOINT:-(.+)\}", env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        assert endpoint, "the endpoint may be set from the host, with a default"
+        assert urlsplit(endpoint[1]).hostname == "otel-collector"
+        assert urlsplit(endpoint[1]).port == 4317
+
+
+def _mounted_config(service: str, target: str) -> dict[str, Any]:
+    """The YAML file the service mounts (read-only) at `target`, parsed."""
+    for volume in SERVICES[service]["volumes"]:
+        source, mounted, *mode = str(volume).split(":")
+        if mounted == target:
+            assert mode == ["ro"], f"{service}: mount its config read-only"
+            path = (ROOT / source).resolve()
+            assert path.is_relative_to(ROOT / "deploy" / "observability")
+            config: dict[str, Any] = yaml.safe_load(path.read_text())
+            return config
+    raise AssertionError(f"{service} mounts nothing at {target}")
+
+
+def test_collector_receives_otlp_and_feeds_jaeger_and_prometheus():
+    command = SERVICES["otel-collector"]["command"]
+    assert command == ["--config=/etc/otelcol-contrib/config.yaml"]
+    config = _mounted_config("otel-collector", "/etc/otelcol-contrib/config.yaml")
+    assert config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(":4317")
+    pipelines = config["service"]["pipelines"]
+    assert pipelines["traces"]["receivers"] == ["otlp"]
+    assert pipelines["metrics"]["receivers"] == ["otlp"]
+    for pipeline in pipelines.values():
+        for part in ("processors", "exporters"):
+            for name in pipeline[part]:
+                assert name in config[part], f"{name} is used but not configured"
+    [traces_exporter] = pipelines["traces"]["exporters"]
+    assert config["exporters"][traces_exporter]["endpoint"] == "jaeger:4317"
+    assert SERVICES["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    [metrics_exporter] = pipelines["metrics"]["exporters"]
+    collector_port = config["exporters"][metrics_exporter]["endpoint"].rsplit(":", 1)[1]
+
+    prometheus = _mounted_config("prometheus", "/etc/prometheus/prometheus.yml")
+    assert SERVICES["prometheus"]["command"] == ["--config.file=/etc/prometheus/prometheus.yml"]
+    targets = [t for job in prometheus["scrape_configs"] for s in job["static_configs"] for t in s["targets"]]
+    assert f"otel-collector:{collector_port}" in targets
 
 
 # --- Dockerfile and .dockerignore -------------------------------------------------------

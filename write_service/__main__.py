@@ -11,6 +11,7 @@ import asyncpg
 
 from shared_kernel.grpc_server import GrpcServer, wait_for_shutdown_signal
 from shared_kernel.logs import configure_logging
+from shared_kernel.metrics import configure_metrics
 from shared_kernel.runtime import run
 from shared_kernel.security.authn import AuthConfigurationError, authenticator_from_settings
 from shared_kernel.telemetry import configure_tracing
@@ -69,6 +70,7 @@ async def main() -> int:
     settings = WriteServiceSettings()
     configure_logging(settings.log_level, settings.log_format, service="write_service")
     provider = configure_tracing("write_service")
+    process_metrics = configure_metrics("write_service")
     try:
         await serve(settings)
     except AuthConfigurationError as exc:
@@ -79,6 +81,7 @@ async def main() -> int:
         return 1
     finally:
         provider.shutdown()
+        process_metrics.shutdown()
     return 0
 
 

@@ -6,7 +6,8 @@
   within `max_wait_ms`, the server's cap and the caller's deadline) until the view reflects
   it; past the budget it answers with what it has, marked stale (`stale` field and the
   `x-tessera-stale` header).
-- `view_position`: the checkpoint read from Redis just before the query's own read.
+- `view_position`: the checkpoint read from Redis just before the query's own read, or as the
+  first command of the read's own pipeline (`answer_at`, one round trip for both).
 - Budgets: every Redis read runs within the caller's remaining deadline, capped by
   QUERY_TIMEOUT_S (`within_budget`).
 
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 import grpc
 
 from read_service.consistency import DEFAULT_MAX_WAIT_MS, PARKED_HEADER, STALE_HEADER, ConsistencyGate
+from read_service.view_store import QueryCheckpoint
 from shared_kernel import errors
 from shared_kernel.consistency import ConsistencyToken
 
@@ -109,6 +111,11 @@ class Freshness:
 
     async def reflect(self, token: ConsistencyToken | None, max_wait_ms: int, context: Context) -> tuple[bool, int]:
         """Wait for the request's consistency token; return (stale, view position) for the reply."""
+        marked = await self._mark(token, max_wait_ms, context)
+        return marked, await self._view_position(context)
+
+    async def _mark(self, token: ConsistencyToken | None, max_wait_ms: int, context: Context) -> bool:
+        """Wait for the token; send the stale and parked headers when they apply; return whether stale."""
         stale = False
         if token is not None:
             stale = not await self._wait_for(token, max_wait_ms, context)
@@ -119,7 +126,7 @@ class Freshness:
             headers.append((PARKED_HEADER, str(parked)))
         if headers:
             await context.send_initial_metadata(tuple(headers))
-        return stale or parked is not None, await self._view_position(context)
+        return stale or parked is not None
 
     async def answer(
         self, context: Context, token: ConsistencyToken | None, max_wait_ms: int, work: Callable[[], Awaitable[T]]
@@ -131,6 +138,20 @@ class Freshness:
         self.require_ready()
         stale, position = await self.reflect(token, max_wait_ms, context)
         return await self.read(context, work), stale, position
+
+    async def answer_at(
+        self,
+        context: Context,
+        token: ConsistencyToken | None,
+        max_wait_ms: int,
+        work: Callable[[QueryCheckpoint], Awaitable[T]],
+    ) -> tuple[T, bool, int]:
+        """Like `answer`, for a read that takes the view position itself (see QueryCheckpoint)."""
+        self.require_ready()
+        stale = await self._mark(token, max_wait_ms, context)
+        at = QueryCheckpoint(self._checkpoint)
+        value = await self.read(context, lambda: work(at))
+        return value, stale, at.position
 
     async def read(self, context: Context, work: Callable[[], Awaitable[T]]) -> T:
         """Run one read of the view within the query budget."""

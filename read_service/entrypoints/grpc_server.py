@@ -151,8 +151,8 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         """One user by id."""
         user_id = str(parse_uuid("user_id", request.user_id))
         token = user_token(request.consistency_token)
-        view, stale, position = await self._freshness.answer(
-            context, token, request.max_wait_ms, lambda: self._views.get(user_id)
+        view, stale, position = await self._freshness.answer_at(
+            context, token, request.max_wait_ms, lambda at: self._views.get_at(user_id, at)
         )
         if view is None:
             raise errors.NotFound(f"user {user_id} not found")

@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 
 from read_service.keys import SortField, Subset, UserKeys, email_key, member_user_id
 from read_service.near_cache import NearCache
+from read_service.view_store import QueryCheckpoint
 from tessera.common.v1.money_pb2 import Money
 from tessera.users.v1.user_query_service_pb2 import UserView
 
@@ -61,6 +62,13 @@ def _matches(view: UserView, query: ListUsersQuery) -> bool:
     return any(needle in text.casefold() for text in (view.email, view.username, view.full_name))
 
 
+def _merge_spending(view: UserView, amounts: dict[bytes | str, bytes | str]) -> None:
+    # HGETALL of the user's spending hash: minor units per currency code.
+    for currency, amount in sorted((_as_bytes(c).decode(), int(a)) for c, a in amounts.items()):
+        if amount:
+            view.total_spent.append(Money(currency_code=currency, amount_minor=amount))
+
+
 class UserViews:
     """Reads users from Redis; raises the driver's errors for the caller to map."""
 
@@ -79,6 +87,36 @@ class UserViews:
         # The view and what the user spent are kept apart: a write to either drops the entry.
         keys = (self._keys.view(user_id), self._keys.spent(user_id))
         return await self._cache.get(keys, lambda: self._read(user_id))
+
+    async def get_at(self, user_id: str, at: QueryCheckpoint) -> UserView | None:
+        """Like `get`, also setting `at.position`; a read from Redis takes the checkpoint in the same round trip."""
+        keys = (self._keys.view(user_id), self._keys.spent(user_id))
+        cache = self._cache
+        pipelined = at.pipelined()
+        if pipelined is None or (cache is not None and cache.enabled and cache.may_hit(keys[0])):
+            # A likely hit needs the checkpoint before it can be served; it costs no more.
+            await at.read()
+            return await self.get(user_id)
+        checkpoint_key, known = pipelined
+
+        async def load() -> tuple[UserView | None, int]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(checkpoint_key)
+                pipe.get(keys[0])
+                pipe.hgetall(keys[1])
+                raw_checkpoint, raw, spent = await pipe.execute()
+            position = await at.settle(raw_checkpoint, known)
+            if raw is None:
+                return None, position
+            view = UserView.FromString(_as_bytes(raw))
+            _merge_spending(view, spent)
+            return view, position
+
+        if cache is None:
+            view, _ = await load()
+        else:
+            view, _ = await cache.fill(keys, load)
+        return view
 
     async def _read(self, user_id: str) -> UserView | None:
         raw = await self._client.get(self._keys.view(user_id))
@@ -103,9 +141,7 @@ class UserViews:
                 pipe.hgetall(self._keys.spent(view.user_id))
             spent = await pipe.execute()
         for view, amounts in zip(views, spent, strict=True):
-            for currency, amount in sorted((_as_bytes(c).decode(), int(a)) for c, a in amounts.items()):
-                if amount:
-                    view.total_spent.append(Money(currency_code=currency, amount_minor=amount))
+            _merge_spending(view, amounts)
 
     async def get_by_email(self, email: str) -> UserView | None:
         """The user with this e-mail address (any case), or None."""

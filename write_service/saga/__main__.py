@@ -23,9 +23,11 @@ import grpc
 from shared_kernel.db import create_pool
 from shared_kernel.grpc_server import GrpcServer, wait_for_shutdown_signal
 from shared_kernel.logs import configure_logging
+from shared_kernel.metrics import configure_metrics, current
 from shared_kernel.runtime import run
 from shared_kernel.telemetry import configure_tracing
 from write_service.saga.breaker import CircuitBreaker
+from write_service.saga.metrics import register_saga_metrics, saga_status_sampler
 from write_service.saga.orchestrator import SagaRunner
 from write_service.saga.provider import GrpcPaymentProvider, GuardedProvider
 from write_service.saga.settings import SagaWorkerSettings
@@ -81,6 +83,10 @@ async def serve(
             poll_interval_s=settings.saga_poll_interval_s,
         )
         port = await server.start()
+        sampler = saga_status_sampler(pool, current().settings.metrics_sample_interval_s)
+        if current().enabled:
+            register_saga_metrics(sampler)
+            sampler.start()
         work = asyncio.create_task(worker.run(stop, grace_s=settings.grpc_shutdown_grace_s), name="saga-worker")
         try:
             await server.set_serving(True)
@@ -96,6 +102,7 @@ async def serve(
         finally:
             stop.set()
             await asyncio.wait([work])
+            await sampler.stop()
             await server.stop()
     finally:
         await channel.close()
@@ -110,6 +117,7 @@ async def main() -> int:
     settings = SagaWorkerSettings()
     configure_logging(settings.log_level, settings.log_format, service="saga_worker")
     tracing = configure_tracing("saga_worker")
+    process_metrics = configure_metrics("saga_worker")
     try:
         await serve(settings)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, RuntimeError):
@@ -117,6 +125,7 @@ async def main() -> int:
         return 1
     finally:
         tracing.shutdown()
+        process_metrics.shutdown()
     return 0
 
 

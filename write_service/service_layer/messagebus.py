@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import timedelta
 
+from opentelemetry import metrics, trace
+
 from shared_kernel import errors
 from shared_kernel.grpc_errors import status_for
 from write_service.domain.commands import Command
@@ -42,6 +44,14 @@ logger = logging.getLogger(__name__)
 _REJECTIONS = (errors.InvalidArgument, errors.NotFound, errors.AlreadyExists, errors.FailedPrecondition)
 
 DEFAULT_IDEMPOTENCY_RETENTION = timedelta(days=1)
+
+# One span per attempt around the unit of work (begin … commit). It is current while the
+# events are appended, so the outbox rows carry its context and the relay's and the
+# projectors' spans become its children (docs/decisions/0020-observability.md).
+_tracer = trace.get_tracer("tessera.write_service")
+_idempotent_hits = metrics.get_meter("tessera.write_service").create_counter(
+    "tessera.write.idempotency.hits", description="Keyed commands answered with their stored reply"
+)
 
 
 def encode_result(result: CommandResult) -> bytes:
@@ -112,6 +122,7 @@ class CommandBus:
             await self._log_outcome(command, meta, "failed", exc)
             raise
         if result.replay_of is not None:
+            _idempotent_hits.add(1, {"command_type": command.command_type})
             logger.info(
                 "idempotent hit: returned the stored reply",
                 extra={**log_extra, "replay_of": str(result.replay_of), "aggregate_id": str(result.aggregate_id)},
@@ -138,7 +149,13 @@ class CommandBus:
         attempt = 1
         while True:
             try:
-                return await handler(command, self._uow_factory(meta.deadline), self._deps, meta)
+                with _tracer.start_as_current_span(
+                    f"transaction {command.command_type}",
+                    attributes={"db.system": "postgresql", "tessera.command.attempt": attempt},
+                ) as span:
+                    result = await handler(command, self._uow_factory(meta.deadline), self._deps, meta)
+                    span.set_attribute("tessera.outbox.event_ids", [str(e.event_id) for e in result.events])
+                    return result
             except errors.Conflict:
                 delay = self._retry_backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not a secret
                 if attempt >= self._max_attempts or meta.deadline.remaining() <= delay:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 
 from read_service.bootstrap import ReadService, running_read_service
 from shared_kernel.consistency import encode_token
@@ -150,3 +151,17 @@ async def test_garbage_or_foreign_tokens_are_invalid_argument(replica: Replica, 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await replica.stub.ListUsers(pb.ListUsersRequest(consistency_token=token), timeout=5)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_query_that_finds_the_checkpoint_gone_back_is_refused(
+    replica: Replica, redis_client: aioredis.Redis
+) -> None:
+    # GetUser reads the checkpoint in its own pipeline; Redis losing the data must still show.
+    projector = replica.service.projector
+    reply = await replica.stub.GetUser(pb.GetUserRequest(user_id=replica.user_id), timeout=5)
+    assert reply.view_position == projector.checkpoint == 1
+    await redis_client.delete(projector.read_checkpoint.key)
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await replica.stub.GetUser(pb.GetUserRequest(user_id=replica.user_id), timeout=5)
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE

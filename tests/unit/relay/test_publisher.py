@@ -1,4 +1,4 @@
-"""RedisPublisher: one pipeline per batch, envelopes in order, a producer span per traced event."""
+"""RedisPublisher: one script call per chunk, envelopes in order, a producer span per traced event."""
 
 from __future__ import annotations
 
@@ -13,38 +13,37 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from relay.outbox import Fence
-from relay.publisher import RedisPublisher
+from relay.publisher import PUBLISH_CHUNK, RedisPublisher
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
 
 
-class FakePipeline:
-    def __init__(self, owner: FakeRedis, transaction: bool) -> None:
+class FakeScript:
+    def __init__(self, owner: FakeRedis, source: str) -> None:
         self.owner = owner
-        self.transaction = transaction
-        self.queued: list[tuple[str, bytes]] = []
+        self.source = source
 
-    def publish(self, channel: str, data: bytes) -> FakePipeline:
-        self.queued.append((channel, data))
-        return self
-
-    async def execute(self) -> list[int]:
+    async def __call__(self, keys: list[str] | None = None, args: list[str | bytes] | None = None) -> int:
         if self.owner.fail:
             raise redis.exceptions.ConnectionError("redis is down")
-        self.owner.executed.append(self)
-        return [1] * len(self.queued)
+        assert not keys, "a channel is not a key"
+        channel, *messages = args or []
+        assert isinstance(channel, str)
+        self.owner.calls.append([(channel, cast(bytes, m)) for m in messages])
+        return len(messages)
 
 
 class FakeRedis:
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
-        self.executed: list[FakePipeline] = []
+        self.calls: list[list[tuple[str, bytes]]] = []
         self.published: list[tuple[str, bytes]] = []
 
-    def pipeline(self, transaction: bool = True) -> FakePipeline:
-        return FakePipeline(self, transaction)
+    def register_script(self, source: str) -> FakeScript:
+        assert "PUBLISH" in source
+        return FakeScript(self, source)
 
     async def publish(self, channel: str, data: bytes) -> int:
         self.published.append((channel, data))
@@ -68,16 +67,25 @@ def spans() -> tuple[InMemorySpanExporter, trace.Tracer]:
     return exporter, provider.get_tracer("test")
 
 
-async def test_a_batch_is_one_pipeline_without_multi(spans: tuple[InMemorySpanExporter, trace.Tracer]) -> None:
+async def test_a_batch_is_one_script_call_in_order(spans: tuple[InMemorySpanExporter, trace.Tracer]) -> None:
     fake = FakeRedis()
     publisher = RedisPublisher(cast(aioredis.Redis, fake), "p:", spans[1])
     envelopes = [_envelope(p, traced=False) for p in (1, 2, 3)]
 
     await publisher.publish_events(envelopes)
 
-    (pipeline,) = fake.executed
-    assert pipeline.transaction is False
-    assert pipeline.queued == [("p:events", e.SerializeToString()) for e in envelopes]
+    assert fake.calls == [[("p:events", e.SerializeToString()) for e in envelopes]]
+
+
+async def test_a_large_batch_is_split_into_chunks_in_order(spans: tuple[InMemorySpanExporter, trace.Tracer]) -> None:
+    fake = FakeRedis()
+    publisher = RedisPublisher(cast(aioredis.Redis, fake), "p:", spans[1])
+    envelopes = [_envelope(p, traced=False) for p in range(1, PUBLISH_CHUNK + 3)]
+
+    await publisher.publish_events(envelopes)
+
+    assert [len(call) for call in fake.calls] == [PUBLISH_CHUNK, 2]
+    assert [m for call in fake.calls for _, m in call] == [e.SerializeToString() for e in envelopes]
 
 
 async def test_each_traced_event_gets_a_producer_span_under_its_command(

@@ -1,0 +1,118 @@
+"""Server-side RPC metrics: one latency histogram by method and status code (its count is the call count).
+
+`rpc_metrics_interceptors()` gives the interceptor only when the process configured a
+metrics reader (shared_kernel.metrics), so a server without metrics pays nothing per call.
+The interceptor sits outside the error mapping, so it sees the status the caller gets.
+Unary calls only: a watch stream's lifetime is not a latency. Health and reflection calls
+are left out like they are from tracing.
+
+Instrument (OpenTelemetry semantic-convention names):
+  rpc.server.duration  histogram, seconds; attributes rpc.service, rpc.method,
+                       rpc.grpc.status_code (the code's name, e.g. OK, NOT_FOUND).
+  In Prometheus: rpc_server_duration_seconds_{bucket,count,sum}.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import metrics
+
+from shared_kernel.metrics import LATENCY_BUCKETS_S, metrics_enabled
+
+METER_NAME = "tessera.rpc"
+_SKIPPED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class RpcRecorder:
+    """Records one call's duration; attribute dicts are built once per (method, code) and reused."""
+
+    def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
+        meter = metrics.get_meter(METER_NAME, meter_provider=meter_provider)
+        self._duration = meter.create_histogram(
+            "rpc.server.duration",
+            unit="s",
+            description="Duration of unary gRPC calls handled by this server, by method and status code",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
+        )
+        self._attributes: dict[tuple[str, grpc.StatusCode], dict[str, str]] = {}
+
+    def record(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """Add one call of `method` that ended with `code` after `seconds`."""
+        key = (method, code)
+        attributes = self._attributes.get(key)
+        if attributes is None:
+            attributes = self._attributes[key] = _attributes_for(method, code)
+        self._duration.record(seconds, attributes)
+
+
+def _attributes_for(method: str, code: grpc.StatusCode) -> dict[str, str]:
+    service, _, name = method.lstrip("/").rpartition("/")
+    # No constant rpc.system attribute: every attribute costs on each call, and all of ours are gRPC.
+    return {
+        "rpc.service": service,
+        "rpc.method": name,
+        "rpc.grpc.status_code": code.name,
+    }
+
+
+def status_of(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> grpc.StatusCode:
+    """The status the call ended with: the one set on the context, else OK, CANCELLED or UNKNOWN."""
+    code: Any = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        return _CODES_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, BaseException) and type(error).__name__ == "CancelledError":
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Times unary-unary calls and records them with their final status code."""
+
+    def __init__(self, recorder: RpcRecorder | None = None) -> None:
+        self._recorder = recorder or RpcRecorder()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """Wrap unary-unary handlers; other kinds pass through untouched."""
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        if method.startswith(_SKIPPED_PREFIXES):
+            return handler
+        inner: Callable[..., Any] = handler.unary_unary
+        recorder = self._recorder
+
+        async def timed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                return await inner(request, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                recorder.record(method, status_of(context, error), time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            timed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def rpc_metrics_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """[RpcMetricsInterceptor()] when this process collects metrics, else [] (no per-call cost)."""
+    return [RpcMetricsInterceptor()] if metrics_enabled() else []
