@@ -1,0 +1,247 @@
+"""The read-side benchmark figures, each beside a ceiling measured in the same run.
+
+    python -m devstack.loadtest.read_bench --duration 10 --json results/read_bench.json
+
+It starts (a) a bare grpc.aio server (devstack.loadtest.bare_server: the services' runtime and
+server options, no interceptors, a constant GetUser reply of a real reply's size) and (b) a
+stack with a write service and a relay (Postgres and Redis from DATABASE_URL / REDIS_URL when
+set, embedded servers otherwise) and seeds users through the write API. One server at a time
+runs while it is measured: the bare server, a read replica with the near cache on
+(NEAR_CACHE_SIZE), a read replica with it off (NEAR_CACHE_SIZE=0). With one engine (h2load
+when installed, else the multi-process python engine), closed model, it measures the most
+GetUser calls per second of:
+
+- the bare server;
+- the replica with the near cache, always the same user (the near cache's hit path);
+- the replica without the near cache, seeded users (each call reads Redis; with h2load every
+  client process repeats one user of its own, since h2load sends one body per run);
+
+then drives the replica without the near cache at half its measured maximum with the python
+engine's open model (h2load has none) over random seeded users, and reports p50/p99 there.
+The services run with AUTH_MODE=insecure unless `--auth`, which mints a token and sends it.
+Figures depend on the machine: the client processes share its cores with the servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from devstack.loadtest import engine as python_engine
+from devstack.loadtest import h2load
+from devstack.loadtest.probe import wait_for_seed
+from devstack.loadtest.report import write_json
+from devstack.loadtest.schedule import effective_processes, split_evenly
+from devstack.loadtest.seed import seed, write_seed_file
+from devstack.loadtest.stats import Histogram
+from devstack.loadtest.worker import Plan
+from devstack.measure_read_rps import delete_prefix
+from devstack.supervisor import ServiceProcess, Stack, StackConfig
+
+FAST_HASHING = {"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST_KIB": "1024", "ARGON2_PARALLELISM": "1"}
+NEAR_CACHE_ON = "100000"
+# Requests each client sends, unmeasured, before a maximum-rate measurement (connections, caches, Redis pool).
+WARM_UP_REQUESTS = 2000
+
+
+def measure_max(
+    engine: str, target: str, ids: Sequence[str], seed_file: Path, *, hot: bool, args: argparse.Namespace,
+    metadata: Sequence[tuple[str, str]], scratch: Path,
+) -> dict[str, object]:  # fmt: skip
+    """The most GetUser calls/s `target` answered (closed model); figures and how they were verified."""
+    if engine == "h2load":
+        runs = h2load.plan_runs(
+            [target], "get_user", ids, processes=args.processes, concurrency=args.concurrency,
+            connections=args.connections, hot=hot,
+        )  # fmt: skip
+        h2load.execute(runs, args.duration, metadata, scratch, progress=False, warm_up_requests=WARM_UP_REQUESTS)
+        _timeline, latencies, errors, ok, elapsed = h2load.figures(runs, args.duration)
+        verified = h2load.verified_by(runs)
+    else:
+        processes = effective_processes(args.processes, args.concurrency)
+        plans = [
+            Plan(
+                mode="read", targets=[target], process_index=index, processes=processes,
+                duration_s=args.duration, concurrency=share, seed_path=str(seed_file), mix={"get_user": 1}, hot=hot,
+                connections=args.connections, metadata=list(metadata),
+            )
+            for index, share in enumerate(split_evenly(args.concurrency, processes))
+        ]  # fmt: skip
+        result = asyncio.run(python_engine.run_processes(plans, progress_out=None))
+        total = result.total
+        latencies, errors, ok, elapsed = total.latencies, total.errors, total.latencies.count, result.elapsed_s
+        verified = "python gRPC client: each call's own status code"
+    return {
+        "rps": round(ok / elapsed, 1) if elapsed else 0.0,
+        "ok": ok,
+        "errors": errors,
+        "latency_ms": latencies.summary(),
+        "verified_by": verified,
+    }
+
+
+def half_rate(target: str, rate: float, seed_file: Path, args: argparse.Namespace,
+              metadata: Sequence[tuple[str, str]]) -> dict[str, object]:  # fmt: skip
+    """Latency of `target` at `rate` calls/s, open model, random seeded users, python engine."""
+    plans = [
+        Plan(
+            mode="read", targets=[target], process_index=index, processes=args.processes, duration_s=args.duration,
+            rate=rate, seed_path=str(seed_file), mix={"get_user": 1}, connections=args.connections,
+            metadata=list(metadata),
+        )
+        for index in range(args.processes)
+    ]  # fmt: skip
+    result = asyncio.run(python_engine.run_processes(plans, progress_out=None))
+    total = result.total
+    latencies: Histogram = total.latencies
+    return {
+        "rps": round(latencies.count / result.elapsed_s, 1) if result.elapsed_s else 0.0,
+        "errors": total.errors,
+        "latency_ms": latencies.summary(),
+    }
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, object]:
+    """Start everything, measure, stop; the figures."""
+    engine = "h2load" if h2load.h2load_path() is not None and not args.python else "python"
+    notes: list[str] = []
+    half: dict[str, object]
+    load_at_start = round(os.getloadavg()[0], 2)
+    config = StackConfig(
+        database_url=os.environ.get("DATABASE_URL"),
+        redis_url=os.environ.get("REDIS_URL"),
+        redis_key_prefix=f"readbench:{secrets.token_hex(4)}:",
+        read_ports=(),
+        relays=1,
+        payment_provider=False,
+        saga_workers=0,
+        auth=args.auth,
+        env={**FAST_HASHING, "LOG_LEVEL": "WARNING"},
+    )
+    try:
+        with Stack(config) as stack, tempfile.TemporaryDirectory(prefix="tessera-read-bench-") as scratch_dir:
+            scratch = Path(scratch_dir)
+            metadata = stack.auth_metadata()
+            say(f"seeding {args.users} users …")
+            seeded = asyncio.run(seed(stack.write_address, users=args.users, products=0, orders=0,
+                                      concurrency=32, metadata=metadata, out=None))  # fmt: skip
+            seed_file = scratch / "seed.json"
+            write_seed_file(seed_file, seeded)
+            ids = [user["user_id"] for user in seeded.users]
+            env = {**stack.service_env(), "LOG_LEVEL": "WARNING"}
+            bare = ServiceProcess.python_module(
+                "bare", "devstack.loadtest.bare_server", env=env, grpc_port=0, log_path=stack.log_dir / "bare.log"
+            )
+            hot = ServiceProcess.python_module(
+                "read-near-cache", "read_service", env={**env, "NEAR_CACHE_SIZE": NEAR_CACHE_ON}, grpc_port=0,
+                log_path=stack.log_dir / "read-near-cache.log",
+            )  # fmt: skip
+            cold = ServiceProcess.python_module(
+                "read-no-cache", "read_service", env={**env, "NEAR_CACHE_SIZE": "0"}, grpc_port=0,
+                log_path=stack.log_dir / "read-no-cache.log",
+            )  # fmt: skip
+            figures: dict[str, dict[str, object]] = {}
+            cold_rps, rate, half = 0.0, 1.0, {}
+            # One server at a time, so that none takes CPU from the one measured.
+            for name, process, is_hot in (("bare", bare, True), ("hot", hot, True), ("cold", cold, False)):
+                with process:
+                    if name != "bare":
+                        unreachable = asyncio.run(wait_for_seed([process.address], seeded.probes, metadata, 60.0))
+                        if unreachable:
+                            raise RuntimeError(f"cannot connect to {process.address}")
+                    say(f"measuring {name} ({engine}, {args.duration:g} s, {args.concurrency} in flight) …")
+                    figures[name] = measure_max(
+                        engine, process.address, ids, seed_file, hot=is_hot, args=args, metadata=metadata,
+                        scratch=scratch,
+                    )  # fmt: skip
+                    say(f"  {name}: {figures[name]['rps']} calls/s, errors {figures[name]['errors'] or 'none'}")
+                    if name == "cold":
+                        cold_rps = float(str(figures["cold"]["rps"]))
+                        rate = max(1.0, round(cold_rps / 2))
+                        say(f"half rate: {rate:g} calls/s open model on the replica without near cache …")
+                        half = half_rate(cold.address, rate, seed_file, args, metadata)
+    finally:
+        if config.redis_url:
+            delete_prefix(config.redis_url, config.redis_key_prefix)
+    bare_rps = float(str(figures["bare"]["rps"]))
+    hot_rps = float(str(figures["hot"]["rps"]))
+    if engine == "h2load":
+        notes.append(
+            "cold: h2load sends one body per run, so each of its processes repeats one seeded user of its own; "
+            "with the near cache off every call still reads Redis"
+        )
+    else:
+        notes.append("cold: every call picks a random seeded user")
+    notes += [
+        "hot: near cache on (NEAR_CACHE_SIZE=" + NEAR_CACHE_ON + "), always the same user: the near cache's hit path",
+        "half rate: python engine, open model (h2load has no request-rate model), random seeded users",
+        f"{os.cpu_count()} cores shared by clients and servers; load average {load_at_start} at the start",
+        "auth: " + ("bearer token minted by the stack" if args.auth else "services run with AUTH_MODE=insecure"),
+    ]
+    return {
+        "engine": engine,
+        "bare_rps": bare_rps,
+        "hot_rps": hot_rps,
+        "cold_rps": cold_rps,
+        "hot_ratio": round(hot_rps / bare_rps, 3) if bare_rps else None,
+        "cold_ratio": round(cold_rps / bare_rps, 3) if bare_rps else None,
+        "half_rate_rps": rate,
+        "half_rate_achieved_rps": half["rps"],
+        "half_rate_latency_ms": half["latency_ms"],
+        "half_rate_errors": half["errors"],
+        "runs": figures,
+        "duration_s": args.duration,
+        "concurrency": args.concurrency,
+        "processes": args.processes,
+        "users": args.users,
+        "notes": notes,
+    }
+
+
+def say(message: str) -> None:
+    """Progress on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, benchmark, print and write the figures."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--users", type=int, default=1000, help="users to seed")
+    parser.add_argument("--concurrency", type=int, default=64, help="calls in flight for the maximum runs")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="client processes")
+    parser.add_argument("--connections", type=int, default=2, help="connections per client process")
+    parser.add_argument("--python", action="store_true", help="use the python engine even when h2load is installed")
+    parser.add_argument("--auth", action="store_true", help="run the services with AUTH_MODE=required")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.users < 1 or args.concurrency < 1 or args.processes < 1 or args.connections < 1:
+        parser.error("--duration, --users, --concurrency, --processes and --connections must be positive")
+    try:
+        report = benchmark(args)
+    except h2load.H2loadError as error:
+        say(f"error: {error}")
+        return 1
+    latency = report["half_rate_latency_ms"]
+    assert isinstance(latency, dict)
+    print(f"GetUser calls/s, engine {report['engine']}, {args.duration:g} s each, {args.concurrency} in flight:")
+    print(f"  bare grpc.aio server        {report['bare_rps']:>10}")
+    print(f"  replica, near cache hit     {report['hot_rps']:>10}   x{report['hot_ratio']} of bare")
+    print(f"  replica, no near cache      {report['cold_rps']:>10}   x{report['cold_ratio']} of bare")
+    print(f"  at half that ({report['half_rate_rps']}/s, open model): p50 {latency['p50']} ms, p99 {latency['p99']} ms")
+    if args.json:
+        write_json(args.json, report)
+    else:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
