@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv gen up migrate test lint breaking ci lag lag-orders bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss chaos clean distclean
+.PHONY: help venv gen up migrate test lint breaking ci lag lag-orders bench bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -82,7 +82,35 @@ lag: gen ## reply → visible-on-replica latency (median, p99) over LAG_COMMANDS
 lag-orders: gen ## PlaceOrder reply → order visible on each replica (median, p99), saga workers running
 	$(PY) -m devstack.measure_lag --orders -n $(LAG_COMMANDS) --json results/lag_orders.json
 
+# Load testing against a running stack (`make up`); see README "Load testing".
+WRITE_ADDR ?= 127.0.0.1:50051
+READ_ADDRS ?= 127.0.0.1:50052,127.0.0.1:50053
+SEED_USERS ?= 1000
+SEED_PRODUCTS ?= 200
+SEED_ORDERS ?= 500
+SEED_FILE ?= results/seed.json
+SEED_ARGS ?=
+seed: gen ## users, products and orders through the write API into SEED_FILE (SEED_USERS, SEED_PRODUCTS, SEED_ORDERS)
+	$(PY) -m devstack.loadtest seed --write $(WRITE_ADDR) --users $(SEED_USERS) --products $(SEED_PRODUCTS) \
+	  --orders $(SEED_ORDERS) --out $(SEED_FILE) $(SEED_ARGS)
+
+LOADTEST_MODE ?= read
+LOADTEST_DURATION ?= 10
+LOADTEST_ARGS ?=
+loadtest: gen ## LOADTEST_MODE=read|write|lag against READ_ADDRS/WRITE_ADDR; results/loadtest-MODE.{json,png}
+	@case "$(LOADTEST_MODE)" in \
+	  read) target="--target $(READ_ADDRS) --seed $(SEED_FILE)";; \
+	  write) target="--write $(WRITE_ADDR)";; \
+	  lag) target="--write $(WRITE_ADDR) --read $(READ_ADDRS)";; \
+	  *) echo "LOADTEST_MODE must be read, write or lag, not '$(LOADTEST_MODE)'" >&2; exit 2;; \
+	esac; \
+	set -x; $(PY) -m devstack.loadtest $(LOADTEST_MODE) $$target --duration $(LOADTEST_DURATION) $(LOADTEST_ARGS) \
+	  --json results/loadtest-$(LOADTEST_MODE).json --plot results/loadtest-$(LOADTEST_MODE).png
+
 BENCH_ARGS ?=
+bench: gen ## every figure beside a ceiling from the same run (~15 min); rewrites BENCHMARKS.md; BENCH_ARGS='--quick'
+	$(PY) -m devstack.bench $(BENCH_ARGS)
+
 bench-read: gen ## GetUser calls/s of one replica with 1 and with 2 worker processes, in one run; figures in results/read_rps.json
 	$(PY) -m devstack.measure_read_rps --json results/read_rps.json $(BENCH_ARGS)
 

@@ -1,0 +1,172 @@
+"""Figure 5: one relay draining an outbox backlog, events/s, beside bare redis-py pipelined PUBLISHes.
+
+The backlog is written straight into a fresh outbox with COPY (unpositioned user events,
+as commands leave them) while no relay runs. Then one relay starts; the clock starts when
+the first position is handed out and stops when no row is left unpositioned or unpublished
+(both checks answered by the outbox's partial indexes). Nothing subscribes to the channel,
+in either run. The ceiling publishes the same serialized envelopes, in batches of the
+relay's default size, from one redis-py client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from devstack.bench.env import Backing, Scratch, scratch
+from devstack.measure_rebuild import user_events
+from devstack.supervisor import ServiceProcess
+from shared_kernel.event_log import ENVELOPE_COLUMNS, envelope_from_row, events_channel
+
+from .table import Goal, Row
+
+RELAY_BATCH = 500  # the relay's default RELAY_BATCH_SIZE
+_COLUMNS = [
+    "event_id",
+    "event_type",
+    "schema_version",
+    "aggregate_type",
+    "aggregate_id",
+    "aggregate_version",
+    "payload",
+    "occurred_at",
+]
+_POSITIONED = "SELECT last_position FROM relay_state WHERE singleton"
+_DRAINED = """
+SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE position IS NULL)
+   AND NOT EXISTS (SELECT 1 FROM outbox WHERE position IS NOT NULL AND published_at IS NULL)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySizes:
+    """How big the backlog is, and how many times it is drained."""
+
+    events: int = 100_000
+    rounds: int = 2
+    timeout_s: float = 300.0
+
+
+def relay_rows() -> list[Row]:
+    """The rows this bench fills."""
+    return [
+        Row(
+            key="relay",
+            figure="relay draining an outbox backlog, events/s",
+            unit="events/s",
+            goal=Goal("value", ">=", 20_000, "events/s"),
+            how="one relay process, Postgres outbox → Redis PUBLISH, no subscribers",
+            ceiling_label="bare redis-py pipeline PUBLISH, same payloads",
+        )
+    ]
+
+
+def unpositioned_events(count: int, seed: int) -> Iterator[tuple[Any, ...]]:
+    """`count` user events as a command leaves them in the outbox: no position, not published."""
+    for row in user_events(count, seed=seed):
+        yield row[: len(_COLUMNS)]
+
+
+async def insert_backlog(url: str, count: int, seed: int, chunk: int = 20_000) -> None:
+    """COPY `count` unpositioned user events into the outbox at `url`."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = unpositioned_events(count, seed)
+        async with conn.transaction():
+            while batch := list(itertools.islice(rows, chunk)):
+                await conn.copy_records_to_table("outbox", records=batch, columns=_COLUMNS)
+    finally:
+        await conn.close()
+
+
+async def wait_drained(conn: Any, *, since: int, timeout_s: float, relay: ServiceProcess | None = None) -> float:
+    """Seconds from the first position after `since` to an outbox with nothing left to position or publish."""
+    deadline = time.monotonic() + timeout_s
+    began: float | None = None
+    while True:
+        now = time.perf_counter()
+        if began is None and int(await conn.fetchval(_POSITIONED)) > since:
+            began = now
+        if began is not None and await conn.fetchval(_DRAINED):
+            return time.perf_counter() - began
+        if relay is not None and not relay.running:
+            raise RuntimeError(f"the relay exited: {relay.log_tail(10)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the outbox was not drained within {timeout_s:g} s")
+        await asyncio.sleep(0.01)
+
+
+def start_relay(place: Scratch) -> ServiceProcess:
+    """Start one relay on `place` (not waiting for anything: it has no health port)."""
+    return ServiceProcess.python_module(
+        "relay",
+        "relay",
+        env={
+            "DATABASE_URL": place.database_url,
+            "REDIS_URL": place.redis_url,
+            "REDIS_KEY_PREFIX": place.prefix,
+            "LOG_LEVEL": "WARNING",
+        },
+    ).start()
+
+
+async def bare_publish(redis_url: str, channel: str, payloads: list[bytes], batch: int = RELAY_BATCH) -> float:
+    """Seconds to PUBLISH `payloads` in pipelines of `batch`, from one client."""
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=30)
+    try:
+        await client.ping()
+        began = time.perf_counter()
+        for start in range(0, len(payloads), batch):
+            pipe = client.pipeline(transaction=False)
+            for payload in payloads[start : start + batch]:
+                pipe.publish(channel, payload)
+            await pipe.execute()
+        return time.perf_counter() - began
+    finally:
+        await client.aclose()
+
+
+async def measure_relay(backing: Backing, sizes: RelaySizes) -> list[Row]:
+    """Fill the relay row: each round drains a new backlog, then PUBLISHes its payloads bare; best of each."""
+    (row,) = rows = relay_rows()
+    drains: list[float] = []
+    bares: list[float] = []
+    async with scratch(backing, "relay") as place:
+        conn = await asyncpg.connect(place.database_url)
+        try:
+            for round_index in range(sizes.rounds):
+                since = int(await conn.fetchval(_POSITIONED))
+                await insert_backlog(place.database_url, sizes.events, seed=100 + round_index)
+                relay = start_relay(place)
+                try:
+                    drains.append(await wait_drained(conn, since=since, timeout_s=sizes.timeout_s, relay=relay))
+                finally:
+                    relay.terminate()
+                records = await conn.fetch(
+                    f"SELECT {ENVELOPE_COLUMNS} FROM outbox WHERE position > $1 ORDER BY position",  # noqa: S608
+                    since,
+                )
+                payloads = [envelope_from_row(record).SerializeToString() for record in records]
+                bares.append(await bare_publish(place.redis_url, events_channel(place.prefix), payloads))
+        finally:
+            await conn.close()
+    rates = [sizes.events / seconds for seconds in drains]
+    ceilings = [sizes.events / seconds for seconds in bares]
+    row.value = max(rates)
+    row.ceiling = max(ceilings)
+    row.how = f"one relay process (batch {RELAY_BATCH}), {sizes.events:,}-event backlog, best of {len(drains)}"
+    row.notes.append(
+        "rounds, relay / bare PUBLISH: "
+        + ", ".join(f"{rate:,.0f} / {bare:,.0f} events/s" for rate, bare in zip(rates, ceilings, strict=True))
+    )
+    row.notes.append(
+        f"ceiling: the round's {sizes.events:,} envelopes PUBLISHed in pipelines of {RELAY_BATCH} by one client"
+    )
+    return rows
