@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv gen up migrate test lint breaking ci lag lag-orders bench bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos clean distclean
+.PHONY: help venv gen up migrate test lint breaking ci lag lag-orders bench bench-smoke bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -73,7 +73,7 @@ breaking: venv ## buf breaking against main (or the previous commit when on main
 	echo "breaking: comparing protos/ with $$against"; \
 	$(BIN)/buf breaking protos --against ".git#ref=$$against,subdir=protos"
 
-ci: lint breaking test chaos ## everything CI checks (the chaos suite included, ~4 min)
+ci: lint breaking test chaos bench-smoke ## everything CI checks (the chaos suite and a quick bench included)
 
 LAG_COMMANDS ?= 1000
 lag: gen ## reply → visible-on-replica latency (median, p99) over LAG_COMMANDS RegisterUser calls on a fresh stack
@@ -110,6 +110,9 @@ loadtest: gen ## LOADTEST_MODE=read|write|lag against READ_ADDRS/WRITE_ADDR; res
 BENCH_ARGS ?=
 bench: gen ## every figure beside a ceiling from the same run (~15 min); rewrites BENCHMARKS.md; BENCH_ARGS='--quick'
 	$(PY) -m devstack.bench $(BENCH_ARGS)
+
+bench-smoke: gen ## the benchmarks at small sizes; fails only when a figure cannot be measured (~3 min)
+	$(PY) -m devstack.bench --quick --strict --no-markdown --json results/bench-quick.json
 
 bench-read: gen ## GetUser calls/s of one replica with 1 and with 2 worker processes, in one run; figures in results/read_rps.json
 	$(PY) -m devstack.measure_read_rps --json results/read_rps.json $(BENCH_ARGS)

@@ -215,6 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.add_argument("--markdown", type=Path, help="rewrite the bench markers of this file (default BENCHMARKS.md)")
     out.add_argument("--no-markdown", action="store_true", help="do not rewrite any file")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when a row could not be measured (a goal that is missed never fails the run)",
+    )
     args = parser.parse_args(argv)
     raw_args = list(sys.argv[1:] if argv is None else argv)
 
@@ -263,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rows": [{**asdict(row), "ratio": row.ratio, "met": row.met} for row in rows],
         }
         args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    unmeasured = [row.figure for row in rows if row.error is not None]
+    if args.strict and unmeasured:
+        say(f"not measured: {', '.join(unmeasured)}")
+        return 1
     return 0
 
 
