@@ -202,8 +202,7 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments, run the benches, print the table, rewrite BENCHMARKS.md."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m devstack.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -220,6 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="exit 1 when a row could not be measured (a goal that is missed never fails the run)",
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, run the benches, print the table, rewrite BENCHMARKS.md."""
+    parser = _parser()
     args = parser.parse_args(argv)
     raw_args = list(sys.argv[1:] if argv is None else argv)
 
