@@ -269,9 +269,12 @@ async def test_kill_9_of_the_applying_replica_mid_stream_loses_and_repeats_nothi
         await asyncio.sleep(0)
         users_key = keys.checkpoint
         assert writes[users_key] == list(range(1, head + 1)), "users checkpoint writes out of order"
+        # The projections that ignore user events move their checkpoint over runs of them in one
+        # write, so theirs may jump, but never stand still or go back, and they end at the head.
         out_of_order = 0
-        for positions in writes.values():
-            out_of_order += sum(1 for before, after in itertools.pairwise(positions) if after != before + 1)
+        for key, positions in writes.items():
+            out_of_order += sum(1 for before, after in itertools.pairwise(positions) if after <= before)
+            assert positions[-1] == head, f"{key} stopped at {positions[-1]}, not at the head {head}"
         assert out_of_order == 0
         refused = survivor.log_path.read_text().count("duplicate apply refused")
         print(

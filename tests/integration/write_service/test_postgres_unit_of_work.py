@@ -60,7 +60,9 @@ async def test_register_commits_state_outbox_and_log_in_one_transaction(pg_bus, 
     assert event["position"] is None
     assert event["correlation_id"] == "corr-123"
     assert event["causation_id"] == str(meta.command_id)
-    assert event["traceparent"].startswith(f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-")
+    # The outbox row carries the context of the transaction span, a child of the caller's span.
+    assert event["traceparent"].startswith(f"00-{span_context.trace_id:032x}-")
+    assert not event["traceparent"].startswith(f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-")
     assert event["occurred_at"] == user["created_at"]
     payload = events_pb2.UserRegistered.FromString(bytes(event["payload"]))
     assert (payload.user_id, payload.email, payload.username, payload.full_name) == (
@@ -81,10 +83,17 @@ async def test_register_commits_state_outbox_and_log_in_one_transaction(pg_bus, 
     assert helpers.PASSWORD not in await everything_as_text(db_pool)
 
 
-async def test_without_a_span_the_trace_context_is_empty(pg_bus, db_pool):
+async def test_without_a_caller_span_the_transaction_span_starts_the_trace(pg_bus, db_pool):
     await pg_bus.dispatch(helpers.register(), helpers.meta())
-    [event] = await rows(db_pool, "outbox")
-    assert (event["traceparent"], event["tracestate"]) == ("", "")
+    await pg_bus.dispatch(helpers.register(), helpers.meta())
+    first, second = await rows(db_pool, "outbox")
+    for event in (first, second):
+        version, trace_id, span_id, flags = event["traceparent"].split("-")
+        assert (version, len(trace_id), len(span_id)) == ("00", 32, 16)
+        assert int(flags, 16) & 1, "the transaction span is sampled"
+        assert event["tracestate"] == ""
+    # Each command is a trace of its own.
+    assert first["traceparent"].split("-")[1] != second["traceparent"].split("-")[1]
 
 
 async def test_a_failure_after_the_outbox_insert_writes_nothing(db_pool):
