@@ -34,6 +34,7 @@ async def kill_active_relay(stack: ChaosStack, workload: Workload, done: asyncio
     """Every 2 s (±0.5 s) SIGKILL whichever relay holds the lock, restart it as a standby, time the takeover."""
     rng = random.Random()
     takeovers: list[float] = []
+    restarts: list[asyncio.Task[Any]] = []
     kills = 0
     while not await sleep_unless(done, rng.uniform(1.5, 2.5)):
         old_port = await lock_holder_port(stack.database_url)
@@ -43,11 +44,14 @@ async def kill_active_relay(stack: ChaosStack, workload: Workload, done: asyncio
         await asyncio.to_thread(relay.kill)
         kills += 1
         # A supervisor would restart it at once; it comes back as a standby (or wins the race).
-        await asyncio.to_thread(relay.start)
+        # Restarted beside the takeover, so that a slow start on a busy machine does not
+        # stretch the interval between kills.
+        restarts.append(asyncio.create_task(asyncio.to_thread(relay.start)))
         new_port, seconds = await wait_for_holder(stack, old_port, 15.0)
         if new_port is None:
             raise AssertionError(f"no relay took the lock within 15 s of kill #{kills}")
         takeovers.append(seconds)
+    await asyncio.gather(*restarts)
     return {
         "faults": kills,
         "relay_kills": kills,
