@@ -35,7 +35,7 @@ from read_service.views.users import UserViews
 from read_service.watch import ChangeFeed, WatchLimiter, attach_feed, customer_orders
 from shared_kernel.db import create_pool
 from shared_kernel.grpc_server import GrpcServer
-from shared_kernel.redis_client import ClosedTransportAwareConnection
+from shared_kernel.redis_client import ClosedTransportAwareConnection, warm_up
 from shared_kernel.security.authn import Authenticator
 from tessera.catalog.v1.product_query_service_pb2_grpc import add_ProductQueryServiceServicer_to_server
 from tessera.orders.v1.order_query_service_pb2_grpc import add_OrderQueryServiceServicer_to_server
@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 APPLICATION_NAME = "tessera-read-service"
 # Redis connections one process opens at most; more concurrent commands wait for one.
 REDIS_MAX_CONNECTIONS = 200
+# Opened at start (shared_kernel.redis_client.warm_up): the projectors' pub/sub and apply
+# connections and a first burst of queries then find a connection ready.
+REDIS_WARM_CONNECTIONS = 16
 
 # Decides what health reports when the projector's readiness changes (default: exactly that).
 ReadinessHook = Callable[[GrpcServer, bool], Awaitable[None]]
@@ -111,6 +114,21 @@ def _page_token_codec(settings: ReadServiceSettings) -> PageTokenCodec:
     return PageTokenCodec(key)
 
 
+async def _open_stores(
+    settings: ReadServiceSettings, stack: AsyncExitStack
+) -> tuple[asyncpg.Pool[Any], aioredis.Redis]:
+    """The Postgres pool and the views' Redis client, closed by `stack`."""
+    # Nothing here leaves session state on a pooled connection (the rebuild's cursor lives in
+    # its transaction), so releases skip the reset round trip: catch-up and the watch feeds
+    # read the log on the hot path.
+    pool = await create_pool(settings, APPLICATION_NAME, reset_sessions=False)
+    stack.push_async_callback(pool.close)
+    redis_client = create_redis_client(str(settings.redis_url), settings.redis_socket_timeout_s)
+    stack.push_async_callback(redis_client.aclose)
+    await warm_up(redis_client, REDIS_WARM_CONNECTIONS, settings.redis_socket_timeout_s)
+    return pool, redis_client
+
+
 def open_events_client(settings: ReadServiceSettings, stack: AsyncExitStack) -> aioredis.Redis | None:
     """The relays' Redis when this replica keeps its views in a server of its own; None when they share one."""
     if settings.redis_events_url is None:
@@ -140,10 +158,7 @@ async def running_read_service(
     """
     tokens = _page_token_codec(settings)
     async with AsyncExitStack() as stack:
-        pool = await create_pool(settings, APPLICATION_NAME)
-        stack.push_async_callback(pool.close)
-        redis_client = create_redis_client(str(settings.redis_url), settings.redis_socket_timeout_s)
-        stack.push_async_callback(redis_client.aclose)
+        pool, redis_client = await _open_stores(settings, stack)
         events_client = open_events_client(settings, stack)
 
         keys = UserKeys(settings.redis_key_prefix)

@@ -52,7 +52,11 @@ async def main() -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         # Postgres may come up after the relay; create_pool logs a WARNING on every retry.
-        pool = await _until_stopped(create_pool(settings, "tessera-relay", wait_s=math.inf), stop_requested)
+        # The relay's pooled statements leave no session state (its lock and LISTEN live on a
+        # connection of their own), so releases skip the reset round trip.
+        pool = await _until_stopped(
+            create_pool(settings, "tessera-relay", wait_s=math.inf, reset_sessions=False), stop_requested
+        )
         if pool is None:
             return 0
         redis = aioredis.Redis.from_url(

@@ -39,40 +39,57 @@ class Fence:
         return self.key & 0xFFFFFFFF
 
 
-_ANY_UNPOSITIONED = "SELECT EXISTS (SELECT 1 FROM outbox WHERE position IS NULL)"
-
-# Locking the single relay_state row first serializes claims: a second claimer (a relay
-# that lost its lock but does not know yet) waits here, and its next statement, under
-# READ COMMITTED, sees the positions the first one committed.
-_LOCK_STATE = """
-SELECT last_position,
-       ($1::integer IS NULL OR EXISTS (
-            SELECT 1 FROM pg_locks
-            WHERE locktype = 'advisory' AND granted AND pid = $1::integer
-              AND classid = $2::bigint::oid AND objid = $3::bigint::oid AND objsubid = 1
-       )) AS leader
-FROM relay_state
-WHERE singleton
-FOR UPDATE
-"""
-
-# Claim by status, never by "id > last id": ids are taken at insert but become visible at
-# commit, so a lower id may commit after a higher one was already read. Positions follow
-# id order within the batch.
+# One statement, so one round trip and an implicit transaction: lock the relay_state row,
+# check the fence, position the oldest unpositioned rows after its last_position, advance it.
+#
+# - `state` takes the row lock first: `batch` reads it through an InitPlan, and the final
+#   SELECT reads it too, so it is materialized once. A second claimer (a relay that lost
+#   its lock but does not know yet) waits there; under READ COMMITTED it then gets the row
+#   as the first one committed it, and `batch` skips the rows the first one positioned
+#   (FOR UPDATE re-checks `position IS NULL` on their latest version). Positions stay
+#   gap-free and unique: they are numbered after the locking, from the current last_position.
+# - The state row is locked only when the statement's snapshot has an unpositioned row: a
+#   wake-up that finds nothing (most polls) takes no lock and writes nothing.
+# - Claim by status, never by "id > last id": ids are taken at insert but become visible at
+#   commit, so a lower id may commit after a higher one was already read. Positions follow
+#   id order within the batch.
+#
+# Rows: none when there was nothing to claim; otherwise one per claimed event, each with
+# `leader`, or a single row with `leader` and NULL event columns when nothing was claimed.
 _CLAIM = f"""
-WITH batch AS (
-    SELECT id FROM outbox WHERE position IS NULL ORDER BY id LIMIT $1 FOR UPDATE
+WITH state AS (
+    SELECT last_position,
+           ($1::integer IS NULL OR EXISTS (
+                SELECT 1 FROM pg_locks
+                WHERE locktype = 'advisory' AND granted AND pid = $1::integer
+                  AND classid = $2::bigint::oid AND objid = $3::bigint::oid AND objsubid = 1
+           )) AS leader
+    FROM relay_state
+    WHERE singleton AND EXISTS (SELECT 1 FROM outbox WHERE position IS NULL)
+    FOR UPDATE
+), batch AS (
+    SELECT id FROM outbox
+    WHERE position IS NULL AND (SELECT leader FROM state)
+    ORDER BY id
+    LIMIT $4
+    FOR UPDATE
 ), numbered AS (
-    SELECT id AS claimed_id, row_number() OVER (ORDER BY id) AS offset_in_batch FROM batch
+    SELECT id AS claimed_id,
+           (SELECT last_position FROM state) + row_number() OVER (ORDER BY id) AS new_position
+    FROM batch
+), claimed AS (
+    UPDATE outbox
+    SET position = numbered.new_position, positioned_at = now()
+    FROM numbered
+    WHERE outbox.id = numbered.claimed_id
+    RETURNING {ENVELOPE_COLUMNS}
+), advanced AS (
+    UPDATE relay_state
+    SET last_position = (SELECT max(position) FROM claimed)
+    WHERE singleton AND EXISTS (SELECT 1 FROM claimed)
 )
-UPDATE outbox
-SET position = $2::bigint + numbered.offset_in_batch, positioned_at = now()
-FROM numbered
-WHERE outbox.id = numbered.claimed_id
-RETURNING {ENVELOPE_COLUMNS}
+SELECT state.leader, claimed.* FROM state LEFT JOIN claimed ON true
 """  # noqa: S608 - ENVELOPE_COLUMNS is a constant
-
-_ADVANCE = "UPDATE relay_state SET last_position = $1 WHERE singleton"
 
 _STRANDED = f"""
 SELECT {ENVELOPE_COLUMNS} FROM outbox
@@ -109,26 +126,19 @@ async def claim_batch(conn: Connection, limit: int, fence: Fence | None) -> list
     after version v committed. It has the higher id, and whenever it is visible here so
     is v; v is therefore positioned in the same batch (earlier, by id) or an earlier one.
     """
-    # A cheap look first: most polls find nothing, and then no row lock is taken at all.
-    if not await conn.fetchval(_ANY_UNPOSITIONED):
+    rows = await conn.fetch(
+        _CLAIM,
+        fence.pid if fence else None,
+        fence.classid if fence else 0,
+        fence.objid if fence else 0,
+        limit,
+    )
+    if not rows:
         return []
-    async with conn.transaction():
-        state = await conn.fetchrow(
-            _LOCK_STATE,
-            fence.pid if fence else None,
-            fence.classid if fence else 0,
-            fence.objid if fence else 0,
-        )
-        if state is None:
-            raise RuntimeError("relay_state has no row; were the migrations applied?")
-        if not state["leader"]:
-            raise LeadershipLost("the lock session no longer holds the relay lock")
-        last_position: int = state["last_position"]
-        rows = await conn.fetch(_CLAIM, limit, last_position)
-        if rows:
-            await conn.execute(_ADVANCE, last_position + len(rows))
-    # RETURNING has no defined order.
-    return sorted((envelope_from_row(row) for row in rows), key=lambda e: e.position)
+    if not rows[0]["leader"]:
+        raise LeadershipLost("the lock session no longer holds the relay lock")
+    # RETURNING has no defined order; a claim that found nothing is one row without an event.
+    return sorted((envelope_from_row(row) for row in rows if row["position"] is not None), key=lambda e: e.position)
 
 
 async def stranded_batch(conn: Connection, limit: int) -> list[EventEnvelope]:

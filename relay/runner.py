@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -77,6 +78,8 @@ class Relay:
         self._role = Role.STARTING
         self._fence: Fence | None = None
         self._head = 0
+        # When this relay last found no stranded rows (monotonic); None: look before the next claim.
+        self._stranded_checked_at: float | None = None
         self._heartbeat_failing = False
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -141,14 +144,40 @@ class Relay:
             waiter.cancel()
 
     async def run_once(self) -> int:
-        """Publish stranded rows, then claim and publish new ones until a batch comes back short; return the count.
+        """Publish stranded rows (when due), then claim and publish new ones until a batch comes back short.
 
-        Positions are committed before publishing: a crash after the commit re-publishes
-        the same positions (step 1 of the next cycle), whereas publishing first and crashing
-        before the commit would let a later claim give those positions to other events.
+        Returns the count. Positions are committed before publishing: a crash after the
+        commit re-publishes the same positions (the stranded look that starts the next
+        cycle or leadership), whereas publishing first and crashing before the commit would
+        let a later claim give those positions to other events.
         """
         batch_size = self._settings.relay_batch_size
         sent = 0
+        try:
+            if self._stranded_due():
+                sent += await self._republish_stranded(batch_size)
+            sent += await self._claim_and_publish(batch_size)
+        except BaseException:
+            # A claim, publish or mark cut short can leave positioned, unpublished rows.
+            self._stranded_checked_at = None
+            raise
+        return sent
+
+    def _stranded_due(self) -> bool:
+        """Whether this cycle looks for stranded rows first.
+
+        Only a failed cycle of this relay, or a relay that was active before it, leaves
+        positioned rows unpublished: looking for them on every NOTIFY would be a Postgres
+        round trip (and a pool release) in front of each event's publish. The look is also
+        repeated once per poll interval, for a claim of a deposed relay that committed just
+        after this one's first look.
+        """
+        checked = self._stranded_checked_at
+        return checked is None or time.monotonic() - checked >= self._settings.relay_poll_interval_s
+
+    async def _republish_stranded(self, batch_size: int) -> int:
+        sent = 0
+        checked = time.monotonic()
         while True:
             async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
                 envelopes = await stranded_batch(conn, batch_size)
@@ -158,6 +187,12 @@ class Relay:
                 sent += len(envelopes)
             if len(envelopes) < batch_size or self._stopping.is_set():
                 break
+        if len(envelopes) < batch_size:
+            self._stranded_checked_at = checked
+        return sent
+
+    async def _claim_and_publish(self, batch_size: int) -> int:
+        sent = 0
         # The batch just published is marked while the next one is claimed: two pooled
         # connections touching different rows, so Postgres does both at once. Marks may
         # land in any order; each only needs to follow its own batch's publish.
@@ -220,6 +255,8 @@ class Relay:
 
     async def _lead(self, session: LeaderSession) -> None:
         self._fence = session.fence
+        # The previous active relay may have left positioned rows unpublished.
+        self._stranded_checked_at = None
         self._set_role(Role.ACTIVE)
         try:
             await session.listen(OUTBOX_NOTIFY_CHANNEL, self._wake.set)

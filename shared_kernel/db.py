@@ -40,8 +40,23 @@ async def retry_while_starting(open_: Callable[[], Awaitable[T]], wait_s: float)
             delay = min(delay * 2, 2.0)
 
 
-async def create_pool(settings: DatabaseSettings, application_name: str, wait_s: float = 30.0) -> asyncpg.Pool[Any]:
-    """Open a pool, retrying until Postgres answers or `wait_s` runs out."""
+async def keep_session(conn: asyncpg.Connection[Any]) -> None:
+    """A pool reset that sends nothing: asyncpg still rolls back a transaction left open.
+
+    The default reset runs `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL` on
+    every release, a round trip that a caller doing one short statement per acquire pays
+    twice. Only for pools whose users never leave session state behind (session advisory
+    locks, LISTEN, session SETs, cursors outside a transaction).
+    """
+
+
+async def create_pool(
+    settings: DatabaseSettings, application_name: str, wait_s: float = 30.0, *, reset_sessions: bool = True
+) -> asyncpg.Pool[Any]:
+    """Open a pool, retrying until Postgres answers or `wait_s` runs out.
+
+    `reset_sessions=False` skips the server-side reset on release (see `keep_session`).
+    """
     server_settings = {"application_name": application_name}
     if settings.database_statement_timeout_ms:
         server_settings["statement_timeout"] = str(settings.database_statement_timeout_ms)
@@ -54,6 +69,7 @@ async def create_pool(settings: DatabaseSettings, application_name: str, wait_s:
             timeout=settings.database_connect_timeout_s,
             command_timeout=settings.database_statement_timeout_ms / 1000 or None,
             server_settings=server_settings,
+            reset=None if reset_sessions else keep_session,
         )
         return pool
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterable
+from typing import Any
 
+import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.connection import Connection
+
+logger = logging.getLogger(__name__)
 
 
 class ClosedTransportAwareConnection(Connection):
@@ -27,3 +33,24 @@ class ClosedTransportAwareConnection(Connection):
             if "handler is closed" not in str(exc):
                 raise
             raise redis.exceptions.ConnectionError(f"the connection was closed: {exc}") from exc
+
+
+async def warm_up(client: aioredis.Redis, connections: int, timeout_s: float) -> int:
+    """Open up to `connections` pooled connections now, so that the first burst of commands finds them.
+
+    Without it the pool opens a connection (TCP handshake, HELLO) inside the first commands
+    that run concurrently, which under load adds that set-up to their latency. Best effort:
+    a Redis that is down or slow is left to the callers' own retries; returns how many opened.
+    """
+    pool = client.connection_pool
+    taken: list[Any] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            for _ in range(connections):
+                taken.append(await pool.get_connection())  # type: ignore[no-untyped-call]  # untyped in redis-py
+    except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+        logger.info("Redis connection warm-up stopped after %d connections: %s", len(taken), exc)
+    finally:
+        for connection in taken:
+            await pool.release(connection)
+    return len(taken)

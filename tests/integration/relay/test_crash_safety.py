@@ -8,6 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from relay.outbox import claim_batch
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tests.integration.relay.conftest import RelayHarness
 from tests.integration.relay.support import (
@@ -18,6 +19,7 @@ from tests.integration.relay.support import (
     assert_gap_free,
     ids_of,
     insert_events,
+    write_event,
 )
 
 pytestmark = pytest.mark.integration
@@ -102,3 +104,22 @@ async def test_running_relay_retries_until_redis_is_back(
     assert [m.position for m in published.messages] == list(range(1, 13))
     assert flaky.failures_left == 0
     assert any(r.levelname == "WARNING" and "relay cycle failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_rows_a_deposed_relay_positioned_but_never_published_go_out(
+    relays: RelayHarness, published: ChannelRecorder[EventEnvelope]
+) -> None:
+    """The active relay looks for stranded rows on its own schedule, not only after its own failures."""
+    relay = relays.make()
+    relays.start(relay)
+    first = await insert_events(relays.pool, "a", 3)
+    await published.wait_for(lambda m: len(m) >= 3)
+
+    # A relay that lost the lock without knowing positions rows (its claim committed just
+    # after the active one's first look) and dies before publishing them.
+    async with relays.pool.acquire() as conn, conn.transaction():
+        stranded = [await write_event(conn, "b") for _ in range(2)]
+        assert [e.position for e in await claim_batch(conn, 10, None)] == [4, 5]
+
+    await published.wait_for(lambda m: len(m) >= 5)
+    assert_gap_free(published.messages, ids_of([*first, *stranded]))

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from relay.outbox import claim_batch
 from shared_kernel.event_log import NewEvent
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tests.integration.relay.conftest import RelayHarness
@@ -136,3 +137,37 @@ async def test_a_backlog_drains_in_full_batches_in_id_order(
     await published.wait_for(lambda m: len(m) == 25)
     assert [m.event_id for m in published.messages] == [str(e.event_id) for e in written]
     assert [m.position for m in published.messages] == list(range(1, 26))
+
+
+async def test_racing_claimers_hand_out_each_position_once(relays: RelayHarness, writers_pool: Any) -> None:
+    """Two claimers at once (a deposed relay that does not know it yet, and its successor) never share a position."""
+    total = 120
+    writes_done = asyncio.Event()
+
+    async def write() -> None:
+        for i in range(total):
+            async with writers_pool.acquire() as conn, conn.transaction():
+                await write_event(conn, f"racer-{i % 7}")
+        writes_done.set()
+
+    async def claim() -> list[EventEnvelope]:
+        claimed: list[EventEnvelope] = []
+        async with relays.pool.acquire() as conn:
+            while True:
+                batch = await claim_batch(conn, 5, None)
+                claimed.extend(batch)
+                if not batch and writes_done.is_set():
+                    return claimed
+
+    _, first, second = await asyncio.wait_for(asyncio.gather(write(), claim(), claim()), 60)
+
+    positions = sorted(e.position for e in [*first, *second])
+    assert positions == list(range(1, total + 1))
+    assert len({e.event_id for e in [*first, *second]}) == total
+    by_aggregate: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for e in sorted([*first, *second], key=lambda e: e.position):
+        by_aggregate[e.aggregate_id].append((e.position, e.aggregate_version))
+    for events in by_aggregate.values():
+        assert [version for _, version in events] == list(range(1, len(events) + 1))
+    assert await relays.pool.fetchval("SELECT last_position FROM relay_state") == total
+    assert await relays.pool.fetchval("SELECT count(*) FROM outbox WHERE position IS NULL") == 0
