@@ -10,11 +10,15 @@ write it. Two rules keep it exact:
   epoch), and a read that finds another epoch when it ends does not store what it read: it
   may be the value from before the write.
 - A hit is served only when the feed has applied invalidations at least up to the checkpoint
-  the query reports (`view_position`, read from Redis just before the read). A query that
-  expects a miss reads the checkpoint as the first command of its own pipeline instead
-  (`fill`), and a value read that way is stored under the same epoch rule. Until then the
-  query reads Redis, so a reply is never older than the position it states, even when
-  another replica's projector moved the checkpoint first.
+  the query reports (`view_position`). A single-view query (`peek`) reports its projector's
+  in-memory checkpoint and makes no Redis call at all; other queries report the checkpoint
+  read from Redis just before the read (`get`). A miss reads the checkpoint as the first
+  command of its own pipeline (`fill`), and a value read that way is stored under the same
+  epoch rule. Otherwise the query reads Redis, so a reply is never older than the position
+  it states.
+- Losing the key space (the projector stops serving: Redis lost data, a rebuild; or it
+  switches generation) makes the cache `forget` every entry at once, before any query can be
+  answered again.
 
 The query path tells the cache that checkpoint through `observe` (a wrapper around the
 checkpoint read, which stores it in a context variable of the query's task).
@@ -99,12 +103,37 @@ class NearCache:
     # -- the query side ---------------------------------------------------------------------
 
     def observe(self, read: Callable[[], Awaitable[int]]) -> ObservedCheckpoint:
-        """Wrap a checkpoint read so that the reads that follow it in the same task know it."""
+        """Wrap a checkpoint read so that the reads that follow it in the same task know it.
+
+        A read that can report the loss of its key space (a projector's CheckpointReader) is
+        told to make this cache `forget` everything then.
+        """
+        on_loss = getattr(read, "on_loss", None)
+        if callable(on_loss):
+            on_loss(self.forget)
         return ObservedCheckpoint(self, read)
 
     def report(self, checkpoint: int) -> None:
         """Tell the reads that follow in this task the checkpoint the query reports."""
         self._reported.set(checkpoint)
+
+    def peek(self, key: str, position: int) -> tuple[Any] | None:
+        """`(value,)` of `key` from memory when every write up to `position` has been applied; else None.
+
+        No checkpoint read at all: the caller states the position it will report (its projector's
+        checkpoint, which a consistency-token wait has already brought to the token's position),
+        and an entry exact through `self.through` >= `position` reflects at least that position.
+        """
+        through = self._through
+        entry = self._entries.get(key)
+        if entry is None or through is None:
+            return None
+        if through < position:
+            self._behind += 1
+            return None
+        self._entries.move_to_end(key)
+        self._hits += 1
+        return (entry[0],)
 
     def may_hit(self, key: str) -> bool:
         """Whether a lookup of `key` could be served from memory (given a recent enough checkpoint)."""
@@ -210,6 +239,20 @@ class NearCache:
         """Every write up to `position` has been passed to `invalidate`."""
         if self._through is not None and position > self._through:
             self._through = position
+
+    def forget(self) -> None:
+        """Forget every entry and spoil reads under way: the key space was lost or replaced.
+
+        The projector calls it (through its checkpoint reader) the moment it stops serving or
+        switches key space, so nothing read before is served after, whenever the feed notices.
+        `through` stays: no query reads (or fills) until the projector serves again, caught up
+        past every position the feed had applied, and the feed resets the cache when it sees
+        the switch or the loss.
+        """
+        self._entries.clear()
+        self._owners.clear()
+        self._epoch += 1
+        self._resets += 1
 
     def reset(self, position: int | None) -> None:
         """Forget everything (Redis may hold anything now); writes up to `position` are reflected."""

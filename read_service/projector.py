@@ -643,6 +643,7 @@ class Projector:
         # Another key space: its checkpoint is a new baseline, not a step back.
         self._checkpoint = 0
         self._parked = None
+        self._checkpoint_reader.key_space_lost()
 
     async def _finish_build(self, replaces: str) -> None:
         """Switch the pointer to the generation just built; drop the old one after a grace period."""
@@ -1174,6 +1175,9 @@ class Projector:
                 self._lease.announce(self._projection.checkpoint_key, checkpoint)
 
     async def _set_ready(self, ready: bool) -> None:
+        if not ready:
+            # Whatever the near caches hold may be gone from Redis: forget it before anything else.
+            self._checkpoint_reader.key_space_lost()
         if ready == self._ready:
             return
         self._ready = ready

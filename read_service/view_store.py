@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -23,6 +23,8 @@ from read_service.near_cache import NearCache, ObservedCheckpoint
 from read_service.projections.base import Op
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _SCRIPT = resources.files("read_service").joinpath("apply_event.lua").read_text(encoding="utf-8")
 
@@ -209,6 +211,16 @@ class CheckpointReader:
         self._store = store
         self._known = known
         self._verify = verify
+        self._loss_listeners: list[Callable[[], None]] = []
+
+    def on_loss(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever the key space this checkpoint belongs to is lost or replaced."""
+        self._loss_listeners.append(listener)
+
+    def key_space_lost(self) -> None:
+        """The projector stopped serving or switched key space: tell the listeners (near caches)."""
+        for listener in self._loss_listeners:
+            listener()
 
     @property
     def key(self) -> str:
@@ -238,10 +250,12 @@ class QueryCheckpoint:
     checkpoint the reply reflects at least, and the near cache (if any) is told about it.
     """
 
-    __slots__ = ("_cache", "_read", "_reader", "position")
+    __slots__ = ("_cache", "_memory", "_read", "_reader", "position")
 
-    def __init__(self, read: Callable[[], Awaitable[int]] | None) -> None:
+    def __init__(self, read: Callable[[], Awaitable[int]] | None, *, memory: bool = True) -> None:
         self._read = read
+        # False for a query that waited for a consistency token (see from_memory).
+        self._memory = memory
         self._cache: NearCache | None = None
         inner: object = read
         if isinstance(read, ObservedCheckpoint):
@@ -256,6 +270,22 @@ class QueryCheckpoint:
             return None
         return self._reader.key, self._reader.known()
 
+    def from_memory(self, cache: NearCache, key: str) -> tuple[Any] | None:
+        """`(value,)` of `key` from the near cache at the projector's checkpoint, no Redis call; else None.
+
+        On a hit `position` is the checkpoint the projector knows now (see NearCache.peek). Not
+        for a query that waited for a consistency token: the wait saw the token's version in
+        Redis, which may be ahead of the projector's in-memory checkpoint (the projector updates
+        it after its write returns; a lease follower learns it later), so that query reads Redis.
+        """
+        if self._reader is None or not self._memory or not cache.enabled:
+            return None
+        known = self._reader.known()
+        hit = cache.peek(key, known)
+        if hit is not None:
+            self.position = known
+        return hit
+
     async def settle(self, raw: bytes | str | None, known: int) -> int:
         """Verify the checkpoint value a pipelined read got (raises when Redis lost data); remember it."""
         assert self._reader is not None
@@ -269,3 +299,46 @@ class QueryCheckpoint:
         if self._read is not None:
             self.position = await self._read()
         return self.position
+
+
+async def read_single_view(
+    client: aioredis.Redis,
+    key: str,
+    parse: Callable[[bytes], T],
+    at: QueryCheckpoint,
+    cache: NearCache | None,
+) -> T | None:
+    """The view stored at `key` (None when absent), setting `at.position`, in the fewest round trips.
+
+    A near-cache hit at the projector's checkpoint makes no Redis call; otherwise the checkpoint
+    is read first in the same pipeline as the view (see QueryCheckpoint), or, when it cannot
+    be, in a round trip of its own just before.
+    """
+
+    def decode(raw: Any) -> T | None:
+        return None if raw is None else parse(raw if isinstance(raw, bytes) else str(raw).encode())
+
+    if cache is not None:
+        hit = at.from_memory(cache, key)
+        if hit is not None:
+            cached: T | None = hit[0]
+            return cached
+
+    async def read() -> T | None:
+        return decode(await client.get(key))
+
+    pipelined = at.pipelined()
+    if pipelined is None:
+        await at.read()
+        return await read() if cache is None else await cache.get((key,), read)
+    checkpoint_key, known = pipelined
+
+    async def load() -> tuple[T | None, int]:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.get(checkpoint_key)
+            pipe.get(key)
+            raw_checkpoint, raw = await pipe.execute()
+        return decode(raw), await at.settle(raw_checkpoint, known)
+
+    value, _ = await load() if cache is None else await cache.fill((key,), load)
+    return value

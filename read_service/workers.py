@@ -19,7 +19,8 @@ READ_WORKER_RESTART_MAX_BACKOFF_S; READ_WORKER_MAX_CRASHES crashes in a row with
 in between make the whole group stop and exit 1, so the orchestrator sees a real failure.
 
 Every reply names the process that served it in the `x-tessera-replica` header:
-`<READ_REPLICA_ID>/<pid>`.
+`<READ_REPLICA_ID>/<pid>`; a query's unary reply carries it as trailing metadata (it travels
+with the status, at no extra cost), a health check or a stream as initial metadata.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ STOP_MARGIN_S = 3.0
 RESTART_INITIAL_BACKOFF_S = 0.5
 # A worker that stays up this long after a crash has its restart pause reset to the initial one.
 STABLE_UPTIME_S = 30.0
+
+# Unary methods whose replies carry the replica header as initial metadata (the rest: as a trailer).
+_HEADER_METHODS = ("/grpc.health.",)
 
 _READY = b"ready"
 _GROUP = b"group"
@@ -87,10 +91,14 @@ class _HeaderContext:
 
 
 class ReplicaHeaderInterceptor(grpc.aio.ServerInterceptor):
-    """Adds `x-tessera-replica: <replica id>/<pid>` to the initial metadata of every reply.
+    """Adds `x-tessera-replica: <replica id>/<pid>` to every reply.
 
-    Unary calls and server streams get it, failed calls too (it is sent just before the error);
-    client streams and reflection pass through untouched. A server stream keeps its handler's
+    Unary query calls carry it in their trailing metadata, failed calls too (the error mapping
+    keeps it beside the status details): set before the handler runs, it travels in the batch
+    that sends the reply and the status, where an initial header would cost a batch of its own
+    per call. Health checks (what probes and tools that count workers read) and server streams
+    carry it in their initial metadata, a stream's before its first message or its end.
+    Client streams and reflection pass through untouched. A server stream keeps its handler's
     shape: an async generator is wrapped in one, a coroutine that streams with `context.write`
     (the health servicer's Watch, which client-side health checking relies on) in a coroutine,
     so its messages go straight to the caller without a generator in between.
@@ -99,6 +107,9 @@ class ReplicaHeaderInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, replica_id: str, pid: int | None = None) -> None:
         self.value = f"{replica_id}/{pid if pid is not None else os.getpid()}"
         self._header = (REPLICA_HEADER, self.value)
+        self._trailer = (self._header,)
+        # method -> (the unary handler resolved for it, its wrapped version): built once, not per call.
+        self._unary_handlers: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -110,11 +121,18 @@ class ReplicaHeaderInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary),
+            method = handler_call_details.method
+            cached = self._unary_handlers.get(method)
+            if cached is not None and cached[0] is handler:
+                return cached[1]
+            in_header = method.startswith(_HEADER_METHODS)
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary) if in_header else self._trailing(handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
+            self._unary_handlers[method] = (handler, wrapped)
+            return wrapped
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(handler.unary_stream),
@@ -122,6 +140,15 @@ class ReplicaHeaderInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+    def _trailing(self, inner: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        trailer = self._trailer
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            context.set_trailing_metadata(trailer)
+            return await inner(request, context)
+
+        return unary
 
     def _unary(self, inner: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         header = self._header

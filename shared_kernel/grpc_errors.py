@@ -114,11 +114,24 @@ def _rpc_code(code: grpc.StatusCode) -> int:
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.DomainError) -> NoReturn:
     """Abort the call with the status that belongs to `error`."""
     status = status_for(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    # Keep what the call set already (the replica trailer): abort's own metadata would replace it.
+    await context.abort(status.code, status.details, (*(context.trailing_metadata() or ()), *status.trailing_metadata))
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 
-async def _handle(exc: Exception, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+def _call_gone(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """Whether `exc` only says that the caller cancelled the call or reset its stream."""
+    # Sending metadata or a message then fails in grpcio's batch with its private ExecuteBatchError
+    # (hence the name rather than the class), often before the context reports the cancellation.
+    # grpcio checks its own misuse (metadata sent twice) before any batch, with UsageError.
+    return type(exc).__name__ == "ExecuteBatchError" or context.cancelled()
+
+
+async def handle_error(exc: Exception, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+    """End the call with the status `exc` maps to (logged when it is a bug); quietly when the caller left."""
+    if _call_gone(exc, context):
+        # Nobody is left to answer: the call ends CANCELLED, quietly, like any cancelled call.
+        raise asyncio.CancelledError from exc
     domain_error = to_domain_error(exc)
     if domain_error is None:
         logger.error("unhandled error in %s", method, exc_info=exc, extra={"rpc_method": method})
@@ -216,7 +229,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-async def _reject_undecodable(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+async def reject_undecodable(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Answer INVALID_ARGUMENT (INTERNAL for a failing deserializer) when `request` is an UndecodableRequest."""
     if isinstance(request, UndecodableRequest):
         if request.error is None:
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
@@ -229,7 +243,7 @@ async def _checked_requests(
 ) -> AsyncIterator[Any]:
     # A streaming handler reads its requests lazily, so each one is checked as it arrives.
     async for request in requests:
-        await _reject_undecodable(request, context)
+        await reject_undecodable(request, context)
         yield request
 
 
@@ -241,12 +255,12 @@ def _wrap_unary(
             if streaming_request:
                 request = _checked_requests(request, context)
             else:
-                await _reject_undecodable(request, context)
+                await reject_undecodable(request, context)
             return await inner(request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            await _handle(exc, method, context)
+            await handle_error(exc, method, context)
 
     return wrapped
 
@@ -262,13 +276,13 @@ def _wrap_stream(inner: Callable[..., Any], method: str, *, streaming_request: b
             if streaming_request:
                 request = _checked_requests(request, context)
             else:
-                await _reject_undecodable(request, context)
+                await reject_undecodable(request, context)
             async for item in inner(request, context):
                 yield item
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            await _handle(exc, method, context)
+            await handle_error(exc, method, context)
 
     return wrapped
 
@@ -291,6 +305,8 @@ __all__ = [
     "UndecodableRequest",
     "abort",
     "bad_request_from_status",
+    "handle_error",
+    "reject_undecodable",
     "status_for",
     "to_domain_error",
     "tolerant_deserializer",

@@ -1,10 +1,11 @@
 """Server-side RPC metrics: one latency histogram by method and status code (its count is the call count).
 
-`rpc_metrics_interceptors()` gives the interceptor only when the process configured a
-metrics reader (shared_kernel.metrics), so a server without metrics pays nothing per call.
-The interceptor sits outside the error mapping, so it sees the status the caller gets.
-Unary calls only: a watch stream's lifetime is not a latency. Health and reflection calls
-are left out like they are from tracing.
+The server's call interceptor (shared_kernel.grpc_server.ServerCallInterceptor) records
+through an RpcRecorder only when the process configured a metrics reader
+(shared_kernel.metrics), so a server without metrics pays nothing per call. It records
+outside the error mapping, so it sees the status the caller gets. Unary calls only: a watch
+stream's lifetime is not a latency. Health and reflection calls are left out like they are
+from tracing.
 
 Instrument (OpenTelemetry semantic-convention names):
   rpc.server.duration  histogram, seconds; attributes rpc.service, rpc.method,
@@ -14,14 +15,12 @@ Instrument (OpenTelemetry semantic-convention names):
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from opentelemetry import metrics
 
-from shared_kernel.metrics import LATENCY_BUCKETS_S, metrics_enabled
+from shared_kernel.metrics import LATENCY_BUCKETS_S
 
 METER_NAME = "tessera.rpc"
 _SKIPPED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
@@ -72,47 +71,3 @@ def status_of(context: grpc.aio.ServicerContext[Any, Any], error: BaseException 
     if isinstance(error, BaseException) and type(error).__name__ == "CancelledError":
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN
-
-
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Times unary-unary calls and records them with their final status code."""
-
-    def __init__(self, recorder: RpcRecorder | None = None) -> None:
-        self._recorder = recorder or RpcRecorder()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        """Wrap unary-unary handlers; other kinds pass through untouched."""
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        method = handler_call_details.method
-        if method.startswith(_SKIPPED_PREFIXES):
-            return handler
-        inner: Callable[..., Any] = handler.unary_unary
-        recorder = self._recorder
-
-        async def timed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started = time.perf_counter()
-            error: BaseException | None = None
-            try:
-                return await inner(request, context)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                recorder.record(method, status_of(context, error), time.perf_counter() - started)
-
-        return grpc.unary_unary_rpc_method_handler(
-            timed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-
-def rpc_metrics_interceptors() -> list[grpc.aio.ServerInterceptor]:
-    """[RpcMetricsInterceptor()] when this process collects metrics, else [] (no per-call cost)."""
-    return [RpcMetricsInterceptor()] if metrics_enabled() else []

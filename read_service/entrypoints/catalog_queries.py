@@ -49,8 +49,8 @@ class ProductQueryServicer(pb_grpc.ProductQueryServiceServicer):
         """One product by id."""
         product_id = str(parse_uuid("product_id", request.product_id))
         token = token_for(PRODUCT_AGGREGATE, request.consistency_token)
-        view, stale, position = await self._freshness.answer(
-            context, token, request.max_wait_ms, lambda: self._views.get(product_id)
+        view, stale, position = await self._freshness.answer_at(
+            context, token, request.max_wait_ms, lambda at: self._views.get_at(product_id, at)
         )
         if view is None:
             raise errors.NotFound(f"product {product_id} not found")

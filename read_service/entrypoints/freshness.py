@@ -149,7 +149,7 @@ class Freshness:
         """Like `answer`, for a read that takes the view position itself (see QueryCheckpoint)."""
         self.require_ready()
         stale = await self._mark(token, max_wait_ms, context)
-        at = QueryCheckpoint(self._checkpoint)
+        at = QueryCheckpoint(self._checkpoint, memory=token is None)
         value = await self.read(context, lambda: work(at))
         return value, stale, at.position
 

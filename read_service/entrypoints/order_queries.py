@@ -159,8 +159,8 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
         """One order by id."""
         order_id = str(parse_uuid("order_id", request.order_id))
         token = token_for(ORDER_AGGREGATE, request.consistency_token)
-        view, stale, position = await self._freshness.answer(
-            context, token, request.max_wait_ms, lambda: self._views.get(order_id)
+        view, stale, position = await self._freshness.answer_at(
+            context, token, request.max_wait_ms, lambda at: self._views.get_at(order_id, at)
         )
         if view is None:
             raise errors.NotFound(f"order {order_id} not found")

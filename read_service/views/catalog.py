@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 
 from read_service.keys import CatalogKeys, member_id
 from read_service.near_cache import NearCache
+from read_service.view_store import QueryCheckpoint, read_single_view
 from tessera.catalog.v1.product_query_service_pb2 import ProductView
 
 
@@ -50,6 +51,12 @@ class ProductViews:
         if self._cache is None:
             return await self._read(product_id)
         return await self._cache.get((self._keys.view(product_id),), lambda: self._read(product_id))
+
+    async def get_at(self, product_id: str, at: QueryCheckpoint) -> ProductView | None:
+        """Like `get`, also setting `at.position`; a read from Redis takes the checkpoint in the same round trip."""
+        return await read_single_view(
+            self._client, self._keys.view(product_id), ProductView.FromString, at, self._cache
+        )
 
     async def _read(self, product_id: str) -> ProductView | None:
         raw = await self._client.get(self._keys.view(product_id))

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from read_service.keys import OrderKeys, OrderSortField, member_id, padded
 from read_service.near_cache import NearCache
 from read_service.projections.orders import status_name
+from read_service.view_store import QueryCheckpoint, read_single_view
 from tessera.common.v1.money_pb2 import Money
 from tessera.orders.v1.order_pb2 import OrderStatus
 from tessera.orders.v1.order_query_service_pb2 import (
@@ -154,6 +155,10 @@ class OrderViews:
         if self._cache is None:
             return await self._read(order_id)
         return await self._cache.get((self._keys.view(order_id),), lambda: self._read(order_id))
+
+    async def get_at(self, order_id: str, at: QueryCheckpoint) -> OrderView | None:
+        """Like `get`, also setting `at.position`; a read from Redis takes the checkpoint in the same round trip."""
+        return await read_single_view(self._client, self._keys.view(order_id), OrderView.FromString, at, self._cache)
 
     async def _read(self, order_id: str) -> OrderView | None:
         raw = await self._client.get(self._keys.view(order_id))

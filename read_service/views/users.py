@@ -92,9 +92,13 @@ class UserViews:
         """Like `get`, also setting `at.position`; a read from Redis takes the checkpoint in the same round trip."""
         keys = (self._keys.view(user_id), self._keys.spent(user_id))
         cache = self._cache
+        if cache is not None:
+            hit = at.from_memory(cache, keys[0])
+            if hit is not None:
+                view: UserView | None = hit[0]
+                return view
         pipelined = at.pipelined()
-        if pipelined is None or (cache is not None and cache.enabled and cache.may_hit(keys[0])):
-            # A likely hit needs the checkpoint before it can be served; it costs no more.
+        if pipelined is None:
             await at.read()
             return await self.get(user_id)
         checkpoint_key, known = pipelined
@@ -113,10 +117,10 @@ class UserViews:
             return view, position
 
         if cache is None:
-            view, _ = await load()
+            read, _ = await load()
         else:
-            view, _ = await cache.fill(keys, load)
-        return view
+            read, _ = await cache.fill(keys, load)
+        return read
 
     async def _read(self, user_id: str) -> UserView | None:
         raw = await self._client.get(self._keys.view(user_id))

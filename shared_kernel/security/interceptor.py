@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 
@@ -43,32 +44,49 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         required = required_scope(method)
         if handler is None or required is None:
             return handler
-        try:
-            identity = self._authenticator.authenticate(tuple(handler_call_details.invocation_metadata or ()))
-        except AuthenticationError as exc:
-            logger.info(
-                "call refused: %s", exc.description, extra={"rpc_method": method, "grpc_code": "UNAUTHENTICATED"}
-            )
-            return _refusing(
-                handler,
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"{exc.description} (WWW-Authenticate: {exc.challenge()})",
-                exc.challenge(),
-            )
-        if not grants(identity.scopes, required):
-            logger.info(
-                "call refused: missing scope %s",
-                required,
-                extra={"rpc_method": method, "principal": identity.principal, "grpc_code": "PERMISSION_DENIED"},
-            )
-            challenge = f'Bearer realm="{REALM}", error="insufficient_scope", scope="{required}"'
-            return _refusing(
-                handler,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f'the token of {identity.principal!r} lacks the scope "{required}" that {method} needs',
-                challenge,
-            )
-        return _as_principal(handler, identity)
+        verdict = check_call(self._authenticator, method, required, handler_call_details.invocation_metadata)
+        if isinstance(verdict, Refusal):
+            return _refusing(handler, verdict.code, verdict.details, verdict.challenge)
+        return _as_principal(handler, verdict)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a call is refused: its status code, details and `www-authenticate` challenge."""
+
+    code: grpc.StatusCode
+    details: str
+    challenge: str
+
+    async def abort(self, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+        """End the call with this refusal."""
+        await context.abort(self.code, self.details, (("www-authenticate", self.challenge),))
+        raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+def check_call(
+    authenticator: Authenticator, method: str, required: str, metadata: Iterable[Any] | None
+) -> Identity | Refusal:
+    """The caller's identity when its metadata authenticates it with the `required` scope; else the refusal (logged)."""
+    try:
+        identity = authenticator.authenticate(tuple(metadata or ()))
+    except AuthenticationError as exc:
+        logger.info("call refused: %s", exc.description, extra={"rpc_method": method, "grpc_code": "UNAUTHENTICATED"})
+        return Refusal(
+            grpc.StatusCode.UNAUTHENTICATED, f"{exc.description} (WWW-Authenticate: {exc.challenge()})", exc.challenge()
+        )
+    if not grants(identity.scopes, required):
+        logger.info(
+            "call refused: missing scope %s",
+            required,
+            extra={"rpc_method": method, "principal": identity.principal, "grpc_code": "PERMISSION_DENIED"},
+        )
+        return Refusal(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f'the token of {identity.principal!r} lacks the scope "{required}" that {method} needs',
+            f'Bearer realm="{REALM}", error="insufficient_scope", scope="{required}"',
+        )
+    return identity
 
 
 def _refusing(handler: Handler, code: grpc.StatusCode, details: str, challenge: str) -> Handler:

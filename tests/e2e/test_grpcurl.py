@@ -84,3 +84,22 @@ def test_health_check_through_grpcurl(stack: Stack) -> None:
     checked = grpcurl(stack.read_addresses[0], "grpc.health.v1.Health/Check")
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout)["status"] == "SERVING"
+
+
+def test_verbose_output_names_the_replica(stack: Stack) -> None:
+    """Query replies carry the replica as a trailer, health checks as a header; grpcurl -v shows both."""
+    missing = grpcurl(
+        "-v",
+        "-d",
+        json.dumps({"userId": "123e4567-e89b-12d3-a456-426614174000"}),
+        stack.read_addresses[0],
+        "tessera.users.v1.UserQueryService/GetUser",
+    )
+    assert "Code: NotFound" in missing.stderr
+    trailers = missing.stdout.partition("Response trailers received:")[2]
+    assert "x-tessera-replica: " in trailers, missing.stdout
+
+    checked = grpcurl("-v", stack.read_addresses[0], "grpc.health.v1.Health/Check")
+    assert checked.returncode == 0, checked.stderr
+    headers = checked.stdout.partition("Response headers received:")[2].partition("Response contents:")[0]
+    assert "x-tessera-replica: " in headers, checked.stdout

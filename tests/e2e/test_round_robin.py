@@ -2,7 +2,7 @@
 DNS name with one address per replica (the compose setup), skipping replicas that report NOT_SERVING
 (client-side health checking) and those that die.
 
-The replica that served a call is read from its `x-tessera-replica` response header.
+The replica that served a call is read from its `x-tessera-replica` response trailer.
 """
 
 from __future__ import annotations
@@ -80,11 +80,11 @@ def address_list(*addresses: str) -> str:
 
 
 async def served_by(stub: UserQueryServiceAsyncStub, user_id: str) -> str:
-    """Which replica process answered a GetUser (its x-tessera-replica header)."""
+    """Which replica process answered a GetUser (its x-tessera-replica trailer)."""
     call = stub.GetUser(qry.GetUserRequest(user_id=user_id), timeout=10)
     reply = await call
     assert reply.user.user_id == user_id
-    return str(dict(await call.initial_metadata())[REPLICA_HEADER])
+    return str(dict(await call.trailing_metadata())[REPLICA_HEADER])
 
 
 async def until_serving_from(stub: UserQueryServiceAsyncStub, user_id: str, count: int) -> None:

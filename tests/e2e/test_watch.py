@@ -225,7 +225,8 @@ async def test_near_cache_reads_after_writes_are_never_old_and_the_hit_ratio_is_
             assert not got.stale
             assert got.user.version >= reply.version
             assert got.user.full_name == f"Name {n}" or got.user.version > reply.version
-    # Hot reads: most come from memory now.
+    # Hot reads: they come from memory now, once the feed has released the last write (queries
+    # with a consistency token, above, always read Redis).
     for _ in range(50):
         got = await shop.users(0).GetUser(user_views.GetUserRequest(user_id=user_id), timeout=10)
         assert got.user.version == 21
@@ -238,7 +239,7 @@ async def test_near_cache_reads_after_writes_are_never_old_and_the_hit_ratio_is_
         if not found:
             return None
         value, hits = found[-1]
-        return float(value) if int(hits) >= 50 else None
+        return float(value) if int(hits) >= 40 else None
 
     started = time.monotonic()
     value = await eventually(ratio, 15, "no near cache hit ratio in the replica's log")

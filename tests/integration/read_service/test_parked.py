@@ -209,7 +209,13 @@ async def test_queries_of_a_parked_projection_say_so_and_the_replica_keeps_servi
         await eventually(lambda: users_projector.ready and users_projector.parked is not None)
         address = f"127.0.0.1:{service.port}"
         async with grpc.aio.insecure_channel(address) as channel:
-            assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+
+            async def serving() -> bool:
+                # Health follows every projector of the replica, not only the users one waited for above.
+                status: int = await health_status(channel)
+                return status == int(health_pb2.HealthCheckResponse.SERVING)
+
+            await eventually(serving, message="a parked projection stopped the replica from serving")
             call = UserQueryServiceStub(channel).GetUser(pb.GetUserRequest(user_id=first_id), timeout=5)
             reply = await call
             headers = dict(await call.initial_metadata())

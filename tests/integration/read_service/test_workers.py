@@ -24,6 +24,7 @@ from read_service.bootstrap import running_read_service
 from read_service.settings import ReadServiceSettings
 from read_service.workers import REPLICA_HEADER, ReplicaHeaderInterceptor, WorkerGroup, reserve_port
 from shared_kernel.consistency import encode_token
+from shared_kernel.grpc_errors import bad_request_from_status
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceStub
 
@@ -123,13 +124,13 @@ async def test_workers_share_a_port_chosen_by_the_parent_and_stop_together_on_si
             stub = UserQueryServiceStub(channel)
             call = stub.GetUser(pb.GetUserRequest(user_id=user_id), timeout=5)
             assert (await call).user.email == "group@example.com"
-            assert pid_of(str(dict(await call.initial_metadata())[REPLICA_HEADER])) in workers
+            assert pid_of(str(dict(await call.trailing_metadata())[REPLICA_HEADER])) in workers
             # Failed calls name the worker too.
             missing = stub.GetUser(pb.GetUserRequest(user_id="00000000-0000-4000-8000-000000000000"), timeout=5)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await missing
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-            assert pid_of(str(dict(await missing.initial_metadata())[REPLICA_HEADER])) in workers
+            assert pid_of(str(dict(await missing.trailing_metadata())[REPLICA_HEADER])) in workers
 
         started = time.monotonic()
         assert group.pid is not None
@@ -249,7 +250,7 @@ async def test_a_worker_that_cannot_be_started_stops_the_group(tmp_path: Path):
     assert group.pids == []
 
 
-async def test_the_replica_header_joins_the_servicers_own_headers(
+async def test_the_replica_header_travels_with_every_kind_of_reply(
     database_url: str,
     redis_server_url: str,
     redis_prefix: str,
@@ -290,9 +291,27 @@ async def test_the_replica_header_joins_the_servicers_own_headers(
             timeout=10,
         )
         assert (await call).stale
-        metadata = dict(await call.initial_metadata())
-        assert metadata["x-tessera-stale"] == "true"
-        assert metadata[REPLICA_HEADER] == interceptor.value == f"in-process/{os.getpid()}"
+        assert dict(await call.initial_metadata())["x-tessera-stale"] == "true"
+        # A query's reply carries it as a trailer, also when the call sent initial metadata of its own.
+        assert dict(await call.trailing_metadata())[REPLICA_HEADER] == interceptor.value == f"in-process/{os.getpid()}"
+        assert REPLICA_HEADER not in dict(await call.initial_metadata())
+        # A failed query keeps it beside the status details.
+        missing = stub.GetUser(pb.GetUserRequest(user_id="00000000-0000-4000-8000-000000000000"), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await missing
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert dict(caught.value.trailing_metadata() or ())[REPLICA_HEADER] == interceptor.value
+        invalid = stub.GetUser(pb.GetUserRequest(user_id="not-a-uuid"), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await invalid
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert dict(caught.value.trailing_metadata() or ())[REPLICA_HEADER] == interceptor.value
+        assert bad_request_from_status(caught.value) is not None
+
+        # Health checks carry it as initial metadata.
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert (await check).status == SERVING
+        assert dict(await check.initial_metadata())[REPLICA_HEADER] == interceptor.value
 
         # Server streams carry it too: the health Watch (which client-side health checking uses).
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
@@ -334,7 +353,7 @@ async def test_sigterm_lets_every_workers_calls_in_flight_finish(
         os.kill(group.pid, signal.SIGTERM)
         replies = await asyncio.gather(*calls)
         assert all(reply.stale and reply.user.version == 1 for reply in replies)
-        served_by = {pid_of(str(dict(await call.initial_metadata())[REPLICA_HEADER])) for call in calls}
+        served_by = {pid_of(str(dict(await call.trailing_metadata())[REPLICA_HEADER])) for call in calls}
         assert len(served_by) == 2, "both workers had calls in flight"
         assert await asyncio.to_thread(group.wait, 30.0) == 0, group.log_tail()
     finally:
