@@ -64,8 +64,7 @@ def rows_from_report(report: Any) -> list[Row]:
     rate = number(report, "half_rate_rps")
     for row in (hot, cold):
         row.how = f"{MODULE}, engine {engine}, closed model"
-    pacing = "connections paced with --rps" if engine == "h2load" else "open model"
-    half.how = f"{MODULE}, engine {engine}, {pacing} at {rate:,.0f}/s (replica without near cache)"
+    half.how = f"{MODULE}, python engine, open model at {rate:,.0f}/s (replica without near cache)"
     if "p50" in latency:
         half.notes.append(f"p50 {number(latency, 'p50'):.2f} ms at {rate:,.0f} calls/s")
     for note in report.get("notes", []) or []:

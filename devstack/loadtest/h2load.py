@@ -155,17 +155,11 @@ def verified_ok(summary: H2loadSummary, reply_bytes: int) -> int:
 
 def command(
     url: str, body_file: Path, *, duration_s: float | None, connections: int, streams: int, log_file: Path | None,
-    metadata: Sequence[tuple[str, str]] = (), requests: int | None = None, rps_per_connection: float | None = None,
+    metadata: Sequence[tuple[str, str]] = (), requests: int | None = None,
 ) -> list[str]:  # fmt: skip
-    """The h2load argv of one run: for `duration_s` seconds, or of `requests` requests.
-
-    Closed model, unless `rps_per_connection` paces every connection (h2load's --rps): then each
-    sends at that rate as long as one of its `streams` is free.
-    """
+    """The h2load argv of one closed-model run: for `duration_s` seconds, or of `requests` requests."""
     argv = [h2load_path() or H2LOAD, "-c", str(connections), "-m", str(streams), "-t", "1", "-d", str(body_file)]
     argv += ["-D", f"{duration_s:g}"] if duration_s is not None else ["-n", str(requests or 1)]
-    if rps_per_connection is not None:
-        argv += [f"--rps={rps_per_connection:g}"]
     if log_file is not None:
         argv += ["--log-file", str(log_file)]
     for header in (*GRPC_HEADERS, *(f"{key}: {value}" for key, value in metadata)):
@@ -183,7 +177,6 @@ class H2loadRun:
     connections: int
     streams: int
     reply_bytes: int = 0
-    rps_per_connection: float | None = None  # paced (h2load --rps) instead of closed
     summary: H2loadSummary = field(default_factory=H2loadSummary)
     rows: list[tuple[int, int, int]] = field(default_factory=list)
 
@@ -236,7 +229,6 @@ def execute(
         argv = command(
             f"http://{run.target}{run.method}", body, duration_s=duration_s, connections=run.connections,
             streams=run.streams, log_file=out / f"log-{index}.tsv", metadata=metadata,
-            rps_per_connection=run.rps_per_connection,
         )  # fmt: skip
         processes.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:

@@ -17,8 +17,7 @@ GetUser calls per second of:
   client process repeats one user of its own, since h2load sends one body per run);
 
 then drives the replica without the near cache at half its measured maximum with the python
-engine's open model over random seeded users, or h2load with every connection paced at its share
-of the rate (--rps), and reports p50/p99 there.
+engine's open model (h2load has none) over random seeded users, and reports p50/p99 there.
 The services run with AUTH_MODE=insecure unless `--auth`, which mints a token and sends it.
 Figures depend on the machine: the client processes share its cores with the servers.
 """
@@ -88,29 +87,9 @@ def measure_max(
     }
 
 
-def half_rate(engine: str, target: str, rate: float, *, ids: Sequence[str], seed_file: Path, args: argparse.Namespace,
-              metadata: Sequence[tuple[str, str]], scratch: Path) -> dict[str, object]:  # fmt: skip
-    """Latency of `target` at `rate` GetUser calls/s.
-
-    With h2load every connection is paced at its share of the rate (--rps), with more streams than
-    the rate needs, so that calls go out on schedule and the client takes little of the CPU the
-    server runs on; with the python engine, the open model over random seeded users.
-    """
-    if engine == "h2load":
-        runs = h2load.plan_runs(
-            [target], "get_user", ids, processes=args.processes, concurrency=args.concurrency,
-            connections=args.connections, hot=False,
-        )  # fmt: skip
-        per_connection = rate / sum(run.connections for run in runs)
-        for run in runs:
-            run.rps_per_connection = per_connection
-        h2load.execute(runs, args.duration, metadata, scratch, progress=False)
-        _timeline, paced, errors, ok, elapsed = h2load.figures(runs, args.duration)
-        return {
-            "rps": round(ok / elapsed, 1) if elapsed else 0.0,
-            "errors": errors,
-            "latency_ms": paced.summary(),
-        }
+def half_rate(target: str, rate: float, seed_file: Path, args: argparse.Namespace,
+              metadata: Sequence[tuple[str, str]]) -> dict[str, object]:  # fmt: skip
+    """Latency of `target` at `rate` calls/s, open model, random seeded users, python engine."""
     plans = [
         Plan(
             mode="read", targets=[target], process_index=index, processes=args.processes, duration_s=args.duration,
@@ -186,11 +165,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
                     if name == "cold":
                         cold_rps = float(str(figures["cold"]["rps"]))
                         rate = max(1.0, round(cold_rps / 2))
-                        say(f"half rate: {rate:g} calls/s ({engine}) on the replica without near cache …")
-                        half = half_rate(
-                            engine, cold.address, rate, ids=ids, seed_file=seed_file, args=args, metadata=metadata,
-                            scratch=scratch,
-                        )  # fmt: skip
+                        say(f"half rate: {rate:g} calls/s open model on the replica without near cache …")
+                        half = half_rate(cold.address, rate, seed_file, args, metadata)
     finally:
         if config.redis_url:
             delete_prefix(config.redis_url, config.redis_key_prefix)
@@ -205,9 +181,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
         notes.append("cold: every call picks a random seeded user")
     notes += [
         "hot: near cache on (NEAR_CACHE_SIZE=" + NEAR_CACHE_ON + "), always the same user: the near cache's hit path",
-        "half rate: h2load, every connection paced at its share of the rate (--rps), latency from each send"
-        if engine == "h2load"
-        else "half rate: python engine, open model, random seeded users",
+        "half rate: python engine, open model (h2load has no request-rate model), random seeded users",
         f"{os.cpu_count()} cores shared by clients and servers; load average {load_at_start} at the start",
         "auth: " + ("bearer token minted by the stack" if args.auth else "services run with AUTH_MODE=insecure"),
     ]

@@ -124,15 +124,6 @@ def test_the_command_line_carries_the_grpc_headers_and_the_body() -> None:
     assert headers == ["content-type: application/grpc", "te: trailers", "authorization: Bearer t"]
 
 
-def test_a_paced_run_asks_h2load_for_its_rate_per_connection() -> None:
-    closed = command("http://h:1/x.Y/Z", Path("b"), duration_s=3, connections=4, streams=16, log_file=None)
-    paced = command(
-        "http://h:1/x.Y/Z", Path("b"), duration_s=3, connections=4, streams=16, log_file=None, rps_per_connection=87.5
-    )
-    assert not any(arg.startswith("--rps") for arg in closed)
-    assert "--rps=87.5" in paced
-
-
 USERS = 'rpc_service="tessera.users.v1.UserQueryService",rpc_system="grpc"'
 CATALOG = 'rpc_service="tessera.catalog.v1.ProductQueryService",rpc_system="grpc"'
 EXPOSITION = f"""# HELP rpc_server_duration_seconds Duration of unary gRPC calls handled by this server
