@@ -21,6 +21,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import weakref
@@ -40,6 +41,13 @@ _log = logging.getLogger(__name__)
 _POSTGRES_USER = "postgres"
 _POSTGRES_DATABASE = "postgres"
 _VERSION_TIMEOUT = 15.0
+
+
+# Run as `python -c THIS UID GID COMMAND...`: become UID/GID with no supplementary groups, then exec.
+_DROP_PRIVILEGES_AND_EXEC = (
+    "import os, sys; os.setgroups([]); os.setgid(int(sys.argv[2])); os.setuid(int(sys.argv[1])); "
+    "os.execvp(sys.argv[3], sys.argv[3:])"
+)
 
 
 class ServerError(RuntimeError):
@@ -411,24 +419,29 @@ class EmbeddedServer(StartStop, ABC):
             shutil.rmtree(self._data_dir, ignore_errors=True)
             self._data_dir = None
 
-    def _popen_kwargs(self) -> dict[str, Any]:
+    def _as_run_user(self, argv: list[str]) -> list[str]:
+        """`argv`, started through a fresh interpreter that drops to the run-as account first.
+
+        Popen's own user/group switch happens in a forked copy of this process before exec,
+        and a fork of a process whose gRPC threads are running can crash there. Without it,
+        Popen uses vfork and the switch happens after exec, in a process with no threads.
+        """
         run_as = self._run_as()
         if run_as is None:
-            return {}
-        return {"user": run_as[0], "group": run_as[1], "extra_groups": []}
+            return argv
+        return [sys.executable, "-I", "-S", "-c", _DROP_PRIVILEGES_AND_EXEC, str(run_as[0]), str(run_as[1]), *argv]
 
     def _spawn(self) -> None:
         with self.log_path.open("ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting on port {self.port}\n".encode())
             log.flush()
             self._process = subprocess.Popen(
-                self._command(),
+                self._as_run_user(self._command()),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
                 start_new_session=True,
-                **self._popen_kwargs(),
             )
 
     def _wait_ready(self) -> None:
@@ -598,14 +611,13 @@ class EmbeddedPostgres(EmbeddedServer):
         with self.log_path.open("ab") as log:
             try:
                 done = subprocess.run(
-                    argv,
+                    self._as_run_user(argv),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=self.data_dir,
                     timeout=self.startup_timeout,
                     check=False,
-                    **self._popen_kwargs(),
                 )
             except subprocess.TimeoutExpired as exc:
                 raise ServerError(
