@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from devstack.bench import read_bench, tools
-from devstack.bench.__main__ import BENCHES, blank_rows, report_header, sizes_for
+from devstack.bench.__main__ import BENCHES, blank_rows, report_header, sizes_for, unmeasured_figures
 from devstack.bench.__main__ import main as bench_main
 from devstack.bench.lag_bench import fill_lag_rows, lag_rows
 from devstack.bench.read_bench import ReportError, rows_from_report
@@ -160,3 +160,12 @@ def test_a_markdown_file_without_markers_is_refused_before_anything_runs(tmp_pat
         bench_main(["--only", "write", "--markdown", str(document)])
     assert exit_info.value.code == 2
     assert document.read_text() == "# no markers here\n"
+
+
+def test_strict_fails_on_a_figure_not_measured_never_on_a_missed_goal() -> None:
+    missed, broken = lag_rows(1)
+    missed.value = 900.0  # far over its goal
+    assert missed.met is False
+    assert unmeasured_figures([missed, broken]) == []
+    broken.fail("the lag tool exited 1")
+    assert unmeasured_figures([missed, broken]) == [broken.figure]
