@@ -107,11 +107,11 @@ WHERE position BETWEEN $1 AND $2 AND published_at IS NULL
 """
 
 # Everything up to the first positioned-but-unpublished row has gone out; with none, all has.
+# (last_position is NULL only when relay_state has no row at all.)
 _PUBLISHED_HEAD = """
-SELECT coalesce(
-    (SELECT min(position) - 1 FROM outbox WHERE position IS NOT NULL AND published_at IS NULL),
-    (SELECT last_position FROM relay_state WHERE singleton),
-    0)
+SELECT
+    (SELECT min(position) - 1 FROM outbox WHERE position IS NOT NULL AND published_at IS NULL) AS before_unpublished,
+    (SELECT last_position FROM relay_state WHERE singleton) AS last_position
 """
 
 
@@ -153,6 +153,13 @@ async def mark_published(conn: Connection, first: int, last: int) -> None:
 
 
 async def published_head(conn: Connection) -> int:
-    """The highest position below which every event has been published."""
-    value = await conn.fetchval(_PUBLISHED_HEAD)
-    return int(value)
+    """The highest position below which every event has been published.
+
+    Read when a relay starts to lead, so it is also where a database without relay_state's
+    row is refused: the claim itself would just find nothing to do, forever.
+    """
+    row = await conn.fetchrow(_PUBLISHED_HEAD)
+    if row is None or row["last_position"] is None:
+        raise RuntimeError("relay_state has no row; were the migrations applied?")
+    before_unpublished = row["before_unpublished"]
+    return int(row["last_position"] if before_unpublished is None else before_unpublished)

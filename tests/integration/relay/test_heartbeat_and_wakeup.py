@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis.asyncio as aioredis
 
+from relay.outbox import published_head
 from relay.runner import Role
 from shared_kernel.event_log import events_channel, head_channel
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
@@ -89,3 +90,11 @@ async def test_notify_wakes_the_relay_between_polls(
 
 def _has(count: int) -> Callable[[list[EventEnvelope]], bool]:
     return lambda messages: len(messages) == count
+
+
+async def test_a_database_without_the_relay_state_row_is_refused_when_leading_starts(db_pool) -> None:
+    async with db_pool.acquire() as conn:
+        assert await published_head(conn) == 0
+        await conn.execute("DELETE FROM relay_state")
+        with pytest.raises(RuntimeError, match="were the migrations applied"):
+            await published_head(conn)
