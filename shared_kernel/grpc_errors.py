@@ -132,6 +132,19 @@ async def handle_error(exc: Exception, method: str, context: grpc.aio.ServicerCo
     if _call_gone(exc, context):
         # Nobody is left to answer: the call ends CANCELLED, quietly, like any cancelled call.
         raise asyncio.CancelledError from exc
+    try:
+        await _end_with_status(exc, method, context)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as failure:
+        # The caller may leave while the status is being sent (its deadline ran out, say): the
+        # send then fails like any other on a call that is gone, and the call ends the same way.
+        if _call_gone(failure, context):
+            raise asyncio.CancelledError from exc
+        raise
+
+
+async def _end_with_status(exc: Exception, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
     domain_error = to_domain_error(exc)
     if domain_error is None:
         logger.error("unhandled error in %s", method, exc_info=exc, extra={"rpc_method": method})

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from pydantic import BaseModel, Field, ValidationError
 
-from shared_kernel import errors, migrations
+from shared_kernel import errors, grpc_errors, migrations
 from shared_kernel.grpc_errors import status_for, to_domain_error
 from shared_kernel.logs import JsonFormatter
 from shared_kernel.validation import has_control_chars, parse_uuid
@@ -124,3 +126,32 @@ def test_json_log_lines_carry_extras() -> None:
     assert line["message"] == "hello world"
     assert line["user_id"] == "u-1"
     assert line["level"] == "INFO"
+
+
+class ExecuteBatchError(Exception):
+    """Stands in for grpcio's private error of a batch sent on a call that is gone (matched by name)."""
+
+
+class _GoneWhileAborting:
+    """A servicer context whose caller leaves just as the status is sent."""
+
+    def cancelled(self) -> bool:
+        return False
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+    async def abort(self, code: Any, details: str, metadata: Any = ()) -> None:
+        raise ExecuteBatchError('Failed "execute_batch"')
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [errors.DeadlineExceeded("the caller's deadline ran out"), RuntimeError("a bug")],
+    ids=["mapped", "unhandled"],
+)
+async def test_a_status_that_cannot_be_sent_ends_the_call_cancelled(failure: Exception) -> None:
+    context: Any = _GoneWhileAborting()
+    with pytest.raises(asyncio.CancelledError) as ended:
+        await grpc_errors.handle_error(failure, "/x.Y/Z", context)
+    assert ended.value.__cause__ is failure
