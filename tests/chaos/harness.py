@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import grpc
@@ -274,24 +275,35 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def _inode_of_local_port(port: int) -> str | None:
+def _inodes_of_connection(local_port: int, remote_port: int | None) -> set[str]:
+    """Inodes of the live TCP sockets with this local port (and remote port, when given).
+
+    Linux hands the same ephemeral port to connections towards different destinations, and
+    closed connections linger in TIME_WAIT with inode 0: matching the local port alone can
+    find some other socket, every time, for as long as that one lives.
+    """
+    inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table, encoding="ascii") as lines:
             next(lines)
             for line in lines:
                 fields = line.split()
-                if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    return fields[9]
-    return None
+                if int(fields[1].rsplit(":", 1)[1], 16) != local_port or fields[9] == "0":
+                    continue
+                if remote_port is None or int(fields[2].rsplit(":", 1)[1], 16) == remote_port:
+                    inodes.add(fields[9])
+    return inodes
 
 
-def process_owning_port(processes: Sequence[ServiceProcess], port: int) -> ServiceProcess | None:
-    """The process (among `processes`) that has a socket bound to local `port`."""
-    inode = _inode_of_local_port(port)
-    if inode is None:
+def process_owning_port(
+    processes: Sequence[ServiceProcess], port: int, remote_port: int | None = None
+) -> ServiceProcess | None:
+    """The process (among `processes`) with a socket on local `port` (connected to `remote_port`)."""
+    inodes = _inodes_of_connection(port, remote_port)
+    if not inodes:
         return None
     for process in processes:
-        if process.running and process.pid is not None and inode in _socket_inodes(process.pid):
+        if process.running and process.pid is not None and inodes & _socket_inodes(process.pid):
             return process
     return None
 
@@ -305,7 +317,7 @@ async def active_relay(stack: ChaosStack) -> ServiceProcess | None:
     port = await lock_holder_port(stack.database_url)
     if port is None:
         return None
-    return process_owning_port(stack.services.relays, port)
+    return process_owning_port(stack.services.relays, port, urlsplit(stack.database_url).port)
 
 
 # --- waiting for the system to settle -------------------------------------------------------

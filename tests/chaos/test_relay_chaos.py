@@ -36,11 +36,13 @@ async def kill_active_relay(stack: ChaosStack, workload: Workload, done: asyncio
     takeovers: list[float] = []
     restarts: list[asyncio.Task[Any]] = []
     kills = 0
+    missed_ticks = 0
     while not await sleep_unless(done, rng.uniform(1.5, 2.5)):
         old_port = await lock_holder_port(stack.database_url)
         relay = await active_relay(stack)
         if relay is None or old_port is None:
-            continue  # a takeover is under way right now; try again at the next tick
+            missed_ticks += 1  # a takeover is under way right now; try again at the next tick
+            continue
         await asyncio.to_thread(relay.kill)
         kills += 1
         # A supervisor would restart it at once; it comes back as a standby (or wins the race).
@@ -55,6 +57,7 @@ async def kill_active_relay(stack: ChaosStack, workload: Workload, done: asyncio
     return {
         "faults": kills,
         "relay_kills": kills,
+        "ticks_without_active_relay": missed_ticks,
         "max_takeover_s": round(max(takeovers), 3) if takeovers else None,
         "median_takeover_s": round(statistics.median(takeovers), 3) if takeovers else None,
     }
