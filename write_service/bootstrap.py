@@ -93,7 +93,9 @@ async def expired_key_cleanup(pool: asyncpg.Pool[Any], settings: WriteServiceSet
 @asynccontextmanager
 async def open_pool(settings: WriteServiceSettings) -> AsyncIterator[asyncpg.Pool[Any]]:
     """Open the Postgres pool (waiting for Postgres at start-up) and close it on the way out."""
-    pool = await create_pool(settings, APPLICATION_NAME, wait_s=settings.database_startup_wait_s)
+    # No server-side reset on release: every command's state is transaction-local (SET LOCAL,
+    # xact advisory locks), and the reset cost a round trip per command.
+    pool = await create_pool(settings, APPLICATION_NAME, wait_s=settings.database_startup_wait_s, reset_sessions=False)
     try:
         yield pool
     finally:

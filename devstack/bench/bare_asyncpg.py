@@ -5,8 +5,7 @@ with an idempotency key (unit of work, idempotency store, product repository, ou
 command log), with the same parameters, so the only difference from the service is everything
 around the SQL: gRPC, validation, the handler and its domain objects.
 
-    BEGIN
-    SELECT set_config('statement_timeout', ..., true)
+    BEGIN; SET LOCAL statement_timeout = ...             -- one round trip
     SELECT pg_try_advisory_xact_lock(lock_id)          -- the key's lock
     SELECT ... FROM idempotency_keys WHERE ...         -- no stored reply
     SELECT EXISTS (... products WHERE lower(sku) = ...)
@@ -36,7 +35,7 @@ COMMAND_TYPE = "AddProduct"
 AGGREGATE_TYPE = "product"
 RETENTION = timedelta(hours=24)
 
-_SET_TIMEOUT = "SELECT set_config('statement_timeout', $1, true)"
+_BEGIN = "BEGIN; SET LOCAL statement_timeout = {timeout_ms}"
 _LOCK = "SELECT pg_try_advisory_xact_lock($1)"
 _STORED_REPLY = """
 SELECT fingerprint, command_id, aggregate_id, aggregate_version, reply, created_at, expires_at
@@ -81,6 +80,20 @@ def lock_id(principal: str, command_type: str, key: str) -> int:
 
 async def add_product(conn: asyncpg.Connection[Any] | Any, sku: str, key: str, *, timeout_ms: int = 10_000) -> None:
     """Run one keyed AddProduct transaction for `sku` on `conn`."""
+    await conn.execute(_BEGIN.format(timeout_ms=int(timeout_ms)))
+    try:
+        await _statements(conn, sku, key)
+        committed = await conn.execute("COMMIT") == "COMMIT"
+    except BaseException:
+        if conn.is_in_transaction():
+            await conn.execute("ROLLBACK")
+        raise
+    if not committed:
+        raise RuntimeError("the transaction was rolled back instead of committed")
+
+
+async def _statements(conn: asyncpg.Connection[Any] | Any, sku: str, key: str) -> None:
+    """The transaction's statements, between BEGIN and COMMIT."""
     product_id = uuid.uuid4()
     command_id = uuid.uuid4()
     event_id = uuid.uuid4()
@@ -97,67 +110,65 @@ async def add_product(conn: asyncpg.Connection[Any] | Any, sku: str, key: str, *
     )
     event.added_at.FromDatetime(now)
     scope_lock = lock_id(PRINCIPAL, COMMAND_TYPE, key)
-    async with conn.transaction():
-        await conn.execute(_SET_TIMEOUT, str(timeout_ms))
-        if not await conn.fetchval(_LOCK, scope_lock):
-            raise RuntimeError(f"idempotency key {key} is locked")
-        if await conn.fetchrow(_STORED_REPLY, PRINCIPAL, COMMAND_TYPE, key) is not None:
-            raise RuntimeError(f"idempotency key {key} already has a reply")
-        if await conn.fetchval(_SKU_TAKEN, sku):
-            raise RuntimeError(f"sku {sku} is taken")
-        await conn.execute(_INSERT_PRODUCT, product_id, sku, name, "EUR", 1999, 100, False, "", 1, now, now)
-        await conn.executemany(
-            _INSERT_OUTBOX,
-            [
-                (
-                    event_id,
-                    event.DESCRIPTOR.full_name,
-                    1,
-                    AGGREGATE_TYPE,
-                    str(product_id),
-                    1,
-                    event.SerializeToString(),
-                    now,
-                    str(command_id),
-                    str(command_id),
-                    "",
-                    "",
-                )
-            ],
-        )
-        completed = datetime.now(UTC)
-        await conn.execute(
-            _INSERT_COMMAND_LOG,
-            command_id,
-            COMMAND_TYPE,
-            AGGREGATE_TYPE,
-            str(product_id),
-            str(command_id),
-            now,
-            completed,
-            "succeeded",
-            "OK",
-            "",
-            [event_id],
-            json.dumps(summary, sort_keys=True),
-            PRINCIPAL,
-            key,
-            None,
-        )
-        reply = catalog.AddProductResponse(product_id=str(product_id), version=1).SerializeToString()
-        status = await conn.execute(
-            _UPSERT_STORED_REPLY,
-            PRINCIPAL,
-            COMMAND_TYPE,
-            key,
-            scope_lock,
-            fingerprint,
-            command_id,
-            str(product_id),
-            1,
-            reply,
-            completed,
-            completed + RETENTION,
-        )
-        if status != "INSERT 0 1":
-            raise RuntimeError(f"idempotency key {key} was stored concurrently")
+    if not await conn.fetchval(_LOCK, scope_lock):
+        raise RuntimeError(f"idempotency key {key} is locked")
+    if await conn.fetchrow(_STORED_REPLY, PRINCIPAL, COMMAND_TYPE, key) is not None:
+        raise RuntimeError(f"idempotency key {key} already has a reply")
+    if await conn.fetchval(_SKU_TAKEN, sku):
+        raise RuntimeError(f"sku {sku} is taken")
+    await conn.execute(_INSERT_PRODUCT, product_id, sku, name, "EUR", 1999, 100, False, "", 1, now, now)
+    await conn.executemany(
+        _INSERT_OUTBOX,
+        [
+            (
+                event_id,
+                event.DESCRIPTOR.full_name,
+                1,
+                AGGREGATE_TYPE,
+                str(product_id),
+                1,
+                event.SerializeToString(),
+                now,
+                str(command_id),
+                str(command_id),
+                "",
+                "",
+            )
+        ],
+    )
+    completed = datetime.now(UTC)
+    await conn.execute(
+        _INSERT_COMMAND_LOG,
+        command_id,
+        COMMAND_TYPE,
+        AGGREGATE_TYPE,
+        str(product_id),
+        str(command_id),
+        now,
+        completed,
+        "succeeded",
+        "OK",
+        "",
+        [event_id],
+        json.dumps(summary, sort_keys=True),
+        PRINCIPAL,
+        key,
+        None,
+    )
+    reply = catalog.AddProductResponse(product_id=str(product_id), version=1).SerializeToString()
+    status = await conn.execute(
+        _UPSERT_STORED_REPLY,
+        PRINCIPAL,
+        COMMAND_TYPE,
+        key,
+        scope_lock,
+        fingerprint,
+        command_id,
+        str(product_id),
+        1,
+        reply,
+        completed,
+        completed + RETENTION,
+    )
+    if status != "INSERT 0 1":
+        raise RuntimeError(f"idempotency key {key} was stored concurrently")

@@ -63,8 +63,12 @@ async def _bare_sender(spec: WorkerSpec) -> tuple[Callable[[int], Awaitable[None
     import asyncpg
 
     from devstack.bench.bare_asyncpg import add_product
+    from shared_kernel.db import keep_session
 
-    pool: Any = await asyncpg.create_pool(spec.dsn, min_size=spec.pool_size, max_size=spec.pool_size)
+    # Without the server-side reset on release, like the write service's pool.
+    pool: Any = await asyncpg.create_pool(
+        spec.dsn, min_size=spec.pool_size, max_size=spec.pool_size, reset=keep_session
+    )
 
     async def send(i: int) -> None:
         sku = f"B-{spec.run}-{spec.index}-{i}"

@@ -306,7 +306,6 @@ class PostgresUnitOfWork(UnitOfWork):
         self._pool = pool
         self._deadline = deadline
         self._conn: Connection | None = None
-        self._tx: asyncpg.transaction.Transaction | None = None
         self._calls: Calls | None = None
         self._committed = False
 
@@ -325,11 +324,11 @@ class PostgresUnitOfWork(UnitOfWork):
         self._calls = Calls(conn, self._deadline)
         self._committed = False
         try:
-            self._tx = conn.transaction()
-            await self._calls.run(self._tx.start())
-            # At least 1 ms: 0 would switch the server-side limit off.
+            # BEGIN and the statement cap in one round trip: a simple query may hold several
+            # statements, and the block BEGIN opens outlives it. At least 1 ms: 0 would switch
+            # the server-side limit off. (An int, so formatting it into the SQL is safe.)
             timeout_ms = max(1, int(self._deadline.remaining() * 1000))
-            await self._calls.run(conn.execute("SELECT set_config('statement_timeout', $1, true)", str(timeout_ms)))
+            await self._calls.run(conn.execute(f"BEGIN; SET LOCAL statement_timeout = {timeout_ms}"))
         except BaseException as exc:
             await self._finish()
             if isinstance(exc, Exception):
@@ -387,8 +386,10 @@ class PostgresUnitOfWork(UnitOfWork):
     async def commit(self) -> None:
         """Commit the transaction."""
         calls = self._active()
-        assert self._tx is not None
-        await calls.run(self._tx.commit())
+        status = await calls.run(calls.conn.execute("COMMIT"))
+        if status != "COMMIT":
+            # Postgres answers COMMIT of a transaction an earlier error aborted with ROLLBACK.
+            raise errors.Unavailable("the transaction was rolled back by the database instead of committed")
         self._committed = True
 
     def _active(self) -> Calls:
@@ -398,13 +399,13 @@ class PostgresUnitOfWork(UnitOfWork):
 
     async def _finish(self) -> None:
         """Roll back an open transaction and hand the connection back, whatever happened."""
-        conn, tx = self._conn, self._tx
-        self._conn = self._tx = self._calls = None
+        conn = self._conn
+        self._conn = self._calls = None
         if conn is None:
             return
         try:
-            if tx is not None and not self._committed:
-                await self._rollback(conn, tx)
+            if not self._committed and conn.is_in_transaction():
+                await self._rollback(conn)
         finally:
             await self._release(conn)
 
@@ -421,16 +422,10 @@ class PostgresUnitOfWork(UnitOfWork):
         except Exception as exc:
             logger.warning("discarded a connection that failed to reset on release (%s)", type(exc).__name__)
 
-    async def _rollback(self, conn: Connection, tx: asyncpg.transaction.Transaction) -> None:
+    async def _rollback(self, conn: Connection) -> None:
         try:
             async with asyncio.timeout(max(self._deadline.remaining(), _ROLLBACK_GRACE_S)):
-                try:
-                    await tx.rollback()
-                except asyncpg.InterfaceError:
-                    # The transaction object is past rolling back (its start or commit failed);
-                    # end whatever the server still has open directly.
-                    if conn.is_in_transaction():
-                        await conn.execute("ROLLBACK")
+                await conn.execute("ROLLBACK")
         except (Exception, asyncio.CancelledError) as exc:
             # The connection's state is unknown: drop it rather than hand a dirty one to the next command.
             logger.debug("rollback failed (%s); closing the connection", type(exc).__name__)
