@@ -4,8 +4,10 @@ A query that carries a token is answered once the view of the token's aggregate 
 least the token's version. The wait is woken by the projector after each applied batch
 (`ViewProgress.changed`), never by a timer; when the budget runs out the query is answered
 with what the replica has and marked stale. A version that can never arrive (the event log
-holds fewer versions of the aggregate) is refused promptly instead: the log is asked once
-when the wait starts and once more when it times out.
+holds fewer versions of the aggregate) is refused promptly instead: the log is asked once the
+wait has lasted LOG_CHECK_AFTER_S, and once more when it times out. Not at once: a token
+handed out a moment ago is usually applied within a few milliseconds, and asking Postgres
+for every such query cost the replica a round trip per read-your-writes call.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ STALE_HEADER = "x-tessera-stale"
 # the log only up to the position before it (docs/decisions/0016-parked-events-and-rebuilds.md).
 PARKED_HEADER = "x-tessera-parked"
 DEFAULT_MAX_WAIT_MS = 5000
+# How long a token's wait lasts before the event log is asked whether its version exists.
+LOG_CHECK_AFTER_S = 0.05
 
 
 class ViewProgress(Protocol):
@@ -98,25 +102,30 @@ class ConsistencyGate:
 
         Raises FailedPrecondition when the event log shows the version can never arrive.
         """
-        deadline = time.monotonic() + budget_s
-        checked_log = False
+        started = time.monotonic()
+        deadline = started + budget_s
+        check_log_at: float | None = started + min(LOG_CHECK_AFTER_S, budget_s)
         while True:
             # Take the event before reading, so a move between the read and the wait still wakes us.
             changed = self._progress.changed()
             current = await self._current_version(token.aggregate_id)
             if current >= token.version:
                 return True
-            if not checked_log:
+            now = time.monotonic()
+            if check_log_at is not None and now >= check_log_at:
                 await self._check_exists(token)
-                checked_log = True
-            remaining = deadline - time.monotonic()
+                check_log_at = None
+            remaining = deadline - now
             if remaining <= 0:
                 await self._check_exists(token)
                 return False
+            wake_at = deadline if check_log_at is None else min(deadline, check_log_at)
             try:
-                async with asyncio.timeout(remaining):
+                async with asyncio.timeout(wake_at - now):
                     await changed.wait()
             except TimeoutError:
+                if wake_at < deadline:
+                    continue  # time to ask the log, not the end of the budget
                 # One last look: the apply may have landed just as the budget ran out.
                 if await self._current_version(token.aggregate_id) >= token.version:
                     return True
