@@ -12,7 +12,8 @@ Releasing walks the positions one by one, in order, each exactly once:
   behind and dropped its pending effects): the event is read from the Postgres event log
   and projected again, from the values the feed keeps of the watched keys (`tracked`, exact
   at the released position; other keys count as absent, see `_replay`). The near caches
-  forget everything then, because only the replayed effect's keys are known.
+  forget everything then, because only the replayed effect's keys are known. While no
+  watch is open the event is not read at all: forgetting is all that is left to do.
 
 A watch starts by reading its keys and the checkpoint in one MULTI from Redis; the feed
 first releases up to that checkpoint, so the first message is exact at that position and
@@ -445,6 +446,9 @@ class ChangeFeed:
                 self._released = position
                 position += 1
                 continue
+            if not self._by_key and not self._matchers:
+                position = self._pass_unwatched(position, target)
+                continue
             events = await read_positioned(self._pool, position - 1, self._batch_size, up_to=target)
             if not events or events[0].position != position:
                 raise RuntimeError(f"the event log has no event at position {position}")
@@ -458,6 +462,23 @@ class ChangeFeed:
                     self._deliver(envelope, await self._replay(envelope), exact=False)
                 self._released = position
                 position += 1
+
+    def _pass_unwatched(self, position: int, target: int) -> int:
+        """Release the run of positions from `position` that have no pending effect; the next position.
+
+        With no watch open, an event this replica did not compute matters only to the near
+        caches, and they forget everything for such an event whatever it was: reading it from
+        the log (what a following replica did for every event, per projection) tells nothing.
+        """
+        last = position
+        while last < target and last + 1 not in self._pending:
+            last += 1
+        for cache in self._caches:
+            cache.reset(last)
+            cache.advance(last)
+        self.replayed += last - position + 1
+        self._released = last
+        return last + 1
 
     async def _replay(self, envelope: EventEnvelope) -> Effect:
         """The effect of an event this replica did not compute, as far as watches need it.

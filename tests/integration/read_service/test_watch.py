@@ -26,6 +26,7 @@ from tessera.users.v1.user_query_service_pb2 import UserView
 from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceStub
 
 from .conftest import EventLog, Publisher, StartProjector, UserFactory, eventually
+from .test_near_cache_hits import query
 from .test_service import settings_for
 
 pytestmark = pytest.mark.integration
@@ -362,3 +363,59 @@ async def test_the_service_ends_watches_cleanly_on_shutdown_and_caps_their_numbe
     assert await watch.read() is grpc.aio.EOF
     assert await watch.code() == grpc.StatusCode.OK
     await channel.close()
+
+
+class CountingPool:
+    """The real pool, counting the event-log reads a feed makes through it."""
+
+    def __init__(self, pool: asyncpg.Pool[Any]) -> None:
+        self._pool = pool
+        self.fetches = 0
+
+    async def fetch(self, *args: Any, **kwargs: Any) -> Any:
+        self.fetches += 1
+        return await self._pool.fetch(*args, **kwargs)
+
+
+async def test_a_follower_without_watches_reads_nothing_from_the_log_and_its_cache_forgets(
+    event_log: EventLog,
+    users: UserFactory,
+    publisher: Publisher,
+    start_projector: StartProjector,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    db_pool: asyncpg.Pool[Any],
+) -> None:
+    projector = await start_projector()
+    pool = CountingPool(db_pool)
+    cache = NearCache("users", 100)
+    follower = feed_for(Follower(projector), redis_prefix, redis_client, pool, caches=[cache])  # type: ignore[arg-type]
+    views = UserViews(redis_client, UserKeys(redis_prefix), cache=cache)
+    await eventually(lambda: projector.ready)
+    user_id, registered = users.register("quiet@example.com", "quiet")
+    async with running(follower):
+        for envelope in await event_log.append(registered):
+            await publisher.event(envelope)
+        await eventually(lambda: projector.checkpoint == 1 and follower.released == 1)
+        first, _position = await query(views, cache, projector, user_id)  # a miss: fills the cache
+        assert first is not None and first.version == 1
+        assert cache.stats().size == 1
+
+        for index in range(5):
+            for envelope in await event_log.append(users.update(user_id, f"Quiet {index}")):
+                await publisher.event(envelope)
+        await eventually(lambda: projector.checkpoint == 6 and follower.released == 6)
+        assert pool.fetches == 0
+        assert follower.replayed == 6
+        assert cache.stats().size == 0  # forgotten: the follower cannot tell which keys changed
+
+        # Once a watch is open the follower reads the events it did not compute again.
+        stream = Watches(follower, WatchLimiter(1)).one(UserKeys(redis_prefix).view(user_id))
+        opening = await anext(stream)
+        assert opening.value is not None and UserView.FromString(opening.value).version == 6
+        for envelope in await event_log.append(users.update(user_id, "Watched")):
+            await publisher.event(envelope)
+        change = await asyncio.wait_for(anext(stream), 10)
+        assert change.value is not None and UserView.FromString(change.value).full_name == "Watched"
+        await stream.aclose()
+        assert pool.fetches >= 1
