@@ -1,7 +1,9 @@
 """OpenTelemetry setup and W3C trace-context propagation through the event envelope.
 
-Tracing is configured from the standard OTEL_* variables. With none set, spans are
-created (so trace ids reach logs and envelopes) but exported nowhere.
+Tracing is configured from the standard OTEL_* variables. With no exporter (and no
+OTEL_TRACES_SAMPLER) set, spans are not recorded, since nothing would ever read them: each
+still gets a trace id and a span id, so logs carry them and envelopes carry the trace context
+on to the relay and the replicas, but none of a recorded span's work is done per call.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 logger = logging.getLogger(__name__)
@@ -43,12 +46,24 @@ def _exporters() -> list[SpanExporter]:
     return exporters
 
 
-def configure_tracing(service_name: str) -> TracerProvider:
-    """Install a TracerProvider for this process (OTEL_SERVICE_NAME overrides the name)."""
+def tracer_provider(service_name: str) -> TracerProvider:
+    """The TracerProvider the OTEL_* variables describe (OTEL_SERVICE_NAME overrides the name)."""
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    provider = TracerProvider(resource=resource)
-    for exporter in _exporters():
+    exporters = _exporters()
+    sampler: Sampler | None = None  # None: the SDK reads OTEL_TRACES_SAMPLER (default: parent-based, on)
+    if not exporters and not os.environ.get("OTEL_TRACES_SAMPLER", "").strip():
+        # Nothing would see a recorded span: non-recording ones keep the ids (for logs and
+        # envelopes) without the attributes, events and end-of-span processing per call.
+        sampler = ALWAYS_OFF
+    provider = TracerProvider(resource=resource, sampler=sampler)
+    for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def configure_tracing(service_name: str) -> TracerProvider:
+    """Install the TracerProvider the OTEL_* variables describe for this process."""
+    provider = tracer_provider(service_name)
     trace.set_tracer_provider(provider)
     return provider
 
