@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv gen up migrate test lint breaking ci lag lag-orders bench bench-smoke bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos clean distclean
+.PHONY: help venv gen up migrate test lint breaking ci lag lag-orders lag-cpu bench bench-smoke bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -76,11 +76,15 @@ breaking: venv ## buf breaking against main (or the previous commit when on main
 ci: lint breaking test chaos bench-smoke ## everything CI checks (the chaos suite and a quick bench included)
 
 LAG_COMMANDS ?= 1000
+LAG_RATES ?= 40,80,136
 lag: gen ## reply → visible-on-replica latency (median, p99) over LAG_COMMANDS RegisterUser calls on a fresh stack
 	$(PY) -m devstack.measure_lag -n $(LAG_COMMANDS) --json results/lag.json
 
 lag-orders: gen ## PlaceOrder reply → order visible on each replica (median, p99), saga workers running
 	$(PY) -m devstack.measure_lag --orders -n $(LAG_COMMANDS) --json results/lag_orders.json
+
+lag-cpu: gen ## commit → visible at fixed AddProduct rates (LAG_RATES), with each process's CPU share meanwhile
+	$(PY) -m devstack.measure_lag_cpu --rates $(LAG_RATES) --json results/lag_cpu.json
 
 # Load testing against a running stack (`make up`); see README "Load testing".
 WRITE_ADDR ?= 127.0.0.1:50051
