@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,48 +25,9 @@ from typing import Any
 
 from devstack.bench.env import Backing, backing, bench_stack, scratch
 from devstack.bench.lag_bench import lag_load
+from devstack.cpu import machine_busy_s, named_cpu_s, process_cpu_s, shares
 
-_TICKS = os.sysconf("SC_CLK_TCK")
 BACKING_PROCESSES = ("postgres", "redis-server")
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of `pid` so far (all its threads); 0 when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def named_cpu_s(names: Sequence[str]) -> float:
-    """CPU seconds so far of every process on the machine whose command name is one of `names`."""
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/comm", encoding="utf-8") as comm:
-                if comm.read().strip() not in names:
-                    continue
-        except OSError:
-            continue
-        total += process_cpu_s(int(entry))
-    return total
-
-
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine spent not idle (all cores), from /proc/stat."""
-    with open("/proc/stat", encoding="ascii") as stat:
-        values = [int(v) for v in stat.readline().split()[1:]]
-    idle = values[3] + values[4]  # idle, iowait
-    return (sum(values) - idle) / _TICKS
-
-
-def shares(before: Mapping[str, float], after: Mapping[str, float], wall_s: float) -> dict[str, float]:
-    """CPU seconds used between two readings, as a share of one core over `wall_s`."""
-    return {name: round(max(0.0, after[name] - before[name]) / wall_s, 2) for name in before}
 
 
 def readings(pids: Mapping[str, int]) -> dict[str, float]:

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from devstack.measure_lag_cpu import machine_busy_s, parse_rates, process_cpu_s, shares
+from devstack.cpu import machine_busy_s, process_cpu_s, shares
+from devstack.measure_lag_cpu import parse_rates
 
 
 def _spin(seconds: float) -> None:
