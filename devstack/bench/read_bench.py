@@ -67,6 +67,9 @@ def rows_from_report(report: Any) -> list[Row]:
     half.how = f"{MODULE}, python engine, open model at {rate:,.0f}/s (replica without near cache)"
     if "p50" in latency:
         half.notes.append(f"p50 {number(latency, 'p50'):.2f} ms at {rate:,.0f} calls/s")
+    by_second = report.get("half_rate_p99_ms_by_second")
+    if isinstance(by_second, list) and by_second:
+        half.notes.append("p99 of each second: " + ", ".join(f"{value:g}" for value in by_second) + " ms")
     for note in report.get("notes", []) or []:
         hot.notes.append(str(note))
     return [hot, cold, half]

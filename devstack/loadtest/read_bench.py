@@ -105,6 +105,8 @@ def half_rate(target: str, rate: float, seed_file: Path, args: argparse.Namespac
         "rps": round(latencies.count / result.elapsed_s, 1) if result.elapsed_s else 0.0,
         "errors": total.errors,
         "latency_ms": latencies.summary(),
+        # One bad second (a pause somewhere) and steady queueing give the same p99; these tell them apart.
+        "p99_ms_by_second": [round(p99, 2) for _second, _calls, _p50, p99 in result.timeline.rows()],
     }
 
 
@@ -196,6 +198,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
         "half_rate_achieved_rps": half["rps"],
         "half_rate_latency_ms": half["latency_ms"],
         "half_rate_errors": half["errors"],
+        "half_rate_p99_ms_by_second": half.get("p99_ms_by_second", []),
         "runs": figures,
         "duration_s": args.duration,
         "concurrency": args.concurrency,

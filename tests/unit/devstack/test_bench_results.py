@@ -28,6 +28,7 @@ def _report(**overrides: Any) -> dict[str, Any]:
         "cold_ratio": 0.45,
         "half_rate_rps": 4_500,
         "half_rate_latency_ms": {"p50": 1.5, "p90": 3.0, "p99": 8.25},
+        "half_rate_p99_ms_by_second": [3.1, 41.5, 2.9],
         "notes": ["replicas ran one worker each"],
     }
     report.update(overrides)
@@ -44,6 +45,7 @@ def test_read_report_becomes_three_rows() -> None:
     assert "4,500/s" in half.how
     assert hot.notes == ["replicas ran one worker each"]
     assert any("p50 1.50 ms" in note for note in half.notes)
+    assert "p99 of each second: 3.1, 41.5, 2.9 ms" in half.notes
 
 
 @pytest.mark.parametrize(
