@@ -64,8 +64,13 @@ class CatalogProjection:
         return self._keys.checkpoint
 
     def state_keys(self, envelope: EventEnvelope) -> Sequence[str]:
-        """The product's view key for every product event, else nothing."""
-        if envelope.event_type not in self._handlers:
+        """The product's view key for every product event but its creation, else nothing.
+
+        ProductAdded reads nothing first, like UserRegistered: the log holds one version 1 per
+        aggregate (a unique constraint), so the view cannot exist yet, and reading it would
+        cost the applying replica a Redis round trip for every new product.
+        """
+        if envelope.event_type not in self._handlers or envelope.event_type == _ADDED:
             return ()
         try:
             return (self._keys.view(canonical_id(envelope.aggregate_id, "aggregate_id")),)
@@ -106,12 +111,9 @@ class CatalogProjection:
             return None
         return view
 
-    def _added(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> Effect:
+    def _added(self, envelope: EventEnvelope, _state: Mapping[str, bytes | None]) -> Effect:
         event = decode(ProductAdded, envelope)
         product_id = _product_id(envelope, event)
-        if state.get(self._keys.view(product_id)) is not None:
-            logger.warning("ProductAdded for a product that has a view; skipped", extra={"event_id": envelope.event_id})
-            return Effect()
         added_at = time_or_occurred(event.added_at, envelope)
         view = ProductView(
             product_id=product_id,

@@ -46,6 +46,14 @@ def test_product_added_writes_the_view_and_both_indexes(views: MemoryViews) -> N
     assert views.duplicates == 1
 
 
+def test_only_a_products_later_events_read_its_view_first() -> None:
+    projection = CatalogProjection(KEYS)
+    events = Events()
+    product_id, added = events.add_product("New-1", "Nail", 5, 3)
+    assert projection.state_keys(envelope(added, 1)) == ()
+    assert projection.state_keys(envelope(events.restock(product_id, 1), 2)) == (KEYS.view(product_id),)
+
+
 def test_price_restock_reserve_release_follow_the_stream(views: MemoryViews) -> None:
     events = Events()
     product_id, added = events.add_product("ABC-1", "Anvil", 1999, 7)
