@@ -36,7 +36,8 @@ from read_service.rebuild import rebuild, registered_projections
 from shared_kernel import migrations
 from tessera.users.v1.events_pb2 import UserDeactivated, UserProfileUpdated, UserRegistered
 
-_COLUMNS = [
+# The columns of a `user_events` row, in order (what COPY into the outbox is given).
+USER_EVENT_COLUMNS = (
     "event_id",
     "event_type",
     "schema_version",
@@ -48,7 +49,7 @@ _COLUMNS = [
     "position",
     "positioned_at",
     "published_at",
-]
+)
 _BASE = datetime(2025, 1, 1, tzinfo=UTC)
 
 
@@ -101,7 +102,8 @@ async def seed_users(pool: asyncpg.Pool[Any], count: int, chunk: int = 20_000) -
     rows = list(user_events(count))
     async with pool.acquire() as conn, conn.transaction():
         for start in range(0, len(rows), chunk):
-            await conn.copy_records_to_table("outbox", records=rows[start : start + chunk], columns=_COLUMNS)
+            batch = rows[start : start + chunk]
+            await conn.copy_records_to_table("outbox", records=batch, columns=list(USER_EVENT_COLUMNS))
         await conn.execute("UPDATE relay_state SET last_position = $1", count)
     return sum(1 for row in rows if row[5] == 1)
 

@@ -34,25 +34,11 @@ import asyncpg
 import grpc
 
 from devstack.healthcheck import check_serving_async
-from devstack.measure_rebuild import scratch_database, user_events
+from devstack.measure_rebuild import USER_EVENT_COLUMNS, scratch_database, user_events
 from devstack.servers import EmbeddedPostgres, EmbeddedRedis
 from devstack.supervisor import Stack, StackConfig
 from tessera.users.v1 import user_query_service_pb2 as queries
 from tessera.users.v1 import user_query_service_pb2_grpc as queries_grpc
-
-_COLUMNS = [
-    "event_id",
-    "event_type",
-    "schema_version",
-    "aggregate_type",
-    "aggregate_id",
-    "aggregate_version",
-    "payload",
-    "occurred_at",
-    "position",
-    "positioned_at",
-    "published_at",
-]
 
 
 async def seed_registrations(url: str, users: int) -> list[str]:
@@ -66,7 +52,7 @@ async def seed_registrations(url: str, users: int) -> list[str]:
     conn = await asyncpg.connect(url)
     try:
         async with conn.transaction():
-            await conn.copy_records_to_table("outbox", records=rows, columns=_COLUMNS)
+            await conn.copy_records_to_table("outbox", records=rows, columns=list(USER_EVENT_COLUMNS))
             await conn.execute("UPDATE relay_state SET last_position = $1", len(rows))
     finally:
         await conn.close()

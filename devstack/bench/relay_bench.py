@@ -21,23 +21,15 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from devstack.bench.env import Backing, Scratch, scratch
-from devstack.measure_rebuild import user_events
+from devstack.measure_rebuild import USER_EVENT_COLUMNS, user_events
 from devstack.supervisor import ServiceProcess
 from shared_kernel.event_log import ENVELOPE_COLUMNS, envelope_from_row, events_channel
 
 from .table import Goal, Row
 
 RELAY_BATCH = 500  # the relay's default RELAY_BATCH_SIZE
-_COLUMNS = [
-    "event_id",
-    "event_type",
-    "schema_version",
-    "aggregate_type",
-    "aggregate_id",
-    "aggregate_version",
-    "payload",
-    "occurred_at",
-]
+# A user event as a command leaves it: everything up to the position (which the relay assigns).
+_UNPOSITIONED_COLUMNS = list(USER_EVENT_COLUMNS[: USER_EVENT_COLUMNS.index("position")])
 _POSITIONED = "SELECT last_position FROM relay_state WHERE singleton"
 _DRAINED = """
 SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE position IS NULL)
@@ -71,7 +63,7 @@ def relay_rows() -> list[Row]:
 def unpositioned_events(count: int, seed: int) -> Iterator[tuple[Any, ...]]:
     """`count` user events as a command leaves them in the outbox: no position, not published."""
     for row in user_events(count, seed=seed):
-        yield row[: len(_COLUMNS)]
+        yield row[: len(_UNPOSITIONED_COLUMNS)]
 
 
 async def insert_backlog(url: str, count: int, seed: int, chunk: int = 20_000) -> None:
@@ -81,7 +73,7 @@ async def insert_backlog(url: str, count: int, seed: int, chunk: int = 20_000) -
         rows = unpositioned_events(count, seed)
         async with conn.transaction():
             while batch := list(itertools.islice(rows, chunk)):
-                await conn.copy_records_to_table("outbox", records=batch, columns=_COLUMNS)
+                await conn.copy_records_to_table("outbox", records=batch, columns=_UNPOSITIONED_COLUMNS)
     finally:
         await conn.close()
 
