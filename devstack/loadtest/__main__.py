@@ -270,22 +270,46 @@ def cmd_read(args: argparse.Namespace) -> int:
             return 2
         return _finish(args, report, "read · h2load")
     plans, concurrency = python_plans(args, "read", args.target, seed_path=str(args.seed), mix=mix, hot=args.hot)
+    return _run_python(
+        args,
+        "read",
+        args.target,
+        plans,
+        concurrency,
+        verified_by=PYTHON_VERIFIED_BY,
+        extra={"mix": mix, "hot": args.hot},
+        title=f"read · {'hot key' if args.hot else 'mix'} · python engine",
+    )
+
+
+def _run_python(
+    args: argparse.Namespace,
+    mode: str,
+    targets: list[str],
+    plans: list[Plan],
+    concurrency: int | None,
+    *,
+    verified_by: str,
+    extra: dict[str, object],
+    title: str,
+) -> int:
+    """Run `plans` on the python engine, then report and finish like every mode does."""
     result = asyncio.run(python_engine.run_processes(plans))
     _first_errors(result.first_errors)
     report = build_report(
-        mode="read",
+        mode=mode,
         engine="python",
-        targets=args.target,
+        targets=targets,
         processes=len(plans),
         rate=args.rate,
         concurrency=concurrency,
         duration_s=args.duration,
         timeline=result.timeline,
         elapsed_s=result.elapsed_s,
-        verified_by=PYTHON_VERIFIED_BY,
-        extra={"mix": mix, "hot": args.hot, "connected_channels": f"{result.connected}/{result.channels}"},
+        verified_by=verified_by,
+        extra={**extra, "connected_channels": f"{result.connected}/{result.channels}"},
     )
-    return _finish(args, report, f"read · {'hot key' if args.hot else 'mix'} · python engine")
+    return _finish(args, report, title)
 
 
 def cmd_write(args: argparse.Namespace) -> int:
@@ -295,22 +319,16 @@ def cmd_write(args: argparse.Namespace) -> int:
     if args.command == "restock_product":
         product_ids = asyncio.run(_restock_targets(args.write[0], metadata))
     plans, concurrency = python_plans(args, "write", args.write, command=args.command, product_ids=product_ids)
-    result = asyncio.run(python_engine.run_processes(plans))
-    _first_errors(result.first_errors)
-    report = build_report(
-        mode="write",
-        engine="python",
-        targets=args.write,
-        processes=len(plans),
-        rate=args.rate,
-        concurrency=concurrency,
-        duration_s=args.duration,
-        timeline=result.timeline,
-        elapsed_s=result.elapsed_s,
+    return _run_python(
+        args,
+        "write",
+        args.write,
+        plans,
+        concurrency,
         verified_by=PYTHON_VERIFIED_BY + "; every command with its own idempotency key",
         extra={"command": args.command},
+        title=f"write · {args.command} · python engine",
     )
-    return _finish(args, report, f"write · {args.command} · python engine")
 
 
 async def _restock_targets(address: str, metadata: Sequence[tuple[str, str]], count: int = 32) -> list[str]:
