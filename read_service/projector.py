@@ -39,7 +39,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -885,43 +885,44 @@ class Projector:
         await self._apply_live(envelope)
 
     async def _apply_live(self, envelope: EventEnvelope) -> None:
-        position = envelope.position
         with self._span(envelope) as span:
             keys = self._projection.state_keys(envelope)
             if not keys:
                 # Nothing to read first (most often an event this projection ignores): the apply
                 # script checks the position against the checkpoint itself, so one round trip
                 # does instead of two. A duplicate or a gap comes back as the script's outcome.
-                effect = await self._project(envelope, {})
-                if effect is None:
-                    span.set_attribute("tessera.projection.outcome", "parked")
-                    return
-                self._check_lease()
-                result = await self._store.apply(position, effect.ops)
-                await self._record(envelope, result, span)
-                if result.outcome is not Outcome.GAP:
-                    return
+                done = await self._project_and_apply(envelope, {}, span)
             else:
-                checkpoint, state = await self._store.snapshot(keys)
-                await self._observe_checkpoint(checkpoint)
-                if checkpoint >= position:
-                    self._duplicates += 1
-                    span.set_attribute("tessera.projection.outcome", "duplicate")
-                    return
-                if checkpoint < position - 1:
-                    span.set_attribute("tessera.projection.outcome", "gap")
-                    # Fall through to the catch-up below, outside this span.
-                else:
-                    effect = await self._project(envelope, state)
-                    if effect is None:
-                        span.set_attribute("tessera.projection.outcome", "parked")
-                        return
-                    self._check_lease()
-                    result = await self._store.apply(position, effect.ops)
-                    await self._record(envelope, result, span)
-                    if result.outcome is not Outcome.GAP:
-                        return
-        await self._catch_up(target=position)
+                done = await self._apply_after_snapshot(envelope, keys, span)
+        if not done:
+            await self._catch_up(target=envelope.position)
+
+    async def _apply_after_snapshot(self, envelope: EventEnvelope, keys: Sequence[str], span: trace.Span) -> bool:
+        """Read the state the event needs with the checkpoint, then apply it; False on a gap."""
+        position = envelope.position
+        checkpoint, state = await self._store.snapshot(keys)
+        await self._observe_checkpoint(checkpoint)
+        if checkpoint >= position:
+            self._duplicates += 1
+            span.set_attribute("tessera.projection.outcome", "duplicate")
+            return True
+        if checkpoint < position - 1:
+            span.set_attribute("tessera.projection.outcome", "gap")
+            return False
+        return await self._project_and_apply(envelope, state, span)
+
+    async def _project_and_apply(
+        self, envelope: EventEnvelope, state: Mapping[str, bytes | None], span: trace.Span
+    ) -> bool:
+        """Project and apply one live event; False when the apply script found a gap before it."""
+        effect = await self._project(envelope, state)
+        if effect is None:
+            span.set_attribute("tessera.projection.outcome", "parked")
+            return True
+        self._check_lease()
+        result = await self._store.apply(envelope.position, effect.ops)
+        await self._record(envelope, result, span)
+        return result.outcome is not Outcome.GAP
 
     # -- catch-up from the event log ------------------------------------------------------------
 
