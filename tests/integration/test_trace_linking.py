@@ -37,13 +37,10 @@ from read_service.projections.users import UsersProjection
 from read_service.projector import Projector
 from relay.runner import Relay
 from relay.settings import RelaySettings
-from shared_kernel.grpc_server import GrpcServer
 from shared_kernel.logs import JsonFormatter
 from tessera.users.v1 import user_command_service_pb2 as pb
 from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
-from write_service import bootstrap
-from write_service.entrypoints.grpc_server import SERVICE_NAME
-from write_service.settings import WriteServiceSettings
+from tests.integration.write_service.support import in_process_write_server
 
 pytestmark = pytest.mark.integration
 
@@ -71,24 +68,8 @@ def spans() -> Iterator[InMemorySpanExporter]:
 @pytest.fixture
 async def write_channel(db_pool: asyncpg.Pool[Any]) -> AsyncIterator[grpc.aio.Channel]:
     """The write service's command API in this process, on a free port."""
-    settings = WriteServiceSettings(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        grpc_shutdown_grace_s=1.0,
-        argon2_time_cost=1,
-        argon2_memory_cost_kib=8,
-        argon2_parallelism=1,
-    )
-    service = bootstrap.build(db_pool, settings)
-    server = GrpcServer(settings, [SERVICE_NAME])
-    server.add(pb_grpc.add_UserCommandServiceServicer_to_server, service.servicer)
-    port = await server.start()
-    await server.set_serving(True)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield channel
-    finally:
-        await server.stop()
+    async with in_process_write_server(db_pool) as channel:
+        yield channel
 
 
 @pytest.fixture
