@@ -68,8 +68,20 @@ def lag_load(write: str, reads: list[str], rate: float, duration_s: float) -> di
     return run_json_tool(LOADTEST, args, timeout_s=duration_s + 180)
 
 
-def fill_lag_rows(rows: list[Row], report: dict[str, Any], reads: list[str], rate: float, probed: str) -> None:
-    """Per-replica p50/p99 from a loadtest lag report (rows in lag_rows order)."""
+def fill_lag_rows(
+    rows: list[Row],
+    report: dict[str, Any],
+    reads: list[str],
+    rate: float,
+    probed: str,
+    *,
+    busy_cores: float | None = None,
+) -> None:
+    """Per-replica p50/p99 from a loadtest lag report (rows in lag_rows order).
+
+    `busy_cores`: how much of the machine was busy during the run, noted because a machine near
+    its core count makes the figure measure a queue rather than the path.
+    """
     per_replica = report.get("per_replica")
     if not isinstance(per_replica, dict):
         raise ToolError("the lag report has no object 'per_replica'")
@@ -91,6 +103,11 @@ def fill_lag_rows(rows: list[Row], report: dict[str, Any], reads: list[str], rat
         f"errors {errors or 'none'}; command reply p50 {command_latency.get('p50')} ms, "
         f"p99 {command_latency.get('p99')} ms"
     )
+    if busy_cores is not None:
+        rows[0].notes.append(
+            f"the machine was busy {busy_cores:.2f} of its {os.cpu_count() or '?'} cores during the lag run"
+            " (services, Postgres, Redis and the measuring client together)"
+        )
 
 
 async def measure_lag(backing: Backing, sizes: LagSizes) -> list[Row]:
@@ -110,10 +127,5 @@ async def measure_lag(backing: Backing, sizes: LagSizes) -> list[Row]:
             busy_before, started = machine_busy_s(), time.monotonic()
             report = await asyncio.to_thread(lag_load, stack.write_address, reads, rate, sizes.duration_s)
             busy = (machine_busy_s() - busy_before) / (time.monotonic() - started)
-    fill_lag_rows(rows, report, reads, rate, probed)
-    # Whether the figure measures the path or a queue: a machine near its core count queues.
-    rows[0].notes.append(
-        f"the machine was busy {busy:.2f} of its {os.cpu_count() or '?'} cores during the lag run"
-        " (services, Postgres, Redis and the measuring client together)"
-    )
+    fill_lag_rows(rows, report, reads, rate, probed, busy_cores=busy)
     return rows

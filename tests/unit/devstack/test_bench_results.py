@@ -127,10 +127,11 @@ def _lag_report(**overrides: Any) -> dict[str, Any]:
 
 def test_lag_report_fills_p50_and_p99_per_replica() -> None:
     rows = lag_rows(2)
-    fill_lag_rows(rows, _lag_report(), ["127.0.0.1:1", "127.0.0.1:2"], 250.0, "")
+    fill_lag_rows(rows, _lag_report(), ["127.0.0.1:1", "127.0.0.1:2"], 250.0, "", busy_cores=1.75)
     assert [row.value for row in rows] == [3.5, 12.0, 6.0, 30.0]
     assert [row.met for row in rows] == [True, True, False, False]  # goals: p50 ≤ 5 ms, p99 ≤ 20 ms
     assert "250 AddProduct/s" in rows[0].notes[0]
+    assert rows[0].notes[1].startswith("the machine was busy 1.75 of its ")
 
 
 def test_lag_report_without_a_replica_marks_its_rows_not_measured() -> None:
