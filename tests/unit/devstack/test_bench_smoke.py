@@ -11,6 +11,7 @@ from devstack.bench.env import Backing
 from devstack.bench.loadgen import run_load
 from devstack.bench.relay_bench import RelaySizes, measure_relay
 from devstack.bench.table import render_markdown, render_text
+from devstack.measure_lag_cpu import describe, measure
 
 pytestmark = pytest.mark.integration
 
@@ -47,3 +48,17 @@ async def test_bare_transactions_write_what_the_service_writes(database_url: str
         )
     finally:
         await conn.close()
+
+
+async def test_lag_cpu_reports_each_rate_with_the_processes_cpu(postgres_admin_url: str, redis_server_url: str) -> None:
+    backing = Backing(admin_url=postgres_admin_url, redis_url=redis_server_url)
+    lines: list[str] = []
+    (result,) = await measure(backing, [5.0], 2.0, lines.append)
+    assert result["rate"] == 5.0
+    assert result["commands"] >= 5
+    assert not result["errors"]
+    assert len(result["visible_ms"]) == 2  # both replicas answered with the token
+    cpu = result["cpu_cores"]
+    assert {"write", "relay-1", "read-1", "read-2", "postgres+redis", "machine"} <= set(cpu)
+    assert cpu["machine"] > 0
+    assert lines == [describe(result)]
