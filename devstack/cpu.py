@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+from devstack.processes import process_tree
+
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -15,7 +17,12 @@ def process_cpu_s(pid: int) -> float:
             fields = stat.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime and stime, fields 14 and 15 of stat
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds used so far by `pid` and its living descendants (a replica's workers)."""
+    return sum(process_cpu_s(member) for member in process_tree(pid))
 
 
 def named_cpu_s(names: Sequence[str]) -> float:

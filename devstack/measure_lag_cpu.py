@@ -7,7 +7,7 @@ set, embedded servers otherwise; a scratch database and key prefix, removed afte
 for each rate runs `python -m devstack.loadtest lag` (AddProduct on an open-model schedule,
 each reply followed by a GetProduct with its consistency token on every replica) and prints:
 command reply p50/p99, reply → visible p50/p99 per replica, and the share of one core that
-each service process, the machine's Postgres and Redis processes, and the whole machine used
+each service process (with its workers), the machine's Postgres and Redis processes, and the whole machine used
 during the run. A rate that saturates the machine shows as the machine's share nearing its
 core count, and the lag then measures queueing. Linux only (it reads /proc).
 """
@@ -25,14 +25,14 @@ from typing import Any
 
 from devstack.bench.env import Backing, backing, bench_stack, scratch
 from devstack.bench.lag_bench import lag_load
-from devstack.cpu import machine_busy_s, named_cpu_s, process_cpu_s, shares
+from devstack.cpu import machine_busy_s, named_cpu_s, shares, tree_cpu_seconds
 
 BACKING_PROCESSES = ("postgres", "redis-server")
 
 
 def readings(pids: Mapping[str, int]) -> dict[str, float]:
     """One CPU reading of each service, of Postgres + Redis, and of the machine."""
-    values = {name: process_cpu_s(pid) for name, pid in pids.items()}
+    values = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
     values["postgres+redis"] = named_cpu_s(BACKING_PROCESSES)
     values["machine"] = machine_busy_s()
     return values

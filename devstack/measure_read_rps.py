@@ -34,7 +34,7 @@ from pathlib import Path
 import grpc
 import redis
 
-from devstack.processes import process_tree
+from devstack.cpu import tree_cpu_seconds
 from devstack.supervisor import ServiceProcess, Stack, StackConfig
 from shared_kernel.runtime import run
 from tessera.users.v1 import user_command_service_pb2 as commands
@@ -150,19 +150,6 @@ async def distinct_workers(address: str, connections: int = 40) -> int:
             await call
             seen.update(str(value) for key, value in await call.initial_metadata() if key == REPLICA_HEADER)
     return len(seen)
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds used so far by `pid` and its living descendants (Linux /proc)."""
-    ticks = 0
-    for member in process_tree(pid):
-        try:
-            raw = Path(f"/proc/{member}/stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(")") + 2 :].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime and stime, fields 14 and 15 of stat
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def measure_replica(

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from devstack.measure_read_rps import main, tree_cpu_seconds
+from devstack.cpu import tree_cpu_seconds
+from devstack.measure_read_rps import main
 
 pytestmark = pytest.mark.integration
 
