@@ -135,10 +135,6 @@ class NearCache:
         self._hits += 1
         return (entry[0],)
 
-    def may_hit(self, key: str) -> bool:
-        """Whether a lookup of `key` could be served from memory (given a recent enough checkpoint)."""
-        return self._through is not None and key in self._entries
-
     async def get(self, keys: Sequence[str], load: Callable[[], Awaitable[T]]) -> T:
         """The value `load` reads from `keys` (the first names the entry), from memory when exact."""
         if not self.enabled:

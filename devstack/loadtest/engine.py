@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from devstack.loadtest.stats import Histogram, Second, Timeline, add_errors
+from devstack.loadtest.stats import Histogram, Second, Timeline
 from devstack.loadtest.worker import CONNECT_TIMEOUT_S, Plan
 
 # Most time a client process may take to start, load its seed and connect.
@@ -172,22 +172,3 @@ async def _collect(
             for code, details in first.items():
                 result.first_errors.setdefault(str(code), str(details))
             return
-
-
-def merge_results(results: list[RunResult]) -> RunResult:
-    """Runs measured side by side (same window) as one."""
-    merged = RunResult()
-    for item in results:
-        for index, second in item.timeline.seconds.items():
-            merged.timeline.add(index, second)
-        merged.elapsed_s = max(merged.elapsed_s, item.elapsed_s)
-        for code, details in item.first_errors.items():
-            merged.first_errors.setdefault(code, details)
-        merged.connected += item.connected
-        merged.channels += item.channels
-    return merged
-
-
-def errors_of(result: RunResult) -> dict[str, int]:
-    """Errors by gRPC status code over the whole run."""
-    return add_errors({}, result.total.errors)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +113,3 @@ def _draw_timeline(right: Any, timeline: list[list[float]], p50s: list[float]) -
     lines, labels = right.get_legend_handles_labels()
     more_lines, more_labels = bars.get_legend_handles_labels()
     right.legend(lines + more_lines, labels + more_labels, loc="upper left", fontsize=8)
-
-
-def plot_files(reports: Sequence[tuple[Mapping[str, object], Path]]) -> None:
-    """Draw several reports, one PNG each."""
-    for report, path in reports:
-        plot_report(report, path)
