@@ -42,8 +42,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_ABSENT = object()
-
 
 @dataclass(frozen=True, slots=True)
 class CacheStats:

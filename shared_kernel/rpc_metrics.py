@@ -23,7 +23,6 @@ from opentelemetry import metrics
 from shared_kernel.metrics import LATENCY_BUCKETS_S
 
 METER_NAME = "tessera.rpc"
-_SKIPPED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
