@@ -275,8 +275,8 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def _inodes_of_connection(local_port: int, remote_port: int | None) -> set[str]:
-    """Inodes of the live TCP sockets with this local port (and remote port, when given).
+def _inodes_of_connection(local_port: int, remote_port: int) -> set[str]:
+    """Inodes of the live TCP sockets from `local_port` to `remote_port`.
 
     Linux hands the same ephemeral port to connections towards different destinations, and
     closed connections linger in TIME_WAIT with inode 0: matching the local port alone can
@@ -290,15 +290,13 @@ def _inodes_of_connection(local_port: int, remote_port: int | None) -> set[str]:
                 fields = line.split()
                 if int(fields[1].rsplit(":", 1)[1], 16) != local_port or fields[9] == "0":
                     continue
-                if remote_port is None or int(fields[2].rsplit(":", 1)[1], 16) == remote_port:
+                if int(fields[2].rsplit(":", 1)[1], 16) == remote_port:
                     inodes.add(fields[9])
     return inodes
 
 
-def process_owning_port(
-    processes: Sequence[ServiceProcess], port: int, remote_port: int | None = None
-) -> ServiceProcess | None:
-    """The process (among `processes`) with a socket on local `port` (connected to `remote_port`)."""
+def process_owning_port(processes: Sequence[ServiceProcess], port: int, remote_port: int) -> ServiceProcess | None:
+    """The process (among `processes`) with a socket from local `port` to `remote_port`."""
     inodes = _inodes_of_connection(port, remote_port)
     if not inodes:
         return None
@@ -317,7 +315,10 @@ async def active_relay(stack: ChaosStack) -> ServiceProcess | None:
     port = await lock_holder_port(stack.database_url)
     if port is None:
         return None
-    return process_owning_port(stack.services.relays, port, urlsplit(stack.database_url).port)
+    server_port = urlsplit(stack.database_url).port
+    if server_port is None:
+        raise AssertionError(f"the stack's database URL names no port: {stack.database_url}")
+    return process_owning_port(stack.services.relays, port, server_port)
 
 
 # --- waiting for the system to settle -------------------------------------------------------

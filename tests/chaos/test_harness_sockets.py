@@ -39,4 +39,3 @@ def test_two_connections_sharing_a_local_port_are_told_apart_by_the_remote_port(
 
         assert _inodes_of_connection(local_port, second_server.getsockname()[1]) == {_inode(second)}
         assert _inodes_of_connection(local_port, first_server.getsockname()[1]) == {_inode(first)}
-        assert _inodes_of_connection(local_port, None) == {_inode(first), _inode(second)}
