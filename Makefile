@@ -17,20 +17,28 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv gen up migrate test lint breaking ci lag lag-orders lag-cpu bench bench-smoke bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos clean distclean
+.PHONY: help venv lock lock-check gen up migrate test lint breaking ci lag lag-orders lag-cpu bench bench-smoke bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## create .venv and install the project with its dev tools
 
-# Reinstalls whenever pyproject.toml changes. The compat editable mode puts the repository
-# root on sys.path, so the generated `tessera` package (made after install) imports too.
-$(STAMP): pyproject.toml
+# Installs exactly what requirements/dev.txt pins, hashes checked, then the project itself
+# without resolving anything (its build backend comes from the lock too). Reinstalls whenever
+# the lock changes. The compat editable mode puts the repository root on sys.path, so the
+# generated `tessera` package (made after install) imports too.
+$(STAMP): requirements/dev.txt pyproject.toml
 	@test -x $(PY) || { echo "creating $(VENV) with $$(command -v $(PYTHON))"; $(PYTHON) -m venv $(VENV); }
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --config-settings editable_mode=compat -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements/dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
 	@touch $@
+
+lock: venv ## re-resolve pyproject.toml into requirements/*.txt (hashed); UPGRADE=1 moves every pin to the newest allowed
+	scripts/lock.sh $(if $(UPGRADE),--upgrade,)
+
+lock-check: venv ## fail when requirements/*.txt no longer match pyproject.toml
+	scripts/lock.sh --check
 
 gen: venv ## generate the tessera package from protos/
 	$(PY) scripts/gen_protos.py
@@ -73,7 +81,7 @@ breaking: venv ## buf breaking against main (or the previous commit when on main
 	echo "breaking: comparing protos/ with $$against"; \
 	$(BIN)/buf breaking protos --against ".git#ref=$$against,subdir=protos"
 
-ci: lint breaking test chaos bench-smoke ## everything CI checks (the chaos suite and a quick bench included)
+ci: lock-check lint breaking test chaos bench-smoke ## everything CI checks (the chaos suite and a quick bench included)
 
 LAG_COMMANDS ?= 1000
 LAG_RATES ?= 40,80,136

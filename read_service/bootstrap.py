@@ -35,7 +35,7 @@ from read_service.views.users import UserViews
 from read_service.watch import ChangeFeed, WatchLimiter, attach_feed, customer_orders
 from shared_kernel.db import create_pool
 from shared_kernel.grpc_server import GrpcServer
-from shared_kernel.redis_client import ClosedTransportAwareConnection, warm_up
+from shared_kernel.redis_client import warm_up
 from shared_kernel.security.authn import Authenticator
 from tessera.catalog.v1.product_query_service_pb2_grpc import add_ProductQueryServiceServicer_to_server
 from tessera.orders.v1.order_query_service_pb2_grpc import add_OrderQueryServiceServicer_to_server
@@ -99,7 +99,6 @@ def create_redis_client(url: str, timeout_s: float, max_connections: int = REDIS
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
-        connection_class=ClosedTransportAwareConnection,
     )
     return aioredis.Redis.from_pool(pool)
 

@@ -478,7 +478,7 @@ class Projector:
                 with contextlib.suppress(asyncio.CancelledError, *_TRANSIENT_ERRORS):
                     await reader
             with contextlib.suppress(*_TRANSIENT_ERRORS):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                await pubsub.aclose()
         # The holder's park was the holder's: as the holder now, this projector finds it again itself.
         self._parked = None
         self._followed = None
@@ -588,7 +588,7 @@ class Projector:
                 if task is not None:
                     await _stop_task(task)
             with contextlib.suppress(*_TRANSIENT_ERRORS):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                await pubsub.aclose()
 
     async def _choose_keyspace(self) -> str | None:
         """Pick the generation to write; return the one it replaces when this session builds it.

@@ -18,7 +18,6 @@ from relay.settings import RelaySettings
 from shared_kernel.db import create_pool
 from shared_kernel.logs import configure_logging
 from shared_kernel.metrics import Sampler, configure_metrics
-from shared_kernel.redis_client import ClosedTransportAwareConnection
 from shared_kernel.runtime import run
 from shared_kernel.telemetry import configure_tracing
 
@@ -63,7 +62,6 @@ async def main() -> int:
             str(settings.redis_url),
             socket_timeout=settings.redis_socket_timeout_s,
             socket_connect_timeout=settings.redis_socket_timeout_s,
-            connection_class=ClosedTransportAwareConnection,
         )
         try:
             relay = Relay(settings, pool, redis)

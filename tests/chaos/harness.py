@@ -184,7 +184,7 @@ class PositionRecorder:
     def _run(self) -> None:
         while not self._stop.is_set():
             client = redis.Redis.from_url(self._url, socket_timeout=2.0, socket_connect_timeout=2.0)
-            pubsub = client.pubsub()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            pubsub = client.pubsub()
             try:
                 pubsub.subscribe(self._channel)
                 while not self._stop.is_set():

@@ -2,9 +2,9 @@
 
 asyncpg raises InternalClientError ("cannot switch to state N; another operation (2) is
 in progress") instead of a connection error when the server ends a session just as a
-query starts on it: a terminated backend or a Postgres restart. Under uvloop, redis-py
-raises RuntimeError for a write to a connection Redis has reset. Both came up in the
-chaos suite (docs/chaos.md).
+query starts on it: a terminated backend or a Postgres restart. Before redis-py 8, a write
+to a connection Redis had reset raised RuntimeError under uvloop; the test below keeps
+checking that it is a ConnectionError. Both came up in the chaos suite (docs/chaos.md).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 import uvloop
-from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from devstack.tcp_proxy import TcpProxy
 from relay.publisher import RedisPublisher
 from relay.runner import Role
-from shared_kernel.redis_client import ClosedTransportAwareConnection
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tests.integration.relay.conftest import RelayHarness
 from tests.integration.relay.support import (
@@ -56,29 +56,38 @@ async def test_a_cycle_that_meets_internal_client_error_is_retried(
     )
 
 
-def test_a_reset_redis_connection_is_a_connection_error_under_uvloop(redis_server_url: str, redis_prefix: str) -> None:
-    """uvloop raises RuntimeError on a write to a reset connection; the relay's client says ConnectionError."""
+def test_a_reset_redis_connection_is_never_a_runtime_error_under_uvloop(
+    redis_server_url: str, redis_prefix: str
+) -> None:
+    """After Redis resets a pooled connection, the next publish reconnects or fails with ConnectionError.
+
+    redis-py before 8 let uvloop's RuntimeError ("the handler is closed") through on a write to
+    a reset connection, which made a Redis restart look like a bug: the relay crashed and a
+    query answered INTERNAL. redis-py 8 checks a pooled connection before handing it out and
+    the transport before writing; pyproject.toml requires it, and this test notices if that
+    ever changes. Retries are off, so a success is the pool's reconnect, not a retry.
+    """
     host, port = redis_server_url.removeprefix("redis://").split("/")[0].split(":")
 
-    async def publish_after_reset(connection_class: type[Connection] | None) -> BaseException | None:
+    async def publish_after_reset() -> tuple[BaseException | None, int]:
         with TcpProxy(host, int(port)) as proxy:
-            url = f"redis://{proxy.address}/0"
-            if connection_class is None:
-                client = aioredis.Redis.from_url(url, socket_timeout=2)
-            else:
-                client = aioredis.Redis.from_url(url, socket_timeout=2, connection_class=connection_class)
+            client = aioredis.Redis.from_url(
+                f"redis://{proxy.address}/0", socket_timeout=2, retry=Retry(NoBackoff(), retries=0)
+            )
             publisher = RedisPublisher(client, redis_prefix)
             try:
                 await publisher.publish_events([EventEnvelope(event_id="e", position=1)])
-                proxy.reset_all()
+                assert proxy.reset_all() == 1
                 await asyncio.sleep(0.05)  # the RST arrives; uvloop closes the transport
                 await publisher.publish_events([EventEnvelope(event_id="e", position=1)])
             except Exception as exc:
-                return exc
+                return exc, proxy.stats().accepted
             finally:
                 await client.aclose()
-        return None
+            return None, proxy.stats().accepted
 
-    # The hazard itself, so that this test notices if uvloop or redis-py change.
-    assert isinstance(uvloop.run(publish_after_reset(None)), RuntimeError)
-    assert isinstance(uvloop.run(publish_after_reset(ClosedTransportAwareConnection)), redis.exceptions.ConnectionError)
+    error, connections = uvloop.run(publish_after_reset())
+    if error is None:
+        assert connections == 2, "the second publish succeeded without a new connection"
+    else:
+        assert isinstance(error, redis.exceptions.ConnectionError), repr(error)

@@ -57,7 +57,7 @@ async def test_heartbeat_carries_the_published_head(
                 assert last_head <= position <= events_so_far
                 last_head = position
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        await pubsub.aclose()
 
 
 async def test_a_standby_sends_no_heartbeat(relays: RelayHarness, heads: ChannelRecorder[StreamHead]) -> None:

@@ -161,7 +161,7 @@ async def test_announcements_are_published_coalesced(redis_client: aioredis.Redi
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
 
 
 def test_settings_default_to_the_lease_and_refuse_a_slow_renewal() -> None:
