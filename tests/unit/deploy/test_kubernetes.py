@@ -220,7 +220,8 @@ def _containers(pod: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def _role(container: dict[str, Any]) -> str | None:
     """The role a container of ours plays, from its `python -m <module>` command; None for others."""
     command = container.get("command", [])
-    if command[:2] == ["python", "-m"] and len(command) == 3:
+    if command[:2] == ["python", "-m"]:
+        assert len(command) == 3 and command[2] in MODULES, f"{container['name']}: unknown role {command}"
         return MODULES[command[2]]
     assert not container["image"].startswith(IMAGE + ":"), f"{container['name']}: our image without a known command"
     return None
