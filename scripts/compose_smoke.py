@@ -113,7 +113,10 @@ def run(
     except subprocess.TimeoutExpired as exc:
         raise SmokeError(f"`{' '.join(argv[:4])} …` took longer than {timeout:.0f}s") from exc
     if check and done.returncode != 0:
-        output = f"{done.stdout or ''}{done.stderr or ''}".strip()[-3000:]
+        output = f"{done.stdout or ''}{done.stderr or ''}".strip()
+        if len(output) > 4000:
+            output = f"{output[:1000]} … {output[-3000:]}"
+
         raise SmokeError(f"`{' '.join(argv[:4])} …` exited {done.returncode}: {output}")
     return done
 
@@ -536,6 +539,16 @@ class Stack:
         for args in (("ps", "--all"), ("logs", "--no-color", "--tail", "30")):
             done = self.run(*args, timeout=60, check=False)
             print(done.stdout[-12000:], done.stderr[-2000:], sep="\n", flush=True)
+        # The last health probes of every container that has them: why one is unhealthy.
+        label = f"label=com.docker.compose.project={PROJECT}"
+        for container in run(["docker", "ps", "--all", "--quiet", "--filter", label], timeout=30).stdout.split():
+            state = run(
+                ["docker", "inspect", "--format", "{{.Name}} {{json .State.Health}}", container],
+                timeout=30,
+                check=False,
+            )
+            if "null" not in state.stdout.split(" ", 1)[-1][:5]:
+                print(state.stdout.strip()[-3000:], flush=True)
 
     def down(self) -> None:
         self.run("down", "--volumes", "--remove-orphans", "--timeout", "20", timeout=180)
