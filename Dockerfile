@@ -1,9 +1,9 @@
-# syntax=docker/dockerfile:1
 # One image for every role: the command chooses it (python -m write_service | write_service.migrate
 # | relay | read_service | write_service.saga | payment_provider). The code runs from /app, the source tree, with the package generated
 # from protos/ at build time.
 
-# Runtime dependencies only, read from pyproject.toml, so this layer changes only with it.
+# Runtime dependencies, exactly as requirements/runtime.txt pins and hashes them (the lock CI
+# tests with), so this layer changes only with the lock.
 FROM python:3.11-slim AS deps
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -11,18 +11,14 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > requirements.txt \
-    && pip install -r requirements.txt
+COPY requirements/runtime.txt requirements/runtime.txt
+RUN pip install --require-hashes --no-deps -r requirements/runtime.txt
 
-# The codegen tools stay in this stage; only their output reaches the final image. protobuf is
-# held at the runtime's version so the generated code matches the runtime that imports it.
+# The codegen tools stay in this stage; only their output reaches the final image. The codegen lock
+# is resolved together with the runtime lock, so protobuf here is the version the runtime imports.
 FROM deps AS codegen
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['codegen']))" \
-        > codegen.txt \
-    && pip freeze | grep -i '^protobuf==' > constraints.txt \
-    && pip install -c constraints.txt -r codegen.txt
+COPY requirements/codegen.txt requirements/codegen.txt
+RUN pip install --require-hashes --no-deps -r requirements/codegen.txt
 COPY protos/ protos/
 COPY scripts/gen_protos.py scripts/gen_protos.py
 RUN mkdir -p /build/out && python scripts/gen_protos.py --out /build/out

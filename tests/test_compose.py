@@ -58,6 +58,27 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+def _interpolate(value: Any, env: dict[str, str] | None = None) -> str:
+    """A compose value with `${NAME}` and `${NAME:-default}` replaced as compose would, given `env`."""
+    env = env or {}
+
+    def one(match: re.Match[str]) -> str:
+        name, default = match["name"], match["default"]
+        return env.get(name) or (default if default is not None else "")
+
+    return re.sub(r"\$\{(?P<name>[A-Z0-9_]+)(?::-(?P<default>[^}]*))?\}", one, str(value))
+
+
+def _published(service: str, env: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
+    """(host address, host port or range, container port) of each published port."""
+    mappings = []
+    for mapping in SERVICES[service].get("ports", []):
+        parts = _interpolate(mapping, env).rsplit(":", 2)
+        host = parts[0] if len(parts) == 3 else ""  # no address: every interface
+        mappings.append((host, parts[-2] if len(parts) > 1 else "", parts[-1]))
+    return mappings
+
+
 def _depends(service: str) -> dict[str, str]:
     depends = SERVICES[service].get("depends_on", {})
     assert isinstance(depends, dict), f"{service}: depends_on should name a condition for each dependency"
@@ -77,14 +98,21 @@ def test_topology():
             assert "container_name" not in service, f"{name}: a fixed container name cannot be replicated"
 
 
-@pytest.mark.parametrize("service", sorted(OURS))
-def test_every_service_of_ours_runs_the_image_built_by_the_dockerfile(service: str):
-    spec = SERVICES[service]
-    build = spec["build"]
+def test_the_image_is_built_once_and_every_service_of_ours_runs_it():
+    builders = [name for name, service in SERVICES.items() if "build" in service]
+    # Six services with the same `build:` meant six identical builds, in parallel.
+    assert builders == ["migrate"], "exactly one service builds the image"
+    assert "build" not in COMPOSE["x-app"], "the shared fragment would give every service a build"
+    build = SERVICES["migrate"]["build"]
     assert build["context"] == "."
     assert (ROOT / build["context"] / build["dockerfile"]).resolve() == ROOT / "Dockerfile"
+    assert _interpolate(build["network"]) == "default"
+    assert _interpolate(build["network"], {"TESSERA_BUILD_NETWORK": "host"}) == "host"
     images = {SERVICES[name]["image"] for name in OURS}
-    assert images == {spec["image"]}, "one image for every role"
+    assert images == {SERVICES["migrate"]["image"]}, "one image for every role"
+    # Every other service waits for the one that builds, directly or through a chain, except the
+    # payment provider, which stands for an external system; `up` builds before it starts any.
+    assert all(name in EXTERNAL or "migrate" in _depends(name) or name == "migrate" for name in OURS)
 
 
 @pytest.mark.parametrize(("service", "module"), sorted(OURS.items()))
@@ -134,8 +162,7 @@ def test_every_long_running_service_has_a_health_check():
 @pytest.mark.parametrize(("service", "port"), [("write", 50051), ("read", 50052), ("payment-provider", 50070)])
 def test_grpc_services_listen_publish_and_probe_the_same_port(service: str, port: int):
     assert int(_env(service)["GRPC_PORT"]) == port
-    published = [str(mapping) for mapping in SERVICES[service]["ports"]]
-    assert any(mapping.endswith(f":{port}") for mapping in published), published
+    assert [target for _, _, target in _published(service)] == [str(port)]
     argv = _healthcheck_argv(service)
     assert argv[:3] == ["python", "-m", "devstack.healthcheck"]
     assert argv[3] == f"127.0.0.1:{port}"
@@ -178,11 +205,45 @@ def test_payment_provider_failure_settings_are_passed_from_the_host():
 
 
 def test_read_replicas_each_get_a_host_port():
-    [mapping] = SERVICES["read"]["ports"]
-    match = re.fullmatch(r"(\d+)-(\d+):50052", str(mapping))
+    [(_, published, target)] = _published("read")
+    match = re.fullmatch(r"(\d+)-(\d+)", published)
     assert match, "a range of host ports, one per replica"
+    assert target == "50052"
     first, last = int(match[1]), int(match[2])
     assert last - first + 1 >= SERVICES["read"]["deploy"]["replicas"]
+    [(_, moved, _)] = _published("read", {"TESSERA_READ_PORTS": "21000-21002"})
+    assert moved == "21000-21002", "the range may be moved, e.g. to free ports"
+
+
+def test_published_ports_bind_to_loopback_unless_told_otherwise():
+    published = {name: _published(name) for name in SERVICES if "ports" in SERVICES[name]}
+    assert set(published) == {"write", "read", "payment-provider", "jaeger", "prometheus"}
+    for name, mappings in published.items():
+        for host, port, _ in mappings:
+            assert host == "127.0.0.1", f"{name} publishes {port} on {host or 'every interface'}"
+        for host, _, _ in _published(name, {"TESSERA_HOST_ADDRESS": "0.0.0.0"}):
+            assert host == "0.0.0.0", f"{name}: TESSERA_HOST_ADDRESS must choose the address"
+    for name, variable in (
+        ("write", "TESSERA_WRITE_PORT"),
+        ("payment-provider", "TESSERA_PAYMENT_PORT"),
+        ("jaeger", "TESSERA_JAEGER_PORT"),
+        ("prometheus", "TESSERA_PROMETHEUS_PORT"),
+    ):
+        [(_, port, _)] = _published(name, {variable: "21234"})
+        assert port == "21234", f"{variable} moves {name}'s host port"
+
+
+def test_documented_compose_run_commands_start_nothing_else():
+    """`compose run` without --no-deps starts the dependencies again, the migration included."""
+    documented = [
+        line
+        for text in ((ROOT / "docker-compose.yml").read_text(), (ROOT / "README.md").read_text())
+        for line in text.splitlines()
+        if re.search(r"compose run\b", line)
+    ]
+    assert documented, "the token command is documented"
+    for line in documented:
+        assert "--no-deps" in line, line
 
 
 def test_read_replicas_run_a_worker_group_that_stops_within_the_stop_grace_period():
@@ -257,8 +318,8 @@ def test_observability_services_run_only_in_their_profile():
     assert SERVICES["otel-collector"]["image"].startswith("otel/opentelemetry-collector-contrib:")
     assert SERVICES["jaeger"]["image"].startswith("jaegertracing/all-in-one:")
     assert SERVICES["prometheus"]["image"].startswith("prom/prometheus:")
-    assert "16686:16686" in SERVICES["jaeger"]["ports"]
-    assert "9090:9090" in SERVICES["prometheus"]["ports"]
+    assert _published("jaeger") == [("127.0.0.1", "16686", "16686")]
+    assert _published("prometheus") == [("127.0.0.1", "9090", "9090")]
 
 
 def test_services_export_to_the_collector_only_when_asked_to():
@@ -328,6 +389,33 @@ def _final_stage() -> list[tuple[str, str]]:
     instructions = _instructions()
     last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
     return instructions[last_from:]
+
+
+def test_dockerfile_needs_no_frontend_from_a_registry():
+    # A `# syntax=` directive makes BuildKit fetch that frontend image first, which fails offline.
+    first = DOCKERFILE.lstrip().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first, re.IGNORECASE), first
+
+
+def _stage(name: str) -> list[tuple[str, str]]:
+    """The instructions of the stage `FROM … AS name`."""
+    instructions = _instructions()
+    start = next(
+        i for i, (kw, rest) in enumerate(instructions) if kw == "FROM" and rest.upper().endswith(f" AS {name.upper()}")
+    )
+    end = next((i for i in range(start + 1, len(instructions)) if instructions[i][0] == "FROM"), len(instructions))
+    return instructions[start:end]
+
+
+@pytest.mark.parametrize(("stage", "lock"), [("deps", "runtime"), ("codegen", "codegen")])
+def test_dockerfile_installs_exactly_the_hashed_lock(stage: str, lock: str):
+    """The image runs what CI tested: each stage installs its lock, hashes checked, nothing resolved."""
+    runs = [rest for keyword, rest in _stage(stage) if keyword == "RUN" and "pip install" in rest]
+    assert runs == [f"pip install --require-hashes --no-deps -r requirements/{lock}.txt"]
+    copies = [rest for keyword, rest in _stage(stage) if keyword == "COPY"]
+    assert f"requirements/{lock}.txt requirements/{lock}.txt" in copies
+    assert "--hash=sha256:" in (ROOT / "requirements" / f"{lock}.txt").read_text()
+    assert "pyproject.toml" not in DOCKERFILE, "dependencies come from the locks, not from the ranges"
 
 
 def test_dockerfile_builds_from_python_311_slim():
