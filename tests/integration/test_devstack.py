@@ -523,6 +523,15 @@ def test_up_restarts_a_killed_service_and_keeps_the_rest_running(standin_path: P
         [replacement] = _living_standins(pid_dir, "standin_worker")
         assert replacement != victim
         assert all(check_serving(address) for address in serving.values())  # nothing else was stopped
+
+        # The embedded servers the stack started come back too, on the same port and data.
+        for server, pid_file in (("redis", "redis/redis.pid"), ("postgres", "postgres/pgdata/postmaster.pid")):
+            pid = int((cli_data_dir / pid_file).read_text().split()[0])
+            os.kill(pid, signal.SIGKILL)
+            cli.read_until(f"embedded {server} exited with signal SIGKILL", 10.0)
+            cli.read_until(f"{server} restarted (pid", 60.0)
+        status = cli.read_until("status:", 5.0).splitlines()[-1]
+        assert "postgres up (1 restart)" in status and "redis up (1 restart)" in status
         assert cli.process.poll() is None
         tree = process_tree(cli.process.pid)
         cli.process.send_signal(signal.SIGTERM)
