@@ -7,6 +7,11 @@ Redis keep their data under .stack/ in the repository.
 when it is set, else with a random key made on first run and kept in .stack/auth-signing-key.
 It prints a development token with every scope. `--insecure` runs without authentication.
 
+`up` keeps the stack up: a service that exits unexpectedly is restarted after a capped
+exponential backoff; one that crashes --max-crashes times in a row (each time within
+--stable-after seconds of its start) is reported FAILED and left down while the rest runs.
+Only Ctrl-C, SIGTERM or SIGHUP stop the whole stack.
+
 `up` also runs the payment provider (payments kept in .stack/payment-provider.sqlite3; PAYMENT_*
 variables in the environment set its initial failures) and the saga workers that call it.
 """
@@ -25,7 +30,9 @@ from pathlib import Path
 from types import FrameType
 
 from devstack.processes import find_grpcurl
+from devstack.restart_policy import RestartPolicy
 from devstack.servers import EmbeddedPostgres, EmbeddedRedis, ServerError
+from devstack.supervision import Supervision
 from devstack.supervisor import (
     ALL_SCOPES,
     REPO_ROOT,
@@ -39,12 +46,19 @@ from devstack.supervisor import (
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DEV_TOKEN_TTL_S = 30 * 24 * 3600
 _STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+_RESTARTS = RestartPolicy()  # the defaults
 
 
 def _env_int(name: str, default: int) -> int:
     """Integer from the environment, or `default`."""
     raw = os.environ.get(name, "").strip()
     return int(raw) if raw else default
+
+
+def _env_float(name: str, default: float) -> float:
+    """Number from the environment, or `default`."""
+    raw = os.environ.get(name, "").strip()
+    return float(raw) if raw else default
 
 
 def _ports(raw: str) -> list[int]:
@@ -109,6 +123,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--startup-timeout", type=float, default=float(os.environ.get("DEVSTACK_STARTUP_TIMEOUT", "60")))
     up.add_argument("--stop-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    up.add_argument(
+        "--redis-key-prefix",
+        default=os.environ.get("REDIS_KEY_PREFIX", "tessera:"),
+        help="prefix of every Redis key and channel the services use (env REDIS_KEY_PREFIX; default tessera:)",
+    )
+    restarts = up.add_argument_group("restarts of crashed services")
+    restarts.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=_env_float("DEVSTACK_RESTART_BACKOFF_S", _RESTARTS.backoff_s),
+        help="seconds before the first restart, doubled for each further crash in a row "
+        f"(env DEVSTACK_RESTART_BACKOFF_S; default {_RESTARTS.backoff_s:g})",
+    )
+    restarts.add_argument(
+        "--restart-backoff-max",
+        type=float,
+        default=_env_float("DEVSTACK_RESTART_BACKOFF_MAX_S", _RESTARTS.max_backoff_s),
+        help=f"cap of that delay (env DEVSTACK_RESTART_BACKOFF_MAX_S; default {_RESTARTS.max_backoff_s:g})",
+    )
+    restarts.add_argument(
+        "--max-crashes",
+        type=int,
+        default=_env_int("DEVSTACK_MAX_CRASHES", _RESTARTS.max_crashes),
+        help="crashes in a row after which a service is reported FAILED and left down "
+        f"(env DEVSTACK_MAX_CRASHES; default {_RESTARTS.max_crashes})",
+    )
+    restarts.add_argument(
+        "--stable-after",
+        type=float,
+        default=_env_float("DEVSTACK_STABLE_AFTER_S", _RESTARTS.stable_after_s),
+        help="seconds of running after which a crash no longer counts as one in a row "
+        f"(env DEVSTACK_STABLE_AFTER_S; default {_RESTARTS.stable_after_s:g})",
+    )
     up.add_argument(
         "--insecure",
         action="store_true",
@@ -217,7 +264,7 @@ def usage_text(stack: Stack) -> str:
             f"      {address} tessera.users.v1.UserQueryService/GetUser",
         ]
     lines += _provider_lines(stack, grpcurl)
-    lines += ["", "devstack: stack is up; press Ctrl-C to stop", ""]
+    lines += ["", "devstack: stack is up; a service that crashes is restarted; press Ctrl-C to stop", ""]
     return "\n".join(lines)
 
 
@@ -255,12 +302,23 @@ def _provider_lines(stack: Stack, grpcurl: str) -> list[str]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Run the whole stack in the foreground until a signal, or until a service dies (exit 1)."""
+    """Run the whole stack in the foreground until a signal, restarting crashed services; exit 1 if it cannot start."""
+    try:
+        policy = RestartPolicy(
+            backoff_s=args.restart_backoff,
+            max_backoff_s=args.restart_backoff_max,
+            max_crashes=args.max_crashes,
+            stable_after_s=args.stable_after,
+        )
+    except ValueError as exc:
+        print(f"devstack: invalid restart options: {exc}", file=sys.stderr, flush=True)
+        return 2
     stop = threading.Event()
     received: list[str] = []
     config = StackConfig(
         database_url=os.environ.get("DATABASE_URL") or None,
         redis_url=os.environ.get("REDIS_URL") or None,
+        redis_key_prefix=args.redis_key_prefix,
         host=args.host,
         write_port=args.write_port,
         read_ports=args.read_ports,
@@ -290,12 +348,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         saga_module=args.saga_module,
     )
     stack = Stack(config, cancel=stop)
+    supervision = Supervision(stack, policy)
     code = 0
     with _stop_on_signals(stop, received):
         try:
             stack.start()
             print(usage_text(stack), flush=True)
-            stack.watch()
+            supervision.run(stop)
         except Cancelled:
             pass
         except ProcessExited as exc:
@@ -307,6 +366,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         finally:
             if received:
                 print(f"devstack: {received[0]} received, stopping", flush=True)
+            if stack.processes:
+                stack.say(f"status: {supervision.status()}")
             stack.stop()
     print("devstack: stopped", flush=True)
     return code

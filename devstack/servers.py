@@ -315,6 +315,11 @@ class EmbeddedServer(StartStop, ABC):
         """Whether the server process is alive (paused counts as alive)."""
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """Exit status of the last server process (negative: killed by that signal), None while it runs."""
+        return self._process.poll() if self._process is not None else None
+
     def log_tail(self, lines: int = 30) -> str:
         """The end of the server's log."""
         return log_tail(self.log_path, lines) if self._data_dir is not None else "(not started)"

@@ -1,7 +1,8 @@
 """Run the services as child processes: one at a time (`ServiceProcess`) or the whole stack (`Stack`).
 
 The stack is Postgres, Redis, migrations, the write service, relays, read replicas, the payment
-provider (a stand-in for an external one) and saga workers that call it.
+provider (a stand-in for an external one) and saga workers that call it. Restarting services
+that crash is `devstack.supervision`'s job.
 
 Every child runs in a session of its own, so a Ctrl-C in the terminal reaches only the supervisor,
 which then stops the children in order: SIGTERM, a grace period, then SIGKILL.
@@ -137,6 +138,7 @@ class ServiceProcess:
         self._pump: threading.Thread | None = None
         self._expected_exit = False
         self._finished = True  # the last child, if any, is reaped and its process group cleared
+        self.started_at: float | None = None  # monotonic time of the last start
 
     @classmethod
     def python_module(
@@ -227,6 +229,7 @@ class ServiceProcess:
         except BaseException:
             log.close()
             raise
+        self.started_at = time.monotonic()
         if self.echo is None:
             log.close()
         else:
@@ -317,6 +320,12 @@ class ServiceProcess:
         process.wait(timeout=10.0)
         self._finish(process)
         return process.returncode
+
+    def reap(self) -> None:
+        """After an exit nobody asked for: clear what the child left in its process group (it stays `failed`)."""
+        process = self._process
+        if process is not None and process.poll() is not None:
+            self._finish(process)
 
     def pause(self) -> None:
         """Freeze the child (SIGSTOP to its process group)."""
@@ -617,14 +626,14 @@ class Stack(StartStop):
         """Start an embedded Postgres (and Redis unless `redis` is False) for the URLs the config leaves unset."""
         data_dir = self.config.data_dir
         if not self.database_url:
-            self._say("starting embedded Postgres")
+            self.say("starting embedded Postgres")
             self.postgres = EmbeddedPostgres(
                 port=self.config.postgres_port or None,
                 data_dir=data_dir / "postgres" if data_dir is not None else None,
             ).start()
             self.database_url = self.postgres.url
         if redis and not self.redis_url:
-            self._say("starting embedded Redis")
+            self.say("starting embedded Redis")
             self.redis = EmbeddedRedis(
                 port=self.config.redis_port or None,
                 data_dir=data_dir / "redis" if data_dir is not None else None,
@@ -633,7 +642,7 @@ class Stack(StartStop):
 
     def run_migrations(self, timeout: float = 60.0) -> None:
         """Run the migrate command to completion; raise ServiceError with its output if it fails."""
-        self._say("applying migrations")
+        self.say("applying migrations")
         migrate = ServiceProcess.python_module(
             "migrate",
             self.config.migrate_module,
@@ -686,11 +695,6 @@ class Stack(StartStop):
             if process.failed:
                 raise ProcessExited(process)
 
-    def watch(self, interval: float = 0.2) -> None:
-        """Block until `cancel` is set; raise ProcessExited as soon as a service dies unexpectedly."""
-        while not self.cancel.wait(interval):
-            self.check()
-
     def stop(self) -> None:
         """Stop the services (readers, relays, saga workers, provider, then write), then the embedded servers.
 
@@ -698,13 +702,20 @@ class Stack(StartStop):
         """
         services = list(reversed(self.processes))
         if any(process.running for process in services):
-            self._say("stopping services")
+            self.say("stopping services")
         terminate_all(services, self.config.stop_grace)
         for server in (self.redis, self.postgres):
             if server is not None and server.running:
-                self._say(f"stopping embedded {server.name}")
+                self.say(f"stopping embedded {server.name}")
             if server is not None:
                 server.stop()
+
+    def say(self, message: str) -> None:
+        """Print a line of the supervisor's own to the echo stream, if any."""
+        if self.config.echo is not None:
+            with _ECHO_LOCK:
+                self.config.echo.write(f"{'devstack':<{self._width}} | {message}\n")
+                self.config.echo.flush()
 
     # -- internals
 
@@ -772,9 +783,3 @@ class Stack(StartStop):
     def _spawn_reader(self, port: int) -> ServiceProcess:
         name = f"read-{len(self.readers) + 1}"
         return self._spawn(name, self.config.read_module, port, self.log_dir / f"{name}.log")
-
-    def _say(self, message: str) -> None:
-        if self.config.echo is not None:
-            with _ECHO_LOCK:
-                self.config.echo.write(f"{'devstack':<{self._width}} | {message}\n")
-                self.config.echo.flush()

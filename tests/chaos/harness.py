@@ -248,12 +248,17 @@ class PositionRecorder:
 
 
 async def lock_holder_port(database_url: str, key: int = DEFAULT_LOCK_KEY) -> int | None:
-    """Client port of the session that holds the relay lock, or None when nobody does."""
+    """Client port of the session that holds the relay lock in `database_url`'s database, or None when nobody does.
+
+    Advisory locks belong to a database: on a server shared by several stacks each one's relays
+    hold the same key in their own database.
+    """
     conn = await asyncpg.connect(database_url, timeout=5)
     try:
         port: int | None = await conn.fetchval(
             "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
             " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid",
             key >> 32,
             key & 0xFFFFFFFF,
@@ -295,15 +300,19 @@ def _inodes_of_connection(local_port: int, remote_port: int) -> set[str]:
     return inodes
 
 
-def process_owning_port(processes: Sequence[ServiceProcess], port: int, remote_port: int) -> ServiceProcess | None:
-    """The process (among `processes`) with a socket from local `port` to `remote_port`."""
+def pid_owning_connection(pids: Sequence[int], port: int, remote_port: int) -> int | None:
+    """The pid (among `pids`) with a socket from local `port` to `remote_port`."""
     inodes = _inodes_of_connection(port, remote_port)
     if not inodes:
         return None
-    for process in processes:
-        if process.running and process.pid is not None and inodes & _socket_inodes(process.pid):
-            return process
-    return None
+    return next((pid for pid in pids if inodes & _socket_inodes(pid)), None)
+
+
+def process_owning_port(processes: Sequence[ServiceProcess], port: int, remote_port: int) -> ServiceProcess | None:
+    """The process (among `processes`) with a socket from local `port` to `remote_port`."""
+    running = {process.pid: process for process in processes if process.running and process.pid is not None}
+    pid = pid_owning_connection(list(running), port, remote_port)
+    return running[pid] if pid is not None else None
 
 
 async def active_relay(stack: ChaosStack) -> ServiceProcess | None:

@@ -7,7 +7,7 @@ tests check the supervisor, not the services.
 from __future__ import annotations
 
 import os
-import queue
+import re
 import shutil
 import signal
 import socket
@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 
 from devstack.healthcheck import check_serving, check_serving_async
 from devstack.healthcheck import main as healthcheck_main
-from devstack.processes import Deadline, pid_alive, poll_until, process_tree, wait_gone
+from devstack.processes import pid_alive, poll_until, process_tree, wait_gone
 from devstack.servers import EmbeddedPostgres, EmbeddedRedis, ServerError, find_free_port
 from devstack.supervisor import (
     REPO_ROOT,
@@ -35,6 +34,7 @@ from devstack.supervisor import (
     Stack,
     StackConfig,
 )
+from tests.devstack_up import DevstackUp
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +53,10 @@ import asyncio, signal, sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+if os.environ.get("STANDIN_CRASH_FILE") and Path(os.environ["STANDIN_CRASH_FILE"]).exists():
+    print("standin refusing to start", flush=True)
+    sys.exit(3)
+
 async def main() -> None:
     server = grpc.aio.server()
     servicer = health.aio.HealthServicer()
@@ -60,7 +64,7 @@ async def main() -> None:
     server.add_insecure_port(f"{os.environ['GRPC_HOST']}:{os.environ['GRPC_PORT']}")
     await server.start()
     await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    print("serving on", os.environ["GRPC_PORT"], flush=True)
+    print("serving on", os.environ["GRPC_PORT"], "pid", os.getpid(), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -426,83 +430,40 @@ def test_migrate_command_runs_against_database_url(standin_path: Path, pid_dir: 
 # --- python -m devstack up --------------------------------------------------------------
 
 
-class _Cli:
-    """`python -m devstack up` with stand-ins, its output collected line by line by a thread."""
+def _up(
+    standin_path: Path, pid_dir: Path, data_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> DevstackUp:
+    """`python -m devstack up` with stand-ins for the services, on free ports."""
+    full_env = {**os.environ, **_standin_env(standin_path, pid_dir), **(env or {})}
+    for name in ("DATABASE_URL", "REDIS_URL"):
+        full_env.pop(name, None)
+    args = [
+        "--data-dir",
+        str(data_dir),
+        "--write-port",
+        str(find_free_port()),
+        "--read-ports",
+        f"{find_free_port()},{find_free_port()}",
+        "--provider-port",
+        str(find_free_port()),
+        "--saga-ports",
+        str(find_free_port()),
+        "--migrate-module",
+        "standin_migrate",
+        "--write-module",
+        "standin_grpc",
+        "--relay-module",
+        "standin_worker",
+        "--read-module",
+        "standin_grpc",
+        "--startup-timeout",
+        "20",
+        *extra,
+    ]
+    return DevstackUp(args, full_env)
 
-    def __init__(self, standin_path: Path, pid_dir: Path, data_dir: Path, *extra: str) -> None:
-        env = {**os.environ, **_standin_env(standin_path, pid_dir)}
-        for name in ("DATABASE_URL", "REDIS_URL"):
-            env.pop(name, None)
-        argv = [
-            sys.executable,
-            "-m",
-            "devstack",
-            "up",
-            "--data-dir",
-            str(data_dir),
-            "--write-port",
-            str(find_free_port()),
-            "--read-ports",
-            f"{find_free_port()},{find_free_port()}",
-            "--provider-port",
-            str(find_free_port()),
-            "--saga-ports",
-            str(find_free_port()),
-            "--migrate-module",
-            "standin_migrate",
-            "--write-module",
-            "standin_grpc",
-            "--relay-module",
-            "standin_worker",
-            "--read-module",
-            "standin_grpc",
-            "--startup-timeout",
-            "20",
-            *extra,
-        ]
-        self.process = subprocess.Popen(
-            argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
 
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line)
-
-    def read_until(self, marker: str, timeout: float) -> str:
-        deadline = Deadline(timeout)
-        while not deadline.expired():
-            try:
-                line = self.lines.get(timeout=deadline.remaining())
-            except queue.Empty:
-                break
-            self.seen.append(line)
-            if marker in line:
-                return "".join(self.seen)
-        raise AssertionError(f"no {marker!r} within {timeout}s; output:\n{''.join(self.seen)}")
-
-    def wait(self, timeout: float) -> str:
-        """Wait for the exit; return the output after what read_until saw."""
-        self.process.wait(timeout=timeout)
-        self._reader.join(timeout=5)
-        rest: list[str] = []
-        while not self.lines.empty():
-            rest.append(self.lines.get())
-        return "".join(rest)
-
-    def kill(self) -> None:
-        """Stop a supervisor that a failed assertion left running (SIGTERM lets it clean up)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+_SERVING = re.compile(r"^(\S+) +\| serving on (\d+) pid (\d+)$", re.MULTILINE)
 
 
 @pytest.fixture
@@ -514,7 +475,7 @@ def cli_data_dir() -> Iterator[Path]:
 
 
 def test_up_runs_the_stack_and_stops_everything_on_sigterm(standin_path: Path, pid_dir: Path, cli_data_dir: Path):
-    cli = _Cli(standin_path, pid_dir, cli_data_dir)
+    cli = _up(standin_path, pid_dir, cli_data_dir)
     try:
         output = cli.read_until("stack is up", 30.0)
         assert "UserCommandService/RegisterUser" in output
@@ -533,18 +494,84 @@ def test_up_runs_the_stack_and_stops_everything_on_sigterm(standin_path: Path, p
     assert (cli_data_dir / "logs" / "read-2.log").exists()
 
 
-def test_up_exits_non_zero_when_a_service_dies(standin_path: Path, pid_dir: Path, cli_data_dir: Path):
-    cli = _Cli(standin_path, pid_dir, cli_data_dir, "--relays", "1")
+def _living_standins(pid_dir: Path, module: str) -> list[int]:
+    """Pids of the living stand-ins running `python -m module`."""
+    found = []
+    for pid in _recorded_pids(pid_dir):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if module.encode() in command and pid_alive(pid):
+            found.append(pid)
+    return found
+
+
+def test_up_restarts_a_killed_service_and_keeps_the_rest_running(standin_path: Path, pid_dir: Path, cli_data_dir: Path):
+    cli = _up(standin_path, pid_dir, cli_data_dir, "--relays", "1", "--restart-backoff", "0.2")
     try:
-        cli.read_until("stack is up", 30.0)
-        tree = process_tree(cli.process.pid)
-        victim = next(
-            pid for pid in _recorded_pids(pid_dir) if "standin_worker" in Path(f"/proc/{pid}/cmdline").read_text()
-        )
+        output = cli.read_until("stack is up", 30.0)
+        serving = {name: f"127.0.0.1:{port}" for name, port, _ in _SERVING.findall(output)}
+        [victim] = _living_standins(pid_dir, "standin_worker")
         os.kill(victim, signal.SIGKILL)
+        restarted = cli.read_until("relay-1 restarted", 15.0)
+        assert f"relay-1 (pid {victim}) exited with signal SIGKILL" in restarted
+        assert "restarting in 0.20s (crash 1 in a row" in restarted
+        status = cli.read_until("status:", 5.0).splitlines()[-1]
+        assert "relay-1 up (1 restart)" in status and "write up" in status
+        assert poll_until(lambda: len(_living_standins(pid_dir, "standin_worker")) == 1, 10.0)
+        [replacement] = _living_standins(pid_dir, "standin_worker")
+        assert replacement != victim
+        assert all(check_serving(address) for address in serving.values())  # nothing else was stopped
+
+        # The embedded servers the stack started come back too, on the same port and data.
+        for server, pid_file in (("redis", "redis/redis.pid"), ("postgres", "postgres/pgdata/postmaster.pid")):
+            pid = int((cli_data_dir / pid_file).read_text().split()[0])
+            os.kill(pid, signal.SIGKILL)
+            cli.read_until(f"embedded {server} exited with signal SIGKILL", 10.0)
+            cli.read_until(f"{server} restarted (pid", 60.0)
+        status = cli.read_until("status:", 5.0).splitlines()[-1]
+        assert "postgres up (1 restart)" in status and "redis up (1 restart)" in status
+        assert cli.process.poll() is None
+        tree = process_tree(cli.process.pid)
+        cli.process.send_signal(signal.SIGTERM)
         rest = cli.wait(30)
     finally:
         cli.kill()
-    assert cli.process.returncode == 1, rest
-    assert "relay-1" in rest and "signal SIGKILL" in rest
-    assert wait_gone(tree, 5.0) == []
+    assert cli.process.returncode == 0, rest
+    assert "worker stopped" in (cli_data_dir / "logs" / "relay-1.log").read_text()  # the new one, by SIGTERM
+    assert wait_gone([*tree, *_recorded_pids(pid_dir)], 5.0) == []
+
+
+def test_up_reports_a_crash_looping_service_failed_and_stops_everything_on_ctrl_c(
+    standin_path: Path, pid_dir: Path, cli_data_dir: Path
+):
+    crash_file = pid_dir.parent / "crash-on-start"
+    extra = ("--max-crashes", "3", "--restart-backoff", "0.05", "--restart-backoff-max", "0.1")
+    cli = _up(standin_path, pid_dir, cli_data_dir, *extra, env={"STANDIN_CRASH_FILE": str(crash_file)})
+    try:
+        output = cli.read_until("stack is up", 30.0)
+        serving = {name: (f"127.0.0.1:{port}", int(pid)) for name, port, pid in _SERVING.findall(output)}
+        assert set(serving) == {"write", "read-1", "read-2"}
+        crash_file.touch()  # from now on a stand-in that starts exits at once with code 3
+        os.kill(serving["read-1"][1], signal.SIGKILL)
+        failed = cli.read_until("FAILED, 3 crashes in a row", 30.0)
+        assert failed.count("read-1 restarted") == 2
+        assert "exited with code 3" in failed and "standin refusing to start" in failed  # the log's end
+        status = cli.read_until("status:", 5.0).splitlines()[-1]
+        assert "read-1 FAILED (2 restarts)" in status
+        assert "read-2 up" in status and "write up" in status and "relay-1 up" in status
+        # The rest stays up, and nothing restarts read-1 any more.
+        assert check_serving(serving["write"][0]) and check_serving(serving["read-2"][0])
+        assert not check_serving(serving["read-1"][0], timeout=0.5)
+        assert len(_living_standins(pid_dir, "standin_worker")) == 2
+        assert cli.process.poll() is None
+        tree = process_tree(cli.process.pid)
+        cli.process.send_signal(signal.SIGINT)
+        rest = cli.wait(30)
+    finally:
+        cli.kill()
+    assert cli.process.returncode == 0, rest
+    assert "Ctrl-C received, stopping" in rest
+    assert "read-1 FAILED" in rest  # the last status line
+    assert wait_gone([*tree, *_recorded_pids(pid_dir)], 5.0) == []
