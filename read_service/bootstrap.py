@@ -17,7 +17,7 @@ from redis.backoff import ExponentialBackoff
 from read_service.consistency import ConsistencyGate, log_versions
 from read_service.entrypoints import catalog_queries, order_queries
 from read_service.entrypoints.freshness import Freshness
-from read_service.entrypoints.grpc_server import SERVICE_NAME, PageLimits, UserQueryServicer
+from read_service.entrypoints.grpc_server import SERVICE_NAME, PageLimits, UserQueryServicer, register_user_queries
 from read_service.generations import replica_generations
 from read_service.keys import CatalogKeys, OrderKeys, UserKeys
 from read_service.lease import ApplyMode, LeaseOptions, default_holder_id
@@ -37,9 +37,6 @@ from shared_kernel.db import create_pool
 from shared_kernel.grpc_server import GrpcServer
 from shared_kernel.redis_client import warm_up
 from shared_kernel.security.authn import Authenticator
-from tessera.catalog.v1.product_query_service_pb2_grpc import add_ProductQueryServiceServicer_to_server
-from tessera.orders.v1.order_query_service_pb2_grpc import add_OrderQueryServiceServicer_to_server
-from tessera.users.v1.user_query_service_pb2_grpc import add_UserQueryServiceServicer_to_server
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +253,7 @@ async def running_read_service(
 
         product_views = ProductViews(redis_client, catalog_keys, cache=caches["catalog"])
         server.add(
-            add_ProductQueryServiceServicer_to_server,
+            catalog_queries.register_product_queries,
             catalog_queries.ProductQueryServicer(
                 product_views,
                 tokens,
@@ -266,7 +263,7 @@ async def running_read_service(
         )
         order_views = OrderViews(redis_client, order_keys, scan_limit=settings.list_scan_limit, cache=caches["orders"])
         server.add(
-            add_OrderQueryServiceServicer_to_server,
+            order_queries.register_order_queries,
             order_queries.OrderQueryServicer(
                 order_views,
                 tokens,
@@ -291,7 +288,7 @@ async def running_read_service(
             max_wait_ms=settings.consistency_max_wait_ms,
             watch=lambda user_id: feeds["users"].watches(limiter).one(keys.view(user_id)),
         )
-        server.add(add_UserQueryServiceServicer_to_server, servicer)
+        server.add(register_user_queries, servicer)
         # Health stays NOT_SERVING from start() until the projector's first catch-up.
         await server.start()
         stack.push_async_callback(server.stop)

@@ -21,6 +21,7 @@ import redis.exceptions
 
 from read_service.near_cache import NearCache, ObservedCheckpoint
 from read_service.projections.base import Op
+from read_service.views.wire import view_bytes, view_field
 
 logger = logging.getLogger(__name__)
 
@@ -308,24 +309,33 @@ async def read_single_view(
     at: QueryCheckpoint,
     cache: NearCache | None,
 ) -> T | None:
-    """The view stored at `key` (None when absent), setting `at.position`, in the fewest round trips.
+    """The view stored at `key`, parsed (None when absent), setting `at.position` (see read_view_field)."""
+    field = await read_view_field(client, key, at, cache)
+    return None if field is None else parse(view_bytes(field))
+
+
+def _view_field_of(raw: Any) -> bytes | None:
+    return None if raw is None else view_field(raw if isinstance(raw, bytes) else str(raw).encode())
+
+
+async def read_view_field(
+    client: aioredis.Redis, key: str, at: QueryCheckpoint, cache: NearCache | None
+) -> bytes | None:
+    """The view stored at `key` as field 1 of a reply (None when absent), setting `at.position`.
 
     A near-cache hit at the projector's checkpoint makes no Redis call; otherwise the checkpoint
     is read first in the same pipeline as the view (see QueryCheckpoint), or, when it cannot
-    be, in a round trip of its own just before.
+    be, in a round trip of its own just before. The cache keeps the field bytes, so a hit is
+    written to the caller as it is (read_service.entrypoints.replies).
     """
-
-    def decode(raw: Any) -> T | None:
-        return None if raw is None else parse(raw if isinstance(raw, bytes) else str(raw).encode())
-
     if cache is not None:
         hit = at.from_memory(cache, key)
         if hit is not None:
-            cached: T | None = hit[0]
+            cached: bytes | None = hit[0]
             return cached
 
-    async def read() -> T | None:
-        return decode(await client.get(key))
+    async def read() -> bytes | None:
+        return _view_field_of(await client.get(key))
 
     pipelined = at.pipelined()
     if pipelined is None:
@@ -333,12 +343,12 @@ async def read_single_view(
         return await read() if cache is None else await cache.get((key,), read)
     checkpoint_key, known = pipelined
 
-    async def load() -> tuple[T | None, int]:
+    async def load() -> tuple[bytes | None, int]:
         async with client.pipeline(transaction=False) as pipe:
             pipe.get(checkpoint_key)
             pipe.get(key)
             raw_checkpoint, raw = await pipe.execute()
-        return decode(raw), await at.settle(raw_checkpoint, known)
+        return _view_field_of(raw), await at.settle(raw_checkpoint, known)
 
     value, _ = await load() if cache is None else await cache.fill((key,), load)
     return value
