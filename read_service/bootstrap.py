@@ -165,6 +165,8 @@ async def running_read_service(
             [SERVICE_NAME, catalog_queries.SERVICE_NAME, order_queries.SERVICE_NAME],
             interceptors=interceptors,
             authenticator=authenticator,
+            # Queries start no span of their own unless one is recorded (nothing reads its ids).
+            root_spans=False,
         )
         projection = UsersProjection(keys)
         # Each projection has its own applying lease; `always` lets every replica apply.

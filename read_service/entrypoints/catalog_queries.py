@@ -14,7 +14,7 @@ from read_service.views.catalog import ListProductsQuery, ProductViews
 from read_service.views.wire import reply_tail, view_bytes
 from shared_kernel import errors
 from shared_kernel.grpc_server import add_preserialized
-from shared_kernel.validation import parse_uuid
+from shared_kernel.validation import canonical_uuid
 from tessera.catalog.v1 import product_query_service_pb2 as pb
 from tessera.catalog.v1 import product_query_service_pb2_grpc as pb_grpc
 
@@ -54,7 +54,7 @@ class ProductQueryServicer(pb_grpc.ProductQueryServiceServicer):
 
     async def GetProduct(self, request: pb.GetProductRequest, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:  # type: ignore[override]  # bytes: see BYTES_METHODS
         """One product by id: a serialized GetProductResponse (see read_service.views.wire)."""
-        product_id = str(parse_uuid("product_id", request.product_id))
+        product_id = canonical_uuid("product_id", request.product_id)
         token = token_for(PRODUCT_AGGREGATE, request.consistency_token)
         views = self._views
         field, stale, position = await self._freshness.answer_at(

@@ -25,7 +25,7 @@ from read_service.views.wire import reply_tail, view_bytes
 from read_service.watch import Change
 from shared_kernel import errors
 from shared_kernel.grpc_server import add_preserialized
-from shared_kernel.validation import email_violation, has_control_chars, parse_uuid
+from shared_kernel.validation import canonical_uuid, email_violation, has_control_chars, parse_uuid
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1 import user_query_service_pb2_grpc as pb_grpc
 
@@ -158,7 +158,7 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
 
     async def GetUser(self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:  # type: ignore[override]  # bytes: see BYTES_METHODS
         """One user by id: a serialized GetUserResponse (see read_service.views.wire)."""
-        user_id = str(parse_uuid("user_id", request.user_id))
+        user_id = canonical_uuid("user_id", request.user_id)
         token = user_token(request.consistency_token)
         views = self._views
         field, stale, position = await self._freshness.answer_at(

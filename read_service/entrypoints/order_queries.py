@@ -27,7 +27,7 @@ from read_service.views.wire import reply_tail, view_bytes
 from read_service.watch import Change
 from shared_kernel import errors
 from shared_kernel.grpc_server import add_preserialized
-from shared_kernel.validation import parse_uuid, uuid_violation
+from shared_kernel.validation import canonical_uuid, parse_uuid, uuid_violation
 from tessera.orders.v1 import order_query_service_pb2 as pb
 from tessera.orders.v1 import order_query_service_pb2_grpc as pb_grpc
 
@@ -165,7 +165,7 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
 
     async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:  # type: ignore[override]  # bytes: see BYTES_METHODS
         """One order by id: a serialized GetOrderResponse (see read_service.views.wire)."""
-        order_id = str(parse_uuid("order_id", request.order_id))
+        order_id = canonical_uuid("order_id", request.order_id)
         token = token_for(ORDER_AGGREGATE, request.consistency_token)
         views = self._views
         field, stale, position = await self._freshness.answer_at(

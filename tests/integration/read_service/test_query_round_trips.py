@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -22,6 +22,9 @@ from shared_kernel.settings import GrpcServerSettings
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceStub
 
+if TYPE_CHECKING:
+    from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceAsyncStub
+
 from .conftest import EventLog, Publisher, StartProjector, UserFactory, eventually
 from .test_near_cache_hits import commands_on, publish
 
@@ -31,7 +34,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def stub_and_projector(
     start_projector: StartProjector, redis_client: aioredis.Redis, redis_prefix: str, db_pool: asyncpg.Pool[Any]
-) -> AsyncIterator[tuple[UserQueryServiceStub, Projector]]:
+) -> AsyncIterator[tuple[UserQueryServiceAsyncStub, Projector]]:
     projector = await start_projector()
     await eventually(lambda: projector.ready)
     views = UserViews(redis_client, UserKeys(redis_prefix))
@@ -47,7 +50,8 @@ async def stub_and_projector(
     port = await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield UserQueryServiceStub(channel), projector
+            stub: UserQueryServiceAsyncStub = UserQueryServiceStub(channel)
+            yield stub, projector
     finally:
         await server.stop()
 
@@ -57,7 +61,7 @@ def _kinds(commands: list[str]) -> list[str]:
 
 
 async def test_get_user_reads_checkpoint_and_view_in_one_pipeline_with_or_without_a_token(
-    stub_and_projector: tuple[UserQueryServiceStub, Projector],
+    stub_and_projector: tuple[UserQueryServiceAsyncStub, Projector],
     event_log: EventLog,
     users: UserFactory,
     publisher: Publisher,
@@ -83,7 +87,7 @@ async def test_get_user_reads_checkpoint_and_view_in_one_pipeline_with_or_withou
 
 
 async def test_a_token_ahead_of_the_view_is_answered_once_the_view_reflects_it(
-    stub_and_projector: tuple[UserQueryServiceStub, Projector],
+    stub_and_projector: tuple[UserQueryServiceAsyncStub, Projector],
     event_log: EventLog,
     users: UserFactory,
     publisher: Publisher,
