@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,6 +19,7 @@ from read_service.consistency import ConsistencyGate, log_versions
 from read_service.entrypoints import catalog_queries, order_queries
 from read_service.entrypoints.freshness import Freshness
 from read_service.entrypoints.grpc_server import SERVICE_NAME, PageLimits, UserQueryServicer, register_user_queries
+from read_service.eviction import EvictionGuard
 from read_service.generations import replica_generations
 from read_service.keys import CatalogKeys, OrderKeys, UserKeys
 from read_service.lease import ApplyMode, LeaseOptions, default_holder_id
@@ -76,6 +78,30 @@ class ReadService:
     def projector_tasks(self) -> list[Any]:
         """The running task of every projector (a finished one is a projector that died)."""
         return [p.task for p in self.projectors or (self.projector,) if p.task is not None]
+
+
+async def _eviction_guard(settings: ReadServiceSettings, client: aioredis.Redis) -> EvictionGuard:
+    """The guard of the views' Redis, checked once: one that may evict views is refused (EvictingRedis)."""
+    guard = EvictionGuard(client, settings.redis_socket_timeout_s, settings.redis_policy_check_s)
+    await guard.check()
+    return guard
+
+
+def _watch_policy(guard: EvictionGuard, on_change: Callable[[bool], Awaitable[None]], stack: AsyncExitStack) -> None:
+    """Check the policy again while serving; a change goes to `on_change`; stopped by `stack`."""
+    guard.on_change = on_change
+    task = asyncio.create_task(guard.run(), name="redis-eviction-guard")
+
+    async def stop() -> None:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # our own cancellation, not the guard's
+
+    stack.push_async_callback(stop)
 
 
 def create_redis_client(url: str, timeout_s: float, max_connections: int = REDIS_MAX_CONNECTIONS) -> aioredis.Redis:
@@ -156,6 +182,7 @@ async def running_read_service(
     async with AsyncExitStack() as stack:
         pool, redis_client = await _open_stores(settings, stack)
         events_client = open_events_client(settings, stack)
+        guard = await _eviction_guard(settings, redis_client)
 
         keys = UserKeys(settings.redis_key_prefix)
         catalog_keys = CatalogKeys(settings.redis_key_prefix)
@@ -183,8 +210,9 @@ async def running_read_service(
         projectors: list[Projector] = []
 
         async def on_readiness_change(_ready: bool) -> None:
-            # The replica serves once every projection has caught up, and stops when one falls behind.
-            ready = bool(projectors) and all(p.ready for p in projectors)
+            # The replica serves once every projection has caught up, and stops when one falls behind
+            # or when Redis starts allowing the eviction of views.
+            ready = bool(projectors) and all(p.ready for p in projectors) and guard.safe
             if readiness_hook is None:
                 await server.set_serving(ready)
             else:
@@ -299,6 +327,7 @@ async def running_read_service(
             stack.push_async_callback(change_feed.close)
         for started in projectors:
             started.start()
+        _watch_policy(guard, on_readiness_change, stack)
         yield ReadService(
             settings,
             server,

@@ -120,6 +120,13 @@ class ReadServiceSettings(CommonSettings, DatabaseSettings, RedisSettings, GrpcS
         le=1_000_000,
         description="Watch streams one process serves at once; more are refused with RESOURCE_EXHAUSTED.",
     )
+    redis_policy_check_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often a serving replica checks that Redis's maxmemory-policy cannot evict views "
+        "(read_service/eviction.py).",
+    )
     near_cache_log_interval_s: float = Field(
         default=60.0, gt=0, le=86_400, description="How often each near cache logs its hit ratio."
     )
