@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 
 from read_service.keys import CatalogKeys, member_id
 from read_service.near_cache import NearCache
-from read_service.view_store import QueryCheckpoint, read_single_view, read_view_field
+from read_service.view_store import QueryCheckpoint, ViewReader, read_single_view, read_view_field
 from read_service.views.wire import view_bytes, view_field
 from tessera.catalog.v1.product_query_service_pb2 import ProductView
 
@@ -44,6 +44,7 @@ class ProductViews:
 
     def __init__(self, client: aioredis.Redis, keys: CatalogKeys, *, cache: NearCache | None = None) -> None:
         self._client = client
+        self._reader = ViewReader(client)
         self._keys = keys
         self._cache = cache
 
@@ -70,7 +71,7 @@ class ProductViews:
 
     async def field_at(self, product_id: str, at: QueryCheckpoint) -> bytes | None:
         """Like `get_at`, as field 1 of a reply (read_service.views.wire), without parsing the view."""
-        return await read_view_field(self._client, self._keys.view(product_id), at, self._cache)
+        return await read_view_field(self._reader, self._client, self._keys.view(product_id), at, self._cache)
 
     async def _read_field(self, key: str) -> bytes | None:
         raw = await self._client.get(key)

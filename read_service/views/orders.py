@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from read_service.keys import OrderKeys, OrderSortField, member_id, padded
 from read_service.near_cache import NearCache
 from read_service.projections.orders import status_name
-from read_service.view_store import QueryCheckpoint, read_single_view, read_view_field
+from read_service.view_store import QueryCheckpoint, ViewReader, read_single_view, read_view_field
 from read_service.views.wire import view_bytes, view_field
 from tessera.common.v1.money_pb2 import Money
 from tessera.orders.v1.order_pb2 import OrderStatus
@@ -147,6 +147,7 @@ class OrderViews:
         self, client: aioredis.Redis, keys: OrderKeys, scan_limit: int = 5000, *, cache: NearCache | None = None
     ) -> None:
         self._client = client
+        self._reader = ViewReader(client)
         self._keys = keys
         self._scan_limit = scan_limit
         self._cache = cache
@@ -172,7 +173,7 @@ class OrderViews:
 
     async def field_at(self, order_id: str, at: QueryCheckpoint) -> bytes | None:
         """Like `get_at`, as field 1 of a reply (read_service.views.wire), without parsing the view."""
-        return await read_view_field(self._client, self._keys.view(order_id), at, self._cache)
+        return await read_view_field(self._reader, self._client, self._keys.view(order_id), at, self._cache)
 
     async def _read_field(self, key: str) -> bytes | None:
         raw = await self._client.get(key)

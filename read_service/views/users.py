@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 
 from read_service.keys import SortField, Subset, UserKeys, email_key, member_user_id
 from read_service.near_cache import NearCache
-from read_service.view_store import QueryCheckpoint
+from read_service.view_store import QueryCheckpoint, ViewReader
 from read_service.views.wire import view_bytes, view_field
 from tessera.common.v1.money_pb2 import Money
 from tessera.users.v1.user_query_service_pb2 import UserView
@@ -100,6 +100,7 @@ class UserViews:
         self, client: aioredis.Redis, keys: UserKeys, scan_limit: int = 5000, *, cache: NearCache | None = None
     ) -> None:
         self._client = client
+        self._reader = ViewReader(client)
         self._keys = keys
         self._scan_limit = scan_limit
         self._cache = cache
@@ -145,13 +146,9 @@ class UserViews:
         checkpoint_key, known = pipelined
 
         async def load() -> tuple[bytes | None, int]:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.get(checkpoint_key)
-                pipe.get(keys[0])
-                pipe.hgetall(keys[1])
-                raw_checkpoint, raw, spent = await pipe.execute()
-            position = await at.settle(raw_checkpoint, known)
-            return _field(raw, spent), position
+            read = await self._reader.read(checkpoint_key, *keys)
+            position = await at.settle(read.checkpoint, known)
+            return _field(read.view, read.hashes[0]), position
 
         if cache is None:
             field, _ = await load()

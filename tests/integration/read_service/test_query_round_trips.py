@@ -1,4 +1,4 @@
-"""A cold single-view query is one Redis round trip, with a consistency token too, and its reply bytes are exact."""
+"""A cold single-view query is one Redis command, with a consistency token too."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from devstack.servers import EmbeddedRedis
 from read_service.consistency import ConsistencyGate, log_versions
 from read_service.entrypoints.grpc_server import SERVICE_NAME, UserQueryServicer, register_user_queries
 from read_service.keys import UserKeys
 from read_service.page_tokens import PageTokenCodec
 from read_service.projector import Projector
+from read_service.view_store import ViewReader
 from read_service.views.users import UserViews
 from shared_kernel.consistency import encode_token
 from shared_kernel.grpc_server import GrpcServer
@@ -78,9 +80,9 @@ async def test_get_user_reads_checkpoint_and_view_in_one_pipeline_with_or_withou
         async with commands_on(redis_server_url, redis_prefix) as seen:
             call = stub.GetUser(request, timeout=5)
             reply = await call
-        # The checkpoint, the view and what the user spent: the three commands of one pipeline,
-        # and no separate read of the version or the checkpoint.
-        assert _kinds(seen) == ["GET", "GET", "HGETALL"], seen
+        # One command (the read script) that reads the checkpoint, the view and what the user
+        # spent: no separate read of the version or the checkpoint.
+        assert _kinds(seen) == ["EVALSHA", "GET", "GET", "HGETALL"], seen
         assert reply.user.version == 2 and reply.user.full_name == "Renamed"
         assert reply.view_position == 2 and not reply.stale
         assert "x-tessera-stale" not in dict(await call.initial_metadata())
@@ -108,3 +110,24 @@ async def test_a_token_ahead_of_the_view_is_answered_once_the_view_reflects_it(
     reply = await call
     assert reply.user.version == 2 and reply.user.full_name == "Arrives Later"
     assert reply.view_position == 2 and not reply.stale
+
+
+async def test_the_read_script_is_loaded_again_after_redis_forgets_it() -> None:
+    # A throwaway Redis: SCRIPT FLUSH would drop the shared server's scripts for everyone.
+    with EmbeddedRedis() as server:
+        client = aioredis.Redis.from_url(server.url)
+        try:
+            await client.set("p:checkpoint", 7)
+            await client.set("p:view", b"\x0a\x01x")
+            await client.hset("p:spent", mapping={"EUR": 5})
+            reader = ViewReader(client)
+            first = await reader.read("p:checkpoint", "p:view", "p:spent")
+            await client.script_flush()
+            again = await reader.read("p:checkpoint", "p:view", "p:spent")
+            absent = await reader.read("p:nothing", "p:nothing-either")
+        finally:
+            await client.aclose()
+    assert first == again
+    assert int(first.checkpoint or 0) == 7 and first.view == b"\x0a\x01x"
+    assert first.hashes == [{b"EUR": b"5"}]
+    assert absent.view is None and int(absent.checkpoint or 0) == 0 and absent.hashes == []
