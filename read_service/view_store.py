@@ -258,8 +258,8 @@ def _pairs(flat: Any) -> dict[bytes | str, bytes | str]:
 class CheckpointReader:
     """A query's read of a projection's checkpoint: a call of its own, or queued in the query's read.
 
-    Calling it reads the checkpoint alone. A query that reads its view in one pipeline puts
-    a GET of `key` first in that pipeline instead (Redis runs a pipeline's commands in order,
+    Calling it reads the checkpoint alone. A query that reads its view in one command (the
+    read script of ViewReader) reads `key` in that command instead (Redis runs it atomically,
     so the view read reflects at least that checkpoint) and passes the value to `verify`,
     with what `known` said just before: one round trip instead of two.
     """
@@ -306,8 +306,8 @@ class CheckpointReader:
 class QueryCheckpoint:
     """The checkpoint one query reports as `view_position`, read by the view's own read when it can.
 
-    A view that reads in one pipeline asks `pipelined()` for the checkpoint key, puts a GET of
-    it first in the pipeline and hands the value to `settle`: one round trip for both. Any
+    A view that reads in one command asks `pipelined()` for the checkpoint key, reads it with
+    the view (ViewReader) and hands the value to `settle`: one round trip for both. Any
     other read calls `read()` first, a round trip of its own. Either way `position` is the
     checkpoint the reply reflects at least, and the near cache (if any) is told about it.
     """

@@ -6,8 +6,8 @@
   within `max_wait_ms`, the server's cap and the caller's deadline) until the view reflects
   it; past the budget it answers with what it has, marked stale (`stale` field and the
   `x-tessera-stale` header).
-- `view_position`: the checkpoint read from Redis just before the query's own read, or as the
-  first command of the read's own pipeline (`answer_at`, one round trip for both).
+- `view_position`: the checkpoint read from Redis just before the query's own read, or in the
+  same command as the view (`answer_at`, one round trip for both).
 - Budgets: every Redis read runs within the caller's remaining deadline, capped by
   QUERY_TIMEOUT_S (`within_budget`).
 
@@ -160,7 +160,7 @@ class Freshness:
         tried before the read's budget is set up. With `version` (the aggregate version of what
         `work` read), a query with a consistency token checks the token against the value it
         read: when the view already reflects it, that read is the answer, so the query makes
-        one Redis round trip (the checkpoint and the view in one pipeline) instead of a version
+        one Redis round trip (the checkpoint and the view in one command) instead of a version
         read and then the read. Otherwise the read is repeated each time the projector moves,
         as the wait would read the version, and the last one is the answer.
         """
