@@ -11,6 +11,7 @@ import logging
 import sys
 
 from read_service.bootstrap import running_read_service
+from read_service.eviction import EvictingRedis
 from read_service.projector_metrics import register_projector_metrics
 from read_service.settings import ReadServiceSettings
 from read_service.workers import GroupLink, ReplicaHeaderInterceptor, WorkerGroup
@@ -49,6 +50,9 @@ async def serve(settings: ReadServiceSettings) -> int:
                 extra.append(link.parent_gone)
             await wait_for_shutdown_signal(extra=extra)
             logger.info("shutting down")
+    except EvictingRedis as exc:
+        logger.error("read service refused to start: %s", exc)  # noqa: TRY400 - a setting, not a bug
+        return 1
     finally:
         if link is not None:
             await link.close()

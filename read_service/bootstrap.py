@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -17,7 +18,8 @@ from redis.backoff import ExponentialBackoff
 from read_service.consistency import ConsistencyGate, log_versions
 from read_service.entrypoints import catalog_queries, order_queries
 from read_service.entrypoints.freshness import Freshness
-from read_service.entrypoints.grpc_server import SERVICE_NAME, PageLimits, UserQueryServicer
+from read_service.entrypoints.grpc_server import SERVICE_NAME, PageLimits, UserQueryServicer, register_user_queries
+from read_service.eviction import EvictionGuard
 from read_service.generations import replica_generations
 from read_service.keys import CatalogKeys, OrderKeys, UserKeys
 from read_service.lease import ApplyMode, LeaseOptions, default_holder_id
@@ -37,9 +39,6 @@ from shared_kernel.db import create_pool
 from shared_kernel.grpc_server import GrpcServer
 from shared_kernel.redis_client import warm_up
 from shared_kernel.security.authn import Authenticator
-from tessera.catalog.v1.product_query_service_pb2_grpc import add_ProductQueryServiceServicer_to_server
-from tessera.orders.v1.order_query_service_pb2_grpc import add_OrderQueryServiceServicer_to_server
-from tessera.users.v1.user_query_service_pb2_grpc import add_UserQueryServiceServicer_to_server
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +78,30 @@ class ReadService:
     def projector_tasks(self) -> list[Any]:
         """The running task of every projector (a finished one is a projector that died)."""
         return [p.task for p in self.projectors or (self.projector,) if p.task is not None]
+
+
+async def _eviction_guard(settings: ReadServiceSettings, client: aioredis.Redis) -> EvictionGuard:
+    """The guard of the views' Redis, checked once: one that may evict views is refused (EvictingRedis)."""
+    guard = EvictionGuard(client, settings.redis_socket_timeout_s, settings.redis_policy_check_s)
+    await guard.check()
+    return guard
+
+
+def _watch_policy(guard: EvictionGuard, on_change: Callable[[bool], Awaitable[None]], stack: AsyncExitStack) -> None:
+    """Check the policy again while serving; a change goes to `on_change`; stopped by `stack`."""
+    guard.on_change = on_change
+    task = asyncio.create_task(guard.run(), name="redis-eviction-guard")
+
+    async def stop() -> None:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # our own cancellation, not the guard's
+
+    stack.push_async_callback(stop)
 
 
 def create_redis_client(url: str, timeout_s: float, max_connections: int = REDIS_MAX_CONNECTIONS) -> aioredis.Redis:
@@ -159,6 +182,7 @@ async def running_read_service(
     async with AsyncExitStack() as stack:
         pool, redis_client = await _open_stores(settings, stack)
         events_client = open_events_client(settings, stack)
+        guard = await _eviction_guard(settings, redis_client)
 
         keys = UserKeys(settings.redis_key_prefix)
         catalog_keys = CatalogKeys(settings.redis_key_prefix)
@@ -168,6 +192,8 @@ async def running_read_service(
             [SERVICE_NAME, catalog_queries.SERVICE_NAME, order_queries.SERVICE_NAME],
             interceptors=interceptors,
             authenticator=authenticator,
+            # Queries start no span of their own unless one is recorded (nothing reads its ids).
+            root_spans=False,
         )
         projection = UsersProjection(keys)
         # Each projection has its own applying lease; `always` lets every replica apply.
@@ -184,8 +210,9 @@ async def running_read_service(
         projectors: list[Projector] = []
 
         async def on_readiness_change(_ready: bool) -> None:
-            # The replica serves once every projection has caught up, and stops when one falls behind.
-            ready = bool(projectors) and all(p.ready for p in projectors)
+            # The replica serves once every projection has caught up, and stops when one falls behind
+            # or when Redis starts allowing the eviction of views.
+            ready = bool(projectors) and all(p.ready for p in projectors) and guard.safe
             if readiness_hook is None:
                 await server.set_serving(ready)
             else:
@@ -256,7 +283,7 @@ async def running_read_service(
 
         product_views = ProductViews(redis_client, catalog_keys, cache=caches["catalog"])
         server.add(
-            add_ProductQueryServiceServicer_to_server,
+            catalog_queries.register_product_queries,
             catalog_queries.ProductQueryServicer(
                 product_views,
                 tokens,
@@ -266,7 +293,7 @@ async def running_read_service(
         )
         order_views = OrderViews(redis_client, order_keys, scan_limit=settings.list_scan_limit, cache=caches["orders"])
         server.add(
-            add_OrderQueryServiceServicer_to_server,
+            order_queries.register_order_queries,
             order_queries.OrderQueryServicer(
                 order_views,
                 tokens,
@@ -291,7 +318,7 @@ async def running_read_service(
             max_wait_ms=settings.consistency_max_wait_ms,
             watch=lambda user_id: feeds["users"].watches(limiter).one(keys.view(user_id)),
         )
-        server.add(add_UserQueryServiceServicer_to_server, servicer)
+        server.add(register_user_queries, servicer)
         # Health stays NOT_SERVING from start() until the projector's first catch-up.
         await server.start()
         stack.push_async_callback(server.stop)
@@ -300,6 +327,7 @@ async def running_read_service(
             stack.push_async_callback(change_feed.close)
         for started in projectors:
             started.start()
+        _watch_policy(guard, on_readiness_change, stack)
         yield ReadService(
             settings,
             server,

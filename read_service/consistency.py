@@ -97,19 +97,23 @@ class ConsistencyGate:
         parked = getattr(self._progress, "parked", None)
         return None if parked is None else int(parked.position)
 
-    async def wait(self, token: ConsistencyToken, budget_s: float) -> bool:
+    async def wait(
+        self, token: ConsistencyToken, budget_s: float, current: Callable[[str], Awaitable[int]] | None = None
+    ) -> bool:
         """True once the views reflect `token`; False (stale) when `budget_s` runs out first.
 
-        Raises FailedPrecondition when the event log shows the version can never arrive.
+        `current` reads the aggregate's version instead of the gate's own reader (a query that
+        reads its whole answer each time and keeps the last one). Raises FailedPrecondition when
+        the event log shows the version can never arrive.
         """
+        current_version = self._current_version if current is None else current
         started = time.monotonic()
         deadline = started + budget_s
         check_log_at: float | None = started + min(LOG_CHECK_AFTER_S, budget_s)
         while True:
             # Take the event before reading, so a move between the read and the wait still wakes us.
             changed = self._progress.changed()
-            current = await self._current_version(token.aggregate_id)
-            if current >= token.version:
+            if await current_version(token.aggregate_id) >= token.version:
                 return True
             now = time.monotonic()
             if check_log_at is not None and now >= check_log_at:
@@ -127,7 +131,7 @@ class ConsistencyGate:
                 if wake_at < deadline:
                     continue  # time to ask the log, not the end of the budget
                 # One last look: the apply may have landed just as the budget ran out.
-                if await self._current_version(token.aggregate_id) >= token.version:
+                if await current_version(token.aggregate_id) >= token.version:
                     return True
                 await self._check_exists(token)
                 return False

@@ -13,7 +13,7 @@ write it. Two rules keep it exact:
   the query reports (`view_position`). A single-view query (`peek`) reports its projector's
   in-memory checkpoint and makes no Redis call at all; other queries report the checkpoint
   read from Redis just before the read (`get`). A miss reads the checkpoint as the first
-  command of its own pipeline (`fill`), and a value read that way is stored under the same
+  key of its own read (`fill`), and a value read that way is stored under the same
   epoch rule. Otherwise the query reads Redis, so a reply is never older than the position
   it states.
 - Losing the key space (the projector stops serving: Redis lost data, a rebuild; or it

@@ -14,6 +14,10 @@ from shared_kernel.settings import CommonSettings, DatabaseSettings, GrpcServerS
 # Used only when PAGE_TOKEN_SECRET is unset, so a development stack works out of the box.
 # It is public, so anyone can forge page tokens where it is in use; bootstrap warns loudly.
 # It is fixed rather than random so that replicas behind one balancer accept each other's tokens.
+# On by default: it is exact (docs/decisions/0018), and a replica load-tested as it comes should show
+# the hit path. About half a kilobyte per entry for a typical view: some 5 MB per view type when full.
+DEFAULT_NEAR_CACHE_SIZE = 10_000
+
 DEV_PAGE_TOKEN_SECRET = "tessera-development-page-token-secret-do-not-use-in-production"  # noqa: S105
 
 
@@ -102,11 +106,12 @@ class ReadServiceSettings(CommonSettings, DatabaseSettings, RedisSettings, GrpcS
         default=500, ge=10, le=30_000, description="How often the holder renews the lease (at most half its TTL)."
     )
     near_cache_size: int = Field(
-        default=0,
+        default=DEFAULT_NEAR_CACHE_SIZE,
         ge=0,
         le=10_000_000,
         description="Single views (users, products, orders by id) kept in memory per view type, least recently "
-        "used out first, and kept exact by the event stream; 0 turns the near cache off.",
+        "used out first, and kept exact by the event stream (a hit answers without Redis); 0 turns the near "
+        "cache off.",
     )
     watch_queue_max: int = Field(
         default=1000,
@@ -119,6 +124,13 @@ class ReadServiceSettings(CommonSettings, DatabaseSettings, RedisSettings, GrpcS
         ge=0,
         le=1_000_000,
         description="Watch streams one process serves at once; more are refused with RESOURCE_EXHAUSTED.",
+    )
+    redis_policy_check_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often a serving replica checks that Redis's maxmemory-policy cannot evict views "
+        "(read_service/eviction.py).",
     )
     near_cache_log_interval_s: float = Field(
         default=60.0, gt=0, le=86_400, description="How often each near cache logs its hit ratio."

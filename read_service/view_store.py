@@ -21,6 +21,7 @@ import redis.exceptions
 
 from read_service.near_cache import NearCache, ObservedCheckpoint
 from read_service.projections.base import Op
+from read_service.views.wire import view_bytes, view_field
 
 logger = logging.getLogger(__name__)
 
@@ -193,11 +194,72 @@ def _advance_results(first: int, last: int, before: int) -> list[ApplyResult]:
     ]
 
 
+# Reads what one single-view query needs in one command: KEYS[1] the checkpoint, KEYS[2] the
+# view, any further KEYS hashes the view merges (a user's spending). Redis runs a script
+# atomically, so the view reflects exactly that checkpoint. Replies {checkpoint, 1|0 (the view
+# exists), view or '', HGETALL of each hash}: a Lua nil would end the reply's array early.
+_READ_VIEW_SCRIPT = """
+local view = redis.call('GET', KEYS[2])
+local reply = {redis.call('GET', KEYS[1]) or '0', view and 1 or 0, view or ''}
+for index = 3, #KEYS do
+  reply[#reply + 1] = redis.call('HGETALL', KEYS[index])
+end
+return reply
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ViewRead:
+    """What `read_view` found: the checkpoint's raw value, the view (None when absent) and each hash."""
+
+    checkpoint: bytes | str | None
+    view: bytes | None
+    hashes: list[dict[bytes | str, bytes | str]]
+
+
+class ViewReader:
+    """Reads a checkpoint, a view and the hashes it merges in one script call: one command, one reply.
+
+    A pipeline of GET, GET and HGETALL costs the same single round trip, but three commands
+    to pack, three replies to parse and three read timeouts in the driver; on a replica's
+    cold path that was most of the query's own work.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._sha: str | None = None
+
+    async def read(self, checkpoint_key: str, view_key: str, *hash_keys: str) -> ViewRead:
+        """The checkpoint, the view and the hashes, read atomically."""
+        keys = (checkpoint_key, view_key, *hash_keys)
+        try:
+            if self._sha is None:
+                self._sha = await self._client.script_load(_READ_VIEW_SCRIPT)
+            raw = await self._client.evalsha(self._sha, len(keys), *keys)
+        except redis.exceptions.NoScriptError:
+            # Redis restarted (or SCRIPT FLUSH ran) since the script was loaded.
+            self._sha = await self._client.script_load(_READ_VIEW_SCRIPT)
+            raw = await self._client.evalsha(self._sha, len(keys), *keys)
+        checkpoint, exists, view, *hashes = raw
+        return ViewRead(
+            checkpoint,
+            (view if isinstance(view, bytes) else str(view).encode()) if exists else None,
+            [_pairs(flat) for flat in hashes],
+        )
+
+
+def _pairs(flat: Any) -> dict[bytes | str, bytes | str]:
+    # HGETALL inside a script answers a flat list of fields and values.
+    if isinstance(flat, dict):
+        return flat
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 class CheckpointReader:
     """A query's read of a projection's checkpoint: a call of its own, or queued in the query's read.
 
-    Calling it reads the checkpoint alone. A query that reads its view in one pipeline puts
-    a GET of `key` first in that pipeline instead (Redis runs a pipeline's commands in order,
+    Calling it reads the checkpoint alone. A query that reads its view in one command (the
+    read script of ViewReader) reads `key` in that command instead (Redis runs it atomically,
     so the view read reflects at least that checkpoint) and passes the value to `verify`,
     with what `known` said just before: one round trip instead of two.
     """
@@ -244,8 +306,8 @@ class CheckpointReader:
 class QueryCheckpoint:
     """The checkpoint one query reports as `view_position`, read by the view's own read when it can.
 
-    A view that reads in one pipeline asks `pipelined()` for the checkpoint key, puts a GET of
-    it first in the pipeline and hands the value to `settle`: one round trip for both. Any
+    A view that reads in one command asks `pipelined()` for the checkpoint key, reads it with
+    the view (ViewReader) and hands the value to `settle`: one round trip for both. Any
     other read calls `read()` first, a round trip of its own. Either way `position` is the
     checkpoint the reply reflects at least, and the near cache (if any) is told about it.
     """
@@ -308,24 +370,33 @@ async def read_single_view(
     at: QueryCheckpoint,
     cache: NearCache | None,
 ) -> T | None:
-    """The view stored at `key` (None when absent), setting `at.position`, in the fewest round trips.
+    """The view stored at `key`, parsed (None when absent), setting `at.position` (see read_view_field)."""
+    field = await read_view_field(ViewReader(client), client, key, at, cache)
+    return None if field is None else parse(view_bytes(field))
+
+
+def _view_field_of(raw: Any) -> bytes | None:
+    return None if raw is None else view_field(raw if isinstance(raw, bytes) else str(raw).encode())
+
+
+async def read_view_field(
+    reader: ViewReader, client: aioredis.Redis, key: str, at: QueryCheckpoint, cache: NearCache | None
+) -> bytes | None:
+    """The view stored at `key` as field 1 of a reply (None when absent), setting `at.position`.
 
     A near-cache hit at the projector's checkpoint makes no Redis call; otherwise the checkpoint
-    is read first in the same pipeline as the view (see QueryCheckpoint), or, when it cannot
-    be, in a round trip of its own just before.
+    is read with the view in one script call (`reader`, see QueryCheckpoint), or, when it
+    cannot be, in a round trip of its own just before. The cache keeps the field bytes, so a hit is
+    written to the caller as it is (read_service.entrypoints.replies).
     """
-
-    def decode(raw: Any) -> T | None:
-        return None if raw is None else parse(raw if isinstance(raw, bytes) else str(raw).encode())
-
     if cache is not None:
         hit = at.from_memory(cache, key)
         if hit is not None:
-            cached: T | None = hit[0]
+            cached: bytes | None = hit[0]
             return cached
 
-    async def read() -> T | None:
-        return decode(await client.get(key))
+    async def read() -> bytes | None:
+        return _view_field_of(await client.get(key))
 
     pipelined = at.pipelined()
     if pipelined is None:
@@ -333,12 +404,9 @@ async def read_single_view(
         return await read() if cache is None else await cache.get((key,), read)
     checkpoint_key, known = pipelined
 
-    async def load() -> tuple[T | None, int]:
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.get(checkpoint_key)
-            pipe.get(key)
-            raw_checkpoint, raw = await pipe.execute()
-        return decode(raw), await at.settle(raw_checkpoint, known)
+    async def load() -> tuple[bytes | None, int]:
+        read = await reader.read(checkpoint_key, key)
+        return _view_field_of(read.view), await at.settle(read.checkpoint, known)
 
     value, _ = await load() if cache is None else await cache.fill((key,), load)
     return value

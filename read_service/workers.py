@@ -96,8 +96,11 @@ class ReplicaHeaderInterceptor(grpc.aio.ServerInterceptor):
     Unary query calls carry it in their trailing metadata, failed calls too (the error mapping
     keeps it beside the status details): set before the handler runs, it travels in the batch
     that sends the reply and the status, where an initial header would cost a batch of its own
-    per call. Health checks (what probes and tools that count workers read) and server streams
-    carry it in their initial metadata, a stream's before its first message or its end.
+    per call. A GrpcServer sets that trailer in the call wrapper every unary call already goes
+    through (`unary_trailing_metadata`), so this interceptor leaves those calls alone there;
+    given to a server that does not know the attribute, it sets the trailer itself. Health
+    checks (what probes and tools that count workers read) and server streams carry it in
+    their initial metadata, a stream's before its first message or its end.
     Client streams and reflection pass through untouched. A server stream keeps its handler's
     shape: an async generator is wrapped in one, a coroutine that streams with `context.write`
     (the health servicer's Watch, which client-side health checking relies on) in a coroutine,
@@ -108,6 +111,9 @@ class ReplicaHeaderInterceptor(grpc.aio.ServerInterceptor):
         self.value = f"{replica_id}/{pid if pid is not None else os.getpid()}"
         self._header = (REPLICA_HEADER, self.value)
         self._trailer = (self._header,)
+        # Taken over by the server's call wrapper (GrpcServer), which then sets it on unary calls.
+        self.unary_trailing_metadata: tuple[tuple[str, str], ...] = self._trailer
+        self.trailer_taken_over = False
         # method -> (the unary handler resolved for it, its wrapped version): built once, not per call.
         self._unary_handlers: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
@@ -126,6 +132,8 @@ class ReplicaHeaderInterceptor(grpc.aio.ServerInterceptor):
             if cached is not None and cached[0] is handler:
                 return cached[1]
             in_header = method.startswith(_HEADER_METHODS)
+            if not in_header and self.trailer_taken_over:
+                return handler
             wrapped = grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary) if in_header else self._trailing(handler.unary_unary),
                 request_deserializer=handler.request_deserializer,

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from contextvars import Token
 from typing import Any
 
@@ -40,7 +40,7 @@ from shared_kernel.security.authn import Authenticator
 from shared_kernel.security.interceptor import AuthInterceptor, Refusal, check_call
 from shared_kernel.security.scopes import required_scope
 from shared_kernel.settings import GrpcServerSettings
-from shared_kernel.telemetry import context_from_headers
+from shared_kernel.telemetry import context_from_headers, records_spans
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +63,26 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
     of each per layer plus a method handler built by every layer. Health and reflection get no
     span and no metrics, as before. Other kinds of handlers (streams) go through
     AuthInterceptor inside ErrorMappingInterceptor, as separate interceptors would take them.
+
+    With `root_spans=False`, a call without a trace context gets no span when the process
+    records none (telemetry.records_spans): such a span would only carry fresh ids that
+    nothing reads. A call with a trace context still runs in its span, so its logs carry the
+    caller's trace. The write service keeps root spans: its spans' ids travel on in events.
     """
 
-    def __init__(self, authenticator: Authenticator | None = None, recorder: RpcRecorder | None = None) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator | None = None,
+        recorder: RpcRecorder | None = None,
+        *,
+        root_spans: bool = True,
+        trailing_metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self._authenticator = authenticator
         self._recorder = recorder
+        self._root_spans = root_spans
+        # Set on every observed unary call before its handler runs (a replica's name, for one).
+        self._trailer = tuple(trailing_metadata)
         self._tracer = trace.get_tracer("tessera.grpc")
         self._auth = None if authenticator is None else AuthInterceptor(authenticator)
         self._errors = ErrorMappingInterceptor()
@@ -102,6 +117,9 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
         observed = not method.startswith(_UNOBSERVED)
         recorder = self._recorder if observed else None
         tracer = self._tracer if observed else None
+        # Decided once per method: tracing is configured before the server starts.
+        root_spans = self._root_spans or records_spans()
+        trailer = self._trailer if observed else ()
         authenticator = self._authenticator
         required = None if authenticator is None else required_scope(method)
         # Built once per method (the SDK copies them into each span).
@@ -120,6 +138,9 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
                     if key == "traceparent":
                         parent = context_from_headers({k: v for k, v in metadata if isinstance(v, str)})
                         break
+                else:
+                    if not root_spans:
+                        return await _mapped(request, context)
                 with tracer.start_as_current_span(
                     method, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes
                 ):
@@ -133,6 +154,8 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
 
         async def _mapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             principal: Token[str] | None = None
+            if trailer:
+                context.set_trailing_metadata(trailer)
             try:
                 if isinstance(request, UndecodableRequest):
                     await reject_undecodable(request, context)
@@ -169,6 +192,44 @@ def _resolved(
         return handler
 
     return continuation
+
+
+class _Registrations:
+    """Stands in for a server while a generated `add_*_to_server` function hands over its handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, _handlers: object) -> None:
+        """Ignored: the method handlers come again through add_registered_method_handlers."""
+
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Any]) -> None:
+        """Keep the service's method handlers."""
+        self.service = service
+        self.handlers = dict(handlers)
+
+
+def add_preserialized(
+    add: Callable[[Any, Any], None], methods: Collection[str]
+) -> Callable[[Any, grpc.aio.Server], None]:
+    """A register function like the generated `add`, except that `methods` answer bytes, sent as they are."""
+
+    def register(servicer: Any, server: grpc.aio.Server) -> None:
+        registrations = _Registrations()
+        add(servicer, registrations)
+        handlers = registrations.handlers
+        for name in methods:
+            handler = handlers[name]
+            if handler.unary_unary is None:
+                raise ValueError(f"{name} is not a unary method")
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                handler.unary_unary, request_deserializer=handler.request_deserializer, response_serializer=None
+            )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(registrations.service, handlers),))
+        server.add_registered_method_handlers(registrations.service, handlers)
+
+    return register
 
 
 def server_options(settings: GrpcServerSettings) -> list[tuple[str, Any]]:
@@ -212,13 +273,29 @@ class GrpcServer:
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
         options: Sequence[tuple[str, Any]] = (),
         authenticator: Authenticator | None = None,
+        *,
+        root_spans: bool = True,
     ) -> None:
         self.settings = settings
         self.service_names = list(service_names)
         self.health = health_aio.HealthServicer()
         # Metrics outermost (only when configured), then the span, the error mapping and auth:
         # refusals are traced and never become INTERNAL; metrics see the status the caller gets.
-        calls = ServerCallInterceptor(authenticator, RpcRecorder() if metrics_enabled() else None)
+        interceptors = list(interceptors)
+        trailer: tuple[tuple[str, str], ...] = ()
+        for interceptor in interceptors:
+            # An interceptor that only adds a trailer to unary calls hands it to the one call
+            # wrapper instead of wrapping each of them again (read_service.workers).
+            offered = getattr(interceptor, "unary_trailing_metadata", None)
+            if offered:
+                trailer += tuple(offered)
+                interceptor.trailer_taken_over = True  # type: ignore[attr-defined]
+        calls = ServerCallInterceptor(
+            authenticator,
+            RpcRecorder() if metrics_enabled() else None,
+            root_spans=root_spans,
+            trailing_metadata=trailer,
+        )
         self.server = grpc.aio.server(
             interceptors=[calls, *interceptors],
             options=[*server_options(settings), *options],

@@ -68,6 +68,14 @@ def configure_tracing(service_name: str) -> TracerProvider:
     return provider
 
 
+def records_spans() -> bool:
+    """Whether the installed tracer provider can record spans at all (False when it samples none)."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        return False  # the API's default: no-op spans
+    return provider.sampler is not ALWAYS_OFF
+
+
 def current_trace_context() -> tuple[str, str]:
     """The (traceparent, tracestate) of the current span, empty strings when there is none."""
     carrier: dict[str, str] = {}

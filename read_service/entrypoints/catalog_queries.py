@@ -11,12 +11,21 @@ from read_service.entrypoints.freshness import Freshness
 from read_service.entrypoints.requests import PageLimits, open_page_token, page_size
 from read_service.page_tokens import PageTokenCodec
 from read_service.views.catalog import ListProductsQuery, ProductViews
+from read_service.views.wire import reply_tail, view_bytes
 from shared_kernel import errors
-from shared_kernel.validation import parse_uuid
+from shared_kernel.grpc_server import add_preserialized
+from shared_kernel.validation import canonical_uuid
 from tessera.catalog.v1 import product_query_service_pb2 as pb
 from tessera.catalog.v1 import product_query_service_pb2_grpc as pb_grpc
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ProductQueryService"].full_name
+# Methods that answer serialized replies (registered with shared_kernel.grpc_server.add_preserialized).
+BYTES_METHODS = ("GetProduct",)
+
+
+def field_version(field: bytes | None) -> int:
+    """The product version in a reply's view field (0 when there is no view)."""
+    return 0 if field is None else pb.ProductView.FromString(view_bytes(field)).version
 
 
 def list_products_query(
@@ -43,18 +52,22 @@ class ProductQueryServicer(pb_grpc.ProductQueryServiceServicer):
         self._freshness = freshness
         self._limits = limits or PageLimits()
 
-    async def GetProduct(
-        self, request: pb.GetProductRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GetProductResponse:
-        """One product by id."""
-        product_id = str(parse_uuid("product_id", request.product_id))
+    async def GetProduct(self, request: pb.GetProductRequest, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:  # type: ignore[override]  # bytes: see BYTES_METHODS
+        """One product by id: a serialized GetProductResponse (see read_service.views.wire)."""
+        product_id = canonical_uuid("product_id", request.product_id)
         token = token_for(PRODUCT_AGGREGATE, request.consistency_token)
-        view, stale, position = await self._freshness.answer_at(
-            context, token, request.max_wait_ms, lambda at: self._views.get_at(product_id, at)
+        views = self._views
+        field, stale, position = await self._freshness.answer_at(
+            context,
+            token,
+            request.max_wait_ms,
+            lambda at: views.field_at(product_id, at),
+            peek=lambda at: views.cached_field(product_id, at),
+            version=field_version,
         )
-        if view is None:
+        if field is None:
             raise errors.NotFound(f"product {product_id} not found")
-        return pb.GetProductResponse(product=view, stale=stale, view_position=position)
+        return field + reply_tail(stale, position)
 
     async def ListProducts(
         self, request: pb.ListProductsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -69,3 +82,7 @@ class ProductQueryServicer(pb_grpc.ProductQueryServiceServicer):
         return pb.ListProductsResponse(
             products=page.products, next_page_token=next_token, stale=stale, view_position=position
         )
+
+
+# How the servicer is added to a server: the generated registration, with BYTES_METHODS answering bytes.
+register_product_queries = add_preserialized(pb_grpc.add_ProductQueryServiceServicer_to_server, BYTES_METHODS)

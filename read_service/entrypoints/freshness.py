@@ -6,8 +6,8 @@
   within `max_wait_ms`, the server's cap and the caller's deadline) until the view reflects
   it; past the budget it answers with what it has, marked stale (`stale` field and the
   `x-tessera-stale` header).
-- `view_position`: the checkpoint read from Redis just before the query's own read, or as the
-  first command of the read's own pipeline (`answer_at`, one round trip for both).
+- `view_position`: the checkpoint read from Redis just before the query's own read, or in the
+  same command as the view (`answer_at`, one round trip for both).
 - Budgets: every Redis read runs within the caller's remaining deadline, capped by
   QUERY_TIMEOUT_S (`within_budget`).
 
@@ -119,14 +119,19 @@ class Freshness:
         stale = False
         if token is not None:
             stale = not await self._wait_for(token, max_wait_ms, context)
+        return await self._headers(stale, context)
+
+    async def _headers(self, stale: bool, context: Context) -> bool:
+        """Send the stale and parked headers when they apply; return whether the answer is stale."""
         # A parked projection serves views exact up to the event before the parked one, and says so.
         parked = None if self._gate is None else self._gate.parked_position()
-        headers = [(STALE_HEADER, "true")] if stale or parked is not None else []
+        if not stale and parked is None:
+            return False
+        headers = [(STALE_HEADER, "true")]
         if parked is not None:
             headers.append((PARKED_HEADER, str(parked)))
-        if headers:
-            await context.send_initial_metadata(tuple(headers))
-        return stale or parked is not None
+        await context.send_initial_metadata(tuple(headers))
+        return True
 
     async def answer(
         self, context: Context, token: ConsistencyToken | None, max_wait_ms: int, work: Callable[[], Awaitable[T]]
@@ -145,13 +150,46 @@ class Freshness:
         token: ConsistencyToken | None,
         max_wait_ms: int,
         work: Callable[[QueryCheckpoint], Awaitable[T]],
+        *,
+        peek: Callable[[QueryCheckpoint], tuple[T] | None] | None = None,
+        version: Callable[[T], int] | None = None,
     ) -> tuple[T, bool, int]:
-        """Like `answer`, for a read that takes the view position itself (see QueryCheckpoint)."""
+        """Like `answer`, for a read that takes the view position itself (see QueryCheckpoint).
+
+        `peek` answers from memory without a Redis call when it can (a near-cache hit); it is
+        tried before the read's budget is set up. With `version` (the aggregate version of what
+        `work` read), a query with a consistency token checks the token against the value it
+        read: when the view already reflects it, that read is the answer, so the query makes
+        one Redis round trip (the checkpoint and the view in one command) instead of a version
+        read and then the read. Otherwise the read is repeated each time the projector moves,
+        as the wait would read the version, and the last one is the answer.
+        """
         self.require_ready()
-        stale = await self._mark(token, max_wait_ms, context)
-        at = QueryCheckpoint(self._checkpoint, memory=token is None)
-        value = await self.read(context, lambda: work(at))
-        return value, stale, at.position
+        if token is None:
+            stale = await self._headers(False, context)
+            at = QueryCheckpoint(self._checkpoint)
+            if peek is not None:
+                hit = peek(at)
+                if hit is not None:
+                    return hit[0], stale, at.position
+            return await self.read(context, lambda: work(at)), stale, at.position
+        at = QueryCheckpoint(self._checkpoint, memory=False)
+        if version is None or self._gate is None:
+            stale = await self._mark(token, max_wait_ms, context)
+            value = await self.read(context, lambda: work(at))
+            return value, stale, at.position
+        read: list[T] = []
+
+        async def current(_aggregate_id: str) -> int:
+            value = await self.read(context, lambda: work(at))
+            read[:] = [value]
+            return version(value)
+
+        reflected = await self._wait_for(token, max_wait_ms, context, current)
+        stale = await self._headers(not reflected, context)
+        if not read:  # pragma: no cover - the gate reads at least once
+            read.append(await self.read(context, lambda: work(at)))
+        return read[0], stale, at.position
 
     async def read(self, context: Context, work: Callable[[], Awaitable[T]]) -> T:
         """Run one read of the view within the query budget."""
@@ -165,7 +203,13 @@ class Freshness:
             return 0
         return await within_budget(context, read, self._query_timeout_s)
 
-    async def _wait_for(self, token: ConsistencyToken, max_wait_ms: int, context: Context) -> bool:
+    async def _wait_for(
+        self,
+        token: ConsistencyToken,
+        max_wait_ms: int,
+        context: Context,
+        current: Callable[[str], Awaitable[int]] | None = None,
+    ) -> bool:
         if self._gate is None:
             # Without a projector to wait on, the view cannot be shown to reflect anything.
             return False
@@ -174,4 +218,4 @@ class Freshness:
         if remaining is not None and math.isfinite(remaining):
             # Leave time for the read that follows the wait and for the answer to travel.
             budget = min(budget, remaining - 2 * _deadline_margin(remaining))
-        return await self._gate.wait(token, max(budget, 0.0))
+        return await self._gate.wait(token, max(budget, 0.0), current)

@@ -21,24 +21,30 @@ from read_service.entrypoints.requests import PageLimits
 from read_service.keys import SortField, Subset
 from read_service.page_tokens import InvalidPageToken, PageTokenCodec
 from read_service.views.users import ListUsersQuery, UserViews
+from read_service.views.wire import reply_tail, view_bytes
 from read_service.watch import Change
 from shared_kernel import errors
-from shared_kernel.validation import email_violation, has_control_chars, parse_uuid
+from shared_kernel.grpc_server import add_preserialized
+from shared_kernel.validation import canonical_uuid, email_violation, has_control_chars, parse_uuid
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1 import user_query_service_pb2_grpc as pb_grpc
 
 __all__ = [
+    "BYTES_METHODS",
     "MAX_SEARCH_CHARS",
     "SERVICE_NAME",
     "PageLimits",
     "UserQueryServicer",
     "email_from_request",
     "list_query_from_request",
+    "register_user_queries",
 ]
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UserQueryService"].full_name
 
 MAX_SEARCH_CHARS = 100
+# Methods that answer serialized replies (registered with shared_kernel.grpc_server.add_preserialized).
+BYTES_METHODS = ("GetUser", "GetUserByEmail")
 
 _SORTS = {
     pb.USER_SORT_FIELD_UNSPECIFIED: SortField.CREATED_AT,
@@ -56,6 +62,11 @@ _SUBSETS = {
     pb.ACTIVE_FILTER_ACTIVE: Subset.ACTIVE,
     pb.ACTIVE_FILTER_INACTIVE: Subset.INACTIVE,
 }
+
+
+def field_version(field: bytes | None) -> int:
+    """The user version in a reply's view field (0 when there is no view)."""
+    return 0 if field is None else pb.UserView.FromString(view_bytes(field)).version
 
 
 def _enum_violation(field: str, names: list[str]) -> errors.FieldViolation:
@@ -145,31 +156,35 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
             is_ready, query_timeout_s, gate=gate, checkpoint=checkpoint, max_wait_ms=max_wait_ms
         )
 
-    async def GetUser(
-        self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GetUserResponse:
-        """One user by id."""
-        user_id = str(parse_uuid("user_id", request.user_id))
+    async def GetUser(self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:  # type: ignore[override]  # bytes: see BYTES_METHODS
+        """One user by id: a serialized GetUserResponse (see read_service.views.wire)."""
+        user_id = canonical_uuid("user_id", request.user_id)
         token = user_token(request.consistency_token)
-        view, stale, position = await self._freshness.answer_at(
-            context, token, request.max_wait_ms, lambda at: self._views.get_at(user_id, at)
+        views = self._views
+        field, stale, position = await self._freshness.answer_at(
+            context,
+            token,
+            request.max_wait_ms,
+            lambda at: views.field_at(user_id, at),
+            peek=lambda at: views.cached_field(user_id, at),
+            version=field_version,
         )
-        if view is None:
+        if field is None:
             raise errors.NotFound(f"user {user_id} not found")
-        return pb.GetUserResponse(user=view, stale=stale, view_position=position)
+        return field + reply_tail(stale, position)
 
-    async def GetUserByEmail(
+    async def GetUserByEmail(  # type: ignore[override]  # bytes: see BYTES_METHODS
         self, request: pb.GetUserByEmailRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GetUserByEmailResponse:
-        """One user by e-mail address, case-insensitively."""
+    ) -> bytes:
+        """One user by e-mail address, case-insensitively: a serialized GetUserByEmailResponse."""
         email = email_from_request(request.email)
         token = user_token(request.consistency_token)
-        view, stale, position = await self._freshness.answer(
-            context, token, request.max_wait_ms, lambda: self._views.get_by_email(email)
+        field, stale, position = await self._freshness.answer(
+            context, token, request.max_wait_ms, lambda: self._views.field_by_email(email)
         )
-        if view is None:
+        if field is None:
             raise errors.NotFound("no user has this e-mail address")
-        return pb.GetUserByEmailResponse(user=view, stale=stale, view_position=position)
+        return field + reply_tail(stale, position)
 
     async def ListUsers(
         self, request: pb.ListUsersRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -197,3 +212,7 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
                 continue
             view = pb.UserView.FromString(change.value)
             yield pb.WatchUserResponse(user=view, exists=True, version=view.version, view_position=change.position)
+
+
+# How the servicer is added to a server: the generated registration, with BYTES_METHODS answering bytes.
+register_user_queries = add_preserialized(pb_grpc.add_UserQueryServiceServicer_to_server, BYTES_METHODS)

@@ -23,13 +23,23 @@ from read_service.entrypoints.requests import (
 from read_service.keys import OrderSortField
 from read_service.page_tokens import PageTokenCodec
 from read_service.views.orders import CustomerOrdersQuery, OrderViews, SearchOrdersQuery, StatisticsQuery
+from read_service.views.wire import reply_tail, view_bytes
 from read_service.watch import Change
 from shared_kernel import errors
-from shared_kernel.validation import parse_uuid, uuid_violation
+from shared_kernel.grpc_server import add_preserialized
+from shared_kernel.validation import canonical_uuid, parse_uuid, uuid_violation
 from tessera.orders.v1 import order_query_service_pb2 as pb
 from tessera.orders.v1 import order_query_service_pb2_grpc as pb_grpc
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["OrderQueryService"].full_name
+# Methods that answer serialized replies (registered with shared_kernel.grpc_server.add_preserialized).
+BYTES_METHODS = ("GetOrder",)
+
+
+def field_version(field: bytes | None) -> int:
+    """The order version in a reply's view field (0 when there is no view)."""
+    return 0 if field is None else pb.OrderView.FromString(view_bytes(field)).version
+
 
 # The longest date range GetOrderStatistics covers: to_date at most this many days after from_date.
 MAX_RANGE_DAYS = 366
@@ -153,18 +163,22 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
         self._freshness = freshness
         self._limits = limits or PageLimits()
 
-    async def GetOrder(
-        self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GetOrderResponse:
-        """One order by id."""
-        order_id = str(parse_uuid("order_id", request.order_id))
+    async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:  # type: ignore[override]  # bytes: see BYTES_METHODS
+        """One order by id: a serialized GetOrderResponse (see read_service.views.wire)."""
+        order_id = canonical_uuid("order_id", request.order_id)
         token = token_for(ORDER_AGGREGATE, request.consistency_token)
-        view, stale, position = await self._freshness.answer_at(
-            context, token, request.max_wait_ms, lambda at: self._views.get_at(order_id, at)
+        views = self._views
+        field, stale, position = await self._freshness.answer_at(
+            context,
+            token,
+            request.max_wait_ms,
+            lambda at: views.field_at(order_id, at),
+            peek=lambda at: views.cached_field(order_id, at),
+            version=field_version,
         )
-        if view is None:
+        if field is None:
             raise errors.NotFound(f"order {order_id} not found")
-        return pb.GetOrderResponse(order=view, stale=stale, view_position=position)
+        return field + reply_tail(stale, position)
 
     async def ListOrdersByCustomer(
         self, request: pb.ListOrdersByCustomerRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -244,3 +258,7 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
                 continue
             yield pb.WatchOrdersByCustomerResponse(orders=orders, initial=initial, view_position=position)
             initial = False
+
+
+# How the servicer is added to a server: the generated registration, with BYTES_METHODS answering bytes.
+register_order_queries = add_preserialized(pb_grpc.add_OrderQueryServiceServicer_to_server, BYTES_METHODS)

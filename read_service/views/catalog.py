@@ -8,7 +8,8 @@ import redis.asyncio as aioredis
 
 from read_service.keys import CatalogKeys, member_id
 from read_service.near_cache import NearCache
-from read_service.view_store import QueryCheckpoint, read_single_view
+from read_service.view_store import QueryCheckpoint, ViewReader, read_single_view, read_view_field
+from read_service.views.wire import view_bytes, view_field
 from tessera.catalog.v1.product_query_service_pb2 import ProductView
 
 
@@ -43,20 +44,38 @@ class ProductViews:
 
     def __init__(self, client: aioredis.Redis, keys: CatalogKeys, *, cache: NearCache | None = None) -> None:
         self._client = client
+        self._reader = ViewReader(client)
         self._keys = keys
         self._cache = cache
 
     async def get(self, product_id: str) -> ProductView | None:
         """The product with this canonical id, or None (through the near cache, when there is one)."""
-        if self._cache is None:
-            return await self._read(product_id)
-        return await self._cache.get((self._keys.view(product_id),), lambda: self._read(product_id))
+        key = self._keys.view(product_id)
+        field = await (
+            self._read_field(key) if self._cache is None else self._cache.get((key,), lambda: self._read_field(key))
+        )
+        return None if field is None else ProductView.FromString(view_bytes(field))
 
     async def get_at(self, product_id: str, at: QueryCheckpoint) -> ProductView | None:
         """Like `get`, also setting `at.position`; a read from Redis takes the checkpoint in the same round trip."""
         return await read_single_view(
             self._client, self._keys.view(product_id), ProductView.FromString, at, self._cache
         )
+
+    def cached_field(self, product_id: str, at: QueryCheckpoint) -> tuple[bytes | None] | None:
+        """`(field,)` from the near cache at the projector's checkpoint, setting `at.position`; None on a miss."""
+        if self._cache is None:
+            return None
+        hit: tuple[bytes | None] | None = at.from_memory(self._cache, self._keys.view(product_id))
+        return hit
+
+    async def field_at(self, product_id: str, at: QueryCheckpoint) -> bytes | None:
+        """Like `get_at`, as field 1 of a reply (read_service.views.wire), without parsing the view."""
+        return await read_view_field(self._reader, self._client, self._keys.view(product_id), at, self._cache)
+
+    async def _read_field(self, key: str) -> bytes | None:
+        raw = await self._client.get(key)
+        return None if raw is None else view_field(_as_bytes(raw))
 
     async def _read(self, product_id: str) -> ProductView | None:
         raw = await self._client.get(self._keys.view(product_id))

@@ -8,7 +8,8 @@ import redis.asyncio as aioredis
 
 from read_service.keys import SortField, Subset, UserKeys, email_key, member_user_id
 from read_service.near_cache import NearCache
-from read_service.view_store import QueryCheckpoint
+from read_service.view_store import QueryCheckpoint, ViewReader
+from read_service.views.wire import view_bytes, view_field
 from tessera.common.v1.money_pb2 import Money
 from tessera.users.v1.user_query_service_pb2 import UserView
 
@@ -62,11 +63,34 @@ def _matches(view: UserView, query: ListUsersQuery) -> bool:
     return any(needle in text.casefold() for text in (view.email, view.username, view.full_name))
 
 
-def _merge_spending(view: UserView, amounts: dict[bytes | str, bytes | str]) -> None:
+def _spending(amounts: dict[bytes | str, bytes | str]) -> list[Money]:
     # HGETALL of the user's spending hash: minor units per currency code.
-    for currency, amount in sorted((_as_bytes(c).decode(), int(a)) for c, a in amounts.items()):
-        if amount:
-            view.total_spent.append(Money(currency_code=currency, amount_minor=amount))
+    return [
+        Money(currency_code=currency, amount_minor=amount)
+        for currency, amount in sorted((_as_bytes(c).decode(), int(a)) for c, a in amounts.items())
+        if amount
+    ]
+
+
+def _merge_spending(view: UserView, amounts: dict[bytes | str, bytes | str]) -> None:
+    view.total_spent.extend(_spending(amounts))
+
+
+def _field(raw: bytes | str | None, amounts: dict[bytes | str, bytes | str]) -> bytes | None:
+    """The stored view with what the user spent, as field 1 of a reply, without parsing the view.
+
+    Appending the serialized `total_spent` entries to the view's bytes is what parsing the view
+    and appending them would give (a repeated field's entries add up when bytes are merged).
+    """
+    if raw is None:
+        return None
+    spending = _spending(amounts) if amounts else []
+    extra = UserView(total_spent=spending).SerializeToString() if spending else b""
+    return view_field(_as_bytes(raw) + extra)
+
+
+def _parse(field: bytes | None) -> UserView | None:
+    return None if field is None else UserView.FromString(view_bytes(field))
 
 
 class UserViews:
@@ -76,59 +100,69 @@ class UserViews:
         self, client: aioredis.Redis, keys: UserKeys, scan_limit: int = 5000, *, cache: NearCache | None = None
     ) -> None:
         self._client = client
+        self._reader = ViewReader(client)
         self._keys = keys
         self._scan_limit = scan_limit
         self._cache = cache
 
+    def _keys_of(self, user_id: str) -> tuple[str, str]:
+        # The view and what the user spent are kept apart: a write to either drops a cache entry.
+        return self._keys.view(user_id), self._keys.spent(user_id)
+
     async def get(self, user_id: str) -> UserView | None:
         """The user with this canonical id, or None (through the near cache, when there is one)."""
+        return _parse(await self.get_field(user_id))
+
+    async def get_field(self, user_id: str) -> bytes | None:
+        """Like `get`, as field 1 of a reply (read_service.views.wire)."""
         if self._cache is None:
-            return await self._read(user_id)
-        # The view and what the user spent are kept apart: a write to either drops the entry.
-        keys = (self._keys.view(user_id), self._keys.spent(user_id))
-        return await self._cache.get(keys, lambda: self._read(user_id))
+            return await self._read_field(user_id)
+        return await self._cache.get(self._keys_of(user_id), lambda: self._read_field(user_id))
 
     async def get_at(self, user_id: str, at: QueryCheckpoint) -> UserView | None:
         """Like `get`, also setting `at.position`; a read from Redis takes the checkpoint in the same round trip."""
-        keys = (self._keys.view(user_id), self._keys.spent(user_id))
+        return _parse(await self.field_at(user_id, at))
+
+    def cached_field(self, user_id: str, at: QueryCheckpoint) -> tuple[bytes | None] | None:
+        """`(field,)` from the near cache at the projector's checkpoint, setting `at.position`; None on a miss."""
+        if self._cache is None:
+            return None
+        hit: tuple[bytes | None] | None = at.from_memory(self._cache, self._keys.view(user_id))
+        return hit
+
+    async def field_at(self, user_id: str, at: QueryCheckpoint) -> bytes | None:
+        """Like `get_at`, as field 1 of a reply: the view and what the user spent, without building a message."""
+        keys = self._keys_of(user_id)
         cache = self._cache
         if cache is not None:
             hit = at.from_memory(cache, keys[0])
             if hit is not None:
-                view: UserView | None = hit[0]
-                return view
+                cached: bytes | None = hit[0]
+                return cached
         pipelined = at.pipelined()
         if pipelined is None:
             await at.read()
-            return await self.get(user_id)
+            return await self.get_field(user_id)
         checkpoint_key, known = pipelined
 
-        async def load() -> tuple[UserView | None, int]:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.get(checkpoint_key)
-                pipe.get(keys[0])
-                pipe.hgetall(keys[1])
-                raw_checkpoint, raw, spent = await pipe.execute()
-            position = await at.settle(raw_checkpoint, known)
-            if raw is None:
-                return None, position
-            view = UserView.FromString(_as_bytes(raw))
-            _merge_spending(view, spent)
-            return view, position
+        async def load() -> tuple[bytes | None, int]:
+            read = await self._reader.read(checkpoint_key, *keys)
+            position = await at.settle(read.checkpoint, known)
+            return _field(read.view, read.hashes[0]), position
 
         if cache is None:
-            read, _ = await load()
+            field, _ = await load()
         else:
-            read, _ = await cache.fill(keys, load)
-        return read
+            field, _ = await cache.fill(keys, load)
+        return field
 
-    async def _read(self, user_id: str) -> UserView | None:
-        raw = await self._client.get(self._keys.view(user_id))
-        if raw is None:
-            return None
-        view = UserView.FromString(_as_bytes(raw))
-        await self._add_spending([view])
-        return view
+    async def _read_field(self, user_id: str) -> bytes | None:
+        view_key, spent_key = self._keys_of(user_id)
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.get(view_key)
+            pipe.hgetall(spent_key)
+            raw, spent = await pipe.execute()
+        return _field(raw, spent)
 
     async def version(self, user_id: str) -> int:
         """The user version the view reflects (0 when there is none); reads the view only."""
@@ -149,10 +183,14 @@ class UserViews:
 
     async def get_by_email(self, email: str) -> UserView | None:
         """The user with this e-mail address (any case), or None."""
+        return _parse(await self.field_by_email(email))
+
+    async def field_by_email(self, email: str) -> bytes | None:
+        """Like `get_by_email`, as field 1 of a reply."""
         user_id = await self._client.hget(self._keys.by_email, email_key(email))
         if user_id is None:
             return None
-        return await self.get(_as_bytes(user_id).decode())
+        return await self.get_field(_as_bytes(user_id).decode())
 
     async def list_page(self, query: ListUsersQuery) -> UserPage:
         """One page in index order, starting after the query's cursor.

@@ -32,6 +32,8 @@ _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 _SCOPE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _MAX_SCOPES = 64
 _MAX_SUBJECT_CHARS = 256
+# Verified tokens remembered per verifier: callers reuse one token for many calls.
+VERIFIED_CACHE_SIZE = 1024
 
 
 class TokenError(Exception):
@@ -134,7 +136,14 @@ class TokenSigner:
 
 
 class TokenVerifier:
-    """Checks a token's signature against one or more keys (rotation), then its claims."""
+    """Checks a token's signature against one or more keys (rotation), then its claims.
+
+    A token that verified is remembered (up to VERIFIED_CACHE_SIZE of them, the oldest forgotten
+    first), so the next call with the very same string skips the decoding, the HMAC and the
+    claim checks: the answer cannot differ, because the keys are fixed for the verifier's
+    life and the claims do not change. Only time does, so a remembered token is still refused
+    once it expires (with the same leeway). Refused tokens are not remembered.
+    """
 
     def __init__(
         self,
@@ -147,6 +156,7 @@ class TokenVerifier:
     ) -> None:
         if not keys or not all(keys):
             raise ValueError("at least one non-empty verification key is needed")
+        self._verified: dict[str, Claims] = {}
         self._keys = list(keys)
         self._issuer = issuer
         self._audience = audience
@@ -155,6 +165,19 @@ class TokenVerifier:
 
     def verify(self, token: str) -> Claims:
         """Return the token's claims, or raise TokenError saying why it is refused."""
+        known = self._verified.get(token)
+        if known is not None:
+            if self._clock() < known.exp + self._leeway_s:
+                return known
+            del self._verified[token]
+            raise TokenError("token expired")
+        claims = self._verify(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = claims
+        return claims
+
+    def _verify(self, token: str) -> Claims:
         if not token or len(token) > MAX_TOKEN_CHARS or not token.isascii():
             raise TokenError("malformed token")
         parts = token.split(".")

@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,12 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "bad-input-matrix.json"
 DOCUMENT = ROOT / "docs" / "bad-input-matrix.md"
 WRITE_DOC_ENV = "TESSERA_WRITE_MATRIX_DOC"
+
+
+@pytest.fixture(scope="module")
+def stack_env() -> Mapping[str, str]:
+    """No near cache: the matrix watches which requests reach Redis, and a near-cache hit does not."""
+    return {"NEAR_CACHE_SIZE": "0"}
 
 
 async def call_raw(channel: grpc.aio.Channel, case: Case, body: bytes) -> tuple[str, str]:

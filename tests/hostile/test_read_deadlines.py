@@ -32,8 +32,11 @@ SERVER_TIMEOUT_TEXT = f"did not answer within {QUERY_TIMEOUT_S:g} s"
 
 @pytest.fixture(scope="module")
 def stack_env() -> Mapping[str, str]:
-    """A short query budget; the Redis socket timeout keeps its 5 s default."""
-    return {"QUERY_TIMEOUT_S": str(QUERY_TIMEOUT_S)}
+    """A short query budget; the Redis socket timeout keeps its 5 s default.
+
+    No near cache: these are queries that must read Redis (a near-cache hit makes no Redis call).
+    """
+    return {"QUERY_TIMEOUT_S": str(QUERY_TIMEOUT_S), "NEAR_CACHE_SIZE": "0"}
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 from shared_kernel import errors, grpc_errors, migrations
 from shared_kernel.grpc_errors import status_for, to_domain_error
 from shared_kernel.logs import JsonFormatter
-from shared_kernel.validation import has_control_chars, parse_uuid
+from shared_kernel.validation import canonical_uuid, has_control_chars, parse_uuid
 
 
 def _details(status: grpc.Status) -> status_pb2.Status:
@@ -97,10 +97,14 @@ def test_parse_uuid_rejects_non_canonical(value: str) -> None:
     with pytest.raises(errors.InvalidArgument) as info:
         parse_uuid("user_id", value)
     assert info.value.violations[0].field == "user_id"
+    with pytest.raises(errors.InvalidArgument) as info:
+        canonical_uuid("user_id", value)
+    assert info.value.violations[0].field == "user_id"
 
 
 def test_parse_uuid_accepts_canonical_any_case() -> None:
     assert str(parse_uuid("id", "123E4567-E89B-12D3-A456-426614174000")) == "123e4567-e89b-12d3-a456-426614174000"
+    assert canonical_uuid("id", "123E4567-E89B-12D3-A456-426614174000") == "123e4567-e89b-12d3-a456-426614174000"
 
 
 @pytest.mark.parametrize(("value", "expected"), [("plain", False), ("a\nb", True), ("nul\x00", True), ("\u2028", True)])

@@ -45,7 +45,9 @@ async def replica(
     """A read service with one registered user (version 1) in its views."""
     user_id, registered = users.register("wait@example.com", "waiter")
     await event_log.append(registered)
-    settings = settings_for(database_url, redis_server_url, redis_prefix)
+    # Without the near cache: these tests are about what a query finds in Redis (a near-cache hit
+    # makes no Redis call; how the cache forgets a lost key space: test_near_cache_hits.py).
+    settings = settings_for(database_url, redis_server_url, redis_prefix).model_copy(update={"near_cache_size": 0})
     async with running_read_service(settings) as service:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
         stub: UserQueryServiceAsyncStub = UserQueryServiceStub(channel)

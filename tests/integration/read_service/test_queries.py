@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from read_service.bootstrap import create_redis_client
-from read_service.entrypoints.grpc_server import SERVICE_NAME, PageLimits, UserQueryServicer
+from read_service.entrypoints.grpc_server import SERVICE_NAME, PageLimits, UserQueryServicer, register_user_queries
 from read_service.keys import UserKeys
 from read_service.page_tokens import PageTokenCodec
 from read_service.projector import Projector
@@ -23,10 +23,7 @@ from shared_kernel.grpc_errors import bad_request_from_status
 from shared_kernel.grpc_server import GrpcServer
 from shared_kernel.settings import GrpcServerSettings
 from tessera.users.v1 import user_query_service_pb2 as pb
-from tessera.users.v1.user_query_service_pb2_grpc import (
-    UserQueryServiceStub,
-    add_UserQueryServiceServicer_to_server,
-)
+from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceStub
 
 from .conftest import BASE_TIME, EventLog, Publisher, StartProjector, UserFactory, eventually
 
@@ -69,7 +66,7 @@ def serve_servicer() -> ServeServicer:
     async def serve(servicer: UserQueryServicer) -> AsyncIterator[Any]:
         settings = GrpcServerSettings(grpc_host="127.0.0.1", grpc_port=0, grpc_shutdown_grace_s=1)
         server = GrpcServer(settings, [SERVICE_NAME])
-        server.add(add_UserQueryServiceServicer_to_server, servicer)
+        server.add(register_user_queries, servicer)
         port = await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         try:

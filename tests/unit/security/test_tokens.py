@@ -217,3 +217,26 @@ def test_python_dash_m_mints_and_verifies():
     )
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout)["scopes"] == ["users:read"]
+
+
+def test_a_remembered_token_is_still_refused_once_it_expires() -> None:
+    now = [float(NOW)]
+    check = TokenVerifier([KEY], clock=lambda: now[0], leeway_s=30)
+    token = signer().mint("alice", ["users:read"], ttl_s=60)
+    assert check.verify(token).sub == "alice"
+    now[0] = NOW + 60 + 29
+    assert check.verify(token).sub == "alice"  # within the leeway
+    now[0] = NOW + 60 + 30
+    assert refused(token, check) == "token expired"
+    assert refused(token, check) == "token expired"
+
+
+def test_a_remembered_token_is_the_same_string_only() -> None:
+    check = verifier()
+    token = signer().mint("alice", ["users:read"], ttl_s=60)
+    check.verify(token)
+    header, payload, signature = token.split(".")
+    # One character of the signature changed: verified afresh, and refused.
+    altered = f"{header}.{payload}.{'A' if signature[0] != 'A' else 'B'}{signature[1:]}"
+    assert refused(altered, check) == "bad signature"
+    assert refused(altered, check) == "bad signature"

@@ -1,0 +1,133 @@
+"""A cold single-view query is one Redis command, with a consistency token too."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from devstack.servers import EmbeddedRedis
+from read_service.consistency import ConsistencyGate, log_versions
+from read_service.entrypoints.grpc_server import SERVICE_NAME, UserQueryServicer, register_user_queries
+from read_service.keys import UserKeys
+from read_service.page_tokens import PageTokenCodec
+from read_service.projector import Projector
+from read_service.view_store import ViewReader
+from read_service.views.users import UserViews
+from shared_kernel.consistency import encode_token
+from shared_kernel.grpc_server import GrpcServer
+from shared_kernel.settings import GrpcServerSettings
+from tessera.users.v1 import user_query_service_pb2 as pb
+from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceStub
+
+if TYPE_CHECKING:
+    from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceAsyncStub
+
+from .conftest import EventLog, Publisher, StartProjector, UserFactory, eventually
+from .test_near_cache_hits import commands_on, publish
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def stub_and_projector(
+    start_projector: StartProjector, redis_client: aioredis.Redis, redis_prefix: str, db_pool: asyncpg.Pool[Any]
+) -> AsyncIterator[tuple[UserQueryServiceAsyncStub, Projector]]:
+    projector = await start_projector()
+    await eventually(lambda: projector.ready)
+    views = UserViews(redis_client, UserKeys(redis_prefix))
+    servicer = UserQueryServicer(
+        views,
+        PageTokenCodec(b"round-trip-test-page-token-secret"),
+        lambda: projector.ready,
+        gate=ConsistencyGate(projector, views.version, log_versions(db_pool)),
+        checkpoint=projector.read_checkpoint,
+    )
+    server = GrpcServer(GrpcServerSettings(grpc_host="127.0.0.1", grpc_port=0, grpc_shutdown_grace_s=1), [SERVICE_NAME])
+    server.add(register_user_queries, servicer)
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub: UserQueryServiceAsyncStub = UserQueryServiceStub(channel)
+            yield stub, projector
+    finally:
+        await server.stop()
+
+
+def _kinds(commands: list[str]) -> list[str]:
+    return sorted(command.split()[0].strip("'\"").upper() for command in commands)
+
+
+async def test_get_user_reads_checkpoint_and_view_in_one_pipeline_with_or_without_a_token(
+    stub_and_projector: tuple[UserQueryServiceAsyncStub, Projector],
+    event_log: EventLog,
+    users: UserFactory,
+    publisher: Publisher,
+    redis_server_url: str,
+    redis_prefix: str,
+) -> None:
+    stub, projector = stub_and_projector
+    user_id, registered = users.register("once@example.com", "once")
+    await publish(event_log, publisher, registered, users.update(user_id, "Renamed"))
+    await eventually(lambda: projector.checkpoint == 2)
+    token = encode_token("user", user_id, 2)
+
+    for request in (pb.GetUserRequest(user_id=user_id), pb.GetUserRequest(user_id=user_id, consistency_token=token)):
+        async with commands_on(redis_server_url, redis_prefix) as seen:
+            call = stub.GetUser(request, timeout=5)
+            reply = await call
+        # One command (the read script) that reads the checkpoint, the view and what the user
+        # spent: no separate read of the version or the checkpoint.
+        assert _kinds(seen) == ["EVALSHA", "GET", "GET", "HGETALL"], seen
+        assert reply.user.version == 2 and reply.user.full_name == "Renamed"
+        assert reply.view_position == 2 and not reply.stale
+        assert "x-tessera-stale" not in dict(await call.initial_metadata())
+
+
+async def test_a_token_ahead_of_the_view_is_answered_once_the_view_reflects_it(
+    stub_and_projector: tuple[UserQueryServiceAsyncStub, Projector],
+    event_log: EventLog,
+    users: UserFactory,
+    publisher: Publisher,
+) -> None:
+    stub, projector = stub_and_projector
+    user_id, registered = users.register("later@example.com", "later")
+    await publish(event_log, publisher, registered)
+    await eventually(lambda: projector.checkpoint == 1)
+    # Version 2 is in the log but not yet published: the query waits for it, then answers it.
+    update = users.update(user_id, "Arrives Later")
+    envelopes = await event_log.append(update)
+    call = stub.GetUser(
+        pb.GetUserRequest(user_id=user_id, consistency_token=encode_token("user", user_id, 2), max_wait_ms=5000),
+        timeout=10,
+    )
+    for envelope in envelopes:
+        await publisher.event(envelope)
+    reply = await call
+    assert reply.user.version == 2 and reply.user.full_name == "Arrives Later"
+    assert reply.view_position == 2 and not reply.stale
+
+
+async def test_the_read_script_is_loaded_again_after_redis_forgets_it() -> None:
+    # A throwaway Redis: SCRIPT FLUSH would drop the shared server's scripts for everyone.
+    with EmbeddedRedis() as server:
+        client = aioredis.Redis.from_url(server.url)
+        try:
+            await client.set("p:checkpoint", 7)
+            await client.set("p:view", b"\x0a\x01x")
+            await client.hset("p:spent", mapping={"EUR": 5})
+            reader = ViewReader(client)
+            first = await reader.read("p:checkpoint", "p:view", "p:spent")
+            await client.script_flush()
+            again = await reader.read("p:checkpoint", "p:view", "p:spent")
+            absent = await reader.read("p:nothing", "p:nothing-either")
+        finally:
+            await client.aclose()
+    assert first == again
+    assert int(first.checkpoint or 0) == 7 and first.view == b"\x0a\x01x"
+    assert first.hashes == [{b"EUR": b"5"}]
+    assert absent.view is None and int(absent.checkpoint or 0) == 0 and absent.hashes == []
