@@ -146,12 +146,16 @@ async def run_plan(
         end = start + plan.duration_s
         recorder = Recorder(start, plan.duration_s, emit)
 
+        plan_metadata = tuple(plan.metadata)
+
         async def one(number: int, intended: float) -> None:
             call = source.next_call()
             code: str | None = None
             details = ""
             try:
-                await method_for(number, call)(call.body, timeout=plan.timeout_s, metadata=call.metadata or None)
+                await method_for(number, call)(
+                    call.body, timeout=plan.timeout_s, metadata=(*plan_metadata, *call.metadata) or None
+                )
             except grpc.aio.AioRpcError as error:
                 code, details = error.code().name, str(error.details())
             except (OSError, RuntimeError, ValueError) as error:
