@@ -170,7 +170,7 @@ class _Staged(Generic[A]):
     def _visible(self) -> dict[uuid.UUID, A]:
         return {**self._committed, **self.staged}
 
-    async def get_for_update(self, aggregate_id: uuid.UUID) -> A | None:
+    async def get(self, aggregate_id: uuid.UUID) -> A | None:
         """A private copy of the aggregate, as a fresh load from storage would give."""
         found = self._visible().get(aggregate_id)
         return copy.deepcopy(found) if found is not None else None

@@ -88,12 +88,12 @@ class UserRepository(abc.ABC):
         """Which of "email" and "username" another user already has, case-insensitively."""
 
     @abc.abstractmethod
-    async def get_for_update(self, user_id: uuid.UUID) -> User | None:
-        """The user, locked until the transaction ends, or None when unknown."""
+    async def get(self, user_id: uuid.UUID) -> User | None:
+        """The user as stored, or None when unknown; `save` is guarded by the version read."""
 
     @abc.abstractmethod
     async def get_customer(self, user_id: uuid.UUID) -> Customer | None:
-        """The user as a customer, share-locked until the transaction ends (it cannot be deactivated meanwhile)."""
+        """The user as a customer; the unit of work commits only if an active customer is still active."""
 
     @abc.abstractmethod
     async def add(self, user: User) -> None:
@@ -112,14 +112,15 @@ class ProductRepository(abc.ABC):
         """Whether a product already has `sku`, case-insensitively."""
 
     @abc.abstractmethod
-    async def get_for_update(self, product_id: uuid.UUID) -> Product | None:
-        """The product, locked until the transaction ends, or None when unknown."""
+    async def get(self, product_id: uuid.UUID) -> Product | None:
+        """The product as stored, or None when unknown; `save` is guarded by the version read."""
 
     @abc.abstractmethod
     async def by_skus(self, skus: Sequence[str]) -> dict[str, Product]:
-        """The products with these skus, share-locked until the transaction ends, keyed by lower-case sku.
+        """The products with these skus, keyed by lower-case sku.
 
-        The lock keeps a product from being discontinued or repriced between the look-up and the commit.
+        The unit of work commits only if those still sold are still sold at the price, name
+        and currency read: a product discontinued or repriced in between fails it (Conflict).
         """
 
     @abc.abstractmethod
@@ -135,8 +136,8 @@ class OrderRepository(abc.ABC):
     """Loads and stores Order aggregates (the order and its lines) inside the unit of work's transaction."""
 
     @abc.abstractmethod
-    async def get_for_update(self, order_id: uuid.UUID) -> Order | None:
-        """The order with its lines, its row locked until the transaction ends, or None when unknown."""
+    async def get(self, order_id: uuid.UUID) -> Order | None:
+        """The order with its lines as stored, or None when unknown; `save` is guarded by the version read."""
 
     @abc.abstractmethod
     async def add(self, order: Order) -> None:
@@ -170,6 +171,12 @@ class IdempotencyStore(abc.ABC):
     async def get(self, scope: IdempotencyScope) -> StoredReply | None:
         """The committed reply stored for the scope, expired or not, or None."""
 
+    async def lock_and_get(self, scope: IdempotencyScope) -> tuple[bool, StoredReply | None]:
+        """`try_lock`, then (when it succeeded) `get`: whether the lock was taken, and the stored reply."""
+        if not await self.try_lock(scope):
+            return False, None
+        return True, await self.get(scope)
+
     @abc.abstractmethod
     async def put(self, reply: StoredReply) -> None:
         """Store a reply, replacing one that expired by `reply.created_at`; Conflict when a live one exists."""
@@ -186,7 +193,8 @@ class ExpiredKeyPurger(abc.ABC):
 class UnitOfWork(abc.ABC):
     """One transaction: state, outbox, command-log and idempotency rows commit together or not at all."""
 
-    # Leaving the `async with` block without `commit()` rolls everything back.
+    # Reads see committed state; writes are applied at `commit()`, guarded by the versions read.
+    # Leaving the `async with` block without `commit()` discards everything.
     users: UserRepository
     products: ProductRepository
     orders: OrderRepository
