@@ -175,6 +175,9 @@ class _Staged(Generic[A]):
         found = self._visible().get(aggregate_id)
         return copy.deepcopy(found) if found is not None else None
 
+    def adopt(self, aggregate: A) -> None:
+        """Nothing to note: every save here is checked against the version stored."""
+
     async def save(self, aggregate: A) -> None:
         """Stage a changed aggregate if its stored version has not moved."""
         current = self._visible().get(aggregate.id)

@@ -233,6 +233,10 @@ class PostgresUserRepository(UserRepository):
             await self._calls.flush()
         user.stored_version = user.version
 
+    def adopt(self, user: model.User) -> None:
+        """Its save is guarded by its stored version, as if it had been read here."""
+        self._calls.loaded.add(("user", user.id))
+
     async def save(self, user: model.User) -> None:
         """Update the row at commit if it is still at the version loaded; otherwise the commit raises Conflict."""
         self._calls.write(

@@ -162,6 +162,10 @@ class PostgresProductRepository(ProductRepository):
             await self._calls.flush()
         product.stored_version = product.version
 
+    def adopt(self, product: catalog.Product) -> None:
+        """Its save is guarded by its stored version, as if it had been read here."""
+        self._calls.loaded.add(("product", product.id))
+
     async def save(self, product: catalog.Product) -> None:
         """Update the row at commit if it is still at the version loaded; otherwise the commit raises Conflict."""
         changed = (product.name, product.price_minor, product.stock_available, product.discontinued)

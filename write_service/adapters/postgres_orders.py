@@ -153,6 +153,10 @@ class PostgresOrderRepository(OrderRepository):
         self._write_lines(order)
         order.stored_version = order.version
 
+    def adopt(self, order: orders.Order) -> None:
+        """Its save is guarded by its stored version, as if it had been read here."""
+        self._calls.loaded.add(("order", order.id))
+
     async def save(self, order: orders.Order) -> None:
         """Update the order at commit if it is still at the version loaded (else Conflict), and its lines."""
         self._calls.write(

@@ -6,6 +6,10 @@ same version, and all but one would fail their guard and retry; with them, each 
 version the previous one wrote. Across processes the guard still decides and the loser
 retries. A keyed command takes its key's lock before its turn, so a retry of a running
 keyed command is refused at once rather than queued.
+
+While commands queue on an aggregate, the turn keeps the state the last of them committed,
+so the next one need not read it again: its write is guarded by that version anyway, and
+a rule that refuses it on that state is checked again on a fresh read (`change_aggregate`).
 """
 
 from __future__ import annotations
@@ -16,30 +20,35 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from shared_kernel import errors
+from write_service.domain.aggregate import Aggregate
 from write_service.domain.commands import ChangeCommand
 from write_service.service_layer.deadline import Deadline
 
 
 @dataclass(slots=True)
-class _Turn:
+class Turn:
+    """One aggregate's turn: its lock, how many commands hold or await it, and its last committed state."""
+
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0
+    # A private copy of the aggregate as the last command here committed it; None when unknown.
+    state: Aggregate | None = None
 
 
 class AggregateTurns:
     """One attempt at a time per aggregate in this process, first come first served."""
 
     def __init__(self) -> None:
-        self._turns: dict[tuple[str, str], _Turn] = {}
+        self._turns: dict[tuple[str, str], Turn] = {}
 
     def __len__(self) -> int:
         return len(self._turns)
 
     @asynccontextmanager
-    async def turn(self, command: ChangeCommand, deadline: Deadline) -> AsyncIterator[None]:
+    async def turn(self, command: ChangeCommand, deadline: Deadline) -> AsyncIterator[Turn]:
         """Wait (within the command's deadline) until no other command on the same aggregate runs here."""
         key = (command.aggregate_type, command.aggregate_id)
-        turn = self._turns.setdefault(key, _Turn())
+        turn = self._turns.setdefault(key, Turn())
         turn.users += 1
         try:
             try:
@@ -50,7 +59,7 @@ class AggregateTurns:
                     "the command ran out of time waiting behind other commands on its aggregate"
                 ) from None
             try:
-                yield
+                yield turn
             finally:
                 turn.lock.release()
         finally:

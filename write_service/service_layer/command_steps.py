@@ -12,14 +12,15 @@ match, its user would already be deactivated, its order would already be cancell
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from shared_kernel.auth import ANONYMOUS
-from shared_kernel.errors import Conflict, NotFound
+from shared_kernel.errors import Conflict, FailedPrecondition, NotFound
 from shared_kernel.event_log import NewEvent
 from write_service.domain.aggregate import Aggregate
 from write_service.domain.commands import ChangeCommand, Command
@@ -104,6 +105,9 @@ class AggregateStore(Protocol[A]):
     async def get(self, aggregate_id: uuid.UUID, /) -> A | None:
         """The aggregate as stored, or None."""
 
+    def adopt(self, aggregate: A, /) -> None:
+        """Take an aggregate this process holds at its stored version as if this unit of work had read it."""
+
     async def save(self, aggregate: A, /) -> None:
         """Store the changed aggregate."""
 
@@ -120,20 +124,36 @@ async def change_aggregate(
     """Load the command's aggregate from `store(uow)`, check its version, apply `change`, save, commit.
 
     A stored reply for the command's idempotency key is returned instead, before anything
-    loads. The load and the commit happen in the aggregate's turn (`AggregateTurns`).
+    loads. The load and the commit happen in the aggregate's turn (`AggregateTurns`), which
+    may hold the state the previous command here committed: then nothing is read. A rule
+    that refuses the command on that state raises Conflict instead, so the bus retries it
+    on a fresh read (another process may have moved the aggregate on).
     """
     async with uow:
         if (stored := await stored_reply(uow, command, deps, meta)) is not None:
             return stored
-        async with deps.turns.turn(command, meta.deadline):
+        async with deps.turns.turn(command, meta.deadline) as turn:
             repository = store(uow)
-            aggregate = await repository.get(command.aggregate_uuid)
+            held, turn.state = turn.state, None
+            aggregate: A | None
+            if held is None:
+                aggregate = await repository.get(command.aggregate_uuid)
+            else:
+                aggregate = cast(A, held)  # the turn of an aggregate holds only that aggregate
+                repository.adopt(aggregate)
             if aggregate is None:
                 raise NotFound(f"{command.aggregate_type} {command.aggregate_id} not found")
-            aggregate.require_version(command.expected_version)
-            await change(aggregate)
+            try:
+                aggregate.require_version(command.expected_version)
+                await change(aggregate)
+            except (FailedPrecondition, NotFound) as exc:
+                if held is None:
+                    raise
+                raise Conflict(f"{command.aggregate_type} {command.aggregate_id} is read again") from exc
             await repository.save(aggregate)
-            return await commit(uow, command, aggregate, deps, meta)
+            result = await commit(uow, command, aggregate, deps, meta)
+            turn.state = copy.deepcopy(aggregate)
+            return result
 
 
 async def stored_reply(

@@ -100,6 +100,10 @@ class UserRepository(abc.ABC):
         """Store a new user; a taken email or username raises AlreadyExists naming the field."""
 
     @abc.abstractmethod
+    def adopt(self, user: User) -> None:
+        """Take a user this process holds at its stored version as if this unit of work had read it."""
+
+    @abc.abstractmethod
     async def save(self, user: User) -> None:
         """Store a changed user; raises Conflict when its stored version moved meanwhile."""
 
@@ -128,6 +132,10 @@ class ProductRepository(abc.ABC):
         """Store a new product; a taken sku raises AlreadyExists naming the field "sku"."""
 
     @abc.abstractmethod
+    def adopt(self, product: Product) -> None:
+        """Take a product this process holds at its stored version as if this unit of work had read it."""
+
+    @abc.abstractmethod
     async def save(self, product: Product) -> None:
         """Store a changed product; raises Conflict when its stored version moved meanwhile."""
 
@@ -142,6 +150,10 @@ class OrderRepository(abc.ABC):
     @abc.abstractmethod
     async def add(self, order: Order) -> None:
         """Store a new order and its lines."""
+
+    @abc.abstractmethod
+    def adopt(self, order: Order) -> None:
+        """Take a order this process holds at its stored version as if this unit of work had read it."""
 
     @abc.abstractmethod
     async def save(self, order: Order) -> None:
