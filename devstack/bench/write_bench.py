@@ -213,5 +213,5 @@ async def measure_write(backing: Backing, sizes: WriteSizes) -> tuple[list[Row],
         raise ToolError(f"no command succeeded through the service: {describe_service(best_add)}")
     _fill(add, best_add, grpc, add_sql)
     _fill(hot, best_hot, grpc, hot_sql)
-    hot.notes.append(f"{ok_rps(best_hot) / HOT_BEFORE:.1f}x the 242/s measured before decision 0027")
+    hot.notes.append("before decision 0027 this row measured 213-242/s on a quieter machine (goal: 4x)")
     return rows, add.value

@@ -15,6 +15,7 @@ statement in it, and the unit of work finishes that transaction at commit.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,28 +67,42 @@ class Step:
 
 def compose(steps: Sequence[Step], unlock: Sequence[int] = ()) -> tuple[str, list[object]]:
     """One statement that runs every step (and then releases the session locks `unlock`); its arguments."""
-    ctes: list[str] = []
+    shape = tuple((step.sql, len(step.args), step.expect_rows, step.name) for step in steps)
     args: list[object] = []
-    checks: list[str] = []
     for index, step in enumerate(steps):
-        offset = len(args)
-        body = _PLACEHOLDER.sub(lambda m, offset=offset: f"${int(m.group(1)) + offset}", step.sql.strip())  # type: ignore[misc]
         args.extend(step.args)
-        name = step.name or f"step_{index}"
-        ctes.append(f"{name} AS (\n{body}\n)")
         if step.expect_rows is not None:
             args.append(f"{_GUARD_MARKER}{index}")
+    if unlock:
+        args.append(list(unlock))
+    return _statement(shape, bool(unlock)), args
+
+
+@functools.lru_cache(maxsize=256)
+def _statement(shape: tuple[tuple[str, int, int | None, str], ...], unlock: bool) -> str:
+    """The text of a composed statement: the same for every write of the same steps, so built once."""
+    ctes: list[str] = []
+    checks: list[str] = []
+    count = 0
+    for index, (sql, arg_count, expect_rows, step_name) in enumerate(shape):
+        offset = count
+        body = _PLACEHOLDER.sub(lambda m, offset=offset: f"${int(m.group(1)) + offset}", sql.strip())  # type: ignore[misc]
+        count += arg_count
+        name = step_name or f"step_{index}"
+        ctes.append(f"{name} AS (\n{body}\n)")
+        if expect_rows is not None:
+            count += 1
             # Only our own CTE names and integers are formatted in; every value is a parameter.
             checks.append(
-                f"(CASE WHEN (SELECT count(*) FROM {name}) = {int(step.expect_rows)} THEN 'true' "  # noqa: S608
-                f"ELSE ${len(args)}::text END)::boolean"
+                f"(CASE WHEN (SELECT count(*) FROM {name}) = {int(expect_rows)} THEN 'true' "  # noqa: S608
+                f"ELSE ${count}::text END)::boolean"
             )
     selected = " AND ".join(checks) or "true"
     if unlock:
-        args.append(list(unlock))
-        selected += f", (SELECT bool_and(pg_advisory_unlock(k)) FROM unnest(${len(args)}::bigint[]) AS k)"  # noqa: S608
+        count += 1
+        selected += f", (SELECT bool_and(pg_advisory_unlock(k)) FROM unnest(${count}::bigint[]) AS k)"  # noqa: S608
     head = f"WITH {', '.join(ctes)}\n" if ctes else ""
-    return f"{head}SELECT {selected}", args
+    return f"{head}SELECT {selected}"
 
 
 def write_error(exc: asyncpg.PostgresError, steps: Sequence[Step]) -> BaseException | None:
