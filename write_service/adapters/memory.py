@@ -357,6 +357,9 @@ class InMemoryUnitOfWork(UnitOfWork):
         self._events, self._log = [], []
         self._idempotency.release()
 
+    def lock_reads(self) -> None:
+        """Nothing to do: one unit of work at a time commits here, each checked against what is stored."""
+
     async def append_events(self, events: Sequence[NewEvent], *, correlation_id: str, causation_id: str) -> None:
         """Stage outbox records."""
         self._require_open()

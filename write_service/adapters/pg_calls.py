@@ -67,7 +67,7 @@ class Step:
 
 def compose(steps: Sequence[Step], unlock: Sequence[int] = ()) -> tuple[str, list[object]]:
     """One statement that runs every step (and then releases the session locks `unlock`); its arguments."""
-    shape = tuple((step.sql, len(step.args), step.expect_rows, step.name) for step in steps)
+    shape = tuple((step.sql, len(step.args), step.expect_rows, step.name, step.writes) for step in steps)
     args: list[object] = []
     for index, step in enumerate(steps):
         args.extend(step.args)
@@ -79,12 +79,19 @@ def compose(steps: Sequence[Step], unlock: Sequence[int] = ()) -> tuple[str, lis
 
 
 @functools.lru_cache(maxsize=256)
-def _statement(shape: tuple[tuple[str, int, int | None, str], ...], unlock: bool) -> str:
-    """The text of a composed statement: the same for every write of the same steps, so built once."""
+def _statement(shape: tuple[tuple[str, int, int | None, str, bool], ...], unlock: bool) -> str:
+    """The text of a composed statement: the same for every write of the same steps, so built once.
+
+    Postgres runs the guarded steps in the order of their checks, and the others after them.
+    Checks of writing steps come first, in step order, and re-checks of reads last: an
+    order's row is then locked before the products its command read, as the saga's steps
+    lock them, so the two cannot deadlock.
+    """
     ctes: list[str] = []
     checks: list[str] = []
+    read_checks: list[str] = []
     count = 0
-    for index, (sql, arg_count, expect_rows, step_name) in enumerate(shape):
+    for index, (sql, arg_count, expect_rows, step_name, writes) in enumerate(shape):
         offset = count
         body = _PLACEHOLDER.sub(lambda m, offset=offset: f"${int(m.group(1)) + offset}", sql.strip())  # type: ignore[misc]
         count += arg_count
@@ -93,11 +100,11 @@ def _statement(shape: tuple[tuple[str, int, int | None, str], ...], unlock: bool
         if expect_rows is not None:
             count += 1
             # Only our own CTE names and integers are formatted in; every value is a parameter.
-            checks.append(
+            (checks if writes else read_checks).append(
                 f"(CASE WHEN (SELECT count(*) FROM {name}) = {int(expect_rows)} THEN 'true' "  # noqa: S608
                 f"ELSE ${count}::text END)::boolean"
             )
-    selected = " AND ".join(checks) or "true"
+    selected = " AND ".join(checks + read_checks) or "true"
     if unlock:
         count += 1
         selected += f", (SELECT bool_and(pg_advisory_unlock(k)) FROM unnest(${count}::bigint[]) AS k)"  # noqa: S608
@@ -138,6 +145,8 @@ class Calls:
         # Whether anything was read: a new aggregate added before any read (no uniqueness
         # pre-check ran) is checked at once too.
         self.has_read = False
+        # A retry after a lost guard: reads run in an explicit transaction and lock their rows.
+        self.lock_reads = False
 
     async def run(self, call: Awaitable[T]) -> T:
         """Await `call`, cancelling it shortly after the deadline passes (TimeoutError)."""
@@ -195,10 +204,12 @@ class Calls:
 
     async def _before_read(self) -> None:
         self.has_read = True
-        if any(step.writes for step in self.steps):
+        if any(step.writes for step in self.steps) or (self.lock_reads and not self.in_transaction):
             await self.flush()
 
     async def _send(self, *, unlock: Sequence[int]) -> None:
+        if not self.steps and not unlock:
+            return
         steps, self.steps = self.steps, []
         sql, args = compose(steps, unlock)
         try:

@@ -62,6 +62,10 @@ _SELECT = f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1"  # noqa: S608 - con
 
 _SELECT_CUSTOMER = "SELECT id, full_name, email, active FROM users WHERE id = $1"
 
+# The same reads on a retry after a lost guard (`Calls.lock_reads`), in its explicit transaction.
+_SELECT_LOCKED = _SELECT + " FOR UPDATE"
+_SELECT_CUSTOMER_LOCKED = _SELECT_CUSTOMER + " FOR SHARE"
+
 # A step of the order's write: the customer is still active, and FOR SHARE keeps it so
 # (no deactivation can commit in between) until the order's statement commits.
 _CUSTOMER_STILL_ACTIVE = "SELECT 1 FROM users WHERE id = $1 AND active FOR SHARE"
@@ -168,7 +172,7 @@ class PostgresUserRepository(UserRepository):
 
     async def get(self, user_id: uuid.UUID) -> model.User | None:
         """The user as stored now; its save is guarded by the version read here."""
-        row = await self._calls.fetchrow(_SELECT, user_id)
+        row = await self._calls.fetchrow(_SELECT_LOCKED if self._calls.lock_reads else _SELECT, user_id)
         if row is None:
             return None
         self._calls.loaded.add(("user", user_id))
@@ -190,7 +194,8 @@ class PostgresUserRepository(UserRepository):
 
     async def get_customer(self, user_id: uuid.UUID) -> orders.Customer | None:
         """The user's customer facts; an active one must still be active when the write commits."""
-        row = await self._calls.fetchrow(_SELECT_CUSTOMER, user_id)
+        query = _SELECT_CUSTOMER_LOCKED if self._calls.lock_reads else _SELECT_CUSTOMER
+        row = await self._calls.fetchrow(query, user_id)
         if row is None:
             return None
         if row["active"]:
@@ -364,6 +369,7 @@ class PostgresUnitOfWork(UnitOfWork):
         self._conn: Connection | None = None
         self._calls: Calls | None = None
         self._committed = False
+        self._lock_reads = False
 
     async def __aenter__(self) -> Self:
         """Take a connection; nothing is sent until the first read or the commit."""
@@ -378,6 +384,7 @@ class PostgresUnitOfWork(UnitOfWork):
             raise translate_error(exc) from exc
         self._conn = conn
         self._calls = Calls(conn, self._deadline)
+        self._calls.lock_reads = self._lock_reads
         self._committed = False
         self.users = PostgresUserRepository(self._calls)
         self.products = PostgresProductRepository(self._calls)
@@ -398,6 +405,12 @@ class PostgresUnitOfWork(UnitOfWork):
             translated = translate_error(exc)
             if translated is not exc:
                 raise translated from exc
+
+    def lock_reads(self) -> None:
+        """Reads from now on open an explicit transaction and lock their rows (FOR UPDATE / FOR SHARE)."""
+        self._lock_reads = True
+        if self._calls is not None:
+            self._calls.lock_reads = True
 
     async def append_events(self, events: Sequence[NewEvent], *, correlation_id: str, causation_id: str) -> None:
         """Add the events to the outbox at commit."""

@@ -31,6 +31,7 @@ RowLock = Literal["share", "update"] | None
 _SKU_TAKEN = "SELECT EXISTS (SELECT 1 FROM products WHERE lower(sku) = lower($1))"
 
 _SELECT = f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"  # noqa: S608 - constant
+_SELECT_LOCKED = _SELECT + " FOR UPDATE"  # a retry after a lost guard (`Calls.lock_reads`)
 
 _INSERT = f"""
 INSERT INTO products ({PRODUCT_COLUMNS})
@@ -124,7 +125,7 @@ class PostgresProductRepository(ProductRepository):
 
     async def get(self, product_id: uuid.UUID) -> catalog.Product | None:
         """The product as stored now; its save is guarded by the version read here."""
-        row = await self._calls.fetchrow(_SELECT, product_id)
+        row = await self._calls.fetchrow(_SELECT_LOCKED if self._calls.lock_reads else _SELECT, product_id)
         if row is None:
             return None
         self._calls.loaded.add(("product", product_id))
@@ -134,7 +135,9 @@ class PostgresProductRepository(ProductRepository):
         """The products with these skus; the write fails (Conflict) if those still sold change before it commits."""
         found = {
             row["sku"].lower(): product_from_row(row)
-            for row in await self._calls.fetch(_BY_SKUS[None], sorted({sku.lower() for sku in skus}))
+            for row in await self._calls.fetch(
+                _BY_SKUS["share" if self._calls.lock_reads else None], sorted({sku.lower() for sku in skus})
+            )
         }
         sold = [product for product in found.values() if not product.discontinued]
         if sold:

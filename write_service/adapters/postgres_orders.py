@@ -26,17 +26,20 @@ SELECT {ORDER_COLUMNS},
         FROM order_lines AS l WHERE l.order_id = o.id) AS lines
 FROM orders AS o WHERE o.id = $1
 """  # noqa: S608 - constant columns
+_SELECT_LOCKED = _SELECT.rstrip() + " FOR UPDATE OF o"  # a retry after a lost guard (`Calls.lock_reads`)
 
 _INSERT = f"""
 INSERT INTO orders ({ORDER_COLUMNS})
 VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14)
 """  # noqa: S608 - constant columns
 
+# Guarded by the status read as well as the version: the saga moves an order from pending
+# to reserved without an event, so without bumping its version.
 _UPDATE = """
 UPDATE orders
 SET status = $2, total_minor = $3, reason = $4, cancelled_by = $5, carrier = $6, tracking_number = $7,
     version = $8, updated_at = $9
-WHERE id = $1 AND version = $10
+WHERE id = $1 AND version = $10 AND status = $11
 RETURNING 1
 """
 
@@ -58,11 +61,13 @@ VALUES ($1, 'place_order', $2, 'running', 'reserve_stock', '{}'::jsonb, 1, 0, $3
 """
 
 # Whatever state the saga is in (completed and failed included), it now has to undo what it did.
+# The order's row is locked before the saga's (the EXISTS runs first), as every saga step
+# locks them: a saga step running meanwhile and this statement cannot deadlock.
 _COMPENSATE_SAGA = """
 UPDATE saga_executions
 SET status = 'compensating', current_step = 'compensate', attempts = 0, last_error = '',
     next_attempt_at = $2, version = version + 1, updated_at = $2
-WHERE order_id = $1
+WHERE order_id = $1 AND EXISTS (SELECT 1 FROM orders WHERE id = $1 FOR UPDATE)
 RETURNING id
 """
 
@@ -88,13 +93,16 @@ class PostgresOrderRepository(OrderRepository):
 
     def __init__(self, calls: Calls) -> None:
         self._calls = calls
+        # The status of each order as read (or adopted) here, which its save is guarded by.
+        self._status_read: dict[uuid.UUID, str] = {}
 
     async def get(self, order_id: uuid.UUID) -> orders.Order | None:
         """The order with its lines as stored now; its save is guarded by the version read here."""
-        row = await self._calls.fetchrow(_SELECT, order_id)
+        row = await self._calls.fetchrow(_SELECT_LOCKED if self._calls.lock_reads else _SELECT, order_id)
         if row is None:
             return None
         self._calls.loaded.add(("order", order_id))
+        self._status_read[order_id] = row["status"]
         lines: list[dict[str, Any]] = json.loads(row["lines"])
         return orders.Order(
             id=row["id"],
@@ -154,8 +162,9 @@ class PostgresOrderRepository(OrderRepository):
         order.stored_version = order.version
 
     def adopt(self, order: orders.Order) -> None:
-        """Its save is guarded by its stored version, as if it had been read here."""
+        """Its save is guarded by its stored version and status, as if it had been read here."""
         self._calls.loaded.add(("order", order.id))
+        self._status_read[order.id] = order.status
 
     async def save(self, order: orders.Order) -> None:
         """Update the order at commit if it is still at the version loaded (else Conflict), and its lines."""
@@ -173,6 +182,7 @@ class PostgresOrderRepository(OrderRepository):
                     order.version,
                     order.updated_at,
                     order.stored_version,
+                    self._status_read.get(order.id, order.status),
                 ),
                 expect_rows=1,
                 conflict=f"order {order.id} changed concurrently, retry the request",

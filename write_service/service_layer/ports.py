@@ -227,6 +227,10 @@ class UnitOfWork(abc.ABC):
         """Roll back unless committed, and release the connection."""
 
     @abc.abstractmethod
+    def lock_reads(self) -> None:
+        """Read rows locked until the commit from now on: a retry after a lost guard cannot lose again."""
+
+    @abc.abstractmethod
     async def append_events(self, events: Sequence[NewEvent], *, correlation_id: str, causation_id: str) -> None:
         """Add events to the outbox in this transaction."""
 

@@ -98,3 +98,33 @@ async def test_a_held_state_that_moved_on_is_not_written_over(bus, deps, db_pool
     product = await stored(db_pool, product_id)
     # The write based on version 1 failed its guard; the retry read version 2: no restock is lost.
     assert (result.version, product.version, product.stock_available) == (3, 3, 6)
+
+
+async def test_the_retry_after_a_lost_guard_locks_what_it_reads(database_url: str, deps: Dependencies):
+    statements: list[str] = []
+
+    async def init(conn: asyncpg.Connection[Any]) -> None:
+        conn.add_query_logger(lambda record: statements.append(" ".join(str(record.query).split())))
+
+    pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=4, init=init, reset=keep_session
+    )
+    try:
+        bus = CommandBus(lambda deadline: PostgresUnitOfWork(pool, deadline), deps, retry_backoff_s=0.001)
+        product_id = (await bus.dispatch(helpers.add_product(initial_stock=0), helpers.meta())).aggregate_id
+        stale = await stored(pool, product_id)
+        await bus.dispatch(restock(product_id), helpers.meta())
+        command = restock(product_id)
+        statements.clear()
+        run = asyncio.create_task(bus.dispatch(command, helpers.meta()))
+        await held_turn_then(deps, command, stale)
+        result = await asyncio.wait_for(run, 10)
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    assert result.version == 3
+    # First attempt: no read (the held state), a write that lost its guard. The retry reads
+    # in an explicit transaction with the row locked, so it cannot lose again.
+    assert statements[0].startswith("WITH step_0 AS ( UPDATE products")
+    assert statements[1].startswith("BEGIN;")
+    assert statements[2].endswith("FROM products WHERE id = $1 FOR UPDATE")
+    assert statements[-1] == "COMMIT"
