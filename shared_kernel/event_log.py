@@ -95,6 +95,42 @@ async def append_events(
     )
 
 
+# The same insert for any number of events as one statement (arrays, so its text never
+# changes): the write service sends it as one step of a command's single write statement.
+_INSERT_ROWS = """
+INSERT INTO outbox (event_id, event_type, schema_version, aggregate_type, aggregate_id,
+                    aggregate_version, payload, occurred_at, correlation_id, causation_id,
+                    traceparent, tracestate)
+SELECT e.event_id, e.event_type, e.schema_version, e.aggregate_type, e.aggregate_id,
+       e.aggregate_version, e.payload, e.occurred_at, $9, $10, $11, $12
+FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], $6::bigint[], $7::bytea[],
+            $8::timestamptz[])
+     AS e (event_id, event_type, schema_version, aggregate_type, aggregate_id, aggregate_version, payload,
+           occurred_at)
+"""
+
+
+def outbox_insert(
+    events: Sequence[NewEvent], *, correlation_id: str, causation_id: str
+) -> tuple[str, tuple[object, ...]]:
+    """One INSERT statement (and its arguments) that appends `events` to the outbox."""
+    traceparent, tracestate = current_trace_context()
+    return _INSERT_ROWS, (
+        [e.event_id for e in events],
+        [e.event_type for e in events],
+        [e.schema_version for e in events],
+        [e.aggregate_type for e in events],
+        [e.aggregate_id for e in events],
+        [e.aggregate_version for e in events],
+        [e.payload.SerializeToString() for e in events],
+        [e.occurred_at for e in events],
+        correlation_id,
+        causation_id,
+        traceparent,
+        tracestate,
+    )
+
+
 # The event id comes back as text and the timestamp as whole microseconds since the epoch:
 # building a Timestamp from two integers costs a fraction of converting a datetime, and
 # this runs once per event in the relay, in catch-up and in rebuilds.

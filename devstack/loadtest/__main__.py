@@ -136,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
     writing = modes.add_parser("write", help="drive the write service with unique commands")
     writing.add_argument("--write", type=_addresses, required=True, help="write service HOST:PORT")
     writing.add_argument("--command", choices=sorted(WRITE_METHODS), default="add_product")
+    writing.add_argument(
+        "--hot", action="store_true", help="restock_product: every command on one product (a hot aggregate)"
+    )
     _load_options(writing)
 
     lagging = modes.add_parser("lag", help="reply → visible on each replica")
@@ -317,7 +320,7 @@ def cmd_write(args: argparse.Namespace) -> int:
     metadata = _metadata(args.token)
     product_ids: list[str] = []
     if args.command == "restock_product":
-        product_ids = asyncio.run(_restock_targets(args.write[0], metadata))
+        product_ids = asyncio.run(_restock_targets(args.write[0], metadata, count=1 if args.hot else 32))
     plans, concurrency = python_plans(args, "write", args.write, command=args.command, product_ids=product_ids)
     return _run_python(
         args,
@@ -326,8 +329,8 @@ def cmd_write(args: argparse.Namespace) -> int:
         plans,
         concurrency,
         verified_by=PYTHON_VERIFIED_BY + "; every command with its own idempotency key",
-        extra={"command": args.command},
-        title=f"write · {args.command} · python engine",
+        extra={"command": args.command, "hot": args.hot},
+        title=f"write · {args.command}{' · one product' if args.hot else ''} · python engine",
     )
 
 

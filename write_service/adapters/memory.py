@@ -170,10 +170,13 @@ class _Staged(Generic[A]):
     def _visible(self) -> dict[uuid.UUID, A]:
         return {**self._committed, **self.staged}
 
-    async def get_for_update(self, aggregate_id: uuid.UUID) -> A | None:
+    async def get(self, aggregate_id: uuid.UUID) -> A | None:
         """A private copy of the aggregate, as a fresh load from storage would give."""
         found = self._visible().get(aggregate_id)
         return copy.deepcopy(found) if found is not None else None
+
+    def adopt(self, aggregate: A) -> None:
+        """Nothing to note: every save here is checked against the version stored."""
 
     async def save(self, aggregate: A) -> None:
         """Stage a changed aggregate if its stored version has not moved."""
@@ -353,6 +356,9 @@ class InMemoryUnitOfWork(UnitOfWork):
         self._open = False
         self._events, self._log = [], []
         self._idempotency.release()
+
+    def lock_reads(self) -> None:
+        """Nothing to do: one unit of work at a time commits here, each checked against what is stored."""
 
     async def append_events(self, events: Sequence[NewEvent], *, correlation_id: str, causation_id: str) -> None:
         """Stage outbox records."""

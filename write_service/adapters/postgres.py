@@ -1,9 +1,12 @@
 """The Postgres unit of work and user repository (asyncpg).
 
-Every call is bounded by the command's deadline twice: client-side with `asyncio.timeout`
-(a hung network) and server-side with a transaction-local `statement_timeout` (a lock
-wait or a slow statement stops using the server when the caller has given up). Driver
-errors are translated here, once, into the project's error types.
+A command reads what its rules need (each read one statement, no row locks) and writes
+its state, outbox rows, command-log row and stored reply as ONE statement at commit,
+guarded by the versions it read (optimistic concurrency; `pg_calls` composes it). Every
+call is bounded by the command's deadline: client-side with `asyncio.timeout`, and on the
+server too, since asyncpg cancels a statement whose call is cancelled (a lock wait stops
+using the server when the caller has given up). Driver errors are translated here, once,
+into the project's error types.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from typing import TYPE_CHECKING, Any, Self
 import asyncpg
 
 from shared_kernel import errors
-from shared_kernel.event_log import NewEvent, append_events
+from shared_kernel.event_log import NewEvent, outbox_insert
 from shared_kernel.grpc_errors import to_domain_error
 from shared_kernel.identity import email_key
-from write_service.adapters.pg_calls import Calls
+from write_service.adapters.pg_calls import Calls, Step
 from write_service.adapters.postgres_catalog import PostgresProductRepository
 from write_service.adapters.postgres_orders import PostgresOrderRepository, PostgresSagaHandoff
 from write_service.domain import model, orders
@@ -47,18 +50,25 @@ logger = logging.getLogger(__name__)
 # connection goes back to the pool clean instead of being torn down.
 _ROLLBACK_GRACE_S = 2.0
 
-# The unique indexes (migrations 0001 and 0003) and the request field each one protects.
-UNIQUE_INDEX_FIELDS = {"users_email_key_key": "email", "users_username_lower_key": "username"}
+# The unique indexes (migrations 0001 and 0003) and the error (naming the request field) each one means.
+_USER_UNIQUE_ERRORS = {"users_email_key_key": model.email_taken, "users_username_lower_key": model.username_taken}
 
 _USER_COLUMNS = (
     "id, email, username, password_hash, full_name, bio, avatar_url, active, "
     "deactivation_reason, version, created_at, updated_at"
 )
 
-_SELECT_FOR_UPDATE = f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1 FOR UPDATE"  # noqa: S608 - constant columns
+_SELECT = f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1"  # noqa: S608 - constant columns
 
-# FOR SHARE: the user cannot be deactivated (or renamed) until the order that reads it commits.
-_SELECT_CUSTOMER = "SELECT id, full_name, email, active FROM users WHERE id = $1 FOR SHARE"
+_SELECT_CUSTOMER = "SELECT id, full_name, email, active FROM users WHERE id = $1"
+
+# The same reads on a retry after a lost guard (`Calls.lock_reads`), in its explicit transaction.
+_SELECT_LOCKED = _SELECT + " FOR UPDATE"
+_SELECT_CUSTOMER_LOCKED = _SELECT_CUSTOMER + " FOR SHARE"
+
+# A step of the order's write: the customer is still active, and FOR SHARE keeps it so
+# (no deactivation can commit in between) until the order's statement commits.
+_CUSTOMER_STILL_ACTIVE = "SELECT 1 FROM users WHERE id = $1 AND active FOR SHARE"
 
 # Both unique indexes can answer this: $1 is the e-mail key (shared_kernel.identity), and
 # lower(username) matches the username index (usernames are ASCII by their pattern).
@@ -79,6 +89,7 @@ UPDATE users
 SET email = $2, username = $3, password_hash = $4, full_name = $5, bio = $6, avatar_url = $7,
     active = $8, deactivation_reason = $9, version = $10, updated_at = $11
 WHERE id = $1 AND version = $12
+RETURNING 1
 """
 
 _INSERT_COMMAND_LOG = """
@@ -94,6 +105,16 @@ FROM idempotency_keys
 WHERE principal = $1 AND command_type = $2 AND idempotency_key = $3
 """
 
+# The key's session lock and its stored reply in one round trip. The look-up's snapshot may
+# predate the lock, so it can miss a reply that committed just before; the primary key
+# then stops the second write (see put()) and the retry finds the reply (decision 0027).
+_LOCK_AND_SELECT_STORED_REPLY = """
+SELECT pg_try_advisory_lock($4) AS locked, k.fingerprint, k.command_id, k.aggregate_id, k.aggregate_version,
+       k.reply, k.created_at, k.expires_at
+FROM (VALUES (1)) AS one (n)
+LEFT JOIN idempotency_keys AS k ON k.principal = $1 AND k.command_type = $2 AND k.idempotency_key = $3
+"""
+
 # Replaces only a row that has expired (and not been purged yet); a live row updates
 # nothing, which put() reports as a conflict.
 _UPSERT_STORED_REPLY = """
@@ -105,6 +126,7 @@ SET lock_id = EXCLUDED.lock_id, fingerprint = EXCLUDED.fingerprint, command_id =
     aggregate_id = EXCLUDED.aggregate_id, aggregate_version = EXCLUDED.aggregate_version,
     reply = EXCLUDED.reply, created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at
 WHERE idempotency_keys.expires_at <= EXCLUDED.created_at
+RETURNING 1
 """
 
 # The CTE picks expired rows (skipping rows another purger is deleting); the lock test
@@ -136,23 +158,24 @@ def translate_error(exc: BaseException) -> BaseException:
 
 
 class PostgresUserRepository(UserRepository):
-    """Users in the `users` table, read and written on the unit of work's connection."""
+    """Users in the `users` table, read and written through the unit of work's calls."""
 
     def __init__(self, calls: Calls) -> None:
         self._calls = calls
 
     async def taken_fields(self, email: str, username: str) -> frozenset[str]:
         """Which of "email" and "username" another user already has, case-insensitively."""
-        row = await self._calls.run(self._calls.conn.fetchrow(_TAKEN, email_key(email), username))
+        row = await self._calls.fetchrow(_TAKEN, email_key(email), username)
         if row is None:
             return frozenset()
         return frozenset(name for name in ("email", "username") if row[name])
 
-    async def get_for_update(self, user_id: uuid.UUID) -> model.User | None:
-        """The user row, locked FOR UPDATE until the transaction ends."""
-        row = await self._calls.run(self._calls.conn.fetchrow(_SELECT_FOR_UPDATE, user_id))
+    async def get(self, user_id: uuid.UUID) -> model.User | None:
+        """The user as stored now; its save is guarded by the version read here."""
+        row = await self._calls.fetchrow(_SELECT_LOCKED if self._calls.lock_reads else _SELECT, user_id)
         if row is None:
             return None
+        self._calls.loaded.add(("user", user_id))
         return model.User(
             id=row["id"],
             email=row["email"],
@@ -170,18 +193,29 @@ class PostgresUserRepository(UserRepository):
         )
 
     async def get_customer(self, user_id: uuid.UUID) -> orders.Customer | None:
-        """The user's customer facts, share-locked until the transaction ends."""
-        row = await self._calls.run(self._calls.conn.fetchrow(_SELECT_CUSTOMER, user_id))
+        """The user's customer facts; an active one must still be active when the write commits."""
+        query = _SELECT_CUSTOMER_LOCKED if self._calls.lock_reads else _SELECT_CUSTOMER
+        row = await self._calls.fetchrow(query, user_id)
         if row is None:
             return None
+        if row["active"]:
+            self._calls.write(
+                Step(
+                    _CUSTOMER_STILL_ACTIVE,
+                    (user_id,),
+                    expect_rows=1,
+                    conflict=f"customer {user_id} changed concurrently, retry the request",
+                    writes=False,
+                )
+            )
         return orders.Customer(id=row["id"], full_name=row["full_name"], email=row["email"], active=row["active"])
 
     async def add(self, user: model.User) -> None:
-        """Insert a new user; a unique-index violation (a concurrent twin) becomes AlreadyExists."""
-        try:
-            await self._calls.run(
-                self._calls.conn.execute(
-                    _INSERT_USER,
+        """Insert a new user at commit; a unique-index violation (a concurrent twin) becomes AlreadyExists."""
+        self._calls.write(
+            Step(
+                _INSERT_USER,
+                (
                     user.id,
                     user.email,
                     user.username,
@@ -195,93 +229,120 @@ class PostgresUserRepository(UserRepository):
                     user.created_at,
                     user.updated_at,
                     email_key(user.email),
-                )
-            )
-        except asyncpg.UniqueViolationError as exc:
-            field = UNIQUE_INDEX_FIELDS.get(exc.constraint_name or "")
-            if field == "email":
-                raise model.email_taken() from exc
-            if field == "username":
-                raise model.username_taken() from exc
-            raise
-        user.stored_version = user.version
-
-    async def save(self, user: model.User) -> None:
-        """Update the row if it is still at the version loaded; otherwise raise Conflict."""
-        status = await self._calls.run(
-            self._calls.conn.execute(
-                _UPDATE_USER,
-                user.id,
-                user.email,
-                user.username,
-                user.password_hash,
-                user.full_name,
-                user.bio,
-                user.avatar_url,
-                user.active,
-                user.deactivation_reason,
-                user.version,
-                user.updated_at,
-                user.stored_version,
+                ),
+                unique=_USER_UNIQUE_ERRORS,
             )
         )
-        if status != "UPDATE 1":
-            # FOR UPDATE makes this unreachable in practice; it guards against a caller that skipped it.
-            raise errors.Conflict(f"user {user.id} changed concurrently, retry the request")
+        if not self._calls.has_read:
+            # No pre-check read ran in this unit of work: check the insert now.
+            await self._calls.flush()
+        user.stored_version = user.version
+
+    def adopt(self, user: model.User) -> None:
+        """Its save is guarded by its stored version, as if it had been read here."""
+        self._calls.loaded.add(("user", user.id))
+
+    async def save(self, user: model.User) -> None:
+        """Update the row at commit if it is still at the version loaded; otherwise the commit raises Conflict."""
+        self._calls.write(
+            Step(
+                _UPDATE_USER,
+                (
+                    user.id,
+                    user.email,
+                    user.username,
+                    user.password_hash,
+                    user.full_name,
+                    user.bio,
+                    user.avatar_url,
+                    user.active,
+                    user.deactivation_reason,
+                    user.version,
+                    user.updated_at,
+                    user.stored_version,
+                ),
+                expect_rows=1,
+                conflict=f"user {user.id} changed concurrently, retry the request",
+            )
+        )
+        if ("user", user.id) not in self._calls.loaded:
+            # Not read by this unit of work: nothing vouches for its version, so check it now.
+            await self._calls.flush()
         user.stored_version = user.version
 
 
 class PostgresIdempotencyStore(IdempotencyStore):
-    """Stored replies in `idempotency_keys`, serialized per key by a transaction-level advisory lock."""
+    """Stored replies in `idempotency_keys`, serialized per key by a session-level advisory lock.
+
+    The lock is held from the look-up until the command's write (which releases it in the
+    same statement) or until the unit of work ends; a connection whose lock could not be
+    released is closed, never handed back to the pool holding it.
+    """
 
     def __init__(self, calls: Calls) -> None:
         self._calls = calls
 
     async def try_lock(self, scope: IdempotencyScope) -> bool:
-        """pg_try_advisory_xact_lock on the scope's lock id: never waits, released at commit or rollback."""
-        acquired = await self._calls.run(
-            self._calls.conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", scope.lock_id)
-        )
-        return bool(acquired)
+        """pg_try_advisory_lock on the scope's lock id: never waits, held until the unit of work ends."""
+        if scope.lock_id in self._calls.key_locks:
+            return True
+        acquired = bool(await self._calls.fetchval("SELECT pg_try_advisory_lock($1)", scope.lock_id))
+        if acquired:
+            self._calls.key_locks.append(scope.lock_id)
+        return acquired
 
     async def get(self, scope: IdempotencyScope) -> StoredReply | None:
         """The stored row for the scope, or None."""
-        row = await self._calls.run(
-            self._calls.conn.fetchrow(_SELECT_STORED_REPLY, scope.principal, scope.command_type, scope.key)
+        row = await self._calls.fetchrow(_SELECT_STORED_REPLY, scope.principal, scope.command_type, scope.key)
+        return _stored_reply(scope, row) if row is not None else None
+
+    async def lock_and_get(self, scope: IdempotencyScope) -> tuple[bool, StoredReply | None]:
+        """The lock and the look-up in one round trip."""
+        if scope.lock_id in self._calls.key_locks:
+            return True, await self.get(scope)
+        row = await self._calls.fetchrow(
+            _LOCK_AND_SELECT_STORED_REPLY, scope.principal, scope.command_type, scope.key, scope.lock_id
         )
-        if row is None:
-            return None
-        return StoredReply(
-            scope=scope,
-            fingerprint=bytes(row["fingerprint"]),
-            command_id=row["command_id"],
-            aggregate_id=row["aggregate_id"],
-            aggregate_version=row["aggregate_version"],
-            reply=bytes(row["reply"]),
-            created_at=row["created_at"],
-            expires_at=row["expires_at"],
-        )
+        if row is None or not row["locked"]:
+            return False, None
+        self._calls.key_locks.append(scope.lock_id)
+        return True, (_stored_reply(scope, row) if row["command_id"] is not None else None)
 
     async def put(self, reply: StoredReply) -> None:
-        """Insert, or replace an expired row; a live row (a twin that slipped past the lock) is a Conflict."""
-        status = await self._calls.run(
-            self._calls.conn.execute(
+        """Insert, or replace an expired row, at commit; a live row (a twin that slipped past the lock) fails it."""
+        self._calls.write(
+            Step(
                 _UPSERT_STORED_REPLY,
-                reply.scope.principal,
-                reply.scope.command_type,
-                reply.scope.key,
-                reply.scope.lock_id,
-                reply.fingerprint,
-                reply.command_id,
-                reply.aggregate_id,
-                reply.aggregate_version,
-                reply.reply,
-                reply.created_at,
-                reply.expires_at,
+                (
+                    reply.scope.principal,
+                    reply.scope.command_type,
+                    reply.scope.key,
+                    reply.scope.lock_id,
+                    reply.fingerprint,
+                    reply.command_id,
+                    reply.aggregate_id,
+                    reply.aggregate_version,
+                    reply.reply,
+                    reply.created_at,
+                    reply.expires_at,
+                ),
+                expect_rows=1,
+                conflict="another request with this idempotency key committed first; retry the request",
             )
         )
-        if status != "INSERT 0 1":
-            raise errors.Conflict("another request with this idempotency key committed first; retry the request")
+
+
+def _stored_reply(scope: IdempotencyScope, row: asyncpg.Record) -> StoredReply:
+    return StoredReply(
+        scope=scope,
+        fingerprint=bytes(row["fingerprint"]),
+        command_id=row["command_id"],
+        aggregate_id=row["aggregate_id"],
+        aggregate_version=row["aggregate_version"],
+        reply=bytes(row["reply"]),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+    )
 
 
 class PostgresExpiredKeyPurger(ExpiredKeyPurger):
@@ -300,7 +361,7 @@ class PostgresExpiredKeyPurger(ExpiredKeyPurger):
 
 
 class PostgresUnitOfWork(UnitOfWork):
-    """One asyncpg transaction on a pooled connection, bounded by the command's deadline."""
+    """Reads on a pooled connection, then one write statement at commit, bounded by the command's deadline."""
 
     def __init__(self, pool: asyncpg.Pool[Any], deadline: Deadline) -> None:
         self._pool = pool
@@ -308,9 +369,10 @@ class PostgresUnitOfWork(UnitOfWork):
         self._conn: Connection | None = None
         self._calls: Calls | None = None
         self._committed = False
+        self._lock_reads = False
 
     async def __aenter__(self) -> Self:
-        """Take a connection, begin, and cap every statement at the time left."""
+        """Take a connection; nothing is sent until the first read or the commit."""
         remaining = self._deadline.remaining()
         if remaining <= 0:
             raise errors.Unavailable("the command ran out of time before it reached the database")
@@ -322,18 +384,8 @@ class PostgresUnitOfWork(UnitOfWork):
             raise translate_error(exc) from exc
         self._conn = conn
         self._calls = Calls(conn, self._deadline)
+        self._calls.lock_reads = self._lock_reads
         self._committed = False
-        try:
-            # BEGIN and the statement cap in one round trip: a simple query may hold several
-            # statements, and the block BEGIN opens outlives it. At least 1 ms: 0 would switch
-            # the server-side limit off. (An int, so formatting it into the SQL is safe.)
-            timeout_ms = max(1, int(self._deadline.remaining() * 1000))
-            await self._calls.run(conn.execute(f"BEGIN; SET LOCAL statement_timeout = {timeout_ms}"))
-        except BaseException as exc:
-            await self._finish()
-            if isinstance(exc, Exception):
-                raise translate_error(exc) from exc
-            raise
         self.users = PostgresUserRepository(self._calls)
         self.products = PostgresProductRepository(self._calls)
         self.orders = PostgresOrderRepository(self._calls)
@@ -347,49 +399,53 @@ class PostgresUnitOfWork(UnitOfWork):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        """Roll back unless committed, release the connection, translate driver errors."""
+        """Drop the pending write unless committed, release the connection, translate driver errors."""
         await self._finish()
         if exc is not None:
             translated = translate_error(exc)
             if translated is not exc:
                 raise translated from exc
 
+    def lock_reads(self) -> None:
+        """Reads from now on open an explicit transaction and lock their rows (FOR UPDATE / FOR SHARE)."""
+        self._lock_reads = True
+        if self._calls is not None:
+            self._calls.lock_reads = True
+
     async def append_events(self, events: Sequence[NewEvent], *, correlation_id: str, causation_id: str) -> None:
-        """Insert the events into the outbox on this transaction's connection."""
-        calls = self._active()
-        await calls.run(append_events(calls.conn, events, correlation_id=correlation_id, causation_id=causation_id))
+        """Add the events to the outbox at commit."""
+        if events:
+            sql, args = outbox_insert(events, correlation_id=correlation_id, causation_id=causation_id)
+            self._active().write(Step(sql, args))
 
     async def log_command(self, entry: CommandLogEntry) -> None:
-        """Insert the command-log row on this transaction's connection."""
-        calls = self._active()
-        await calls.run(
-            calls.conn.execute(
+        """Add the command-log row at commit."""
+        self._active().write(
+            Step(
                 _INSERT_COMMAND_LOG,
-                entry.command_id,
-                entry.command_type,
-                entry.aggregate_type,
-                entry.aggregate_id,
-                entry.correlation_id,
-                entry.received_at,
-                entry.completed_at,
-                entry.outcome,
-                entry.status_code,
-                entry.error_message,
-                list(entry.event_ids),
-                json.dumps(dict(entry.summary), sort_keys=True),
-                entry.principal,
-                entry.idempotency_key,
-                entry.replay_of,
+                (
+                    entry.command_id,
+                    entry.command_type,
+                    entry.aggregate_type,
+                    entry.aggregate_id,
+                    entry.correlation_id,
+                    entry.received_at,
+                    entry.completed_at,
+                    entry.outcome,
+                    entry.status_code,
+                    entry.error_message,
+                    list(entry.event_ids),
+                    json.dumps(dict(entry.summary), sort_keys=True),
+                    entry.principal,
+                    entry.idempotency_key,
+                    entry.replay_of,
+                ),
             )
         )
 
     async def commit(self) -> None:
-        """Commit the transaction."""
-        calls = self._active()
-        status = await calls.run(calls.conn.execute("COMMIT"))
-        if status != "COMMIT":
-            # Postgres answers COMMIT of a transaction an earlier error aborted with ROLLBACK.
-            raise errors.Unavailable("the transaction was rolled back by the database instead of committed")
+        """Write everything in one statement (one implicit transaction), or finish the explicit one."""
+        await self._active().commit()
         self._committed = True
 
     def _active(self) -> Calls:
@@ -398,14 +454,16 @@ class PostgresUnitOfWork(UnitOfWork):
         return self._calls
 
     async def _finish(self) -> None:
-        """Roll back an open transaction and hand the connection back, whatever happened."""
-        conn = self._conn
+        """Roll back an open transaction, release held key locks, and hand the connection back."""
+        conn, calls = self._conn, self._calls
         self._conn = self._calls = None
-        if conn is None:
+        if conn is None or calls is None:
             return
         try:
             if not self._committed and conn.is_in_transaction():
                 await self._rollback(conn)
+            if calls.key_locks and not conn.is_closed():
+                await self._unlock(conn, calls.key_locks)
         finally:
             await self._release(conn)
 
@@ -429,6 +487,18 @@ class PostgresUnitOfWork(UnitOfWork):
         except (Exception, asyncio.CancelledError) as exc:
             # The connection's state is unknown: drop it rather than hand a dirty one to the next command.
             logger.debug("rollback failed (%s); closing the connection", type(exc).__name__)
+            conn.terminate()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    async def _unlock(self, conn: Connection, lock_ids: Sequence[int]) -> None:
+        """Release key locks the write did not release; a connection that cannot is closed, locks and all."""
+        try:
+            async with asyncio.timeout(max(self._deadline.remaining(), _ROLLBACK_GRACE_S)):
+                # A lock the failed write already released answers false, with a server warning.
+                await conn.execute("SELECT pg_advisory_unlock(k) FROM unnest($1::bigint[]) AS k", list(lock_ids))
+        except (Exception, asyncio.CancelledError) as exc:
+            logger.debug("releasing key locks failed (%s); closing the connection", type(exc).__name__)
             conn.terminate()
             if isinstance(exc, asyncio.CancelledError):
                 raise

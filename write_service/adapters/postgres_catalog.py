@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
 
-from shared_kernel import errors
-from write_service.adapters.pg_calls import Calls
+from write_service.adapters.pg_calls import Calls, Step
 from write_service.domain import catalog
 from write_service.service_layer.ports import ProductRepository
 
@@ -31,7 +30,8 @@ RowLock = Literal["share", "update"] | None
 
 _SKU_TAKEN = "SELECT EXISTS (SELECT 1 FROM products WHERE lower(sku) = lower($1))"
 
-_SELECT_FOR_UPDATE = f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1 FOR UPDATE"  # noqa: S608 - constant
+_SELECT = f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"  # noqa: S608 - constant
+_SELECT_LOCKED = _SELECT + " FOR UPDATE"  # a retry after a lost guard (`Calls.lock_reads`)
 
 _INSERT = f"""
 INSERT INTO products ({PRODUCT_COLUMNS})
@@ -44,6 +44,21 @@ UPDATE products
 SET name = $2, price_minor = $3, stock_available = $4, discontinued = $5, discontinued_reason = $6,
     version = $7, updated_at = $8
 WHERE id = $1 AND version = $9
+RETURNING 1
+"""
+
+# A step of an order's write: the products it priced are still sold at the price, name and
+# currency read, and FOR SHARE keeps them so until the order's statement commits. Stock is
+# not compared: a restock or a reservation meanwhile changes nothing the order copied.
+# Rows are locked in id order, as every other multi-product lock is.
+_STILL_AS_READ = """
+SELECT 1
+FROM products AS p
+JOIN unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[]) AS r (id, name, price_minor, currency_code)
+  ON p.id = r.id AND p.name = r.name AND p.price_minor = r.price_minor AND p.currency_code = r.currency_code
+WHERE NOT p.discontinued
+ORDER BY p.id
+FOR SHARE OF p
 """
 
 # Rows are locked in id order, so two transactions locking overlapping sets cannot deadlock
@@ -99,49 +114,80 @@ async def products_by_skus(
 
 
 class PostgresProductRepository(ProductRepository):
-    """Products in the `products` table, read and written on the unit of work's connection."""
+    """Products in the `products` table, read and written through the unit of work's calls."""
 
     def __init__(self, calls: Calls) -> None:
         self._calls = calls
 
     async def sku_taken(self, sku: str) -> bool:
         """Whether a product already has `sku`, case-insensitively."""
-        return bool(await self._calls.run(self._calls.conn.fetchval(_SKU_TAKEN, sku)))
+        return bool(await self._calls.fetchval(_SKU_TAKEN, sku))
 
-    async def get_for_update(self, product_id: uuid.UUID) -> catalog.Product | None:
-        """The product row, locked FOR UPDATE until the transaction ends."""
-        row = await self._calls.run(self._calls.conn.fetchrow(_SELECT_FOR_UPDATE, product_id))
-        return product_from_row(row) if row is not None else None
+    async def get(self, product_id: uuid.UUID) -> catalog.Product | None:
+        """The product as stored now; its save is guarded by the version read here."""
+        row = await self._calls.fetchrow(_SELECT_LOCKED if self._calls.lock_reads else _SELECT, product_id)
+        if row is None:
+            return None
+        self._calls.loaded.add(("product", product_id))
+        return product_from_row(row)
 
     async def by_skus(self, skus: Sequence[str]) -> dict[str, catalog.Product]:
-        """The products with these skus, share-locked until the transaction ends."""
-        return await self._calls.run(products_by_skus(self._calls.conn, skus, lock="share"))
+        """The products with these skus; the write fails (Conflict) if those still sold change before it commits."""
+        found = {
+            row["sku"].lower(): product_from_row(row)
+            for row in await self._calls.fetch(
+                _BY_SKUS["share" if self._calls.lock_reads else None], sorted({sku.lower() for sku in skus})
+            )
+        }
+        sold = [product for product in found.values() if not product.discontinued]
+        if sold:
+            self._calls.write(
+                Step(
+                    _STILL_AS_READ,
+                    (
+                        [p.id for p in sold],
+                        [p.name for p in sold],
+                        [p.price_minor for p in sold],
+                        [p.currency_code for p in sold],
+                    ),
+                    expect_rows=len(sold),
+                    conflict="a product of the order changed concurrently, retry the request",
+                    writes=False,
+                )
+            )
+        return found
 
     async def add(self, product: catalog.Product) -> None:
-        """Insert a new product; the unique index on lower(sku) (a concurrent twin) becomes AlreadyExists."""
-        try:
-            await self._calls.run(self._calls.conn.execute(_INSERT, *_row(product)))
-        except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name == SKU_INDEX:
-                raise catalog.sku_taken() from exc
-            raise
+        """Insert a new product at commit; the unique index on lower(sku) (a concurrent twin) becomes AlreadyExists."""
+        self._calls.write(Step(_INSERT, _row(product), unique={SKU_INDEX: catalog.sku_taken}))
+        if not self._calls.has_read:
+            # No pre-check read ran in this unit of work: check the insert now.
+            await self._calls.flush()
         product.stored_version = product.version
 
+    def adopt(self, product: catalog.Product) -> None:
+        """Its save is guarded by its stored version, as if it had been read here."""
+        self._calls.loaded.add(("product", product.id))
+
     async def save(self, product: catalog.Product) -> None:
-        """Update the row if it is still at the version loaded; otherwise raise Conflict."""
+        """Update the row at commit if it is still at the version loaded; otherwise the commit raises Conflict."""
         changed = (product.name, product.price_minor, product.stock_available, product.discontinued)
-        status = await self._calls.run(
-            self._calls.conn.execute(
+        self._calls.write(
+            Step(
                 _UPDATE,
-                product.id,
-                *changed,
-                product.discontinued_reason,
-                product.version,
-                product.updated_at,
-                product.stored_version,
+                (
+                    product.id,
+                    *changed,
+                    product.discontinued_reason,
+                    product.version,
+                    product.updated_at,
+                    product.stored_version,
+                ),
+                expect_rows=1,
+                conflict=f"product {product.id} changed concurrently, retry the request",
             )
         )
-        if status != "UPDATE 1":
-            # FOR UPDATE makes this unreachable in practice; it guards against a caller that skipped it.
-            raise errors.Conflict(f"product {product.id} changed concurrently, retry the request")
+        if ("product", product.id) not in self._calls.loaded:
+            # Not read by this unit of work: nothing vouches for its version, so check it now.
+            await self._calls.flush()
         product.stored_version = product.version

@@ -8,8 +8,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from shared_kernel import errors
-from write_service.adapters.pg_calls import Calls
+from write_service.adapters.pg_calls import Calls, Step
 from write_service.domain import orders
 from write_service.service_layer.ports import OrderRepository, SagaHandoff
 
@@ -18,29 +17,38 @@ ORDER_COLUMNS = (
     "carrier, tracking_number, version, placed_at, updated_at"
 )
 
-_SELECT_FOR_UPDATE = f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 FOR UPDATE"  # noqa: S608 - constant
-
-_SELECT_LINES = """
-SELECT line_no, product_id, sku, product_name, unit_price_minor, quantity
-FROM order_lines WHERE order_id = $1 ORDER BY line_no
-"""
+# The order and its lines in one round trip: the lines as a JSON array, in line order.
+_SELECT = f"""
+SELECT {ORDER_COLUMNS},
+       (SELECT coalesce(json_agg(json_build_object(
+                   'line_no', l.line_no, 'product_id', l.product_id, 'sku', l.sku, 'product_name', l.product_name,
+                   'unit_price_minor', l.unit_price_minor, 'quantity', l.quantity) ORDER BY l.line_no), '[]')::text
+        FROM order_lines AS l WHERE l.order_id = o.id) AS lines
+FROM orders AS o WHERE o.id = $1
+"""  # noqa: S608 - constant columns
+_SELECT_LOCKED = _SELECT.rstrip() + " FOR UPDATE OF o"  # a retry after a lost guard (`Calls.lock_reads`)
 
 _INSERT = f"""
 INSERT INTO orders ({ORDER_COLUMNS})
 VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14)
 """  # noqa: S608 - constant columns
 
+# Guarded by the status read as well as the version: the saga moves an order from pending
+# to reserved without an event, so without bumping its version.
 _UPDATE = """
 UPDATE orders
 SET status = $2, total_minor = $3, reason = $4, cancelled_by = $5, carrier = $6, tracking_number = $7,
     version = $8, updated_at = $9
-WHERE id = $1 AND version = $10
+WHERE id = $1 AND version = $10 AND status = $11
+RETURNING 1
 """
 
 # A line's price, product and name never change; only a new line or a larger quantity is written.
-_UPSERT_LINE = """
+_UPSERT_LINES = """
 INSERT INTO order_lines (order_id, line_no, product_id, sku, product_name, unit_price_minor, quantity)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+SELECT $1, l.line_no, l.product_id, l.sku, l.product_name, l.unit_price_minor, l.quantity
+FROM unnest($2::int[], $3::uuid[], $4::text[], $5::text[], $6::bigint[], $7::bigint[])
+     AS l (line_no, product_id, sku, product_name, unit_price_minor, quantity)
 ON CONFLICT (order_id, line_no) DO UPDATE SET quantity = EXCLUDED.quantity
 WHERE order_lines.quantity IS DISTINCT FROM EXCLUDED.quantity
 """
@@ -52,19 +60,22 @@ INSERT INTO saga_executions (id, saga_type, order_id, status, current_step, cont
 VALUES ($1, 'place_order', $2, 'running', 'reserve_stock', '{}'::jsonb, 1, 0, $3, $3, $3)
 """
 
-_LOCK_SAGA = "SELECT id FROM saga_executions WHERE order_id = $1 FOR UPDATE"
-
 # Whatever state the saga is in (completed and failed included), it now has to undo what it did.
+# The order's row is locked before the saga's (the EXISTS runs first), as every saga step
+# locks them: a saga step running meanwhile and this statement cannot deadlock.
 _COMPENSATE_SAGA = """
 UPDATE saga_executions
 SET status = 'compensating', current_step = 'compensate', attempts = 0, last_error = '',
     next_attempt_at = $2, version = version + 1, updated_at = $2
-WHERE id = $1
+WHERE order_id = $1 AND EXISTS (SELECT 1 FROM orders WHERE id = $1 FOR UPDATE)
+RETURNING id
 """
 
+# Reads the saga id from the step above (its CTE name goes in {saga}).
 _LOG_CANCEL_REQUESTED = """
 INSERT INTO saga_steps (saga_id, step, kind, outcome, detail, attempt, at)
-VALUES ($1, 'cancel_requested', 'compensate', 'succeeded', $2, 1, $3)
+SELECT id, 'cancel_requested', 'compensate', 'succeeded', $1, 1, $2 FROM {saga}
+RETURNING 1
 """
 
 
@@ -78,18 +89,21 @@ def _address(text: str) -> orders.Address:
 
 
 class PostgresOrderRepository(OrderRepository):
-    """Orders and their lines, read and written on the unit of work's connection."""
+    """Orders and their lines, read and written through the unit of work's calls."""
 
     def __init__(self, calls: Calls) -> None:
         self._calls = calls
+        # The status of each order as read (or adopted) here, which its save is guarded by.
+        self._status_read: dict[uuid.UUID, str] = {}
 
-    async def get_for_update(self, order_id: uuid.UUID) -> orders.Order | None:
-        """The order row locked FOR UPDATE (as the saga's steps lock it), with its lines."""
-        conn = self._calls.conn
-        row = await self._calls.run(conn.fetchrow(_SELECT_FOR_UPDATE, order_id))
+    async def get(self, order_id: uuid.UUID) -> orders.Order | None:
+        """The order with its lines as stored now; its save is guarded by the version read here."""
+        row = await self._calls.fetchrow(_SELECT_LOCKED if self._calls.lock_reads else _SELECT, order_id)
         if row is None:
             return None
-        lines = await self._calls.run(conn.fetch(_SELECT_LINES, order_id))
+        self._calls.loaded.add(("order", order_id))
+        self._status_read[order_id] = row["status"]
+        lines: list[dict[str, Any]] = json.loads(row["lines"])
         return orders.Order(
             id=row["id"],
             customer_id=row["customer_id"],
@@ -98,7 +112,7 @@ class PostgresOrderRepository(OrderRepository):
             lines=[
                 orders.OrderLine(
                     line_no=line["line_no"],
-                    product_id=line["product_id"],
+                    product_id=uuid.UUID(line["product_id"]),
                     sku=line["sku"],
                     product_name=line["product_name"],
                     unit_price_minor=line["unit_price_minor"],
@@ -119,89 +133,108 @@ class PostgresOrderRepository(OrderRepository):
         )
 
     async def add(self, order: orders.Order) -> None:
-        """Insert the order and its lines."""
-        conn = self._calls.conn
-        await self._calls.run(
-            conn.execute(
+        """Insert the order and its lines at commit."""
+        self._calls.write(
+            Step(
                 _INSERT,
-                order.id,
-                order.customer_id,
-                order.status,
-                order.currency_code,
-                order.total_minor,
-                _address_json(order.shipping_address),
-                order.notes,
-                order.reason,
-                order.cancelled_by,
-                order.carrier,
-                order.tracking_number,
-                order.version,
-                order.placed_at,
-                order.updated_at,
+                (
+                    order.id,
+                    order.customer_id,
+                    order.status,
+                    order.currency_code,
+                    order.total_minor,
+                    _address_json(order.shipping_address),
+                    order.notes,
+                    order.reason,
+                    order.cancelled_by,
+                    order.carrier,
+                    order.tracking_number,
+                    order.version,
+                    order.placed_at,
+                    order.updated_at,
+                ),
             )
         )
-        await self._write_lines(order)
+        if not self._calls.has_read:
+            # No pre-check read ran in this unit of work: check the insert now.
+            await self._calls.flush()
+        self._write_lines(order)
         order.stored_version = order.version
+
+    def adopt(self, order: orders.Order) -> None:
+        """Its save is guarded by its stored version and status, as if it had been read here."""
+        self._calls.loaded.add(("order", order.id))
+        self._status_read[order.id] = order.status
 
     async def save(self, order: orders.Order) -> None:
-        """Update the order if it is still at the version loaded (else Conflict), then its lines."""
-        status = await self._calls.run(
-            self._calls.conn.execute(
+        """Update the order at commit if it is still at the version loaded (else Conflict), and its lines."""
+        self._calls.write(
+            Step(
                 _UPDATE,
-                order.id,
-                order.status,
-                order.total_minor,
-                order.reason,
-                order.cancelled_by,
-                order.carrier,
-                order.tracking_number,
-                order.version,
-                order.updated_at,
-                order.stored_version,
+                (
+                    order.id,
+                    order.status,
+                    order.total_minor,
+                    order.reason,
+                    order.cancelled_by,
+                    order.carrier,
+                    order.tracking_number,
+                    order.version,
+                    order.updated_at,
+                    order.stored_version,
+                    self._status_read.get(order.id, order.status),
+                ),
+                expect_rows=1,
+                conflict=f"order {order.id} changed concurrently, retry the request",
             )
         )
-        if status != "UPDATE 1":
-            # FOR UPDATE makes this unreachable in practice; it guards against a caller that skipped it.
-            raise errors.Conflict(f"order {order.id} changed concurrently, retry the request")
-        await self._write_lines(order)
+        self._write_lines(order)
+        if ("order", order.id) not in self._calls.loaded:
+            # Not read by this unit of work: nothing vouches for its version, so check it now.
+            await self._calls.flush()
         order.stored_version = order.version
 
-    async def _write_lines(self, order: orders.Order) -> None:
-        await self._calls.run(
-            self._calls.conn.executemany(
-                _UPSERT_LINE,
-                [
-                    (
-                        order.id,
-                        line.line_no,
-                        line.product_id,
-                        line.sku,
-                        line.product_name,
-                        line.unit_price_minor,
-                        line.quantity,
-                    )
-                    for line in order.lines
-                ],
+    def _write_lines(self, order: orders.Order) -> None:
+        if not order.lines:
+            return
+        lines = order.lines
+        self._calls.write(
+            Step(
+                _UPSERT_LINES,
+                (
+                    order.id,
+                    [line.line_no for line in lines],
+                    [line.product_id for line in lines],
+                    [line.sku for line in lines],
+                    [line.product_name for line in lines],
+                    [line.unit_price_minor for line in lines],
+                    [line.quantity for line in lines],
+                ),
             )
         )
 
 
 class PostgresSagaHandoff(SagaHandoff):
-    """Starts sagas and asks them to compensate, on the unit of work's connection."""
+    """Starts sagas and asks them to compensate, as steps of the unit of work's write."""
 
     def __init__(self, calls: Calls) -> None:
         self._calls = calls
 
     async def start(self, saga_id: uuid.UUID, order_id: uuid.UUID, now: datetime) -> None:
         """Insert the running place_order saga, due now at reserve_stock."""
-        await self._calls.run(self._calls.conn.execute(_START_SAGA, saga_id, order_id, now))
+        self._calls.write(Step(_START_SAGA, (saga_id, order_id, now)))
 
     async def request_compensation(self, order_id: uuid.UUID, reason: str, now: datetime) -> None:
-        """Lock the order's saga, turn it to compensating (due now) and log the cancel request."""
-        conn = self._calls.conn
-        saga_id = await self._calls.run(conn.fetchval(_LOCK_SAGA, order_id))
-        if saga_id is None:
-            # Every order gets its saga in the transaction that places it; this is a broken invariant.
-            raise RuntimeError(f"order {order_id} has no saga")
-        await self._calls.run(conn.execute(_COMPENSATE_SAGA, saga_id, now))
-        await self._calls.run(conn.execute(_LOG_CANCEL_REQUESTED, saga_id, reason, now))
+        """Turn the order's saga to compensating (due now) and log the cancel request."""
+        saga = self._calls.unique_name("compensated_saga")
+        self._calls.write(Step(_COMPENSATE_SAGA, (order_id, now), name=saga))
+        # Every order gets its saga in the transaction that places it; no saga is a broken invariant.
+        self._calls.write(
+            Step(
+                _LOG_CANCEL_REQUESTED.format(saga=saga),
+                (reason, now),
+                expect_rows=1,
+                conflict=f"order {order_id} has no saga",
+                bug=True,
+            )
+        )

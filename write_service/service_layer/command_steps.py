@@ -5,24 +5,26 @@ events, the command-log row and (for a keyed command) the stored reply in one un
 work. Handlers never publish anything: the relay moves committed outbox rows on.
 
 A keyed command first takes its key's lock and looks for a stored reply, in the same
-transaction, before it loads anything: a retry of a command that succeeded must get the
+unit of work, before it loads anything: a retry of a command that succeeded must get the
 first reply even though the aggregate has moved on (its expected version would no longer
 match, its user would already be deactivated, its order would already be cancelled).
 """
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from shared_kernel.auth import ANONYMOUS
-from shared_kernel.errors import Conflict, NotFound
+from shared_kernel.errors import Conflict, FailedPrecondition, NotFound
 from shared_kernel.event_log import NewEvent
 from write_service.domain.aggregate import Aggregate
 from write_service.domain.commands import ChangeCommand, Command
+from write_service.service_layer.aggregate_turns import AggregateTurns
 from write_service.service_layer.deadline import Deadline
 from write_service.service_layer.idempotency import key_reused
 from write_service.service_layer.ports import (
@@ -48,6 +50,8 @@ class Dependencies:
     hasher: PasswordHasher
     clock: Callable[[], datetime] = utc_now
     new_id: Callable[[], uuid.UUID] = uuid.uuid4
+    # Shared by every command of the process: one command at a time per aggregate.
+    turns: AggregateTurns = field(default_factory=AggregateTurns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +100,13 @@ Handler = Callable[[Any, UnitOfWork, Dependencies, CommandMeta], Awaitable[Comma
 
 
 class AggregateStore(Protocol[A]):
-    """What `change_aggregate` needs of a repository: a locked load and a guarded save."""
+    """What `change_aggregate` needs of a repository: a load and a save guarded by the version loaded."""
 
-    async def get_for_update(self, aggregate_id: uuid.UUID, /) -> A | None:
-        """The aggregate, locked until the transaction ends, or None."""
+    async def get(self, aggregate_id: uuid.UUID, /) -> A | None:
+        """The aggregate as stored, or None."""
+
+    def adopt(self, aggregate: A, /) -> None:
+        """Take an aggregate this process holds at its stored version as if this unit of work had read it."""
 
     async def save(self, aggregate: A, /) -> None:
         """Store the changed aggregate."""
@@ -114,21 +121,39 @@ async def change_aggregate(
     store: Callable[[UnitOfWork], AggregateStore[A]],
     change: Callable[[A], Awaitable[None]],
 ) -> CommandResult:
-    """Load the command's aggregate from `store(uow)` (locked), check its version, apply `change`, save, commit.
+    """Load the command's aggregate from `store(uow)`, check its version, apply `change`, save, commit.
 
-    A stored reply for the command's idempotency key is returned instead, before anything loads.
+    A stored reply for the command's idempotency key is returned instead, before anything
+    loads. The load and the commit happen in the aggregate's turn (`AggregateTurns`), which
+    may hold the state the previous command here committed: then nothing is read. A rule
+    that refuses the command on that state raises Conflict instead, so the bus retries it
+    on a fresh read (another process may have moved the aggregate on).
     """
     async with uow:
         if (stored := await stored_reply(uow, command, deps, meta)) is not None:
             return stored
-        repository = store(uow)
-        aggregate = await repository.get_for_update(command.aggregate_uuid)
-        if aggregate is None:
-            raise NotFound(f"{command.aggregate_type} {command.aggregate_id} not found")
-        aggregate.require_version(command.expected_version)
-        await change(aggregate)
-        await repository.save(aggregate)
-        return await commit(uow, command, aggregate, deps, meta)
+        async with deps.turns.turn(command, meta.deadline) as turn:
+            repository = store(uow)
+            held, turn.state = turn.state, None
+            aggregate: A | None
+            if held is None:
+                aggregate = await repository.get(command.aggregate_uuid)
+            else:
+                aggregate = cast(A, held)  # the turn of an aggregate holds only that aggregate
+                repository.adopt(aggregate)
+            if aggregate is None:
+                raise NotFound(f"{command.aggregate_type} {command.aggregate_id} not found")
+            try:
+                aggregate.require_version(command.expected_version)
+                await change(aggregate)
+            except (FailedPrecondition, NotFound) as exc:
+                if held is None:
+                    raise
+                raise Conflict(f"{command.aggregate_type} {command.aggregate_id} is read again") from exc
+            await repository.save(aggregate)
+            result = await commit(uow, command, aggregate, deps, meta)
+            turn.state = copy.deepcopy(aggregate)
+            return result
 
 
 async def stored_reply(
@@ -138,12 +163,12 @@ async def stored_reply(
     claim = meta.idempotency
     if claim is None:
         return None
-    # The lock is taken before the look-up: a first call that commits in between has
-    # released the lock only after its commit became visible, and under READ COMMITTED
-    # the look-up's fresh snapshot sees its row. The primary key backs this up (put()).
-    if not await uow.idempotency.try_lock(claim.scope):
+    # Lock and look-up share a round trip, so the look-up may miss a reply committed just
+    # before the lock was taken; the stored reply's primary key then fails this command's
+    # write (put() is a guard), and its retry finds the reply (decision 0027).
+    locked, stored = await uow.idempotency.lock_and_get(claim.scope)
+    if not locked:
         raise Conflict("a request with this idempotency key is still in progress; retry it later")
-    stored = await uow.idempotency.get(claim.scope)
     completed_at = deps.clock()
     if stored is None or stored.expires_at <= completed_at:
         return None

@@ -153,7 +153,11 @@ class CommandBus:
                     f"transaction {command.command_type}",
                     attributes={"db.system": "postgresql", "tessera.command.attempt": attempt},
                 ) as span:
-                    result = await handler(command, self._uow_factory(meta.deadline), self._deps, meta)
+                    uow = self._uow_factory(meta.deadline)
+                    if attempt > 1:
+                        # The first attempt lost a guard (or a key's lock): this one locks what it reads.
+                        uow.lock_reads()
+                    result = await handler(command, uow, self._deps, meta)
                     span.set_attribute("tessera.outbox.event_ids", [str(e.event_id) for e in result.events])
                     return result
             except errors.Conflict:

@@ -88,16 +88,20 @@ class UserRepository(abc.ABC):
         """Which of "email" and "username" another user already has, case-insensitively."""
 
     @abc.abstractmethod
-    async def get_for_update(self, user_id: uuid.UUID) -> User | None:
-        """The user, locked until the transaction ends, or None when unknown."""
+    async def get(self, user_id: uuid.UUID) -> User | None:
+        """The user as stored, or None when unknown; `save` is guarded by the version read."""
 
     @abc.abstractmethod
     async def get_customer(self, user_id: uuid.UUID) -> Customer | None:
-        """The user as a customer, share-locked until the transaction ends (it cannot be deactivated meanwhile)."""
+        """The user as a customer; the unit of work commits only if an active customer is still active."""
 
     @abc.abstractmethod
     async def add(self, user: User) -> None:
         """Store a new user; a taken email or username raises AlreadyExists naming the field."""
+
+    @abc.abstractmethod
+    def adopt(self, user: User) -> None:
+        """Take a user this process holds at its stored version as if this unit of work had read it."""
 
     @abc.abstractmethod
     async def save(self, user: User) -> None:
@@ -112,19 +116,24 @@ class ProductRepository(abc.ABC):
         """Whether a product already has `sku`, case-insensitively."""
 
     @abc.abstractmethod
-    async def get_for_update(self, product_id: uuid.UUID) -> Product | None:
-        """The product, locked until the transaction ends, or None when unknown."""
+    async def get(self, product_id: uuid.UUID) -> Product | None:
+        """The product as stored, or None when unknown; `save` is guarded by the version read."""
 
     @abc.abstractmethod
     async def by_skus(self, skus: Sequence[str]) -> dict[str, Product]:
-        """The products with these skus, share-locked until the transaction ends, keyed by lower-case sku.
+        """The products with these skus, keyed by lower-case sku.
 
-        The lock keeps a product from being discontinued or repriced between the look-up and the commit.
+        The unit of work commits only if those still sold are still sold at the price, name
+        and currency read: a product discontinued or repriced in between fails it (Conflict).
         """
 
     @abc.abstractmethod
     async def add(self, product: Product) -> None:
         """Store a new product; a taken sku raises AlreadyExists naming the field "sku"."""
+
+    @abc.abstractmethod
+    def adopt(self, product: Product) -> None:
+        """Take a product this process holds at its stored version as if this unit of work had read it."""
 
     @abc.abstractmethod
     async def save(self, product: Product) -> None:
@@ -135,12 +144,16 @@ class OrderRepository(abc.ABC):
     """Loads and stores Order aggregates (the order and its lines) inside the unit of work's transaction."""
 
     @abc.abstractmethod
-    async def get_for_update(self, order_id: uuid.UUID) -> Order | None:
-        """The order with its lines, its row locked until the transaction ends, or None when unknown."""
+    async def get(self, order_id: uuid.UUID) -> Order | None:
+        """The order with its lines as stored, or None when unknown; `save` is guarded by the version read."""
 
     @abc.abstractmethod
     async def add(self, order: Order) -> None:
         """Store a new order and its lines."""
+
+    @abc.abstractmethod
+    def adopt(self, order: Order) -> None:
+        """Take a order this process holds at its stored version as if this unit of work had read it."""
 
     @abc.abstractmethod
     async def save(self, order: Order) -> None:
@@ -170,6 +183,12 @@ class IdempotencyStore(abc.ABC):
     async def get(self, scope: IdempotencyScope) -> StoredReply | None:
         """The committed reply stored for the scope, expired or not, or None."""
 
+    async def lock_and_get(self, scope: IdempotencyScope) -> tuple[bool, StoredReply | None]:
+        """`try_lock`, then (when it succeeded) `get`: whether the lock was taken, and the stored reply."""
+        if not await self.try_lock(scope):
+            return False, None
+        return True, await self.get(scope)
+
     @abc.abstractmethod
     async def put(self, reply: StoredReply) -> None:
         """Store a reply, replacing one that expired by `reply.created_at`; Conflict when a live one exists."""
@@ -186,7 +205,8 @@ class ExpiredKeyPurger(abc.ABC):
 class UnitOfWork(abc.ABC):
     """One transaction: state, outbox, command-log and idempotency rows commit together or not at all."""
 
-    # Leaving the `async with` block without `commit()` rolls everything back.
+    # Reads see committed state; writes are applied at `commit()`, guarded by the versions read.
+    # Leaving the `async with` block without `commit()` discards everything.
     users: UserRepository
     products: ProductRepository
     orders: OrderRepository
@@ -205,6 +225,10 @@ class UnitOfWork(abc.ABC):
         traceback: TracebackType | None,
     ) -> None:
         """Roll back unless committed, and release the connection."""
+
+    @abc.abstractmethod
+    def lock_reads(self) -> None:
+        """Read rows locked until the commit from now on: a retry after a lost guard cannot lose again."""
 
     @abc.abstractmethod
     async def append_events(self, events: Sequence[NewEvent], *, correlation_id: str, causation_id: str) -> None:

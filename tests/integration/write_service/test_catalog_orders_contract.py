@@ -42,7 +42,7 @@ async def committed_product(new_uow: Factory, product: catalog.Product) -> catal
 async def test_a_product_round_trips_and_is_found_by_sku_in_any_case(new_uow):
     product = await committed_product(new_uow, a_product("Eng-1"))
     async with new_uow() as uow:
-        loaded = await uow.products.get_for_update(product.id)
+        loaded = await uow.products.get(product.id)
         found = await uow.products.by_skus(["eNG-1", "nope"])
         assert await uow.products.sku_taken("ENG-1")
         assert not await uow.products.sku_taken("Eng-2")
@@ -71,7 +71,7 @@ async def test_a_duplicate_sku_is_refused_whatever_its_case(new_uow):
 async def test_a_product_save_is_guarded_by_its_version(new_uow):
     product = await committed_product(new_uow, a_product())
     async with new_uow() as uow:
-        loaded = await uow.products.get_for_update(product.id)
+        loaded = await uow.products.get(product.id)
         assert loaded is not None
         loaded.restock(quantity=3, now=NOW)
         await uow.products.save(loaded)
@@ -81,7 +81,7 @@ async def test_a_product_save_is_guarded_by_its_version(new_uow):
         async with new_uow() as uow:
             await uow.products.save(stale)
     async with new_uow() as uow:
-        again = await uow.products.get_for_update(product.id)
+        again = await uow.products.get(product.id)
     assert again is not None
     assert (again.stock_available, again.version) == (8, 2)
 
@@ -112,15 +112,15 @@ async def test_an_order_round_trips_with_its_lines_and_address(new_uow):
         await uow.orders.add(order)
         await uow.commit()
     async with new_uow() as uow:
-        loaded = await uow.orders.get_for_update(order.id)
+        loaded = await uow.orders.get(order.id)
         assert loaded is not None
         loaded.add_item(product=first, quantity=3, now=NOW)
         loaded.add_item(product=second, quantity=1, now=NOW)
         await uow.orders.save(loaded)
         await uow.commit()
     async with new_uow() as uow:
-        final = await uow.orders.get_for_update(order.id)
-        assert await uow.orders.get_for_update(uuid.uuid4()) is None
+        final = await uow.orders.get(order.id)
+        assert await uow.orders.get(uuid.uuid4()) is None
     assert final is not None
     assert (final.status, final.version, final.stored_version, final.total_minor, final.notes) == (
         "pending",

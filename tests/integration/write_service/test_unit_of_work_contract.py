@@ -31,7 +31,7 @@ def a_user(email: str = "Ada@Example.com", username: str = "Ada") -> model.User:
 
 async def stored(new_uow: Factory, user_id: uuid.UUID) -> model.User | None:
     async with new_uow() as uow:
-        return await uow.users.get_for_update(user_id)
+        return await uow.users.get(user_id)
 
 
 async def add_committed(new_uow: Factory, user: model.User) -> None:
@@ -85,7 +85,7 @@ async def test_save_persists_a_change(new_uow):
     user = a_user()
     await add_committed(new_uow, user)
     async with new_uow() as uow:
-        loaded = await uow.users.get_for_update(user.id)
+        loaded = await uow.users.get(user.id)
         assert loaded is not None
         loaded.deactivate(reason="bye", now=NOW)
         await uow.users.save(loaded)

@@ -9,6 +9,7 @@ import pytest
 
 from devstack.bench.env import Backing
 from devstack.bench.loadgen import run_load
+from devstack.bench.pgbench import add_product_script, find_pgbench, hot_restock_script, run_pgbench
 from devstack.bench.relay_bench import RelaySizes, measure_relay
 from devstack.bench.table import render_markdown, render_text
 from devstack.measure_lag_cpu import describe, measure
@@ -62,3 +63,35 @@ async def test_lag_cpu_reports_each_rate_with_the_processes_cpu(postgres_admin_u
     assert {"write", "relay-1", "read-1", "read-2", "postgres+redis", "machine"} <= set(cpu)
     assert cpu["machine"] > 0
     assert lines == [describe(result)]
+
+
+@pytest.mark.skipif(find_pgbench() is None, reason="pgbench is not installed")
+async def test_pgbench_scripts_write_what_a_keyed_command_writes(database_url: str) -> None:
+    tps = await asyncio.to_thread(run_pgbench, database_url, add_product_script(), clients=2, duration_s=1.0)
+    assert tps > 0
+    conn = await asyncpg.connect(database_url)
+    try:
+        products = await conn.fetchval("SELECT count(*) FROM products")
+        assert products > 0
+        for query in (
+            "SELECT count(*) FROM outbox WHERE event_type = 'tessera.catalog.v1.ProductAdded'",
+            "SELECT count(*) FROM command_log WHERE command_type = 'AddProduct'",
+            "SELECT count(*) FROM idempotency_keys WHERE command_type = 'AddProduct'",
+        ):
+            assert await conn.fetchval(query) == products, query
+        hot = await conn.fetchval("SELECT id FROM products LIMIT 1")
+        await asyncio.to_thread(run_pgbench, database_url, hot_restock_script(str(hot)), clients=2, duration_s=1.0)
+        row = await conn.fetchrow("SELECT version, stock_available FROM products WHERE id = $1", hot)
+        assert row is not None
+        version, stock = row["version"], row["stock_available"]
+        restocks = await conn.fetchval("SELECT count(*) FROM outbox WHERE aggregate_id = $1", str(hot))
+        # One event per restock (the product was added at version 1); every key lock released.
+        assert restocks == version - 1 > 0
+        assert stock == 10 + restocks
+        held = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        assert held == 0
+    finally:
+        await conn.close()
