@@ -6,6 +6,7 @@ holds only the statements that belong to the relay's side of the contract.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -49,7 +50,7 @@ class Claim:
 
 # One statement, so one round trip and an implicit transaction: lock the relay_state row,
 # check the fence, position the oldest unpositioned rows after its last_position, advance
-# it, and record the published watermark the caller passes ($5, NULL: leave it).
+# it, and record the published watermark the caller passes ($4, NULL: leave it).
 #
 # - `state` takes the row lock first: `batch` reads it through an InitPlan, and the final
 #   SELECT reads it too, so it is materialized once. A second claimer (a relay that lost
@@ -72,6 +73,14 @@ class Claim:
 # - The watermark rides along with the position update (the relay_state row is written
 #   anyway), so a drain writes relay_state once per batch and each outbox row once.
 #
+# - The plan must not depend on the planner's guesses: asyncpg prepares the statement, and
+#   after a few runs Postgres plans it once for any parameters. That generic plan joined the
+#   UPDATE by scanning the whole outbox (the log, not just the batch) on every claim, and
+#   answered "is anything unpositioned?" (an EXISTS) by reading the table from its start.
+#   The batch's ids as an array make the UPDATE look its rows up in the primary key; the
+#   first unpositioned id in id order can only come from the partial index. The batch size
+#   is part of the text, so the planner also knows how many rows to expect.
+#
 # Rows: one per claimed event, or a single row with NULL event columns when nothing was
 # claimed; `positioned_before` is last_position before this claim (NULL: no relay_state
 # row), `leader` is NULL when nothing was there to claim.
@@ -84,7 +93,7 @@ WITH state AS (
                   AND classid = $2::bigint::oid AND objid = $3::bigint::oid AND objsubid = 1
            )) AS leader
     FROM relay_state
-    WHERE singleton AND EXISTS (SELECT 1 FROM outbox WHERE position IS NULL)
+    WHERE singleton AND (SELECT id FROM outbox WHERE position IS NULL ORDER BY id LIMIT 1) IS NOT NULL
     FOR UPDATE
 ), batch AS (
     SELECT id FROM outbox
@@ -92,7 +101,7 @@ WITH state AS (
       AND (SELECT leader FROM state)
       AND (SELECT last_position FROM state) = (SELECT last_position FROM relay_state WHERE singleton)
     ORDER BY id
-    LIMIT $4
+    LIMIT {{limit}}
 ), numbered AS (
     SELECT id AS claimed_id,
            (SELECT last_position FROM state) + row_number() OVER (ORDER BY id) AS new_position
@@ -102,11 +111,12 @@ WITH state AS (
     SET position = numbered.new_position
     FROM numbered
     WHERE outbox.id = numbered.claimed_id
+      AND outbox.id = ANY (ARRAY(SELECT claimed_id FROM numbered))
     RETURNING {ENVELOPE_COLUMNS}
 ), advanced AS (
     UPDATE relay_state
     SET last_position = (SELECT max(position) FROM claimed),
-        published_position = greatest(published_position, $5::bigint)
+        published_position = greatest(published_position, $4::bigint)
     WHERE singleton AND EXISTS (SELECT 1 FROM claimed)
 )
 SELECT coalesce(state.last_position, (SELECT last_position FROM relay_state WHERE singleton)) AS positioned_before,
@@ -114,7 +124,13 @@ SELECT coalesce(state.last_position, (SELECT last_position FROM relay_state WHER
 FROM (VALUES (true)) AS one (always)
 LEFT JOIN state ON true
 LEFT JOIN claimed ON true
-"""  # noqa: S608 - ENVELOPE_COLUMNS is a constant
+"""  # noqa: S608 - ENVELOPE_COLUMNS is a constant; the limit an int
+
+
+@functools.cache
+def _claim_statement(limit: int) -> str:
+    return _CLAIM.format(limit=int(limit))
+
 
 # Never moves back: a relay that was deposed without knowing it may still record what it
 # published, and that is true too (each relay only records a run of positions it published
@@ -141,11 +157,10 @@ async def claim_batch(conn: Connection, limit: int, fence: Fence | None, publish
     is v; v is therefore positioned in the same batch (earlier, by id) or an earlier one.
     """
     rows = await conn.fetch(
-        _CLAIM,
+        _claim_statement(limit),
         fence.pid if fence else None,
         fence.classid if fence else 0,
         fence.objid if fence else 0,
-        limit,
         published,
     )
     first = rows[0]
