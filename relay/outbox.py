@@ -40,6 +40,16 @@ class Fence:
         return self.key & 0xFFFFFFFF
 
 
+# Settings for the sessions the claim runs on. Without bitmap scans, "the oldest n
+# unpositioned rows" can only be read in id order from the partial index, stopping after n.
+# The planner otherwise picks a bitmap scan of every unpositioned row and a sort whenever
+# its statistics say few rows are unpositioned, which is what they say in steady state (and
+# before the first ANALYZE): then a backlog of a million rows was read and sorted whole for
+# every batch, so catching up took time quadratic in the backlog. Nothing else the relay
+# runs wants a bitmap scan either (its lookups are by position range or by id).
+CLAIM_SESSION_SETTINGS = {"enable_bitmapscan": "off"}
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """What one claim found: where positions stood before it, and the events it positioned, in order."""
