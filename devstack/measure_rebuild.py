@@ -47,8 +47,6 @@ USER_EVENT_COLUMNS = (
     "payload",
     "occurred_at",
     "position",
-    "positioned_at",
-    "published_at",
 )
 _BASE = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -57,7 +55,6 @@ def user_events(count: int, seed: int = 7) -> Iterator[tuple[Any, ...]]:
     """`count` outbox rows of a plausible users history, at positions 1..count."""
     rng = random.Random(seed)  # noqa: S311 - reproducible test data, not secrets
     users: list[tuple[str, int, bool]] = []  # id, version, active
-    now = datetime.now(UTC)
     for position in range(1, count + 1):
         at = _BASE + timedelta(seconds=position)
         roll = rng.random()
@@ -92,8 +89,6 @@ def user_events(count: int, seed: int = 7) -> Iterator[tuple[Any, ...]]:
             payload.SerializeToString(),
             at,
             position,
-            now,
-            now,
         )
 
 
@@ -104,7 +99,7 @@ async def seed_users(pool: asyncpg.Pool[Any], count: int, chunk: int = 20_000) -
         for start in range(0, len(rows), chunk):
             batch = rows[start : start + chunk]
             await conn.copy_records_to_table("outbox", records=batch, columns=list(USER_EVENT_COLUMNS))
-        await conn.execute("UPDATE relay_state SET last_position = $1", count)
+        await conn.execute("UPDATE relay_state SET last_position = $1, published_position = $1", count)
     return sum(1 for row in rows if row[5] == 1)
 
 

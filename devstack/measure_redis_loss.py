@@ -48,12 +48,12 @@ async def seed_registrations(url: str, users: int) -> list[str]:
     while len(rows) < users:
         row = next(generated)
         if row[5] == 1:  # a registration (aggregate version 1)
-            rows.append((*row[:8], len(rows) + 1, *row[9:]))
+            rows.append((*row[:8], len(rows) + 1))
     conn = await asyncpg.connect(url)
     try:
         async with conn.transaction():
             await conn.copy_records_to_table("outbox", records=rows, columns=list(USER_EVENT_COLUMNS))
-            await conn.execute("UPDATE relay_state SET last_position = $1", len(rows))
+            await conn.execute("UPDATE relay_state SET last_position = $1, published_position = $1", len(rows))
     finally:
         await conn.close()
     return [str(row[4]) for row in rows]

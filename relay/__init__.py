@@ -31,28 +31,37 @@ notifies on commit); one connection keeps the two together: whoever holds the lo
 the one woken, and losing it loses both. A poll every RELAY_POLL_INTERVAL_S covers lost
 notifications.
 
-A cycle. (1) Re-publish rows that have a position but no `published_at` (left by a crash
-or a failed publish), in position order. (2) Claim: in one transaction lock the
-`relay_state` row, `SELECT id FROM outbox WHERE position IS NULL ORDER BY id LIMIT n FOR
-UPDATE`, give those rows `last_position + 1 ...` in id order, advance `relay_state`,
-commit. Rows are claimed by status, never by "id greater than the last one": a bigserial
-id is taken at insert time but becomes visible at commit time, so id 41 can commit after
-id 42 was read, and a cursor on ids would skip it for good (the comment on `_lock_table`
-in pyeventsourcing's postgres.py explains the hazard; it serializes writers with a table
-lock instead, which we avoid by numbering at relay time). (3) Publish the batch with one
-script call that PUBLISHes each envelope in order (one reply instead of one per event),
-each envelope serialized once. (4) Mark the batch published in one UPDATE over its
-position range, on a second connection while the next batch is being claimed. Repeat
-while batches come back full.
+A cycle. (1) When leading begins, and after a failed cycle, publish every position above
+what this relay has published (from the published watermark at first) up to relay_state's
+last_position, read back from the outbox in position order: a crash or a failed publish
+left them. No new positions are handed out before they have gone out. (2) Claim: one
+statement locks the `relay_state` row, takes the oldest `position IS NULL` rows by id,
+gives them `last_position + 1 ...` in id order, advances `relay_state` (and records the
+watermark while it is behind), and commits. Rows are claimed by status, never by "id
+greater than the last one": a bigserial id is taken at insert time but becomes visible at
+commit time, so id 41 can commit after id 42 was read, and a cursor on ids would skip it
+for good (the comment on `_lock_table` in pyeventsourcing's postgres.py explains the
+hazard; it serializes writers with a table lock instead, which we avoid by numbering at
+relay time). The claim also reports where positions stood before it: any it did not
+expect (a relay that was deposed without knowing it claimed them) go out before its own.
+(3) Publish the batch with one script call that PUBLISHes each envelope in order (one reply
+instead of one per event), each envelope serialized once; a full batch is published while
+the next one is claimed. (4) When the cycle ends, record the highest position published as
+the watermark (`relay_state.published_position`). An outbox row is written once, when it
+gets its position; nothing marks it published.
 
 Crash safety. Positions are committed before publishing. Publishing first and crashing
 before the commit would let a later claim give the same positions to other events, and a
 replica that applied the first would silently diverge. Committing first means a crash
-anywhere re-publishes the same event at the same position (step 1), which replicas skip
-as a duplicate; an event is never skipped. Redis down: the cycle retries with capped
-backoff (WARNING on each attempt); at most one claimed batch waits, and no new positions
-are handed out until it has gone out. Postgres down: the lock session is lost, the relay
-steps down and reconnects with capped backoff.
+anywhere re-publishes the same event at the same position (everything between the
+watermark and last_position goes out again), which replicas skip as a duplicate; an event
+is never skipped. The watermark only ever names positions that went out: it is written
+after the publish, never moves back, and each relay only records a run it published
+contiguously from the watermark it read. Redis down: the cycle retries with capped
+backoff (WARNING on each attempt); at most two claimed batches wait (the one that failed
+and the one claimed beside it), and no new positions are handed out until they have gone
+out. Postgres down: the lock session is lost, the relay steps down and reconnects with
+capped backoff.
 
 Per-aggregate order. The write side locks the aggregate's row for the whole command, so
 the command for version v+1 inserts its outbox row only after version v's transaction

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 
 from relay.metrics import backlog_sampler, register_relay_metrics
+from relay.outbox import CLAIM_SESSION_SETTINGS
 from relay.runner import Relay
 from relay.settings import RelaySettings
 from shared_kernel.db import create_pool
@@ -54,7 +55,14 @@ async def main() -> int:
         # The relay's pooled statements leave no session state (its lock and LISTEN live on a
         # connection of their own), so releases skip the reset round trip.
         pool = await _until_stopped(
-            create_pool(settings, "tessera-relay", wait_s=math.inf, reset_sessions=False), stop_requested
+            create_pool(
+                settings,
+                "tessera-relay",
+                wait_s=math.inf,
+                reset_sessions=False,
+                session_settings=CLAIM_SESSION_SETTINGS,
+            ),
+            stop_requested,
         )
         if pool is None:
             return 0

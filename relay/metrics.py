@@ -4,12 +4,12 @@
   tessera.relay.head           gauge: highest position this relay knows to be published
   tessera.relay.backlog        gauge: outbox rows not yet published, by stage:
                                stage=unpositioned (committed, waiting for a position) and
-                               stage=positioned (positioned, not yet marked published)
+                               stage=positioned (positioned, above the published watermark)
 
-The backlog comes from two counts over the relay's partial indexes (they stay small however
-long the outbox grows), sampled every METRICS_SAMPLE_INTERVAL_S by every relay, active or
-standby, so the figure survives a failover. In Prometheus: tessera_relay_published_total,
-tessera_relay_backlog.
+The backlog comes from a count over the outbox's partial index of unpositioned rows (it
+stays small however long the outbox grows) and relay_state's two positions, sampled every
+METRICS_SAMPLE_INTERVAL_S by every relay, active or standby, so the figure survives a
+failover. In Prometheus: tessera_relay_published_total, tessera_relay_backlog.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ METER_NAME = "tessera.relay"
 
 _BACKLOG = """
 SELECT (SELECT count(*) FROM outbox WHERE position IS NULL) AS unpositioned,
-       (SELECT count(*) FROM outbox WHERE position IS NOT NULL AND published_at IS NULL) AS positioned
+       (SELECT last_position - published_position FROM relay_state WHERE singleton) AS positioned
 """
 
 _published = metrics.get_meter(METER_NAME).create_counter(

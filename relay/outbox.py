@@ -1,4 +1,4 @@
-"""The relay's SQL against the outbox: claim and position rows, find stranded ones, mark them published.
+"""The relay's SQL against the outbox: claim and position rows, record the published watermark.
 
 The table's shape and the envelope mapping live in `shared_kernel.event_log`; this module
 holds only the statements that belong to the relay's side of the contract.
@@ -6,6 +6,7 @@ holds only the statements that belong to the relay's side of the contract.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -39,23 +40,60 @@ class Fence:
         return self.key & 0xFFFFFFFF
 
 
+# Settings for the sessions the claim runs on. Without bitmap scans, "the oldest n
+# unpositioned rows" can only be read in id order from the partial index, stopping after n.
+# The planner otherwise picks a bitmap scan of every unpositioned row and a sort whenever
+# its statistics say few rows are unpositioned, which is what they say in steady state (and
+# before the first ANALYZE): then a backlog of a million rows was read and sorted whole for
+# every batch, so catching up took time quadratic in the backlog. Nothing else the relay
+# runs wants a bitmap scan either (its lookups are by position range or by id).
+CLAIM_SESSION_SETTINGS = {"enable_bitmapscan": "off"}
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What one claim found: where positions stood before it, and the events it positioned, in order."""
+
+    positioned_before: int
+    envelopes: list[EventEnvelope]
+
+
 # One statement, so one round trip and an implicit transaction: lock the relay_state row,
-# check the fence, position the oldest unpositioned rows after its last_position, advance it.
+# check the fence, position the oldest unpositioned rows after its last_position, advance
+# it, and record the published watermark the caller passes ($4, NULL: leave it).
 #
 # - `state` takes the row lock first: `batch` reads it through an InitPlan, and the final
 #   SELECT reads it too, so it is materialized once. A second claimer (a relay that lost
-#   its lock but does not know yet) waits there; under READ COMMITTED it then gets the row
-#   as the first one committed it, and `batch` skips the rows the first one positioned
-#   (FOR UPDATE re-checks `position IS NULL` on their latest version). Positions stay
-#   gap-free and unique: they are numbered after the locking, from the current last_position.
+#   its lock but does not know yet) waits there, and under READ COMMITTED then gets the row
+#   as the first one committed it, while the rest of its statement still reads its older
+#   snapshot, in which the rows the first one positioned look unpositioned. `batch`
+#   therefore claims only when the locked last_position equals the snapshot's: every claim
+#   advances last_position, so equal values mean no claim committed in between, and the
+#   snapshot's unpositioned rows are still unpositioned. Otherwise it claims nothing (and
+#   the caller sees the other claim's positions in `positioned_before`). This replaces a
+#   FOR UPDATE on each claimed row, which wrote a lock to every row before the UPDATE
+#   rewrote it anyway; nothing but a claim ever changes an outbox row.
+# - Positions stay gap-free and unique: they are numbered from the locked last_position.
 # - The state row is locked only when the statement's snapshot has an unpositioned row: a
-#   wake-up that finds nothing (most polls) takes no lock and writes nothing.
+#   wake-up that finds nothing (most polls) takes no lock and writes nothing; it still
+#   reads last_position, so the caller sees positions it has not published.
 # - Claim by status, never by "id > last id": ids are taken at insert but become visible at
 #   commit, so a lower id may commit after a higher one was already read. Positions follow
 #   id order within the batch.
+# - The watermark rides along with the position update (the relay_state row is written
+#   anyway), so a drain writes relay_state once per batch and each outbox row once.
 #
-# Rows: none when there was nothing to claim; otherwise one per claimed event, each with
-# `leader`, or a single row with `leader` and NULL event columns when nothing was claimed.
+# - The plan must not depend on the planner's guesses: asyncpg prepares the statement, and
+#   after a few runs Postgres plans it once for any parameters. That generic plan joined the
+#   UPDATE by scanning the whole outbox (the log, not just the batch) on every claim, and
+#   answered "is anything unpositioned?" (an EXISTS) by reading the table from its start.
+#   The batch's ids as an array make the UPDATE look its rows up in the primary key; the
+#   first unpositioned id in id order can only come from the partial index. The batch size
+#   is part of the text, so the planner also knows how many rows to expect.
+#
+# Rows: one per claimed event, or a single row with NULL event columns when nothing was
+# claimed; `positioned_before` is last_position before this claim (NULL: no relay_state
+# row), `leader` is NULL when nothing was there to claim.
 _CLAIM = f"""
 WITH state AS (
     SELECT last_position,
@@ -65,61 +103,63 @@ WITH state AS (
                   AND classid = $2::bigint::oid AND objid = $3::bigint::oid AND objsubid = 1
            )) AS leader
     FROM relay_state
-    WHERE singleton AND EXISTS (SELECT 1 FROM outbox WHERE position IS NULL)
+    WHERE singleton AND (SELECT id FROM outbox WHERE position IS NULL ORDER BY id LIMIT 1) IS NOT NULL
     FOR UPDATE
 ), batch AS (
     SELECT id FROM outbox
-    WHERE position IS NULL AND (SELECT leader FROM state)
+    WHERE position IS NULL
+      AND (SELECT leader FROM state)
+      AND (SELECT last_position FROM state) = (SELECT last_position FROM relay_state WHERE singleton)
     ORDER BY id
-    LIMIT $4
-    FOR UPDATE
+    LIMIT {{limit}}
 ), numbered AS (
     SELECT id AS claimed_id,
            (SELECT last_position FROM state) + row_number() OVER (ORDER BY id) AS new_position
     FROM batch
 ), claimed AS (
     UPDATE outbox
-    SET position = numbered.new_position, positioned_at = now()
+    SET position = numbered.new_position
     FROM numbered
     WHERE outbox.id = numbered.claimed_id
+      AND outbox.id = ANY (ARRAY(SELECT claimed_id FROM numbered))
     RETURNING {ENVELOPE_COLUMNS}
 ), advanced AS (
     UPDATE relay_state
-    SET last_position = (SELECT max(position) FROM claimed)
+    SET last_position = (SELECT max(position) FROM claimed),
+        published_position = greatest(published_position, $4::bigint)
     WHERE singleton AND EXISTS (SELECT 1 FROM claimed)
 )
-SELECT state.leader, claimed.* FROM state LEFT JOIN claimed ON true
-"""  # noqa: S608 - ENVELOPE_COLUMNS is a constant
+SELECT coalesce(state.last_position, (SELECT last_position FROM relay_state WHERE singleton)) AS positioned_before,
+       state.leader, claimed.*
+FROM (VALUES (true)) AS one (always)
+LEFT JOIN state ON true
+LEFT JOIN claimed ON true
+"""  # noqa: S608 - ENVELOPE_COLUMNS is a constant; the limit an int
 
-_STRANDED = f"""
-SELECT {ENVELOPE_COLUMNS} FROM outbox
-WHERE position IS NOT NULL AND published_at IS NULL
-ORDER BY position
-LIMIT $1
-"""  # noqa: S608 - ENVELOPE_COLUMNS is a constant
 
-# A batch is a run of consecutive positions (a claim hands them out gap-free, and the
-# stranded rows are all unpublished ones in position order), so a range names it: one
-# index range scan instead of a lookup per position.
-_MARK_PUBLISHED = """
-UPDATE outbox SET published_at = now()
-WHERE position BETWEEN $1 AND $2 AND published_at IS NULL
+@functools.cache
+def _claim_statement(limit: int) -> str:
+    return _CLAIM.format(limit=int(limit))
+
+
+# Never moves back: a relay that was deposed without knowing it may still record what it
+# published, and that is true too (each relay only records a run of positions it published
+# contiguously from a watermark it read).
+_RECORD_WATERMARK = """
+UPDATE relay_state SET published_position = $1
+WHERE singleton AND published_position < $1
 """
 
-# Everything up to the first positioned-but-unpublished row has gone out; with none, all has.
-# (last_position is NULL only when relay_state has no row at all.)
-_PUBLISHED_HEAD = """
-SELECT
-    (SELECT min(position) - 1 FROM outbox WHERE position IS NOT NULL AND published_at IS NULL) AS before_unpublished,
-    (SELECT last_position FROM relay_state WHERE singleton) AS last_position
-"""
+_PUBLISHED = "SELECT published_position FROM relay_state WHERE singleton"
 
 
-async def claim_batch(conn: Connection, limit: int, fence: Fence | None) -> list[EventEnvelope]:
+async def claim_batch(conn: Connection, limit: int, fence: Fence | None, published: int | None = None) -> Claim:
     """Give the oldest unpositioned rows the next gap-free positions and commit; return them in order.
 
     With a `fence`, the claim commits only while that backend still holds the relay lock,
-    so a relay whose lock session died cannot hand out positions any more.
+    so a relay whose lock session died cannot hand out positions any more. `published`,
+    when given, is recorded as the published watermark in the same statement (only when
+    rows were claimed: a claim that finds nothing writes nothing).
 
     Per-aggregate order holds without looking at aggregates: the write side locks the
     aggregate's row for the whole command, so version v+1's outbox row is inserted only
@@ -127,39 +167,36 @@ async def claim_batch(conn: Connection, limit: int, fence: Fence | None) -> list
     is v; v is therefore positioned in the same batch (earlier, by id) or an earlier one.
     """
     rows = await conn.fetch(
-        _CLAIM,
+        _claim_statement(limit),
         fence.pid if fence else None,
         fence.classid if fence else 0,
         fence.objid if fence else 0,
-        limit,
+        published,
     )
-    if not rows:
-        return []
-    if not rows[0]["leader"]:
+    first = rows[0]
+    if first["positioned_before"] is None:
+        raise RuntimeError("relay_state has no row; were the migrations applied?")
+    if first["leader"] is False:
         raise LeadershipLost("the lock session no longer holds the relay lock")
     # RETURNING has no defined order; a claim that found nothing is one row without an event.
-    return sorted((envelope_from_row(row) for row in rows if row["position"] is not None), key=lambda e: e.position)
+    envelopes = sorted(
+        (envelope_from_row(row) for row in rows if row["position"] is not None), key=lambda e: e.position
+    )
+    return Claim(int(first["positioned_before"]), envelopes)
 
 
-async def stranded_batch(conn: Connection, limit: int) -> list[EventEnvelope]:
-    """Rows that got a position but were never marked published (a crash or a failed publish)."""
-    rows = await conn.fetch(_STRANDED, limit)
-    return [envelope_from_row(row) for row in rows]
-
-
-async def mark_published(conn: Connection, first: int, last: int) -> None:
-    """Set published_at on the unpublished rows at positions `first`..`last`, in one statement."""
-    await conn.execute(_MARK_PUBLISHED, first, last)
+async def record_watermark(conn: Connection, position: int) -> None:
+    """Record that every position up to `position` has been published (the watermark never moves back)."""
+    await conn.execute(_RECORD_WATERMARK, position)
 
 
 async def published_head(conn: Connection) -> int:
-    """The highest position below which every event has been published.
+    """The published watermark: every position up to it has been published.
 
     Read when a relay starts to lead, so it is also where a database without relay_state's
     row is refused: the claim itself would just find nothing to do, forever.
     """
-    row = await conn.fetchrow(_PUBLISHED_HEAD)
-    if row is None or row["last_position"] is None:
+    value = await conn.fetchval(_PUBLISHED)
+    if value is None:
         raise RuntimeError("relay_state has no row; were the migrations applied?")
-    before_unpublished = row["before_unpublished"]
-    return int(row["last_position"] if before_unpublished is None else before_unpublished)
+    return int(value)

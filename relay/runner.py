@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import enum
 import logging
-import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
@@ -18,10 +18,10 @@ from opentelemetry import trace
 from relay.backoff import Backoff
 from relay.leadership import POSTGRES_ERRORS, Connect, LeaderSession
 from relay.metrics import record_published
-from relay.outbox import Fence, LeadershipLost, claim_batch, mark_published, published_head, stranded_batch
+from relay.outbox import Fence, LeadershipLost, claim_batch, published_head, record_watermark
 from relay.publisher import Publisher, RedisPublisher
 from relay.settings import RelaySettings
-from shared_kernel.event_log import OUTBOX_NOTIFY_CHANNEL
+from shared_kernel.event_log import OUTBOX_NOTIFY_CHANNEL, head_position, read_positioned
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,20 @@ class Role(enum.Enum):
     STOPPED = "stopped"
 
 
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """One claim's worth of publishing: positions (after, stranded_to] read back first, then the claimed events."""
+
+    after: int
+    stranded_to: int
+    claimed: list[EventEnvelope]
+
+    @property
+    def count(self) -> int:
+        """Events this batch publishes (positions are gap-free, so the stranded range counts itself)."""
+        return self.stranded_to - self.after + len(self.claimed)
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
 
@@ -77,9 +91,17 @@ class Relay:
         self._publisher: Publisher = publisher or RedisPublisher(redis, settings.redis_key_prefix, tracer)
         self._role = Role.STARTING
         self._fence: Fence | None = None
+        # Every position up to _head has gone out from this relay (or was published before
+        # the watermark it started from); _queued is the highest position handed to a
+        # publish (the next claim expects to find positions there); _recorded is the highest
+        # watermark this relay wrote or read. _loaded: the watermark was read since leading began.
         self._head = 0
-        # When this relay last found no stranded rows (monotonic); None: look before the next claim.
-        self._stranded_checked_at: float | None = None
+        self._queued = 0
+        self._recorded = 0
+        self._loaded = False
+        # Set when leading begins and after a failed cycle: publish what is positioned above
+        # _head before claiming anything new.
+        self._look_for_stranded = True
         self._heartbeat_failing = False
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -144,95 +166,118 @@ class Relay:
             waiter.cancel()
 
     async def run_once(self) -> int:
-        """Publish stranded rows (when due), then claim and publish new ones until a batch comes back short.
+        """Publish what is positioned but not published, then claim and publish until a claim comes back short.
 
         Returns the count. Positions are committed before publishing: a crash after the
-        commit re-publishes the same positions (the stranded look that starts the next
-        cycle or leadership), whereas publishing first and crashing before the commit would
-        let a later claim give those positions to other events.
+        commit re-publishes the same positions (they lie above the published watermark,
+        and the next claim shows them), whereas publishing first and crashing before the
+        commit would let a later claim give those positions to other events.
         """
         batch_size = self._settings.relay_batch_size
+        if not self._loaded:
+            await self._load_watermark()
         sent = 0
         try:
-            if self._stranded_due():
+            if self._look_for_stranded:
                 sent += await self._republish_stranded(batch_size)
-            sent += await self._claim_and_publish(batch_size)
+            sent += await self._drain(batch_size)
+            await self._record_published()
         except BaseException:
-            # A claim, publish or mark cut short can leave positioned, unpublished rows.
-            self._stranded_checked_at = None
+            # What was in flight may not have gone out: it goes out again before anything new.
+            self._queued = self._head
+            self._look_for_stranded = True
             raise
         return sent
 
-    def _stranded_due(self) -> bool:
-        """Whether this cycle looks for stranded rows first.
-
-        Only a failed cycle of this relay, or a relay that was active before it, leaves
-        positioned rows unpublished: looking for them on every NOTIFY would be a Postgres
-        round trip (and a pool release) in front of each event's publish. The look is also
-        repeated once per poll interval, for a claim of a deposed relay that committed just
-        after this one's first look.
-        """
-        checked = self._stranded_checked_at
-        return checked is None or time.monotonic() - checked >= self._settings.relay_poll_interval_s
-
     async def _republish_stranded(self, batch_size: int) -> int:
-        sent = 0
-        checked = time.monotonic()
-        while True:
-            async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
-                envelopes = await stranded_batch(conn, batch_size)
-            if envelopes:
-                logger.info("re-publishing %d stranded events", len(envelopes), extra=_span_of(envelopes))
-                await self._publish(envelopes)
-                sent += len(envelopes)
-            if len(envelopes) < batch_size or self._stopping.is_set():
-                break
-        if len(envelopes) < batch_size:
-            self._stranded_checked_at = checked
-        return sent
+        """Publish every position above this relay's head that was handed out, before claiming more.
 
-    async def _claim_and_publish(self, batch_size: int) -> int:
-        sent = 0
-        # The batch just published is marked while the next one is claimed: two pooled
-        # connections touching different rows, so Postgres does both at once. Marks may
-        # land in any order; each only needs to follow its own batch's publish.
-        # A failure leaves at most the last published batch unmarked: it goes out again
-        # as stranded rows, which replicas skip as duplicates.
-        unmarked: list[EventEnvelope] = []
-        while not self._stopping.is_set():
-            if unmarked:
-                envelopes = await _together(self._mark(unmarked), self._claim(batch_size))
-                unmarked = []
-            else:
-                envelopes = await self._claim(batch_size)
-            if not envelopes:
-                break
-            await self._publish_only(envelopes)
-            unmarked = envelopes
-            sent += len(envelopes)
-            if len(envelopes) < batch_size:
-                break
-        if unmarked:
-            await self._mark(unmarked)
-        return sent
-
-    async def _claim(self, batch_size: int) -> list[EventEnvelope]:
+        Only a failed cycle, or a relay active before this one, leaves such positions; the
+        look keeps a Redis outage from positioning a new batch on every retry.
+        """
         async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
-            return await claim_batch(conn, batch_size, self._fence)
+            positioned = await head_position(conn)
+        batch = _Batch(self._head, max(self._head, positioned), [])
+        if batch.count:
+            logger.info(
+                "re-publishing positions %d to %d",
+                batch.after + 1,
+                batch.stranded_to,
+                extra={"first_position": batch.after + 1, "last_position": batch.stranded_to},
+            )
+            await self._publish(batch, batch_size)
+        self._queued = max(self._queued, batch.stranded_to)
+        self._look_for_stranded = False
+        return batch.count
 
-    async def _publish(self, envelopes: list[EventEnvelope]) -> None:
-        await self._publish_only(envelopes)
-        await self._mark(envelopes)
+    async def _drain(self, batch_size: int) -> int:
+        sent = 0
+        batch = await self._claim(batch_size)
+        while batch.count:
+            sent += batch.count
+            if len(batch.claimed) < batch_size or self._stopping.is_set():
+                await self._publish(batch, batch_size)
+                break
+            # A full batch: publish it while the next one is claimed, so Postgres and Redis
+            # work at the same time. Publishes stay in position order (the next one starts
+            # after both have finished); a failure of either leaves positioned rows above
+            # the watermark, which the next cycle publishes again.
+            batch = await _together(self._publish(batch, batch_size), self._claim(batch_size))
+        return sent
+
+    async def _claim(self, batch_size: int) -> _Batch:
+        # The watermark goes along with the claim while it is behind; never ahead of what
+        # has gone out (a publish may be in flight while this claim runs).
+        published = self._head if self._head > self._recorded else None
+        async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
+            claim = await claim_batch(conn, batch_size, self._fence, published)
+        if published is not None and claim.envelopes:
+            self._recorded = published
+        # Positions this relay did not queue: a failed cycle, or a relay that was active
+        # before (or was deposed without knowing it), positioned them; they go out first.
+        stranded_to = max(self._queued, claim.positioned_before)
+        batch = _Batch(self._queued, stranded_to, claim.envelopes)
+        if stranded_to > self._queued:
+            logger.info(
+                "re-publishing positions %d to %d",
+                self._queued + 1,
+                stranded_to,
+                extra={"first_position": self._queued + 1, "last_position": stranded_to},
+            )
+        self._queued = claim.envelopes[-1].position if claim.envelopes else stranded_to
+        return batch
+
+    async def _publish(self, batch: _Batch, batch_size: int) -> None:
+        after = batch.after
+        while after < batch.stranded_to:
+            async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
+                envelopes = await read_positioned(conn, after, batch_size, up_to=batch.stranded_to)
+            if not envelopes:
+                raise RuntimeError(f"positions {after + 1} to {batch.stranded_to} are missing from the outbox")
+            await self._publish_only(envelopes)
+            after = envelopes[-1].position
+        if batch.claimed:
+            await self._publish_only(batch.claimed)
 
     async def _publish_only(self, envelopes: list[EventEnvelope]) -> None:
         await self._publisher.publish_events(envelopes)
         record_published(len(envelopes))
         self._head = max(self._head, envelopes[-1].position)
-
-    async def _mark(self, envelopes: list[EventEnvelope]) -> None:
-        async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
-            await mark_published(conn, envelopes[0].position, envelopes[-1].position)
         logger.debug("published %d events", len(envelopes), extra=_span_of(envelopes))
+
+    async def _record_published(self) -> None:
+        head = self._head
+        if head > self._recorded:
+            async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
+                await record_watermark(conn, head)
+            self._recorded = head
+
+    async def _load_watermark(self) -> None:
+        async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
+            watermark = await published_head(conn)
+        self._head = self._queued = self._recorded = watermark
+        self._loaded = True
+        self._look_for_stranded = True
 
     async def _serve_session(self, backoff: Backoff) -> None:
         session = await LeaderSession.open(
@@ -255,13 +300,12 @@ class Relay:
 
     async def _lead(self, session: LeaderSession) -> None:
         self._fence = session.fence
-        # The previous active relay may have left positioned rows unpublished.
-        self._stranded_checked_at = None
         self._set_role(Role.ACTIVE)
         try:
             await session.listen(OUTBOX_NOTIFY_CHANNEL, self._wake.set)
-            async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
-                self._head = await published_head(conn)
+            # Start from the recorded watermark: what a previous active relay positioned
+            # above it may not have gone out, and goes out again.
+            await self._load_watermark()
             # Rows may have piled up while no relay was active: drain them now.
             self._wake.set()
             work = asyncio.create_task(self._relay_loop(), name="relay-loop")
@@ -282,6 +326,8 @@ class Relay:
                     raise error
         finally:
             self._fence = None
+            # Another relay may lead in between: read the watermark again before relaying again.
+            self._loaded = False
             self._set_role(Role.STOPPED if self._stopping.is_set() else Role.STANDBY)
 
     async def _relay_loop(self) -> None:
@@ -293,7 +339,7 @@ class Relay:
             except _DEPENDENCY_ERRORS as exc:
                 delay = backoff.next_delay()
                 logger.warning(
-                    "relay cycle failed (%s); retrying in %.2fs, re-publishing any positioned events first",
+                    "relay cycle failed (%s); retrying in %.2fs, re-publishing unpublished positions first",
                     _describe(exc),
                     delay,
                     extra={"attempt": backoff.attempts},

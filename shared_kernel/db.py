@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import asyncpg
@@ -51,13 +51,19 @@ async def keep_session(conn: asyncpg.Connection[Any]) -> None:
 
 
 async def create_pool(
-    settings: DatabaseSettings, application_name: str, wait_s: float = 30.0, *, reset_sessions: bool = True
+    settings: DatabaseSettings,
+    application_name: str,
+    wait_s: float = 30.0,
+    *,
+    reset_sessions: bool = True,
+    session_settings: Mapping[str, str] | None = None,
 ) -> asyncpg.Pool[Any]:
     """Open a pool, retrying until Postgres answers or `wait_s` runs out.
 
-    `reset_sessions=False` skips the server-side reset on release (see `keep_session`).
+    `reset_sessions=False` skips the server-side reset on release (see `keep_session`);
+    `session_settings` are further settings every connection of the pool starts with.
     """
-    server_settings = {"application_name": application_name}
+    server_settings = {**(session_settings or {}), "application_name": application_name}
     if settings.database_statement_timeout_ms:
         server_settings["statement_timeout"] = str(settings.database_statement_timeout_ms)
 

@@ -185,7 +185,9 @@ async def read_positioned(
     return [envelope_from_row(r) for r in rows]
 
 
-async def head_position(conn: asyncpg.Connection[Any] | asyncpg.Pool[Any]) -> int:
+async def head_position(
+    conn: asyncpg.Connection[Any] | asyncpg.Pool[Any] | asyncpg.pool.PoolConnectionProxy[Any],
+) -> int:
     """The highest position the relay has assigned (0 before the first event)."""
     value = await conn.fetchval("SELECT last_position FROM relay_state WHERE singleton")
     return int(value or 0)

@@ -2,10 +2,13 @@
 
 The backlog is written straight into a fresh outbox with COPY (unpositioned user events,
 as commands leave them) while no relay runs. Then one relay starts; the clock starts when
-the first position is handed out and stops when no row is left unpositioned or unpublished
-(both checks answered by the outbox's partial indexes). Nothing subscribes to the channel,
-in either run. The ceiling publishes the same serialized envelopes, in batches of the
-relay's default size, from one redis-py client.
+the first position is handed out and stops when no row is left unpositioned (the outbox's
+partial index answers) and the published watermark has reached the last position handed out.
+Nothing subscribes to the channel, in either run. The ceiling publishes the same serialized
+envelopes, in batches of the relay's default size, from one redis-py client.
+
+Two rows share the measurement: the rate against its absolute goal, and the rate against the
+bare PUBLISH of the same run (the machine's speed cancels out of that one).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import redis.asyncio as aioredis
 from devstack.bench.env import Backing, Scratch, scratch
 from devstack.measure_rebuild import USER_EVENT_COLUMNS, user_events
 from devstack.supervisor import ServiceProcess
+from relay.outbox import CLAIM_SESSION_SETTINGS
 from shared_kernel.event_log import ENVELOPE_COLUMNS, envelope_from_row, events_channel
 
 from .table import Goal, Row
@@ -31,9 +35,13 @@ RELAY_BATCH = 500  # the relay's default RELAY_BATCH_SIZE
 # A user event as a command leaves it: everything up to the position (which the relay assigns).
 _UNPOSITIONED_COLUMNS = list(USER_EVENT_COLUMNS[: USER_EVENT_COLUMNS.index("position")])
 _POSITIONED = "SELECT last_position FROM relay_state WHERE singleton"
+# Polled every 10 ms while the relay drains, so it must stay cheap: the first unpositioned
+# id in id order comes from the partial index (on a session without bitmap scans, as the
+# relay's), where an EXISTS may (on the generic plan of the prepared statement) read the
+# outbox from its start, competing with the relay.
 _DRAINED = """
-SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE position IS NULL)
-   AND NOT EXISTS (SELECT 1 FROM outbox WHERE position IS NOT NULL AND published_at IS NULL)
+SELECT (SELECT id FROM outbox WHERE position IS NULL ORDER BY id LIMIT 1) IS NULL
+   AND (SELECT published_position = last_position FROM relay_state WHERE singleton)
 """
 
 
@@ -47,16 +55,26 @@ class RelaySizes:
 
 
 def relay_rows() -> list[Row]:
-    """The rows this bench fills."""
+    """The rows this bench fills: the drain rate against its goal, and against bare PUBLISH."""
+    how = "one relay process, Postgres outbox → Redis PUBLISH, no subscribers"
+    ceiling_label = "bare redis-py pipeline PUBLISH, same payloads"
     return [
         Row(
             key="relay",
             figure="relay draining an outbox backlog, events/s",
             unit="events/s",
-            goal=Goal("value", ">=", 20_000, "events/s"),
-            how="one relay process, Postgres outbox → Redis PUBLISH, no subscribers",
-            ceiling_label="bare redis-py pipeline PUBLISH, same payloads",
-        )
+            goal=Goal("value", ">=", 30_000, "events/s"),
+            how=how,
+            ceiling_label=ceiling_label,
+        ),
+        Row(
+            key="relay",
+            figure="relay drain against bare PUBLISH",
+            unit="events/s",
+            goal=Goal("ratio", ">=", 0.7),
+            how=how,
+            ceiling_label=ceiling_label,
+        ),
     ]
 
 
@@ -126,12 +144,12 @@ async def bare_publish(redis_url: str, channel: str, payloads: list[bytes], batc
 
 
 async def measure_relay(backing: Backing, sizes: RelaySizes) -> list[Row]:
-    """Fill the relay row: each round drains a new backlog, then PUBLISHes its payloads bare; best of each."""
-    (row,) = rows = relay_rows()
+    """Fill the relay rows: each round drains a new backlog, then PUBLISHes its payloads bare; best of each."""
+    rows = relay_rows()
     drains: list[float] = []
     bares: list[float] = []
     async with scratch(backing, "relay") as place:
-        conn = await asyncpg.connect(place.database_url)
+        conn = await asyncpg.connect(place.database_url, server_settings=CLAIM_SESSION_SETTINGS)
         try:
             for round_index in range(sizes.rounds):
                 since = int(await conn.fetchval(_POSITIONED))
@@ -151,14 +169,15 @@ async def measure_relay(backing: Backing, sizes: RelaySizes) -> list[Row]:
             await conn.close()
     rates = [sizes.events / seconds for seconds in drains]
     ceilings = [sizes.events / seconds for seconds in bares]
-    row.value = max(rates)
-    row.ceiling = max(ceilings)
-    row.how = f"one relay process (batch {RELAY_BATCH}), {sizes.events:,}-event backlog, best of {len(drains)}"
-    row.notes.append(
+    for row in rows:
+        row.value = max(rates)
+        row.ceiling = max(ceilings)
+        row.how = f"one relay process (batch {RELAY_BATCH}), {sizes.events:,}-event backlog, best of {len(drains)}"
+    rows[0].notes.append(
         "rounds, relay / bare PUBLISH: "
         + ", ".join(f"{rate:,.0f} / {bare:,.0f} events/s" for rate, bare in zip(rates, ceilings, strict=True))
     )
-    row.notes.append(
+    rows[0].notes.append(
         f"ceiling: the round's {sizes.events:,} envelopes PUBLISHed in pipelines of {RELAY_BATCH} by one client"
     )
     return rows

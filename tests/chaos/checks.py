@@ -28,7 +28,8 @@ async def write_side_figures(database_url: str, workload: Workload) -> dict[str,
     try:
         events = await conn.fetch(
             "SELECT event_id::text, correlation_id, causation_id, aggregate_id, aggregate_version, position,"
-            " published_at IS NOT NULL AS published, extract(epoch FROM occurred_at)::float8 AS occurred FROM outbox",
+            " coalesce(position <= published_position, false) AS published,"
+            " extract(epoch FROM occurred_at)::float8 AS occurred FROM outbox CROSS JOIN relay_state",
             timeout=60,
         )
         users = await conn.fetch("SELECT id::text AS id, version FROM users", timeout=60)

@@ -46,7 +46,10 @@ async def backlog_published(database_url: str, timeout_s: float) -> float | None
                 if last_id is None:
                     last_id = int(await conn.fetchval("SELECT coalesce(max(id), 0) FROM outbox", timeout=5))
                 pending = await conn.fetchval(
-                    "SELECT EXISTS (SELECT 1 FROM outbox WHERE id <= $1 AND published_at IS NULL)", last_id, timeout=5
+                    "SELECT EXISTS (SELECT 1 FROM outbox CROSS JOIN relay_state"
+                    " WHERE id <= $1 AND NOT coalesce(position <= published_position, false))",
+                    last_id,
+                    timeout=5,
                 )
             finally:
                 await conn.close()

@@ -339,7 +339,8 @@ async def outbox_state(database_url: str) -> tuple[int, int, int]:
     try:
         row = await conn.fetchrow(
             "SELECT count(*) AS n, count(*) FILTER (WHERE position IS NULL) AS unpositioned,"
-            " count(*) FILTER (WHERE published_at IS NULL) AS unpublished FROM outbox",
+            " count(*) FILTER (WHERE NOT coalesce(position <= published_position, false)) AS unpublished"
+            " FROM outbox CROSS JOIN relay_state",
             timeout=10,
         )
     finally:

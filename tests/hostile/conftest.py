@@ -255,7 +255,10 @@ class HostileStack:
         client = self.redis.client()
         try:
             while True:
-                pending = await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                pending = await conn.fetchval(
+                    "SELECT count(*) FROM outbox CROSS JOIN relay_state"
+                    " WHERE NOT coalesce(position <= published_position, false)"
+                )
                 head = await conn.fetchval("SELECT last_position FROM relay_state")
                 generation = await asyncio.to_thread(client.get, pointer_key(self.prefix, "users"))
                 name = generation.decode() if isinstance(generation, bytes) else generation

@@ -54,11 +54,11 @@ class EventLog:
             last = await conn.fetchval("SELECT last_position FROM relay_state WHERE singleton FOR UPDATE")
             for offset, event in enumerate(events, start=1):
                 await conn.execute(
-                    "UPDATE outbox SET position = $1, positioned_at = now(), published_at = now() WHERE event_id = $2",
+                    "UPDATE outbox SET position = $1 WHERE event_id = $2",
                     last + offset,
                     event.event_id,
                 )
-            await conn.execute("UPDATE relay_state SET last_position = $1", last + len(events))
+            await conn.execute("UPDATE relay_state SET last_position = $1, published_position = $1", last + len(events))
         return await read_positioned(self.pool, last, len(events))
 
     async def head(self) -> int:

@@ -128,7 +128,7 @@ async def test_a_claim_is_refused_without_the_lock(relays: RelayHarness, databas
 
             assert await session.fetchval("SELECT pg_try_advisory_lock($1)", key)
             claimed = await claim_batch(conn, 10, fence)
-            assert [e.position for e in claimed] == [1, 2]
+            assert [e.position for e in claimed.envelopes] == [1, 2]
             assert await conn.fetchval("SELECT last_position FROM relay_state") == 2
     finally:
         await session.close()

@@ -118,8 +118,8 @@ async def test_concurrent_writers_with_interleaved_commits(
     assert ids_in_position_order != sorted(ids_in_position_order)
 
     state = await relays.pool.fetchrow(
-        "SELECT count(*) FILTER (WHERE published_at IS NULL) AS unpublished, max(position) AS head,"
-        " (SELECT last_position FROM relay_state) AS last_position FROM outbox"
+        "SELECT count(*) FILTER (WHERE NOT coalesce(position <= published_position, false)) AS unpublished,"
+        " max(position) AS head, max(last_position) AS last_position FROM outbox CROSS JOIN relay_state"
     )
     assert state is not None
     assert (state["unpublished"], state["head"], state["last_position"]) == (0, len(expected), len(expected))
@@ -154,7 +154,7 @@ async def test_racing_claimers_hand_out_each_position_once(relays: RelayHarness,
         claimed: list[EventEnvelope] = []
         async with relays.pool.acquire() as conn:
             while True:
-                batch = await claim_batch(conn, 5, None)
+                batch = (await claim_batch(conn, 5, None)).envelopes
                 claimed.extend(batch)
                 if not batch and writes_done.is_set():
                     return claimed
