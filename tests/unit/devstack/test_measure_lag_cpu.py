@@ -18,14 +18,25 @@ def _spin(seconds: float) -> None:
         pass
 
 
-def test_a_busy_process_reads_as_about_one_core_and_the_machine_as_at_least_that() -> None:
+def test_a_busy_process_reads_its_own_cpu_time_and_the_machine_at_least_that() -> None:
+    """The /proc readings agree with the kernel's own count for this process, however busy the machine is.
+
+    Compared with time.process_time() rather than with the wall clock: on a loaded machine a
+    spinning process gets less than a core, and that is a fact about the machine, not the reader.
+    """
     before = {"me": process_cpu_s(os.getpid()), "machine": machine_busy_s()}
-    started = time.monotonic()
+    cpu_before = time.process_time()
     _spin(0.3)
+    cpu_used = time.process_time() - cpu_before
     after = {"me": process_cpu_s(os.getpid()), "machine": machine_busy_s()}
-    used = shares(before, after, time.monotonic() - started)
-    assert 0.5 <= used["me"] <= 1.1
-    assert used["machine"] >= used["me"] - 0.1
+    # /proc counts in clock ticks (1/100 s): allow a few of them either way.
+    assert abs((after["me"] - before["me"]) - cpu_used) <= 0.05
+    assert after["machine"] - before["machine"] >= (after["me"] - before["me"]) - 0.05
+
+
+def test_shares_are_cpu_seconds_per_wall_second_never_negative() -> None:
+    used = shares({"a": 1.0, "b": 5.0}, {"a": 1.5, "b": 4.0}, wall_s=0.5)
+    assert used == {"a": 1.0, "b": 0.0}
 
 
 def test_a_process_that_is_gone_reads_as_zero() -> None:
