@@ -18,6 +18,7 @@ from read_service.consistency import ConsistencyGate, log_versions
 from read_service.entrypoints import catalog_queries, order_queries
 from read_service.entrypoints.freshness import Freshness
 from read_service.entrypoints.grpc_server import SERVICE_NAME, PageLimits, UserQueryServicer
+from read_service.event_source import EventSource
 from read_service.generations import replica_generations
 from read_service.keys import CatalogKeys, OrderKeys, UserKeys
 from read_service.lease import ApplyMode, LeaseOptions, default_holder_id
@@ -180,8 +181,11 @@ async def running_read_service(
             if settings.read_apply_mode is ApplyMode.LEASE
             else None
         )
-        # One projector per projection, each with its own checkpoint and subscription.
+        # One projector per projection, each with its own checkpoint; one subscription feeds them all.
         projectors: list[Projector] = []
+        source = EventSource(events_client or redis_client, settings.redis_key_prefix)
+        # Closed after every projector has stopped (the stack runs its callbacks last in, first out).
+        stack.push_async_callback(source.close)
 
         async def on_readiness_change(_ready: bool) -> None:
             # The replica serves once every projection has caught up, and stops when one falls behind.
@@ -200,6 +204,7 @@ async def running_read_service(
             on_readiness_change=on_readiness_change,
             lease=lease,
             events_client=events_client,
+            source=source,
             # The views live in a generation (read_service.generations); `keys`, the queries', follow it.
             generations=replica_generations(
                 redis_client, settings.redis_key_prefix, projection, lambda p: UsersProjection(UserKeys(p)), keys
@@ -218,6 +223,7 @@ async def running_read_service(
                 on_readiness_change=on_readiness_change,
                 lease=lease,
                 events_client=events_client,
+                source=source,
                 generations=replica_generations(redis_client, settings.redis_key_prefix, other, factory, query_keys),
             )
             stack.push_async_callback(started.stop)

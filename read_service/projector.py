@@ -39,7 +39,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -47,18 +47,18 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
-from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from redis.asyncio.client import PubSub
 
+from read_service.event_source import EventSource, Inbound, Kind, Subscriber, stop_task
 from read_service.generations import Generations, ParkedEvent, Plan, generation_version, parked_key
 from read_service.lease import ApplyingLease, LeaseLost, LeaseOptions, applied_channel, lease_key
-from read_service.projections.base import Effect, Projection
-from read_service.view_store import ApplyResult, CheckpointReader, Outcome, ViewStore
+from read_service.projections.base import Effect, Op, Projection
+from read_service.view_store import CheckpointReader, Outcome, Segment, ViewStore, segments
 from shared_kernel import errors
-from shared_kernel.event_log import events_channel, head_channel, head_position, read_positioned
+from shared_kernel.event_log import head_position, read_positioned
 from shared_kernel.telemetry import context_from_envelope
-from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
+from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,18 @@ class ProjectorStatus:
     last_applied_occurred_at: datetime | None = None
 
 
+def _consecutive_after(events: Sequence[EventEnvelope], base: int) -> list[EventEnvelope]:
+    """The events at base + 1, base + 2, ... (skipping those at or below `base`), up to the first hole."""
+    run: list[EventEnvelope] = []
+    for envelope in events:
+        if envelope.position <= base:
+            continue
+        if envelope.position != base + len(run) + 1:
+            break
+        run.append(envelope)
+    return run
+
+
 class KeySpaceLost(Exception):
     """Redis no longer holds what this projector wrote (a flush, a restart without persistence)."""
 
@@ -123,42 +135,10 @@ class KeySpaceChanged(Exception):
     """The pointer names another generation than the one this projector writes."""
 
 
-async def _stop_task(task: asyncio.Task[None], attempts: int = 5, wait_s: float = 0.5) -> None:
-    """Cancel a helper task of a session and wait for it, within bounds.
-
-    On Python 3.11 a cancellation that lands as redis-py's read timeout expires can be turned
-    into that timeout (asyncio.timeout, fixed in 3.12): the pub/sub reader then reads on, and
-    awaiting it would hang the session's end (and stop()) for ever. So cancel again until it ends.
-    """
-    for _ in range(attempts):
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=wait_s)
-        if done:
-            if not task.cancelled():
-                # Consume the outcome; its error ended the session already, or does not matter now.
-                with contextlib.suppress(Exception):
-                    task.result()
-            return
-    logger.error("a projector task did not stop when cancelled; abandoning it", extra={"task": task.get_name()})
-
-
-class _Kind(enum.Enum):
-    EVENT = "event"
-    HEAD = "head"
-    RESUBSCRIBED = "resubscribed"
-    OVERFLOW = "overflow"
-    RETRY = "retry"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class _Inbound:
-    kind: _Kind
-    data: bytes = b""
-    error: BaseException | None = None
-
-
 ReadinessCallback = Callable[[bool], Awaitable[None]]
+
+# The effect of an event the projection does not handle.
+_NO_EFFECT = Effect()
 
 
 class Projector:
@@ -186,13 +166,29 @@ class Projector:
         switch_grace_s: float = 2.0,
         lease: LeaseOptions | None = None,
         events_client: aioredis.Redis | None = None,
+        marker_delay_s: float = 0.05,
+        source: EventSource | None = None,
     ) -> None:
         self._client = client
         # The relay's Redis, where the event stream is published; the views' Redis unless a
         # replica keeps its views in a Redis server of its own.
         self._events_client = client if events_client is None else events_client
         self._pool = pool
+        # The replica's one subscription, shared by its projectors; a projector built alone has its own.
+        self._own_source = source is None
+        self._source = source or EventSource(
+            self._events_client,
+            channel_prefix,
+            buffer_limit=buffer_limit,
+            ping_interval_s=ping_interval_s,
+            subscribe_timeout_s=subscribe_timeout_s,
+            backoff_initial_s=backoff_initial_s,
+            backoff_max_s=backoff_max_s,
+        )
+        self._pool = pool
         self._projection = projection
+        # The event types the projection handles (None: all); the others only move the checkpoint.
+        self._handled: frozenset[str] | None = getattr(projection, "handles", None)
         self._store = ViewStore(client, projection.checkpoint_key)
         self._checkpoint_reader = CheckpointReader(
             lambda: self._store, lambda: self._checkpoint, self._verify_read_checkpoint
@@ -213,10 +209,7 @@ class Projector:
         self._parked: ParkedEvent | None = None
         self._logged_park: tuple[str, int] | None = None
         self._cleanup: set[asyncio.Task[None]] = set()
-        self._events_channel = events_channel(channel_prefix)
-        self._head_channel = head_channel(channel_prefix)
         self._batch_size = batch_size
-        self._buffer_limit = buffer_limit
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._ping_interval_s = ping_interval_s
@@ -238,7 +231,11 @@ class Projector:
         self._reconnects = 0
         self._poison_events = 0
         self._checkpoint_changed = asyncio.Event()
-        self._overflow_pending = False
+        # The last of the no-op events deferred past the checkpoint (none when not above it), since when.
+        self._pending = 0
+        self._pending_since = 0.0
+        self._marker_delay_s = marker_delay_s
+        self._subscriber: Subscriber | None = None
         self._session_caught_up = False
         self._task: asyncio.Task[None] | None = None
         # Without a lease this projector applies always; with one, only while it holds it.
@@ -270,12 +267,14 @@ class Projector:
         if task is not None and not task.done():
             # A cancellation can be lost on Python 3.11 (see _stop_task), so it is repeated; the
             # caller's own cancellation still propagates from the wait.
-            await _stop_task(task, attempts=20)
+            await stop_task(task, attempts=20)
         for cleanup in list(self._cleanup):
             cleanup.cancel()
             with contextlib.suppress(asyncio.CancelledError, *_TRANSIENT_ERRORS):
                 await cleanup
         await self._release_lease()
+        if self._own_source:
+            await self._source.close()
         self._state = ProjectorState.STOPPED
 
     async def run(self) -> None:
@@ -559,36 +558,43 @@ class Projector:
     async def _session(self) -> None:
         await self._store.load_script()
         replaces = await self._choose_keyspace()
-        pubsub = self._events_client.pubsub()
-        inbox: asyncio.Queue[_Inbound] = asyncio.Queue()
-        subscribed = asyncio.Event()
-        reader: asyncio.Task[None] | None = None
         probe: asyncio.Task[None] | None = None
-        self._overflow_pending = False
+        self._pending = 0
+        # Catch-up must not start before the subscription is live, or events published in
+        # between would be in neither the log read nor the inbox: subscribe() returns once it is.
+        subscriber = await self._source.subscribe()
+        self._subscriber = subscriber
+        inbox = subscriber.inbox
         try:
-            await pubsub.subscribe(self._events_channel, self._head_channel)
-            reader = asyncio.create_task(self._read(pubsub, inbox, subscribed))
-            # Catch-up must not start before the subscription is live, or events published
-            # in between would be in neither the log read nor the buffer.
-            await self._wait_subscribed(subscribed, reader, inbox)
             await self._catch_up(target=0, building=replaces is not None)
             if replaces is not None:
                 await self._finish_build(replaces)
             probe = asyncio.create_task(self._probe(inbox))
             self._session_caught_up = True
-            held: collections.deque[_Inbound] = collections.deque()
+            held: collections.deque[Inbound] = collections.deque()
             while True:
-                item = held.popleft() if held else await inbox.get()
-                if item.kind is _Kind.EVENT and not inbox.empty():
+                item = held.popleft() if held else await self._next(inbox)
+                if item is None:
+                    await self._flush_marker()
+                    continue
+                if item.kind is Kind.EVENT and not inbox.empty():
                     await self._handle_events(self._take_events(item, inbox, held))
                 else:
                     await self._handle(item)
         finally:
-            for task in (probe, reader):
-                if task is not None:
-                    await _stop_task(task)
-            with contextlib.suppress(*_TRANSIENT_ERRORS):
-                await pubsub.aclose()
+            self._source.unsubscribe(subscriber)
+            if probe is not None:
+                await stop_task(probe)
+
+    async def _next(self, inbox: asyncio.Queue[Inbound]) -> Inbound | None:
+        """The next message; None when the pending marker is due first (the stream went quiet)."""
+        due = self._marker_due_in()
+        if due is None or not inbox.empty():
+            return await inbox.get()
+        try:
+            return await asyncio.wait_for(inbox.get(), due)
+        except TimeoutError:
+            return None
 
     async def _choose_keyspace(self) -> str | None:
         """Pick the generation to write; return the one it replaces when this session builds it.
@@ -638,8 +644,10 @@ class Projector:
             return
         projection = generations.factory(generations.prefix(generation))
         self._projection = projection
+        self._handled = getattr(projection, "handles", None)
         self._store = ViewStore(self._client, projection.checkpoint_key)
         self._generation = generation
+        self._pending = 0
         # Another key space: its checkpoint is a new baseline, not a step back.
         self._checkpoint = 0
         self._parked = None
@@ -682,7 +690,7 @@ class Projector:
         self._cleanup.add(task)
         task.add_done_callback(self._cleanup.discard)
 
-    async def _probe(self, inbox: asyncio.Queue[_Inbound]) -> None:
+    async def _probe(self, inbox: asyncio.Queue[Inbound]) -> None:
         """Every probe interval: is the key space still there and still ours; can a parked event go?"""
         while True:
             await asyncio.sleep(self._probe_interval_s)
@@ -693,10 +701,10 @@ class Projector:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                inbox.put_nowait(_Inbound(_Kind.FAILED, error=exc))
+                inbox.put_nowait(Inbound(Kind.FAILED, error=exc))
                 return
             if retry:
-                inbox.put_nowait(_Inbound(_Kind.RETRY))
+                inbox.put_nowait(Inbound(Kind.RETRY))
 
     async def _check_keyspace(self) -> bool:
         """Raise KeySpaceLost or KeySpaceChanged as the probe finds; True when a parked event may go on."""
@@ -722,95 +730,25 @@ class Projector:
             checkpoint >= parked.position or await self._meta.skipped(parked.position) is not None
         )
 
-    async def _wait_subscribed(
-        self, subscribed: asyncio.Event, reader: asyncio.Task[None], inbox: asyncio.Queue[_Inbound]
-    ) -> None:
-        waiter = asyncio.ensure_future(subscribed.wait())
-        try:
-            await asyncio.wait({waiter, reader}, timeout=self._subscribe_timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-        if subscribed.is_set():
-            return
-        while not inbox.empty():
-            item = inbox.get_nowait()
-            if item.kind is _Kind.FAILED and item.error is not None:
-                raise item.error
-        raise redis.exceptions.ConnectionError("pub/sub subscription was not confirmed in time")
-
-    async def _read(self, pubsub: PubSub, inbox: asyncio.Queue[_Inbound], subscribed: asyncio.Event) -> None:
-        """Move pub/sub messages into `inbox` so that Redis never holds them while we catch up."""
-        confirmations = 0
-        last_heard = time.monotonic()
-        try:
-            while True:
-                message = await pubsub.get_message(timeout=self._ping_interval_s)
-                now = time.monotonic()
-                if message is None:
-                    # Idle: a half-open TCP connection would stay silent forever, so ask for a
-                    # PONG and give up on the connection when even that does not come back.
-                    self._check_not_silent(now - last_heard)
-                    await pubsub.ping()
-                    continue
-                last_heard = now
-                kind = message["type"]
-                if kind == "subscribe":
-                    confirmations += 1
-                    if confirmations == 2:
-                        subscribed.set()
-                    elif confirmations > 2:
-                        # redis-py re-subscribed after a silent reconnect: messages may be lost.
-                        inbox.put_nowait(_Inbound(_Kind.RESUBSCRIBED))
-                elif kind == "message":
-                    self._enqueue(inbox, message["channel"], message["data"])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            inbox.put_nowait(_Inbound(_Kind.FAILED, error=exc))
-
-    def _check_not_silent(self, silent_s: float) -> None:
-        if silent_s > 3 * self._ping_interval_s:
-            raise redis.exceptions.ConnectionError("pub/sub connection went silent")
-
-    def _enqueue(self, inbox: asyncio.Queue[_Inbound], channel: bytes | str, data: bytes) -> None:
-        name = channel.decode() if isinstance(channel, bytes) else channel
-        kind = _Kind.EVENT if name == self._events_channel else _Kind.HEAD
-        if inbox.qsize() < self._buffer_limit:
-            inbox.put_nowait(_Inbound(kind, data))
-        elif not self._overflow_pending:
-            # Dropping is safe: the log has every event. One marker makes us catch up later.
-            self._overflow_pending = True
-            inbox.put_nowait(_Inbound(_Kind.OVERFLOW))
-            logger.warning("live buffer full; dropping messages until the next catch-up")
-
-    async def _handle(self, item: _Inbound) -> None:
-        if item.kind is _Kind.FAILED:
+    async def _handle(self, item: Inbound) -> None:
+        if item.kind is Kind.FAILED:
             assert item.error is not None
             raise item.error
-        if item.kind is _Kind.RETRY:
+        if item.kind is Kind.RETRY:
             await self._retry_parked()
             return
-        if item.kind is _Kind.EVENT:
-            try:
-                envelope = EventEnvelope.FromString(item.data)
-            except DecodeError:
-                # Whatever this was, an event may hide behind it: check the log.
-                logger.warning("undecodable message on the events channel; catching up")
-                await self._catch_up(target=0)
-                return
-            await self._on_event(envelope)
-        elif item.kind is _Kind.HEAD:
-            try:
-                head = StreamHead.FromString(item.data)
-            except DecodeError:
-                logger.warning("undecodable message on the head channel; ignored")
-                return
-            self._head = max(self._head, head.position)
-            if head.position > self._checkpoint and self._parked is None:
-                await self._catch_up(target=head.position)
+        if item.kind is Kind.EVENT:
+            await self._handle_events([item])
+        elif item.kind is Kind.HEAD:
+            self._head = max(self._head, item.head)
+            if item.head > self._seen() and self._parked is None:
+                await self._catch_up(target=item.head)
+            elif item.head > self._checkpoint:
+                # Everything up to the head was seen; only the marker is left to write.
+                await self._flush_marker()
         else:
-            if item.kind is _Kind.OVERFLOW:
-                self._overflow_pending = False
+            if item.kind is Kind.OVERFLOW and self._subscriber is not None:
+                self._subscriber.overflowed = False
             else:
                 # Redis dropped the subscription (a restart, or this replica was too slow to
                 # read) and the client re-subscribed: whatever was published meanwhile is lost.
@@ -821,108 +759,58 @@ class Projector:
             await self._catch_up(target=0)
 
     def _take_events(
-        self, first: _Inbound, inbox: asyncio.Queue[_Inbound], held: collections.deque[_Inbound]
-    ) -> list[_Inbound]:
+        self, first: Inbound, inbox: asyncio.Queue[Inbound], held: collections.deque[Inbound]
+    ) -> list[Inbound]:
         """`first` and the events queued right behind it (up to a batch); a non-event stops the run and is held."""
         run = [first]
         while len(run) < self._batch_size and not inbox.empty():
             item = inbox.get_nowait()
-            if item.kind is not _Kind.EVENT:
+            if item.kind is not Kind.EVENT:
                 held.append(item)
                 break
             run.append(item)
         return run
 
-    async def _handle_events(self, items: list[_Inbound]) -> None:
-        """Decode a run of queued live events and apply them together."""
+    async def _handle_events(self, items: list[Inbound]) -> None:
+        """Apply a run of queued live events together (the event source decoded them)."""
         envelopes: list[EventEnvelope] = []
         for item in items:
-            try:
-                envelopes.append(EventEnvelope.FromString(item.data))
-            except DecodeError:
-                await self._on_events(envelopes)
-                envelopes = []
-                logger.warning("undecodable message on the events channel; catching up")
-                await self._catch_up(target=0)
+            if item.envelope is not None:
+                envelopes.append(item.envelope)
+                continue
+            # Whatever this was, an event may hide behind it: check the log.
+            await self._on_events(envelopes)
+            envelopes = []
+            logger.warning("undecodable message on the events channel; catching up")
+            await self._catch_up(target=0)
         await self._on_events(envelopes)
 
     async def _on_events(self, envelopes: list[EventEnvelope]) -> None:
-        """Apply live events that queued up behind each other in one pipeline, as catch-up does.
+        """Apply live events that queued up behind each other together, as catch-up does.
 
         A replica that falls behind (a burst after a relay failover, a busy machine) then
-        catches up at batch speed instead of paying two round trips per event.
+        catches up at batch speed: one state read and one script call for the batch.
         """
-        if len(envelopes) <= 1:
-            for envelope in envelopes:
-                await self._on_event(envelope)
+        if not envelopes:
             return
         highest = max(e.position for e in envelopes)
         self._head = max(self._head, highest)
         if self._parked is not None:
             return
+        seen = self._seen()
+        if len(envelopes) == 1 and envelopes[0].position > seen + 1:
+            await self._catch_up(target=highest)
+            return
         # A relay re-publish can repeat positions: keep one envelope per position, in order.
-        fresh = sorted(
-            {e.position: e for e in envelopes if e.position > self._checkpoint}.values(), key=lambda e: e.position
-        )
+        fresh = sorted({e.position: e for e in envelopes if e.position > seen}.values(), key=lambda e: e.position)
         self._duplicates += len(envelopes) - len(fresh)
         # _apply_batch starts from the checkpoint in Redis, which another replica sharing the
         # views may have moved past ours; a gap before or inside the run is left to the log.
-        if fresh and await self._apply_batch(fresh) < highest:
+        if fresh and await self._apply_batch(fresh, defer=True) < highest:
             await self._catch_up(target=highest)
 
     async def _on_event(self, envelope: EventEnvelope) -> None:
-        position = envelope.position
-        self._head = max(self._head, position)
-        if position <= self._checkpoint:
-            self._duplicates += 1
-            return
-        if self._parked is not None:
-            # Stopped at the parked event: the log keeps this one for after the skip.
-            return
-        if position > self._checkpoint + 1:
-            await self._catch_up(target=position)
-            return
-        await self._apply_live(envelope)
-
-    async def _apply_live(self, envelope: EventEnvelope) -> None:
-        with self._span(envelope) as span:
-            keys = self._projection.state_keys(envelope)
-            if not keys:
-                # Nothing to read first (most often an event this projection ignores): the apply
-                # script checks the position against the checkpoint itself, so one round trip
-                # does instead of two. A duplicate or a gap comes back as the script's outcome.
-                done = await self._project_and_apply(envelope, {}, span)
-            else:
-                done = await self._apply_after_snapshot(envelope, keys, span)
-        if not done:
-            await self._catch_up(target=envelope.position)
-
-    async def _apply_after_snapshot(self, envelope: EventEnvelope, keys: Sequence[str], span: trace.Span) -> bool:
-        """Read the state the event needs with the checkpoint, then apply it; False on a gap."""
-        position = envelope.position
-        checkpoint, state = await self._store.snapshot(keys)
-        await self._observe_checkpoint(checkpoint)
-        if checkpoint >= position:
-            self._duplicates += 1
-            span.set_attribute("tessera.projection.outcome", "duplicate")
-            return True
-        if checkpoint < position - 1:
-            span.set_attribute("tessera.projection.outcome", "gap")
-            return False
-        return await self._project_and_apply(envelope, state, span)
-
-    async def _project_and_apply(
-        self, envelope: EventEnvelope, state: Mapping[str, bytes | None], span: trace.Span
-    ) -> bool:
-        """Project and apply one live event; False when the apply script found a gap before it."""
-        effect = await self._project(envelope, state)
-        if effect is None:
-            span.set_attribute("tessera.projection.outcome", "parked")
-            return True
-        self._check_lease()
-        result = await self._store.apply(envelope.position, effect.ops)
-        await self._record(envelope, result, span)
-        return result.outcome is not Outcome.GAP
+        await self._on_events([envelope])
 
     # -- catch-up from the event log ------------------------------------------------------------
 
@@ -1003,70 +891,158 @@ class Projector:
         if not building:
             await self._set_ready(True)
 
-    async def _apply_batch(self, events: list[EventEnvelope]) -> int:
-        """Apply a run of consecutive events in one pipeline; return the checkpoint after it."""
-        keys = list(dict.fromkeys(k for e in events for k in self._projection.state_keys(e)))
-        checkpoint, state = await self._store.snapshot(keys)
-        await self._observe_checkpoint(checkpoint)
-        run: list[EventEnvelope] = []
-        for envelope in events:
-            if envelope.position <= checkpoint:
-                continue
-            if envelope.position != checkpoint + len(run) + 1:
-                break
-            run.append(envelope)
+    def _handles(self, envelope: EventEnvelope) -> bool:
+        return self._handled is None or envelope.event_type in self._handled
+
+    def _seen(self) -> int:
+        """The highest position this projector is done with: the checkpoint, or a deferred marker past it."""
+        return max(self._checkpoint, self._pending)
+
+    async def _apply_batch(self, events: list[EventEnvelope], *, defer: bool = False) -> int:
+        """Apply a run of consecutive events in one script call; return the position seen after it.
+
+        Events the projection does not handle are not projected: they ride along with the next
+        event that writes (the script moves the checkpoint over them). With `defer`, trailing
+        ones are not written at all yet: they become the pending marker, written with the next
+        write, when the stream goes idle (_flush_marker) or when it grows to a batch.
+        """
+        handled = [e for e in events if self._handles(e)]
+        keys = list(dict.fromkeys(k for e in handled for k in self._projection.state_keys(e)))
+        if keys:
+            checkpoint, state = await self._store.snapshot(keys)
+            await self._observe_checkpoint(checkpoint)
+        else:
+            # Nothing to read first: the script checks the positions against the checkpoint itself.
+            checkpoint, state = self._checkpoint, {}
+        base = max(checkpoint, self._pending)
+        run = _consecutive_after(events, base)
         if not run:
-            return checkpoint
+            return base
+        spans: dict[int, trace.Span] = {}
+        try:
+            items, poison = await self._project_run(run, state, spans)
+            write = len(items)
+            if defer and poison is None and items and items[-1][0] - checkpoint < self._batch_size:
+                while write and not items[write - 1][1]:
+                    write -= 1
+            if write:
+                await self._write(items[:write], run, spans, first=checkpoint + 1)
+            if write < len(items):
+                self._pending = items[-1][0]
+                self._pending_since = self._pending_since or time.monotonic()
+            if poison is not None:
+                # Park only now: the events before it are in Redis and the checkpoint right before it.
+                await self._flush_marker()
+                spans.get(poison.position, trace.INVALID_SPAN).set_attribute("tessera.projection.outcome", "parked")
+        finally:
+            for span in spans.values():
+                span.end()
+        if poison is not None:
+            await self._park(poison, self._park_error)
+        return self._seen()
+
+    async def _project_run(
+        self, run: Sequence[EventEnvelope], state: Mapping[str, bytes | None], spans: dict[int, trace.Span]
+    ) -> tuple[list[tuple[int, Sequence[Op]]], EventEnvelope | None]:
+        """Each event's ops, in order, up to the first the projection raises on (returned too)."""
         # Later events of the batch must see the state earlier ones leave behind, before
         # any of it reaches Redis: an overlay on the snapshot plays that part.
         overlay: dict[str, bytes | None] = dict(state)
-        items = []
-        spans = []
-        try:
-            for envelope in run:
+        items: list[tuple[int, Sequence[Op]]] = []
+        for envelope in run:
+            if not self._handles(envelope):
+                for listener in self.effect_listeners:
+                    listener(envelope, _NO_EFFECT)
+                items.append((envelope.position, ()))
+                continue
+            if envelope.traceparent:
                 # Like the relay, no span for an event without a trace context: a root span per
                 # event would be noise, and during a replay making them was a quarter of the work.
-                span = (
-                    self._tracer.start_span(
-                        f"{self._projection.name} project",
-                        context=context_from_envelope(envelope.traceparent, envelope.tracestate),
-                        kind=trace.SpanKind.CONSUMER,
-                        attributes=self._span_attributes(envelope),
-                    )
-                    if envelope.traceparent
-                    else trace.INVALID_SPAN
+                spans[envelope.position] = self._tracer.start_span(
+                    f"{self._projection.name} project",
+                    context=context_from_envelope(envelope.traceparent, envelope.tracestate),
+                    kind=trace.SpanKind.CONSUMER,
+                    attributes=self._span_attributes(envelope),
                 )
-                spans.append(span)
-                effect = await self._project(envelope, overlay, park=False)
-                if effect is None:
-                    span.set_attribute("tessera.projection.outcome", "parked")
-                    break
-                overlay.update(effect.state)
-                items.append((envelope.position, effect.ops))
-            self._check_lease()
-            results = await self._store.apply_many(items)
-            for envelope, span, result in zip(run, spans, results, strict=False):
-                await self._record(envelope, result, span)
-        finally:
-            for span in spans:
-                span.end()
-        if len(items) < len(run):
-            # Park only now: the events before it are in Redis and the checkpoint is right before it.
-            await self._park(run[len(items)], self._park_error)
-        if not results:
-            return checkpoint
-        return max(r.checkpoint for r in results)
+            effect = await self._project(envelope, overlay)
+            if effect is None:
+                return items, envelope
+            overlay.update(effect.state)
+            items.append((envelope.position, effect.ops))
+        return items, None
+
+    async def _write(
+        self,
+        items: Sequence[tuple[int, Sequence[Op]]],
+        run: Sequence[EventEnvelope],
+        spans: Mapping[int, trace.Span],
+        *,
+        first: int,
+    ) -> None:
+        """Write `items` (from position `first`, taking pending no-op events along) in one call; record it."""
+        self._check_lease()
+        before, after = await self._store.write(segments(items, first))
+        if after >= self._pending:
+            self._pending = 0
+            self._pending_since = 0.0
+        self._count(before, after, [position for position, _ in items])
+        for envelope in run:
+            span = spans.get(envelope.position)
+            if span is not None:
+                outcome = (
+                    Outcome.DUPLICATE
+                    if envelope.position <= before
+                    else Outcome.APPLIED
+                    if envelope.position <= after
+                    else Outcome.GAP
+                )
+                span.set_attribute("tessera.projection.outcome", outcome.name.lower())
+            if before < envelope.position <= after and self._handles(envelope):
+                self._last_applied_envelope = envelope
+        await self._observe_checkpoint(after)
+
+    def _count(self, before: int, after: int, positions: Sequence[int]) -> None:
+        duplicates = sum(1 for position in positions if position <= before)
+        self._duplicates += duplicates
+        if duplicates and self._lease is not None:
+            # Only another applier moves the checkpoint between our snapshot and our write:
+            # two replicas held the lease at once, and the apply script kept the order.
+            logger.warning(
+                "duplicate apply refused up to position %s: another replica applied it",
+                before,
+                extra={"projection": self._projection.name, "checkpoint": after},
+            )
+        if after > before:
+            self._applied += after - before
+            self._last_applied_at = datetime.now(UTC)
+            if self._on_applied is not None:
+                for position in range(before + 1, after + 1):
+                    self._on_applied(position)
+
+    async def _flush_marker(self) -> None:
+        """Write the pending marker: move the checkpoint over the no-op events deferred so far."""
+        pending, self._pending, self._pending_since = self._pending, 0, 0.0
+        if pending <= self._checkpoint:
+            return
+        self._check_lease()
+        before, after = await self._store.write([Segment(self._checkpoint + 1, pending)])
+        self._count(before, after, [])
+        await self._observe_checkpoint(after)
+
+    def _marker_due_in(self) -> float | None:
+        """Seconds until the pending marker should be written (None when there is none)."""
+        if self._pending <= self._checkpoint:
+            return None
+        return max(self._pending_since + self._marker_delay_s - time.monotonic(), 0.0)
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    async def _project(
-        self, envelope: EventEnvelope, state: Mapping[str, bytes | None], *, park: bool = True
-    ) -> Effect | None:
+    async def _project(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> Effect | None:
         """The event's effect; None when the projection raised and the event is not skipped.
 
         Applying past an event the projection cannot handle would leave views that are
-        silently wrong, so the projector stops there (parks it) instead. `park=False` leaves
-        the parking to the caller, which first applies the events before it.
+        silently wrong, so the projector stops there (parks it) instead; the caller parks it,
+        after it has applied the events before it.
         """
         try:
             effect = self._projection.project(envelope, state)
@@ -1080,8 +1056,6 @@ class Projector:
                 )
                 return Effect()
             self._park_error = exc
-            if park:
-                await self._park(envelope, exc)
             return None
         for listener in self.effect_listeners:
             listener(envelope, effect)
@@ -1136,26 +1110,6 @@ class Projector:
             logger.debug("parked event's traceback", exc_info=exc)
         await self._meta.park(record)
 
-    async def _record(self, envelope: EventEnvelope, result: ApplyResult, span: trace.Span) -> None:
-        span.set_attribute("tessera.projection.outcome", result.outcome.name.lower())
-        await self._observe_checkpoint(result.checkpoint)
-        if result.outcome is Outcome.APPLIED:
-            self._applied += 1
-            self._last_applied_at = datetime.now(UTC)
-            self._last_applied_envelope = envelope
-            if self._on_applied is not None:
-                self._on_applied(envelope.position)
-        elif result.outcome is Outcome.DUPLICATE:
-            self._duplicates += 1
-            if self._lease is not None:
-                # Only another applier moves the checkpoint between our snapshot and our write:
-                # two replicas held the lease at once, and the apply script kept the order.
-                logger.warning(
-                    "duplicate apply refused at position %s: another replica applied it",
-                    envelope.position,
-                    extra={"projection": self._projection.name, "checkpoint": result.checkpoint},
-                )
-
     async def _observe_checkpoint(self, checkpoint: int) -> None:
         if checkpoint < self._checkpoint:
             # Redis lost data (a restart without persistence, a flush): the views are behind
@@ -1167,6 +1121,8 @@ class Projector:
                 extra={"projection": self._projection.name},
             )
             await self._set_ready(False)
+            # What was deferred belonged to the lost data: the log says what to apply now.
+            self._pending = 0
         if checkpoint != self._checkpoint:
             self._checkpoint = checkpoint
             changed, self._checkpoint_changed = self._checkpoint_changed, asyncio.Event()
@@ -1193,24 +1149,9 @@ class Projector:
     def _span_attributes(self, envelope: EventEnvelope) -> dict[str, str | int]:
         return {
             "messaging.system": "redis",
-            "messaging.destination.name": self._events_channel,
+            "messaging.destination.name": self._source.events_channel,
             "messaging.message.id": envelope.event_id,
             "tessera.event.type": envelope.event_type,
             "tessera.event.position": envelope.position,
             "tessera.projection": self._projection.name,
         }
-
-    @contextlib.contextmanager
-    def _span(self, envelope: EventEnvelope) -> Iterator[trace.Span]:
-        if not envelope.traceparent:
-            # No trace context, no span (see _apply_batch).
-            yield trace.INVALID_SPAN
-            return
-        context = context_from_envelope(envelope.traceparent, envelope.tracestate)
-        with self._tracer.start_as_current_span(
-            f"{self._projection.name} project",
-            context=context,
-            kind=trace.SpanKind.CONSUMER,
-            attributes=self._span_attributes(envelope),
-        ) as span:
-            yield span
