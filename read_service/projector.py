@@ -50,6 +50,7 @@ import redis.exceptions
 from opentelemetry import trace
 from redis.asyncio.client import PubSub
 
+from read_service.applier import handles, parked_record, project_run
 from read_service.event_source import EventSource, Inbound, Kind, Subscriber, stop_task
 from read_service.generations import Generations, ParkedEvent, Plan, generation_version, parked_key
 from read_service.lease import ApplyingLease, LeaseLost, LeaseOptions, applied_channel, lease_key
@@ -137,9 +138,6 @@ class KeySpaceChanged(Exception):
 
 ReadinessCallback = Callable[[bool], Awaitable[None]]
 
-# The effect of an event the projection does not handle.
-_NO_EFFECT = Effect()
-
 
 class Projector:
     """Runs one projection against the event stream; see the module docstring."""
@@ -187,8 +185,6 @@ class Projector:
         )
         self._pool = pool
         self._projection = projection
-        # The event types the projection handles (None: all); the others only move the checkpoint.
-        self._handled: frozenset[str] | None = getattr(projection, "handles", None)
         self._store = ViewStore(client, projection.checkpoint_key)
         self._checkpoint_reader = CheckpointReader(
             lambda: self._store, lambda: self._checkpoint, self._verify_read_checkpoint
@@ -644,7 +640,6 @@ class Projector:
             return
         projection = generations.factory(generations.prefix(generation))
         self._projection = projection
-        self._handled = getattr(projection, "handles", None)
         self._store = ViewStore(self._client, projection.checkpoint_key)
         self._generation = generation
         self._pending = 0
@@ -891,9 +886,6 @@ class Projector:
         if not building:
             await self._set_ready(True)
 
-    def _handles(self, envelope: EventEnvelope) -> bool:
-        return self._handled is None or envelope.event_type in self._handled
-
     def _seen(self) -> int:
         """The highest position this projector is done with: the checkpoint, or a deferred marker past it."""
         return max(self._checkpoint, self._pending)
@@ -906,7 +898,7 @@ class Projector:
         ones are not written at all yet: they become the pending marker, written with the next
         write, when the stream goes idle (_flush_marker) or when it grows to a batch.
         """
-        handled = [e for e in events if self._handles(e)]
+        handled = [e for e in events if handles(self._projection, e)]
         keys = list(dict.fromkeys(k for e in handled for k in self._projection.state_keys(e)))
         if keys:
             checkpoint, state = await self._store.snapshot(keys)
@@ -945,16 +937,8 @@ class Projector:
         self, run: Sequence[EventEnvelope], state: Mapping[str, bytes | None], spans: dict[int, trace.Span]
     ) -> tuple[list[tuple[int, Sequence[Op]]], EventEnvelope | None]:
         """Each event's ops, in order, up to the first the projection raises on (returned too)."""
-        # Later events of the batch must see the state earlier ones leave behind, before
-        # any of it reaches Redis: an overlay on the snapshot plays that part.
-        overlay: dict[str, bytes | None] = dict(state)
-        items: list[tuple[int, Sequence[Op]]] = []
-        for envelope in run:
-            if not self._handles(envelope):
-                for listener in self.effect_listeners:
-                    listener(envelope, _NO_EFFECT)
-                items.append((envelope.position, ()))
-                continue
+
+        def open_span(envelope: EventEnvelope) -> None:
             if envelope.traceparent:
                 # Like the relay, no span for an event without a trace context: a root span per
                 # event would be noise, and during a replay making them was a quarter of the work.
@@ -964,12 +948,30 @@ class Projector:
                     kind=trace.SpanKind.CONSUMER,
                     attributes=self._span_attributes(envelope),
                 )
-            effect = await self._project(envelope, overlay)
-            if effect is None:
-                return items, envelope
-            overlay.update(effect.state)
-            items.append((envelope.position, effect.ops))
-        return items, None
+
+        projected = await project_run(
+            self._projection,
+            run,
+            dict(state),
+            skipped=self._skipped,
+            listeners=self.effect_listeners,
+            before_project=open_span,
+        )
+        if projected.error is not None:
+            self._park_error = projected.error
+        return [(envelope.position, effect.ops) for envelope, effect in projected.effects], projected.poison
+
+    async def _skipped(self, envelope: EventEnvelope, exc: BaseException) -> bool:
+        """Whether an operator skipped the event the projection raised on (it then changes nothing)."""
+        skip = await self._meta.skipped(envelope.position)
+        if skip is None:
+            return False
+        logger.warning(
+            "applying nothing for the event at position %s: an operator skipped it",
+            envelope.position,
+            extra={"projection": self._projection.name, "skip": skip, "error": str(exc)},
+        )
+        return True
 
     async def _write(
         self,
@@ -997,7 +999,7 @@ class Projector:
                     else Outcome.GAP
                 )
                 span.set_attribute("tessera.projection.outcome", outcome.name.lower())
-            if before < envelope.position <= after and self._handles(envelope):
+            if before < envelope.position <= after and handles(self._projection, envelope):
                 self._last_applied_envelope = envelope
         await self._observe_checkpoint(after)
 
@@ -1037,30 +1039,6 @@ class Projector:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    async def _project(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> Effect | None:
-        """The event's effect; None when the projection raised and the event is not skipped.
-
-        Applying past an event the projection cannot handle would leave views that are
-        silently wrong, so the projector stops there (parks it) instead; the caller parks it,
-        after it has applied the events before it.
-        """
-        try:
-            effect = self._projection.project(envelope, state)
-        except Exception as exc:
-            skip = await self._meta.skipped(envelope.position)
-            if skip is not None:
-                logger.warning(
-                    "applying nothing for the event at position %s: an operator skipped it",
-                    envelope.position,
-                    extra={"projection": self._projection.name, "skip": skip, "error": str(exc)},
-                )
-                return Effect()
-            self._park_error = exc
-            return None
-        for listener in self.effect_listeners:
-            listener(envelope, effect)
-        return effect
-
     _park_error: BaseException = RuntimeError("no error")
     # Called with each event and the effect computed for it from the state at position - 1,
     # before it is written: the effect is the same whichever replica writes it, and it holds
@@ -1076,17 +1054,7 @@ class Projector:
         return self._parked
 
     async def _park(self, envelope: EventEnvelope, exc: BaseException) -> None:
-        record = ParkedEvent(
-            projection=self._projection.name,
-            generation=self._generation or "",
-            position=envelope.position,
-            event_id=envelope.event_id,
-            event_type=envelope.event_type,
-            aggregate_type=envelope.aggregate_type,
-            aggregate_id=envelope.aggregate_id,
-            error=f"{type(exc).__name__}: {exc}",
-            parked_at=datetime.now(UTC).isoformat(),
-        )
+        record = parked_record(self._projection.name, self._generation or "", envelope, exc)
         self._parked = record
         self._state = ProjectorState.PARKED
         if self._logged_park != (record.generation, record.position):
