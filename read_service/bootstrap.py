@@ -251,12 +251,13 @@ async def running_read_service(
         }
 
         def freshness(owner: Projector, owned: Projection, version: Callable[[str], Awaitable[int]]) -> Freshness:
-            # Queries of a view wait on, and are ready with, the projector that writes it.
+            # Queries of a view read the state its projector publishes, never the projector itself.
+            state = owner.published
             return Freshness(
-                lambda: owner.ready,
+                lambda: state.ready,
                 settings.query_timeout_s,
-                gate=ConsistencyGate(owner, version, log_versions(pool)),
-                checkpoint=caches[owned.name].observe(owner.read_checkpoint),
+                gate=ConsistencyGate(state, version, log_versions(pool)),
+                checkpoint=caches[owned.name].observe(state.read_checkpoint),
                 max_wait_ms=settings.consistency_max_wait_ms,
             )
 
@@ -289,11 +290,11 @@ async def running_read_service(
         servicer = UserQueryServicer(
             views,
             tokens,
-            is_ready=lambda: projector.ready,
+            is_ready=lambda: projector.published.ready,
             limits=limits,
             query_timeout_s=settings.query_timeout_s,
-            gate=ConsistencyGate(projector, user_version, log_versions(pool)),
-            checkpoint=caches["users"].observe(projector.read_checkpoint),
+            gate=ConsistencyGate(projector.published, user_version, log_versions(pool)),
+            checkpoint=caches["users"].observe(projector.published.read_checkpoint),
             max_wait_ms=settings.consistency_max_wait_ms,
             watch=lambda user_id: feeds["users"].watches(limiter).one(keys.view(user_id)),
         )

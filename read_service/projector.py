@@ -55,8 +55,8 @@ from read_service.event_source import EventSource, Inbound, Kind, Subscriber, st
 from read_service.generations import Generations, ParkedEvent, Plan, generation_version, parked_key
 from read_service.lease import ApplyingLease, LeaseLost, LeaseOptions, applied_channel, lease_key
 from read_service.projections.base import Effect, Op, Projection
+from read_service.published import PublishedState
 from read_service.view_store import CheckpointReader, Outcome, Segment, ViewStore, segments
-from shared_kernel import errors
 from shared_kernel.event_log import head_position, read_positioned
 from shared_kernel.telemetry import context_from_envelope
 from tessera.events.v1.envelope_pb2 import EventEnvelope
@@ -186,9 +186,8 @@ class Projector:
         self._pool = pool
         self._projection = projection
         self._store = ViewStore(client, projection.checkpoint_key)
-        self._checkpoint_reader = CheckpointReader(
-            lambda: self._store, lambda: self._checkpoint, self._verify_read_checkpoint
-        )
+        # What queries, watches and health may read; this projector is its only writer.
+        self.published = PublishedState(projection.name, lambda: self._store)
         # Without generations the key space is fixed: parked records and skips then live
         # under the channel prefix, with an empty generation name.
         self._generations = generations
@@ -202,7 +201,6 @@ class Projector:
         self._generation: str | None = None
         self._probe_interval_s = probe_interval_s
         self._switch_grace_s = switch_grace_s
-        self._parked: ParkedEvent | None = None
         self._logged_park: tuple[str, int] | None = None
         self._cleanup: set[asyncio.Task[None]] = set()
         self._batch_size = batch_size
@@ -216,8 +214,6 @@ class Projector:
         self._tracer = tracer or trace.get_tracer("tessera.read_service.projector")
 
         self._state = ProjectorState.STARTING
-        self._ready = False
-        self._checkpoint = 0
         self._head = 0
         self._last_applied_at: datetime | None = None
         self._last_applied_envelope: EventEnvelope | None = None
@@ -226,7 +222,6 @@ class Projector:
         self._catch_ups = 0
         self._reconnects = 0
         self._poison_events = 0
-        self._checkpoint_changed = asyncio.Event()
         # The last of the no-op events deferred past the checkpoint (none when not above it), since when.
         self._pending = 0
         self._pending_since = 0.0
@@ -344,36 +339,30 @@ class Projector:
 
     @property
     def read_checkpoint(self) -> CheckpointReader:
-        """Reads the checkpoint of the key space this projector writes, from Redis (queries call it first).
-
-        A checkpoint below the one this projector already saw means Redis lost data since: the
-        query is refused (Unavailable) rather than answered from an emptied key space, and the
-        replica stops serving at once instead of at the next probe. A query may also queue the
-        read in its own pipeline (see CheckpointReader).
-        """
-        return self._checkpoint_reader
-
-    async def _verify_read_checkpoint(self, checkpoint: int, known: int) -> int:
-        # `known` was taken before the read: the projector may move on while it is in flight.
-        if checkpoint < known and self._ready:
-            logger.warning(
-                "a query found the checkpoint back at %s from %s: Redis lost data",
-                checkpoint,
-                known,
-                extra={"projection": self._projection.name},
-            )
-            await self._set_ready(False)
-        if checkpoint < known:
-            raise errors.Unavailable("the read model lost its data and is being rebuilt; retry shortly")
-        return checkpoint
+        """Reads the published checkpoint's key space from Redis (see PublishedState)."""
+        return self.published.read_checkpoint
 
     def changed(self) -> asyncio.Event:
-        """An event set the next time the checkpoint moves (after the views of that move are written).
+        """An event set the next time the checkpoint moves (see PublishedState.changed)."""
+        return self.published.changed()
 
-        Each move replaces it, so a reader takes it before looking at the views and waits on
-        it: queries waiting for a consistency token are woken this way, not by polling.
-        """
-        return self._checkpoint_changed
+    # The published state is where the checkpoint, readiness and parked event live; these
+    # name them inside the projector.
+    @property
+    def _checkpoint(self) -> int:
+        return self.published.checkpoint
+
+    @property
+    def _ready(self) -> bool:
+        return self.published.ready
+
+    @property
+    def _parked(self) -> ParkedEvent | None:
+        return self.published.parked
+
+    @_parked.setter
+    def _parked(self, parked: ParkedEvent | None) -> None:
+        self.published.publish_parked(parked)
 
     def status(self) -> ProjectorStatus:
         """A snapshot of the projector's state and counters."""
@@ -400,15 +389,7 @@ class Projector:
 
     async def wait_for_checkpoint(self, position: int, timeout_s: float) -> bool:
         """Wait until this projector has seen the checkpoint reach `position`; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while self._checkpoint < position:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            changed = self._checkpoint_changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
-        return True
+        return await self.published.wait_for_checkpoint(position, timeout_s)
 
     # -- the applying lease (read_service.lease) -------------------------------------------------
 
@@ -644,9 +625,9 @@ class Projector:
         self._generation = generation
         self._pending = 0
         # Another key space: its checkpoint is a new baseline, not a step back.
-        self._checkpoint = 0
+        self.published.publish_checkpoint(0)
         self._parked = None
-        self._checkpoint_reader.key_space_lost()
+        self.published.read_checkpoint.key_space_lost()
 
     async def _finish_build(self, replaces: str) -> None:
         """Switch the pointer to the generation just built; drop the old one after a grace period."""
@@ -687,8 +668,12 @@ class Projector:
 
     async def _probe(self, inbox: asyncio.Queue[Inbound]) -> None:
         """Every probe interval: is the key space still there and still ours; can a parked event go?"""
+        reported = self.published.loss_reported()
         while True:
-            await asyncio.sleep(self._probe_interval_s)
+            # A query that found the checkpoint gone back wakes the probe at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reported.wait(), self._probe_interval_s)
+            reported.clear()
             try:
                 # A holder that lost the lease while idle becomes a follower now, not at its next event.
                 self._check_lease()
@@ -1092,9 +1077,7 @@ class Projector:
             # What was deferred belonged to the lost data: the log says what to apply now.
             self._pending = 0
         if checkpoint != self._checkpoint:
-            self._checkpoint = checkpoint
-            changed, self._checkpoint_changed = self._checkpoint_changed, asyncio.Event()
-            changed.set()
+            self.published.publish_checkpoint(checkpoint)
             if self._lease is not None and self._lease.held:
                 # Followers wake on this rather than polling (read_service.lease).
                 self._lease.announce(self._projection.checkpoint_key, checkpoint)
@@ -1102,10 +1085,10 @@ class Projector:
     async def _set_ready(self, ready: bool) -> None:
         if not ready:
             # Whatever the near caches hold may be gone from Redis: forget it before anything else.
-            self._checkpoint_reader.key_space_lost()
+            self.published.read_checkpoint.key_space_lost()
         if ready == self._ready:
             return
-        self._ready = ready
+        self.published.publish_ready(ready)
         logger.info(
             "projection %s",
             "ready" if ready else "not ready",
