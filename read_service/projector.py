@@ -1,33 +1,35 @@
-"""Event intake: keeps one projection's Redis views up to date from the event stream.
+"""The runner of one projection: its session, catch-up, key space and health.
 
-Live events arrive on Redis pub/sub, which is at-most-once; the Postgres event log is
-the durable source. So the projector subscribes first (buffering what arrives), catches
-up from the log to its head, then applies live events. An event is applied only when its
-position is the checkpoint + 1 (see view_store and projections.base): a lower position
-is a duplicate, a higher one reveals a gap and triggers another catch-up, as does a
-StreamHead heartbeat ahead of the checkpoint, a re-subscription after a silent
-reconnect, or an overflow of the local buffer. Live events that have queued up behind
-each other are applied together, in one pipeline, as catch-up applies the log. Errors
-talking to Redis or Postgres end the session; the projector then reconnects with capped,
-jittered backoff (any other error too, logged with its traceback).
+The parts it runs live in modules of their own: the replica's one pub/sub subscription
+(read_service.event_source), projecting a run of events and stopping at a poison event
+(read_service.applier), the checkpointed writes (read_service.view_store), the follower role
+(read_service.follower) and the state queries read (read_service.published).
+
+Live events arrive on Redis pub/sub, which is at-most-once; the Postgres event log is the
+durable source. So a session subscribes first (buffering what arrives), catches up from the
+log to its head, then applies live events. An event is applied only when its position is the
+checkpoint + 1 (decision 0004): a lower position is a duplicate, a higher one reveals a gap
+and triggers another catch-up, as does a StreamHead heartbeat ahead of what was seen, a
+re-subscription after a silent reconnect, or an overflow of the inbox. Live events that
+queued up are applied together, as catch-up applies the log: one state read and one script
+call. Events the projection does not handle only move the checkpoint, with the next write or
+in a deferred marker. Errors talking to Redis or Postgres end the session; the projector then
+reconnects with capped, jittered backoff (any other error too, logged with its traceback).
 
 An event the projection raises on is *parked*: nothing at or after its position is applied
 (the views stay exact as of the position before it), the event and its error are recorded
 in Redis (read_service.generations), logged and counted, and the projector waits until an
 operator skips it (`python -m read_service.admin skip`) or the checkpoint moves past it.
 
-With `generations`, the projector also decides which key space it writes (a generation,
-see read_service.generations), builds a new one when the projection's version changed,
-and follows the pointer when a rebuild switches it. A light probe (every
-`probe_interval_s`) notices a Redis that lost its data (the pointer gone, the checkpoint
-gone back) and a switch; a lost connection to Redis counts as a loss too, because Redis
-may come back empty. Either makes the projector not ready until it has rebuilt.
+With `generations`, the projector also decides which key space it writes (a generation),
+builds a new one when the projection's version changed, and follows the pointer when a
+rebuild switches it. A light probe (every `probe_interval_s`, or at once when a query reports
+a lost checkpoint) notices a Redis that lost its data (the pointer gone, the checkpoint gone
+back) and a switch; a lost connection to Redis counts as a loss too, because Redis may come
+back empty. Either makes the projector not ready until it has rebuilt.
 
 With a `lease` (read_service.lease), the projector applies only while it holds its
-projection's applying lease, checked before every write. Otherwise it *follows*: it writes
-nothing, moves its checkpoint with the holder's announcements (and a read every renew
-interval), serves the holder's views and runs a normal session, starting with a catch-up
-from the shared checkpoint, as soon as it takes the lease over.
+projection's applying lease, checked before every write; otherwise it runs a Follower.
 """
 
 from __future__ import annotations
@@ -48,12 +50,12 @@ import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
 from opentelemetry import trace
-from redis.asyncio.client import PubSub
 
 from read_service.applier import handles, parked_record, project_run
 from read_service.event_source import EventSource, Inbound, Kind, Subscriber, stop_task
+from read_service.follower import Follower, FollowerHooks
 from read_service.generations import Generations, ParkedEvent, Plan, generation_version, parked_key
-from read_service.lease import ApplyingLease, LeaseLost, LeaseOptions, applied_channel, lease_key
+from read_service.lease import ApplyingLease, LeaseLost, LeaseOptions, lease_key
 from read_service.projections.base import Effect, Op, Projection
 from read_service.published import PublishedState
 from read_service.view_store import CheckpointReader, Outcome, Segment, ViewStore, segments
@@ -164,7 +166,7 @@ class Projector:
         switch_grace_s: float = 2.0,
         lease: LeaseOptions | None = None,
         events_client: aioredis.Redis | None = None,
-        marker_delay_s: float = 0.05,
+        marker_delay_s: float = 0.0,
         source: EventSource | None = None,
     ) -> None:
         self._client = client
@@ -225,6 +227,9 @@ class Projector:
         # The last of the no-op events deferred past the checkpoint (none when not above it), since when.
         self._pending = 0
         self._pending_since = 0.0
+        # How long trailing ignored events may stay unwritten once the inbox has drained. 0 (the
+        # default) writes them as soon as it drains: under load they still ride along with the
+        # next write or batch, and at rest every checkpoint reaches the head at once.
         self._marker_delay_s = marker_delay_s
         self._subscriber: Subscriber | None = None
         self._session_caught_up = False
@@ -236,7 +241,6 @@ class Projector:
             else ApplyingLease(client, lease_key(self._meta.base, projection.name, self._meta.version), lease)
         )
         self._lease_keeper: asyncio.Task[None] | None = None
-        self._followed: str | None = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -280,7 +284,7 @@ class Projector:
             self._session_caught_up = False
             try:
                 if self._lease is not None and not self._lease.held:
-                    await self._follow()
+                    await self._follower().run()
                     continue
                 await self._session()
             except LeaseLost as exc:
@@ -412,82 +416,37 @@ class Projector:
         if self._lease is not None:
             self._lease.check()
 
-    async def _follow(self) -> None:
-        """Serve the holder's views while another replica holds the lease; return when this one may apply.
-
-        Nothing is written here. The checkpoint (and so readiness, consistency-token waits and
-        changed()) follows the holder's announcements; every renew interval the checkpoint is
-        read as well (announcements may be lost), the key space is checked like the probe does
-        and the holder's parked event, if any, is picked up so that queries report it.
-        """
+    def _follower(self) -> Follower:
         lease = self._lease
         assert lease is not None
-        changed = lease.changed()
-        if not await self._follow_keyspace():
-            # Nothing of this version to serve yet: its lease holder claims or builds it.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), self._probe_interval_s)
-            return
-        self._state = ProjectorState.FOLLOWING
-        pubsub = self._client.pubsub()
-        announced: asyncio.Queue[int] = asyncio.Queue()
-        reader: asyncio.Task[None] | None = None
-        interval = lease.options.renew_interval_ms / 1000
-        try:
-            await pubsub.subscribe(applied_channel(self._projection.checkpoint_key))
-            reader = asyncio.create_task(self._read_announcements(pubsub, announced))
-            # Ready once the holder has applied the log as far as it reaches now.
-            target = await head_position(self._pool)
-            while not lease.held:
-                changed = lease.changed()
-                await self._check_keyspace()
-                await self._observe_checkpoint(await self._store.checkpoint())
-                await self._follow_parked()
-                self._log_holder()
-                if not self._ready and (self._checkpoint >= target or self._parked is not None):
-                    await self._set_ready(True)
-                self._session_caught_up = True
-                await self._follow_announcements(announced, reader, changed, target, time.monotonic() + interval)
-        finally:
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, *_TRANSIENT_ERRORS):
-                    await reader
-            with contextlib.suppress(*_TRANSIENT_ERRORS):
-                await pubsub.aclose()
-        # The holder's park was the holder's: as the holder now, this projector finds it again itself.
-        self._parked = None
-        self._followed = None
-        logger.info(
-            "this replica holds the applying lease now; catching up from checkpoint %s",
-            self._checkpoint,
-            extra={"projection": self._projection.name, "holder": lease.options.holder_id},
-        )
 
-    async def _follow_announcements(
-        self,
-        announced: asyncio.Queue[int],
-        reader: asyncio.Task[None],
-        changed: asyncio.Event,
-        target: int,
-        deadline: float,
-    ) -> None:
-        """Until `deadline` or a change of the lease: observe each checkpoint the holder announces."""
-        while not changed.is_set() and (remaining := deadline - time.monotonic()) > 0:
-            got = asyncio.ensure_future(announced.get())
-            flipped = asyncio.ensure_future(changed.wait())
-            try:
-                await asyncio.wait({got, flipped, reader}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                got.cancel()
-                flipped.cancel()
-            if reader.done():
-                reader.result()
-                raise redis.exceptions.ConnectionError("the announcement subscription ended")
-            if got.done() and not got.cancelled() and got.result() > self._checkpoint:
-                await self._observe_checkpoint(got.result())
-                if not self._ready and self._checkpoint >= target:
-                    await self._set_ready(True)
+        def following() -> None:
+            self._state = ProjectorState.FOLLOWING
+            self._session_caught_up = True
+
+        async def read_checkpoint() -> int:
+            return await self._store.checkpoint()
+
+        return Follower(
+            self._projection.name,
+            lease,
+            self._client,
+            self._pool,
+            self.published,
+            hooks=FollowerHooks(
+                checkpoint_key=lambda: self._projection.checkpoint_key,
+                read_checkpoint=read_checkpoint,
+                follow_keyspace=self._follow_keyspace,
+                check_keyspace=self._check_keyspace,
+                holder_parked=self._holder_parked,
+                observe_checkpoint=self._observe_checkpoint,
+                set_ready=self._set_ready,
+                following=following,
+            ),
+            probe_interval_s=self._probe_interval_s,
+            ping_interval_s=self._ping_interval_s,
+            transient_errors=_TRANSIENT_ERRORS,
+        )
 
     async def _follow_keyspace(self) -> bool:
         """Serve the pointer's generation if this version can read it; False (not ready) otherwise."""
@@ -507,28 +466,9 @@ class Projector:
             self._on_switch_prefix(generations.prefix(current))
         return True
 
-    async def _follow_parked(self) -> None:
+    async def _holder_parked(self) -> ParkedEvent | None:
         raw = await self._client.hget(parked_key(self._meta.base, self._projection.name), self._generation or "")
-        record = None if raw is None else ParkedEvent.from_json(raw)
-        self._parked = record if record is not None and record.position == self._checkpoint + 1 else None
-
-    def _log_holder(self) -> None:
-        assert self._lease is not None
-        holder = self._lease.holder
-        if holder != self._followed:
-            self._followed = holder
-            logger.info(
-                "following the applying lease holder %s",
-                holder or "(none yet)",
-                extra={"projection": self._projection.name, "checkpoint": self._checkpoint, "holder": holder},
-            )
-
-    async def _read_announcements(self, pubsub: PubSub, announced: asyncio.Queue[int]) -> None:
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._ping_interval_s)
-            if message is not None and message["type"] == "message":
-                with contextlib.suppress(ValueError):
-                    announced.put_nowait(int(message["data"]))
+        return None if raw is None else ParkedEvent.from_json(raw)
 
     # -- one connected session ----------------------------------------------------------------
 
@@ -568,6 +508,8 @@ class Projector:
         due = self._marker_due_in()
         if due is None or not inbox.empty():
             return await inbox.get()
+        if due <= 0:
+            return None
         try:
             return await asyncio.wait_for(inbox.get(), due)
         except TimeoutError:

@@ -93,13 +93,35 @@ def _item(value: str | bytes | int | float) -> bytes:
     return str(value).encode()
 
 
+# Bytes of op arguments (packed) beyond which a batch is split into several script calls, sent
+# in one pipeline: one call stays short for Redis (a long script holds every other client up)
+# and its MONITOR line stays readable by line-based tools.
+CALL_BYTES = 8_000
+
+
 def encode(checkpoint_key: str, batch: Sequence[Segment]) -> tuple[list[str], list[str | bytes | int]]:
-    """The script's KEYS and ARGV for `batch` (see apply_events.lua): each segment's ops packed in one string."""
-    keys: list[str] = [checkpoint_key]
+    """The script's KEYS and ARGV for `batch` in one call (see apply_events.lua)."""
+    ((keys, argv),) = encode_calls(checkpoint_key, batch, limit=None)
+    return keys, argv
+
+
+def encode_calls(
+    checkpoint_key: str, batch: Sequence[Segment], limit: int | None = CALL_BYTES
+) -> list[tuple[list[str], list[str | bytes | int]]]:
+    """KEYS and ARGV of each script call for `batch`: each segment's ops packed in one string.
+
+    A new call starts at a segment boundary once the packed ops of the current one pass `limit`.
+    """
+    calls: list[tuple[list[str], list[str | bytes | int]]] = []
+    keys: list[str] = []
     # Each key's index in KEYS, already packed (length and digits) as the op's second argument.
     slots: dict[str | bytes | int | float, bytes] = {}
     argv: list[str | bytes | int] = []
+    size = 0
     for segment in batch:
+        if not argv or (limit is not None and size > limit):
+            keys, slots, argv, size = [checkpoint_key], {}, [], 0
+            calls.append((keys, argv))
         parts: list[bytes] = []
         append = parts.append
         for op in segment.ops:
@@ -115,10 +137,12 @@ def encode(checkpoint_key: str, batch: Sequence[Segment]) -> tuple[list[str], li
                 data = value if type(value) is bytes else _item(value)
                 append(_U32(len(data)))
                 append(data)
+        blob = b"".join(parts)
+        size += len(blob)
         argv.append(segment.first)
         argv.append(segment.last)
-        argv.append(b"".join(parts))
-    return keys, argv
+        argv.append(blob)
+    return calls
 
 
 def results(positions: Sequence[int], before: int, after: int) -> list[ApplyResult]:
@@ -183,24 +207,31 @@ class ViewStore:
         return results([position for position, _ in events], before, after)
 
     async def write(self, batch: Sequence[Segment]) -> tuple[int, int]:
-        """Run the apply script on `batch`; return the checkpoint before and after it."""
-        keys, argv = encode(self._checkpoint_key, batch)
+        """Run the apply script on `batch` (one call, or several in one pipeline); the checkpoint before and after."""
+        calls = encode_calls(self._checkpoint_key, batch)
         try:
-            raw = await self._call(keys, argv)
+            raw = await self._call(calls)
         except redis.exceptions.NoScriptError:
             # Redis restarted (or SCRIPT FLUSH ran) since the script was loaded. Re-running
             # the whole batch is safe: events already applied come back as duplicates.
             logger.info("apply script missing from Redis's cache; loading it again")
             await self.load_script()
-            raw = await self._call(keys, argv)
-        before, after = raw
-        return int(before), int(after)
+            raw = await self._call(calls)
+        # Each call starts where the one before it left the checkpoint (a gap leaves it as it is).
+        return int(raw[0][0]), int(raw[-1][1])
 
-    async def _call(self, keys: list[str], argv: list[str | bytes | int]) -> Any:
+    async def _call(self, calls: list[tuple[list[str], list[str | bytes | int]]]) -> list[Any]:
         if self._sha is None:
             await self.load_script()
-        assert self._sha is not None
-        return await self._client.evalsha(self._sha, len(keys), *keys, *argv)
+        sha = self._sha
+        assert sha is not None
+        if len(calls) == 1:
+            keys, argv = calls[0]
+            return [await self._client.evalsha(sha, len(keys), *keys, *argv)]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for keys, argv in calls:
+                pipe.evalsha(sha, len(keys), *keys, *argv)
+            return list(await pipe.execute())
 
 
 class CheckpointReader:

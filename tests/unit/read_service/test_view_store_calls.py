@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from read_service.projections.base import Op
-from read_service.view_store import ApplyResult, Outcome, Segment, encode, results, segments
+from read_service.view_store import ApplyResult, Outcome, Segment, encode, encode_calls, results, segments
 
 SET: Sequence[Op] = [("SET", "k", "v")]
 
@@ -54,3 +54,15 @@ def test_per_event_results_match_one_call_per_event() -> None:
     ]
     assert results([4, 5, 6], 9, 9) == [ApplyResult(Outcome.DUPLICATE, 9)] * 3
     assert results([1, 2, 4, 5], 0, 2)[2:] == [ApplyResult(Outcome.GAP, 2)] * 2
+
+
+def test_a_large_batch_splits_into_calls_at_segment_boundaries() -> None:
+    big = [("SET", "k", b"x" * 600)]
+    batch = [Segment(position, position, big) for position in range(1, 41)]
+
+    calls = encode_calls("cp", batch, limit=2_000)
+
+    assert len(calls) > 1
+    # Every call declares its own keys, and together they carry every segment once, in order.
+    assert all(keys == ["cp", "k"] for keys, _ in calls)
+    assert [argv[i] for _, argv in calls for i in range(0, len(argv), 3)] == list(range(1, 41))
