@@ -285,7 +285,6 @@ async def running_read_service(
         )
 
         views = UserViews(redis_client, keys, scan_limit=settings.list_scan_limit, cache=caches["users"])
-        user_version = views.version
 
         servicer = UserQueryServicer(
             views,
@@ -293,7 +292,7 @@ async def running_read_service(
             is_ready=lambda: projector.published.ready,
             limits=limits,
             query_timeout_s=settings.query_timeout_s,
-            gate=ConsistencyGate(projector.published, user_version, log_versions(pool)),
+            gate=ConsistencyGate(projector.published, views.version, log_versions(pool)),
             checkpoint=caches["users"].observe(projector.published.read_checkpoint),
             max_wait_ms=settings.consistency_max_wait_ms,
             watch=lambda user_id: feeds["users"].watches(limiter).one(keys.view(user_id)),
@@ -305,6 +304,8 @@ async def running_read_service(
         for change_feed in feeds.values():
             # Runs before server.stop (last in, first out): watches end cleanly, then calls drain.
             stack.push_async_callback(change_feed.close)
+        # The replica's subscription first: a projector that follows the lease holder never asks for it.
+        source.start()
         for started in projectors:
             started.start()
         yield ReadService(

@@ -120,10 +120,18 @@ class EventSource:
         """The channel the events arrive on (spans name it)."""
         return self._events_channel
 
-    async def subscribe(self) -> Subscriber:
-        """A new inbox that receives everything published from now on; ConnectionError if not live in time."""
+    def start(self) -> None:
+        """Subscribe now (in a task of the running loop), before any projector asks; a no-op once running.
+
+        A replica keeps its subscription while its projections only follow the lease holder:
+        taking the lease over then finds it live, and Redis sees one subscriber per replica.
+        """
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="event-source")
+
+    async def subscribe(self) -> Subscriber:
+        """A new inbox that receives everything published from now on; ConnectionError if not live in time."""
+        self.start()
         if not self._live.is_set():
             live = asyncio.ensure_future(self._live.wait())
             ended = asyncio.ensure_future(self._ended.wait())
@@ -214,6 +222,9 @@ class EventSource:
                 self._deliver(message["channel"], message["data"])
 
     def _deliver(self, channel: bytes | str, data: bytes) -> None:
+        if not self._subscribers:
+            # Every projection follows the lease holder: nobody to decode it for.
+            return
         name = channel.decode() if isinstance(channel, bytes) else channel
         if name == self._events_channel:
             try:
