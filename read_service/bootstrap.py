@@ -19,6 +19,7 @@ from read_service.consistency import ConsistencyGate, log_versions
 from read_service.entrypoints import catalog_queries, order_queries
 from read_service.entrypoints.freshness import Freshness
 from read_service.entrypoints.grpc_server import SERVICE_NAME, PageLimits, UserQueryServicer, register_user_queries
+from read_service.event_source import EventSource
 from read_service.eviction import EvictionGuard
 from read_service.generations import replica_generations
 from read_service.keys import CatalogKeys, OrderKeys, UserKeys
@@ -206,8 +207,11 @@ async def running_read_service(
             if settings.read_apply_mode is ApplyMode.LEASE
             else None
         )
-        # One projector per projection, each with its own checkpoint and subscription.
+        # One projector per projection, each with its own checkpoint; one subscription feeds them all.
         projectors: list[Projector] = []
+        source = EventSource(events_client or redis_client, settings.redis_key_prefix)
+        # Closed after every projector has stopped (the stack runs its callbacks last in, first out).
+        stack.push_async_callback(source.close)
 
         async def on_readiness_change(_ready: bool) -> None:
             # The replica serves once every projection has caught up, and stops when one falls behind
@@ -217,23 +221,6 @@ async def running_read_service(
                 await server.set_serving(ready)
             else:
                 await readiness_hook(server, ready)
-
-        projector = Projector(
-            redis_client,
-            pool,
-            projection,
-            channel_prefix=settings.redis_key_prefix,
-            batch_size=settings.catchup_batch_size,
-            on_readiness_change=on_readiness_change,
-            lease=lease,
-            events_client=events_client,
-            # The views live in a generation (read_service.generations); `keys`, the queries', follow it.
-            generations=replica_generations(
-                redis_client, settings.redis_key_prefix, projection, lambda p: UsersProjection(UserKeys(p)), keys
-            ),
-        )
-        stack.push_async_callback(projector.stop)
-        projectors.append(projector)
 
         def start_projector(other: Projection, factory: Callable[[str], Projection], query_keys: object) -> Projector:
             started = Projector(
@@ -245,12 +232,15 @@ async def running_read_service(
                 on_readiness_change=on_readiness_change,
                 lease=lease,
                 events_client=events_client,
+                source=source,
                 generations=replica_generations(redis_client, settings.redis_key_prefix, other, factory, query_keys),
             )
             stack.push_async_callback(started.stop)
             projectors.append(started)
             return started
 
+        # The views live in a generation (read_service.generations); the query keys follow it.
+        projector = start_projector(projection, lambda p: UsersProjection(UserKeys(p)), keys)
         catalog_projection = CatalogProjection(catalog_keys)
         catalog_projector = start_projector(
             catalog_projection, lambda p: CatalogProjection(CatalogKeys(p)), catalog_keys
@@ -272,12 +262,13 @@ async def running_read_service(
         }
 
         def freshness(owner: Projector, owned: Projection, version: Callable[[str], Awaitable[int]]) -> Freshness:
-            # Queries of a view wait on, and are ready with, the projector that writes it.
+            # Queries of a view read the state its projector publishes, never the projector itself.
+            state = owner.published
             return Freshness(
-                lambda: owner.ready,
+                lambda: state.ready,
                 settings.query_timeout_s,
-                gate=ConsistencyGate(owner, version, log_versions(pool)),
-                checkpoint=caches[owned.name].observe(owner.read_checkpoint),
+                gate=ConsistencyGate(state, version, log_versions(pool)),
+                checkpoint=caches[owned.name].observe(state.read_checkpoint),
                 max_wait_ms=settings.consistency_max_wait_ms,
             )
 
@@ -305,16 +296,15 @@ async def running_read_service(
         )
 
         views = UserViews(redis_client, keys, scan_limit=settings.list_scan_limit, cache=caches["users"])
-        user_version = views.version
 
         servicer = UserQueryServicer(
             views,
             tokens,
-            is_ready=lambda: projector.ready,
+            is_ready=lambda: projector.published.ready,
             limits=limits,
             query_timeout_s=settings.query_timeout_s,
-            gate=ConsistencyGate(projector, user_version, log_versions(pool)),
-            checkpoint=caches["users"].observe(projector.read_checkpoint),
+            gate=ConsistencyGate(projector.published, views.version, log_versions(pool)),
+            checkpoint=caches["users"].observe(projector.published.read_checkpoint),
             max_wait_ms=settings.consistency_max_wait_ms,
             watch=lambda user_id: feeds["users"].watches(limiter).one(keys.view(user_id)),
         )
@@ -325,6 +315,8 @@ async def running_read_service(
         for change_feed in feeds.values():
             # Runs before server.stop (last in, first out): watches end cleanly, then calls drain.
             stack.push_async_callback(change_feed.close)
+        # The replica's subscription first: a projector that follows the lease holder never asks for it.
+        source.start()
         for started in projectors:
             started.start()
         _watch_policy(guard, on_readiness_change, stack)

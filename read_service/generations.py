@@ -73,8 +73,12 @@ def skip_field(version: int, position: int) -> str:
 
 
 def keyspace_prefix(base: str, name: str, generation: str) -> str:
-    """The prefix of every key of one generation of `name`."""
-    return f"{base}{name}@{generation}:"
+    """The prefix of every key of one generation of `name`.
+
+    The braces make `name@generation` the keys' Redis Cluster hash tag: every key one apply
+    script call writes (a projection's views and its checkpoint) hashes to one slot.
+    """
+    return f"{base}{{{name}@{generation}}}:"
 
 
 def checkpoint_key(base: str, name: str, generation: str) -> str:

@@ -19,9 +19,10 @@ so that every (sort, filter) pair of ListUsers reads one index in order. A membe
 key followed by NUL and the user id, so that lexicographic order (ZRANGE BYLEX) is the sort
 order tie-broken by id, and the member itself is an exact keyset cursor.
 
-Redis Cluster is not supported: the apply script (apply_event.lua) writes keys it does not
-declare in KEYS, so all of them must live on one node (a single Redis, or a primary with
-replicas).
+The apply script (apply_events.lua) is given every key it writes, and a replica's key spaces
+are generations (read_service.generations) whose prefix carries a hash tag per projection, so
+that each script call touches one Redis Cluster slot. A prefix without a tag (tests that build
+keys on a bare prefix) keeps the keys on one node instead.
 """
 
 from __future__ import annotations

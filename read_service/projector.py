@@ -1,33 +1,35 @@
-"""Event intake: keeps one projection's Redis views up to date from the event stream.
+"""The runner of one projection: its session, catch-up, key space and health.
 
-Live events arrive on Redis pub/sub, which is at-most-once; the Postgres event log is
-the durable source. So the projector subscribes first (buffering what arrives), catches
-up from the log to its head, then applies live events. An event is applied only when its
-position is the checkpoint + 1 (see view_store and projections.base): a lower position
-is a duplicate, a higher one reveals a gap and triggers another catch-up, as does a
-StreamHead heartbeat ahead of the checkpoint, a re-subscription after a silent
-reconnect, or an overflow of the local buffer. Live events that have queued up behind
-each other are applied together, in one pipeline, as catch-up applies the log. Errors
-talking to Redis or Postgres end the session; the projector then reconnects with capped,
-jittered backoff (any other error too, logged with its traceback).
+The parts it runs live in modules of their own: the replica's one pub/sub subscription
+(read_service.event_source), projecting a run of events and stopping at a poison event
+(read_service.applier), the checkpointed writes (read_service.view_store), the follower role
+(read_service.follower) and the state queries read (read_service.published).
+
+Live events arrive on Redis pub/sub, which is at-most-once; the Postgres event log is the
+durable source. So a session subscribes first (buffering what arrives), catches up from the
+log to its head, then applies live events. An event is applied only when its position is the
+checkpoint + 1 (decision 0004): a lower position is a duplicate, a higher one reveals a gap
+and triggers another catch-up, as does a StreamHead heartbeat ahead of what was seen, a
+re-subscription after a silent reconnect, or an overflow of the inbox. Live events that
+queued up are applied together, as catch-up applies the log: one state read and one script
+call. Events the projection does not handle only move the checkpoint, with the next write or
+in a deferred marker. Errors talking to Redis or Postgres end the session; the projector then
+reconnects with capped, jittered backoff (any other error too, logged with its traceback).
 
 An event the projection raises on is *parked*: nothing at or after its position is applied
 (the views stay exact as of the position before it), the event and its error are recorded
 in Redis (read_service.generations), logged and counted, and the projector waits until an
 operator skips it (`python -m read_service.admin skip`) or the checkpoint moves past it.
 
-With `generations`, the projector also decides which key space it writes (a generation,
-see read_service.generations), builds a new one when the projection's version changed,
-and follows the pointer when a rebuild switches it. A light probe (every
-`probe_interval_s`) notices a Redis that lost its data (the pointer gone, the checkpoint
-gone back) and a switch; a lost connection to Redis counts as a loss too, because Redis
-may come back empty. Either makes the projector not ready until it has rebuilt.
+With `generations`, the projector also decides which key space it writes (a generation),
+builds a new one when the projection's version changed, and follows the pointer when a
+rebuild switches it. A light probe (every `probe_interval_s`, or at once when a query reports
+a lost checkpoint) notices a Redis that lost its data (the pointer gone, the checkpoint gone
+back) and a switch; a lost connection to Redis counts as a loss too, because Redis may come
+back empty. Either makes the projector not ready until it has rebuilt.
 
 With a `lease` (read_service.lease), the projector applies only while it holds its
-projection's applying lease, checked before every write. Otherwise it *follows*: it writes
-nothing, moves its checkpoint with the holder's announcements (and a read every renew
-interval), serves the holder's views and runs a normal session, starting with a catch-up
-from the shared checkpoint, as soon as it takes the lease over.
+projection's applying lease, checked before every write; otherwise it runs a Follower.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -47,18 +49,19 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
-from google.protobuf.message import DecodeError
 from opentelemetry import trace
-from redis.asyncio.client import PubSub
 
+from read_service.applier import handles, parked_record, project_run
+from read_service.event_source import EventSource, Inbound, Kind, Subscriber, stop_task
+from read_service.follower import Follower, FollowerHooks
 from read_service.generations import Generations, ParkedEvent, Plan, generation_version, parked_key
-from read_service.lease import ApplyingLease, LeaseLost, LeaseOptions, applied_channel, lease_key
-from read_service.projections.base import Effect, Projection
-from read_service.view_store import ApplyResult, CheckpointReader, Outcome, ViewStore
-from shared_kernel import errors
-from shared_kernel.event_log import events_channel, head_channel, head_position, read_positioned
+from read_service.lease import ApplyingLease, LeaseLost, LeaseOptions, lease_key
+from read_service.projections.base import Effect, Op, Projection
+from read_service.published import PublishedState
+from read_service.view_store import CheckpointReader, Outcome, Segment, ViewStore, segments
+from shared_kernel.event_log import head_position, read_positioned
 from shared_kernel.telemetry import context_from_envelope
-from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
+from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 logger = logging.getLogger(__name__)
 
@@ -115,47 +118,24 @@ class ProjectorStatus:
     last_applied_occurred_at: datetime | None = None
 
 
+def _consecutive_after(events: Sequence[EventEnvelope], base: int) -> list[EventEnvelope]:
+    """The events at base + 1, base + 2, ... (skipping those at or below `base`), up to the first hole."""
+    run: list[EventEnvelope] = []
+    for envelope in events:
+        if envelope.position <= base:
+            continue
+        if envelope.position != base + len(run) + 1:
+            break
+        run.append(envelope)
+    return run
+
+
 class KeySpaceLost(Exception):
     """Redis no longer holds what this projector wrote (a flush, a restart without persistence)."""
 
 
 class KeySpaceChanged(Exception):
     """The pointer names another generation than the one this projector writes."""
-
-
-async def _stop_task(task: asyncio.Task[None], attempts: int = 5, wait_s: float = 0.5) -> None:
-    """Cancel a helper task of a session and wait for it, within bounds.
-
-    On Python 3.11 a cancellation that lands as redis-py's read timeout expires can be turned
-    into that timeout (asyncio.timeout, fixed in 3.12): the pub/sub reader then reads on, and
-    awaiting it would hang the session's end (and stop()) for ever. So cancel again until it ends.
-    """
-    for _ in range(attempts):
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=wait_s)
-        if done:
-            if not task.cancelled():
-                # Consume the outcome; its error ended the session already, or does not matter now.
-                with contextlib.suppress(Exception):
-                    task.result()
-            return
-    logger.error("a projector task did not stop when cancelled; abandoning it", extra={"task": task.get_name()})
-
-
-class _Kind(enum.Enum):
-    EVENT = "event"
-    HEAD = "head"
-    RESUBSCRIBED = "resubscribed"
-    OVERFLOW = "overflow"
-    RETRY = "retry"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class _Inbound:
-    kind: _Kind
-    data: bytes = b""
-    error: BaseException | None = None
 
 
 ReadinessCallback = Callable[[bool], Awaitable[None]]
@@ -186,17 +166,30 @@ class Projector:
         switch_grace_s: float = 2.0,
         lease: LeaseOptions | None = None,
         events_client: aioredis.Redis | None = None,
+        marker_delay_s: float = 0.0,
+        source: EventSource | None = None,
     ) -> None:
         self._client = client
         # The relay's Redis, where the event stream is published; the views' Redis unless a
         # replica keeps its views in a Redis server of its own.
         self._events_client = client if events_client is None else events_client
         self._pool = pool
+        # The replica's one subscription, shared by its projectors; a projector built alone has its own.
+        self._own_source = source is None
+        self._source = source or EventSource(
+            self._events_client,
+            channel_prefix,
+            buffer_limit=buffer_limit,
+            ping_interval_s=ping_interval_s,
+            subscribe_timeout_s=subscribe_timeout_s,
+            backoff_initial_s=backoff_initial_s,
+            backoff_max_s=backoff_max_s,
+        )
+        self._pool = pool
         self._projection = projection
         self._store = ViewStore(client, projection.checkpoint_key)
-        self._checkpoint_reader = CheckpointReader(
-            lambda: self._store, lambda: self._checkpoint, self._verify_read_checkpoint
-        )
+        # What queries, watches and health may read; this projector is its only writer.
+        self.published = PublishedState(projection.name, lambda: self._store)
         # Without generations the key space is fixed: parked records and skips then live
         # under the channel prefix, with an empty generation name.
         self._generations = generations
@@ -210,13 +203,9 @@ class Projector:
         self._generation: str | None = None
         self._probe_interval_s = probe_interval_s
         self._switch_grace_s = switch_grace_s
-        self._parked: ParkedEvent | None = None
         self._logged_park: tuple[str, int] | None = None
         self._cleanup: set[asyncio.Task[None]] = set()
-        self._events_channel = events_channel(channel_prefix)
-        self._head_channel = head_channel(channel_prefix)
         self._batch_size = batch_size
-        self._buffer_limit = buffer_limit
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._ping_interval_s = ping_interval_s
@@ -227,8 +216,6 @@ class Projector:
         self._tracer = tracer or trace.get_tracer("tessera.read_service.projector")
 
         self._state = ProjectorState.STARTING
-        self._ready = False
-        self._checkpoint = 0
         self._head = 0
         self._last_applied_at: datetime | None = None
         self._last_applied_envelope: EventEnvelope | None = None
@@ -237,8 +224,14 @@ class Projector:
         self._catch_ups = 0
         self._reconnects = 0
         self._poison_events = 0
-        self._checkpoint_changed = asyncio.Event()
-        self._overflow_pending = False
+        # The last of the no-op events deferred past the checkpoint (none when not above it), since when.
+        self._pending = 0
+        self._pending_since = 0.0
+        # How long trailing ignored events may stay unwritten once the inbox has drained. 0 (the
+        # default) writes them as soon as it drains: under load they still ride along with the
+        # next write or batch, and at rest every checkpoint reaches the head at once.
+        self._marker_delay_s = marker_delay_s
+        self._subscriber: Subscriber | None = None
         self._session_caught_up = False
         self._task: asyncio.Task[None] | None = None
         # Without a lease this projector applies always; with one, only while it holds it.
@@ -248,7 +241,6 @@ class Projector:
             else ApplyingLease(client, lease_key(self._meta.base, projection.name, self._meta.version), lease)
         )
         self._lease_keeper: asyncio.Task[None] | None = None
-        self._followed: str | None = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -270,12 +262,14 @@ class Projector:
         if task is not None and not task.done():
             # A cancellation can be lost on Python 3.11 (see _stop_task), so it is repeated; the
             # caller's own cancellation still propagates from the wait.
-            await _stop_task(task, attempts=20)
+            await stop_task(task, attempts=20)
         for cleanup in list(self._cleanup):
             cleanup.cancel()
             with contextlib.suppress(asyncio.CancelledError, *_TRANSIENT_ERRORS):
                 await cleanup
         await self._release_lease()
+        if self._own_source:
+            await self._source.close()
         self._state = ProjectorState.STOPPED
 
     async def run(self) -> None:
@@ -290,7 +284,7 @@ class Projector:
             self._session_caught_up = False
             try:
                 if self._lease is not None and not self._lease.held:
-                    await self._follow()
+                    await self._follower().run()
                     continue
                 await self._session()
             except LeaseLost as exc:
@@ -349,36 +343,30 @@ class Projector:
 
     @property
     def read_checkpoint(self) -> CheckpointReader:
-        """Reads the checkpoint of the key space this projector writes, from Redis (queries call it first).
-
-        A checkpoint below the one this projector already saw means Redis lost data since: the
-        query is refused (Unavailable) rather than answered from an emptied key space, and the
-        replica stops serving at once instead of at the next probe. A query may also queue the
-        read in its own pipeline (see CheckpointReader).
-        """
-        return self._checkpoint_reader
-
-    async def _verify_read_checkpoint(self, checkpoint: int, known: int) -> int:
-        # `known` was taken before the read: the projector may move on while it is in flight.
-        if checkpoint < known and self._ready:
-            logger.warning(
-                "a query found the checkpoint back at %s from %s: Redis lost data",
-                checkpoint,
-                known,
-                extra={"projection": self._projection.name},
-            )
-            await self._set_ready(False)
-        if checkpoint < known:
-            raise errors.Unavailable("the read model lost its data and is being rebuilt; retry shortly")
-        return checkpoint
+        """Reads the published checkpoint's key space from Redis (see PublishedState)."""
+        return self.published.read_checkpoint
 
     def changed(self) -> asyncio.Event:
-        """An event set the next time the checkpoint moves (after the views of that move are written).
+        """An event set the next time the checkpoint moves (see PublishedState.changed)."""
+        return self.published.changed()
 
-        Each move replaces it, so a reader takes it before looking at the views and waits on
-        it: queries waiting for a consistency token are woken this way, not by polling.
-        """
-        return self._checkpoint_changed
+    # The published state is where the checkpoint, readiness and parked event live; these
+    # name them inside the projector.
+    @property
+    def _checkpoint(self) -> int:
+        return self.published.checkpoint
+
+    @property
+    def _ready(self) -> bool:
+        return self.published.ready
+
+    @property
+    def _parked(self) -> ParkedEvent | None:
+        return self.published.parked
+
+    @_parked.setter
+    def _parked(self, parked: ParkedEvent | None) -> None:
+        self.published.publish_parked(parked)
 
     def status(self) -> ProjectorStatus:
         """A snapshot of the projector's state and counters."""
@@ -405,15 +393,7 @@ class Projector:
 
     async def wait_for_checkpoint(self, position: int, timeout_s: float) -> bool:
         """Wait until this projector has seen the checkpoint reach `position`; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while self._checkpoint < position:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            changed = self._checkpoint_changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
-        return True
+        return await self.published.wait_for_checkpoint(position, timeout_s)
 
     # -- the applying lease (read_service.lease) -------------------------------------------------
 
@@ -436,82 +416,37 @@ class Projector:
         if self._lease is not None:
             self._lease.check()
 
-    async def _follow(self) -> None:
-        """Serve the holder's views while another replica holds the lease; return when this one may apply.
-
-        Nothing is written here. The checkpoint (and so readiness, consistency-token waits and
-        changed()) follows the holder's announcements; every renew interval the checkpoint is
-        read as well (announcements may be lost), the key space is checked like the probe does
-        and the holder's parked event, if any, is picked up so that queries report it.
-        """
+    def _follower(self) -> Follower:
         lease = self._lease
         assert lease is not None
-        changed = lease.changed()
-        if not await self._follow_keyspace():
-            # Nothing of this version to serve yet: its lease holder claims or builds it.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), self._probe_interval_s)
-            return
-        self._state = ProjectorState.FOLLOWING
-        pubsub = self._client.pubsub()
-        announced: asyncio.Queue[int] = asyncio.Queue()
-        reader: asyncio.Task[None] | None = None
-        interval = lease.options.renew_interval_ms / 1000
-        try:
-            await pubsub.subscribe(applied_channel(self._projection.checkpoint_key))
-            reader = asyncio.create_task(self._read_announcements(pubsub, announced))
-            # Ready once the holder has applied the log as far as it reaches now.
-            target = await head_position(self._pool)
-            while not lease.held:
-                changed = lease.changed()
-                await self._check_keyspace()
-                await self._observe_checkpoint(await self._store.checkpoint())
-                await self._follow_parked()
-                self._log_holder()
-                if not self._ready and (self._checkpoint >= target or self._parked is not None):
-                    await self._set_ready(True)
-                self._session_caught_up = True
-                await self._follow_announcements(announced, reader, changed, target, time.monotonic() + interval)
-        finally:
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, *_TRANSIENT_ERRORS):
-                    await reader
-            with contextlib.suppress(*_TRANSIENT_ERRORS):
-                await pubsub.aclose()
-        # The holder's park was the holder's: as the holder now, this projector finds it again itself.
-        self._parked = None
-        self._followed = None
-        logger.info(
-            "this replica holds the applying lease now; catching up from checkpoint %s",
-            self._checkpoint,
-            extra={"projection": self._projection.name, "holder": lease.options.holder_id},
-        )
 
-    async def _follow_announcements(
-        self,
-        announced: asyncio.Queue[int],
-        reader: asyncio.Task[None],
-        changed: asyncio.Event,
-        target: int,
-        deadline: float,
-    ) -> None:
-        """Until `deadline` or a change of the lease: observe each checkpoint the holder announces."""
-        while not changed.is_set() and (remaining := deadline - time.monotonic()) > 0:
-            got = asyncio.ensure_future(announced.get())
-            flipped = asyncio.ensure_future(changed.wait())
-            try:
-                await asyncio.wait({got, flipped, reader}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                got.cancel()
-                flipped.cancel()
-            if reader.done():
-                reader.result()
-                raise redis.exceptions.ConnectionError("the announcement subscription ended")
-            if got.done() and not got.cancelled() and got.result() > self._checkpoint:
-                await self._observe_checkpoint(got.result())
-                if not self._ready and self._checkpoint >= target:
-                    await self._set_ready(True)
+        def following() -> None:
+            self._state = ProjectorState.FOLLOWING
+            self._session_caught_up = True
+
+        async def read_checkpoint() -> int:
+            return await self._store.checkpoint()
+
+        return Follower(
+            self._projection.name,
+            lease,
+            self._client,
+            self._pool,
+            self.published,
+            hooks=FollowerHooks(
+                checkpoint_key=lambda: self._projection.checkpoint_key,
+                read_checkpoint=read_checkpoint,
+                follow_keyspace=self._follow_keyspace,
+                check_keyspace=self._check_keyspace,
+                holder_parked=self._holder_parked,
+                observe_checkpoint=self._observe_checkpoint,
+                set_ready=self._set_ready,
+                following=following,
+            ),
+            probe_interval_s=self._probe_interval_s,
+            ping_interval_s=self._ping_interval_s,
+            transient_errors=_TRANSIENT_ERRORS,
+        )
 
     async def _follow_keyspace(self) -> bool:
         """Serve the pointer's generation if this version can read it; False (not ready) otherwise."""
@@ -531,64 +466,54 @@ class Projector:
             self._on_switch_prefix(generations.prefix(current))
         return True
 
-    async def _follow_parked(self) -> None:
+    async def _holder_parked(self) -> ParkedEvent | None:
         raw = await self._client.hget(parked_key(self._meta.base, self._projection.name), self._generation or "")
-        record = None if raw is None else ParkedEvent.from_json(raw)
-        self._parked = record if record is not None and record.position == self._checkpoint + 1 else None
-
-    def _log_holder(self) -> None:
-        assert self._lease is not None
-        holder = self._lease.holder
-        if holder != self._followed:
-            self._followed = holder
-            logger.info(
-                "following the applying lease holder %s",
-                holder or "(none yet)",
-                extra={"projection": self._projection.name, "checkpoint": self._checkpoint, "holder": holder},
-            )
-
-    async def _read_announcements(self, pubsub: PubSub, announced: asyncio.Queue[int]) -> None:
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._ping_interval_s)
-            if message is not None and message["type"] == "message":
-                with contextlib.suppress(ValueError):
-                    announced.put_nowait(int(message["data"]))
+        return None if raw is None else ParkedEvent.from_json(raw)
 
     # -- one connected session ----------------------------------------------------------------
 
     async def _session(self) -> None:
         await self._store.load_script()
         replaces = await self._choose_keyspace()
-        pubsub = self._events_client.pubsub()
-        inbox: asyncio.Queue[_Inbound] = asyncio.Queue()
-        subscribed = asyncio.Event()
-        reader: asyncio.Task[None] | None = None
         probe: asyncio.Task[None] | None = None
-        self._overflow_pending = False
+        self._pending = 0
+        # Catch-up must not start before the subscription is live, or events published in
+        # between would be in neither the log read nor the inbox: subscribe() returns once it is.
+        subscriber = await self._source.subscribe()
+        self._subscriber = subscriber
+        inbox = subscriber.inbox
         try:
-            await pubsub.subscribe(self._events_channel, self._head_channel)
-            reader = asyncio.create_task(self._read(pubsub, inbox, subscribed))
-            # Catch-up must not start before the subscription is live, or events published
-            # in between would be in neither the log read nor the buffer.
-            await self._wait_subscribed(subscribed, reader, inbox)
             await self._catch_up(target=0, building=replaces is not None)
             if replaces is not None:
                 await self._finish_build(replaces)
             probe = asyncio.create_task(self._probe(inbox))
             self._session_caught_up = True
-            held: collections.deque[_Inbound] = collections.deque()
+            held: collections.deque[Inbound] = collections.deque()
             while True:
-                item = held.popleft() if held else await inbox.get()
-                if item.kind is _Kind.EVENT and not inbox.empty():
+                item = held.popleft() if held else await self._next(inbox)
+                if item is None:
+                    await self._flush_marker()
+                    continue
+                if item.kind is Kind.EVENT and not inbox.empty():
                     await self._handle_events(self._take_events(item, inbox, held))
                 else:
                     await self._handle(item)
         finally:
-            for task in (probe, reader):
-                if task is not None:
-                    await _stop_task(task)
-            with contextlib.suppress(*_TRANSIENT_ERRORS):
-                await pubsub.aclose()
+            self._source.unsubscribe(subscriber)
+            if probe is not None:
+                await stop_task(probe)
+
+    async def _next(self, inbox: asyncio.Queue[Inbound]) -> Inbound | None:
+        """The next message; None when the pending marker is due first (the stream went quiet)."""
+        due = self._marker_due_in()
+        if due is None or not inbox.empty():
+            return await inbox.get()
+        if due <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(inbox.get(), due)
+        except TimeoutError:
+            return None
 
     async def _choose_keyspace(self) -> str | None:
         """Pick the generation to write; return the one it replaces when this session builds it.
@@ -640,10 +565,11 @@ class Projector:
         self._projection = projection
         self._store = ViewStore(self._client, projection.checkpoint_key)
         self._generation = generation
+        self._pending = 0
         # Another key space: its checkpoint is a new baseline, not a step back.
-        self._checkpoint = 0
+        self.published.publish_checkpoint(0)
         self._parked = None
-        self._checkpoint_reader.key_space_lost()
+        self.published.read_checkpoint.key_space_lost()
 
     async def _finish_build(self, replaces: str) -> None:
         """Switch the pointer to the generation just built; drop the old one after a grace period."""
@@ -682,10 +608,14 @@ class Projector:
         self._cleanup.add(task)
         task.add_done_callback(self._cleanup.discard)
 
-    async def _probe(self, inbox: asyncio.Queue[_Inbound]) -> None:
+    async def _probe(self, inbox: asyncio.Queue[Inbound]) -> None:
         """Every probe interval: is the key space still there and still ours; can a parked event go?"""
+        reported = self.published.loss_reported()
         while True:
-            await asyncio.sleep(self._probe_interval_s)
+            # A query that found the checkpoint gone back wakes the probe at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reported.wait(), self._probe_interval_s)
+            reported.clear()
             try:
                 # A holder that lost the lease while idle becomes a follower now, not at its next event.
                 self._check_lease()
@@ -693,10 +623,10 @@ class Projector:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                inbox.put_nowait(_Inbound(_Kind.FAILED, error=exc))
+                inbox.put_nowait(Inbound(Kind.FAILED, error=exc))
                 return
             if retry:
-                inbox.put_nowait(_Inbound(_Kind.RETRY))
+                inbox.put_nowait(Inbound(Kind.RETRY))
 
     async def _check_keyspace(self) -> bool:
         """Raise KeySpaceLost or KeySpaceChanged as the probe finds; True when a parked event may go on."""
@@ -722,95 +652,25 @@ class Projector:
             checkpoint >= parked.position or await self._meta.skipped(parked.position) is not None
         )
 
-    async def _wait_subscribed(
-        self, subscribed: asyncio.Event, reader: asyncio.Task[None], inbox: asyncio.Queue[_Inbound]
-    ) -> None:
-        waiter = asyncio.ensure_future(subscribed.wait())
-        try:
-            await asyncio.wait({waiter, reader}, timeout=self._subscribe_timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-        if subscribed.is_set():
-            return
-        while not inbox.empty():
-            item = inbox.get_nowait()
-            if item.kind is _Kind.FAILED and item.error is not None:
-                raise item.error
-        raise redis.exceptions.ConnectionError("pub/sub subscription was not confirmed in time")
-
-    async def _read(self, pubsub: PubSub, inbox: asyncio.Queue[_Inbound], subscribed: asyncio.Event) -> None:
-        """Move pub/sub messages into `inbox` so that Redis never holds them while we catch up."""
-        confirmations = 0
-        last_heard = time.monotonic()
-        try:
-            while True:
-                message = await pubsub.get_message(timeout=self._ping_interval_s)
-                now = time.monotonic()
-                if message is None:
-                    # Idle: a half-open TCP connection would stay silent forever, so ask for a
-                    # PONG and give up on the connection when even that does not come back.
-                    self._check_not_silent(now - last_heard)
-                    await pubsub.ping()
-                    continue
-                last_heard = now
-                kind = message["type"]
-                if kind == "subscribe":
-                    confirmations += 1
-                    if confirmations == 2:
-                        subscribed.set()
-                    elif confirmations > 2:
-                        # redis-py re-subscribed after a silent reconnect: messages may be lost.
-                        inbox.put_nowait(_Inbound(_Kind.RESUBSCRIBED))
-                elif kind == "message":
-                    self._enqueue(inbox, message["channel"], message["data"])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            inbox.put_nowait(_Inbound(_Kind.FAILED, error=exc))
-
-    def _check_not_silent(self, silent_s: float) -> None:
-        if silent_s > 3 * self._ping_interval_s:
-            raise redis.exceptions.ConnectionError("pub/sub connection went silent")
-
-    def _enqueue(self, inbox: asyncio.Queue[_Inbound], channel: bytes | str, data: bytes) -> None:
-        name = channel.decode() if isinstance(channel, bytes) else channel
-        kind = _Kind.EVENT if name == self._events_channel else _Kind.HEAD
-        if inbox.qsize() < self._buffer_limit:
-            inbox.put_nowait(_Inbound(kind, data))
-        elif not self._overflow_pending:
-            # Dropping is safe: the log has every event. One marker makes us catch up later.
-            self._overflow_pending = True
-            inbox.put_nowait(_Inbound(_Kind.OVERFLOW))
-            logger.warning("live buffer full; dropping messages until the next catch-up")
-
-    async def _handle(self, item: _Inbound) -> None:
-        if item.kind is _Kind.FAILED:
+    async def _handle(self, item: Inbound) -> None:
+        if item.kind is Kind.FAILED:
             assert item.error is not None
             raise item.error
-        if item.kind is _Kind.RETRY:
+        if item.kind is Kind.RETRY:
             await self._retry_parked()
             return
-        if item.kind is _Kind.EVENT:
-            try:
-                envelope = EventEnvelope.FromString(item.data)
-            except DecodeError:
-                # Whatever this was, an event may hide behind it: check the log.
-                logger.warning("undecodable message on the events channel; catching up")
-                await self._catch_up(target=0)
-                return
-            await self._on_event(envelope)
-        elif item.kind is _Kind.HEAD:
-            try:
-                head = StreamHead.FromString(item.data)
-            except DecodeError:
-                logger.warning("undecodable message on the head channel; ignored")
-                return
-            self._head = max(self._head, head.position)
-            if head.position > self._checkpoint and self._parked is None:
-                await self._catch_up(target=head.position)
+        if item.kind is Kind.EVENT:
+            await self._handle_events([item])
+        elif item.kind is Kind.HEAD:
+            self._head = max(self._head, item.head)
+            if item.head > self._seen() and self._parked is None:
+                await self._catch_up(target=item.head)
+            elif item.head > self._checkpoint:
+                # Everything up to the head was seen; only the marker is left to write.
+                await self._flush_marker()
         else:
-            if item.kind is _Kind.OVERFLOW:
-                self._overflow_pending = False
+            if item.kind is Kind.OVERFLOW and self._subscriber is not None:
+                self._subscriber.overflowed = False
             else:
                 # Redis dropped the subscription (a restart, or this replica was too slow to
                 # read) and the client re-subscribed: whatever was published meanwhile is lost.
@@ -821,108 +681,58 @@ class Projector:
             await self._catch_up(target=0)
 
     def _take_events(
-        self, first: _Inbound, inbox: asyncio.Queue[_Inbound], held: collections.deque[_Inbound]
-    ) -> list[_Inbound]:
+        self, first: Inbound, inbox: asyncio.Queue[Inbound], held: collections.deque[Inbound]
+    ) -> list[Inbound]:
         """`first` and the events queued right behind it (up to a batch); a non-event stops the run and is held."""
         run = [first]
         while len(run) < self._batch_size and not inbox.empty():
             item = inbox.get_nowait()
-            if item.kind is not _Kind.EVENT:
+            if item.kind is not Kind.EVENT:
                 held.append(item)
                 break
             run.append(item)
         return run
 
-    async def _handle_events(self, items: list[_Inbound]) -> None:
-        """Decode a run of queued live events and apply them together."""
+    async def _handle_events(self, items: list[Inbound]) -> None:
+        """Apply a run of queued live events together (the event source decoded them)."""
         envelopes: list[EventEnvelope] = []
         for item in items:
-            try:
-                envelopes.append(EventEnvelope.FromString(item.data))
-            except DecodeError:
-                await self._on_events(envelopes)
-                envelopes = []
-                logger.warning("undecodable message on the events channel; catching up")
-                await self._catch_up(target=0)
+            if item.envelope is not None:
+                envelopes.append(item.envelope)
+                continue
+            # Whatever this was, an event may hide behind it: check the log.
+            await self._on_events(envelopes)
+            envelopes = []
+            logger.warning("undecodable message on the events channel; catching up")
+            await self._catch_up(target=0)
         await self._on_events(envelopes)
 
     async def _on_events(self, envelopes: list[EventEnvelope]) -> None:
-        """Apply live events that queued up behind each other in one pipeline, as catch-up does.
+        """Apply live events that queued up behind each other together, as catch-up does.
 
         A replica that falls behind (a burst after a relay failover, a busy machine) then
-        catches up at batch speed instead of paying two round trips per event.
+        catches up at batch speed: one state read and one script call for the batch.
         """
-        if len(envelopes) <= 1:
-            for envelope in envelopes:
-                await self._on_event(envelope)
+        if not envelopes:
             return
         highest = max(e.position for e in envelopes)
         self._head = max(self._head, highest)
         if self._parked is not None:
             return
+        seen = self._seen()
+        if len(envelopes) == 1 and envelopes[0].position > seen + 1:
+            await self._catch_up(target=highest)
+            return
         # A relay re-publish can repeat positions: keep one envelope per position, in order.
-        fresh = sorted(
-            {e.position: e for e in envelopes if e.position > self._checkpoint}.values(), key=lambda e: e.position
-        )
+        fresh = sorted({e.position: e for e in envelopes if e.position > seen}.values(), key=lambda e: e.position)
         self._duplicates += len(envelopes) - len(fresh)
         # _apply_batch starts from the checkpoint in Redis, which another replica sharing the
         # views may have moved past ours; a gap before or inside the run is left to the log.
-        if fresh and await self._apply_batch(fresh) < highest:
+        if fresh and await self._apply_batch(fresh, defer=True) < highest:
             await self._catch_up(target=highest)
 
     async def _on_event(self, envelope: EventEnvelope) -> None:
-        position = envelope.position
-        self._head = max(self._head, position)
-        if position <= self._checkpoint:
-            self._duplicates += 1
-            return
-        if self._parked is not None:
-            # Stopped at the parked event: the log keeps this one for after the skip.
-            return
-        if position > self._checkpoint + 1:
-            await self._catch_up(target=position)
-            return
-        await self._apply_live(envelope)
-
-    async def _apply_live(self, envelope: EventEnvelope) -> None:
-        with self._span(envelope) as span:
-            keys = self._projection.state_keys(envelope)
-            if not keys:
-                # Nothing to read first (most often an event this projection ignores): the apply
-                # script checks the position against the checkpoint itself, so one round trip
-                # does instead of two. A duplicate or a gap comes back as the script's outcome.
-                done = await self._project_and_apply(envelope, {}, span)
-            else:
-                done = await self._apply_after_snapshot(envelope, keys, span)
-        if not done:
-            await self._catch_up(target=envelope.position)
-
-    async def _apply_after_snapshot(self, envelope: EventEnvelope, keys: Sequence[str], span: trace.Span) -> bool:
-        """Read the state the event needs with the checkpoint, then apply it; False on a gap."""
-        position = envelope.position
-        checkpoint, state = await self._store.snapshot(keys)
-        await self._observe_checkpoint(checkpoint)
-        if checkpoint >= position:
-            self._duplicates += 1
-            span.set_attribute("tessera.projection.outcome", "duplicate")
-            return True
-        if checkpoint < position - 1:
-            span.set_attribute("tessera.projection.outcome", "gap")
-            return False
-        return await self._project_and_apply(envelope, state, span)
-
-    async def _project_and_apply(
-        self, envelope: EventEnvelope, state: Mapping[str, bytes | None], span: trace.Span
-    ) -> bool:
-        """Project and apply one live event; False when the apply script found a gap before it."""
-        effect = await self._project(envelope, state)
-        if effect is None:
-            span.set_attribute("tessera.projection.outcome", "parked")
-            return True
-        self._check_lease()
-        result = await self._store.apply(envelope.position, effect.ops)
-        await self._record(envelope, result, span)
-        return result.outcome is not Outcome.GAP
+        await self._on_events([envelope])
 
     # -- catch-up from the event log ------------------------------------------------------------
 
@@ -1003,89 +813,158 @@ class Projector:
         if not building:
             await self._set_ready(True)
 
-    async def _apply_batch(self, events: list[EventEnvelope]) -> int:
-        """Apply a run of consecutive events in one pipeline; return the checkpoint after it."""
-        keys = list(dict.fromkeys(k for e in events for k in self._projection.state_keys(e)))
-        checkpoint, state = await self._store.snapshot(keys)
-        await self._observe_checkpoint(checkpoint)
-        run: list[EventEnvelope] = []
-        for envelope in events:
-            if envelope.position <= checkpoint:
-                continue
-            if envelope.position != checkpoint + len(run) + 1:
-                break
-            run.append(envelope)
+    def _seen(self) -> int:
+        """The highest position this projector is done with: the checkpoint, or a deferred marker past it."""
+        return max(self._checkpoint, self._pending)
+
+    async def _apply_batch(self, events: list[EventEnvelope], *, defer: bool = False) -> int:
+        """Apply a run of consecutive events in one script call; return the position seen after it.
+
+        Events the projection does not handle are not projected: they ride along with the next
+        event that writes (the script moves the checkpoint over them). With `defer`, trailing
+        ones are not written at all yet: they become the pending marker, written with the next
+        write, when the stream goes idle (_flush_marker) or when it grows to a batch.
+        """
+        handled = [e for e in events if handles(self._projection, e)]
+        keys = list(dict.fromkeys(k for e in handled for k in self._projection.state_keys(e)))
+        if keys:
+            checkpoint, state = await self._store.snapshot(keys)
+            await self._observe_checkpoint(checkpoint)
+        else:
+            # Nothing to read first: the script checks the positions against the checkpoint itself.
+            checkpoint, state = self._checkpoint, {}
+        base = max(checkpoint, self._pending)
+        run = _consecutive_after(events, base)
         if not run:
-            return checkpoint
-        # Later events of the batch must see the state earlier ones leave behind, before
-        # any of it reaches Redis: an overlay on the snapshot plays that part.
-        overlay: dict[str, bytes | None] = dict(state)
-        items = []
-        spans = []
+            return base
+        spans: dict[int, trace.Span] = {}
         try:
-            for envelope in run:
+            items, poison = await self._project_run(run, state, spans)
+            write = len(items)
+            if defer and poison is None and items and items[-1][0] - checkpoint < self._batch_size:
+                while write and not items[write - 1][1]:
+                    write -= 1
+            if write:
+                await self._write(items[:write], run, spans, first=checkpoint + 1)
+            if write < len(items):
+                self._pending = items[-1][0]
+                self._pending_since = self._pending_since or time.monotonic()
+            if poison is not None:
+                # Park only now: the events before it are in Redis and the checkpoint right before it.
+                await self._flush_marker()
+                spans.get(poison.position, trace.INVALID_SPAN).set_attribute("tessera.projection.outcome", "parked")
+        finally:
+            for span in spans.values():
+                span.end()
+        if poison is not None:
+            await self._park(poison, self._park_error)
+        return self._seen()
+
+    async def _project_run(
+        self, run: Sequence[EventEnvelope], state: Mapping[str, bytes | None], spans: dict[int, trace.Span]
+    ) -> tuple[list[tuple[int, Sequence[Op]]], EventEnvelope | None]:
+        """Each event's ops, in order, up to the first the projection raises on (returned too)."""
+
+        def open_span(envelope: EventEnvelope) -> None:
+            if envelope.traceparent:
                 # Like the relay, no span for an event without a trace context: a root span per
                 # event would be noise, and during a replay making them was a quarter of the work.
-                span = (
-                    self._tracer.start_span(
-                        f"{self._projection.name} project",
-                        context=context_from_envelope(envelope.traceparent, envelope.tracestate),
-                        kind=trace.SpanKind.CONSUMER,
-                        attributes=self._span_attributes(envelope),
-                    )
-                    if envelope.traceparent
-                    else trace.INVALID_SPAN
+                spans[envelope.position] = self._tracer.start_span(
+                    f"{self._projection.name} project",
+                    context=context_from_envelope(envelope.traceparent, envelope.tracestate),
+                    kind=trace.SpanKind.CONSUMER,
+                    attributes=self._span_attributes(envelope),
                 )
-                spans.append(span)
-                effect = await self._project(envelope, overlay, park=False)
-                if effect is None:
-                    span.set_attribute("tessera.projection.outcome", "parked")
-                    break
-                overlay.update(effect.state)
-                items.append((envelope.position, effect.ops))
-            self._check_lease()
-            results = await self._store.apply_many(items)
-            for envelope, span, result in zip(run, spans, results, strict=False):
-                await self._record(envelope, result, span)
-        finally:
-            for span in spans:
-                span.end()
-        if len(items) < len(run):
-            # Park only now: the events before it are in Redis and the checkpoint is right before it.
-            await self._park(run[len(items)], self._park_error)
-        if not results:
-            return checkpoint
-        return max(r.checkpoint for r in results)
+
+        projected = await project_run(
+            self._projection,
+            run,
+            dict(state),
+            skipped=self._skipped,
+            listeners=self.effect_listeners,
+            before_project=open_span,
+        )
+        if projected.error is not None:
+            self._park_error = projected.error
+        return [(envelope.position, effect.ops) for envelope, effect in projected.effects], projected.poison
+
+    async def _skipped(self, envelope: EventEnvelope, exc: BaseException) -> bool:
+        """Whether an operator skipped the event the projection raised on (it then changes nothing)."""
+        skip = await self._meta.skipped(envelope.position)
+        if skip is None:
+            return False
+        logger.warning(
+            "applying nothing for the event at position %s: an operator skipped it",
+            envelope.position,
+            extra={"projection": self._projection.name, "skip": skip, "error": str(exc)},
+        )
+        return True
+
+    async def _write(
+        self,
+        items: Sequence[tuple[int, Sequence[Op]]],
+        run: Sequence[EventEnvelope],
+        spans: Mapping[int, trace.Span],
+        *,
+        first: int,
+    ) -> None:
+        """Write `items` (from position `first`, taking pending no-op events along) in one call; record it."""
+        self._check_lease()
+        before, after = await self._store.write(segments(items, first))
+        if after >= self._pending:
+            self._pending = 0
+            self._pending_since = 0.0
+        self._count(before, after, [position for position, _ in items])
+        for envelope in run:
+            span = spans.get(envelope.position)
+            if span is not None:
+                outcome = (
+                    Outcome.DUPLICATE
+                    if envelope.position <= before
+                    else Outcome.APPLIED
+                    if envelope.position <= after
+                    else Outcome.GAP
+                )
+                span.set_attribute("tessera.projection.outcome", outcome.name.lower())
+            if before < envelope.position <= after and handles(self._projection, envelope):
+                self._last_applied_envelope = envelope
+        await self._observe_checkpoint(after)
+
+    def _count(self, before: int, after: int, positions: Sequence[int]) -> None:
+        duplicates = sum(1 for position in positions if position <= before)
+        self._duplicates += duplicates
+        if duplicates and self._lease is not None:
+            # Only another applier moves the checkpoint between our snapshot and our write:
+            # two replicas held the lease at once, and the apply script kept the order.
+            logger.warning(
+                "duplicate apply refused up to position %s: another replica applied it",
+                before,
+                extra={"projection": self._projection.name, "checkpoint": after},
+            )
+        if after > before:
+            self._applied += after - before
+            self._last_applied_at = datetime.now(UTC)
+            if self._on_applied is not None:
+                for position in range(before + 1, after + 1):
+                    self._on_applied(position)
+
+    async def _flush_marker(self) -> None:
+        """Write the pending marker: move the checkpoint over the no-op events deferred so far."""
+        pending, self._pending, self._pending_since = self._pending, 0, 0.0
+        if pending <= self._checkpoint:
+            return
+        self._check_lease()
+        before, after = await self._store.write([Segment(self._checkpoint + 1, pending)])
+        self._count(before, after, [])
+        await self._observe_checkpoint(after)
+
+    def _marker_due_in(self) -> float | None:
+        """Seconds until the pending marker should be written (None when there is none)."""
+        if self._pending <= self._checkpoint:
+            return None
+        return max(self._pending_since + self._marker_delay_s - time.monotonic(), 0.0)
 
     # -- helpers ---------------------------------------------------------------------------------
-
-    async def _project(
-        self, envelope: EventEnvelope, state: Mapping[str, bytes | None], *, park: bool = True
-    ) -> Effect | None:
-        """The event's effect; None when the projection raised and the event is not skipped.
-
-        Applying past an event the projection cannot handle would leave views that are
-        silently wrong, so the projector stops there (parks it) instead. `park=False` leaves
-        the parking to the caller, which first applies the events before it.
-        """
-        try:
-            effect = self._projection.project(envelope, state)
-        except Exception as exc:
-            skip = await self._meta.skipped(envelope.position)
-            if skip is not None:
-                logger.warning(
-                    "applying nothing for the event at position %s: an operator skipped it",
-                    envelope.position,
-                    extra={"projection": self._projection.name, "skip": skip, "error": str(exc)},
-                )
-                return Effect()
-            self._park_error = exc
-            if park:
-                await self._park(envelope, exc)
-            return None
-        for listener in self.effect_listeners:
-            listener(envelope, effect)
-        return effect
 
     _park_error: BaseException = RuntimeError("no error")
     # Called with each event and the effect computed for it from the state at position - 1,
@@ -1102,17 +981,7 @@ class Projector:
         return self._parked
 
     async def _park(self, envelope: EventEnvelope, exc: BaseException) -> None:
-        record = ParkedEvent(
-            projection=self._projection.name,
-            generation=self._generation or "",
-            position=envelope.position,
-            event_id=envelope.event_id,
-            event_type=envelope.event_type,
-            aggregate_type=envelope.aggregate_type,
-            aggregate_id=envelope.aggregate_id,
-            error=f"{type(exc).__name__}: {exc}",
-            parked_at=datetime.now(UTC).isoformat(),
-        )
+        record = parked_record(self._projection.name, self._generation or "", envelope, exc)
         self._parked = record
         self._state = ProjectorState.PARKED
         if self._logged_park != (record.generation, record.position):
@@ -1136,26 +1005,6 @@ class Projector:
             logger.debug("parked event's traceback", exc_info=exc)
         await self._meta.park(record)
 
-    async def _record(self, envelope: EventEnvelope, result: ApplyResult, span: trace.Span) -> None:
-        span.set_attribute("tessera.projection.outcome", result.outcome.name.lower())
-        await self._observe_checkpoint(result.checkpoint)
-        if result.outcome is Outcome.APPLIED:
-            self._applied += 1
-            self._last_applied_at = datetime.now(UTC)
-            self._last_applied_envelope = envelope
-            if self._on_applied is not None:
-                self._on_applied(envelope.position)
-        elif result.outcome is Outcome.DUPLICATE:
-            self._duplicates += 1
-            if self._lease is not None:
-                # Only another applier moves the checkpoint between our snapshot and our write:
-                # two replicas held the lease at once, and the apply script kept the order.
-                logger.warning(
-                    "duplicate apply refused at position %s: another replica applied it",
-                    envelope.position,
-                    extra={"projection": self._projection.name, "checkpoint": result.checkpoint},
-                )
-
     async def _observe_checkpoint(self, checkpoint: int) -> None:
         if checkpoint < self._checkpoint:
             # Redis lost data (a restart without persistence, a flush): the views are behind
@@ -1167,10 +1016,10 @@ class Projector:
                 extra={"projection": self._projection.name},
             )
             await self._set_ready(False)
+            # What was deferred belonged to the lost data: the log says what to apply now.
+            self._pending = 0
         if checkpoint != self._checkpoint:
-            self._checkpoint = checkpoint
-            changed, self._checkpoint_changed = self._checkpoint_changed, asyncio.Event()
-            changed.set()
+            self.published.publish_checkpoint(checkpoint)
             if self._lease is not None and self._lease.held:
                 # Followers wake on this rather than polling (read_service.lease).
                 self._lease.announce(self._projection.checkpoint_key, checkpoint)
@@ -1178,10 +1027,10 @@ class Projector:
     async def _set_ready(self, ready: bool) -> None:
         if not ready:
             # Whatever the near caches hold may be gone from Redis: forget it before anything else.
-            self._checkpoint_reader.key_space_lost()
+            self.published.read_checkpoint.key_space_lost()
         if ready == self._ready:
             return
-        self._ready = ready
+        self.published.publish_ready(ready)
         logger.info(
             "projection %s",
             "ready" if ready else "not ready",
@@ -1193,24 +1042,9 @@ class Projector:
     def _span_attributes(self, envelope: EventEnvelope) -> dict[str, str | int]:
         return {
             "messaging.system": "redis",
-            "messaging.destination.name": self._events_channel,
+            "messaging.destination.name": self._source.events_channel,
             "messaging.message.id": envelope.event_id,
             "tessera.event.type": envelope.event_type,
             "tessera.event.position": envelope.position,
             "tessera.projection": self._projection.name,
         }
-
-    @contextlib.contextmanager
-    def _span(self, envelope: EventEnvelope) -> Iterator[trace.Span]:
-        if not envelope.traceparent:
-            # No trace context, no span (see _apply_batch).
-            yield trace.INVALID_SPAN
-            return
-        context = context_from_envelope(envelope.traceparent, envelope.tracestate)
-        with self._tracer.start_as_current_span(
-            f"{self._projection.name} project",
-            context=context,
-            kind=trace.SpanKind.CONSUMER,
-            attributes=self._span_attributes(envelope),
-        ) as span:
-            yield span

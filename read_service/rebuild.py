@@ -19,15 +19,15 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import asyncpg
 import redis.asyncio as aioredis
 
+from read_service.applier import parked_record, project_run
 from read_service.generations import Generations, ParkedEvent, drop_keyspace, skip_field, skips_key
 from read_service.keys import CatalogKeys, OrderKeys, UserKeys
-from read_service.projections.base import Effect, Op, Projection
+from read_service.projections.base import Op, Projection
 from read_service.projections.catalog import CatalogProjection
 from read_service.projections.orders import OrdersProjection
 from read_service.projections.users import UsersProjection
@@ -224,27 +224,25 @@ class _Writer:
         self.events = 0
         self._pending: asyncio.Task[Any] | None = None
 
-    def project(self, envelopes: Sequence[EventEnvelope]) -> tuple[list[Op], int] | None:
+    async def project(self, envelopes: Sequence[EventEnvelope]) -> tuple[list[Op], int] | None:
         """The ops of the run that continues the checkpoint; None when a hole stops it at once."""
-        ops: list[Op] = []
-        position = self.checkpoint
+        run: list[EventEnvelope] = []
         for envelope in envelopes:
-            if envelope.position != position + 1:
+            if envelope.position != self.checkpoint + len(run) + 1:
                 break  # a hole (a position not committed yet): stop, the tail pass retries
-            overlay = self.overlay
-            state = {key: overlay.get(key) for key in self.projection.state_keys(envelope)}
-            try:
-                effect = self.projection.project(envelope, state)
-            except Exception as exc:
-                if envelope.position not in self.skipped:
-                    raise RebuildParked(self._parked(envelope, exc)) from exc
-                effect = Effect()
-            overlay.update(effect.state)
-            ops.extend(effect.ops)
-            position = envelope.position
-        if position == self.checkpoint:
+            run.append(envelope)
+        if not run:
             return None
-        return ops, position
+
+        async def skipped(envelope: EventEnvelope, _exc: BaseException) -> bool:
+            return envelope.position in self.skipped
+
+        projected = await project_run(self.projection, run, self.overlay, skipped=skipped)
+        if projected.poison is not None and projected.error is not None:
+            record = parked_record(self.projection.name, self.generation, projected.poison, projected.error)
+            raise RebuildParked(record) from projected.error
+        ops = [op for _, effect in projected.effects for op in effect.ops]
+        return ops, run[-1].position
 
     async def write(self, ops: list[Op], position: int) -> None:
         """Send one run's ops and then its checkpoint; overlaps with reading the next run."""
@@ -277,19 +275,6 @@ class _Writer:
             with contextlib.suppress(BaseException):
                 await pending
 
-    def _parked(self, envelope: EventEnvelope, exc: BaseException) -> ParkedEvent:
-        return ParkedEvent(
-            projection=self.projection.name,
-            generation=self.generation,
-            position=envelope.position,
-            event_id=envelope.event_id,
-            event_type=envelope.event_type,
-            aggregate_type=envelope.aggregate_type,
-            aggregate_id=envelope.aggregate_id,
-            error=f"{type(exc).__name__}: {exc}",
-            parked_at=datetime.now(UTC).isoformat(),
-        )
-
 
 _SELECT = (
     f"SELECT {ENVELOPE_COLUMNS} FROM outbox "  # noqa: S608 - fixed columns, bound values
@@ -308,7 +293,7 @@ async def _pass(
             if not rows:
                 break
             envelopes = [envelope_from_row(row) for row in rows]
-            run = writer.project(envelopes)
+            run = await writer.project(envelopes)
             if run is None:
                 break
             ops, position = run

@@ -1,16 +1,19 @@
 """Checkpointed writes to a Redis read model: the only code that writes views and checkpoints.
 
-Every write goes through one Lua script (apply_event.lua), loaded once and called by
-EVALSHA, that compares the event's position with the checkpoint, runs the event's ops and
-advances the checkpoint in one atomic step. Reads of the prior state a projection needs
-are taken together with the checkpoint in one MULTI/EXEC, so the state and the position
-it belongs to always match.
+Every write goes through one Lua script (apply_events.lua), loaded once and called by
+EVALSHA, that compares each event's position with the checkpoint, runs the event's ops and
+advances the checkpoint in one atomic step. A batch of events is one call: the events a
+projection does not handle ride along as the start of the next segment (or as a trailing
+marker), so they cost no call of their own. The script is given every key it writes in
+KEYS. Reads of the prior state a projection needs are taken together with the checkpoint in
+one MULTI/EXEC, so the state and the position it belongs to always match.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -27,11 +30,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_SCRIPT = resources.files("read_service").joinpath("apply_event.lua").read_text(encoding="utf-8")
+_SCRIPT = resources.files("read_service").joinpath("apply_events.lua").read_text(encoding="utf-8")
 
 
 class Outcome(enum.IntEnum):
-    """What the apply script did with one event."""
+    """What applying one event did."""
 
     GAP = -1
     DUPLICATE = 0
@@ -40,49 +43,119 @@ class Outcome(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
-    """The script's answer: its outcome and the checkpoint after the call."""
+    """One event's outcome and the checkpoint after it, as a call per event would have answered."""
 
     outcome: Outcome
     checkpoint: int
 
 
-# Moves the checkpoint over a run of consecutive events that change nothing else (events a
-# projection ignores): one call for the run instead of one apply-script call per event,
-# which is most of the work when a replica replays the log for a projection that ignores
-# most of it. KEYS[1] is the checkpoint key, ARGV[1] and ARGV[2] the run's first and last
-# positions. Returns the checkpoint before and after the call. Below the run's start (a
-# gap) or at or past its end (all duplicates) nothing changes; otherwise the events after
-# the checkpoint are applied, which for them means moving the checkpoint to the last one.
-_ADVANCE_SCRIPT = """
-local checkpoint = tonumber(redis.call('GET', KEYS[1]) or '0')
-local first = tonumber(ARGV[1])
-local last = tonumber(ARGV[2])
-if first == nil or last == nil or first < 1 or last < first then
-  return redis.error_reply('ERR positions must be positive integers, first <= last')
-end
-if checkpoint < first - 1 or checkpoint >= last then
-  return {checkpoint, checkpoint}
-end
-redis.call('SET', KEYS[1], ARGV[2])
-return {checkpoint, last}
-"""
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Events `first`..`last` of one projection: only the one at `last` has ops (maybe none)."""
 
-# Fewer consecutive no-op events than this are applied one by one.
-_MIN_ADVANCE_RUN = 2
+    first: int
+    last: int
+    ops: Sequence[Op] = ()
 
 
-def encode_ops(ops: Sequence[Op]) -> list[str | bytes | int]:
-    """Flatten ops into the script's ARGV layout: for each op, its length then its arguments."""
+def segments(events: Sequence[tuple[int, Sequence[Op]]], first: int | None = None) -> list[Segment]:
+    """The segments of a batch: each event with ops takes the no-op events before it along.
+
+    `first`, when given, is the position of an earlier no-op event the batch continues from
+    (positions `first`..events[0] - 1 change nothing). A hole in the positions closes a segment.
+    """
+    result: list[Segment] = []
+    if not events:
+        return result
+    previous = events[0][0] - 1
+    start = events[0][0] if first is None else min(first, events[0][0])
+    for position, ops in events:
+        if position != previous + 1:
+            if start <= previous:
+                result.append(Segment(start, previous))
+            start = position
+        if ops:
+            result.append(Segment(start, position, ops))
+            start = position + 1
+        previous = position
+    if start <= previous:
+        result.append(Segment(start, previous))
+    return result
+
+
+_U32 = struct.Struct(">I").pack
+
+
+def _item(value: str | bytes | int | float) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, float):
+        return repr(value).encode()
+    return str(value).encode()
+
+
+# Bytes of op arguments (packed) beyond which a batch is split into several script calls, sent
+# in one pipeline: one call stays short for Redis (a long script holds every other client up)
+# and its MONITOR line stays readable by line-based tools.
+CALL_BYTES = 8_000
+
+
+def encode(checkpoint_key: str, batch: Sequence[Segment]) -> tuple[list[str], list[str | bytes | int]]:
+    """The script's KEYS and ARGV for `batch` in one call (see apply_events.lua)."""
+    ((keys, argv),) = encode_calls(checkpoint_key, batch, limit=None)
+    return keys, argv
+
+
+def encode_calls(
+    checkpoint_key: str, batch: Sequence[Segment], limit: int | None = CALL_BYTES
+) -> list[tuple[list[str], list[str | bytes | int]]]:
+    """KEYS and ARGV of each script call for `batch`: each segment's ops packed in one string.
+
+    A new call starts at a segment boundary once the packed ops of the current one pass `limit`.
+    """
+    calls: list[tuple[list[str], list[str | bytes | int]]] = []
+    keys: list[str] = []
+    # Each key's index in KEYS, already packed (length and digits) as the op's second argument.
+    slots: dict[str | bytes | int | float, bytes] = {}
     argv: list[str | bytes | int] = []
-    for op in ops:
-        argv.append(len(op))
-        argv.extend(op)
-    return argv
+    size = 0
+    for segment in batch:
+        if not argv or (limit is not None and size > limit):
+            keys, slots, argv, size = [checkpoint_key], {}, [], 0
+            calls.append((keys, argv))
+        parts: list[bytes] = []
+        append = parts.append
+        for op in segment.ops:
+            slot = slots.get(op[1])
+            if slot is None:
+                key = op[1]
+                keys.append(key.decode() if isinstance(key, bytes) else str(key))
+                digits = str(len(keys)).encode()
+                slot = slots[key] = _U32(len(digits)) + digits
+            command = _item(op[0])
+            append(_U32(len(op)) + _U32(len(command)) + command + slot)
+            for value in op[2:]:
+                data = value if type(value) is bytes else _item(value)
+                append(_U32(len(data)))
+                append(data)
+        blob = b"".join(parts)
+        size += len(blob)
+        argv.append(segment.first)
+        argv.append(segment.last)
+        argv.append(blob)
+    return calls
 
 
-def _result(raw: Any) -> ApplyResult:
-    outcome, checkpoint = raw
-    return ApplyResult(Outcome(int(outcome)), int(checkpoint))
+def results(positions: Sequence[int], before: int, after: int) -> list[ApplyResult]:
+    """Per-event outcomes of a call that moved the checkpoint from `before` to `after`."""
+    return [
+        ApplyResult(Outcome.DUPLICATE, before)
+        if position <= before
+        else ApplyResult(Outcome.APPLIED, position)
+        if position <= after
+        else ApplyResult(Outcome.GAP, after)
+        for position in positions
+    ]
 
 
 class ViewStore:
@@ -92,7 +165,6 @@ class ViewStore:
         self._client = client
         self._checkpoint_key = checkpoint_key
         self._sha: str | None = None
-        self._advance_sha: str | None = None
 
     @property
     def checkpoint_key(self) -> str:
@@ -100,9 +172,8 @@ class ViewStore:
         return self._checkpoint_key
 
     async def load_script(self) -> None:
-        """Load the apply scripts into Redis's script cache (again after a Redis restart)."""
+        """Load the apply script into Redis's script cache (again after a Redis restart)."""
         self._sha = await self._client.script_load(_SCRIPT)
-        self._advance_sha = await self._client.script_load(_ADVANCE_SCRIPT)
 
     async def checkpoint(self) -> int:
         """The position of the last event applied (0 when none was)."""
@@ -124,74 +195,44 @@ class ViewStore:
         results = await self.apply_many([(position, ops)])
         return results[0]
 
-    async def apply_many(self, events: Sequence[tuple[int, Sequence[Op]]]) -> list[ApplyResult]:
-        """Apply several events in order, in one pipelined round trip; each is checked on its own."""
+    async def apply_many(
+        self, events: Sequence[tuple[int, Sequence[Op]]], *, first: int | None = None
+    ) -> list[ApplyResult]:
+        """Apply events in order in one script call; each answers as a call of its own would.
+
+        `first`: see segments(); the checkpoint then moves over those earlier no-op events too.
+        """
         if not events:
             return []
+        before, after = await self.write(segments(events, first))
+        return results([position for position, _ in events], before, after)
+
+    async def write(self, batch: Sequence[Segment]) -> tuple[int, int]:
+        """Run the apply script on `batch` (one call, or several in one pipeline); the checkpoint before and after."""
+        calls = encode_calls(self._checkpoint_key, batch)
         try:
-            return await self._apply_many(events)
+            raw = await self._call(calls)
         except redis.exceptions.NoScriptError:
             # Redis restarted (or SCRIPT FLUSH ran) since the script was loaded. Re-running
             # the whole batch is safe: events already applied come back as duplicates.
             logger.info("apply script missing from Redis's cache; loading it again")
             await self.load_script()
-            return await self._apply_many(events)
+            raw = await self._call(calls)
+        # Each call starts where the one before it left the checkpoint (a gap leaves it as it is).
+        return int(raw[0][0]), int(raw[-1][1])
 
-    async def _apply_many(self, events: Sequence[tuple[int, Sequence[Op]]]) -> list[ApplyResult]:
-        if self._sha is None or self._advance_sha is None:
+    async def _call(self, calls: list[tuple[list[str], list[str | bytes | int]]]) -> list[Any]:
+        if self._sha is None:
             await self.load_script()
-        sha, advance_sha = self._sha, self._advance_sha
-        assert sha is not None and advance_sha is not None
-        calls = _calls(events)
+        sha = self._sha
+        assert sha is not None
+        if len(calls) == 1:
+            keys, argv = calls[0]
+            return [await self._client.evalsha(sha, len(keys), *keys, *argv)]
         async with self._client.pipeline(transaction=False) as pipe:
-            for first, last, ops in calls:
-                if first == last:
-                    pipe.evalsha(sha, 1, self._checkpoint_key, str(first), *encode_ops(ops))
-                else:
-                    pipe.evalsha(advance_sha, 1, self._checkpoint_key, str(first), str(last))
-            raw_results = await pipe.execute()
-        results: list[ApplyResult] = []
-        for (first, last, _), raw in zip(calls, raw_results, strict=True):
-            if first == last:
-                results.append(_result(raw))
-            else:
-                results.extend(_advance_results(first, last, int(raw[0])))
-        return results
-
-
-def _calls(events: Sequence[tuple[int, Sequence[Op]]]) -> list[tuple[int, int, Sequence[Op]]]:
-    """The script calls for `events`: (position, position, ops) each, or (first, last, ()) for a no-op run."""
-    calls: list[tuple[int, int, Sequence[Op]]] = []
-    run: list[int] = []
-
-    def flush() -> None:
-        if len(run) >= _MIN_ADVANCE_RUN:
-            calls.append((run[0], run[-1], ()))
-        else:
-            calls.extend((position, position, ()) for position in run)
-        run.clear()
-
-    for position, ops in events:
-        if not ops and (not run or position == run[-1] + 1):
-            run.append(position)
-            continue
-        flush()
-        if ops:
-            calls.append((position, position, ops))
-        else:
-            run.append(position)
-    flush()
-    return calls
-
-
-def _advance_results(first: int, last: int, before: int) -> list[ApplyResult]:
-    """Per-event results of a no-op run, as one apply-script call per event would have answered."""
-    if before < first - 1:
-        return [ApplyResult(Outcome.GAP, before)] * (last - first + 1)
-    return [
-        ApplyResult(Outcome.DUPLICATE, before) if position <= before else ApplyResult(Outcome.APPLIED, position)
-        for position in range(first, last + 1)
-    ]
+            for keys, argv in calls:
+                pipe.evalsha(sha, len(keys), *keys, *argv)
+            return list(await pipe.execute())
 
 
 # Reads what one single-view query needs in one command: KEYS[1] the checkpoint, KEYS[2] the

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import asyncpg
 import redis.asyncio as aioredis
 
+from read_service.applier import handles, project_run
 from read_service.keys import OrderKeys, member_id
 from read_service.near_cache import NearCache, log_stats
 from read_service.projections.base import Effect, Op, Projection
@@ -50,6 +51,12 @@ from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tessera.orders.v1.order_query_service_pb2 import OrderView
 
 logger = logging.getLogger(__name__)
+
+
+async def _passed(_envelope: EventEnvelope, _exc: BaseException) -> bool:
+    """A replayed event the projection raises on is one the checkpoint passed: an operator skipped it."""
+    return True
+
 
 # How often the feed looks at the projector's readiness when no checkpoint moves.
 RECHECK_S = 0.25
@@ -492,14 +499,12 @@ class ChangeFeed:
         self.replayed += 1
         if not self._tracked and not self._matchers:
             return Effect()
-        keys = self._projection.state_keys(envelope)
+        keys = self._projection.state_keys(envelope) if handles(self._projection, envelope) else ()
         state: dict[str, bytes | None] = {k: self._tracked.get(k) for k in keys}
         with _muted(self._projection):
-            try:
-                return self._projection.project(envelope, state)
-            except Exception:
-                # The checkpoint passed it, so an operator skipped it: it changed nothing.
-                return Effect()
+            projected = await project_run(self._projection, [envelope], state, skipped=_passed)
+        ((_, effect),) = projected.effects
+        return effect
 
     def _deliver(self, envelope: EventEnvelope, effect: Effect, *, exact: bool) -> None:
         position = envelope.position

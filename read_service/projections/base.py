@@ -2,7 +2,8 @@
 
 A projection turns the event at position N, together with the prior state of the view
 entries that event touches, into a list of Redis write operations. The projector sends
-the ops to a script that runs them only if the view's checkpoint is exactly N - 1. The
+the ops to a script that runs them only if the view's checkpoint is exactly N - 1 (or, for
+events this projection does not handle right before N, at most that many positions lower). The
 state a projection reads is therefore always the state after event N - 1, because the
 projector reads that state and the checkpoint in one atomic step, and the script is the
 only writer: ops computed from state at checkpoint N - 1 are applied at checkpoint N - 1
@@ -20,7 +21,8 @@ from tessera.events.v1.envelope_pb2 import EventEnvelope
 # One Redis write command: its name, then its arguments. Binary values travel as bytes.
 Op = tuple[str | bytes | int, ...]
 
-# Commands a projection may emit; the apply script refuses anything else (see apply_event.lua).
+# Commands a projection may emit; the apply script refuses anything else (see apply_events.lua).
+# The first argument of each is the one key it writes.
 ALLOWED_COMMANDS = frozenset({"SET", "DEL", "HSET", "HDEL", "HINCRBY", "ZADD", "ZREM", "SADD", "SREM"})
 
 
@@ -49,6 +51,15 @@ class Projection(Protocol):
     @property
     def checkpoint_key(self) -> str:
         """Redis key that holds the position of the last event applied to this read model."""
+        ...
+
+    @property
+    def handles(self) -> frozenset[str]:
+        """The event types (full proto names) whose effect may be more than moving the checkpoint.
+
+        The projector projects only these; an event of any other type costs no script call of
+        its own (its position rides along with the next write, or a batched marker).
+        """
         ...
 
     def state_keys(self, envelope: EventEnvelope) -> Sequence[str]:

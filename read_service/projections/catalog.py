@@ -57,6 +57,8 @@ class CatalogProjection:
             event_name(StockReserved): self._stock_reserved,
             event_name(StockReleased): self._stock_released,
         }
+        # Every other event type changes nothing here: the projector only moves the checkpoint over it.
+        self.handles: frozenset[str] = frozenset(self._handlers)
 
     @property
     def checkpoint_key(self) -> str:

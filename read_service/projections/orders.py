@@ -96,6 +96,8 @@ class OrdersProjection:
             event_name(OrderCancelled): (OrderCancelled, self._cancelled),
             event_name(OrderShipped): (OrderShipped, self._shipped),
         }
+        # Every other event type changes nothing here: the projector only moves the checkpoint over it.
+        self.handles: frozenset[str] = frozenset(self._handlers)
 
     @property
     def checkpoint_key(self) -> str:

@@ -120,6 +120,8 @@ class UsersProjection:
             _ORDER_PLACED: self._order_placed,
             **dict.fromkeys(_ORDER_FOLLOW_UPS, self._order_follow_up),
         }
+        # Every other event type changes nothing here: the projector only moves the checkpoint over it.
+        self.handles: frozenset[str] = frozenset(self._handlers)
 
     @property
     def checkpoint_key(self) -> str:

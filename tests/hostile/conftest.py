@@ -201,7 +201,7 @@ class RedisMonitor:
             if not args[1].startswith(prefix):
                 continue
             # The views live in a generation's key space (read_service.generations).
-            rest = re.sub(r"^[a-z]+@v\d+g\d+:", "", args[1][len(prefix) :])
+            rest = re.sub(r"^\{[a-z]+@v\d+g\d+\}:", "", args[1][len(prefix) :])
             if rest.startswith(READ_KEY_KINDS):
                 found.append(line)
         return found

@@ -212,7 +212,7 @@ async def test_replicas_of_one_version_share_one_generation(
     assert generation is not None
     assert await redis_client.get(pointer_key(redis_prefix, "users")) == generation.encode()
     spaces = {
-        k.decode().split("@")[1].split(":")[0] async for k in redis_client.scan_iter(match=f"{redis_prefix}users@*")
+        k.decode().split("@")[1].split("}")[0] async for k in redis_client.scan_iter(match=f"{redis_prefix}{{users@*")
     }
     assert spaces == {generation}, "the replicas that lost the claim wrote nothing"
 

@@ -1,14 +1,16 @@
-"""ViewStore.apply_many: a run of events that change nothing but the checkpoint is one script call."""
+"""ViewStore and its script: a batch is one call, and each event answers as a call of its own would."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from read_service.projections.base import Op
-from read_service.view_store import ApplyResult, Outcome, ViewStore
+from read_service.view_store import _SCRIPT, ApplyResult, Outcome, Segment, ViewStore, encode
 
 pytestmark = pytest.mark.integration
 
@@ -52,3 +54,41 @@ async def test_a_run_that_starts_past_the_checkpoint_is_a_gap(redis_client: aior
 
     assert results == [ApplyResult(Outcome.GAP, 0)] * 3
     assert await store.checkpoint() == 0
+
+
+async def test_the_script_refuses_an_op_on_a_key_it_was_not_given(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    store = ViewStore(redis_client, f"{redis_prefix}checkpoint")
+    await store.load_script()
+    keys, argv = encode(store.checkpoint_key, [Segment(1, 1, [("SET", f"{redis_prefix}a", "1")])])
+    # The op's key index points past KEYS: the script must refuse before it writes anything.
+    with pytest.raises(redis.exceptions.ResponseError, match="undeclared key"):
+        await redis_client.evalsha(_sha(), 1, keys[0], *argv)
+
+    assert await redis_client.get(f"{redis_prefix}a") is None
+    assert await store.checkpoint() == 0
+
+
+async def test_no_op_events_before_a_write_move_the_checkpoint_with_it(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    store = ViewStore(redis_client, f"{redis_prefix}checkpoint")
+    await redis_client.set(store.checkpoint_key, 3)
+
+    # Positions 4..6 change nothing for this projection; 7 writes.
+    results = await store.apply_many([(7, [("SET", f"{redis_prefix}a", "7")])], first=4)
+
+    assert results == [ApplyResult(Outcome.APPLIED, 7)]
+    assert await store.checkpoint() == 7
+    assert await redis_client.get(f"{redis_prefix}a") == b"7"
+    # The same again is a duplicate, and a batch that starts past the checkpoint + 1 is a gap.
+    assert await store.apply_many([(7, [("SET", f"{redis_prefix}a", "x")])], first=4) == [
+        ApplyResult(Outcome.DUPLICATE, 7)
+    ]
+    assert await store.apply_many([(12, [])], first=9) == [ApplyResult(Outcome.GAP, 7)]
+    assert await redis_client.get(f"{redis_prefix}a") == b"7"
+
+
+def _sha() -> str:
+    return hashlib.sha1(_SCRIPT.encode()).hexdigest()

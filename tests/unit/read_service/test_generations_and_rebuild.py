@@ -24,8 +24,8 @@ from read_service.rebuild import Progress, coalesce
 def test_generation_names_carry_the_version() -> None:
     assert generation_name(3, 17) == "v3g17"
     assert generation_version("v3g17") == 3
-    assert keyspace_prefix("tessera:", "users", "v3g17") == "tessera:users@v3g17:"
-    assert checkpoint_key("tessera:", "users", "v3g17") == "tessera:users@v3g17:users:checkpoint"
+    assert keyspace_prefix("tessera:", "users", "v3g17") == "tessera:{users@v3g17}:"
+    assert checkpoint_key("tessera:", "users", "v3g17") == "tessera:{users@v3g17}:users:checkpoint"
     for bad in ("", "3g17", "v3", "vxg1", "v3g17 "):
         with pytest.raises(ValueError, match="not a generation name"):
             generation_version(bad)

@@ -1,30 +1,68 @@
-"""How ViewStore.apply_many groups events into script calls: runs of no-op events become one call."""
+"""How ViewStore groups a batch into script segments, and answers per event from one call."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from read_service.projections.base import Op
-from read_service.view_store import ApplyResult, Outcome, _advance_results, _calls
+from read_service.view_store import ApplyResult, Outcome, Segment, encode, encode_calls, results, segments
 
 SET: Sequence[Op] = [("SET", "k", "v")]
 
 
-def test_consecutive_no_op_events_become_one_call_and_ops_stay_single() -> None:
+def test_no_op_events_ride_along_with_the_next_event_that_writes() -> None:
     events: list[tuple[int, Sequence[Op]]] = [(1, []), (2, []), (3, SET), (4, []), (5, SET), (6, []), (7, []), (8, [])]
 
-    assert _calls(events) == [(1, 2, ()), (3, 3, SET), (4, 4, ()), (5, 5, SET), (6, 8, ())]
+    assert segments(events) == [Segment(1, 3, SET), Segment(4, 5, SET), Segment(6, 8)]
 
 
-def test_a_hole_in_the_positions_splits_a_run() -> None:
-    assert _calls([(1, []), (2, []), (4, []), (5, [])]) == [(1, 2, ()), (4, 5, ())]
+def test_a_hole_in_the_positions_closes_a_segment() -> None:
+    assert segments([(1, []), (2, []), (4, []), (5, [])]) == [Segment(1, 2), Segment(4, 5)]
+    assert segments([(1, []), (3, SET)]) == [Segment(1, 1), Segment(3, 3, SET)]
 
 
-def test_run_results_match_per_event_outcomes() -> None:
-    assert _advance_results(4, 6, 1) == [ApplyResult(Outcome.GAP, 1)] * 3
-    assert _advance_results(4, 6, 4) == [
+def test_earlier_no_op_events_start_the_first_segment() -> None:
+    assert segments([(7, SET), (8, [])], first=4) == [Segment(4, 7, SET), Segment(8, 8)]
+
+
+def _packed(*args: bytes) -> bytes:
+    return len(args).to_bytes(4, "big") + b"".join(len(a).to_bytes(4, "big") + a for a in args)
+
+
+def test_ops_name_their_key_by_its_index_in_keys_and_pack_into_one_argument() -> None:
+    batch = [Segment(1, 2, [("SET", "a", b"x"), ("HINCRBY", "b", "f", -1)]), Segment(3, 3, [("DEL", "a")])]
+
+    keys, argv = encode("cp", batch)
+
+    assert keys == ["cp", "a", "b"]
+    assert argv == [
+        1,
+        2,
+        _packed(b"SET", b"2", b"x") + _packed(b"HINCRBY", b"3", b"f", b"-1"),
+        3,
+        3,
+        _packed(b"DEL", b"2"),
+    ]
+
+
+def test_per_event_results_match_one_call_per_event() -> None:
+    assert results([4, 5, 6], 1, 1) == [ApplyResult(Outcome.GAP, 1)] * 3
+    assert results([4, 5, 6], 4, 6) == [
         ApplyResult(Outcome.DUPLICATE, 4),
         ApplyResult(Outcome.APPLIED, 5),
         ApplyResult(Outcome.APPLIED, 6),
     ]
-    assert _advance_results(4, 6, 9) == [ApplyResult(Outcome.DUPLICATE, 9)] * 3
+    assert results([4, 5, 6], 9, 9) == [ApplyResult(Outcome.DUPLICATE, 9)] * 3
+    assert results([1, 2, 4, 5], 0, 2)[2:] == [ApplyResult(Outcome.GAP, 2)] * 2
+
+
+def test_a_large_batch_splits_into_calls_at_segment_boundaries() -> None:
+    big = [("SET", "k", b"x" * 600)]
+    batch = [Segment(position, position, big) for position in range(1, 41)]
+
+    calls = encode_calls("cp", batch, limit=2_000)
+
+    assert len(calls) > 1
+    # Every call declares its own keys, and together they carry every segment once, in order.
+    assert all(keys == ["cp", "k"] for keys, _ in calls)
+    assert [argv[i] for _, argv in calls for i in range(0, len(argv), 3)] == list(range(1, 41))

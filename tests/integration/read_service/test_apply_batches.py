@@ -1,0 +1,87 @@
+"""Work only where it matters: events a projection does not handle cost it no script call of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+import redis.asyncio as aioredis
+
+from read_service.keys import UserKeys
+from shared_kernel.event_log import NewEvent, events_channel
+from tessera.catalog.v1.events_pb2 import ProductAdded
+from tessera.common.v1.money_pb2 import Money
+from tessera.users.v1.user_query_service_pb2 import UserView
+
+from .conftest import EventLog, StartProjector, UserFactory, eventually
+
+pytestmark = pytest.mark.integration
+
+
+def _product() -> NewEvent:
+    product_id = str(uuid.uuid4())
+    payload = ProductAdded(
+        product_id=product_id,
+        sku=f"SKU-{product_id[:8]}",
+        name="Lamp",
+        price=Money(currency_code="EUR", amount_minor=1),
+    )
+    return NewEvent(payload, "product", product_id, 1, datetime.now(UTC))
+
+
+async def _script_calls(client: aioredis.Redis, checkpoint_key: str, calls: list[str]) -> None:
+    """Append every EVALSHA that names `checkpoint_key` (the apply script's KEYS[1]) to `calls`."""
+    async with client.monitor() as monitor:
+        async for command in monitor.listen():
+            text = str(command.get("command", ""))
+            if text.upper().startswith("EVALSHA") and checkpoint_key in text:
+                calls.append(text)
+
+
+async def test_events_the_projection_ignores_ride_along_with_its_writes(
+    event_log: EventLog,
+    users: UserFactory,
+    start_projector: StartProjector,
+    redis_server_url: str,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    keys = UserKeys(redis_prefix)
+    projector = await start_projector()
+    await eventually(lambda: projector.ready)
+    calls: list[str] = []
+    monitor_client = aioredis.Redis.from_url(redis_server_url, socket_timeout=5)
+    watcher = asyncio.create_task(_script_calls(monitor_client, keys.checkpoint, calls))
+    try:
+        # MONITOR is on once a command of ours shows up in it.
+        await asyncio.sleep(0)
+        first_id, first = users.register("first@example.com", "first")
+        second_id, second = users.register("second@example.com", "second")
+        # A user, twenty product events the users projection does not handle, a user, ten more.
+        stream = [first, *(_product() for _ in range(20)), second, *(_product() for _ in range(10))]
+        envelopes = await event_log.append(*stream)
+        # Published back to back, as the relay does with a backlog: the projector takes them as batches.
+        async with redis_client.pipeline(transaction=False) as pipe:
+            for envelope in envelopes:
+                pipe.publish(events_channel(redis_prefix), envelope.SerializeToString())
+            await pipe.execute()
+        # The trailing ten move the checkpoint in a marker at the end of a batch or once the stream is quiet.
+        await eventually(lambda: projector.checkpoint == 32, message=f"stuck at {projector.checkpoint}")
+        for user_id in (first_id, second_id):
+            assert await redis_client.get(keys.view(user_id)) is not None
+        raw = await redis_client.get(keys.view(second_id))
+        assert isinstance(raw, bytes) and UserView.FromString(raw).username == "second"
+        assert await redis_client.get(keys.checkpoint) == b"32"
+        # Two events write; thirty only move the checkpoint. One call per event was 32 calls.
+        # How the 32 split into batches depends on timing, so the bound is a call per batch
+        # holding a user (at most two) and one marker.
+        await eventually(lambda: len(calls) >= 1)
+        assert 1 <= len(calls) <= 3, calls
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await monitor_client.aclose()
