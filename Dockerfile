@@ -2,7 +2,7 @@
 # | relay | read_service | write_service.saga | payment_provider). The code runs from /app, the source tree, with the package generated
 # from protos/ at build time.
 
-# Runtime dependencies, exactly as requirements/runtime.txt pins and hashes them (the lock CI
+# Runtime dependencies, exactly as requirements.lock pins and hashes them (the lock CI
 # tests with), so this layer changes only with the lock.
 FROM python:3.11-slim AS deps
 ENV PIP_NO_CACHE_DIR=1 \
@@ -11,14 +11,14 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
-COPY requirements/runtime.txt requirements/runtime.txt
-RUN pip install --require-hashes --no-deps -r requirements/runtime.txt
+COPY requirements.lock ./
+RUN pip install --require-hashes --no-deps -r requirements.lock
 
 # The codegen tools stay in this stage; only their output reaches the final image. The codegen lock
 # is resolved together with the runtime lock, so protobuf here is the version the runtime imports.
 FROM deps AS codegen
-COPY requirements/codegen.txt requirements/codegen.txt
-RUN pip install --require-hashes --no-deps -r requirements/codegen.txt
+COPY requirements-codegen.lock ./
+RUN pip install --require-hashes --no-deps -r requirements-codegen.lock
 COPY protos/ protos/
 COPY scripts/gen_protos.py scripts/gen_protos.py
 RUN mkdir -p /build/out && python scripts/gen_protos.py --out /build/out

@@ -24,20 +24,20 @@ help: ## list the targets
 
 venv: $(STAMP) ## create .venv and install the project with its dev tools
 
-# Installs exactly what requirements/dev.txt pins, hashes checked, then the project itself
+# Installs exactly what requirements-dev.lock pins, hashes checked, then the project itself
 # without resolving anything (its build backend comes from the lock too). Reinstalls whenever
 # the lock changes. The compat editable mode puts the repository root on sys.path, so the
 # generated `tessera` package (made after install) imports too.
-$(STAMP): requirements/dev.txt pyproject.toml
+$(STAMP): requirements-dev.lock pyproject.toml
 	@test -x $(PY) || { echo "creating $(VENV) with $$(command -v $(PYTHON))"; $(PYTHON) -m venv $(VENV); }
-	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements/dev.txt
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements-dev.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
 	@touch $@
 
-lock: venv ## re-resolve pyproject.toml into requirements/*.txt (hashed); UPGRADE=1 moves every pin to the newest allowed
+lock: venv ## re-resolve pyproject.toml into requirements*.lock (hashed); UPGRADE=1 moves every pin to the newest allowed
 	scripts/lock.sh $(if $(UPGRADE),--upgrade,)
 
-lock-check: venv ## fail when requirements/*.txt no longer match pyproject.toml
+lock-check: venv ## fail when requirements*.lock no longer match pyproject.toml
 	scripts/lock.sh --check
 
 gen: venv ## generate the tessera package from protos/
