@@ -175,6 +175,16 @@ class Calls:
         """Add a step to the pending write; nothing is sent until the unit of work commits."""
         self.steps.append(step)
 
+    async def check_insert_now(self) -> None:
+        """Send the pending write now if no pre-check read ran here: nothing has checked the insert yet."""
+        if not self.has_read:
+            await self.flush()
+
+    async def check_version_now(self, kind: str, aggregate_id: object) -> None:
+        """Send the pending write now if this unit of work did not read the aggregate: nothing vouches for it."""
+        if (kind, aggregate_id) not in self.loaded:
+            await self.flush()
+
     def unique_name(self, base: str) -> str:
         """A CTE name no other step of this write uses."""
         return f"{base}_{len(self.steps)}"

@@ -216,16 +216,7 @@ class PostgresUserRepository(UserRepository):
             Step(
                 _INSERT_USER,
                 (
-                    user.id,
-                    user.email,
-                    user.username,
-                    user.password_hash,
-                    user.full_name,
-                    user.bio,
-                    user.avatar_url,
-                    user.active,
-                    user.deactivation_reason,
-                    user.version,
+                    *_user_columns(user),
                     user.created_at,
                     user.updated_at,
                     email_key(user.email),
@@ -233,9 +224,7 @@ class PostgresUserRepository(UserRepository):
                 unique=_USER_UNIQUE_ERRORS,
             )
         )
-        if not self._calls.has_read:
-            # No pre-check read ran in this unit of work: check the insert now.
-            await self._calls.flush()
+        await self._calls.check_insert_now()
         user.stored_version = user.version
 
     def adopt(self, user: model.User) -> None:
@@ -248,16 +237,7 @@ class PostgresUserRepository(UserRepository):
             Step(
                 _UPDATE_USER,
                 (
-                    user.id,
-                    user.email,
-                    user.username,
-                    user.password_hash,
-                    user.full_name,
-                    user.bio,
-                    user.avatar_url,
-                    user.active,
-                    user.deactivation_reason,
-                    user.version,
+                    *_user_columns(user),
                     user.updated_at,
                     user.stored_version,
                 ),
@@ -265,9 +245,7 @@ class PostgresUserRepository(UserRepository):
                 conflict=f"user {user.id} changed concurrently, retry the request",
             )
         )
-        if ("user", user.id) not in self._calls.loaded:
-            # Not read by this unit of work: nothing vouches for its version, so check it now.
-            await self._calls.flush()
+        await self._calls.check_version_now("user", user.id)
         user.stored_version = user.version
 
 
@@ -502,3 +480,19 @@ class PostgresUnitOfWork(UnitOfWork):
             conn.terminate()
             if isinstance(exc, asyncio.CancelledError):
                 raise
+
+
+def _user_columns(user: model.User) -> tuple[object, ...]:
+    """The columns an insert and an update of a user both write, in their parameter order."""
+    return (
+        user.id,
+        user.email,
+        user.username,
+        user.password_hash,
+        user.full_name,
+        user.bio,
+        user.avatar_url,
+        user.active,
+        user.deactivation_reason,
+        user.version,
+    )

@@ -160,9 +160,7 @@ class PostgresProductRepository(ProductRepository):
     async def add(self, product: catalog.Product) -> None:
         """Insert a new product at commit; the unique index on lower(sku) (a concurrent twin) becomes AlreadyExists."""
         self._calls.write(Step(_INSERT, _row(product), unique={SKU_INDEX: catalog.sku_taken}))
-        if not self._calls.has_read:
-            # No pre-check read ran in this unit of work: check the insert now.
-            await self._calls.flush()
+        await self._calls.check_insert_now()
         product.stored_version = product.version
 
     def adopt(self, product: catalog.Product) -> None:
@@ -187,7 +185,5 @@ class PostgresProductRepository(ProductRepository):
                 conflict=f"product {product.id} changed concurrently, retry the request",
             )
         )
-        if ("product", product.id) not in self._calls.loaded:
-            # Not read by this unit of work: nothing vouches for its version, so check it now.
-            await self._calls.flush()
+        await self._calls.check_version_now("product", product.id)
         product.stored_version = product.version

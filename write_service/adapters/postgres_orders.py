@@ -155,9 +155,7 @@ class PostgresOrderRepository(OrderRepository):
                 ),
             )
         )
-        if not self._calls.has_read:
-            # No pre-check read ran in this unit of work: check the insert now.
-            await self._calls.flush()
+        await self._calls.check_insert_now()
         self._write_lines(order)
         order.stored_version = order.version
 
@@ -189,9 +187,7 @@ class PostgresOrderRepository(OrderRepository):
             )
         )
         self._write_lines(order)
-        if ("order", order.id) not in self._calls.loaded:
-            # Not read by this unit of work: nothing vouches for its version, so check it now.
-            await self._calls.flush()
+        await self._calls.check_version_now("order", order.id)
         order.stored_version = order.version
 
     def _write_lines(self, order: orders.Order) -> None:
