@@ -351,6 +351,10 @@ class EmbeddedServer(StartStop, ABC):
             self._remove_dir()
         _LIVE.discard(self)
 
+    def halt(self) -> None:
+        """Shut the server down gracefully but keep its directory, even a temporary one, for a later `start()`."""
+        self._stop_process()
+
     def restart(self) -> None:
         """Stop the server if it runs (keeping its data) and start it again on the same port."""
         self._stop_process()
