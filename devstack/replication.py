@@ -23,6 +23,7 @@ from devstack.servers import EmbeddedPostgres, ServerError
 
 STANDBY_NAME = "standby1"
 _SQL_TIMEOUT_S = 30.0
+_OF_STANDBY = f"FROM pg_stat_replication WHERE application_name = '{STANDBY_NAME}'"
 
 
 def run_sql(server: EmbeddedPostgres, statement: str, timeout_s: float = _SQL_TIMEOUT_S) -> str:
@@ -127,11 +128,13 @@ class ReplicatedPostgres:
                 run_sql(self.primary, f"ALTER SYSTEM SET synchronous_standby_names = '{STANDBY_NAME}'")
                 run_sql(self.primary, "SELECT pg_reload_conf()")
                 self._wait_for(
-                    lambda: run_sql(
-                        self.primary,
-                        f"SELECT sync_state FROM pg_stat_replication WHERE application_name = '{STANDBY_NAME}'",
-                    )
-                    == "sync",
+                    lambda: (
+                        run_sql(
+                            self.primary,
+                            "SELECT sync_state " + _OF_STANDBY,
+                        )
+                        == "sync"
+                    ),
                     timeout_s,
                     "the standby never became synchronous",
                 )
@@ -163,11 +166,13 @@ class ReplicatedPostgres:
     def wait_streaming(self, timeout_s: float = 60.0) -> None:
         """Wait until the primary reports the standby streaming."""
         self._wait_for(
-            lambda: run_sql(
-                self.primary,
-                f"SELECT state FROM pg_stat_replication WHERE application_name = '{STANDBY_NAME}'",
-            )
-            == "streaming",
+            lambda: (
+                run_sql(
+                    self.primary,
+                    "SELECT state " + _OF_STANDBY,
+                )
+                == "streaming"
+            ),
             timeout_s,
             "the standby never started streaming",
         )
@@ -176,8 +181,7 @@ class ReplicatedPostgres:
         """How far the standby's replay is behind the primary's WAL, in bytes (0 when caught up)."""
         value = run_sql(
             self.primary,
-            "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), -1)::bigint"
-            f" FROM pg_stat_replication WHERE application_name = '{STANDBY_NAME}'",
+            "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), -1)::bigint " + _OF_STANDBY,
         )
         return int(value) if value else -1
 
@@ -211,4 +215,3 @@ class ReplicatedPostgres:
             if deadline.expired():
                 raise ServerError(failure)
             time.sleep(0.05)
-

@@ -56,6 +56,7 @@ from read_service.event_source import EventSource, Inbound, Kind, Subscriber, st
 from read_service.follower import Follower, FollowerHooks
 from read_service.generations import Generations, ParkedEvent, Plan, generation_version, parked_key
 from read_service.lease import ApplyingLease, LeaseLost, LeaseOptions, lease_key
+from read_service.log_guard import Fingerprint, LogRewound, check_log, fingerprint_key
 from read_service.projections.base import Effect, Op, Projection
 from read_service.published import PublishedState
 from read_service.view_store import CheckpointReader, Outcome, Segment, ViewStore, segments
@@ -110,6 +111,8 @@ class ProjectorStatus:
     # Events parked since start (each position counted once), and the one parked now, if any.
     poison_events: int
     parked: ParkedEvent | None = None
+    # Times the event log was found rewound under the views (read_service.log_guard).
+    log_rewinds: int = 0
     generation: str | None = None
     # With the applying lease (read_service.lease): whether this projector applies, and who does.
     applying: bool = True
@@ -224,6 +227,9 @@ class Projector:
         self._catch_ups = 0
         self._reconnects = 0
         self._poison_events = 0
+        self._log_rewinds = 0
+        # The last event of the newest run seen, stored with the next write (read_service.log_guard).
+        self._fingerprint: Fingerprint | None = None
         # The last of the no-op events deferred past the checkpoint (none when not above it), since when.
         self._pending = 0
         self._pending_since = 0.0
@@ -383,6 +389,7 @@ class Projector:
             reconnects=self._reconnects,
             poison_events=self._poison_events,
             parked=self._parked,
+            log_rewinds=self._log_rewinds,
             generation=self._generation,
             applying=self._lease is None or self._lease.held,
             lease_holder=None if self._lease is None else self._lease.holder,
@@ -636,7 +643,8 @@ class Projector:
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.get(self._meta.pointer)
             pipe.get(self._projection.checkpoint_key)
-            pointer_raw, checkpoint_raw = await pipe.execute()
+            pipe.get(fingerprint_key(self._projection.checkpoint_key))
+            pointer_raw, checkpoint_raw, fingerprint_raw = await pipe.execute()
         pointer = None if pointer_raw is None else bytes(pointer_raw).decode()
         checkpoint = int(checkpoint_raw or 0)
         if self._generations is not None and pointer is None:
@@ -647,6 +655,7 @@ class Projector:
         if checkpoint < known:
             await self._set_ready(False)
             raise KeySpaceLost(f"the checkpoint went back from {known} to {checkpoint}")
+        await self._guard_log(Fingerprint.decode(fingerprint_raw))
         parked = self._parked
         return parked is not None and (
             checkpoint >= parked.position or await self._meta.skipped(parked.position) is not None
@@ -725,7 +734,10 @@ class Projector:
             return
         # A relay re-publish can repeat positions: keep one envelope per position, in order.
         fresh = sorted({e.position: e for e in envelopes if e.position > seen}.values(), key=lambda e: e.position)
-        self._duplicates += len(envelopes) - len(fresh)
+        if len(fresh) < len(envelopes):
+            # Repeated positions: a relay re-publishing, or a log that went back (a failover).
+            self._duplicates += len(envelopes) - len(fresh)
+            await self._guard_log()
         # _apply_batch starts from the checkpoint in Redis, which another replica sharing the
         # views may have moved past ours; a gap before or inside the run is left to the log.
         if fresh and await self._apply_batch(fresh, defer=True) < highest:
@@ -765,6 +777,8 @@ class Projector:
         self._catch_ups += 1
         started = time.monotonic()
         gap_deadline: float | None = None
+        # The views may hold events the log has lost since (a failover): check first.
+        await self._guard_log()
         while True:
             checkpoint = await self._store.checkpoint()
             await self._observe_checkpoint(checkpoint)
@@ -837,6 +851,7 @@ class Projector:
         run = _consecutive_after(events, base)
         if not run:
             return base
+        self._fingerprint = Fingerprint(run[-1].position, run[-1].event_id)
         spans: dict[int, trace.Span] = {}
         try:
             items, poison = await self._project_run(run, state, spans)
@@ -910,7 +925,7 @@ class Projector:
     ) -> None:
         """Write `items` (from position `first`, taking pending no-op events along) in one call; record it."""
         self._check_lease()
-        before, after = await self._store.write(segments(items, first))
+        before, after = await self._store.write(segments(items, first), self._fingerprint)
         if after >= self._pending:
             self._pending = 0
             self._pending_since = 0.0
@@ -954,7 +969,7 @@ class Projector:
         if pending <= self._checkpoint:
             return
         self._check_lease()
-        before, after = await self._store.write([Segment(self._checkpoint + 1, pending)])
+        before, after = await self._store.write([Segment(self._checkpoint + 1, pending)], self._fingerprint)
         self._count(before, after, [])
         await self._observe_checkpoint(after)
 
@@ -1004,6 +1019,39 @@ class Projector:
             )
             logger.debug("parked event's traceback", exc_info=exc)
         await self._meta.park(record)
+
+    async def _guard_log(self, fingerprint: Fingerprint | None = None) -> int:
+        """Raise KeySpaceLost, after giving the views up, when the log went back under them; return its head."""
+        if fingerprint is None:
+            fingerprint = await self._store.fingerprint()
+        try:
+            return await check_log(self._pool, fingerprint)
+        except LogRewound as exc:
+            await self._give_up_views(exc)
+            raise KeySpaceLost(str(exc)) from exc
+
+    async def _give_up_views(self, rewound: LogRewound) -> None:
+        """Stop serving views built from events the log no longer holds, and have them rebuilt."""
+        self._log_rewinds += 1
+        await self._set_ready(False)
+        logger.error(
+            "%s; not serving this projection until its views are rebuilt from the log",
+            rewound,
+            extra={
+                "projection": self._projection.name,
+                "generation": self._generation,
+                "checkpoint": self._checkpoint,
+                "log_head": rewound.head,
+                "position": rewound.fingerprint.position,
+            },
+        )
+        generations, generation = self._generations, self._generation
+        if generations is not None and generation is not None:
+            # Every replica serving it sees the pointer gone and builds a new generation.
+            if await generations.forget(generation):
+                self._cleanup_later(generation, self._switch_grace_s)
+        else:
+            await self._client.delete(self._projection.checkpoint_key)
 
     async def _observe_checkpoint(self, checkpoint: int) -> None:
         if checkpoint < self._checkpoint:
