@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv lock lock-check gen up migrate test lint breaking ci lag lag-orders lag-cpu bench bench-smoke bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos compose-smoke clean distclean
+.PHONY: help venv lock lock-check gen up migrate test lint breaking ci lag lag-orders lag-cpu bench bench-smoke bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos failover compose-smoke clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -150,6 +150,9 @@ bench-redis-loss: gen ## time from a Redis restart (views lost) to SERVING for L
 
 chaos: gen ## fault injection under load (kills, pauses, restarts, network faults; ~3 min); figures in results/chaos.json
 	TESSERA_CHAOS=1 GRPC_ENABLE_FORK_SUPPORT=false $(PY) -m pytest tests/chaos $(PYTEST_ARGS)
+
+failover: gen ## a Postgres primary killed and its streaming standby promoted (sync and async) under load; figures in results/failover.json
+	TESSERA_CHAOS=1 GRPC_ENABLE_FORK_SUPPORT=false CHAOS_RESULTS=results/failover.json $(PY) -m pytest tests/chaos/test_postgres_failover.py $(PYTEST_ARGS)
 
 compose-smoke: venv ## docker-compose.yml for real: one image build, compose up, grpcurl checks, a relay killed (needs root)
 	$(PY) scripts/compose_smoke.py
