@@ -35,7 +35,7 @@ async def rewind(pool: asyncpg.Pool[Any], to: int) -> None:
 
 async def view(client: aioredis.Redis, keys: UserKeys, user_id: str) -> UserView | None:
     raw = await client.get(keys.view(user_id))
-    return None if raw is None else UserView.FromString(raw)
+    return None if raw is None else UserView.FromString(raw if isinstance(raw, bytes) else raw.encode())
 
 
 async def register(event_log: EventLog, users: UserFactory, count: int, tag: str) -> list[str]:
