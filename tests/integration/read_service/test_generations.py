@@ -21,7 +21,7 @@ from read_service.projector import Projector, ProjectorState
 from read_service.rebuild import ProjectionSpec, rebuild
 from tessera.users.v1.user_query_service_pb2 import UserView
 
-from .conftest import EventLog, Publisher, StartProjector, UserFactory, dump_keyspace, eventually
+from .conftest import EventLog, Publisher, StartProjector, UserFactory, dump_keyspace, eventually, make_projector
 from .test_projector import story
 
 pytestmark = pytest.mark.integration
@@ -57,11 +57,11 @@ async def start_replica(
         options.setdefault("backoff_initial_s", 0.05)
         options.setdefault("backoff_max_s", 0.5)
         options.setdefault("probe_interval_s", 0.2)
-        projector = Projector(
+        projector = make_projector(
             client,
             db_pool,
             projection,
-            channel_prefix=redis_prefix,
+            redis_prefix,
             on_readiness_change=record,
             generations=replica_generations(client, redis_prefix, projection, lambda p: cls(UserKeys(p)), query_keys),
             **options,
