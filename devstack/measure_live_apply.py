@@ -35,6 +35,7 @@ from devstack.measure_rebuild import USER_EVENT_COLUMNS, backing_servers, scratc
 from read_service.bootstrap import running_read_service
 from read_service.lease import ApplyMode
 from read_service.settings import ReadServiceSettings
+from read_service.upcasting import current_version
 from shared_kernel.event_log import events_channel
 from tessera.catalog.v1.events_pb2 import ProductAdded, StockReserved
 from tessera.common.v1.money_pb2 import Money
@@ -62,7 +63,7 @@ def mixed_events(count: int, seed: int = 11) -> Iterator[tuple[Any, ...]]:
             aggregate_type, aggregate_id = "user", str(uuid.UUID(int=rng.getrandbits(128), version=4))
             n = len(users)
             payload = UserRegistered(
-                user_id=aggregate_id, email=f"u{n}@example.com", username=f"u{n}", full_name=f"User {n}"
+                user_id=aggregate_id, email=f"u{n}@example.com", username=f"u{n}", display_name=f"User {n}"
             )
             payload.registered_at.FromDatetime(at)
             users.append(aggregate_id)
@@ -116,7 +117,7 @@ def mixed_events(count: int, seed: int = 11) -> Iterator[tuple[Any, ...]]:
         yield (
             uuid.uuid4(),
             payload.DESCRIPTOR.full_name,
-            1,
+            current_version(payload.DESCRIPTOR.full_name),
             aggregate_type,
             aggregate_id,
             versions[aggregate_id],
