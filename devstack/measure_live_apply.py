@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import os
 import random
@@ -153,8 +154,11 @@ async def _wait(check: Any, timeout_s: float, what: str) -> None:
         await asyncio.sleep(0.005)
 
 
-async def measure(admin_url: str, redis_url: str, events: int) -> dict[str, Any]:
-    """Apply `events` live events on one in-process replica; the figures as a dict."""
+async def measure(admin_url: str, redis_url: str, events: int, profile: str | None = None) -> dict[str, Any]:
+    """Apply `events` live events on one in-process replica; the figures as a dict.
+
+    With `profile`, the apply is run under cProfile and the statistics are written to that file.
+    """
     rows = list(mixed_events(events))
     prefix = f"live-{uuid.uuid4().hex[:8]}:"
     async with scratch_database(admin_url) as database_url:
@@ -199,11 +203,17 @@ async def measure(admin_url: str, redis_url: str, events: int) -> dict[str, Any]
                         timeout=120,
                     )
                     published = time.monotonic() - began
+                profiler = cProfile.Profile() if profile else None
                 started = time.monotonic()
                 cpu_started = time.process_time()
+                if profiler is not None:
+                    profiler.enable()
                 await _wait(lambda: all(p.checkpoint >= events for p in projectors), 120, "the replica fell behind")
                 elapsed = time.monotonic() - started
                 cpu = time.process_time() - cpu_started
+                if profiler is not None and profile:
+                    profiler.disable()
+                    profiler.dump_stats(profile)
                 extra_catch_ups = sum(p.status().catch_ups for p in projectors) - catch_ups
         finally:
             keys = [k async for k in cleaner.scan_iter(match=f"{prefix}*", count=1000)]
@@ -247,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one measurement and print its figures as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--events", type=int, default=9000)
+    parser.add_argument("--profile", metavar="FILE", help="write cProfile statistics of the apply to FILE")
     parser.add_argument("--publish", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     parser.add_argument("--channel", help=argparse.SUPPRESS)
@@ -257,10 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     admin_url = os.environ.get("TEST_DATABASE_URL")
     redis_url = os.environ.get("TEST_REDIS_URL")
     if admin_url and redis_url:
-        result = asyncio.run(measure(admin_url, redis_url, args.events))
+        result = asyncio.run(measure(admin_url, redis_url, args.events, args.profile))
     else:
         with backing_servers() as (admin_url, redis_url):
-            result = asyncio.run(measure(admin_url, redis_url, args.events))
+            result = asyncio.run(measure(admin_url, redis_url, args.events, args.profile))
     print(json.dumps(result, indent=2))
     return 0
 

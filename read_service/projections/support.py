@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from typing import TypeVar
@@ -16,8 +17,15 @@ from tessera.events.v1.envelope_pb2 import EventEnvelope
 M = TypeVar("M", bound=Message)
 
 
+# The canonical form, as str(uuid.UUID(...)) writes it: what the write side puts in every id.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def canonical_id(value: str, what: str) -> str:
     """`value` as a canonical (lower-case) UUID; PoisonEvent when it is not one."""
+    # Every event names its ids several times; building a UUID for each was a tenth of live apply.
+    if _CANONICAL_UUID.fullmatch(value):
+        return value
     try:
         return str(uuid.UUID(value))
     except ValueError as exc:
