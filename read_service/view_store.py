@@ -107,6 +107,11 @@ def encode(checkpoint_key: str, batch: Sequence[Segment]) -> tuple[list[str], li
     return keys, argv
 
 
+# An op's packed start (its length and its command) by (length, command): a handful of
+# distinct values, packed once per process instead of once per op.
+_HEADS: dict[tuple[int, str | bytes | int | float], bytes] = {}
+
+
 def encode_calls(
     checkpoint_key: str, batch: Sequence[Segment], limit: int | None = CALL_BYTES
 ) -> list[tuple[list[str], list[str | bytes | int]]]:
@@ -133,8 +138,11 @@ def encode_calls(
                 keys.append(key.decode() if isinstance(key, bytes) else str(key))
                 digits = str(len(keys)).encode()
                 slot = slots[key] = _U32(len(digits)) + digits
-            command = _item(op[0])
-            append(_U32(len(op)) + _U32(len(command)) + command + slot)
+            head = _HEADS.get((len(op), op[0]))
+            if head is None:
+                command = _item(op[0])
+                head = _HEADS[(len(op), op[0])] = _U32(len(op)) + _U32(len(command)) + command
+            append(head + slot)
             for value in op[2:]:
                 data = value if type(value) is bytes else _item(value)
                 append(_U32(len(data)))

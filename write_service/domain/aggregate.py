@@ -46,7 +46,7 @@ class Aggregate:
                 f"{self.aggregate_type} {self.id} is at version {self.version}, not the expected version {expected}"
             )
 
-    def _record(self, payload: Message, now: datetime) -> None:
+    def _record(self, payload: Message, now: datetime, schema_version: int = 1) -> None:
         self.version += 1
         self.updated_at = now
         self.pending_events.append(
@@ -56,5 +56,6 @@ class Aggregate:
                 aggregate_id=str(self.id),
                 aggregate_version=self.version,
                 occurred_at=now,
+                schema_version=schema_version,
             )
         )

@@ -24,6 +24,9 @@ from write_service.domain.aggregate import Aggregate, timestamp
 
 USER_AGGREGATE = "user"
 
+# UserRegistered's schema version: 2 carries the name in display_name (read side: read_service.upcasting).
+USER_REGISTERED_SCHEMA_VERSION = 2
+
 
 def email_taken() -> AlreadyExists:
     """The error for an e-mail address another user already has."""
@@ -79,10 +82,11 @@ class User(Aggregate):
                 user_id=str(user_id),
                 email=email,
                 username=username,
-                full_name=full_name,
+                display_name=full_name,
                 registered_at=timestamp(now),
             ),
             now,
+            schema_version=USER_REGISTERED_SCHEMA_VERSION,
         )
         return user
 

@@ -56,7 +56,8 @@ async def test_register_commits_state_outbox_and_log_in_one_transaction(pg_bus, 
         str(result.aggregate_id),
         1,
     )
-    assert event["schema_version"] == 1
+    # UserRegistered is at schema version 2: the name travels in display_name (decision 0030).
+    assert event["schema_version"] == 2
     assert event["position"] is None
     assert event["correlation_id"] == "corr-123"
     assert event["causation_id"] == str(meta.command_id)
@@ -65,7 +66,7 @@ async def test_register_commits_state_outbox_and_log_in_one_transaction(pg_bus, 
     assert not event["traceparent"].startswith(f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-")
     assert event["occurred_at"] == user["created_at"]
     payload = events_pb2.UserRegistered.FromString(bytes(event["payload"]))
-    assert (payload.user_id, payload.email, payload.username, payload.full_name) == (
+    assert (payload.user_id, payload.email, payload.username, payload.display_name) == (
         str(result.aggregate_id),
         "Grace@Example.com",
         "GraceH",

@@ -36,11 +36,13 @@ def test_register_starts_at_version_one_with_user_registered():
     assert event.aggregate_id == str(user.id)
     assert event.aggregate_version == 1
     assert event.occurred_at == NOW
-    assert event.schema_version == 1
+    # Version 2: the name in display_name, full_name left empty (decision 0030).
+    assert event.schema_version == 2
     assert event.event_type == "tessera.users.v1.UserRegistered"
     assert isinstance(event.payload, events_pb2.UserRegistered)
     assert event.payload.email == "Ada@Example.com"
     assert event.payload.username == "Ada"
+    assert (event.payload.display_name, event.payload.full_name) == ("Ada Lovelace", "")
     assert event.payload.registered_at.ToDatetime(tzinfo=UTC) == NOW
 
 
