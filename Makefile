@@ -32,6 +32,7 @@ $(STAMP): requirements-dev.lock pyproject.toml
 	@test -x $(PY) || { echo "creating $(VENV) with $$(command -v $(PYTHON))"; $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements-dev.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --config-settings editable_mode=compat -e client
 	@touch $@
 
 lock: venv ## re-resolve pyproject.toml into requirements*.lock (hashed); UPGRADE=1 moves every pin to the newest allowed
