@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv lock lock-check gen up migrate test lint breaking ci lag lag-orders lag-cpu bench bench-smoke bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos compose-smoke clean distclean
+.PHONY: help venv lock lock-check gen up migrate test lint breaking ci lag lag-orders lag-cpu bench bench-smoke bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos compose-smoke client-check clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ migrate: gen ## apply migrations to DATABASE_URL, or to the embedded Postgres in
 
 test: gen ## run the whole test suite; PYTEST_ARGS='-k relay' passes options
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+client-check: gen ## build the client wheel, install it in a fresh venv and call a real stack from there
+	$(PY) -m pytest tests/client/test_wheel.py $(PYTEST_ARGS)
 
 lint: gen ## ruff, mypy, buf lint and format, and the generated-code check
 	$(BIN)/ruff check .
