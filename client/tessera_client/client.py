@@ -104,9 +104,11 @@ class _Calls:
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                expired = errors.DeadlineExceeded("no time left for the command", method=name)
+                expired.idempotency_key = key
+                raise expired
             try:
-                if remaining <= 0:
-                    raise errors.DeadlineExceeded("no time left for the command", method=name)
                 response = await method(
                     request,
                     timeout=remaining,
@@ -119,7 +121,7 @@ class _Calls:
                 retry_in = min(retry_in, _BACKOFF_MAX_S)
                 if key is None or exc.code() not in COMMAND_RETRY_CODES or deadline - time.monotonic() <= retry_in:
                     error = errors.error_from_rpc(exc, name)
-                    error.idempotency_key = key  # type: ignore[attr-defined]
+                    error.idempotency_key = key
                     raise error from None
                 attempt += 1
                 self._client.command_retries += 1

@@ -57,6 +57,8 @@ class TesseraError(Exception):
         self.field_violations = field_violations
         self.error_info = error_info
         self.method = method
+        # For a command: the key it was sent with, to retry it later without a second effect.
+        self.idempotency_key: str | None = None
 
     def violation(self, field_name: str) -> FieldViolation | None:
         """The violation reported for `field_name`, if any."""

@@ -128,7 +128,7 @@ async def test_a_watch_resumes_on_another_replica_without_gap_or_duplicate(
             await update(version)  # while the stream is being re-opened elsewhere
             await until_version(version)
             await restart(replica)
-        versions = [m.version for m in delivered]
+        versions = [m.version for m in delivered if m.exists]  # a first "not yet" is allowed
         assert versions == list(range(1, version + 1)), versions
         assert delivered[-1].user.full_name == f"V{version}"
         assert client.watch_resumes >= 1
