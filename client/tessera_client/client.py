@@ -70,8 +70,18 @@ def _request(cls: type[M], request: M | None, fields: dict[str, Any]) -> M:
 class _Calls:
     """What every API group shares: metadata, deadlines, retries, the session."""
 
+    _QUERY_STUB: Any = None
+
     def __init__(self, client: TesseraClient) -> None:
         self._client = client
+        self._q_stub: Any = None
+
+    @property
+    def _q(self) -> Any:
+        """The query stub, made on first use (a commands-only client has no read channel)."""
+        if self._q_stub is None:
+            self._q_stub = self._QUERY_STUB(self._client.read_channel)
+        return self._q_stub
 
     async def _metadata(self, idempotency_key: str | None = None) -> list[tuple[str, str]]:
         metadata: list[tuple[str, str]] = []
@@ -169,10 +179,11 @@ class _Calls:
 class UsersAPI(_Calls):
     """tessera.users.v1: UserCommandService (write) and UserQueryService (read)."""
 
+    _QUERY_STUB = users_q_grpc.UserQueryServiceStub
+
     def __init__(self, client: TesseraClient) -> None:
         super().__init__(client)
         self._cmd = users_cmd_grpc.UserCommandServiceStub(client.write_channel)
-        self._q = users_q_grpc.UserQueryServiceStub(client.read_channel)
 
     async def register_user(
         self,
@@ -280,10 +291,11 @@ class UsersAPI(_Calls):
 class CatalogAPI(_Calls):
     """tessera.catalog.v1: CatalogCommandService (write) and ProductQueryService (read)."""
 
+    _QUERY_STUB = catalog_q_grpc.ProductQueryServiceStub
+
     def __init__(self, client: TesseraClient) -> None:
         super().__init__(client)
         self._cmd = catalog_cmd_grpc.CatalogCommandServiceStub(client.write_channel)
-        self._q = catalog_q_grpc.ProductQueryServiceStub(client.read_channel)
 
     async def add_product(
         self,
@@ -388,11 +400,12 @@ class CatalogAPI(_Calls):
 class OrdersAPI(_Calls):
     """tessera.orders.v1: OrderCommandService and OrderSagaAdminService (write), OrderQueryService (read)."""
 
+    _QUERY_STUB = orders_q_grpc.OrderQueryServiceStub
+
     def __init__(self, client: TesseraClient) -> None:
         super().__init__(client)
         self._cmd = orders_cmd_grpc.OrderCommandServiceStub(client.write_channel)
         self._sagas = sagas_grpc.OrderSagaAdminServiceStub(client.write_channel)
-        self._q = orders_q_grpc.OrderQueryServiceStub(client.read_channel)
 
     async def place_order(
         self,
@@ -578,7 +591,7 @@ class TesseraClient:
     def __init__(
         self,
         write: str,
-        read: str | Sequence[str],
+        read: str | Sequence[str] | None,
         *,
         token: str | TokenProvider | Callable[[], str] | None = None,
         options: ChannelOptions | None = None,
@@ -586,13 +599,14 @@ class TesseraClient:
         session: ConsistencySession | bool = True,
         on_stale: StalePolicy = "raise",
         correlation_id: str | None = None,
-        _channels: tuple[grpc.aio.Channel, grpc.aio.Channel] | None = None,
+        _channels: tuple[grpc.aio.Channel, grpc.aio.Channel | None] | None = None,
     ) -> None:
         self._options = options or ChannelOptions()
         self._owns_channels = _channels is None
         if _channels is None:
-            _channels = (write_channel(write, self._options), read_channel(read, self._options))
-        self.write_channel, self.read_channel = _channels
+            reads = read_channel(read, self._options) if read is not None else None
+            _channels = (write_channel(write, self._options), reads)
+        self.write_channel, self._read_channel = _channels
         self._write_target, self._read_target = write, read
         self._token = as_provider(token)
         self.timeout = timeout
@@ -616,8 +630,15 @@ class TesseraClient:
             timeout=self.timeout,
             session=ConsistencySession(on_stale=on_stale),
             correlation_id=correlation_id,
-            _channels=(self.write_channel, self.read_channel),
+            _channels=(self.write_channel, self._read_channel),
         )
+
+    @property
+    def read_channel(self) -> grpc.aio.Channel:
+        """The channel to the read replicas; a client made with `read=None` has none (commands only)."""
+        if self._read_channel is None:
+            raise ValueError("this client was made without read replicas (read=None): it sends commands only")
+        return self._read_channel
 
     def _count_resume(self) -> None:
         self.watch_resumes += 1
@@ -626,7 +647,8 @@ class TesseraClient:
         """Close the channels (a session made by new_session leaves them to its parent)."""
         if self._owns_channels:
             await self.write_channel.close()
-            await self.read_channel.close()
+            if self._read_channel is not None:
+                await self._read_channel.close()
 
     async def __aenter__(self) -> TesseraClient:
         return self

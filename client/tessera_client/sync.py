@@ -72,7 +72,7 @@ async def _next(stream: AsyncIterator[Any]) -> Any:
 class SyncTesseraClient:
     """The blocking client; takes the same arguments as TesseraClient. Close it (or use `with`)."""
 
-    def __init__(self, write: str, read: str | Sequence[str], **kwargs: Any) -> None:
+    def __init__(self, write: str, read: str | Sequence[str] | None, **kwargs: Any) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="tessera-client", daemon=True)
         self._thread.start()
