@@ -100,3 +100,25 @@ async def test_a_killed_replica_is_skipped(client: TesseraClient, stack: Stack, 
     finally:
         await asyncio.to_thread(victim.start)
         await victim.wait_healthy_async(60.0)
+
+
+def test_sync_watch_is_a_plain_iterator(stack: Stack, unique: str) -> None:
+    with SyncTesseraClient(stack.write_address, stack.read_addresses, timeout=15.0) as tessera:
+        reply = tessera.users.register_user(
+            email=f"sw{unique}@example.com", username=f"sw{unique}", password="correct horse battery", full_name="W1"
+        )
+        tessera.users.get_user(user_id=reply.user_id)
+        watch = tessera.users.watch_user(user_id=reply.user_id)
+        first = next(watch)
+        if not first.exists:  # this replica had not applied the registration yet
+            first = next(watch)
+        assert first.exists and first.version == 1
+        tessera.users.update_user_profile(user_id=reply.user_id, full_name="W2", bio="", avatar_url="")
+        assert next(watch).user.full_name == "W2"
+        watch.close()
+
+
+async def test_a_commands_only_client_refuses_queries(stack: Stack) -> None:
+    async with TesseraClient(stack.write_address, None) as writer:
+        with pytest.raises(ValueError, match="without read replicas"):
+            await writer.users.get_user(user_id="00000000-0000-4000-8000-000000000000")
