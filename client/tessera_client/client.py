@@ -280,7 +280,7 @@ class UsersAPI(_Calls):
         """The user's view now, then every newer version; resumes on another replica (see watch.py)."""
         req = _request(users_q.WatchUserRequest, request, fields)
         return resuming_watch(
-            lambda metadata: self._q.WatchUser(req, metadata=metadata, wait_for_ready=True),
+            lambda metadata: self._q.WatchUser(req, metadata=metadata),
             self._metadata,
             version_of=lambda m: int(m.version),
             reconnect_within_s=reconnect_within_s,
@@ -525,7 +525,7 @@ class OrdersAPI(_Calls):
         """The order's view now, then every newer version; resumes on another replica (see watch.py)."""
         req = _request(orders_q.WatchOrderRequest, request, fields)
         return resuming_watch(
-            lambda metadata: self._q.WatchOrder(req, metadata=metadata, wait_for_ready=True),
+            lambda metadata: self._q.WatchOrder(req, metadata=metadata),
             self._metadata,
             version_of=lambda m: int(m.version),
             reconnect_within_s=reconnect_within_s,
@@ -542,7 +542,7 @@ class OrdersAPI(_Calls):
         """The customer's orders now, then each order that changes; resumes per order version (see watch.py)."""
         req = _request(orders_q.WatchOrdersByCustomerRequest, request, fields)
         return resuming_watch(
-            lambda metadata: self._q.WatchOrdersByCustomer(req, metadata=metadata, wait_for_ready=True),
+            lambda metadata: self._q.WatchOrdersByCustomer(req, metadata=metadata),
             self._metadata,
             version_of=None,
             reconnect_within_s=reconnect_within_s,

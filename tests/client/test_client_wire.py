@@ -182,3 +182,17 @@ def test_read_targets_and_service_config() -> None:
     assert config["healthCheckConfig"] == {"serviceName": ""}
     policy = config["methodConfig"][0]["retryPolicy"]
     assert set(policy["retryableStatusCodes"]) == {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+
+
+async def test_a_watch_without_any_replica_gives_up_after_its_budget() -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    async with TesseraClient(address, [address]) as client:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(Unavailable):
+            async for _ in client.users.watch_user(user_id="u", reconnect_within_s=1.0):
+                pass
+        assert asyncio.get_running_loop().time() - started < 10
