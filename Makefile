@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv lock lock-check gen up migrate test lint breaking ci lag lag-orders lag-cpu bench bench-smoke bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos compose-smoke client-check clean distclean
+.PHONY: help venv lock lock-check gen up migrate test lint breaking ci lag lag-orders lag-cpu bench bench-smoke bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos compose-smoke clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,6 +53,7 @@ migrate: gen ## apply migrations to DATABASE_URL, or to the embedded Postgres in
 test: gen ## run the whole test suite; PYTEST_ARGS='-k relay' passes options
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+.PHONY: client-check
 client-check: gen ## build the client wheel, install it in a fresh venv and call a real stack from there
 	$(PY) -m pytest tests/client/test_wheel.py $(PYTEST_ARGS)
 
