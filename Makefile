@@ -32,6 +32,7 @@ $(STAMP): requirements-dev.lock pyproject.toml
 	@test -x $(PY) || { echo "creating $(VENV) with $$(command -v $(PYTHON))"; $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements-dev.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --config-settings editable_mode=compat -e client
 	@touch $@
 
 lock: venv ## re-resolve pyproject.toml into requirements*.lock (hashed); UPGRADE=1 moves every pin to the newest allowed
@@ -51,6 +52,10 @@ migrate: gen ## apply migrations to DATABASE_URL, or to the embedded Postgres in
 
 test: gen ## run the whole test suite; PYTEST_ARGS='-k relay' passes options
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: client-check
+client-check: gen ## build the client wheel, install it in a fresh venv and call a real stack from there
+	$(PY) -m pytest tests/client/test_wheel.py $(PYTEST_ARGS)
 
 lint: gen ## ruff, mypy, buf lint and format, and the generated-code check
 	$(BIN)/ruff check .
