@@ -1,7 +1,11 @@
-"""gRPC health probe: `python -m devstack.healthcheck ADDRESS` exits 0 iff the server is SERVING.
+"""Health probe of every process: `python -m shared_kernel.healthcheck ADDRESS` exits 0 iff the server is SERVING.
 
 `--reach-env NAME` instead checks that the host:port in the URL held by environment variable NAME
-accepts TCP connections (for processes without a gRPC port, such as the relay).
+accepts TCP connections (for processes without a gRPC port, such as the relay); a URL naming
+several hosts (`postgresql://u@pg-a,pg-b/db`) is reachable when one of them is.
+
+It is what the container and Kubernetes health checks run, so it belongs to the product and
+imports nothing but the gRPC health stubs and the TLS helper.
 
 For a server with TLS, `--tls-ca` names the CA that signed its certificate (and, with mutual
 TLS, `--tls-cert`/`--tls-key` the probe's own); `--tls-server-name` is the name the
@@ -23,7 +27,6 @@ from urllib.parse import urlsplit
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devstack.processes import Deadline
 from shared_kernel.security.tls import channel_credentials
 
 OVERALL = ""  # grpc.health.v1 name of the server as a whole
@@ -70,46 +73,65 @@ def wait_serving(
     give_up: Callable[[], str | None] | None = None,
 ) -> None:
     """Poll until `address` is SERVING; raise TimeoutError, or RuntimeError when `give_up` returns a reason."""
-    deadline = Deadline(timeout)
+    end = time.monotonic() + timeout
     while True:
         reason = give_up() if give_up is not None else None
         if reason is not None:
             raise RuntimeError(reason)
-        if check_serving(address, service, timeout=min(1.0, max(deadline.remaining(), 0.1))):
+        if check_serving(address, service, timeout=min(1.0, max(end - time.monotonic(), 0.1))):
             return
-        if deadline.expired():
+        if time.monotonic() >= end:
             raise TimeoutError(f"{address} did not report SERVING within {timeout:g}s")
-        time.sleep(min(0.1, deadline.remaining()))
+        time.sleep(max(min(0.1, end - time.monotonic()), 0.0))
 
 
 async def wait_serving_async(address: str, within: float, *, service: str = OVERALL) -> None:
     """Asyncio form of `wait_serving` (without `give_up`): poll for at most `within` seconds."""
-    deadline = Deadline(within)
+    end = time.monotonic() + within
     while True:
-        if await check_serving_async(address, service, rpc_timeout=min(1.0, max(deadline.remaining(), 0.1))):
+        if await check_serving_async(address, service, rpc_timeout=min(1.0, max(end - time.monotonic(), 0.1))):
             return
-        if deadline.expired():
+        if time.monotonic() >= end:
             raise TimeoutError(f"{address} did not report SERVING within {within:g}s")
-        await asyncio.sleep(min(0.1, deadline.remaining()))
+        await asyncio.sleep(max(min(0.1, end - time.monotonic()), 0.0))
+
+
+_DEFAULT_PORTS = {"postgresql": 5432, "postgres": 5432, "redis": 6379, "rediss": 6379}
+
+
+def url_hosts(url: str) -> list[tuple[str, int]]:
+    """The (host, port) pairs a URL names: one, or several for a multi-host Postgres URL."""
+    parts = urlsplit(url)
+    default = _DEFAULT_PORTS.get(parts.scheme)
+    hosts = []
+    for item in parts.netloc.rpartition("@")[2].split(","):
+        if not item:
+            continue
+        if item.startswith("["):  # [ipv6]:port
+            host, _, rest = item[1:].partition("]")
+            port_text = rest.removeprefix(":")
+        else:
+            host, _, port_text = item.partition(":")
+        port = int(port_text) if port_text.isdigit() else default
+        if host and port is not None:
+            hosts.append((host, port))
+    return hosts
 
 
 def check_reachable(url: str, timeout: float = 1.0) -> bool:
-    """Whether the host:port of `url` accepts a TCP connection within `timeout`."""
-    parts = urlsplit(url)
-    default_ports = {"postgresql": 5432, "postgres": 5432, "redis": 6379, "rediss": 6379}
-    port = parts.port or default_ports.get(parts.scheme)
-    if not parts.hostname or port is None:
-        return False
-    try:
-        with socket.create_connection((parts.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """Whether one of the hosts `url` names accepts a TCP connection within `timeout`."""
+    for host, port in url_hosts(url):
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the probe; exit 0 when healthy, 1 when not, 2 on bad usage."""
-    parser = argparse.ArgumentParser(prog="python -m devstack.healthcheck", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m shared_kernel.healthcheck", description=__doc__)
     parser.add_argument("address", nargs="?", help="host:port of a gRPC server")
     parser.add_argument("--service", default=OVERALL, help="grpc.health.v1 service name (default: overall)")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer")
@@ -137,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.reach_env:
         url = os.environ.get(name, "")
         if not check_reachable(url, args.timeout):
-            where = f"{urlsplit(url).hostname}:{urlsplit(url).port}" if url else "(unset)"
+            where = ",".join(f"{host}:{port}" for host, port in url_hosts(url)) if url else "(unset)"
             print(f"{name}: cannot reach {where}", file=sys.stderr)
             return 1
     return 0
