@@ -18,7 +18,7 @@ from typing import Generic, Self, TypeVar
 from shared_kernel import errors
 from shared_kernel.event_log import NewEvent
 from shared_kernel.identity import email_key
-from write_service.domain import catalog, model, orders
+from write_service.domain import catalog, orders, users
 from write_service.domain.aggregate import Aggregate
 from write_service.service_layer.deadline import Deadline
 from write_service.service_layer.ports import (
@@ -75,7 +75,7 @@ class SagaRecord:
 class InMemoryDatabase:
     """The committed state every in-memory unit of work shares."""
 
-    users: dict[uuid.UUID, model.User] = field(default_factory=dict)
+    users: dict[uuid.UUID, users.User] = field(default_factory=dict)
     products: dict[uuid.UUID, catalog.Product] = field(default_factory=dict)
     orders: dict[uuid.UUID, orders.Order] = field(default_factory=dict)
     # By order id.
@@ -192,7 +192,7 @@ class _Staged(Generic[A]):
         self.staged[aggregate.id] = stored
 
 
-class InMemoryUserRepository(_Staged[model.User], UserRepository):
+class InMemoryUserRepository(_Staged[users.User], UserRepository):
     """Users in an InMemoryDatabase; changes are staged until the unit of work commits."""
 
     def __init__(self, db: InMemoryDatabase) -> None:
@@ -215,21 +215,21 @@ class InMemoryUserRepository(_Staged[model.User], UserRepository):
             return None
         return orders.Customer(id=user.id, full_name=user.full_name, email=user.email, active=user.active)
 
-    async def add(self, user: model.User) -> None:
+    async def add(self, user: users.User) -> None:
         """Stage a new user; a taken email or username raises AlreadyExists."""
         self.check_unique(user, self._visible())
         self._stage(user)
 
     @staticmethod
-    def check_unique(user: model.User, others: dict[uuid.UUID, model.User]) -> None:
+    def check_unique(user: users.User, others: dict[uuid.UUID, users.User]) -> None:
         """Raise AlreadyExists when another user holds `user`'s email or username."""
         for other in others.values():
             if other.id == user.id:
                 continue
             if _same_email(other.email, user.email):
-                raise model.email_taken()
+                raise users.email_taken()
             if _same(other.username, user.username):
-                raise model.username_taken()
+                raise users.username_taken()
 
 
 class InMemoryProductRepository(_Staged[catalog.Product], ProductRepository):
@@ -383,10 +383,10 @@ class InMemoryUnitOfWork(UnitOfWork):
         for product in staged_products.values():
             others_p = {k: v for k, v in self._db.products.items() if k not in staged_products}
             InMemoryProductRepository.check_unique(product, {**others_p, **staged_products})
-        users, products = {**self._db.users, **staged}, {**self._db.products, **staged_products}
+        known_users, products = {**self._db.users, **staged}, {**self._db.products, **staged_products}
         for order in self._orders.staged.values():
             # The foreign keys of orders and order_lines.
-            if order.customer_id not in users or any(line.product_id not in products for line in order.lines):
+            if order.customer_id not in known_users or any(line.product_id not in products for line in order.lines):
                 raise ValueError("an order must name an existing customer and existing products")
         known = {(r.event.aggregate_type, r.event.aggregate_id, r.event.aggregate_version) for r in self._db.outbox}
         for record in self._events:

@@ -22,8 +22,8 @@ from typing import Any, Protocol, TypeVar, cast
 from shared_kernel.auth import ANONYMOUS
 from shared_kernel.errors import Conflict, FailedPrecondition, NotFound
 from shared_kernel.event_log import NewEvent
+from write_service.commands.base import ChangeCommand, Command
 from write_service.domain.aggregate import Aggregate
-from write_service.domain.commands import ChangeCommand, Command
 from write_service.service_layer.aggregate_turns import AggregateTurns
 from write_service.service_layer.deadline import Deadline
 from write_service.service_layer.idempotency import key_reused

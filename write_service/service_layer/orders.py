@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from shared_kernel.errors import FailedPrecondition
+from write_service.commands.base import Command
+from write_service.commands.orders import AddOrderItem, CancelOrder, PlaceOrder, ShipOrder
 from write_service.domain import orders
 from write_service.domain.catalog import Product
-from write_service.domain.commands import Command
-from write_service.domain.order_commands import AddOrderItem, CancelOrder, PlaceOrder, ShipOrder
 from write_service.service_layer.command_steps import (
     AggregateStore,
     CommandMeta,

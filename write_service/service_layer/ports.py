@@ -16,8 +16,8 @@ from pydantic import SecretStr
 
 from shared_kernel.event_log import NewEvent
 from write_service.domain.catalog import Product
-from write_service.domain.model import User
 from write_service.domain.orders import Customer, Order
+from write_service.domain.users import User
 from write_service.service_layer.deadline import Deadline
 
 # "replayed": a retry answered with the stored reply of an earlier command (idempotency key).

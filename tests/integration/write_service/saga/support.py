@@ -35,7 +35,7 @@ from write_service.saga.worker import SagaWorker
 
 CALL_TIMEOUT_S = 5.0
 
-# The statement CancelOrder runs on the saga (write_service.adapters.postgres_orders), with the
+# The statement CancelOrder runs on the saga (write_service.adapters.orders), with the
 # order's own change, in one transaction.
 CANCEL_ORDER_SQL = """
 UPDATE orders SET status = 'cancelled', reason = $2, cancelled_by = 'tester', version = version + 1,
