@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Generic, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from shared_kernel import errors
 from shared_kernel.event_log import NewEvent
@@ -69,6 +69,7 @@ class SagaRecord:
     updated_at: datetime
     # (step, kind, outcome, detail, attempt)
     steps: list[tuple[str, str, str, str, int]] = field(default_factory=list)
+    context: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -242,6 +243,11 @@ class InMemoryProductRepository(_Staged[catalog.Product], ProductRepository):
         """Whether a product already has `sku`, case-insensitively."""
         return any(_same(product.sku, sku) for product in self._visible().values())
 
+    async def by_ids(self, product_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, catalog.Product]:
+        """Private copies of the products with these ids."""
+        visible = self._visible()
+        return {pid: copy.deepcopy(visible[pid]) for pid in sorted(set(product_ids)) if pid in visible}
+
     async def by_skus(self, skus: Sequence[str]) -> dict[str, catalog.Product]:
         """Copies of the products with these skus, keyed by lower-case sku."""
         wanted = {sku.lower() for sku in skus}
@@ -310,6 +316,42 @@ class InMemorySagaHandoff(SagaHandoff):
         saga.version += 1
         saga.steps.append(("cancel_requested", "compensate", "succeeded", reason, 1))
         self.staged[order_id] = saga
+
+    async def advance(
+        self,
+        saga_id: uuid.UUID,
+        version: int,
+        *,
+        status: str,
+        step: str,
+        context: Mapping[str, Any],
+        attempts: int,
+        last_error: str,
+        delay_s: float | None,
+        lease_s: float | None,
+    ) -> None:
+        """Stage the execution row moved on; Conflict when it is no longer at `version`."""
+        saga = self._by_id(saga_id)
+        if saga.version != version:
+            raise errors.Conflict(f"saga {saga_id} changed concurrently")
+        saga.status, saga.current_step, saga.context = status, step, dict(context)
+        saga.attempts, saga.last_error = attempts, last_error
+        saga.version += 1
+        self.staged[saga.order_id] = saga
+
+    async def log_step(
+        self, saga_id: uuid.UUID, *, step: str, kind: str, outcome: str, detail: str, attempt: int
+    ) -> None:
+        """Stage one step-log row."""
+        saga = self._by_id(saga_id)
+        saga.steps.append((step, kind, outcome, detail, attempt))
+        self.staged[saga.order_id] = saga
+
+    def _by_id(self, saga_id: uuid.UUID) -> SagaRecord:
+        for current in [*self.staged.values(), *self._db.sagas.values()]:
+            if current.id == saga_id:
+                return current if current.order_id in self.staged else copy.deepcopy(current)
+        raise RuntimeError(f"no saga {saga_id}")
 
 
 class InMemoryUnitOfWork(UnitOfWork):

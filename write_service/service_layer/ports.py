@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import SecretStr
 
@@ -120,6 +120,10 @@ class ProductRepository(abc.ABC):
         """The product as stored, or None when unknown; `save` is guarded by the version read."""
 
     @abc.abstractmethod
+    async def by_ids(self, product_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Product]:
+        """The products with these ids (unknown ids are left out); each save is guarded by the version read."""
+
+    @abc.abstractmethod
     async def by_skus(self, skus: Sequence[str]) -> dict[str, Product]:
         """The products with these skus, keyed by lower-case sku.
 
@@ -161,7 +165,11 @@ class OrderRepository(abc.ABC):
 
 
 class SagaHandoff(abc.ABC):
-    """Hands work to the order saga in the command's transaction; the saga worker does the rest."""
+    """The order sagas' execution rows and step log, written in the unit of work's transaction.
+
+    A command starts a saga or asks it to compensate; the saga worker moves it on after
+    each step, in the same transaction as the step's state and events.
+    """
 
     @abc.abstractmethod
     async def start(self, saga_id: uuid.UUID, order_id: uuid.UUID, now: datetime) -> None:
@@ -170,6 +178,32 @@ class SagaHandoff(abc.ABC):
     @abc.abstractmethod
     async def request_compensation(self, order_id: uuid.UUID, reason: str, now: datetime) -> None:
         """Turn the order's saga, whatever its state, to compensating (release stock, void or refund), due now."""
+
+    @abc.abstractmethod
+    async def advance(
+        self,
+        saga_id: uuid.UUID,
+        version: int,
+        *,
+        status: str,
+        step: str,
+        context: Mapping[str, Any],
+        attempts: int,
+        last_error: str,
+        delay_s: float | None,
+        lease_s: float | None,
+    ) -> None:
+        """Move the execution row on, guarded by the `version` the worker holds (Conflict at commit otherwise).
+
+        `delay_s` makes it due again that much later (None: not due); `lease_s` keeps the
+        worker's lease that long (None hands it back).
+        """
+
+    @abc.abstractmethod
+    async def log_step(
+        self, saga_id: uuid.UUID, *, step: str, kind: str, outcome: str, detail: str, attempt: int
+    ) -> None:
+        """Add one step-log row."""
 
 
 class IdempotencyStore(abc.ABC):

@@ -35,6 +35,12 @@ from write_service.saga.worker import SagaWorker
 
 CALL_TIMEOUT_S = 5.0
 
+# The address PlaceOrder stores (write_service.adapters.orders), as JSON.
+SHIPPING_ADDRESS = (
+    '{"city": "Berlin", "country_code": "DE", "line1": "1 Test Street", "line2": "", '
+    '"postal_code": "10115", "recipient": "Test Customer"}'
+)
+
 # The statement CancelOrder runs on the saga (write_service.adapters.orders), with the
 # order's own change, in one transaction.
 CANCEL_ORDER_SQL = """
@@ -100,11 +106,12 @@ async def place_order(
             )
         await conn.execute(
             "INSERT INTO orders (id, customer_id, status, currency_code, total_minor, shipping_address, version,"
-            " placed_at, updated_at) VALUES ($1, $2, 'pending', 'EUR', $3, '{}'::jsonb, 1, $4, $4)",
+            " placed_at, updated_at) VALUES ($1, $2, 'pending', 'EUR', $3, $5::jsonb, 1, $4, $4)",
             order_id,
             customer_id,
             total,
             now,
+            SHIPPING_ADDRESS,
         )
         await conn.executemany(
             "INSERT INTO order_lines (order_id, line_no, product_id, sku, product_name, unit_price_minor, quantity)"
