@@ -216,13 +216,24 @@ def make_runner(
     settings: Settings,
     worker_id: str = "test-worker",
     wrap: Wrap | None = None,
+    secondary: grpc.aio.Channel | None = None,
 ) -> SagaRunner:
-    """A runner over the real provider behind a breaker (`wrap` may put a test hook around the provider)."""
+    """A runner over the real provider behind a breaker (`wrap` may put a test hook around the provider).
+
+    With `secondary`, a second real provider (behind a breaker of its own) authorizes while
+    the first one's breaker is open.
+    """
     real: PaymentProvider = GrpcPaymentProvider(channel, settings.timeout_s)
     provider = GuardedProvider(
         wrap(real) if wrap is not None else real,
         CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s),
     )
+    fallback = None
+    if secondary is not None:
+        fallback = GuardedProvider(
+            GrpcPaymentProvider(secondary, settings.timeout_s),
+            CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s),
+        )
     return SagaRunner(
         pool,
         provider,
@@ -231,6 +242,7 @@ def make_runner(
         max_attempts=settings.max_attempts,
         backoff_base_ms=settings.backoff_base_ms,
         backoff_cap_ms=settings.backoff_cap_ms,
+        secondary=fallback,
     )
 
 
@@ -242,10 +254,11 @@ async def running_worker(
     settings: Settings | None = None,
     worker_id: str = "test-worker",
     wrap: Wrap | None = None,
+    secondary: grpc.aio.Channel | None = None,
 ) -> AsyncIterator[SagaWorker]:
     """A SagaWorker running in this loop until the block ends."""
     settings = settings or Settings()
-    runner = make_runner(pool, channel, settings, worker_id, wrap)
+    runner = make_runner(pool, channel, settings, worker_id, wrap, secondary)
 
     async def connect() -> asyncpg.Connection[Any]:
         conn: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
