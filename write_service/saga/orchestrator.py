@@ -189,6 +189,9 @@ class SagaRunner:
         self._cap_ms = backoff_cap_ms
         self._rng = rng or random.Random()  # noqa: S311 - jitter
         self._origins: dict[uuid.UUID, tuple[str, str, str]] = {}
+        # The order as the last step of a saga in hand committed it: the next step starts from it
+        # without reading it again (its save is guarded by the version and status committed).
+        self._held: dict[uuid.UUID, Order] = {}
         # Set on shutdown: the saga in hand stops after its current step (its lease is handed back).
         self.stopping = False
 
@@ -197,14 +200,18 @@ class SagaRunner:
     async def drive(self, saga: SagaRow) -> None:
         """Run steps of a claimed saga until it completes, fails, waits for a retry or leaves this worker."""
         current: SagaRow | None = saga
-        while current is not None and not self.stopping:
-            if current.status not in model.ACTIVE_STATUSES or current.locked_by != self.worker_id:
-                return
-            saga_id = current.id
-            try:
-                current = await self.run_step(current)
-            except Replan as replan:
-                current = replan.saga if replan.saga is not None else await self._reload(saga_id)
+        try:
+            while current is not None and not self.stopping:
+                if current.status not in model.ACTIVE_STATUSES or current.locked_by != self.worker_id:
+                    return
+                try:
+                    current = await self.run_step(current)
+                except Replan as replan:
+                    self._held.pop(saga.id, None)
+                    current = replan.saga if replan.saga is not None else await self._reload(saga.id)
+        finally:
+            # The lease goes back with the saga: another worker may move the order on meanwhile.
+            self._held.pop(saga.id, None)
 
     async def run_step(self, saga: SagaRow) -> SagaRow | None:
         """Run the saga's next step; the row after it when this worker should go on, else None."""
@@ -243,10 +250,10 @@ class SagaRunner:
             detail = f"reserved {sum(order.reservations.values())} units of {len(order.reservations)} products"
             return StepOutcome(model.RUNNING, model.AUTHORIZE_PAYMENT, [StepLog(step, "succeeded", detail)])
 
-        return await self._run(saga, step, correlation_id, decide)
+        return await self._run(saga, step, correlation_id, decide, contended=True)
 
     async def _authorize_payment(self, saga: SagaRow, step: str, correlation_id: str) -> SagaRow | None:
-        order = await self._read_order(saga.order_id)
+        order = await self._current_order(saga)
         if order is None or order.status != "reserved":
             return await self._out_of_step(saga, step, correlation_id)
         key = model.idempotency_key(saga.id, "authorize")
@@ -294,7 +301,7 @@ class SagaRunner:
         return await self._run(saga, step, correlation_id, decide, facts=facts)
 
     async def _capture_and_confirm(self, saga: SagaRow, step: str, correlation_id: str) -> SagaRow | None:
-        order = await self._read_order(saga.order_id)
+        order = await self._current_order(saga)
         if order is None or order.status != "reserved":
             return await self._out_of_step(saga, step, correlation_id)
         provider = self._provider_of(saga.context)
@@ -349,7 +356,7 @@ class SagaRunner:
             log = [StepLog(step, "succeeded", _released(units, products))]
             return StepOutcome(model.COMPENSATING, model.SETTLE_PAYMENT, log)
 
-        return await self._run(saga, step, correlation_id, decide)
+        return await self._run(saga, step, correlation_id, decide, contended=True)
 
     async def _settle_payment(self, saga: SagaRow, step: str, correlation_id: str) -> SagaRow | None:
         named = saga.context.get("provider")
@@ -467,18 +474,28 @@ class SagaRunner:
     # -- the step's unit of work
 
     async def _run(
-        self, saga: SagaRow, step: str, correlation_id: str, decide: Decide, facts: dict[str, Any] | None = None
+        self,
+        saga: SagaRow,
+        step: str,
+        correlation_id: str,
+        decide: Decide,
+        facts: dict[str, Any] | None = None,
+        *,
+        contended: bool = False,
     ) -> SagaRow | None:
         """Load the order, `decide`, and commit state, events, execution row and step log in one write.
 
         On a lost guard: when the execution row moved, note `facts` (what the remote call did)
         in its context and raise Replan; when only the order or a product moved, decide again.
+        A `contended` step (one that changes products many orders share) locks what it reads
+        from the start: on a popular product, an optimistic write would mostly lose and repeat.
         """
         last: Exception = Conflict(f"saga {saga.id}: the order or its products kept changing")
         for attempt in range(_STEP_CONFLICT_TRIES):
             try:
-                return await self._commit_step(saga, step, correlation_id, decide, lock_reads=attempt > 0)
+                return await self._commit_step(saga, step, correlation_id, decide, lock_reads=contended or attempt > 0)
             except Conflict as exc:
+                self._held.pop(saga.id, None)
                 current = await self._read_saga(saga.id)
                 if current is None:
                     raise model.UnknownStep(f"saga {saga.id} is gone") from exc
@@ -495,7 +512,12 @@ class SagaRunner:
             # A retry after a lost guard locks what it reads, so it cannot lose again to a hot product.
             uow.lock_reads()
         async with uow:
-            order = await uow.orders.get(saga.order_id)
+            held = None if lock_reads else self._held.pop(saga.id, None)
+            if held is not None:
+                order: Order | None = held
+                uow.orders.adopt(held)
+            else:
+                order = await uow.orders.get(saga.order_id)
             if order is None:
                 raise model.UnknownStep(f"the order {saga.order_id} of saga {saga.id} is gone")
             before = (order.status, order.version, dict(order.reservations))
@@ -535,6 +557,10 @@ class SagaRunner:
             await uow.commit()
         if not keep:
             return None
+        order.pending_events.clear()
+        for product in work.products.values():
+            product.pending_events.clear()
+        self._held[saga.id] = order
         return SagaRow(
             id=saga.id,
             order_id=saga.order_id,
@@ -556,6 +582,13 @@ class SagaRunner:
             current = saga_from_row(noted) if noted is not None else current
         logger.info("saga changed during %s; planning again", step, extra={"saga_id": str(saga.id), "step": step})
         raise Replan(current if current.locked_by == self.worker_id else None)
+
+    async def _current_order(self, saga: SagaRow) -> Order | None:
+        """The order as this worker's last step of the saga committed it, or else as stored now."""
+        held = self._held.get(saga.id)
+        if held is not None:
+            return held
+        return await self._read_order(saga.order_id)
 
     async def _read_order(self, order_id: uuid.UUID) -> Order | None:
         """The order as stored now (one read, nothing written)."""
