@@ -275,6 +275,15 @@ class InMemoryOrderRepository(_Staged[orders.Order], OrderRepository):
     def __init__(self, db: InMemoryDatabase) -> None:
         super().__init__(db.orders)
 
+    async def awaiting_payment_of(self, customer_id: uuid.UUID) -> list[orders.Order]:
+        """Private copies of the customer's pending and reserved orders, by id."""
+        found = [
+            copy.deepcopy(order)
+            for order in self._visible().values()
+            if order.customer_id == customer_id and order.status in orders.AWAITING_PAYMENT
+        ]
+        return sorted(found, key=lambda order: order.id)
+
     async def add(self, order: orders.Order) -> None:
         """Stage a new order (its foreign keys are checked at commit)."""
         self._stage(order)

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+
 from write_service.adapters.pg_calls import Calls, Step
 from write_service.domain import orders
 from write_service.service_layer.ports import OrderRepository, SagaHandoff
@@ -30,6 +32,9 @@ SELECT {ORDER_COLUMNS},
 FROM orders AS o WHERE o.id = $1
 """  # noqa: S608 - constant columns
 _SELECT_LOCKED = _SELECT.rstrip() + " FOR UPDATE OF o"  # a retry after a lost guard (`Calls.lock_reads`)
+# The same columns for a customer's orders in some statuses (orders_customer_idx answers it).
+_SELECT_OF_CUSTOMER = _SELECT.replace("WHERE o.id = $1", "WHERE o.customer_id = $1 AND o.status = ANY($2::text[])")
+_SELECT_OF_CUSTOMER_LOCKED = _SELECT_OF_CUSTOMER.rstrip() + " ORDER BY o.id FOR UPDATE OF o"
 
 _INSERT = f"""
 INSERT INTO orders ({ORDER_COLUMNS})
@@ -132,8 +137,16 @@ class PostgresOrderRepository(OrderRepository):
     async def get(self, order_id: uuid.UUID) -> orders.Order | None:
         """The order with its lines as stored now; its save is guarded by the version read here."""
         row = await self._calls.fetchrow(_SELECT_LOCKED if self._calls.lock_reads else _SELECT, order_id)
-        if row is None:
-            return None
+        return self._order(row) if row is not None else None
+
+    async def awaiting_payment_of(self, customer_id: uuid.UUID) -> list[orders.Order]:
+        """The customer's pending and reserved orders, in one read; each save is guarded by the version read."""
+        query = _SELECT_OF_CUSTOMER_LOCKED if self._calls.lock_reads else _SELECT_OF_CUSTOMER
+        rows = await self._calls.fetch(query, customer_id, list(orders.AWAITING_PAYMENT))
+        return sorted((self._order(row) for row in rows), key=lambda order: order.id)
+
+    def _order(self, row: asyncpg.Record) -> orders.Order:
+        order_id: uuid.UUID = row["id"]
         self._calls.loaded.add(("order", order_id))
         self._status_read[order_id] = row["status"]
         lines: list[dict[str, Any]] = json.loads(row["lines"])

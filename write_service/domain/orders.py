@@ -49,6 +49,8 @@ STATUS_TO_PROTO: dict[str, order_pb2.OrderStatus.ValueType] = {
 }
 
 _CANCELLABLE = frozenset({"pending", "reserved", "confirmed"})
+# Placed, but its payment not captured yet.
+AWAITING_PAYMENT: tuple[OrderStatus, ...] = ("pending", "reserved")
 
 # Who cancels an order the saga gives up on (a declined payment, a failed capture, a policy).
 SYSTEM = "system"

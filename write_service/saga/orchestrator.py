@@ -48,6 +48,7 @@ from write_service.saga.provider import (
     TransientProviderError,
 )
 from write_service.service_layer.deadline import Deadline
+from write_service.service_layer.event_bus import handle_domain_events, integration_events
 from write_service.service_layer.ports import UnitOfWork, UnitOfWorkFactory
 
 logger = logging.getLogger(__name__)
@@ -523,7 +524,7 @@ class SagaRunner:
             before = (order.status, order.version, dict(order.reservations))
             work = StepWork(uow=uow, order=order, now=datetime.now(UTC))
             outcome = await decide(work)
-            events = work.events()
+            events = integration_events(await handle_domain_events(uow, work.events(), work.now))
             if (order.status, order.version, order.reservations) != before:
                 await uow.orders.save(order)
             for product in work.products.values():

@@ -152,6 +152,10 @@ class OrderRepository(abc.ABC):
         """The order with its lines as stored, or None when unknown; `save` is guarded by the version read."""
 
     @abc.abstractmethod
+    async def awaiting_payment_of(self, customer_id: uuid.UUID) -> list[Order]:
+        """The customer's orders not yet paid for (pending or reserved); each save is guarded by the version read."""
+
+    @abc.abstractmethod
     async def add(self, order: Order) -> None:
         """Store a new order and its lines."""
 

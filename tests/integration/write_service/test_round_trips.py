@@ -27,9 +27,10 @@ from write_service.service_layer.messagebus import CommandBus
 
 # The most a command may cost: one read, one write that commits; a key adds one. The two
 # order commands read two aggregates (the order or customer, and the catalog): one more.
+# So does DeactivateUser: its policy reads the customer's orders awaiting payment.
 PLAIN_COMMAND_MAX = 2
 KEYED_COMMAND_MAX = 3
-TWO_READS = {"PlaceOrder", "AddOrderItem"}
+TWO_READS = {"PlaceOrder", "AddOrderItem", "DeactivateUser"}
 
 
 class Recorder:
