@@ -17,10 +17,10 @@ from tessera.users.v1 import events_pb2
 from tests.integration.write_service.support import wait_until_blocked
 from tests.integration.write_service.tables import everything_as_text, rows
 from tests.unit.write_service import helpers
-from write_service.adapters.postgres import PostgresUnitOfWork
-from write_service.domain import model
+from write_service.adapters.unit_of_work import PostgresUnitOfWork
+from write_service.domain import users
+from write_service.service_layer.command_steps import Dependencies
 from write_service.service_layer.deadline import Deadline
-from write_service.service_layer.handlers import Dependencies
 from write_service.service_layer.messagebus import CommandBus
 from write_service.service_layer.ports import CommandLogEntry
 
@@ -99,7 +99,7 @@ async def test_without_a_caller_span_the_transaction_span_starts_the_trace(pg_bu
 
 async def test_a_failure_after_the_outbox_insert_writes_nothing(db_pool):
     now = datetime.now(UTC)
-    user = model.User.register(
+    user = users.User.register(
         user_id=uuid.uuid4(), email="x@example.com", username="xyz", password_hash="h", full_name="X", now=now
     )
     with pytest.raises(RuntimeError, match="boom"):
@@ -150,7 +150,7 @@ async def test_a_unique_index_violation_is_already_exists(db_pool, field, email,
         "VALUES ($1, 'taken@example.com', 'taken@example.com', 'taken', 'h', 'T', 1, now(), now())",
         uuid.uuid4(),
     )
-    twin = model.User.register(
+    twin = users.User.register(
         user_id=uuid.uuid4(), email=email, username=username, password_hash="h", full_name="T", now=now
     )
     with pytest.raises(errors.AlreadyExists) as exc_info:

@@ -18,7 +18,7 @@ from read_service.upcasting import (
 )
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tessera.users.v1.events_pb2 import UserDeactivated, UserRegistered
-from write_service.domain.model import USER_REGISTERED_SCHEMA_VERSION
+from write_service.domain.users import USER_REGISTERED_SCHEMA_VERSION
 
 REGISTERED = UserRegistered.DESCRIPTOR.full_name
 

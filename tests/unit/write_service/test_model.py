@@ -9,13 +9,13 @@ import pytest
 
 from shared_kernel.errors import FailedPrecondition
 from tessera.users.v1 import events_pb2
-from write_service.domain import model
+from write_service.domain import users
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
 
-def new_user() -> model.User:
-    return model.User.register(
+def new_user() -> users.User:
+    return users.User.register(
         user_id=uuid.uuid4(),
         email="Ada@Example.com",
         username="Ada",
@@ -99,7 +99,7 @@ def test_each_event_bumps_the_version_by_one():
 
 
 def test_duplicate_errors_name_their_field():
-    assert model.email_taken().field == "email"
-    assert "email" in model.email_taken().message
-    assert model.username_taken().field == "username"
-    assert "username" in model.username_taken().message
+    assert users.email_taken().field == "email"
+    assert "email" in users.email_taken().message
+    assert users.username_taken().field == "username"
+    assert "username" in users.username_taken().message

@@ -32,6 +32,8 @@ _SKU_TAKEN = "SELECT EXISTS (SELECT 1 FROM products WHERE lower(sku) = lower($1)
 
 _SELECT = f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"  # noqa: S608 - constant
 _SELECT_LOCKED = _SELECT + " FOR UPDATE"  # a retry after a lost guard (`Calls.lock_reads`)
+_SELECT_MANY = f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ANY($1::uuid[]) ORDER BY id"  # noqa: S608 - constant
+_SELECT_MANY_LOCKED = _SELECT_MANY + " FOR UPDATE"
 
 _INSERT = f"""
 INSERT INTO products ({PRODUCT_COLUMNS})
@@ -130,6 +132,13 @@ class PostgresProductRepository(ProductRepository):
             return None
         self._calls.loaded.add(("product", product_id))
         return product_from_row(row)
+
+    async def by_ids(self, product_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, catalog.Product]:
+        """The products with these ids, in one read; each save is guarded by the version read here."""
+        query = _SELECT_MANY_LOCKED if self._calls.lock_reads else _SELECT_MANY
+        found = {row["id"]: product_from_row(row) for row in await self._calls.fetch(query, sorted(set(product_ids)))}
+        self._calls.loaded.update(("product", product_id) for product_id in found)
+        return found
 
     async def by_skus(self, skus: Sequence[str]) -> dict[str, catalog.Product]:
         """The products with these skus; the write fails (Conflict) if those still sold change before it commits."""

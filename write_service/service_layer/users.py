@@ -1,44 +1,21 @@
-"""Command handlers: plain functions of (command, unit of work, dependencies, metadata).
-
-The steps every handler shares (stored replies, the commit of state, events, command log
-and reply) live in `command_steps`; this module holds the users' handlers and the table of
-every handler the bus dispatches to.
-"""
+"""Handlers of the users' commands (aggregate "user")."""
 
 from __future__ import annotations
 
-from write_service.domain import model
-from write_service.domain.commands import Command, DeactivateUser, RegisterUser, UpdateUserProfile
-from write_service.service_layer.catalog_handlers import CATALOG_HANDLERS
+from write_service.commands.base import Command
+from write_service.commands.users import DeactivateUser, RegisterUser, UpdateUserProfile
+from write_service.domain import users
 from write_service.service_layer.command_steps import (
     AggregateStore,
     CommandMeta,
     CommandResult,
     Dependencies,
     Handler,
-    IdempotencyClaim,
-    ReplyEncoder,
     change_aggregate,
     commit,
     stored_reply,
-    utc_now,
 )
-from write_service.service_layer.order_handlers import ORDER_HANDLERS
 from write_service.service_layer.ports import UnitOfWork
-
-__all__ = [
-    "HANDLERS",
-    "CommandMeta",
-    "CommandResult",
-    "Dependencies",
-    "Handler",
-    "IdempotencyClaim",
-    "ReplyEncoder",
-    "deactivate_user",
-    "register_user",
-    "update_user_profile",
-    "utc_now",
-]
 
 
 async def register_user(command: RegisterUser, uow: UnitOfWork, deps: Dependencies, meta: CommandMeta) -> CommandResult:
@@ -50,10 +27,10 @@ async def register_user(command: RegisterUser, uow: UnitOfWork, deps: Dependenci
             return stored
         taken = await uow.users.taken_fields(command.email, command.username)
         if "email" in taken:
-            raise model.email_taken()
+            raise users.email_taken()
         if "username" in taken:
-            raise model.username_taken()
-        user = model.User.register(
+            raise users.username_taken()
+        user = users.User.register(
             user_id=deps.new_id(),
             email=command.email,
             username=command.username,
@@ -70,7 +47,7 @@ async def update_user_profile(
 ) -> CommandResult:
     """Replace the profile of an active user."""
 
-    async def change(user: model.User) -> None:
+    async def change(user: users.User) -> None:
         user.update_profile(
             full_name=command.full_name, bio=command.bio, avatar_url=command.avatar_url, now=deps.clock()
         )
@@ -83,20 +60,18 @@ async def deactivate_user(
 ) -> CommandResult:
     """Deactivate an active user."""
 
-    async def change(user: model.User) -> None:
+    async def change(user: users.User) -> None:
         user.deactivate(reason=command.reason, now=deps.clock())
 
     return await change_aggregate(command, uow, deps, meta, store=_users, change=change)
 
 
-def _users(uow: UnitOfWork) -> AggregateStore[model.User]:
+def _users(uow: UnitOfWork) -> AggregateStore[users.User]:
     return uow.users
 
 
-HANDLERS: dict[type[Command], Handler] = {
+USER_HANDLERS: dict[type[Command], Handler] = {
     RegisterUser: register_user,
     UpdateUserProfile: update_user_profile,
     DeactivateUser: deactivate_user,
-    **CATALOG_HANDLERS,
-    **ORDER_HANDLERS,
 }

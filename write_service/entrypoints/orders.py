@@ -5,9 +5,9 @@ from __future__ import annotations
 from tessera.orders.v1 import events_pb2
 from tessera.orders.v1 import order_command_service_pb2 as pb
 from tessera.orders.v1 import order_command_service_pb2_grpc as pb_grpc
-from write_service.domain.order_commands import AddOrderItem, CancelOrder, PlaceOrder, ShipOrder
-from write_service.entrypoints.grpc_server import CommandServicer, Context, expected_version
-from write_service.service_layer.handlers import CommandResult
+from write_service.commands.orders import AddOrderItem, CancelOrder, PlaceOrder, ShipOrder
+from write_service.entrypoints.command_servicer import CommandServicer, Context, expected_version
+from write_service.service_layer.command_steps import CommandResult
 
 ORDER_SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["OrderCommandService"].full_name
 

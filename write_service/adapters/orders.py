@@ -1,12 +1,15 @@
-"""Orders and the saga hand-off in Postgres: `orders`, `order_lines`, `saga_executions`, `saga_steps`."""
+"""Orders and their sagas in Postgres: orders, their lines and stock reservations, saga rows and step log."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
+
+import asyncpg
 
 from write_service.adapters.pg_calls import Calls, Step
 from write_service.domain import orders
@@ -23,10 +26,15 @@ SELECT {ORDER_COLUMNS},
        (SELECT coalesce(json_agg(json_build_object(
                    'line_no', l.line_no, 'product_id', l.product_id, 'sku', l.sku, 'product_name', l.product_name,
                    'unit_price_minor', l.unit_price_minor, 'quantity', l.quantity) ORDER BY l.line_no), '[]')::text
-        FROM order_lines AS l WHERE l.order_id = o.id) AS lines
+        FROM order_lines AS l WHERE l.order_id = o.id) AS lines,
+       (SELECT coalesce(json_object_agg(r.product_id, r.quantity), '{{}}')::text
+        FROM stock_reservations AS r WHERE r.order_id = o.id AND r.released_at IS NULL) AS reservations
 FROM orders AS o WHERE o.id = $1
 """  # noqa: S608 - constant columns
 _SELECT_LOCKED = _SELECT.rstrip() + " FOR UPDATE OF o"  # a retry after a lost guard (`Calls.lock_reads`)
+# The same columns for a customer's orders in some statuses (orders_customer_idx answers it).
+_SELECT_OF_CUSTOMER = _SELECT.replace("WHERE o.id = $1", "WHERE o.customer_id = $1 AND o.status = ANY($2::text[])")
+_SELECT_OF_CUSTOMER_LOCKED = _SELECT_OF_CUSTOMER.rstrip() + " ORDER BY o.id FOR UPDATE OF o"
 
 _INSERT = f"""
 INSERT INTO orders ({ORDER_COLUMNS})
@@ -51,6 +59,34 @@ FROM unnest($2::int[], $3::uuid[], $4::text[], $5::text[], $6::bigint[], $7::big
      AS l (line_no, product_id, sku, product_name, unit_price_minor, quantity)
 ON CONFLICT (order_id, line_no) DO UPDATE SET quantity = EXCLUDED.quantity
 WHERE order_lines.quantity IS DISTINCT FROM EXCLUDED.quantity
+"""
+
+_RESERVE = """
+INSERT INTO stock_reservations (order_id, product_id, quantity, reserved_at)
+SELECT $1, r.product_id, r.quantity, $4 FROM unnest($2::uuid[], $3::bigint[]) AS r (product_id, quantity)
+"""
+# Guarded: releasing what another transaction released first fails the write (Conflict).
+_RELEASE = """
+UPDATE stock_reservations SET released_at = $3
+WHERE order_id = $1 AND product_id = ANY($2::uuid[]) AND released_at IS NULL
+RETURNING 1
+"""
+
+# Moves the execution row on, guarded by the version the worker holds; keeps or drops the
+# lease in the same statement. next_attempt_at and locked_until use the database clock,
+# the clock the claim query compares with.
+_ADVANCE_SAGA = """
+UPDATE saga_executions
+SET status = $3, current_step = $4, context = $5::jsonb, attempts = $6, last_error = $7,
+    next_attempt_at = CASE WHEN $8::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $8::float8) END,
+    locked_by = CASE WHEN $9::float8 IS NOT NULL THEN locked_by END,
+    locked_until = CASE WHEN $9::float8 IS NOT NULL THEN now() + make_interval(secs => $9::float8) END,
+    version = version + 1, updated_at = now()
+WHERE id = $1 AND version = $2
+RETURNING 1
+"""
+_LOG_SAGA_STEP = """
+INSERT INTO saga_steps (saga_id, step, kind, outcome, detail, attempt, at) VALUES ($1, $2, $3, $4, $5, $6, now())
 """
 
 # The saga starts due now at its first step; the saga worker (write_service.saga) takes it on.
@@ -95,15 +131,27 @@ class PostgresOrderRepository(OrderRepository):
         self._calls = calls
         # The status of each order as read (or adopted) here, which its save is guarded by.
         self._status_read: dict[uuid.UUID, str] = {}
+        # The open reservations of each order as read (or adopted) here: its save writes the difference.
+        self._reservations_read: dict[uuid.UUID, dict[uuid.UUID, int]] = {}
 
     async def get(self, order_id: uuid.UUID) -> orders.Order | None:
         """The order with its lines as stored now; its save is guarded by the version read here."""
         row = await self._calls.fetchrow(_SELECT_LOCKED if self._calls.lock_reads else _SELECT, order_id)
-        if row is None:
-            return None
+        return self._order(row) if row is not None else None
+
+    async def awaiting_payment_of(self, customer_id: uuid.UUID) -> list[orders.Order]:
+        """The customer's pending and reserved orders, in one read; each save is guarded by the version read."""
+        query = _SELECT_OF_CUSTOMER_LOCKED if self._calls.lock_reads else _SELECT_OF_CUSTOMER
+        rows = await self._calls.fetch(query, customer_id, list(orders.AWAITING_PAYMENT))
+        return sorted((self._order(row) for row in rows), key=lambda order: order.id)
+
+    def _order(self, row: asyncpg.Record) -> orders.Order:
+        order_id: uuid.UUID = row["id"]
         self._calls.loaded.add(("order", order_id))
         self._status_read[order_id] = row["status"]
         lines: list[dict[str, Any]] = json.loads(row["lines"])
+        reservations = {uuid.UUID(pid): int(units) for pid, units in json.loads(row["reservations"]).items()}
+        self._reservations_read[order_id] = dict(reservations)
         return orders.Order(
             id=row["id"],
             customer_id=row["customer_id"],
@@ -130,6 +178,7 @@ class PostgresOrderRepository(OrderRepository):
             placed_at=row["placed_at"],
             updated_at=row["updated_at"],
             stored_version=row["version"],
+            reservations=reservations,
         )
 
     async def add(self, order: orders.Order) -> None:
@@ -163,6 +212,7 @@ class PostgresOrderRepository(OrderRepository):
         """Its save is guarded by its stored version and status, as if it had been read here."""
         self._calls.loaded.add(("order", order.id))
         self._status_read[order.id] = order.status
+        self._reservations_read[order.id] = dict(order.reservations)
 
     async def save(self, order: orders.Order) -> None:
         """Update the order at commit if it is still at the version loaded (else Conflict), and its lines."""
@@ -187,8 +237,27 @@ class PostgresOrderRepository(OrderRepository):
             )
         )
         self._write_lines(order)
+        self._write_reservations(order)
         await self._calls.check_version_now("order", order.id)
         order.stored_version = order.version
+        self._status_read[order.id] = order.status
+        self._reservations_read[order.id] = dict(order.reservations)
+
+    def _write_reservations(self, order: orders.Order) -> None:
+        before = self._reservations_read.get(order.id, {})
+        taken = {pid: units for pid, units in order.reservations.items() if pid not in before}
+        returned = sorted(pid for pid in before if pid not in order.reservations)
+        if taken:
+            self._calls.write(Step(_RESERVE, (order.id, list(taken), list(taken.values()), order.updated_at)))
+        if returned:
+            self._calls.write(
+                Step(
+                    _RELEASE,
+                    (order.id, returned, order.updated_at),
+                    expect_rows=len(returned),
+                    conflict=f"the stock of order {order.id} was released concurrently",
+                )
+            )
 
     def _write_lines(self, order: orders.Order) -> None:
         if not order.lines:
@@ -211,7 +280,7 @@ class PostgresOrderRepository(OrderRepository):
 
 
 class PostgresSagaHandoff(SagaHandoff):
-    """Starts sagas and asks them to compensate, as steps of the unit of work's write."""
+    """Starts sagas, asks them to compensate and records their steps, as steps of the unit of work's write."""
 
     def __init__(self, calls: Calls) -> None:
         self._calls = calls
@@ -234,3 +303,32 @@ class PostgresSagaHandoff(SagaHandoff):
                 bug=True,
             )
         )
+
+    async def advance(
+        self,
+        saga_id: uuid.UUID,
+        version: int,
+        *,
+        status: str,
+        step: str,
+        context: Mapping[str, Any],
+        attempts: int,
+        last_error: str,
+        delay_s: float | None,
+        lease_s: float | None,
+    ) -> None:
+        """Move the execution row on at commit if it is still at `version`; otherwise the commit raises Conflict."""
+        self._calls.write(
+            Step(
+                _ADVANCE_SAGA,
+                (saga_id, version, status, step, json.dumps(dict(context)), attempts, last_error, delay_s, lease_s),
+                expect_rows=1,
+                conflict=f"saga {saga_id} changed concurrently",
+            )
+        )
+
+    async def log_step(
+        self, saga_id: uuid.UUID, *, step: str, kind: str, outcome: str, detail: str, attempt: int
+    ) -> None:
+        """Add a step-log row at commit."""
+        self._calls.write(Step(_LOG_SAGA_STEP, (saga_id, step, kind, outcome, detail, attempt)))

@@ -6,9 +6,9 @@ from tessera.catalog.v1 import catalog_command_service_pb2 as pb
 from tessera.catalog.v1 import catalog_command_service_pb2_grpc as pb_grpc
 from tessera.catalog.v1 import events_pb2
 from tessera.common.v1 import money_pb2
-from write_service.domain.catalog_commands import AddProduct, DiscontinueProduct, RestockProduct, UpdateProductPrice
-from write_service.entrypoints.grpc_server import CommandServicer, Context, expected_version
-from write_service.service_layer.handlers import CommandResult
+from write_service.commands.catalog import AddProduct, DiscontinueProduct, RestockProduct, UpdateProductPrice
+from write_service.entrypoints.command_servicer import CommandServicer, Context, expected_version
+from write_service.service_layer.command_steps import CommandResult
 
 CATALOG_SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["CatalogCommandService"].full_name
 

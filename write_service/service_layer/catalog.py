@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from write_service.commands.base import Command
+from write_service.commands.catalog import AddProduct, DiscontinueProduct, RestockProduct, UpdateProductPrice
 from write_service.domain import catalog
-from write_service.domain.catalog_commands import AddProduct, DiscontinueProduct, RestockProduct, UpdateProductPrice
-from write_service.domain.commands import Command
 from write_service.service_layer.command_steps import (
     AggregateStore,
     CommandMeta,

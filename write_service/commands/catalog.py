@@ -11,8 +11,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import AfterValidator, field_validator
 
-from write_service.domain.catalog import PRODUCT_AGGREGATE
-from write_service.domain.commands import (
+from write_service.commands.base import (
     REASON_MAX,
     AggregateId,
     ChangeCommand,
@@ -24,6 +23,7 @@ from write_service.domain.commands import (
     optional_text,
     required_text,
 )
+from write_service.domain.catalog import PRODUCT_AGGREGATE
 from write_service.domain.money import CURRENCY_CODES, PRICE_MAX_MINOR
 
 SKU_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

@@ -1,4 +1,4 @@
-"""The gRPC command servicers' shared machinery, and the users' servicer.
+"""The gRPC command servicers' shared machinery; each context's servicer lives in `entrypoints.<context>`.
 
 A servicer maps protobuf requests to commands and results to replies, nothing more.
 Errors are not handled here: shared_kernel's ErrorMappingInterceptor turns them into
@@ -22,15 +22,12 @@ from shared_kernel import errors
 from shared_kernel.auth import current_principal
 from shared_kernel.consistency import encode_token
 from shared_kernel.errors import FieldViolation
-from tessera.users.v1 import user_command_service_pb2 as pb
-from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
-from write_service.domain.commands import Command, DeactivateUser, RegisterUser, UpdateUserProfile
+from write_service.commands.base import Command
+from write_service.service_layer.command_steps import CommandMeta, CommandResult, utc_now
 from write_service.service_layer.deadline import Deadline
-from write_service.service_layer.handlers import CommandMeta, CommandResult, utc_now
 from write_service.service_layer.idempotency import IDEMPOTENCY_KEY_FIELD, key_violation
 from write_service.service_layer.messagebus import CommandBus
 
-SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UserCommandService"].full_name
 CORRELATION_HEADER = "x-correlation-id"
 CORRELATION_ID_MAX = 128
 IDEMPOTENCY_HEADER = IDEMPOTENCY_KEY_FIELD
@@ -173,37 +170,3 @@ class _HasExpectedVersion(Protocol):
 def expected_version(request: _HasExpectedVersion) -> int | None:
     """The request's expected_version, or None when the caller did not set it (proto3 optional)."""
     return request.expected_version if request.HasField("expected_version") else None
-
-
-class UserCommandServicer(CommandServicer, pb_grpc.UserCommandServiceServicer):
-    """Serves tessera.users.v1.UserCommandService over the command bus."""
-
-    id_field = "user_id"
-
-    async def RegisterUser(self, request: pb.RegisterUserRequest, context: Context) -> pb.RegisterUserResponse:
-        """Create a user."""
-        fields = {
-            "email": request.email,
-            "username": request.username,
-            "password": request.password,
-            "full_name": request.full_name,
-        }
-        return await self._run(RegisterUser, fields, pb.RegisterUserResponse, context)
-
-    async def UpdateUserProfile(
-        self, request: pb.UpdateUserProfileRequest, context: Context
-    ) -> pb.UpdateUserProfileResponse:
-        """Replace a user's profile."""
-        fields = {
-            "user_id": request.user_id,
-            "full_name": request.full_name,
-            "bio": request.bio,
-            "avatar_url": request.avatar_url,
-            "expected_version": expected_version(request),
-        }
-        return await self._run(UpdateUserProfile, fields, pb.UpdateUserProfileResponse, context)
-
-    async def DeactivateUser(self, request: pb.DeactivateUserRequest, context: Context) -> pb.DeactivateUserResponse:
-        """Deactivate a user."""
-        fields = {"user_id": request.user_id, "reason": request.reason, "expected_version": expected_version(request)}
-        return await self._run(DeactivateUser, fields, pb.DeactivateUserResponse, context)

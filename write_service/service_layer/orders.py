@@ -1,4 +1,4 @@
-"""Handlers of the orders' commands (aggregate "order").
+"""Handlers of the orders' commands (aggregate "order"), and the orders' policies.
 
 Prices always come from the products table inside the command's transaction; the caller
 only names skus. Placing an order starts its saga and cancelling one hands the
@@ -8,13 +8,19 @@ releases stock and authorizes, voids or refunds payments, never these handlers.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
+from datetime import datetime
+
+from google.protobuf.message import Message
 
 from shared_kernel.errors import FailedPrecondition
+from shared_kernel.event_log import NewEvent
+from tessera.users.v1 import events_pb2 as user_events
+from write_service.commands.base import Command
+from write_service.commands.orders import AddOrderItem, CancelOrder, PlaceOrder, ShipOrder
 from write_service.domain import orders
 from write_service.domain.catalog import Product
-from write_service.domain.commands import Command
-from write_service.domain.order_commands import AddOrderItem, CancelOrder, PlaceOrder, ShipOrder
 from write_service.service_layer.command_steps import (
     AggregateStore,
     CommandMeta,
@@ -25,6 +31,7 @@ from write_service.service_layer.command_steps import (
     commit,
     stored_reply,
 )
+from write_service.service_layer.event_bus import Policy
 from write_service.service_layer.ports import UnitOfWork
 
 
@@ -100,6 +107,32 @@ async def ship_order(command: ShipOrder, uow: UnitOfWork, deps: Dependencies, me
 def _orders(uow: UnitOfWork) -> AggregateStore[orders.Order]:
     return uow.orders
 
+
+async def cancel_orders_of_deactivated_customer(event: NewEvent, uow: UnitOfWork, now: datetime) -> list[orders.Order]:
+    """Policy on UserDeactivated: cancel the customer's orders not yet paid for, through their sagas.
+
+    Each order is cancelled as the system, with the deactivation's reason, and its saga is
+    turned to compensation in the same unit of work: the saga worker releases the reserved
+    stock and voids any authorization, exactly as after CancelOrder.
+    """
+    deactivated = event.payload
+    assert isinstance(deactivated, user_events.UserDeactivated)
+    reason = f"customer deactivated: {deactivated.reason}"
+    cancelled = []
+    for order in await uow.orders.awaiting_payment_of(uuid.UUID(deactivated.user_id)):
+        if order.cancel_by_system(reason=reason, now=now):
+            # The saga's hand-off first, as CancelOrder does: in the one write statement it
+            # locks the order row before the order's own update (an update earlier in the
+            # same statement would hide the row from that lock).
+            await uow.sagas.request_compensation(order.id, reason, now)
+            await uow.orders.save(order)
+            cancelled.append(order)
+    return cancelled
+
+
+ORDER_POLICIES: dict[type[Message], list[Policy]] = {
+    user_events.UserDeactivated: [cancel_orders_of_deactivated_customer],
+}
 
 ORDER_HANDLERS: dict[type[Command], Handler] = {
     PlaceOrder: place_order,

@@ -13,8 +13,7 @@ from typing import Annotated, ClassVar
 from pydantic import AfterValidator, field_validator
 
 from shared_kernel.errors import FieldViolation
-from write_service.domain.catalog_commands import sku_value
-from write_service.domain.commands import (
+from write_service.commands.base import (
     REASON_MAX,
     AggregateId,
     ChangeCommand,
@@ -26,6 +25,7 @@ from write_service.domain.commands import (
     optional_text,
     required_text,
 )
+from write_service.commands.catalog import sku_value
 from write_service.domain.orders import MAX_LINES, MAX_QUANTITY, ORDER_AGGREGATE, Address
 
 NOTES_MAX = 1000
