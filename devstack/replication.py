@@ -82,20 +82,7 @@ class StandbyPostgres(EmbeddedPostgres):
             "fast",
             "--no-sync",
         ]
-        with self.log_path.open("ab") as log:
-            done = subprocess.run(
-                self._as_run_user(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
-                timeout=self.startup_timeout,
-                check=False,
-            )
-        if done.returncode != 0:
-            raise ServerError(
-                f"pg_basebackup failed with code {done.returncode}; log {self.log_path}:\n{self.log_tail()}"
-            )
+        self._run_tool("pg_basebackup", argv)
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,6 +76,17 @@ def test_fingerprints_round_trip_and_refuse_garbage() -> None:
         assert Fingerprint.decode(garbage) is None
 
 
+async def five_users_applied(
+    event_log: EventLog, users: UserFactory, start_replica: Replica, *, probe_interval_s: float
+) -> tuple[list[str], list[str], Projector, UserKeys]:
+    """Three users that the rewind keeps and two it loses, applied by a replica started here."""
+    kept = await register(event_log, users, 3, "kept")
+    lost = await register(event_log, users, 2, "lost")
+    projector, keys, _ = await start_replica(probe_interval_s=probe_interval_s)
+    await eventually(lambda: projector.ready and projector.checkpoint == 5)
+    return kept, lost, projector, keys
+
+
 async def _rewound_and_rebuilt(
     projector: Projector, keys: UserKeys, redis_client: aioredis.Redis, kept: list[str], lost: list[str], new: list[str]
 ) -> None:
@@ -121,10 +132,7 @@ async def test_a_replica_notices_a_log_whose_head_went_below_it_on_its_probe(
     db_pool: asyncpg.Pool[Any],
     redis_client: aioredis.Redis,
 ) -> None:
-    kept = await register(event_log, users, 3, "kept")
-    lost = await register(event_log, users, 2, "lost")
-    projector, keys, _ = await start_replica(probe_interval_s=0.2)
-    await eventually(lambda: projector.ready and projector.checkpoint == 5)
+    kept, lost, projector, keys = await five_users_applied(event_log, users, start_replica, probe_interval_s=0.2)
 
     await rewind(db_pool, 3)  # nothing published since: only the probe can tell
 
@@ -139,10 +147,7 @@ async def test_a_replica_started_after_the_rewind_notices_it_at_catch_up(
     db_pool: asyncpg.Pool[Any],
     redis_client: aioredis.Redis,
 ) -> None:
-    kept = await register(event_log, users, 3, "kept")
-    lost = await register(event_log, users, 2, "lost")
-    first, keys, _ = await start_replica(probe_interval_s=60.0)
-    await eventually(lambda: first.ready and first.checkpoint == 5)
+    kept, lost, first, keys = await five_users_applied(event_log, users, start_replica, probe_interval_s=60.0)
     await first.stop()
 
     await rewind(db_pool, 3)
