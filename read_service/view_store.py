@@ -144,8 +144,7 @@ def encode_calls(
             append(head)
             append(slot)
             for value in op[2:]:
-                kind = type(value)
-                data = value if kind is bytes else value.encode() if kind is str else _item(value)
+                data = value if type(value) is bytes else value.encode() if type(value) is str else _item(value)
                 append(_U32(len(data)))
                 append(data)
         blob = b"".join(parts)
