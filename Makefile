@@ -125,7 +125,7 @@ loadtest: gen ## LOADTEST_MODE=read|write|lag against READ_ADDRS/WRITE_ADDR; res
 	  --json results/loadtest-$(LOADTEST_MODE).json --plot results/loadtest-$(LOADTEST_MODE).png
 
 BENCH_ARGS ?=
-bench: gen ## every figure beside a ceiling from the same run (~6 min); rewrites BENCHMARKS.md; BENCH_ARGS='--quick'
+bench: gen ## every figure beside a ceiling from the same run (~12 min); rewrites BENCHMARKS.md; BENCH_ARGS='--quick'
 	$(PY) -m devstack.bench $(BENCH_ARGS)
 
 bench-smoke: gen ## the benchmarks at small sizes; fails only when a figure cannot be measured (~3 min)

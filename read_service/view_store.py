@@ -132,9 +132,9 @@ def encode_calls(
         parts: list[bytes] = []
         append = parts.append
         for op in segment.ops:
-            slot = slots.get(op[1])
+            key = op[1]
+            slot = slots.get(key)
             if slot is None:
-                key = op[1]
                 keys.append(key.decode() if isinstance(key, bytes) else str(key))
                 digits = str(len(keys)).encode()
                 slot = slots[key] = _U32(len(digits)) + digits
@@ -142,9 +142,10 @@ def encode_calls(
             if head is None:
                 command = _item(op[0])
                 head = _HEADS[(len(op), op[0])] = _U32(len(op)) + _U32(len(command)) + command
-            append(head + slot)
+            append(head)
+            append(slot)
             for value in op[2:]:
-                data = value if type(value) is bytes else _item(value)
+                data = value if type(value) is bytes else value.encode() if type(value) is str else _item(value)
                 append(_U32(len(data)))
                 append(data)
         blob = b"".join(parts)

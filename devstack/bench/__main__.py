@@ -7,8 +7,9 @@ and rewrites the generated part of BENCHMARKS.md (between its bench markers; the
 file is kept). A bench that fails leaves its rows "not measured" with the reason, and the
 others still run. With --only the file is rewritten only when --markdown names it.
 
-Sizes: the default fits in about 6 minutes on 2 cores (the memory bench at 100,000 events
-and 20,000 commands per run); --quick is a smoke run of a few minutes; --full runs the memory
+Sizes: the default takes about 12 minutes on 2 cores (the Redis-loss row at 100,000 events
+took about 5 of them on a busy machine; the memory bench runs at 100,000 events and 20,000
+commands per run); --quick is a smoke run of a few minutes; --full runs the memory
 bench at 1,000,000 events and 100,000 commands per run, which takes far longer (a replica
 applied one to two thousand bulk events per second on 2 shared cores).
 

@@ -171,17 +171,39 @@ class UserViews:
         raw = await self._client.get(self._keys.view(user_id))
         return 0 if raw is None else UserView.FromString(_as_bytes(raw)).version
 
-    async def _add_spending(self, views: list[UserView]) -> None:
+    async def _add_spending(
+        self, views: list[UserView], known: dict[str, dict[bytes | str, bytes | str]] | None = None
+    ) -> None:
         # What a user has spent is kept apart from the view (payment events name the order,
         # not the user, so the projection cannot read the view when they arrive); merge it here.
-        if not views:
+        # `known`: what was read with the views already, by user id.
+        known = known or {}
+        missing = [view for view in views if view.user_id not in known]
+        for view in views:
+            if view.user_id in known:
+                _merge_spending(view, known[view.user_id])
+        if not missing:
             return
         async with self._client.pipeline(transaction=False) as pipe:
-            for view in views:
+            for view in missing:
                 pipe.hgetall(self._keys.spent(view.user_id))
             spent = await pipe.execute()
-        for view, amounts in zip(views, spent, strict=True):
+        for view, amounts in zip(missing, spent, strict=True):
             _merge_spending(view, amounts)
+
+    async def _views_and_spending(
+        self, user_ids: list[str], spent: dict[str, dict[bytes | str, bytes | str]]
+    ) -> list[bytes | str | None]:
+        """The views of `user_ids` (MGET) and, in the same round trip, what each spent (into `spent`)."""
+        if not user_ids:
+            return []
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.mget([self._keys.view(user_id) for user_id in user_ids])
+            for user_id in user_ids:
+                pipe.hgetall(self._keys.spent(user_id))
+            raw_views, *amounts = await pipe.execute()
+        spent.update(zip(user_ids, amounts, strict=True))
+        return list(raw_views)
 
     async def get_by_email(self, email: str) -> UserView | None:
         """The user with this e-mail address (any case), or None."""
@@ -208,6 +230,7 @@ class UserViews:
         budget = self._scan_limit if query.search else None
         chunk = max(wanted, _SEARCH_CHUNK) if query.search else wanted
         hits: list[tuple[bytes, UserView]] = []
+        spent: dict[str, dict[bytes | str, bytes | str]] = {}
         cursor = query.cursor
         scanned = 0
         exhausted = False
@@ -215,7 +238,12 @@ class UserViews:
             count = chunk if budget is None else min(chunk, budget - scanned)
             members = await self._range(index, cursor, query.descending, count, at)
             at = None
-            raw_views = await self._client.mget([self._keys.view(member_user_id(m)) for m in members])
+            if query.search:
+                # Most members do not match: what they spent is read for the hits only, at the end.
+                raw_views = await self._client.mget([self._keys.view(member_user_id(m)) for m in members])
+            else:
+                # Every member with a view is a hit: its spending comes in the views' round trip.
+                raw_views = await self._views_and_spending([member_user_id(m) for m in members], spent)
             for member, raw in zip(members, raw_views, strict=True):
                 scanned += 1
                 cursor = member
@@ -240,7 +268,7 @@ class UserViews:
             # The scan budget ran out first: resume after the last member read.
             next_cursor = cursor
         views = [view for _, view in hits]
-        await self._add_spending(views)
+        await self._add_spending(views, spent)
         return UserPage(views, next_cursor)
 
     async def _range(

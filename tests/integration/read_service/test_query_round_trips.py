@@ -223,6 +223,8 @@ async def test_list_users_reads_its_checkpoint_in_the_round_trip_of_its_first_ra
         first = packets[0]
         assert checkpoint_key in first and (b"ZRANGE" in first or b"HGET" in first), packets
         assert not any(checkpoint_key in packet for packet in packets[1:])
+        # Then one more: the views with what each user spent (ListUsers), or the view (by e-mail).
+        assert len(packets) == 2, packets
 
 
 async def test_a_token_the_near_cache_already_reflects_is_answered_without_redis(
