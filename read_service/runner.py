@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +36,7 @@ from read_service.follower import Follower, FollowerHooks
 from read_service.generations import Generations, ParkedEvent
 from read_service.keyspace import KeySpace
 from read_service.lease import ApplyingLease, LeaseLost, lease_key
+from read_service.parking import Parking
 from read_service.probe import KeySpaceChanged, KeySpaceLost
 from read_service.projections.base import Projection
 from read_service.published import PublishedState
@@ -68,6 +69,8 @@ class ProjectorStatus:
     lease_holder: str | None = None
     # When the newest applied event happened (its envelope's occurred_at), for lag in seconds.
     last_applied_occurred_at: datetime | None = None
+    # Aggregates whose sequences are parked now (aggregate parking).
+    parked_aggregates: int = 0
 
 
 class Projector:
@@ -111,8 +114,9 @@ class Projector:
         )
         ctx.lease = self._lease
         self._lease_keeper: asyncio.Task[None] | None = None
-        self._keyspace = KeySpace(ctx)
-        self._session = Session(ctx, self._keyspace)
+        parking = Parking(ctx)
+        self._keyspace = KeySpace(ctx, parking)
+        self._session = Session(ctx, self._keyspace, parking)
         self._task: asyncio.Task[None] | None = None
 
     # -- life cycle -------------------------------------------------------------------------
@@ -236,6 +240,20 @@ class Projector:
     def effect_listeners(self, listeners: tuple[EffectListener, ...]) -> None:
         self._ctx.effect_listeners = listeners
 
+    @property
+    def resolution_listeners(self) -> tuple[Callable[[Sequence[str]], None], ...]:
+        """Called with the keys an operator's retry or skip of a parked aggregate wrote (read_service.watch)."""
+        return self._ctx.resolution_listeners
+
+    @resolution_listeners.setter
+    def resolution_listeners(self, listeners: tuple[Callable[[Sequence[str]], None], ...]) -> None:
+        self._ctx.resolution_listeners = listeners
+
+    @property
+    def parked_aggregates(self) -> Mapping[str, ParkedEvent]:
+        """The aggregates whose sequences are parked, by aggregate id (aggregate parking)."""
+        return self._ctx.published.parked_aggregates
+
     def changed(self) -> asyncio.Event:
         """An event set the next time the checkpoint moves (see PublishedState.changed)."""
         return self._ctx.published.changed()
@@ -266,6 +284,7 @@ class Projector:
             applying=self._lease is None or self._lease.held,
             lease_holder=None if self._lease is None else self._lease.holder,
             last_applied_occurred_at=None if last is None else last.occurred_at.ToDatetime(tzinfo=UTC),
+            parked_aggregates=len(ctx.published.parked_aggregates),
         )
 
     # -- the applying lease (read_service.lease) -------------------------------------------------
