@@ -148,8 +148,9 @@ class ProjectionContext:
     pending_since: float = 0.0
     # Called with each event and its effect before it is written (read_service.watch).
     effect_listeners: tuple[EffectListener, ...] = ()
-    # Called with the keys an operator's retry or skip wrote (no checkpoint moved for them).
-    resolution_listeners: tuple[Callable[[Sequence[str]], None], ...] = ()
+    # Called with the keys an operator's retry or skip wrote (no checkpoint moved for them);
+    # None when another process settled one and the keys are unknown.
+    resolution_listeners: tuple[Callable[[Sequence[str] | None], None], ...] = ()
     # Set once a session (or the follower) worked: a later failure is a new outage.
     session_caught_up: bool = False
 

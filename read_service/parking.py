@@ -79,13 +79,26 @@ class Parking:
         """The parked aggregates read from Redis (published), for a run of events to go through."""
         ctx = self._ctx
         records = decode_records(raw)
-        ctx.published.publish_parked_aggregates(records)
-        return ParkedSequences(self.sequences_key, ctx.projection, ctx.generation or "", records)
+        self._publish(records)
+        return ParkedSequences(self.sequences_key, ctx.projection, ctx.generation or "", dict(records))
+
+    def _publish(self, records: Mapping[str, ParkedEvent], *, settled_here: bool = False) -> None:
+        """Publish the parked sequences; a sequence settled by another process changed unknown keys."""
+        published = self._ctx.published
+        before = published.parked_sequences
+        published.publish_parked_aggregates(records)
+        if settled_here:
+            return
+        if any(field not in records or records[field].position != old.position for field, old in before.items()):
+            # Another replica (or the holder, for a follower) settled it: its keys are not known
+            # here, so near caches and watches start over.
+            for listener in self._ctx.resolution_listeners:
+                listener(None)
 
     def parked_sequences(self, sequences: ParkedSequences) -> None:
         """After a run's write: publish the parked aggregates, log and count those it parked."""
         ctx = self._ctx
-        ctx.published.publish_parked_aggregates(sequences.records)
+        self._publish(sequences.records)
         for record in sequences.parked:
             if (record.generation, record.position) in self._logged:
                 continue
@@ -211,7 +224,11 @@ class Parking:
         expected = raw if isinstance(raw, bytes) else str(raw).encode()
         if not await ctx.store.settle(checkpoint, parked_key, field, expected, ops):
             return  # the checkpoint or the record moved: the probe asks again
-        await self.load()
+        records = dict(ctx.published.parked_sequences)
+        records.pop(field, None)
+        if still is not None:
+            records[field] = still
+        self._publish(records, settled_here=True)
         for listener in ctx.resolution_listeners:
             listener(written_keys(ops))
         outcome = "settled" if still is None else f"still parked at {still.position}: {still.error}"

@@ -241,12 +241,12 @@ class Projector:
         self._ctx.effect_listeners = listeners
 
     @property
-    def resolution_listeners(self) -> tuple[Callable[[Sequence[str]], None], ...]:
+    def resolution_listeners(self) -> tuple[Callable[[Sequence[str] | None], None], ...]:
         """Called with the keys an operator's retry or skip of a parked aggregate wrote (read_service.watch)."""
         return self._ctx.resolution_listeners
 
     @resolution_listeners.setter
-    def resolution_listeners(self, listeners: tuple[Callable[[Sequence[str]], None], ...]) -> None:
+    def resolution_listeners(self, listeners: tuple[Callable[[Sequence[str] | None], None], ...]) -> None:
         self._ctx.resolution_listeners = listeners
 
     @property

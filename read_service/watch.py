@@ -261,12 +261,18 @@ class ChangeFeed:
             self._pending.clear()
         self._pending[envelope.position] = (envelope, effect)
 
-    def on_resolved(self, keys: Sequence[str]) -> None:
+    def on_resolved(self, keys: Sequence[str] | None) -> None:
         """The projector's listener for an operator's retry or skip: `keys` changed without a new position.
 
         The near caches forget them; the watches of them end with UNAVAILABLE (re-opened, they
         start from the settled values), since no position orders that change among the others.
+        None (another process settled it, the keys are unknown here): every watch ends and the
+        caches forget everything.
         """
+        if keys is None:
+            if self._released is not None:
+                self._reset(self._released, errors.Unavailable("a parked aggregate was settled; re-open the watch"))
+            return
         for cache in self._caches:
             cache.invalidate(keys)
         error = errors.Unavailable("a parked aggregate of this view was settled by an operator; re-open the watch")

@@ -25,12 +25,16 @@ from read_service.admin import request
 from read_service.bootstrap import running_read_service
 from read_service.consistency import PARKED_HEADER, STALE_HEADER
 from read_service.generations import keyspace_prefix, skip_field, skips_key
-from read_service.keys import OrderKeys
+from read_service.keys import OrderKeys, UserKeys
 from read_service.projections.orders import OrdersProjection
+from read_service.projections.users import UsersProjection
 from read_service.projector import ParkingMode, Projector
+from read_service.published import PublishedState
 from read_service.rebuild import rebuild, registered_projections
 from read_service.sequences import log_key, parked_aggregates, pending_requests
-from shared_kernel.event_log import NewEvent
+from read_service.watch import ChangeFeed
+from shared_kernel import errors
+from shared_kernel.event_log import NewEvent, read_positioned
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tessera.orders.v1 import order_query_service_pb2 as opb
 from tessera.orders.v1.order_pb2 import OrderStatus
@@ -38,7 +42,7 @@ from tessera.orders.v1.order_query_service_pb2 import OrderView
 from tessera.orders.v1.order_query_service_pb2_grpc import OrderQueryServiceStub
 from tests.unit.read_service.order_events import Events
 
-from .conftest import EventLog, Publisher, UserFactory, dump_keyspace, eventually, make_projector
+from .conftest import EventLog, Publisher, StartProjector, UserFactory, dump_keyspace, eventually, make_projector
 from .test_service import health_status, settings_for
 
 pytestmark = pytest.mark.integration
@@ -327,3 +331,83 @@ async def test_queries_of_a_parked_order_are_stale_with_its_position_and_other_o
             reply = await call
             assert not reply.stale and PARKED_HEADER not in dict(await call.initial_metadata())
             assert reply.order.status == OrderStatus.ORDER_STATUS_CONFIRMED
+
+
+class Replaying:
+    """A replica that applies nothing and replays every event from the log, seeing the leader's parked set."""
+
+    def __init__(self, leader: Projector) -> None:
+        self._leader = leader
+
+    @property
+    def ready(self) -> bool:
+        return self._leader.ready
+
+    @property
+    def checkpoint(self) -> int:
+        return self._leader.checkpoint
+
+    @property
+    def generation(self) -> str | None:
+        return self._leader.generation
+
+    @property
+    def published(self) -> PublishedState:
+        return self._leader.published
+
+    def changed(self) -> asyncio.Event:
+        return self._leader.changed()
+
+
+async def test_watches_skip_held_events_live_and_replayed_and_end_when_an_operator_settles(
+    event_log: EventLog,
+    users: UserFactory,
+    publisher: Publisher,
+    start_projector: StartProjector,
+    db_pool: asyncpg.Pool[Any],
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    projector = await start_projector(probe_interval_s=0.1)
+    own = ChangeFeed(projector, UsersProjection(UserKeys(redis_prefix)), redis_client, db_pool, recheck_s=0.05)
+    projector.effect_listeners = (own.on_effect,)
+    projector.resolution_listeners = (own.on_resolved,)
+    replayed = ChangeFeed(
+        Replaying(projector), UsersProjection(UserKeys(redis_prefix)), redis_client, db_pool, recheck_s=0.05
+    )
+    first_id, first = users.register("first@example.com", "first")
+    second_id, second = users.register("second@example.com", "second")
+    await publish_all(publisher, await event_log.append(first, second))
+    await eventually(lambda: projector.ready and projector.checkpoint == 2)
+    keys = [UserKeys(redis_prefix).view(first_id), UserKeys(redis_prefix).view(second_id)]
+    own.start()
+    replayed.start()
+    try:
+        await eventually(lambda: own.released == 2 and replayed.released == 2)
+        watches = [await own.open(keys), await replayed.open(keys)]
+        broken, held, other = (
+            users.update(first_id, "bad"),
+            users.update(first_id, "later"),
+            users.update(second_id, "x"),
+        )
+        await event_log.append(broken, held, other)
+        original = await db_pool.fetchval("SELECT payload FROM outbox WHERE event_id = $1", broken.event_id)
+        await db_pool.execute(BROKEN_PAYLOAD, broken.event_id)
+        # Published as the log has them now: the relay reads the payload from its row.
+        await publish_all(publisher, await read_positioned(db_pool, 2, 3))
+        await eventually(lambda: own.released == 5 and replayed.released == 5)
+        # The first user's two updates changed nothing, computed here or replayed from the log:
+        # the first change either watch sees is the second user's.
+        for watch in watches:
+            change = await anext(aiter(watch.changes()))
+            assert (change.key, change.position) == (keys[1], 5)
+
+        await db_pool.execute("UPDATE outbox SET payload = $1 WHERE event_id = $2", original, broken.event_id)
+        await request(redis_client, redis_prefix, "users", first_id, "retry", by="oncall", reason="mended")
+        await eventually(lambda: not projector.parked_aggregates)
+        # The settled views changed without a new position: the watch of them starts over.
+        with pytest.raises(errors.Unavailable):
+            await anext(aiter(watches[0].changes()))
+    finally:
+        await own.close()
+        await replayed.close()
