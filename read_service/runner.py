@@ -15,8 +15,6 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -41,36 +39,10 @@ from read_service.probe import KeySpaceChanged, KeySpaceLost
 from read_service.projections.base import Projection
 from read_service.published import PublishedState
 from read_service.session import Session
+from read_service.status import ProjectorStatus, snapshot
 from read_service.view_store import CheckpointReader
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ProjectorStatus:
-    """A snapshot of the projector, for health, logs and tests."""
-
-    projection: str
-    state: ProjectorState
-    ready: bool
-    checkpoint: int
-    head: int
-    last_applied_at: datetime | None
-    applied: int
-    duplicates: int
-    catch_ups: int
-    reconnects: int
-    # Events parked since start (each position counted once), and the one parked now, if any.
-    poison_events: int
-    parked: ParkedEvent | None = None
-    generation: str | None = None
-    # With the applying lease (read_service.lease): whether this projector applies, and who does.
-    applying: bool = True
-    lease_holder: str | None = None
-    # When the newest applied event happened (its envelope's occurred_at), for lag in seconds.
-    last_applied_occurred_at: datetime | None = None
-    # Aggregates whose sequences are parked now (aggregate parking).
-    parked_aggregates: int = 0
 
 
 class Projector:
@@ -264,28 +236,7 @@ class Projector:
 
     def status(self) -> ProjectorStatus:
         """A snapshot of the projector's state and counters."""
-        ctx = self._ctx
-        counters = ctx.counters
-        last = counters.last_applied_envelope
-        return ProjectorStatus(
-            projection=ctx.name,
-            state=ctx.state,
-            ready=ctx.published.ready,
-            checkpoint=ctx.checkpoint,
-            head=counters.head,
-            last_applied_at=counters.last_applied_at,
-            applied=counters.applied,
-            duplicates=counters.duplicates,
-            catch_ups=counters.catch_ups,
-            reconnects=counters.reconnects,
-            poison_events=counters.poison_events,
-            parked=ctx.parked,
-            generation=ctx.generation,
-            applying=self._lease is None or self._lease.held,
-            lease_holder=None if self._lease is None else self._lease.holder,
-            last_applied_occurred_at=None if last is None else last.occurred_at.ToDatetime(tzinfo=UTC),
-            parked_aggregates=len(ctx.published.parked_aggregates),
-        )
+        return snapshot(self._ctx)
 
     # -- the applying lease (read_service.lease) -------------------------------------------------
 
