@@ -9,8 +9,11 @@ watch's replay of an event from the log (read_service.watch) all project through
 - otherwise the projection computes the effect from the state the earlier events of the run
   leave behind (`overlay`, updated in place, so that nothing has to reach Redis in between);
 - an event the projection raises on is either skipped (the caller says so: an operator
-  skipped it, or the checkpoint is already past it) and changes nothing, or it ends the run:
-  the caller applies the effects before it and parks it (read_service.generations.ParkedEvent).
+  skipped it, or the checkpoint is already past it) and changes nothing, or it is parked.
+  With projection parking it ends the run: the caller applies the effects before it and parks
+  it (read_service.generations.ParkedEvent). With aggregate parking (`sequences`, decision
+  0029) it parks its aggregate and the run goes on; an event of an aggregate parked already is
+  held behind it. Either way its effect is only the update of the parked record.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from read_service.generations import ParkedEvent
 from read_service.projections.base import Effect, Projection
 from tessera.events.v1.envelope_pb2 import EventEnvelope
+
+if TYPE_CHECKING:
+    from read_service.sequences import ParkedSequences
 
 # The effect of an event the projection does not handle, or of a skipped one.
 NO_EFFECT = Effect()
@@ -40,6 +47,8 @@ class Projected:
     # The event the projection raised on and was not skipped (nothing at or after it is in `effects`).
     poison: EventEnvelope | None = None
     error: BaseException | None = None
+    # Aggregate parking: the error of each event that parked its aggregate, by position.
+    errors: dict[int, BaseException] = field(default_factory=dict)
 
 
 def handles(projection: Projection, envelope: EventEnvelope) -> bool:
@@ -56,27 +65,34 @@ async def project_run(
     skipped: SkipCheck,
     listeners: Sequence[EffectListener] = (),
     before_project: Callable[[EventEnvelope], None] | None = None,
+    sequences: ParkedSequences | None = None,
 ) -> Projected:
     """Project `run` in order from `overlay` (updated in place); see the module docstring.
 
     `before_project` is called with each event the projection is about to project (the
-    projector opens its span there).
+    projector opens its span there). `sequences`: park per aggregate rather than stop.
     """
     projected = Projected()
     for envelope in run:
         if not handles(projection, envelope):
             effect = NO_EFFECT
+        elif sequences is not None and sequences.holding(envelope):
+            effect = sequences.hold(envelope)
         else:
             if before_project is not None:
                 before_project(envelope)
             try:
                 effect = projection.project(envelope, overlay)
             except Exception as exc:
-                if not await skipped(envelope, exc):
+                if await skipped(envelope, exc):
+                    effect = NO_EFFECT
+                elif sequences is not None:
+                    effect = sequences.park(envelope, exc)
+                    projected.errors[envelope.position] = exc
+                else:
                     projected.poison = envelope
                     projected.error = exc
                     return projected
-                effect = NO_EFFECT
             overlay.update(effect.state)
         for listener in listeners:
             listener(envelope, effect)

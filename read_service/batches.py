@@ -4,7 +4,8 @@ Live apply (read_service.session) and catch-up (read_service.catch_up) both come
 the projection does not handle are not projected: they ride along with the next event that
 writes (the apply script moves the checkpoint over them), or, when deferred, become the
 *pending marker*, written with the next write, when the stream goes quiet, or when it grows to
-a batch. An event the projection cannot apply goes to read_service.parking.
+a batch. An event the projection cannot apply goes to read_service.parking: with aggregate
+parking its aggregate's sequence is parked in the same script call (read_service.sequences).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from datetime import UTC, datetime
 from opentelemetry import trace
 
 from read_service.applier import handles, project_run
-from read_service.context import ProjectionContext
+from read_service.context import ParkingMode, ProjectionContext
 from read_service.log_guard import Fingerprint
 from read_service.parking import Parking
 from read_service.projections.base import Op
+from read_service.sequences import ParkedSequences
 from read_service.view_store import Outcome, Segment, segments
 from shared_kernel.telemetry import context_from_envelope
 from tessera.events.v1.envelope_pb2 import EventEnvelope
@@ -55,15 +57,7 @@ class BatchApplier:
         become the pending marker (see the module docstring).
         """
         ctx = self._ctx
-        projection = ctx.projection
-        handled = [e for e in events if handles(projection, e)]
-        keys = list(dict.fromkeys(k for e in handled for k in projection.state_keys(e)))
-        if keys:
-            checkpoint, state = await ctx.store.snapshot(keys)
-            await ctx.observe_checkpoint(checkpoint)
-        else:
-            # Nothing to read first: the script checks the positions against the checkpoint itself.
-            checkpoint, state = ctx.checkpoint, {}
+        checkpoint, state, sequences = await self._read(events)
         base = max(checkpoint, ctx.pending)
         run = consecutive_after(events, base)
         if not run:
@@ -71,7 +65,7 @@ class BatchApplier:
         ctx.fingerprint = Fingerprint(run[-1].position, run[-1].event_id)
         spans: dict[int, trace.Span] = {}
         try:
-            items, poison, error = await self._project(run, state, spans)
+            items, poison, error = await self._project(run, state, spans, sequences)
             write = len(items)
             if defer and poison is None and items and items[-1][0] - checkpoint < ctx.options.batch_size:
                 while write and not items[write - 1][1]:
@@ -85,12 +79,36 @@ class BatchApplier:
                 # Park only now: the events before it are in Redis and the checkpoint right before it.
                 await self.flush_marker()
                 spans.get(poison.position, trace.INVALID_SPAN).set_attribute("tessera.projection.outcome", "parked")
+            for record in () if sequences is None else sequences.parked:
+                spans.get(record.position, trace.INVALID_SPAN).set_attribute("tessera.projection.outcome", "parked")
         finally:
             for span in spans.values():
                 span.end()
         if poison is not None and error is not None:
             await self._parking.park(poison, error)
+        if sequences is not None:
+            self._parking.parked_sequences(sequences)
         return ctx.seen()
+
+    async def _read(
+        self, events: Sequence[EventEnvelope]
+    ) -> tuple[int, dict[str, bytes | None], ParkedSequences | None]:
+        """The checkpoint and the state the handled events need (with aggregate parking, the parked ones too)."""
+        ctx = self._ctx
+        projection = ctx.projection
+        handled = [e for e in events if handles(projection, e)]
+        keys = list(dict.fromkeys(k for e in handled for k in projection.state_keys(e)))
+        if handled and ctx.options.parking is ParkingMode.AGGREGATE:
+            # The parked aggregates are read with the state, at the same checkpoint.
+            checkpoint, state, parked = await ctx.store.snapshot_parked(keys, self._parking.sequences_key)
+            await ctx.observe_checkpoint(checkpoint)
+            return checkpoint, state, self._parking.sequences(parked)
+        if keys:
+            checkpoint, state = await ctx.store.snapshot(keys)
+            await ctx.observe_checkpoint(checkpoint)
+            return checkpoint, state, None
+        # Nothing to read first: the script checks the positions against the checkpoint itself.
+        return ctx.checkpoint, {}, None
 
     async def flush_marker(self) -> None:
         """Write the pending marker: move the checkpoint over the no-op events deferred so far."""
@@ -111,7 +129,11 @@ class BatchApplier:
         return max(ctx.pending_since + ctx.options.marker_delay_s - time.monotonic(), 0.0)
 
     async def _project(
-        self, run: Sequence[EventEnvelope], state: Mapping[str, bytes | None], spans: dict[int, trace.Span]
+        self,
+        run: Sequence[EventEnvelope],
+        state: Mapping[str, bytes | None],
+        spans: dict[int, trace.Span],
+        sequences: ParkedSequences | None,
     ) -> tuple[list[tuple[int, Sequence[Op]]], EventEnvelope | None, BaseException | None]:
         """Each event's ops, in order, up to the first the projection raises on (returned, with its error)."""
         ctx = self._ctx
@@ -134,6 +156,7 @@ class BatchApplier:
             skipped=self._parking.skipped,
             listeners=ctx.effect_listeners,
             before_project=open_span,
+            sequences=sequences,
         )
         items = [(envelope.position, effect.ops) for envelope, effect in projected.effects]
         return items, projected.poison, projected.error

@@ -227,7 +227,9 @@ async def running_read_service(
                 redis_client,
                 pool,
                 other,
-                ProjectorOptions(settings.redis_key_prefix, batch_size=settings.catchup_batch_size),
+                ProjectorOptions(
+                    settings.redis_key_prefix, batch_size=settings.catchup_batch_size, parking=settings.parking_mode
+                ),
                 ProjectorLinks(
                     source=source,
                     events_client=events_client,

@@ -26,8 +26,8 @@ USER_AGGREGATE = "user"
 PRODUCT_AGGREGATE = "product"
 ORDER_AGGREGATE = "order"
 STALE_HEADER = "x-tessera-stale"
-# Set (to the position) when the view's projection is parked at an event: the answer reflects
-# the log only up to the position before it (docs/decisions/0016-parked-events-and-rebuilds.md).
+# Set (to the position) when the view's projection, or the aggregate's sequence, is parked at an
+# event: the answer reflects the log only up to the position before it (decisions 0016, 0029).
 PARKED_HEADER = "x-tessera-parked"
 DEFAULT_MAX_WAIT_MS = 5000
 # How long a token's wait lasts before the event log is asked whether its version exists.
@@ -92,8 +92,12 @@ class ConsistencyGate:
         self._current_version = current_version
         self._log_version = log_version
 
-    def parked_position(self) -> int | None:
-        """The position of the event the view's projection is parked at (None when it is not parked)."""
+    def parked_position(self, aggregate_id: str | None = None) -> int | None:
+        """Where the view stops: the projection's parked event, or `aggregate_id`'s (None when neither is parked)."""
+        of = getattr(self._progress, "parked_position", None)
+        if of is not None:
+            position: int | None = of(aggregate_id)
+            return position
         parked = getattr(self._progress, "parked", None)
         return None if parked is None else int(parked.position)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -91,7 +91,7 @@ class ProjectorOptions:
     # How long trailing ignored events may stay unwritten once the inbox has drained. 0 writes
     # them as soon as it drains: under load they still ride along with the next write or batch.
     marker_delay_s: float = 0.0
-    parking: ParkingMode = ParkingMode.PROJECTION
+    parking: ParkingMode = ParkingMode.AGGREGATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +151,9 @@ class ProjectionContext:
     pending_since: float = 0.0
     # Called with each event and its effect before it is written (read_service.watch).
     effect_listeners: tuple[EffectListener, ...] = ()
+    # Called with the keys an operator's retry or skip wrote (no checkpoint moved for them);
+    # None when another process settled one and the keys are unknown.
+    resolution_listeners: tuple[Callable[[Sequence[str] | None], None], ...] = ()
     # Set once a session (or the follower) worked: a later failure is a new outage.
     session_caught_up: bool = False
     # The last event of the newest run seen, stored with the next write (read_service.log_guard).

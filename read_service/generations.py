@@ -151,6 +151,9 @@ class ParkedEvent:
     aggregate_id: str
     error: str
     parked_at: str
+    # Aggregate parking (read_service.sequences): later events of the aggregate held behind it.
+    held: int = 0
+    last_position: int = 0
 
     def to_json(self) -> str:
         """The record as stored in Redis."""

@@ -16,6 +16,7 @@ import logging
 
 from read_service.context import TRANSIENT_ERRORS, ProjectionContext, ProjectorState
 from read_service.generations import ParkedEvent, Plan, generation_version, parked_key
+from read_service.parking import Parking
 from read_service.probe import KeySpaceChanged
 from read_service.view_store import ViewStore
 
@@ -25,8 +26,9 @@ logger = logging.getLogger(__name__)
 class KeySpace:
     """Chooses, switches and drops one projection's generations; see the module docstring."""
 
-    def __init__(self, ctx: ProjectionContext) -> None:
+    def __init__(self, ctx: ProjectionContext, parking: Parking) -> None:
         self._ctx = ctx
+        self._parking = parking
         self._cleanup: set[asyncio.Task[None]] = set()
 
     async def choose(self) -> str | None:
@@ -81,6 +83,7 @@ class KeySpace:
         # Another key space: its checkpoint is a new baseline, not a step back.
         ctx.published.publish_checkpoint(0)
         ctx.parked = None
+        ctx.published.publish_parked_aggregates({})
         ctx.published.read_checkpoint.key_space_lost()
 
     async def follow(self) -> bool:
@@ -103,8 +106,12 @@ class KeySpace:
         return True
 
     async def holder_parked(self) -> ParkedEvent | None:
-        """The event the served generation's projection is stopped at, if any (for a follower)."""
+        """The event the served generation's projection is stopped at, if any (for a follower).
+
+        With aggregate parking the follower publishes the parked aggregates too, for its queries.
+        """
         ctx = self._ctx
+        await self._parking.load()
         raw = await ctx.client.hget(parked_key(ctx.meta.base, ctx.name), ctx.generation or "")
         return None if raw is None else ParkedEvent.from_json(raw)
 

@@ -8,6 +8,7 @@ the event log (read_service.catch_up), batched apply (read_service.batches), par
 """
 
 from read_service.context import ParkingMode, ProjectorLinks, ProjectorOptions, ProjectorState
-from read_service.runner import Projector, ProjectorStatus
+from read_service.runner import Projector
+from read_service.status import ProjectorStatus
 
 __all__ = ["ParkingMode", "Projector", "ProjectorLinks", "ProjectorOptions", "ProjectorState", "ProjectorStatus"]

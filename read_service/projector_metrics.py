@@ -88,6 +88,11 @@ def register_projector_metrics(
         [observe(lambda s: 0 if s.parked is None else s.parked.position)],
         description="Position of the event the projection is parked at (0: none)",
     )
+    meter.create_observable_gauge(
+        "tessera.read.projection.parked_aggregates",
+        [observe(lambda s: s.parked_aggregates)],
+        description="Aggregates whose events wait behind a parked one (aggregate parking, decision 0029)",
+    )
     meter.create_observable_counter(
         "tessera.read.projection.parked_events",
         [observe(lambda s: s.poison_events)],

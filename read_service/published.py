@@ -1,4 +1,4 @@
-"""What a projection shows the rest of the replica: its checkpoint, readiness and parked event.
+"""What a projection shows the rest of the replica: its checkpoint, readiness and what is parked.
 
 The projector is the only writer (the `publish_*` methods); queries, the consistency gate,
 watches and health read it. A query never calls into the projector: a query that finds the
@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from read_service.generations import ParkedEvent
 from read_service.view_store import CheckpointReader, ViewStore
@@ -30,6 +30,8 @@ class PublishedState:
         self._checkpoint = 0
         self._ready = False
         self._parked: ParkedEvent | None = None
+        self._parked_aggregates: dict[str, ParkedEvent] = {}
+        self._parked_sequences: dict[str, ParkedEvent] = {}
         self._changed = asyncio.Event()
         self._loss_reported = asyncio.Event()
         self.read_checkpoint = CheckpointReader(store, lambda: self._checkpoint, self._verify)
@@ -50,6 +52,18 @@ class PublishedState:
     def parked(self) -> ParkedEvent | None:
         """The event the projection is stopped at, if any (the views reflect the position before it)."""
         return self._parked
+
+    @property
+    def parked_aggregates(self) -> Mapping[str, ParkedEvent]:
+        """The aggregates whose sequences are parked (aggregate parking), by aggregate id."""
+        return self._parked_aggregates
+
+    def parked_position(self, aggregate_id: str | None = None) -> int | None:
+        """Where the views of `aggregate_id` stop: the projection's parked event, else the aggregate's."""
+        parked = self._parked
+        if parked is None and aggregate_id is not None and self._parked_aggregates:
+            parked = self._parked_aggregates.get(aggregate_id)
+        return None if parked is None else parked.position
 
     def changed(self) -> asyncio.Event:
         """An event set the next time the checkpoint moves (after the views of that move are written).
@@ -102,6 +116,16 @@ class PublishedState:
     def publish_parked(self, parked: ParkedEvent | None) -> None:
         """Say which event the projection is stopped at (None: none)."""
         self._parked = parked
+
+    def publish_parked_aggregates(self, records: Mapping[str, ParkedEvent]) -> None:
+        """Say which sequences are parked now (by field, `<aggregate type>/<id>`)."""
+        self._parked_sequences = dict(records)
+        self._parked_aggregates = {field.partition("/")[2]: record for field, record in records.items()}
+
+    @property
+    def parked_sequences(self) -> Mapping[str, ParkedEvent]:
+        """The parked sequences, by field (read_service.sequences)."""
+        return self._parked_sequences
 
     def loss_reported(self) -> asyncio.Event:
         """Set when a query found the checkpoint gone back; the projector's probe clears it."""

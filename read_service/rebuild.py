@@ -25,12 +25,14 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from read_service.applier import parked_record, project_run
+from read_service.context import ParkingMode
 from read_service.generations import Generations, ParkedEvent, drop_keyspace, skip_field, skips_key
 from read_service.keys import CatalogKeys, OrderKeys, UserKeys
 from read_service.projections.base import Op, Projection
 from read_service.projections.catalog import CatalogProjection
 from read_service.projections.orders import OrdersProjection
 from read_service.projections.users import UsersProjection
+from read_service.sequences import ParkedSequences, sequences_key
 from shared_kernel.event_log import ENVELOPE_COLUMNS, envelope_from_row, head_position
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 
@@ -212,13 +214,19 @@ class _Writer:
     """Projects runs of events into a fresh key space, in pipelines, the checkpoint last."""
 
     def __init__(
-        self, client: aioredis.Redis, projection: Projection, generation: str, skipped: set[int], version: int
+        self,
+        client: aioredis.Redis,
+        projection: Projection,
+        generation: str,
+        skipped: set[int],
+        sequences: ParkedSequences | None,
     ) -> None:
         self.client = client
         self.projection = projection
         self.generation = generation
         self.skipped = skipped
-        self.version = version
+        # Aggregate parking: the build parks aggregates in its own key space, as a replica would.
+        self.sequences = sequences
         self.overlay: dict[str, bytes | None] = {}
         self.checkpoint = 0
         self.events = 0
@@ -237,7 +245,7 @@ class _Writer:
         async def skipped(envelope: EventEnvelope, _exc: BaseException) -> bool:
             return envelope.position in self.skipped
 
-        projected = await project_run(self.projection, run, self.overlay, skipped=skipped)
+        projected = await project_run(self.projection, run, self.overlay, skipped=skipped, sequences=self.sequences)
         if projected.poison is not None and projected.error is not None:
             record = parked_record(self.projection.name, self.generation, projected.poison, projected.error)
             raise RebuildParked(record) from projected.error
@@ -316,13 +324,24 @@ async def rebuild(
     grace_s: float = DEFAULT_GRACE_S,
     stream: TextIO | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    parking: ParkingMode = ParkingMode.AGGREGATE,
 ) -> RebuildResult:
-    """Build a new generation of `spec` from the event log, switch replicas to it, drop the old one."""
+    """Build a new generation of `spec` from the event log, switch replicas to it, drop the old one.
+
+    With aggregate parking an event the projection raises on parks its aggregate in the new
+    generation, as a replica would (decision 0029); with projection parking it abandons the build.
+    """
     generations = Generations(client, base, spec.name, spec.version, factory=spec.factory)
     replaced = await generations.current()
     generation = await generations.new_generation()
-    projection = spec.factory(generations.prefix(generation))
-    writer = _Writer(client, projection, generation, await _skips(client, base, spec.name, spec.version), spec.version)
+    prefix = generations.prefix(generation)
+    projection = spec.factory(prefix)
+    sequences = (
+        ParkedSequences(sequences_key(prefix, spec.name), projection, generation, {})
+        if parking is ParkingMode.AGGREGATE
+        else None
+    )
+    writer = _Writer(client, projection, generation, await _skips(client, base, spec.name, spec.version), sequences)
     head = await head_position(pool)
     progress = Progress(f"{spec.name} {generation}", head, stream)
     started = time.monotonic()

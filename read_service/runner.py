@@ -14,9 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -36,40 +34,15 @@ from read_service.follower import Follower, FollowerHooks
 from read_service.generations import Generations, ParkedEvent
 from read_service.keyspace import KeySpace
 from read_service.lease import ApplyingLease, LeaseLost, lease_key
+from read_service.parking import Parking
 from read_service.probe import KeySpaceChanged, KeySpaceLost
 from read_service.projections.base import Projection
 from read_service.published import PublishedState
 from read_service.session import Session
+from read_service.status import ProjectorStatus, snapshot
 from read_service.view_store import CheckpointReader
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ProjectorStatus:
-    """A snapshot of the projector, for health, logs and tests."""
-
-    projection: str
-    state: ProjectorState
-    ready: bool
-    checkpoint: int
-    head: int
-    last_applied_at: datetime | None
-    applied: int
-    duplicates: int
-    catch_ups: int
-    reconnects: int
-    # Events parked since start (each position counted once), and the one parked now, if any.
-    poison_events: int
-    parked: ParkedEvent | None = None
-    # Times the event log was found rewound under the views (read_service.rewind).
-    log_rewinds: int = 0
-    generation: str | None = None
-    # With the applying lease (read_service.lease): whether this projector applies, and who does.
-    applying: bool = True
-    lease_holder: str | None = None
-    # When the newest applied event happened (its envelope's occurred_at), for lag in seconds.
-    last_applied_occurred_at: datetime | None = None
 
 
 class Projector:
@@ -113,8 +86,9 @@ class Projector:
         )
         ctx.lease = self._lease
         self._lease_keeper: asyncio.Task[None] | None = None
-        self._keyspace = KeySpace(ctx)
-        self._session = Session(ctx, self._keyspace)
+        parking = Parking(ctx)
+        self._keyspace = KeySpace(ctx, parking)
+        self._session = Session(ctx, self._keyspace, parking)
         self._task: asyncio.Task[None] | None = None
 
     # -- life cycle -------------------------------------------------------------------------
@@ -238,6 +212,20 @@ class Projector:
     def effect_listeners(self, listeners: tuple[EffectListener, ...]) -> None:
         self._ctx.effect_listeners = listeners
 
+    @property
+    def resolution_listeners(self) -> tuple[Callable[[Sequence[str] | None], None], ...]:
+        """Called with the keys an operator's retry or skip of a parked aggregate wrote (read_service.watch)."""
+        return self._ctx.resolution_listeners
+
+    @resolution_listeners.setter
+    def resolution_listeners(self, listeners: tuple[Callable[[Sequence[str] | None], None], ...]) -> None:
+        self._ctx.resolution_listeners = listeners
+
+    @property
+    def parked_aggregates(self) -> Mapping[str, ParkedEvent]:
+        """The aggregates whose sequences are parked, by aggregate id (aggregate parking)."""
+        return self._ctx.published.parked_aggregates
+
     def changed(self) -> asyncio.Event:
         """An event set the next time the checkpoint moves (see PublishedState.changed)."""
         return self._ctx.published.changed()
@@ -248,28 +236,7 @@ class Projector:
 
     def status(self) -> ProjectorStatus:
         """A snapshot of the projector's state and counters."""
-        ctx = self._ctx
-        counters = ctx.counters
-        last = counters.last_applied_envelope
-        return ProjectorStatus(
-            projection=ctx.name,
-            state=ctx.state,
-            ready=ctx.published.ready,
-            checkpoint=ctx.checkpoint,
-            head=counters.head,
-            last_applied_at=counters.last_applied_at,
-            applied=counters.applied,
-            duplicates=counters.duplicates,
-            catch_ups=counters.catch_ups,
-            reconnects=counters.reconnects,
-            poison_events=counters.poison_events,
-            parked=ctx.parked,
-            log_rewinds=counters.log_rewinds,
-            generation=ctx.generation,
-            applying=self._lease is None or self._lease.held,
-            lease_holder=None if self._lease is None else self._lease.holder,
-            last_applied_occurred_at=None if last is None else last.occurred_at.ToDatetime(tzinfo=UTC),
-        )
+        return snapshot(self._ctx)
 
     # -- the applying lease (read_service.lease) -------------------------------------------------
 

@@ -32,10 +32,10 @@ logger = logging.getLogger(__name__)
 class Session:
     """Runs one session of a projection until it fails or is cancelled; see the module docstring."""
 
-    def __init__(self, ctx: ProjectionContext, keyspace: KeySpace) -> None:
+    def __init__(self, ctx: ProjectionContext, keyspace: KeySpace, parking: Parking) -> None:
         self._ctx = ctx
         self._keyspace = keyspace
-        self.parking = Parking(ctx)
+        self.parking = parking
         self.batches = BatchApplier(ctx, self.parking)
         self.guard = RewindGuard(ctx, keyspace)
         self.catch_up = CatchUp(ctx, self.batches, self.guard)
@@ -47,6 +47,7 @@ class Session:
         ctx = self._ctx
         await ctx.store.load_script()
         replaces = await self._keyspace.choose()
+        await self.parking.load()
         probe: asyncio.Task[None] | None = None
         ctx.pending = 0
         # Catch-up must not start before the subscription is live, or events published in

@@ -8,6 +8,7 @@ from typing import Self
 from pydantic import Field, RedisDsn, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from read_service.context import ParkingMode
 from read_service.lease import ApplyMode
 from shared_kernel.settings import CommonSettings, DatabaseSettings, GrpcServerSettings, RedisSettings
 
@@ -94,6 +95,11 @@ class ReadServiceSettings(CommonSettings, DatabaseSettings, RedisSettings, GrpcS
         description="`lease`: of the replicas (and workers) sharing a key space, the one holding the applying "
         "lease applies events and the others follow it (right for every topology); `always`: every "
         "replica applies every event itself (see docs/scaling.md).",
+    )
+    parking_mode: ParkingMode = Field(
+        default=ParkingMode.AGGREGATE,
+        description="`aggregate`: an event a projection cannot apply parks that aggregate's events and the rest "
+        "goes on; `projection`: it stops the whole projection until an operator skips it (decision 0029).",
     )
     read_lease_ttl_ms: int = Field(
         default=2000,

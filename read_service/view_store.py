@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SCRIPT = resources.files("read_service").joinpath("apply_events.lua").read_text(encoding="utf-8")
+_SETTLE_SCRIPT = resources.files("read_service").joinpath("settle_parked.lua").read_text(encoding="utf-8")
 
 
 class Outcome(enum.IntEnum):
@@ -199,6 +200,27 @@ class ViewStore:
             pipe.mget(list(keys))
             checkpoint_raw, values = await pipe.execute()
         return int(checkpoint_raw or 0), dict(zip(keys, values, strict=True))
+
+    async def snapshot_parked(
+        self, keys: Sequence[str], parked_key: str
+    ) -> tuple[int, dict[str, bytes | None], dict[bytes | str, bytes | str]]:
+        """The checkpoint, the values of `keys` and the parked hash (read_service.sequences), atomically."""
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.get(self._checkpoint_key)
+            if keys:
+                pipe.mget(list(keys))
+            pipe.hgetall(parked_key)
+            replies = await pipe.execute()
+        values = dict(zip(keys, replies[1], strict=True)) if keys else {}
+        return int(replies[0] or 0), values, replies[-1]
+
+    async def settle(self, checkpoint: int, parked_key: str, field: str, record: bytes, ops: Sequence[Op]) -> bool:
+        """Run `ops` (which write `parked_key`) if the checkpoint and the record are still as read; True if run."""
+        keys, argv = encode(self._checkpoint_key, [Segment(1, 1, ops)])
+        raw = await self._client.eval(
+            _SETTLE_SCRIPT, len(keys), *keys, checkpoint, keys.index(parked_key) + 1, field, record, argv[2]
+        )
+        return bool(raw)
 
     async def apply(self, position: int, ops: Sequence[Op]) -> ApplyResult:
         """Apply one event's ops if `position` is the checkpoint + 1."""

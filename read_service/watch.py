@@ -45,6 +45,7 @@ from read_service.applier import handles, project_run
 from read_service.keys import OrderKeys, member_id
 from read_service.near_cache import NearCache, log_stats
 from read_service.projections.base import Effect, Op, Projection
+from read_service.sequences import sequence_of
 from shared_kernel import errors
 from shared_kernel.event_log import read_positioned
 from tessera.events.v1.envelope_pb2 import EventEnvelope
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 
 async def _passed(_envelope: EventEnvelope, _exc: BaseException) -> bool:
-    """A replayed event the projection raises on is one the checkpoint passed: an operator skipped it."""
+    """A replayed event the projection raises on changed nothing: an operator skipped it, or it parked its aggregate."""
     return True
 
 
@@ -267,6 +268,26 @@ class ChangeFeed:
             # Far behind: the log has every event, so drop them and replay instead of growing.
             self._pending.clear()
         self._pending[envelope.position] = (envelope, effect)
+
+    def on_resolved(self, keys: Sequence[str] | None) -> None:
+        """The projector's listener for an operator's retry or skip: `keys` changed without a new position.
+
+        The near caches forget them; the watches of them end with UNAVAILABLE (re-opened, they
+        start from the settled values), since no position orders that change among the others.
+        None (another process settled it, the keys are unknown here): every watch ends and the
+        caches forget everything.
+        """
+        if keys is None:
+            if self._released is not None:
+                self._reset(self._released, errors.Unavailable("a parked aggregate was settled; re-open the watch"))
+            return
+        for cache in self._caches:
+            cache.invalidate(keys)
+        error = errors.Unavailable("a parked aggregate of this view was settled by an operator; re-open the watch")
+        for key in keys:
+            for watch in list(self._by_key.get(key, ())):
+                watch.end(error)
+                self.close_watch(watch)
 
     def start(self) -> asyncio.Task[None]:
         """Run the feed in a task of the running loop (once)."""
@@ -507,12 +528,22 @@ class ChangeFeed:
         self.replayed += 1
         if not self._tracked and not self._matchers:
             return Effect()
+        if self._held(envelope):
+            return Effect()
         keys = self._projection.state_keys(envelope) if handles(self._projection, envelope) else ()
         state: dict[str, bytes | None] = {k: self._tracked.get(k) for k in keys}
         with _muted(self._projection):
             projected = await project_run(self._projection, [envelope], state, skipped=_passed)
         ((_, effect),) = projected.effects
         return effect
+
+    def _held(self, envelope: EventEnvelope) -> bool:
+        """True when the event's sequence is parked at or before it: it was held, and changed nothing."""
+        published = getattr(self._projector, "published", None)
+        if published is None or not published.parked_sequences:
+            return False
+        parked = published.parked_sequences.get(sequence_of(self._projection, envelope))
+        return parked is not None and parked.position <= envelope.position
 
     def _deliver(self, envelope: EventEnvelope, effect: Effect, *, exact: bool) -> None:
         position = envelope.position
@@ -612,6 +643,8 @@ def attach_feed(
         stats_interval_s=settings.near_cache_log_interval_s,
     )
     projector.effect_listeners = (*projector.effect_listeners, feed.on_effect)
+    if hasattr(projector, "resolution_listeners"):
+        projector.resolution_listeners = (*projector.resolution_listeners, feed.on_resolved)
     feed.start()
     return feed
 

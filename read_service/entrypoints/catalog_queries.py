@@ -64,6 +64,7 @@ class ProductQueryServicer(pb_grpc.ProductQueryServiceServicer):
             lambda at: views.field_at(product_id, at),
             peek=lambda at: views.cached_field(product_id, at),
             version=field_version,
+            aggregate_id=product_id,
         )
         if field is None:
             raise errors.NotFound(f"product {product_id} not found")

@@ -114,17 +114,20 @@ class Freshness:
         marked = await self._mark(token, max_wait_ms, context)
         return marked, await self._view_position(context)
 
-    async def _mark(self, token: ConsistencyToken | None, max_wait_ms: int, context: Context) -> bool:
+    async def _mark(
+        self, token: ConsistencyToken | None, max_wait_ms: int, context: Context, aggregate_id: str | None = None
+    ) -> bool:
         """Wait for the token; send the stale and parked headers when they apply; return whether stale."""
         stale = False
         if token is not None:
             stale = not await self._wait_for(token, max_wait_ms, context)
-        return await self._headers(stale, context)
+        return await self._headers(stale, context, aggregate_id)
 
-    async def _headers(self, stale: bool, context: Context) -> bool:
+    async def _headers(self, stale: bool, context: Context, aggregate_id: str | None = None) -> bool:
         """Send the stale and parked headers when they apply; return whether the answer is stale."""
-        # A parked projection serves views exact up to the event before the parked one, and says so.
-        parked = None if self._gate is None else self._gate.parked_position()
+        # A parked projection (or aggregate) serves views exact up to the event before the parked
+        # one, and says so.
+        parked = None if self._gate is None else self._gate.parked_position(aggregate_id)
         if not stale and parked is None:
             return False
         headers = [(STALE_HEADER, "true")]
@@ -153,6 +156,7 @@ class Freshness:
         *,
         peek: Callable[[QueryCheckpoint], tuple[T] | None] | None = None,
         version: Callable[[T], int] | None = None,
+        aggregate_id: str | None = None,
     ) -> tuple[T, bool, int]:
         """Like `answer`, for a read that takes the view position itself (see QueryCheckpoint).
 
@@ -163,11 +167,12 @@ class Freshness:
         read: when the view already reflects it, that read is the answer, so the query makes
         one Redis round trip (the checkpoint and the view in one command) instead of a version
         read and then the read. Otherwise the read is repeated each time the projector moves,
-        as the wait would read the version, and the last one is the answer.
+        as the wait would read the version, and the last one is the answer. `aggregate_id`: the
+        aggregate the view shows, marked stale while its sequence is parked.
         """
         self.require_ready()
         if token is None:
-            stale = await self._headers(False, context)
+            stale = await self._headers(False, context, aggregate_id)
             at = QueryCheckpoint(self._checkpoint)
             if peek is not None:
                 hit = peek(at)
@@ -183,7 +188,7 @@ class Freshness:
                 return hit[0], await self._headers(False, context), at.position
         at = QueryCheckpoint(self._checkpoint, memory=False)
         if version is None or self._gate is None:
-            stale = await self._mark(token, max_wait_ms, context)
+            stale = await self._mark(token, max_wait_ms, context, aggregate_id)
             value = await self.read(context, lambda: work(at))
             return value, stale, at.position
         read: list[T] = []
@@ -194,7 +199,7 @@ class Freshness:
             return version(value)
 
         reflected = await self._wait_for(token, max_wait_ms, context, current)
-        stale = await self._headers(not reflected, context)
+        stale = await self._headers(not reflected, context, aggregate_id)
         if not read:  # pragma: no cover - the gate reads at least once
             read.append(await self.read(context, lambda: work(at)))
         return read[0], stale, at.position

@@ -168,6 +168,7 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
             lambda at: views.field_at(user_id, at),
             peek=lambda at: views.cached_field(user_id, at),
             version=field_version,
+            aggregate_id=user_id,
         )
         if field is None:
             raise errors.NotFound(f"user {user_id} not found")

@@ -175,6 +175,7 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
             lambda at: views.field_at(order_id, at),
             peek=lambda at: views.cached_field(order_id, at),
             version=field_version,
+            aggregate_id=order_id,
         )
         if field is None:
             raise errors.NotFound(f"order {order_id} not found")

@@ -116,6 +116,21 @@ class OrdersProjection:
             # project() raises the same error with the event in hand; nothing to read here.
             return ()
 
+    def sequence_of(self, envelope: EventEnvelope) -> str:
+        """The order an event is about (for StockReserved: the order it reserves for), as `order/<id>`.
+
+        With aggregate parking (decision 0029) the events of one sequence wait behind a parked one.
+        """
+        try:
+            if envelope.aggregate_type == ORDER_AGGREGATE:
+                return f"{ORDER_AGGREGATE}/{canonical_id(envelope.aggregate_id, 'aggregate_id')}"
+            entry = self._handlers.get(envelope.event_type)
+            if entry is not None:
+                return f"{ORDER_AGGREGATE}/{self._order_id(envelope, decode(entry[0], envelope))}"
+        except PoisonEvent:
+            pass
+        return f"{envelope.aggregate_type}/{envelope.aggregate_id}"
+
     def project(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> Effect:
         """The ops for one event; other event types change nothing but the checkpoint."""
         entry = self._handlers.get(envelope.event_type)

@@ -146,6 +146,8 @@ async def dump_keyspace(client: aioredis.Redis, prefix: str) -> dict[str, Any]:
             result[name] = await client.zrange(key, 0, -1, withscores=True)
         elif kind == "set":
             result[name] = sorted(await client.smembers(key))
+        elif kind == "list":
+            result[name] = await client.lrange(key, 0, -1)
         else:
             raise AssertionError(f"unexpected {kind} at {name}")
     return result

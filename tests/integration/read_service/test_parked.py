@@ -1,4 +1,5 @@
-"""Parked events: a projection that raises stops at the event, says so everywhere, and goes on only when skipped."""
+"""Projection parking (PARKING_MODE=projection): a projection that raises stops at the event, says so
+everywhere, and goes on only when skipped. Aggregate parking, the default, is in test_sequenced_parking.py."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from read_service.bootstrap import running_read_service
 from read_service.consistency import PARKED_HEADER, STALE_HEADER
 from read_service.generations import parked_events, skip_field, skips_key
 from read_service.projections.users import UsersProjection
-from read_service.projector import ProjectorState
+from read_service.projector import ParkingMode, ProjectorState
 from read_service.projector_metrics import register_projector_metrics
 from shared_kernel.event_log import NewEvent
 from tessera.users.v1 import user_query_service_pb2 as pb
@@ -78,7 +79,7 @@ async def test_a_projection_that_raises_parks_the_event_and_applies_nothing_afte
 ):
     first_id, broken, after_id = await _log_with_a_broken_event(event_log, users, db_pool)
 
-    projector = await start_projector(probe_interval_s=0.1)
+    projector = await start_projector(probe_interval_s=0.1, parking=ParkingMode.PROJECTION)
     await eventually(lambda: projector.ready and projector.parked is not None)
 
     # The views stay exact as of the position before the parked event, and keep being served.
@@ -139,7 +140,7 @@ async def test_any_exception_from_the_projection_parks(
         return real(self, envelope, state)
 
     monkeypatch.setattr(UsersProjection, "project", flaky)
-    projector = await start_projector(batch_size=2)
+    projector = await start_projector(batch_size=2, parking=ParkingMode.PROJECTION)
     await eventually(lambda: projector.parked is not None)
     assert projector.checkpoint == 2
     assert projector.parked is not None and projector.parked.error == "KeyError: 'a bug'"
@@ -161,7 +162,7 @@ async def test_the_admin_cli_lists_and_skips_parked_events(
     redis_prefix: str,
 ):
     _, broken, _ = await _log_with_a_broken_event(event_log, users, db_pool)
-    projector = await start_projector(probe_interval_s=0.1)
+    projector = await start_projector(probe_interval_s=0.1, parking=ParkingMode.PROJECTION)
     await eventually(lambda: projector.parked is not None)
     env = {**os.environ, "REDIS_URL": redis_server_url, "REDIS_KEY_PREFIX": redis_prefix, "DATABASE_URL": database_url}
 
@@ -204,6 +205,7 @@ async def test_queries_of_a_parked_projection_say_so_and_the_replica_keeps_servi
 ):
     first_id, _, _ = await _log_with_a_broken_event(event_log, users, db_pool)
     settings = settings_for(database_url, redis_server_url, redis_prefix)
+    settings = settings.model_copy(update={"parking_mode": ParkingMode.PROJECTION})
     async with running_read_service(settings) as service:
         users_projector = service.projector
         await eventually(lambda: users_projector.ready and users_projector.parked is not None)

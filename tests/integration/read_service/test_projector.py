@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from read_service.keys import SortField, Subset, UserKeys
-from read_service.projector import ProjectorState
+from read_service.projector import ParkingMode, ProjectorState
 from shared_kernel.event_log import NewEvent
 from tessera.events.v1.envelope_pb2 import StreamHead
 from tessera.users.v1.user_query_service_pb2 import UserView
@@ -288,7 +288,7 @@ async def test_unknown_events_advance_the_checkpoint_and_unreadable_ones_park(
     await event_log.append(foreign, broken, good)
     await db_pool.execute("UPDATE outbox SET payload = '\\xffff'::bytea WHERE event_id = $1", broken.event_id)
 
-    projector = await start_projector()
+    projector = await start_projector(parking=ParkingMode.PROJECTION)
     await eventually(lambda: projector.ready and projector.parked is not None)
 
     # The foreign event changes nothing but the checkpoint; the unreadable one stops the projection
