@@ -19,6 +19,7 @@ from opentelemetry import trace
 
 from read_service.applier import handles, project_run
 from read_service.context import ParkingMode, ProjectionContext
+from read_service.log_guard import Fingerprint
 from read_service.parking import Parking
 from read_service.projections.base import Op
 from read_service.sequences import ParkedSequences
@@ -61,6 +62,7 @@ class BatchApplier:
         run = consecutive_after(events, base)
         if not run:
             return base
+        ctx.fingerprint = Fingerprint(run[-1].position, run[-1].event_id)
         spans: dict[int, trace.Span] = {}
         try:
             items, poison, error = await self._project(run, state, spans, sequences)
@@ -115,7 +117,7 @@ class BatchApplier:
         if pending <= ctx.checkpoint:
             return
         ctx.check_lease()
-        before, after = await ctx.store.write([Segment(ctx.checkpoint + 1, pending)])
+        before, after = await ctx.store.write([Segment(ctx.checkpoint + 1, pending)], ctx.fingerprint)
         self._count(before, after, [])
         await ctx.observe_checkpoint(after)
 
@@ -170,7 +172,7 @@ class BatchApplier:
         """Write `items` (from position `first`, taking pending no-op events along) in one call; record it."""
         ctx = self._ctx
         ctx.check_lease()
-        before, after = await ctx.store.write(segments(items, first))
+        before, after = await ctx.store.write(segments(items, first), ctx.fingerprint)
         if after >= ctx.pending:
             ctx.pending = 0
             ctx.pending_since = 0.0

@@ -16,6 +16,7 @@ import time
 
 from read_service.batches import BatchApplier
 from read_service.context import ProjectionContext, ProjectorState
+from read_service.rewind import RewindGuard
 from shared_kernel.event_log import head_position, read_positioned
 
 logger = logging.getLogger(__name__)
@@ -24,9 +25,10 @@ logger = logging.getLogger(__name__)
 class CatchUp:
     """Catches one projection up with the event log; see the module docstring."""
 
-    def __init__(self, ctx: ProjectionContext, batches: BatchApplier) -> None:
+    def __init__(self, ctx: ProjectionContext, batches: BatchApplier, guard: RewindGuard) -> None:
         self._ctx = ctx
         self._batches = batches
+        self._guard = guard
 
     async def run(self, target: int, building: bool = False) -> None:
         """Apply the log from the checkpoint to its head, and to at least `target`.
@@ -40,6 +42,8 @@ class CatchUp:
         ctx.counters.catch_ups += 1
         started = time.monotonic()
         gap_deadline: float | None = None
+        # The views may hold events the log has lost since (a failover): check first.
+        await self._guard.check()
         while True:
             checkpoint = await ctx.store.checkpoint()
             await ctx.observe_checkpoint(checkpoint)

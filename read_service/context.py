@@ -25,6 +25,7 @@ from read_service.applier import EffectListener
 from read_service.event_source import EventSource
 from read_service.generations import Generations, ParkedEvent
 from read_service.lease import ApplyingLease, LeaseOptions
+from read_service.log_guard import Fingerprint
 from read_service.projections.base import Projection
 from read_service.published import PublishedState
 from read_service.view_store import ViewStore
@@ -121,6 +122,8 @@ class Counters:
     reconnects: int = 0
     # Events parked since start (each position counted once).
     poison_events: int = 0
+    # Times the event log was found rewound under the views (read_service.rewind).
+    log_rewinds: int = 0
     last_applied_at: datetime | None = None
     last_applied_envelope: EventEnvelope | None = None
 
@@ -153,6 +156,8 @@ class ProjectionContext:
     resolution_listeners: tuple[Callable[[Sequence[str] | None], None], ...] = ()
     # Set once a session (or the follower) worked: a later failure is a new outage.
     session_caught_up: bool = False
+    # The last event of the newest run seen, stored with the next write (read_service.log_guard).
+    fingerprint: Fingerprint | None = None
 
     def __post_init__(self) -> None:
         self.store = ViewStore(self.client, self.projection.checkpoint_key)

@@ -132,6 +132,17 @@ class KeySpace:
         if replaces:
             self._drop_later(replaces, ctx.options.switch_grace_s)
 
+    async def forget(self) -> None:
+        """Stop serving the generation in use: remove the pointer if it still names it (every replica
+        then builds a new one from the log), or, without generations, the checkpoint."""
+        ctx = self._ctx
+        generations, generation = ctx.links.generations, ctx.generation
+        if generations is None or generation is None:
+            await ctx.client.delete(ctx.projection.checkpoint_key)
+            return
+        if await generations.forget(generation):
+            self._drop_later(generation, ctx.options.switch_grace_s)
+
     async def close(self) -> None:
         """Stop the drops still waiting."""
         for cleanup in list(self._cleanup):

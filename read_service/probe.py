@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import TYPE_CHECKING
 
 from read_service.context import ProjectionContext
 from read_service.event_source import Inbound, Kind
+from read_service.log_guard import Fingerprint, fingerprint_key
 from read_service.parking import Parking
+
+if TYPE_CHECKING:
+    from read_service.rewind import RewindGuard  # it raises this module's KeySpaceLost
 
 
 class KeySpaceLost(Exception):
@@ -29,9 +34,10 @@ class KeySpaceChanged(Exception):
 class Probe:
     """Checks one projection's key space; see the module docstring."""
 
-    def __init__(self, ctx: ProjectionContext, parking: Parking) -> None:
+    def __init__(self, ctx: ProjectionContext, parking: Parking, guard: RewindGuard) -> None:
         self._ctx = ctx
         self._parking = parking
+        self._guard = guard
 
     async def check(self) -> bool:
         """Raise KeySpaceLost or KeySpaceChanged as the probe finds; True when parked work may go on."""
@@ -42,7 +48,8 @@ class Probe:
         async with ctx.client.pipeline(transaction=False) as pipe:
             pipe.get(ctx.meta.pointer)
             pipe.get(ctx.projection.checkpoint_key)
-            pointer_raw, checkpoint_raw = await pipe.execute()
+            pipe.get(fingerprint_key(ctx.projection.checkpoint_key))
+            pointer_raw, checkpoint_raw, fingerprint_raw = await pipe.execute()
         pointer = None if pointer_raw is None else bytes(pointer_raw).decode()
         checkpoint = int(checkpoint_raw or 0)
         with_generations = ctx.links.generations is not None
@@ -54,6 +61,7 @@ class Probe:
         if checkpoint < known:
             await ctx.set_ready(False)
             raise KeySpaceLost(f"the checkpoint went back from {known} to {checkpoint}")
+        await self._guard.check(Fingerprint.decode(fingerprint_raw))
         return await self._parking.may_resume(checkpoint)
 
     async def watch(self, inbox: asyncio.Queue[Inbound]) -> None:

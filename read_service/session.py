@@ -23,6 +23,7 @@ from read_service.event_source import Inbound, Kind, Subscriber, stop_task
 from read_service.keyspace import KeySpace
 from read_service.parking import Parking
 from read_service.probe import Probe
+from read_service.rewind import RewindGuard
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ class Session:
         self._keyspace = keyspace
         self.parking = parking
         self.batches = BatchApplier(ctx, self.parking)
-        self.catch_up = CatchUp(ctx, self.batches)
-        self.probe = Probe(ctx, self.parking)
+        self.guard = RewindGuard(ctx, keyspace)
+        self.catch_up = CatchUp(ctx, self.batches, self.guard)
+        self.probe = Probe(ctx, self.parking, self.guard)
         self._subscriber: Subscriber | None = None
 
     async def run(self) -> None:
@@ -161,7 +163,10 @@ class Session:
             return
         # A relay re-publish can repeat positions: keep one envelope per position, in order.
         fresh = sorted({e.position: e for e in envelopes if e.position > seen}.values(), key=lambda e: e.position)
-        ctx.counters.duplicates += len(envelopes) - len(fresh)
+        if len(fresh) < len(envelopes):
+            # Repeated positions: a relay re-publishing, or a log that went back (a failover).
+            ctx.counters.duplicates += len(envelopes) - len(fresh)
+            await self.guard.check()
         # The batch starts from the checkpoint in Redis, which another replica sharing the
         # views may have moved past ours; a gap before or inside the run is left to the log.
         if fresh and await self.batches.apply(fresh, defer=True) < highest:

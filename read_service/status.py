@@ -26,6 +26,8 @@ class ProjectorStatus:
     # Events parked since start (each position counted once), and the one parked now, if any.
     poison_events: int
     parked: ParkedEvent | None = None
+    # Times the event log was found rewound under the views (read_service.rewind).
+    log_rewinds: int = 0
     generation: str | None = None
     # With the applying lease (read_service.lease): whether this projector applies, and who does.
     applying: bool = True
@@ -54,6 +56,7 @@ def snapshot(ctx: ProjectionContext) -> ProjectorStatus:
         reconnects=counters.reconnects,
         poison_events=counters.poison_events,
         parked=ctx.parked,
+        log_rewinds=counters.log_rewinds,
         generation=ctx.generation,
         applying=lease is None or lease.held,
         lease_holder=None if lease is None else lease.holder,

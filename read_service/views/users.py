@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from read_service.keys import SortField, Subset, UserKeys, email_key, member_user_id
 from read_service.near_cache import NearCache
 from read_service.view_store import QueryCheckpoint, ViewReader
+from read_service.views.checkpointed import first_read
 from read_service.views.wire import view_bytes, view_field
 from tessera.common.v1.money_pb2 import Money
 from tessera.users.v1.user_query_service_pb2 import UserView
@@ -185,15 +187,15 @@ class UserViews:
         """The user with this e-mail address (any case), or None."""
         return _parse(await self.field_by_email(email))
 
-    async def field_by_email(self, email: str) -> bytes | None:
-        """Like `get_by_email`, as field 1 of a reply."""
-        user_id = await self._client.hget(self._keys.by_email, email_key(email))
+    async def field_by_email(self, email: str, at: QueryCheckpoint | None = None) -> bytes | None:
+        """Like `get_by_email`, as field 1 of a reply; `at`'s checkpoint is read with the e-mail lookup."""
+        (user_id,) = await first_read(self._client, at, lambda pipe: pipe.hget(self._keys.by_email, email_key(email)))
         if user_id is None:
             return None
         return await self.get_field(_as_bytes(user_id).decode())
 
-    async def list_page(self, query: ListUsersQuery) -> UserPage:
-        """One page in index order, starting after the query's cursor.
+    async def list_page(self, query: ListUsersQuery, at: QueryCheckpoint | None = None) -> UserPage:
+        """One page in index order, starting after the query's cursor; `at`'s checkpoint is read with the first range.
 
         Without a search every index member is a hit. With one, members are read in chunks
         and filtered here; at most `scan_limit` members are read per call, so a rare search
@@ -211,7 +213,8 @@ class UserViews:
         exhausted = False
         while len(hits) < wanted:
             count = chunk if budget is None else min(chunk, budget - scanned)
-            members = await self._range(index, cursor, query.descending, count)
+            members = await self._range(index, cursor, query.descending, count, at)
+            at = None
             raw_views = await self._client.mget([self._keys.view(member_user_id(m)) for m in members])
             for member, raw in zip(members, raw_views, strict=True):
                 scanned += 1
@@ -240,12 +243,17 @@ class UserViews:
         await self._add_spending(views)
         return UserPage(views, next_cursor)
 
-    async def _range(self, index: str, cursor: bytes | None, descending: bool, count: int) -> list[bytes]:
-        if descending:
-            high = b"(" + cursor if cursor is not None else b"+"
-            members = await self._client.zrange(index, high, b"-", desc=True, bylex=True, offset=0, num=count)
-        else:
-            low = b"(" + cursor if cursor is not None else b"-"
-            members = await self._client.zrange(index, low, b"+", bylex=True, offset=0, num=count)
+    async def _range(
+        self, index: str, cursor: bytes | None, descending: bool, count: int, at: QueryCheckpoint | None
+    ) -> list[bytes]:
+        def queue(pipe: Pipeline) -> None:
+            if descending:
+                high = b"(" + cursor if cursor is not None else b"+"
+                pipe.zrange(index, high, b"-", desc=True, bylex=True, offset=0, num=count)
+            else:
+                low = b"(" + cursor if cursor is not None else b"-"
+                pipe.zrange(index, low, b"+", bylex=True, offset=0, num=count)
+
+        (members,) = await first_read(self._client, at, queue)
         # BYLEX without scores answers a flat list of members.
         return [m for m in members if isinstance(m, bytes)]

@@ -20,8 +20,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from shared_kernel import errors
+from write_service.commands.base import ChangeCommand
 from write_service.domain.aggregate import Aggregate
-from write_service.domain.commands import ChangeCommand
 from write_service.service_layer.deadline import Deadline
 
 

@@ -22,10 +22,11 @@ from typing import Any, Protocol, TypeVar, cast
 from shared_kernel.auth import ANONYMOUS
 from shared_kernel.errors import Conflict, FailedPrecondition, NotFound
 from shared_kernel.event_log import NewEvent
+from write_service.commands.base import ChangeCommand, Command
 from write_service.domain.aggregate import Aggregate
-from write_service.domain.commands import ChangeCommand, Command
 from write_service.service_layer.aggregate_turns import AggregateTurns
 from write_service.service_layer.deadline import Deadline
+from write_service.service_layer.event_bus import Policies, handle_domain_events, integration_events
 from write_service.service_layer.idempotency import key_reused
 from write_service.service_layer.ports import (
     CommandLogEntry,
@@ -52,6 +53,8 @@ class Dependencies:
     new_id: Callable[[], uuid.UUID] = uuid.uuid4
     # Shared by every command of the process: one command at a time per aggregate.
     turns: AggregateTurns = field(default_factory=AggregateTurns)
+    # The policies domain events go to; None: every context's (service_layer.handler_table.POLICIES).
+    policies: Policies | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +153,11 @@ async def change_aggregate(
                 if held is None:
                     raise
                 raise Conflict(f"{command.aggregate_type} {command.aggregate_id} is read again") from exc
+            # The policies read before any write is queued: a read after a write would cost
+            # an explicit transaction and two more round trips.
+            published = await publishable_events(uow, aggregate, deps)
             await repository.save(aggregate)
-            result = await commit(uow, command, aggregate, deps, meta)
+            result = await commit(uow, command, aggregate, deps, meta, published=published)
             turn.state = copy.deepcopy(aggregate)
             return result
 
@@ -199,14 +205,32 @@ async def stored_reply(
     )
 
 
+async def publishable_events(uow: UnitOfWork, aggregate: Aggregate, deps: Dependencies) -> list[NewEvent]:
+    """Hand the aggregate's events to their policies (in this unit of work); the integration events of all."""
+    handled = await handle_domain_events(uow, tuple(aggregate.pending_events), deps.clock(), deps.policies)
+    return integration_events(handled)
+
+
 async def commit(
-    uow: UnitOfWork, command: Command, aggregate: Aggregate, deps: Dependencies, meta: CommandMeta
+    uow: UnitOfWork,
+    command: Command,
+    aggregate: Aggregate,
+    deps: Dependencies,
+    meta: CommandMeta,
+    *,
+    published: list[NewEvent] | None = None,
 ) -> CommandResult:
-    """Append the aggregate's new events, the command-log row and any stored reply, then commit."""
+    """Append the integration events, the command-log row and any stored reply, then commit.
+
+    `published` is what `publishable_events` returned, when the caller ran the policies
+    before queueing its own write; otherwise they run here.
+    """
     events = tuple(aggregate.pending_events)
     claim = meta.idempotency
+    if published is None:
+        published = await publishable_events(uow, aggregate, deps)
     completed_at = deps.clock()
-    await uow.append_events(events, correlation_id=meta.correlation_id, causation_id=str(meta.command_id))
+    await uow.append_events(published, correlation_id=meta.correlation_id, causation_id=str(meta.command_id))
     await uow.log_command(
         CommandLogEntry(
             command_id=meta.command_id,
@@ -217,7 +241,7 @@ async def commit(
             received_at=meta.received_at,
             completed_at=completed_at,
             outcome="succeeded",
-            event_ids=tuple(e.event_id for e in events),
+            event_ids=tuple(e.event_id for e in published),
             summary=command.summary(),
             principal=meta.principal,
             idempotency_key=claim.scope.key if claim is not None else "",

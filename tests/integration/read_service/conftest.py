@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from read_service.generations import replica_generations
 from read_service.keys import UserKeys
 from read_service.projections.base import Projection
 from read_service.projections.users import UsersProjection
@@ -204,6 +205,49 @@ async def start_projector(
         started.append((projector, client))
         projector.start()
         return projector
+
+    yield start
+    for projector, client in reversed(started):
+        await projector.stop()
+        await client.aclose()
+
+
+Replica = Callable[..., Awaitable[tuple[Projector, UserKeys, list[bool]]]]
+
+
+@pytest.fixture
+async def start_replica(
+    redis_server_url: str, db_pool, redis_prefix: str, redis_client: aioredis.Redis
+) -> AsyncIterator[Replica]:
+    """Start a projector with generations, as a replica runs it; return it, its query keys and readiness log."""
+    started: list[tuple[Projector, aioredis.Redis]] = []
+
+    async def start(
+        cls: type[UsersProjection] = UsersProjection, **options: Any
+    ) -> tuple[Projector, UserKeys, list[bool]]:
+        client = aioredis.Redis.from_url(redis_server_url, socket_timeout=5)
+        query_keys = UserKeys(redis_prefix)
+        projection = cls(UserKeys(redis_prefix))
+        readiness: list[bool] = []
+
+        async def record(ready: bool) -> None:
+            readiness.append(ready)
+
+        options.setdefault("backoff_initial_s", 0.05)
+        options.setdefault("backoff_max_s", 0.5)
+        options.setdefault("probe_interval_s", 0.2)
+        projector = make_projector(
+            client,
+            db_pool,
+            projection,
+            redis_prefix,
+            on_readiness_change=record,
+            generations=replica_generations(client, redis_prefix, projection, lambda p: cls(UserKeys(p)), query_keys),
+            **options,
+        )
+        started.append((projector, client))
+        projector.start()
+        return projector, query_keys, readiness
 
     yield start
     for projector, client in reversed(started):

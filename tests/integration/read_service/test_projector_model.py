@@ -25,7 +25,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 import read_service.catch_up as catch_up_module
+import read_service.rewind as rewind_module
 from read_service.keys import SortField, Subset, UserKeys
+from read_service.log_guard import Fingerprint, LogRewound
 from read_service.projections.users import UsersProjection
 from read_service.projector import Projector
 from shared_kernel.event_log import events_channel, head_channel
@@ -56,6 +58,16 @@ class FakeLog:
 
 async def fake_head_position(log: FakeLog) -> int:
     return await log.head()
+
+
+async def fake_check_log(log: FakeLog, fingerprint: Fingerprint | None) -> int:
+    """read_service.log_guard.check_log over the fake log (which only ever grows)."""
+    head = len(log.events)
+    if fingerprint is not None and (
+        head < fingerprint.position or log.events[fingerprint.position - 1].event_id != fingerprint.event_id
+    ):
+        raise LogRewound(fingerprint, head, None)
+    return head
 
 
 async def fake_read_positioned(log: FakeLog, after: int, limit: int, up_to: int | None = None) -> list[EventEnvelope]:
@@ -240,6 +252,7 @@ def test_the_projector_matches_the_model_whatever_the_deliveries(
 ) -> None:
     monkeypatch.setattr(catch_up_module, "head_position", fake_head_position)
     monkeypatch.setattr(catch_up_module, "read_positioned", fake_read_positioned)
+    monkeypatch.setattr(rewind_module, "check_log", fake_check_log)
     ProjectorMachine.redis_url = redis_server_url
     run_state_machine_as_test(
         ProjectorMachine,

@@ -115,7 +115,7 @@ def comparable(dump: dict[str, Any]) -> dict[str, Any]:
     """A key space's views, checkpoint and parked records, without what differs by who wrote them."""
     result: dict[str, Any] = {}
     for name, value in dump.items():
-        if name.startswith("meta:") or name.endswith(":parking-requests"):
+        if name.startswith("meta:") or name.endswith((":parking-requests", ":fingerprint")):
             continue
         result[name] = value
         if name.endswith(":parked"):
