@@ -42,10 +42,10 @@ class CatchUp:
         ctx.counters.catch_ups += 1
         started = time.monotonic()
         gap_deadline: float | None = None
-        # The views may hold events the log has lost since (a failover): check first.
-        await self._guard.check()
+        # The views may hold events the log has lost since (a failover): checked beside the
+        # first read, before anything is applied.
+        _, checkpoint = await asyncio.gather(self._guard.check(), ctx.store.checkpoint())
         while True:
-            checkpoint = await ctx.store.checkpoint()
             await ctx.observe_checkpoint(checkpoint)
             head = max(await head_position(ctx.pool), target)
             ctx.counters.head = max(ctx.counters.head, head)
@@ -75,6 +75,7 @@ class CatchUp:
                 )
                 break
             await asyncio.sleep(0.05)
+            checkpoint = await ctx.store.checkpoint()
         logger.debug(
             "caught up",
             extra={

@@ -43,6 +43,7 @@ from tessera.orders.v1.order_query_service_pb2_grpc import OrderQueryServiceStub
 from tests.unit.read_service.order_events import Events
 
 from .conftest import EventLog, Publisher, StartProjector, UserFactory, dump_keyspace, eventually, make_projector
+from .test_lease import two_projectors
 from .test_service import health_status, settings_for
 
 pytestmark = pytest.mark.integration
@@ -115,7 +116,7 @@ def comparable(dump: dict[str, Any]) -> dict[str, Any]:
     """A key space's views, checkpoint and parked records, without what differs by who wrote them."""
     result: dict[str, Any] = {}
     for name, value in dump.items():
-        if name.startswith("meta:") or name.endswith(":parking-requests"):
+        if name.startswith("meta:") or name.endswith((":parking-requests", ":fingerprint")):
             continue
         result[name] = value
         if name.endswith(":parked"):
@@ -411,3 +412,33 @@ async def test_watches_skip_held_events_live_and_replayed_and_end_when_an_operat
     finally:
         await own.close()
         await replayed.close()
+
+
+async def test_a_lease_follower_marks_the_holders_parked_aggregates_and_notices_them_settled(
+    event_log: EventLog,
+    users: UserFactory,
+    publisher: Publisher,
+    start_projector: StartProjector,
+    db_pool: asyncpg.Pool[Any],
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    holder, follower = await two_projectors(start_projector, probe_interval_s=0.1)
+    settled_elsewhere: list[Any] = []
+    follower.resolution_listeners = (settled_elsewhere.append,)
+    user_id, registered = users.register("ada@example.com", "ada")
+    broken = users.update(user_id, "bad")
+    await event_log.append(registered, broken)
+    original = await db_pool.fetchval("SELECT payload FROM outbox WHERE event_id = $1", broken.event_id)
+    await db_pool.execute(BROKEN_PAYLOAD, broken.event_id)
+    await publish_all(publisher, await read_positioned(db_pool, 0, 2))
+    # Queries on the follower mark the aggregate as the holder's do.
+    await eventually(lambda: follower.checkpoint == 2 and user_id in follower.parked_aggregates)
+    assert follower.published.parked_position(user_id) == 2
+    assert holder.published.parked_position(user_id) == 2
+
+    await db_pool.execute("UPDATE outbox SET payload = $1 WHERE event_id = $2", original, broken.event_id)
+    await request(redis_client, redis_prefix, "users", user_id, "retry", by="oncall", reason="mended")
+    await eventually(lambda: not holder.parked_aggregates and not follower.parked_aggregates)
+    # The follower cannot know which keys the holder's settle wrote: its caches and watches start over.
+    assert settled_elsewhere == [None]

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from read_service.generations import keyspace_prefix
 from read_service.keys import UserKeys
 from read_service.projections.users import UsersProjection
+from read_service.projector import ParkingMode
 from read_service.rebuild import ProjectionSpec, rebuild
 from read_service.watch import Watches, WatchLimiter
 from shared_kernel.event_log import NewEvent
@@ -168,7 +169,8 @@ async def test_a_version_this_code_does_not_know_is_parked(
     redis_prefix: str,
     schema_version: int,
 ) -> None:
-    projector = await start_projector()
+    # Projection parking, so that the park is the projection's (aggregate parking: decision 0029).
+    projector = await start_projector(parking=ParkingMode.PROJECTION)
     await eventually(lambda: projector.ready)
     ids, events = _pair()
     _, unknown = _registered(schema_version)
