@@ -60,3 +60,14 @@ def test_no_command_defaults_to_a_context() -> None:
     assert "aggregate_type" not in vars(Command) or not isinstance(vars(Command)["aggregate_type"], str)
     assert not isinstance(vars(ChangeCommand).get("aggregate_type"), str)
     assert {command.aggregate_type for command in HANDLERS} == {"user", "product", "order"}
+
+
+def test_the_saga_orchestrator_keeps_only_its_own_state() -> None:
+    """Its SQL touches saga rows, the step log and (read-only, for tracing) the outbox: orders,
+    products and reservations change only through the domain and the unit of work."""
+    import re
+
+    source = (ROOT / "write_service" / "saga" / "orchestrator.py").read_text(encoding="utf-8")
+    tables = set(re.findall(r"\b(?:FROM|UPDATE|INTO|JOIN)\s+([a-z_]+)", source))
+    assert tables <= {"saga_executions", "saga_steps", "outbox"}, tables
+    assert "write_service.domain.orders" in source

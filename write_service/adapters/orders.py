@@ -31,10 +31,15 @@ SELECT {ORDER_COLUMNS},
         FROM stock_reservations AS r WHERE r.order_id = o.id AND r.released_at IS NULL) AS reservations
 FROM orders AS o WHERE o.id = $1
 """  # noqa: S608 - constant columns
-_SELECT_LOCKED = _SELECT.rstrip() + " FOR UPDATE OF o"  # a retry after a lost guard (`Calls.lock_reads`)
+# Locked reads (a retry after a lost guard, `Calls.lock_reads`, or a saga step) lock the
+# order rows first and read them in a second statement: a statement that waited for a row
+# lock sees the row's new version but its sub-selects (the lines, the reservations) still
+# see the snapshot taken before the wait, so one statement could return a line list older
+# than the row it locked.
+_LOCK = "SELECT 1 FROM orders WHERE id = $1 FOR UPDATE"
 # The same columns for a customer's orders in some statuses (orders_customer_idx answers it).
 _SELECT_OF_CUSTOMER = _SELECT.replace("WHERE o.id = $1", "WHERE o.customer_id = $1 AND o.status = ANY($2::text[])")
-_SELECT_OF_CUSTOMER_LOCKED = _SELECT_OF_CUSTOMER.rstrip() + " ORDER BY o.id FOR UPDATE OF o"
+_LOCK_OF_CUSTOMER = "SELECT 1 FROM orders WHERE customer_id = $1 AND status = ANY($2::text[]) ORDER BY id FOR UPDATE"
 
 _INSERT = f"""
 INSERT INTO orders ({ORDER_COLUMNS})
@@ -136,13 +141,17 @@ class PostgresOrderRepository(OrderRepository):
 
     async def get(self, order_id: uuid.UUID) -> orders.Order | None:
         """The order with its lines as stored now; its save is guarded by the version read here."""
-        row = await self._calls.fetchrow(_SELECT_LOCKED if self._calls.lock_reads else _SELECT, order_id)
+        if self._calls.lock_reads:
+            await self._calls.fetch(_LOCK, order_id)
+        row = await self._calls.fetchrow(_SELECT, order_id)
         return self._order(row) if row is not None else None
 
     async def awaiting_payment_of(self, customer_id: uuid.UUID) -> list[orders.Order]:
         """The customer's pending and reserved orders, in one read; each save is guarded by the version read."""
-        query = _SELECT_OF_CUSTOMER_LOCKED if self._calls.lock_reads else _SELECT_OF_CUSTOMER
-        rows = await self._calls.fetch(query, customer_id, list(orders.AWAITING_PAYMENT))
+        statuses = list(orders.AWAITING_PAYMENT)
+        if self._calls.lock_reads:
+            await self._calls.fetch(_LOCK_OF_CUSTOMER, customer_id, statuses)
+        rows = await self._calls.fetch(_SELECT_OF_CUSTOMER, customer_id, statuses)
         return sorted((self._order(row) for row in rows), key=lambda order: order.id)
 
     def _order(self, row: asyncpg.Record) -> orders.Order:

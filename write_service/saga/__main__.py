@@ -49,7 +49,9 @@ async def serve(
     shutdown_signal: Callable[[], Awaitable[None]] = wait_for_shutdown_signal,
 ) -> None:
     """Open the pool and the provider channel, drive sagas until `shutdown_signal` returns, then close."""
-    pool = await create_pool(settings, APPLICATION_NAME, wait_s=settings.database_startup_wait_s)
+    # No server-side reset on release, as in the write service: a step's session state is
+    # transaction-local (SET LOCAL), and the reset cost a round trip per step.
+    pool = await create_pool(settings, APPLICATION_NAME, wait_s=settings.database_startup_wait_s, reset_sessions=False)
     channel = grpc.aio.insecure_channel(settings.payment_provider_address)
     secondary_address = settings.payment_provider_secondary_address
     secondary_channel = grpc.aio.insecure_channel(secondary_address) if secondary_address else None
