@@ -419,3 +419,70 @@ async def test_a_follower_without_watches_reads_nothing_from_the_log_and_its_cac
         assert change.value is not None and UserView.FromString(change.value).full_name == "Watched"
         await stream.aclose()
         assert pool.fetches >= 1
+
+
+async def test_a_resumed_watch_replays_every_change_after_its_position_then_goes_on_live(
+    database_url: str,
+    redis_server_url: str,
+    redis_prefix: str,
+    event_log: EventLog,
+    users: UserFactory,
+    publisher: Publisher,
+) -> None:
+    watched, registered = users.register("resume@example.com", "resume")
+    other, other_registered = users.register("other@example.com", "other")
+    envelopes = await event_log.append(registered, other_registered)
+    for n in range(6):
+        envelopes += await event_log.append(users.update(watched, f"Resume {n}"), users.update(other, f"Other {n}"))
+    # (version, position) of each event of the watched user, in log order: versions 1..7.
+    history = [(e.aggregate_version, e.position) for e in envelopes if e.aggregate_id == watched]
+    assert [v for v, _ in history] == list(range(1, 8))
+    settings = settings_for(database_url, redis_server_url, redis_prefix)
+    async with running_read_service(settings) as service:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+        try:
+            stub = UserQueryServiceStub(channel)
+            head = await event_log.head()
+            await eventually(lambda: service.projector.ready and service.projector.checkpoint == head)
+
+            async def received(after: int, count: int) -> list[tuple[int, int, str]]:
+                call = stub.WatchUser(pb.WatchUserRequest(user_id=watched, after_position=after), timeout=30)
+                got = []
+                for _ in range(count):
+                    message = await asyncio.wait_for(call.read(), 10)
+                    assert isinstance(message, pb.WatchUserResponse) and message.exists
+                    got.append((message.version, message.view_position, message.user.full_name))
+                call.cancel()
+                return got
+
+            # From the position of version 2: versions 3..7 at their own positions, each view as it was then.
+            after = history[1][1]
+            got = await received(after, 5)
+            assert [(v, p) for v, p, _ in got] == history[2:]
+            assert [name for _, _, name in got] == [f"Resume {n}" for n in range(1, 6)]
+            # From before the first event: every version, the registration first.
+            assert [(v, p) for v, p, _ in await received(0, 7)] == history
+
+            # From the head: nothing until the next change, which comes live.
+            call = stub.WatchUser(pb.WatchUserRequest(user_id=watched, after_position=head), timeout=30)
+            reading = asyncio.ensure_future(call.read())
+            (update,) = await event_log.append(users.update(watched, "Live"))
+            await publisher.event(update)
+            message = await asyncio.wait_for(reading, 10)
+            assert isinstance(message, pb.WatchUserResponse)
+            assert (message.version, message.view_position, message.user.full_name) == (8, update.position, "Live")
+            call.cancel()
+
+            # Without a resume point the watch starts with the view now, as before.
+            plain = stub.WatchUser(pb.WatchUserRequest(user_id=watched), timeout=30)
+            first = await asyncio.wait_for(plain.read(), 10)
+            assert isinstance(first, pb.WatchUserResponse) and first.version == 8
+            plain.cancel()
+
+            # A position above the event log's head was never sent by any replica.
+            bad = stub.WatchUser(pb.WatchUserRequest(user_id=watched, after_position=update.position + 100), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await bad.read()
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        finally:
+            await channel.close()
