@@ -96,10 +96,10 @@ async def test_resumed_order_watches_send_what_a_live_watch_sent_after_that_posi
 
             for k in (0, 1, len(customer_live) // 2, len(customer_live) - 2):
                 after = customer_live[k].view_position
-                resumed = stub.WatchOrdersByCustomer(
+                by_customer = stub.WatchOrdersByCustomer(
                     opb.WatchOrdersByCustomerRequest(customer_id=customer_id, after_position=after), timeout=30
                 )
-                assert wire(await read(resumed, len(customer_live) - k - 1)) == wire(customer_live[k + 1 :]), k
-                resumed.cancel()
+                assert wire(await read(by_customer, len(customer_live) - k - 1)) == wire(customer_live[k + 1 :]), k
+                by_customer.cancel()
         finally:
             await channel.close()
