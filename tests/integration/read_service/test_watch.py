@@ -19,7 +19,7 @@ from read_service.near_cache import NearCache
 from read_service.projections.users import UsersProjection
 from read_service.projector import Projector
 from read_service.views.users import UserViews
-from read_service.watch import Change, ChangeFeed, Watches, WatchLimiter
+from read_service.watch import Change, ChangeFeed, Watches, WatchLimiter, resume_at
 from shared_kernel import errors
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1.user_query_service_pb2 import UserView
@@ -486,3 +486,42 @@ async def test_a_resumed_watch_replays_every_change_after_its_position_then_goes
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         finally:
             await channel.close()
+
+
+async def test_a_resume_point_ahead_of_the_replica_sends_only_what_comes_after_it(
+    event_log: EventLog,
+    users: UserFactory,
+    publisher: Publisher,
+    start_projector: StartProjector,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    db_pool: asyncpg.Pool[Any],
+) -> None:
+    """The caller saw a position this replica has not reached: nothing until the first change after it."""
+    projector = await start_projector()
+    feed = feed_for(projector, redis_prefix, redis_client, db_pool)
+    projector.effect_listeners = (feed.on_effect,)
+    await eventually(lambda: projector.ready)
+    user_id, registered = users.register("ahead@example.com", "ahead")
+    (created,) = await event_log.append(registered)
+    await publisher.event(created)
+    await eventually(lambda: projector.checkpoint == created.position)
+    # Two updates in the log only: another replica delivered them, this one has not seen them.
+    behind = await event_log.append(
+        users.update(user_id, "Seen elsewhere 1"), users.update(user_id, "Seen elsewhere 2")
+    )
+    async with running(feed):
+        await eventually(lambda: feed.released == created.position)
+        stream = Watches(feed, WatchLimiter(1)).one(
+            UserKeys(redis_prefix).view(user_id), resume_at(behind[-1].position, "user", user_id)
+        )
+        first = asyncio.ensure_future(anext(stream))
+        await publisher.head(await event_log.head())  # the replica catches up with the two updates
+        await eventually(lambda: feed.released == behind[-1].position)
+        assert not first.done()
+        (after,) = await event_log.append(users.update(user_id, "New"))
+        await publisher.event(after)
+        change = await asyncio.wait_for(first, 10)
+        assert change.position == after.position
+        assert change.value is not None and UserView.FromString(change.value).full_name == "New"
+        await stream.aclose()
