@@ -546,22 +546,36 @@ class ChangeFeed:
                 "after_position", f"{after} is above the event log's head ({head}); send a view_position received"
             )
 
+    def _concerns(self, envelope: EventEnvelope, followed: set[str], aggregate_type: str, ids: set[str]) -> bool:
+        """Whether a replay projects `envelope`: it reads a followed key, or reads nothing and is a watched aggregate's.
+
+        Events that read nothing create the view of their own aggregate: skipping those of
+        other aggregates (most events of a long log) is what keeps a resume's replay cheap.
+        """
+        if not handles(self._projection, envelope):
+            return False
+        reads = self._projection.state_keys(envelope)
+        if reads:
+            return not followed.isdisjoint(reads)
+        return envelope.aggregate_type == aggregate_type and envelope.aggregate_id in ids
+
     async def history(self, watch: Watch, resume: Resume) -> list[Change]:
         """The changes of the watch's keys after `resume.after` up to the position it opened at.
 
         The log is replayed from the first event of the watched aggregates, each event that
-        reads or writes a key the replay follows projected again (`_project_again`, as for
-        events this replica did not compute); a key an event writes beside a followed one is
-        followed from then on (the users projection's order notes, for instance). The last
-        values are checked against the ones the watch started from: if the projection and
-        the log disagree (an event an operator skipped), the watch's value wins, sent at its
-        position, so the stream never contradicts the views.
+        reads a key the replay follows, or reads nothing and belongs to a watched aggregate
+        (its creation), projected again (`_project_again`, as for events this replica did
+        not compute); a key an event writes beside a followed one is followed from then on
+        (the users projection's order notes, for instance). The last values are checked
+        against the ones the watch started from: if the projection and the log disagree (an
+        event an operator skipped), the watch's value wins, sent at its position, so the
+        stream never contradicts the views.
         """
         up_to = watch.position
         if resume.after >= up_to or not watch.initial:
             return []
-        ids = sorted({resume.aggregate_of(key) for key in watch.initial})
-        starts = await first_positions(self._pool, resume.aggregate_type, ids)
+        ids = {resume.aggregate_of(key) for key in watch.initial}
+        starts = await first_positions(self._pool, resume.aggregate_type, sorted(ids))
         if not starts:
             return []
         watched = set(watch.initial)
@@ -575,14 +589,9 @@ class ChangeFeed:
                 raise RuntimeError(f"the event log has no event after position {position}")
             for envelope in events:
                 position = envelope.position
-                if not handles(self._projection, envelope):
-                    continue
-                reads = self._projection.state_keys(envelope)
-                if reads and followed.isdisjoint(reads):
+                if not self._concerns(envelope, followed, resume.aggregate_type, ids):
                     continue
                 effect = await self._project_again(envelope, known)
-                if followed.isdisjoint(reads) and followed.isdisjoint(effect.state):
-                    continue  # an event of another aggregate that creates its own view
                 for key, value in effect.state.items():
                     followed.add(key)
                     known[key] = value

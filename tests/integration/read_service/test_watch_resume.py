@@ -3,7 +3,8 @@
 The orders scenario of test_order_views (every outcome, with the products' StockReserved
 events that change an order's view without a new order version) is written in two parts:
 the users and products first, the orders while live watches are open. A watch resumed after
-any position a live watch delivered must then send exactly the live watch's later messages.
+any position a live watch delivered must then send exactly the live watch's later messages;
+the same for the customer's user view, which the orders change (its order figures).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import pytest
 from read_service.bootstrap import running_read_service
 from tessera.orders.v1 import order_query_service_pb2 as opb
 from tessera.orders.v1.order_query_service_pb2_grpc import OrderQueryServiceStub
+from tessera.users.v1 import user_query_service_pb2 as upb
+from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceStub
 
 from .conftest import EventLog, Publisher, eventually
 from .test_order_views import World
@@ -46,13 +49,16 @@ async def test_resumed_order_watches_send_what_a_live_watch_sent_after_that_posi
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
         try:
             stub = OrderQueryServiceStub(channel)
+            users = UserQueryServiceStub(channel)
             head = await event_log.head()
             await eventually(lambda: all(p.ready and p.checkpoint == head for p in service.projectors))
             order_call = stub.WatchOrder(opb.WatchOrderRequest(order_id=order_id), timeout=60)
             customer_call = stub.WatchOrdersByCustomer(
                 opb.WatchOrdersByCustomerRequest(customer_id=customer_id), timeout=60
             )
+            user_call = users.WatchUser(upb.WatchUserRequest(user_id=customer_id), timeout=60)
             (absent,) = await read(order_call, 1)
+            (user_now,) = await read(user_call, 1)
             (initial,) = await read(customer_call, 1)
             assert not absent.exists and initial.initial and not initial.orders
 
@@ -78,8 +84,23 @@ async def test_resumed_order_watches_send_what_a_live_watch_sent_after_that_posi
                 customer_live.append(message)
                 for view in message.orders:
                     latest[view.order_id] = view.SerializeToString(deterministic=True)
+            final_user = (await users.GetUser(upb.GetUserRequest(user_id=customer_id), timeout=10)).user
+            user_live = [user_now]
+            # (GetUser adds the spent totals, kept beside the view; the watch sends the view.)
+            while user_live[-1].user.order_count != final_user.order_count:
+                user_live += await read(user_call, 1)
             order_call.cancel()
             customer_call.cancel()
+            user_call.cancel()
+
+            # The customer's view changed with each order placed (order_count), without a new user version.
+            assert len(user_live) > 1 and {m.version for m in user_live} == {user_now.version}
+            for k, message in enumerate(user_live):
+                user_resumed = users.WatchUser(
+                    upb.WatchUserRequest(user_id=customer_id, after_position=message.view_position), timeout=30
+                )
+                assert wire(await read(user_resumed, len(user_live) - k - 1)) == wire(user_live[k + 1 :]), k
+                user_resumed.cancel()
 
             # The order changed at more positions than it has versions (StockReserved of products).
             assert len(live) - 1 > final.version
