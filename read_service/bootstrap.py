@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from read_service.consistency import ConsistencyGate, log_versions
+from read_service.consistency import ORDER_AGGREGATE, USER_AGGREGATE, ConsistencyGate, log_versions
 from read_service.entrypoints import catalog_queries, order_queries
 from read_service.entrypoints.freshness import Freshness
 from read_service.entrypoints.grpc_server import SERVICE_NAME, PageLimits, UserQueryServicer, register_user_queries
@@ -35,7 +35,7 @@ from read_service.settings import ReadServiceSettings
 from read_service.views.catalog import ProductViews
 from read_service.views.orders import OrderViews
 from read_service.views.users import UserViews
-from read_service.watch import ChangeFeed, WatchLimiter, attach_feed, customer_orders
+from read_service.watch import ChangeFeed, WatchLimiter, attach_feed, customer_orders, resume_at
 from shared_kernel.db import create_pool
 from shared_kernel.grpc_server import GrpcServer
 from shared_kernel.redis_client import warm_up
@@ -295,8 +295,14 @@ async def running_read_service(
                 tokens,
                 freshness(orders_projector, orders_projection, order_views.version),
                 limits,
-                watch_order=lambda order_id: feeds["orders"].watches(limiter).one(order_keys.view(order_id)),
-                watch_customer=lambda customer: customer_orders(feeds["orders"].watches(limiter), order_keys, customer),
+                watch_order=lambda order_id, after: (
+                    feeds["orders"]
+                    .watches(limiter)
+                    .one(order_keys.view(order_id), resume_at(after, ORDER_AGGREGATE, order_id))
+                ),
+                watch_customer=lambda customer, after: customer_orders(
+                    feeds["orders"].watches(limiter), order_keys, customer, after
+                ),
             ),
         )
 
@@ -311,7 +317,9 @@ async def running_read_service(
             gate=ConsistencyGate(projector.published, views.version, log_versions(pool)),
             checkpoint=caches["users"].observe(projector.published.read_checkpoint),
             max_wait_ms=settings.consistency_max_wait_ms,
-            watch=lambda user_id: feeds["users"].watches(limiter).one(keys.view(user_id)),
+            watch=lambda user_id, after: (
+                feeds["users"].watches(limiter).one(keys.view(user_id), resume_at(after, USER_AGGREGATE, user_id))
+            ),
         )
         server.add(register_user_queries, servicer)
         # Health stays NOT_SERVING from start() until the projector's first catch-up.

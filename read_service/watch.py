@@ -20,6 +20,14 @@ first releases up to that checkpoint, so the first message is exact at that posi
 every later change has a higher one: no gap, no duplicate, across the projector's own
 catch-up (whose events come with their effects too) and reconnects.
 
+A watch that resumes (`after_position` on the request: the last position its caller received)
+starts the same way, but instead of the current values it sends what changed after that
+position: the feed replays the log from the first event of the watched aggregates up to the
+checkpoint it opened at, with the same replay path as above (each event projected again from
+the values the replay keeps), and sends the changes above `after`; then it goes on live from
+the checkpoint. A resume point ahead of this replica's checkpoint needs no waiting: the live
+changes up to it are dropped, so the first message is still the first change after it.
+
 Each watch has a bounded queue (WATCH_QUEUE_MAX): a watcher that does not read is ended
 with RESOURCE_EXHAUSTED instead of growing memory. When the projector stops being ready
 (Redis lost its data, a rebuild is under way) or switches key space, every watch ends with
@@ -42,12 +50,13 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from read_service.applier import handles, project_run
+from read_service.consistency import ORDER_AGGREGATE
 from read_service.keys import OrderKeys, member_id
 from read_service.near_cache import NearCache, log_stats
 from read_service.projections.base import Effect, Op, Projection
 from read_service.sequences import sequence_of
 from shared_kernel import errors
-from shared_kernel.event_log import read_positioned
+from shared_kernel.event_log import first_positions, head_position, read_positioned
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tessera.orders.v1.order_query_service_pb2 import OrderView
 
@@ -93,6 +102,15 @@ class Change:
     key: str
     value: bytes | None
     position: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a resumed watch starts: after `after`; `aggregate_of` names the aggregate behind a watched key."""
+
+    after: int
+    aggregate_type: str
+    aggregate_of: Callable[[str], str]
 
 
 # Whether a command name is DEL, by name: a handful of names, each looked at once per process
@@ -528,10 +546,17 @@ class ChangeFeed:
         self.replayed += 1
         if not self._tracked and not self._matchers:
             return Effect()
+        return await self._project_again(envelope, self._tracked)
+
+    async def _project_again(self, envelope: EventEnvelope, known: dict[str, bytes | None]) -> Effect:
+        """The effect of `envelope` projected from the values in `known` (other keys count as absent).
+
+        An event held behind its parked sequence changed nothing, and has no effect here either.
+        """
         if self._held(envelope):
             return Effect()
         keys = self._projection.state_keys(envelope) if handles(self._projection, envelope) else ()
-        state: dict[str, bytes | None] = {k: self._tracked.get(k) for k in keys}
+        state: dict[str, bytes | None] = {k: known.get(k) for k in keys}
         with _muted(self._projection):
             projected = await project_run(self._projection, [envelope], state, skipped=_passed)
         ((_, effect),) = projected.effects
@@ -544,6 +569,80 @@ class ChangeFeed:
             return False
         parked = published.parked_sequences.get(sequence_of(self._projection, envelope))
         return parked is not None and parked.position <= envelope.position
+
+    # -- resuming -----------------------------------------------------------------------------
+
+    async def check_resume(self, after: int) -> None:
+        """InvalidArgument when `after` is above the event log's head: no replica ever sent it."""
+        head = await head_position(self._pool)
+        if after > head:
+            raise errors.InvalidArgument.single(
+                "after_position", f"{after} is above the event log's head ({head}); send a view_position received"
+            )
+
+    def _concerns(self, envelope: EventEnvelope, followed: set[str], aggregate_type: str, ids: set[str]) -> bool:
+        """Whether a replay projects `envelope`: it reads a followed key, or reads nothing and is a watched aggregate's.
+
+        Events that read nothing create the view of their own aggregate: skipping those of
+        other aggregates (most events of a long log) is what keeps a resume's replay cheap.
+        """
+        if not handles(self._projection, envelope):
+            return False
+        reads = self._projection.state_keys(envelope)
+        if reads:
+            return not followed.isdisjoint(reads)
+        return envelope.aggregate_type == aggregate_type and envelope.aggregate_id in ids
+
+    async def history(self, watch: Watch, resume: Resume) -> list[Change]:
+        """The changes of the watch's keys after `resume.after` up to the position it opened at.
+
+        The log is replayed from the first event of the watched aggregates, each event that
+        reads a key the replay follows, or reads nothing and belongs to a watched aggregate
+        (its creation), projected again (`_project_again`, as for events this replica did
+        not compute); a key an event writes beside a followed one is followed from then on
+        (the users projection's order notes, for instance). The last values are checked
+        against the ones the watch started from: if the projection and the log disagree (an
+        event an operator skipped), the watch's value wins, sent at its position, so the
+        stream never contradicts the views.
+        """
+        up_to = watch.position
+        if resume.after >= up_to or not watch.initial:
+            return []
+        ids = {resume.aggregate_of(key) for key in watch.initial}
+        starts = await first_positions(self._pool, resume.aggregate_type, sorted(ids))
+        if not starts:
+            return []
+        watched = set(watch.initial)
+        followed: set[str] = set(watched)
+        known: dict[str, bytes | None] = {}
+        changes: list[Change] = []
+        position = min(starts) - 1
+        while position < up_to:
+            events = await read_positioned(self._pool, position, self._batch_size, up_to=up_to)
+            if not events:
+                raise RuntimeError(f"the event log has no event after position {position}")
+            for envelope in events:
+                position = envelope.position
+                if not self._concerns(envelope, followed, resume.aggregate_type, ids):
+                    continue
+                effect = await self._project_again(envelope, known)
+                for key, value in effect.state.items():
+                    followed.add(key)
+                    known[key] = value
+                    if key in watched and position > resume.after:
+                        changes.append(Change(key, value, position))
+        for key in sorted(watched):
+            value = watch.initial[key]
+            if known.get(key) != value:
+                logger.warning(
+                    "replaying the log for a resumed watch gave another value than the view at %s; sending the view",
+                    up_to,
+                    extra={"key": key},
+                )
+                changes = [c for c in changes if not (c.key == key and c.position == up_to)]
+                changes.append(Change(key, value, up_to))
+        changes.sort(key=lambda c: c.position)
+        return changes
 
     def _deliver(self, envelope: EventEnvelope, effect: Effect, *, exact: bool) -> None:
         position = envelope.position
@@ -580,31 +679,53 @@ class Watches:
         self._feed = feed
         self._limiter = limiter
 
-    async def one(self, key: str) -> AsyncGenerator[Change, None]:
-        """The key's value now, then each change of it."""
+    async def one(self, key: str, resume: Resume | None = None) -> AsyncGenerator[Change, None]:
+        """The key's value now, then each change of it; resumed: each change after `resume.after`."""
+        if resume is not None:
+            await self._feed.check_resume(resume.after)
         self._limiter.acquire()
         try:
             watch = await self._feed.open([key])
             try:
-                yield Change(key, watch.initial.get(key), watch.position)
+                after = -1
+                if resume is None:
+                    yield Change(key, watch.initial.get(key), watch.position)
+                else:
+                    after = resume.after
+                    for change in await self._feed.history(watch, resume):
+                        yield change
                 async for change in watch.changes():
-                    yield change
+                    if change.position > after:
+                        yield change
             finally:
                 self._feed.close_watch(watch)
         finally:
             self._limiter.release()
 
     async def matching(
-        self, index_key: str, key_of: Callable[[bytes], str], match: Matcher
+        self, index_key: str, key_of: Callable[[bytes], str], match: Matcher, resume: Resume | None = None
     ) -> AsyncGenerator[tuple[int, list[Change]], None]:
-        """(position, values) of the keys the index lists now, then of each change of them or of a key `match` takes."""
+        """(position, values) of the keys the index lists now, then of each change of them or of a key `match` takes.
+
+        Resumed, the first part is instead each change of those keys after `resume.after`.
+        """
+        if resume is not None:
+            await self._feed.check_resume(resume.after)
         self._limiter.acquire()
         try:
             watch = await self._feed.open_matching(index_key, key_of, match)
             try:
-                yield watch.position, [Change(k, v, watch.position) for k, v in watch.initial.items()]
+                after = -1
+                if resume is None:
+                    yield watch.position, [Change(k, v, watch.position) for k, v in watch.initial.items()]
+                else:
+                    after = resume.after
+                    replayed = await self._feed.history(watch, resume)
+                    for position in sorted({c.position for c in replayed}):
+                        yield position, [c for c in replayed if c.position == position]
                 async for change in watch.changes():
-                    yield change.position, [change]
+                    if change.position > after:
+                        yield change.position, [change]
             finally:
                 self._feed.close_watch(watch)
         finally:
@@ -649,8 +770,15 @@ def attach_feed(
     return feed
 
 
-def customer_orders(watches: Watches, keys: OrderKeys, customer_id: str) -> AsyncIterator[tuple[int, list[Change]]]:
-    """The orders of one customer now, then each change of one of them, or a new one."""
+def resume_at(after: int | None, aggregate_type: str, aggregate_id: str) -> Resume | None:
+    """The resume point of a watch of one aggregate's view (None: start with the view now)."""
+    return None if after is None else Resume(after, aggregate_type, lambda _key: aggregate_id)
+
+
+def customer_orders(
+    watches: Watches, keys: OrderKeys, customer_id: str, after: int | None = None
+) -> AsyncIterator[tuple[int, list[Change]]]:
+    """The orders of one customer now (or each change after `after`), then each change of one of them, or a new one."""
     needle = customer_id.encode()
 
     def belongs(key: str, value: bytes | None) -> bool:
@@ -662,4 +790,6 @@ def customer_orders(watches: Watches, keys: OrderKeys, customer_id: str) -> Asyn
             and OrderView.FromString(value).customer_id == customer_id
         )
 
-    return watches.matching(keys.by_customer(customer_id), lambda m: keys.view(member_id(m)), belongs)
+    prefix = keys.view("")
+    resume = None if after is None else Resume(after, ORDER_AGGREGATE, lambda key: key.removeprefix(prefix))
+    return watches.matching(keys.by_customer(customer_id), lambda m: keys.view(member_id(m)), belongs, resume)

@@ -191,3 +191,18 @@ async def head_position(
     """The highest position the relay has assigned (0 before the first event)."""
     value = await conn.fetchval("SELECT last_position FROM relay_state WHERE singleton")
     return int(value or 0)
+
+
+async def first_positions(
+    conn: asyncpg.Connection[Any] | asyncpg.Pool[Any] | asyncpg.pool.PoolConnectionProxy[Any],
+    aggregate_type: str,
+    aggregate_ids: Sequence[str],
+) -> list[int]:
+    """The positions of the first events (version 1) of these aggregates that have one, found by index."""
+    rows = await conn.fetch(
+        "SELECT position FROM outbox WHERE aggregate_type = $1 AND aggregate_id = ANY($2::text[]) "
+        "AND aggregate_version = 1 AND position IS NOT NULL",
+        aggregate_type,
+        list(aggregate_ids),
+    )
+    return [int(r["position"]) for r in rows]

@@ -67,6 +67,21 @@ def _request(cls: type[M], request: M | None, fields: dict[str, Any]) -> M:
     return cls(**fields)
 
 
+def _after(request: Any) -> int | None:
+    """The resume point a watch request carries (None: from the view now)."""
+    return int(request.after_position) if request.HasField("after_position") else None
+
+
+def _resumed(request: M, after: int | None) -> M:
+    """`request` resuming after `after` (itself when None)."""
+    if after is None:
+        return request
+    resumed = type(request)()
+    resumed.CopyFrom(request)
+    resumed.after_position = after  # type: ignore[attr-defined]
+    return resumed
+
+
 class _Calls:
     """What every API group shares: metadata, deadlines, retries, the session."""
 
@@ -277,12 +292,12 @@ class UsersAPI(_Calls):
     def watch_user(
         self, request: users_q.WatchUserRequest | None = None, *, reconnect_within_s: float = 30.0, **fields: Any
     ) -> AsyncIterator[users_q.WatchUserResponse]:
-        """The user's view now, then every newer version; resumes on another replica (see watch.py)."""
+        """The user's view now, then every change; resumes on another replica without a gap (see watch.py)."""
         req = _request(users_q.WatchUserRequest, request, fields)
         return resuming_watch(
-            lambda metadata: self._q.WatchUser(req, metadata=metadata),
+            lambda after, metadata: self._q.WatchUser(_resumed(req, after), metadata=metadata),
             self._metadata,
-            version_of=lambda m: int(m.version),
+            after=_after(req),
             reconnect_within_s=reconnect_within_s,
             on_resume=self._client._count_resume,
         )
@@ -522,12 +537,12 @@ class OrdersAPI(_Calls):
     def watch_order(
         self, request: orders_q.WatchOrderRequest | None = None, *, reconnect_within_s: float = 30.0, **fields: Any
     ) -> AsyncIterator[orders_q.WatchOrderResponse]:
-        """The order's view now, then every newer version; resumes on another replica (see watch.py)."""
+        """The order's view now, then every change; resumes on another replica without a gap (see watch.py)."""
         req = _request(orders_q.WatchOrderRequest, request, fields)
         return resuming_watch(
-            lambda metadata: self._q.WatchOrder(req, metadata=metadata),
+            lambda after, metadata: self._q.WatchOrder(_resumed(req, after), metadata=metadata),
             self._metadata,
-            version_of=lambda m: int(m.version),
+            after=_after(req),
             reconnect_within_s=reconnect_within_s,
             on_resume=self._client._count_resume,
         )
@@ -539,12 +554,12 @@ class OrdersAPI(_Calls):
         reconnect_within_s: float = 30.0,
         **fields: Any,
     ) -> AsyncIterator[orders_q.WatchOrdersByCustomerResponse]:
-        """The customer's orders now, then each order that changes; resumes per order version (see watch.py)."""
+        """The customer's orders now, then each order that changes; resumes without a gap (see watch.py)."""
         req = _request(orders_q.WatchOrdersByCustomerRequest, request, fields)
         return resuming_watch(
-            lambda metadata: self._q.WatchOrdersByCustomer(req, metadata=metadata),
+            lambda after, metadata: self._q.WatchOrdersByCustomer(_resumed(req, after), metadata=metadata),
             self._metadata,
-            version_of=None,
+            after=_after(req),
             reconnect_within_s=reconnect_within_s,
             on_resume=self._client._count_resume,
         )

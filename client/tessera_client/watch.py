@@ -1,18 +1,16 @@
 """Watch streams that survive the loss of the replica serving them.
 
-A replica's watch sends the view as it is, then every change, each exact at an event-log
-position; it has no "resume from" field because any replica can rebuild the present. So the
-client resumes by itself: when the stream breaks (UNAVAILABLE, the replica killed or
-draining, or a clean end at its shutdown) it opens the same watch again on the read
-channel, whose round_robin picks a live replica, and drops what it already delivered:
+Every message of a watch is exact at an event-log position (`view_position`), and positions
+strictly increase along a stream. When the stream breaks (UNAVAILABLE, the replica killed or
+draining, or a clean end at its shutdown) the client opens the same watch again on the read
+channel, whose round_robin picks a live replica, with `after_position` set to the position of
+the last message it delivered. The new replica replays from the event log every change after
+that position, each as the view was at its event, then goes on live: the caller sees every
+message exactly once, in order, with no gap and no duplicate, whichever replica sent it.
 
-- a single-aggregate watch delivers only versions above the last one delivered (no
-  duplicate), and the first message after a resume is that aggregate's state at the new
-  replica, so the caller always ends up at the latest version (no lost state). Versions
-  that were superseded while no replica served the stream are not replayed: a watch reports
-  states, not events (the event log is the place for every step);
-- a customer's orders watch keeps the last version delivered per order and drops orders of
-  the resumed snapshot that are not newer.
+As a guard, a message at a position not above the last one delivered is dropped (a replica
+that predates `after_position` answers a resume with the view now: the caller then sees the
+latest state, but may miss the versions in between).
 
 Reconnecting gives up, raising the last error, when no stream could be opened for
 `reconnect_within_s` seconds in a row. Other errors end the watch at once.
@@ -37,46 +35,30 @@ _BACKOFF_MAX_S = 1.0
 
 
 async def resuming_watch(
-    open_stream: Callable[[list[tuple[str, str]]], Any],
+    open_stream: Callable[[int | None, list[tuple[str, str]]], Any],
     metadata: Callable[[], Awaitable[list[tuple[str, str]]]],
     *,
-    version_of: Callable[[Any], int] | None,
+    after: int | None,
     reconnect_within_s: float,
     on_resume: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[Any]:
-    """Yield the watch's messages without a duplicate, reopening it after a lost replica.
+    """Yield the watch's messages once each, reopening it after a lost replica where the last one left off.
 
-    `version_of` gives a single-aggregate message's version; None means a customer's orders
-    watch (messages with `orders` and `initial`).
+    `open_stream(after_position, metadata)` opens the watch (None: from the view now);
+    `after` is the caller's own resume point, if it gave one.
     """
-    last_version = -1
-    order_versions: dict[str, int] = {}
-    delivered_initial = False
+    last_position = after
     failing_since: float | None = None
     backoff = _BACKOFF_FIRST_S
     while True:
-        call = open_stream(await metadata())
+        call = open_stream(last_position, await metadata())
         try:
             async for message in call:
                 failing_since, backoff = None, _BACKOFF_FIRST_S
-                if version_of is not None:
-                    version = version_of(message)
-                    if version <= last_version:
-                        continue  # already delivered before the resume
-                    last_version = version
-                    yield message
-                    continue
-                fresh = [o for o in message.orders if o.version > order_versions.get(o.order_id, 0)]
-                if delivered_initial and not fresh:
-                    continue
-                for order in fresh:
-                    order_versions[order.order_id] = order.version
-                if delivered_initial and len(fresh) != len(message.orders):
-                    del message.orders[:]
-                    message.orders.extend(fresh)
-                if delivered_initial:
-                    message.initial = False
-                delivered_initial = True
+                position = int(message.view_position)
+                if last_position is not None and position <= last_position:
+                    continue  # already delivered before the resume
+                last_position = position
                 yield message
             # A clean end: the replica shut down its watches while draining. Resume elsewhere.
         except grpc.aio.AioRpcError as exc:

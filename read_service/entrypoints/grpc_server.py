@@ -146,7 +146,7 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         gate: ConsistencyGate | None = None,
         checkpoint: Callable[[], Awaitable[int]] | None = None,
         max_wait_ms: int = DEFAULT_MAX_WAIT_MS,
-        watch: Callable[[str], AsyncIterator[Change]] | None = None,
+        watch: Callable[[str, int | None], AsyncIterator[Change]] | None = None,
     ) -> None:
         self._views = views
         self._watch = watch
@@ -202,12 +202,16 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
     async def WatchUser(
         self, request: pb.WatchUserRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchUserResponse]:
-        """The user's view now (or that it does not exist yet), then each change (read_service.watch)."""
+        """The user's view now (or that it does not exist yet), then each change (read_service.watch).
+
+        With `after_position`, each change after it instead of the view now.
+        """
         user_id = str(parse_uuid("user_id", request.user_id))
+        after = request.after_position if request.HasField("after_position") else None
         self._freshness.require_ready()
         if self._watch is None:
             raise errors.Unavailable("this replica does not serve watches")
-        async for change in self._watch(user_id):
+        async for change in self._watch(user_id, after):
             if change.value is None:
                 yield pb.WatchUserResponse(exists=False, view_position=change.position)
                 continue

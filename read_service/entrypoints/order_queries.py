@@ -153,8 +153,8 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
         freshness: Freshness,
         limits: PageLimits | None = None,
         *,
-        watch_order: Callable[[str], AsyncIterator[Change]] | None = None,
-        watch_customer: Callable[[str], AsyncIterator[tuple[int, list[Change]]]] | None = None,
+        watch_order: Callable[[str, int | None], AsyncIterator[Change]] | None = None,
+        watch_customer: Callable[[str, int | None], AsyncIterator[tuple[int, list[Change]]]] | None = None,
     ) -> None:
         self._watch_order = watch_order
         self._watch_customer = watch_customer
@@ -232,12 +232,16 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
     async def WatchOrder(
         self, request: pb.WatchOrderRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchOrderResponse]:
-        """The order's view now (or that it does not exist yet), then each change (read_service.watch)."""
+        """The order's view now (or that it does not exist yet), then each change (read_service.watch).
+
+        With `after_position`, each change after it instead of the view now.
+        """
         order_id = str(parse_uuid("order_id", request.order_id))
+        after = request.after_position if request.HasField("after_position") else None
         self._freshness.require_ready()
         if self._watch_order is None:
             raise errors.Unavailable("this replica does not serve watches")
-        async for change in self._watch_order(order_id):
+        async for change in self._watch_order(order_id, after):
             if change.value is None:
                 yield pb.WatchOrderResponse(exists=False, view_position=change.position)
                 continue
@@ -247,13 +251,17 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
     async def WatchOrdersByCustomer(
         self, request: pb.WatchOrdersByCustomerRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchOrdersByCustomerResponse]:
-        """The customer's orders now, then each change of one of them or a new one (read_service.watch)."""
+        """The customer's orders now, then each change of one of them or a new one (read_service.watch).
+
+        With `after_position`, no first snapshot: each change after it instead (`initial` is never set).
+        """
         customer_id = str(parse_uuid("customer_id", request.customer_id))
+        after = request.after_position if request.HasField("after_position") else None
         self._freshness.require_ready()
         if self._watch_customer is None:
             raise errors.Unavailable("this replica does not serve watches")
-        initial = True
-        async for position, changes in self._watch_customer(customer_id):
+        initial = after is None
+        async for position, changes in self._watch_customer(customer_id, after):
             orders = [pb.OrderView.FromString(c.value) for c in changes if c.value is not None]
             if not initial and not orders:
                 continue

@@ -23,14 +23,13 @@ import redis.asyncio as aioredis
 from devstack.servers import EmbeddedRedis
 from devstack.supervisor import ServiceProcess, Stack, StackConfig
 from tessera.users.v1 import user_command_service_pb2 as cmd
-from tessera.users.v1 import user_command_service_pb2_grpc as cmd_grpc
 from tessera.users.v1 import user_query_service_pb2 as qry
 from tessera.users.v1 import user_query_service_pb2_grpc as qry_grpc
+from tessera_client import TesseraClient
 
 from .conftest import FAST_HASHING, running_stack
 
 if TYPE_CHECKING:
-    from tessera.users.v1.user_command_service_pb2_grpc import UserCommandServiceAsyncStub
     from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceAsyncStub
 
 pytestmark = pytest.mark.e2e
@@ -106,16 +105,16 @@ async def get_user(address: str, user_id: str, token: str) -> qry.GetUserRespons
 async def test_replicas_with_their_own_redis_each_apply_the_stream_and_serve_correct_views(
     write_only_stack: Stack, replicas: list[ServiceProcess], redis_server_url: str, view_dbs: tuple[int, int]
 ) -> None:
-    async with grpc.aio.insecure_channel(write_only_stack.write_address) as channel:
-        commands: UserCommandServiceAsyncStub = cmd_grpc.UserCommandServiceStub(channel)
+    async with TesseraClient(write_only_stack.write_address, None) as tessera:
+        commands = tessera.users
         unique = secrets.token_hex(4)
-        ada = await commands.RegisterUser(
+        ada = await commands.register_user(
             cmd.RegisterUserRequest(
                 email=f"ada.{unique}@example.com", username=f"ada_{unique}", password="own-redis-Pa55", full_name="Ada"
             ),
             timeout=10,
         )
-        grace = await commands.RegisterUser(
+        grace = await commands.register_user(
             cmd.RegisterUserRequest(
                 email=f"grace.{unique}@example.com",
                 username=f"grace_{unique}",
@@ -127,10 +126,10 @@ async def test_replicas_with_their_own_redis_each_apply_the_stream_and_serve_cor
         # The replicas started with the stack's events already in the log: each catches up by itself.
         for process in replicas:
             await process.wait_healthy_async(60)
-        renamed = await commands.UpdateUserProfile(
+        renamed = await commands.update_user_profile(
             cmd.UpdateUserProfileRequest(user_id=ada.user_id, full_name="Ada King"), timeout=10
         )
-        gone = await commands.DeactivateUser(
+        gone = await commands.deactivate_user(
             cmd.DeactivateUserRequest(user_id=grace.user_id, reason="moved on"), timeout=10
         )
         for process in replicas:
@@ -153,7 +152,7 @@ async def test_replicas_with_their_own_redis_each_apply_the_stream_and_serve_cor
         # One replica down does not hold the other back; back up, it catches up by itself.
         stopped, running = replicas
         stopped.terminate(grace=10)
-        again = await commands.UpdateUserProfile(
+        again = await commands.update_user_profile(
             cmd.UpdateUserProfileRequest(user_id=ada.user_id, full_name="Ada, Countess"), timeout=10
         )
         reply = await get_user(running.address, ada.user_id, again.consistency_token)
@@ -170,12 +169,12 @@ async def test_a_replica_with_a_redis_server_of_its_own_reads_the_stream_from_th
     with EmbeddedRedis() as own:
         replica = own_redis_replica(write_only_stack, "read-own-server", own.url, events_url=redis_server_url)
         try:
-            async with grpc.aio.insecure_channel(write_only_stack.write_address) as channel:
-                commands: UserCommandServiceAsyncStub = cmd_grpc.UserCommandServiceStub(channel)
+            async with TesseraClient(write_only_stack.write_address, None) as tessera:
+                commands = tessera.users
                 unique = secrets.token_hex(4)
                 await replica.wait_healthy_async(60)
                 # Written after the replica is up: reaching it takes the live stream from the other server.
-                registered = await commands.RegisterUser(
+                registered = await commands.register_user(
                     cmd.RegisterUserRequest(
                         email=f"mary.{unique}@example.com",
                         username=f"mary_{unique}",
@@ -184,7 +183,7 @@ async def test_a_replica_with_a_redis_server_of_its_own_reads_the_stream_from_th
                     ),
                     timeout=10,
                 )
-                renamed = await commands.UpdateUserProfile(
+                renamed = await commands.update_user_profile(
                     cmd.UpdateUserProfileRequest(user_id=registered.user_id, full_name="Mary Somerville"), timeout=10
                 )
                 reply = await get_user(replica.address, registered.user_id, renamed.consistency_token)

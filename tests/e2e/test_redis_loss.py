@@ -19,10 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.servers import EmbeddedRedis
 from devstack.supervisor import Stack, StackConfig
-from tessera.users.v1 import user_command_service_pb2 as cmd
-from tessera.users.v1 import user_command_service_pb2_grpc as cmd_grpc
 from tessera.users.v1 import user_query_service_pb2 as qry
 from tessera.users.v1 import user_query_service_pb2_grpc as qry_grpc
+from tessera_client import TesseraClient
 from tests.e2e.conftest import FAST_HASHING
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -67,19 +66,15 @@ async def loss_stack(e2e_database: str, throwaway_redis: EmbeddedRedis, e2e_logs
 @pytest.fixture(scope="module")
 async def user_ids(loss_stack: Stack) -> list[str]:
     """Users registered through the write service, visible on the replica."""
-    async with grpc.aio.insecure_channel(loss_stack.write_address) as channel:
-        stub = cmd_grpc.UserCommandServiceStub(channel)
+    async with TesseraClient(loss_stack.write_address, None, timeout=30.0) as client:
         tag = secrets.token_hex(3)
         replies = await asyncio.gather(
             *(
-                stub.RegisterUser(
-                    cmd.RegisterUserRequest(
-                        email=f"loss{i}.{tag}@example.com",
-                        username=f"loss{i}_{tag}",
-                        password="correct horse battery",
-                        full_name=f"Loss {i}",
-                    ),
-                    timeout=30,
+                client.users.register_user(
+                    email=f"loss{i}.{tag}@example.com",
+                    username=f"loss{i}_{tag}",
+                    password="correct horse battery",
+                    full_name=f"Loss {i}",
                 )
                 for i in range(USERS)
             )

@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 import redis.asyncio as aioredis
 
@@ -17,8 +16,7 @@ from devstack.supervisor import Stack, StackConfig
 from shared_kernel.event_log import events_channel, head_channel
 from shared_kernel.healthcheck import check_serving_async
 from tessera.events.v1.envelope_pb2 import StreamHead
-from tessera.users.v1 import user_command_service_pb2 as cmd
-from tessera.users.v1 import user_command_service_pb2_grpc as cmd_grpc
+from tessera_client import TesseraClient
 from tests.e2e.conftest import FAST_HASHING
 from tests.e2e.test_redis_loss import wait_all_present
 
@@ -65,19 +63,15 @@ async def pause_stack(e2e_database: str, e2e_logs: Path) -> AsyncIterator[tuple[
 
 
 async def register(address: str, count: int) -> list[str]:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = cmd_grpc.UserCommandServiceStub(channel)
+    async with TesseraClient(address, None, timeout=30.0) as client:
         tag = secrets.token_hex(3)
         replies = await asyncio.gather(
             *(
-                stub.RegisterUser(
-                    cmd.RegisterUserRequest(
-                        email=f"pause{i}.{tag}@example.com",
-                        username=f"pause{i}_{tag}",
-                        password="correct horse battery",
-                        full_name=f"Paused {i}",
-                    ),
-                    timeout=30,
+                client.users.register_user(
+                    email=f"pause{i}.{tag}@example.com",
+                    username=f"pause{i}_{tag}",
+                    password="correct horse battery",
+                    full_name=f"Paused {i}",
                 )
                 for i in range(count)
             )

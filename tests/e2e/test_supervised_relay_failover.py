@@ -29,10 +29,9 @@ import redis.asyncio as aioredis
 from devstack.processes import process_tree, wait_gone
 from devstack.servers import find_free_port
 from read_service.generations import served_checkpoint
-from tessera.users.v1 import user_command_service_pb2 as cmd
-from tessera.users.v1 import user_command_service_pb2_grpc as cmd_grpc
 from tessera.users.v1 import user_query_service_pb2 as qry
 from tessera.users.v1 import user_query_service_pb2_grpc as qry_grpc
+from tessera_client import TesseraClient, TesseraError
 from tests.chaos.harness import (
     PositionRecorder,
     head_position,
@@ -89,11 +88,13 @@ def relay_pids(supervisor_pid: int) -> list[int]:
 
 
 class CommandStream:
-    """RegisterUser commands, IN_FLIGHT at a time, until stopped; remembers every acknowledged user."""
+    """RegisterUser commands, IN_FLIGHT at a time, until stopped; remembers every acknowledged user.
+
+    They go through the client library (a commands-only client: no read channel).
+    """
 
     def __init__(self, write_address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(write_address)
-        self._stub = cmd_grpc.UserCommandServiceStub(self._channel)
+        self._client = TesseraClient(write_address, None, timeout=10.0)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.acknowledged: list[str] = []
@@ -104,10 +105,10 @@ class CommandStream:
         self._tasks = [asyncio.create_task(self._send()) for _ in range(IN_FLIGHT)]
 
     async def stop(self) -> None:
-        """Let the commands in flight finish, then close the channel."""
+        """Let the commands in flight finish, then close the client."""
         self._stop.set()
         await asyncio.gather(*self._tasks)
-        await self._channel.close()
+        await self._client.close()
 
     async def wait_acknowledged(self, count: int, timeout_s: float) -> None:
         """Wait until `count` commands were acknowledged in all."""
@@ -120,16 +121,15 @@ class CommandStream:
     async def _send(self) -> None:
         while not self._stop.is_set():
             unique = secrets.token_hex(6)
-            request = cmd.RegisterUserRequest(
-                email=f"stream.{unique}@example.com",
-                username=f"stream_{unique}",
-                password="stream-Pa55word-e2e",
-                full_name="Stream User",
-            )
             try:
-                reply = await self._stub.RegisterUser(request, timeout=10.0)
-            except grpc.aio.AioRpcError as error:
-                self.errors.append(f"{error.code().name}: {error.details()}")
+                reply = await self._client.users.register_user(
+                    email=f"stream.{unique}@example.com",
+                    username=f"stream_{unique}",
+                    password="stream-Pa55word-e2e",
+                    full_name="Stream User",
+                )
+            except TesseraError as error:
+                self.errors.append(f"{error.code.name}: {error.message}")
                 continue
             self.acknowledged.append(reply.user_id)
 

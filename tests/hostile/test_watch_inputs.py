@@ -44,3 +44,25 @@ async def test_bodies_that_do_not_parse_are_invalid_argument(hostile: HostileSta
     for body in (CORRUPT_TAGS, bytes_field(1, INVALID_UTF8)):
         error = await first_error(hostile.read, method, body)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+
+
+def varint_field(number: int, value: int) -> bytes:
+    """One varint field of a message, encoded by hand (the wire form a resume point takes)."""
+    out = bytearray([number << 3])
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+@pytest.mark.parametrize("method", sorted(WATCHES))
+async def test_resume_points_above_the_log_head_are_invalid_argument(hostile: HostileStack, method: str) -> None:
+    """No replica ever sent such a position; a valid id, so only after_position is wrong."""
+    known_id = b"7d444840-9dc0-11d1-b245-5ffdce74fad2"
+    for position in (10**12, 2**63, 2**64 - 1):
+        error = await first_error(hostile.read, method, bytes_field(1, known_id) + varint_field(2, position))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (position, error)
+        bad_request = bad_request_from_status(error)
+        assert bad_request is not None
+        assert [v.field for v in bad_request.field_violations] == ["after_position"]

@@ -19,7 +19,7 @@ from read_service.near_cache import NearCache
 from read_service.projections.users import UsersProjection
 from read_service.projector import Projector
 from read_service.views.users import UserViews
-from read_service.watch import Change, ChangeFeed, Watches, WatchLimiter
+from read_service.watch import Change, ChangeFeed, Watches, WatchLimiter, resume_at
 from shared_kernel import errors
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1.user_query_service_pb2 import UserView
@@ -419,3 +419,109 @@ async def test_a_follower_without_watches_reads_nothing_from_the_log_and_its_cac
         assert change.value is not None and UserView.FromString(change.value).full_name == "Watched"
         await stream.aclose()
         assert pool.fetches >= 1
+
+
+async def test_a_resumed_watch_replays_every_change_after_its_position_then_goes_on_live(
+    database_url: str,
+    redis_server_url: str,
+    redis_prefix: str,
+    event_log: EventLog,
+    users: UserFactory,
+    publisher: Publisher,
+) -> None:
+    watched, registered = users.register("resume@example.com", "resume")
+    other, other_registered = users.register("other@example.com", "other")
+    envelopes = await event_log.append(registered, other_registered)
+    for n in range(6):
+        envelopes += await event_log.append(users.update(watched, f"Resume {n}"), users.update(other, f"Other {n}"))
+    # (version, position) of each event of the watched user, in log order: versions 1..7.
+    history = [(e.aggregate_version, e.position) for e in envelopes if e.aggregate_id == watched]
+    assert [v for v, _ in history] == list(range(1, 8))
+    settings = settings_for(database_url, redis_server_url, redis_prefix)
+    async with running_read_service(settings) as service:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+        try:
+            stub = UserQueryServiceStub(channel)
+            head = await event_log.head()
+            await eventually(lambda: service.projector.ready and service.projector.checkpoint == head)
+
+            async def received(after: int, count: int) -> list[tuple[int, int, str]]:
+                call = stub.WatchUser(pb.WatchUserRequest(user_id=watched, after_position=after), timeout=30)
+                got = []
+                for _ in range(count):
+                    message = await asyncio.wait_for(call.read(), 10)
+                    assert isinstance(message, pb.WatchUserResponse) and message.exists
+                    got.append((message.version, message.view_position, message.user.full_name))
+                call.cancel()
+                return got
+
+            # From the position of version 2: versions 3..7 at their own positions, each view as it was then.
+            after = history[1][1]
+            got = await received(after, 5)
+            assert [(v, p) for v, p, _ in got] == history[2:]
+            assert [name for _, _, name in got] == [f"Resume {n}" for n in range(1, 6)]
+            # From before the first event: every version, the registration first.
+            assert [(v, p) for v, p, _ in await received(0, 7)] == history
+
+            # From the head: nothing until the next change, which comes live.
+            call = stub.WatchUser(pb.WatchUserRequest(user_id=watched, after_position=head), timeout=30)
+            reading = asyncio.ensure_future(call.read())
+            (update,) = await event_log.append(users.update(watched, "Live"))
+            await publisher.event(update)
+            message = await asyncio.wait_for(reading, 10)
+            assert isinstance(message, pb.WatchUserResponse)
+            assert (message.version, message.view_position, message.user.full_name) == (8, update.position, "Live")
+            call.cancel()
+
+            # Without a resume point the watch starts with the view now, as before.
+            plain = stub.WatchUser(pb.WatchUserRequest(user_id=watched), timeout=30)
+            first = await asyncio.wait_for(plain.read(), 10)
+            assert isinstance(first, pb.WatchUserResponse) and first.version == 8
+            plain.cancel()
+
+            # A position above the event log's head was never sent by any replica.
+            bad = stub.WatchUser(pb.WatchUserRequest(user_id=watched, after_position=update.position + 100), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await bad.read()
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        finally:
+            await channel.close()
+
+
+async def test_a_resume_point_ahead_of_the_replica_sends_only_what_comes_after_it(
+    event_log: EventLog,
+    users: UserFactory,
+    publisher: Publisher,
+    start_projector: StartProjector,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    db_pool: asyncpg.Pool[Any],
+) -> None:
+    """The caller saw a position this replica has not reached: nothing until the first change after it."""
+    projector = await start_projector()
+    feed = feed_for(projector, redis_prefix, redis_client, db_pool)
+    projector.effect_listeners = (feed.on_effect,)
+    await eventually(lambda: projector.ready)
+    user_id, registered = users.register("ahead@example.com", "ahead")
+    (created,) = await event_log.append(registered)
+    await publisher.event(created)
+    await eventually(lambda: projector.checkpoint == created.position)
+    # Two updates in the log only: another replica delivered them, this one has not seen them.
+    behind = await event_log.append(
+        users.update(user_id, "Seen elsewhere 1"), users.update(user_id, "Seen elsewhere 2")
+    )
+    async with running(feed):
+        await eventually(lambda: feed.released == created.position)
+        stream = Watches(feed, WatchLimiter(1)).one(
+            UserKeys(redis_prefix).view(user_id), resume_at(behind[-1].position, "user", user_id)
+        )
+        first = asyncio.ensure_future(anext(stream))
+        await publisher.head(await event_log.head())  # the replica catches up with the two updates
+        await eventually(lambda: feed.released == behind[-1].position)
+        assert not first.done()
+        (after,) = await event_log.append(users.update(user_id, "New"))
+        await publisher.event(after)
+        change = await asyncio.wait_for(first, 10)
+        assert change.position == after.position
+        assert change.value is not None and UserView.FromString(change.value).full_name == "New"
+        await stream.aclose()
