@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from devstack.loadtest.requests import Query, bearer_token, query_request, send_query
+from devstack.loadtest.requests import LIST_PAGE_SIZE, bearer_token
 from tessera_client import TesseraClient, TesseraError
 
 # How long one waiting query lets the replica wait for a consistency token.
@@ -31,19 +31,43 @@ def replica_client(replica: str, metadata: Sequence[tuple[str, str]], write: str
     return TesseraClient(write or replica, [replica], token=bearer_token(metadata), session=False)
 
 
+async def _query(client: TesseraClient, kind: str, key: str, token: str, timeout_s: float) -> Any:
+    if kind == "get_user":
+        return await client.users.get_user(
+            user_id=key, consistency_token=token, max_wait_ms=MAX_WAIT_MS, timeout=timeout_s, consistent=False
+        )
+    if kind == "get_product":
+        return await client.catalog.get_product(
+            product_id=key, consistency_token=token, max_wait_ms=MAX_WAIT_MS, timeout=timeout_s, consistent=False
+        )
+    if kind == "get_order":
+        return await client.orders.get_order(
+            order_id=key, consistency_token=token, max_wait_ms=MAX_WAIT_MS, timeout=timeout_s, consistent=False
+        )
+    if kind == "list_orders_by_customer":
+        return await client.orders.list_orders_by_customer(
+            customer_id=key,
+            page_size=LIST_PAGE_SIZE,
+            consistency_token=token,
+            max_wait_ms=MAX_WAIT_MS,
+            timeout=timeout_s,
+            consistent=False,
+        )
+    raise ValueError(f"unknown query kind {kind!r}")
+
+
 async def call_until_fresh(client: TesseraClient, kind: str, key: str, token: str, deadline: float) -> float:
     """Query `key` with `token` until the answer reflects it; perf_counter time of that answer.
 
     Raises NotVisible at `deadline` (perf_counter) and the call's TesseraError for codes other
     than NOT_FOUND, UNAVAILABLE and DEADLINE_EXCEEDED.
     """
-    query = Query(kind, query_request(kind, key, consistency_token=token, max_wait_ms=MAX_WAIT_MS))
     while True:
         remaining = deadline - time.perf_counter()
         if remaining <= 0:
             raise NotVisible(f"{kind} {key} was not visible in time")
         try:
-            reply: Any = await send_query(client, query, max(0.05, min(remaining, MAX_WAIT_MS / 1000 + 2.0)))
+            reply = await _query(client, kind, key, token, max(0.05, min(remaining, MAX_WAIT_MS / 1000 + 2.0)))
         except TesseraError as error:
             if error.code not in NOT_YET:
                 raise

@@ -1,9 +1,9 @@
 """What the load generator sends: query kinds over seeded ids, and write commands with unique contents.
 
-Queries are built once per seeded id, commands per call (each must be unique); both are typed
-requests sent through the client library, which keys each command and retries it under that
-key (docs/load-testing.md gives the client's per-call cost). `query_body` serializes a query
-for the engines that speak the raw wire (h2load).
+Queries are serialized once and sent as raw bytes, so a read process spends its time on calls
+rather than on protobuf (docs/load-testing.md says why reads stay raw). Commands are built per
+call (each must be unique) as typed requests and sent through the client library, which gives
+each its idempotency key and retries it under that key.
 """
 
 from __future__ import annotations
@@ -118,69 +118,58 @@ class SeedData:
         }[kind]
 
 
-def query_request(kind: str, key: str, consistency_token: str = "", max_wait_ms: int = 0) -> Message:
-    """The request of query `kind` for `key`."""
+def query_body(kind: str, key: str, consistency_token: str = "", max_wait_ms: int = 0) -> bytes:
+    """The serialized request of query `kind` for `key`."""
     if kind == "get_user":
-        return user_queries.GetUserRequest(user_id=key, consistency_token=consistency_token, max_wait_ms=max_wait_ms)
+        return user_queries.GetUserRequest(
+            user_id=key, consistency_token=consistency_token, max_wait_ms=max_wait_ms
+        ).SerializeToString()
     if kind == "get_product":
         return product_queries.GetProductRequest(
             product_id=key, consistency_token=consistency_token, max_wait_ms=max_wait_ms
-        )
+        ).SerializeToString()
     if kind == "get_order":
-        return order_queries.GetOrderRequest(order_id=key, consistency_token=consistency_token, max_wait_ms=max_wait_ms)
+        return order_queries.GetOrderRequest(
+            order_id=key, consistency_token=consistency_token, max_wait_ms=max_wait_ms
+        ).SerializeToString()
     if kind == "list_orders_by_customer":
         return order_queries.ListOrdersByCustomerRequest(
             customer_id=key, page_size=LIST_PAGE_SIZE, consistency_token=consistency_token, max_wait_ms=max_wait_ms
-        )
+        ).SerializeToString()
     raise ValueError(f"unknown query kind {kind!r}")
 
 
-def query_body(kind: str, key: str, consistency_token: str = "", max_wait_ms: int = 0) -> bytes:
-    """The serialized request of query `kind` for `key` (for engines that send raw bytes)."""
-    return query_request(kind, key, consistency_token, max_wait_ms).SerializeToString()
+@dataclass
+class Call:
+    """One call to make: the method path, the serialized request and extra metadata."""
 
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    """One query to send: its kind (a key of READ_METHODS) and its typed request."""
-
-    kind: str
-    request: Message
-
-
-def send_query(client: TesseraClient, query: Query, timeout_s: float) -> Awaitable[Message]:
-    """Send `query` through `client`'s read channel; the token it carries, if any, is the request's own."""
-    if query.kind == "get_user":
-        return client.users.get_user(query.request, timeout=timeout_s, consistent=False)  # type: ignore[arg-type]
-    if query.kind == "get_product":
-        return client.catalog.get_product(query.request, timeout=timeout_s, consistent=False)  # type: ignore[arg-type]
-    if query.kind == "get_order":
-        return client.orders.get_order(query.request, timeout=timeout_s, consistent=False)  # type: ignore[arg-type]
-    return client.orders.list_orders_by_customer(query.request, timeout=timeout_s, consistent=False)  # type: ignore[arg-type]
+    method: str
+    body: bytes
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 class QuerySource:
     """Queries drawn by weight from the mix, each on a random seeded id (or always the first with `hot`)."""
 
     def __init__(self, seed: SeedData, mix: Mapping[str, int], *, hot: bool, rng: random.Random) -> None:
-        """Build the requests of every kind in `mix`; ValueError when the seed has no ids for one."""
+        """Serialize the requests of every kind in `mix`; ValueError when the seed has no ids for one."""
         self.rng = rng
         self.kinds: list[str] = []
         self.weights: list[int] = []
-        self.requests: dict[str, list[Message]] = {}
+        self.bodies: dict[str, list[bytes]] = {}
         for kind, weight in mix.items():
             ids = seed.ids_for(kind)
             if not ids:
                 raise ValueError(f"the seed file has no ids for {kind} (seed more users, products or orders)")
             chosen = ids[:1] if hot else ids[:MAX_KEYS_PER_KIND]
-            self.requests[kind] = [query_request(kind, key) for key in chosen]
+            self.bodies[kind] = [query_body(kind, key) for key in chosen]
             self.kinds.append(kind)
             self.weights.append(weight)
 
-    def next_query(self) -> Query:
+    def next_call(self) -> Call:
         """The next query to send."""
         kind = self.kinds[0] if len(self.kinds) == 1 else self.rng.choices(self.kinds, self.weights)[0]
-        return Query(kind, self.rng.choice(self.requests[kind]))
+        return Call(READ_METHODS[kind], self.rng.choice(self.bodies[kind]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from devstack.loadtest.requests import CommandSource, QuerySource, SeedData, bearer_token, send_command, send_query
+from devstack.loadtest.requests import Call, CommandSource, QuerySource, SeedData, bearer_token, send_command
 from devstack.loadtest.schedule import due_offsets
 from devstack.loadtest.stats import Second
 from shared_kernel.runtime import run
@@ -118,73 +118,77 @@ class Recorder:
             )
 
 
-def open_clients(plan: Plan) -> list[list[TesseraClient]]:
-    """`plan.connections` clients per target, each on its own connection, with no session.
-
-    In write mode a target is the write service (the clients send commands only); in read mode
-    it is one replica, which each client's read channel reaches alone, so the engine and not
-    round_robin spreads the calls over the targets. A read client never sends a command: its
-    write channel (the replica's address stands in for the write service) is never opened.
-    """
+def command_clients(plan: Plan) -> list[list[TesseraClient]]:
+    """`plan.connections` clients per write address, each on its own connection (commands only, no session)."""
     own_connection = ChannelOptions(extra=tuple(CHANNEL_OPTIONS))
     token = bearer_token(plan.metadata)
-    reads = plan.mode == "read"
     return [
         [
-            TesseraClient(
-                target,
-                [target] if reads else None,
-                token=token,
-                options=own_connection,
-                timeout=plan.timeout_s,
-                session=False,
-            )
+            TesseraClient(target, None, token=token, options=own_connection, timeout=plan.timeout_s, session=False)
             for _ in range(plan.connections)
         ]
         for target in plan.targets
     ]
 
 
-async def run_plan(
+async def run_plan(  # noqa: PLR0915 - one window with its per-call closure
     plan: Plan,
     source: QuerySource | CommandSource,
     start_epoch: Awaitable[float],
     emit: Callable[[dict[str, object]], None],
 ) -> None:
-    """Open clients, announce readiness, wait for the start, drive the load model, emit the records.
+    """Open channels, announce readiness, wait for the start, drive the load model, emit the records.
 
-    Every call goes through the client library (one client per connection): commands get an
-    idempotency key each and are retried under it; queries are retried by the read channel's
-    service config.
+    Queries go out as pre-serialized bytes on raw channels; commands go through the client
+    library (one client per connection), which keys each command and retries it under its key.
     """
-    clients = open_clients(plan)
-    try:
-        channels = [
-            client.read_channel if plan.mode == "read" else client.write_channel
-            for group in clients
-            for client in group
+    clients = command_clients(plan) if isinstance(source, CommandSource) else []
+    channels = (
+        [[client.write_channel for client in group] for group in clients]
+        if clients
+        else [
+            [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(plan.connections)]
+            for target in plan.targets
         ]
-        states = await asyncio.gather(*(connect(channel, CONNECT_TIMEOUT_S) for channel in channels))
+    )
+    try:
+        states = await asyncio.gather(*(connect(channel, CONNECT_TIMEOUT_S) for group in channels for channel in group))
         emit({"type": "ready", "connected": sum(states), "channels": len(states)})
+        methods: dict[tuple[int, int, str], grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
 
-        def client_for(number: int) -> TesseraClient:
-            return clients[number % len(clients)][(number // len(clients)) % plan.connections]
+        def slot(number: int) -> tuple[int, int]:
+            return number % len(channels), (number // len(channels)) % plan.connections
+
+        def method_for(number: int, call: Call) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+            target, connection = slot(number)
+            key = (target, connection, call.method)
+            if key not in methods:
+                methods[key] = channels[target][connection].unary_unary(call.method)
+            return methods[key]
 
         start_at = await start_epoch
         start = time.perf_counter() + (start_at - time.time())
         end = start + plan.duration_s
         recorder = Recorder(start, plan.duration_s, emit)
 
+        plan_metadata = tuple(plan.metadata)
+
         async def one(number: int, intended: float) -> None:
             code: str | None = None
             details = ""
             try:
                 if isinstance(source, CommandSource):
-                    await send_command(client_for(number), source.next_command(), plan.timeout_s)
+                    target, connection = slot(number)
+                    await send_command(clients[target][connection], source.next_command(), plan.timeout_s)
                 else:
-                    await send_query(client_for(number), source.next_query(), plan.timeout_s)
+                    call = source.next_call()
+                    await method_for(number, call)(
+                        call.body, timeout=plan.timeout_s, metadata=(*plan_metadata, *call.metadata) or None
+                    )
             except TesseraError as error:
                 code, details = error.code.name, error.message
+            except grpc.aio.AioRpcError as error:
+                code, details = error.code().name, str(error.details())
             except (OSError, RuntimeError, ValueError) as error:
                 code, details = f"CLIENT_{type(error).__name__}", str(error)
             recorder.record(intended, time.perf_counter(), code, details)
@@ -213,8 +217,12 @@ async def run_plan(
             }
         )
     finally:
+        # A client closes its own channel; raw channels are closed here.
         for client in (client for group in clients for client in group):
             await client.close()
+        if not clients:
+            for channel in (channel for group in channels for channel in group):
+                await channel.close()
 
 
 async def _open_model(plan: Plan, start: float, one: Callable[[int, float], Awaitable[None]]) -> None:
