@@ -310,7 +310,11 @@ def _run_python(
         timeline=result.timeline,
         elapsed_s=result.elapsed_s,
         verified_by=verified_by,
-        extra={**extra, "connected_channels": f"{result.connected}/{result.channels}"},
+        extra={
+            **extra,
+            "connected_channels": f"{result.connected}/{result.channels}",
+            **({"command_retries": result.retries} if mode == "write" else {}),
+        },
     )
     return _finish(args, report, title)
 

@@ -37,6 +37,7 @@ class RunResult:
     first_errors: dict[str, str] = field(default_factory=dict)
     connected: int = 0
     channels: int = 0
+    retries: int = 0  # commands the client library sent again under their idempotency key
 
     @property
     def total(self) -> Second:
@@ -167,6 +168,7 @@ async def _collect(
             progress.add(second)
         elif record["type"] == "done":
             result.elapsed_s = max(result.elapsed_s, float(str(record["elapsed_s"])))
+            result.retries += int(str(record.get("retries", 0)))
             first = record.get("first_errors", {})
             assert isinstance(first, dict)
             for code, details in first.items():

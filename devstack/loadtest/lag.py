@@ -1,6 +1,7 @@
 """Lag mode: time from a command's reply to its effect being visible on each replica.
 
-Commands are sent on an open-model schedule (`--rate`). After each reply, every replica is
+Commands are sent on an open-model schedule (`--rate`) through the client library (one
+idempotency key per command, retried under it). After each reply, every replica is
 asked for the new aggregate with the reply's consistency token and `max_wait_ms`: the replica
 answers as soon as its view reflects the token (it is woken by its projector, not polled), so
 reply → fresh answer is the lag plus one query round trip. An answer marked stale, NOT_FOUND
@@ -15,17 +16,14 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
-
-import grpc
+from typing import Any, TextIO
 
 from devstack.loadtest.engine import Progress
-from devstack.loadtest.probe import NotVisible, call_until_fresh
-from devstack.loadtest.requests import CommandSource
+from devstack.loadtest.probe import NotVisible, call_until_fresh, replica_client
+from devstack.loadtest.requests import CommandSource, bearer_token, send_command
 from devstack.loadtest.schedule import due_offsets
 from devstack.loadtest.stats import Histogram, Second, Timeline
-from tessera.catalog.v1 import catalog_command_service_pb2 as catalog_commands
-from tessera.users.v1 import user_command_service_pb2 as user_commands
+from tessera_client import TesseraClient, TesseraError
 
 # The query that shows each command's effect, and how to read the new id from the reply.
 LAG_COMMANDS = {"register_user": "get_user", "add_product": "get_product"}
@@ -48,16 +46,8 @@ class LagResult:
         self.first_errors.setdefault(code, details[:300])
 
 
-def _new_id(command: str, reply: bytes) -> str:
-    if command == "register_user":
-        return str(user_commands.RegisterUserResponse.FromString(reply).user_id)
-    return str(catalog_commands.AddProductResponse.FromString(reply).product_id)
-
-
-def _token(command: str, reply: bytes) -> str:
-    if command == "register_user":
-        return str(user_commands.RegisterUserResponse.FromString(reply).consistency_token)
-    return str(catalog_commands.AddProductResponse.FromString(reply).consistency_token)
+def _new_id(command: str, reply: Any) -> str:
+    return str(reply.user_id if command == "register_user" else reply.product_id)
 
 
 async def measure_lag(  # noqa: PLR0915 - one schedule with its per-command closure
@@ -78,32 +68,28 @@ async def measure_lag(  # noqa: PLR0915 - one schedule with its per-command clos
     source = CommandSource(command, 0)
     result = LagResult(per_replica={address: Histogram() for address in reads})
     progress = Progress(progress_out)
-    write_channel = grpc.aio.insecure_channel(write)
-    read_channels = {address: grpc.aio.insecure_channel(address) for address in reads}
+    # Commands on one client; each replica is queried through a client reading from it alone.
+    writer = TesseraClient(write, None, token=bearer_token(metadata), timeout=30.0, session=False)
+    replicas = {address: replica_client(address, metadata, write) for address in reads}
     start = time.perf_counter() + 0.2
     last_second = max(0, math.ceil(duration_s) - 1)
 
     async def one(due: float) -> None:
-        call = source.next_call()
-        method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = write_channel.unary_unary(call.method)
         try:
-            reply = await method(call.body, timeout=30.0, metadata=(*metadata, *call.metadata))
-        except grpc.aio.AioRpcError as error:
-            result.error(error.code().name, str(error.details()))
-            progress.add(Second(errors={error.code().name: 1}))
+            reply: Any = await send_command(writer, source.next_command(), 30.0)
+        except TesseraError as error:
+            result.error(error.code.name, error.message)
+            progress.add(Second(errors={error.code.name: 1}))
             return
         replied = time.perf_counter()
         result.commands.record((replied - due) * 1000.0)
-        key, token = _new_id(command, reply), _token(command, reply)
+        key, token = _new_id(command, reply), str(reply.consistency_token)
         seen = await asyncio.gather(
-            *(
-                call_until_fresh(channel, kind, key, token, metadata, replied + visible_within_s)
-                for channel in read_channels.values()
-            ),
+            *(call_until_fresh(client, kind, key, token, replied + visible_within_s) for client in replicas.values()),
             return_exceptions=True,
         )
         second = Second()
-        for address, when in zip(read_channels, seen, strict=True):
+        for address, when in zip(replicas, seen, strict=True):
             if isinstance(when, float):
                 lag_ms = (when - replied) * 1000.0
                 result.per_replica[address].record(lag_ms)
@@ -111,9 +97,9 @@ async def measure_lag(  # noqa: PLR0915 - one schedule with its per-command clos
             elif isinstance(when, NotVisible):
                 second.errors["NOT_VISIBLE"] = second.errors.get("NOT_VISIBLE", 0) + 1
                 result.error("NOT_VISIBLE", f"{address}: {when}")
-            elif isinstance(when, grpc.aio.AioRpcError):
-                second.errors[when.code().name] = second.errors.get(when.code().name, 0) + 1
-                result.error(when.code().name, f"{address}: {when.details()}")
+            elif isinstance(when, TesseraError):
+                second.errors[when.code.name] = second.errors.get(when.code.name, 0) + 1
+                result.error(when.code.name, f"{address}: {when.message}")
             else:
                 raise when
         # Commands answered after the schedule's end count in its last second.
@@ -142,7 +128,7 @@ async def measure_lag(  # noqa: PLR0915 - one schedule with its per-command clos
         ticking.cancel()
         for task in tasks:
             task.cancel()
-        await write_channel.close()
-        for channel in read_channels.values():
-            await channel.close()
+        await writer.close()
+        for client in replicas.values():
+            await client.close()
     return result

@@ -9,18 +9,9 @@ from typing import Any
 
 import grpc
 
-from devstack.loadtest.requests import READ_METHODS, query_body
-from tessera.catalog.v1 import product_query_service_pb2 as product_queries
-from tessera.orders.v1 import order_query_service_pb2 as order_queries
-from tessera.users.v1 import user_query_service_pb2 as user_queries
+from devstack.loadtest.requests import LIST_PAGE_SIZE, bearer_token
+from tessera_client import TesseraClient, TesseraError
 
-# The reply type of each query kind, to read its `stale` flag.
-REPLIES: dict[str, Any] = {
-    "get_user": user_queries.GetUserResponse,
-    "get_product": product_queries.GetProductResponse,
-    "get_order": order_queries.GetOrderResponse,
-    "list_orders_by_customer": order_queries.ListOrdersByCustomerResponse,
-}
 # How long one waiting query lets the replica wait for a consistency token.
 MAX_WAIT_MS = 5000
 # Codes that mean "not there yet" while a replica catches up.
@@ -31,38 +22,58 @@ class NotVisible(RuntimeError):
     """An item did not become visible in time."""
 
 
-def is_stale(kind: str, reply: bytes) -> bool:
-    """Whether a query reply says it answered before reflecting its consistency token."""
-    return bool(REPLIES[kind].FromString(reply).stale)
+def replica_client(replica: str, metadata: Sequence[tuple[str, str]], write: str | None = None) -> TesseraClient:
+    """A client whose read channel goes to one replica only (no session: the caller passes each token).
+
+    `write` is the write service's address when the caller also sends commands; a client that
+    only queries never opens its write channel, so the replica's address stands in for it.
+    """
+    return TesseraClient(write or replica, [replica], token=bearer_token(metadata), session=False)
 
 
-async def call_until_fresh(  # noqa: PLR0917 - one query's parts, all needed
-    channel: grpc.aio.Channel,
-    kind: str,
-    key: str,
-    token: str,
-    metadata: Sequence[tuple[str, str]],
-    deadline: float,
-) -> float:
+async def _query(client: TesseraClient, kind: str, key: str, token: str, timeout_s: float) -> Any:
+    if kind == "get_user":
+        return await client.users.get_user(
+            user_id=key, consistency_token=token, max_wait_ms=MAX_WAIT_MS, timeout=timeout_s, consistent=False
+        )
+    if kind == "get_product":
+        return await client.catalog.get_product(
+            product_id=key, consistency_token=token, max_wait_ms=MAX_WAIT_MS, timeout=timeout_s, consistent=False
+        )
+    if kind == "get_order":
+        return await client.orders.get_order(
+            order_id=key, consistency_token=token, max_wait_ms=MAX_WAIT_MS, timeout=timeout_s, consistent=False
+        )
+    if kind == "list_orders_by_customer":
+        return await client.orders.list_orders_by_customer(
+            customer_id=key,
+            page_size=LIST_PAGE_SIZE,
+            consistency_token=token,
+            max_wait_ms=MAX_WAIT_MS,
+            timeout=timeout_s,
+            consistent=False,
+        )
+    raise ValueError(f"unknown query kind {kind!r}")
+
+
+async def call_until_fresh(client: TesseraClient, kind: str, key: str, token: str, deadline: float) -> float:
     """Query `key` with `token` until the answer reflects it; perf_counter time of that answer.
 
-    Raises NotVisible at `deadline` (perf_counter) and the call's error for codes other than
-    NOT_FOUND, UNAVAILABLE and DEADLINE_EXCEEDED.
+    Raises NotVisible at `deadline` (perf_counter) and the call's TesseraError for codes other
+    than NOT_FOUND, UNAVAILABLE and DEADLINE_EXCEEDED.
     """
-    method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(READ_METHODS[kind])
-    body = query_body(kind, key, consistency_token=token, max_wait_ms=MAX_WAIT_MS)
     while True:
         remaining = deadline - time.perf_counter()
         if remaining <= 0:
             raise NotVisible(f"{kind} {key} was not visible in time")
         try:
-            reply = await method(body, timeout=max(0.05, min(remaining, MAX_WAIT_MS / 1000 + 2.0)), metadata=metadata)
-        except grpc.aio.AioRpcError as error:
-            if error.code() not in NOT_YET:
+            reply = await _query(client, kind, key, token, max(0.05, min(remaining, MAX_WAIT_MS / 1000 + 2.0)))
+        except TesseraError as error:
+            if error.code not in NOT_YET:
                 raise
             await asyncio.sleep(0.01)  # a NOT_FOUND answer comes at once: do not spin
             continue
-        if not is_stale(kind, reply):
+        if not reply.stale:
             return time.perf_counter()
 
 
@@ -79,13 +90,11 @@ async def wait_for_seed(
     deadline = time.perf_counter() + within_s
     unreachable = []
     for target in targets:
-        async with grpc.aio.insecure_channel(target) as channel:
-            if not await connect(channel, CONNECT_TIMEOUT_S):
+        async with replica_client(target, metadata) as client:
+            if not await connect(client.read_channel, CONNECT_TIMEOUT_S):
                 unreachable.append(target)
                 continue
-            await asyncio.gather(
-                *(call_until_fresh(channel, kind, key, token, metadata, deadline) for kind, key, token in probes)
-            )
+            await asyncio.gather(*(call_until_fresh(client, kind, key, token, deadline) for kind, key, token in probes))
     return unreachable
 
 

@@ -1,7 +1,9 @@
 """What the load generator sends: query kinds over seeded ids, and write commands with unique contents.
 
-Requests are serialized once (queries) or built per call (commands, which must be unique) and
-sent as raw bytes, so a client process spends its time on calls rather than on protobuf.
+Queries are serialized once and sent as raw bytes, so a read process spends its time on calls
+rather than on protobuf (docs/load-testing.md says why reads stay raw). Commands are built per
+call (each must be unique) as typed requests and sent through the client library, which gives
+each its idempotency key and retries it under that key.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import json
 import random
 import secrets
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from google.protobuf.message import Message
 
 from tessera.catalog.v1 import catalog_command_service_pb2 as catalog_commands
 from tessera.catalog.v1 import product_query_service_pb2 as product_queries
@@ -20,6 +23,7 @@ from tessera.common.v1 import money_pb2
 from tessera.orders.v1 import order_query_service_pb2 as order_queries
 from tessera.users.v1 import user_command_service_pb2 as user_commands
 from tessera.users.v1 import user_query_service_pb2 as user_queries
+from tessera_client import TesseraClient
 
 GET_USER = "/tessera.users.v1.UserQueryService/GetUser"
 GET_PRODUCT = "/tessera.catalog.v1.ProductQueryService/GetProduct"
@@ -28,7 +32,6 @@ LIST_ORDERS_BY_CUSTOMER = "/tessera.orders.v1.OrderQueryService/ListOrdersByCust
 REGISTER_USER = "/tessera.users.v1.UserCommandService/RegisterUser"
 ADD_PRODUCT = "/tessera.catalog.v1.CatalogCommandService/AddProduct"
 RESTOCK_PRODUCT = "/tessera.catalog.v1.CatalogCommandService/RestockProduct"
-IDEMPOTENCY_HEADER = "idempotency-key"
 
 # The query kinds of `read` with the gRPC method each calls.
 READ_METHODS: dict[str, str] = {
@@ -169,8 +172,30 @@ class QuerySource:
         return Call(READ_METHODS[kind], self.rng.choice(self.bodies[kind]))
 
 
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One command to send: its kind (a key of WRITE_METHODS) and its typed request."""
+
+    kind: str
+    request: Message
+
+
+def send_command(client: TesseraClient, command: Command, timeout_s: float) -> Awaitable[Message]:
+    """Send `command` through `client`: one idempotency key per command, reused on every retry."""
+    if command.kind == "register_user":
+        return client.users.register_user(command.request, timeout=timeout_s)  # type: ignore[arg-type]
+    if command.kind == "add_product":
+        return client.catalog.add_product(command.request, timeout=timeout_s)  # type: ignore[arg-type]
+    return client.catalog.restock_product(command.request, timeout=timeout_s)  # type: ignore[arg-type]
+
+
+def bearer_token(metadata: Sequence[tuple[str, str]]) -> str | None:
+    """The token of an `authorization: Bearer …` entry, for the client's token provider."""
+    return next((value.removeprefix("Bearer ") for key, value in metadata if key == "authorization"), None)
+
+
 class CommandSource:
-    """Write commands with unique contents and a unique idempotency key each."""
+    """Write commands with unique contents; the client gives each its own idempotency key."""
 
     def __init__(self, command: str, process_index: int, product_ids: Sequence[str] = ()) -> None:
         """`product_ids` are the products restock_product spreads its commands over."""
@@ -184,24 +209,27 @@ class CommandSource:
         self.product_ids = list(product_ids)
         self.number = 0
 
-    def next_call(self) -> Call:
+    def next_command(self) -> Command:
         """The next command to send."""
         self.number += 1
         tag = f"{self.run}{self.process_index}x{self.number}"
+        request: Message
         if self.command == "register_user":
-            body = user_commands.RegisterUserRequest(
+            request = user_commands.RegisterUserRequest(
                 email=f"lt-{tag}@example.com", username=f"lt{tag}", password=PASSWORD, full_name=f"Load Test {tag}"
-            ).SerializeToString()
+            )
         elif self.command == "add_product":
-            body = add_product_body(f"LT-{tag}", f"Load test product {tag}", stock=100)
+            request = add_product_request(f"LT-{tag}", f"Load test product {tag}", stock=100)
         else:
             product_id = self.product_ids[self.number % len(self.product_ids)]
-            body = catalog_commands.RestockProductRequest(product_id=product_id, quantity=1).SerializeToString()
-        return Call(WRITE_METHODS[self.command], body, ((IDEMPOTENCY_HEADER, uuid.uuid4().hex),))
+            request = catalog_commands.RestockProductRequest(product_id=product_id, quantity=1)
+        return Command(self.command, request)
 
 
-def add_product_body(sku: str, name: str, *, stock: int, price_minor: int = 1999) -> bytes:
-    """A serialized AddProductRequest."""
+def add_product_request(
+    sku: str, name: str, *, stock: int, price_minor: int = 1999
+) -> catalog_commands.AddProductRequest:
+    """An AddProductRequest."""
     return catalog_commands.AddProductRequest(
         sku=sku, name=name, price=money_pb2.Money(currency_code="EUR", amount_minor=price_minor), initial_stock=stock
-    ).SerializeToString()
+    )

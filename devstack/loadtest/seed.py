@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO, TypeVar
 
-from devstack.loadtest.requests import PASSWORD, add_product_body
-from tessera.catalog.v1 import catalog_command_service_pb2 as catalog_commands
+from devstack.loadtest.requests import PASSWORD, add_product_request, bearer_token
 from tessera.orders.v1 import order_command_service_pb2 as order_commands
 from tessera.orders.v1 import order_pb2
 from tessera.users.v1 import user_command_service_pb2 as user_commands
@@ -70,7 +69,7 @@ class Caller:
 
     def __init__(self, address: str, connections: int, metadata: Sequence[tuple[str, str]]) -> None:
         """Open `connections` clients to `address` (commands only: no read channel, no session)."""
-        token = next((value.removeprefix("Bearer ") for key, value in metadata if key == "authorization"), None)
+        token = bearer_token(metadata)
         own_connection = ChannelOptions(extra=(("grpc.use_local_subchannel_pool", 1),))
         self.clients = [
             TesseraClient(address, None, token=token, options=own_connection, timeout=CALL_TIMEOUT_S, session=False)
@@ -167,8 +166,9 @@ async def seed(
 
         async def product(number: int) -> None:
             sku = f"SEED-{run_id}-{number}"
-            body = add_product_body(sku, f"Seed product {number}", stock=PRODUCT_STOCK, price_minor=100 + number % 900)
-            request = catalog_commands.AddProductRequest.FromString(body)
+            request = add_product_request(
+                sku, f"Seed product {number}", stock=PRODUCT_STOCK, price_minor=100 + number % 900
+            )
             reply = await _command(caller.next().catalog.add_product(request))
             seeded.products.append({"product_id": reply.product_id, "sku": sku, "token": reply.consistency_token})
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import grpc
 
-from devstack.loadtest.requests import Call, CommandSource, QuerySource, SeedData
+from devstack.loadtest.requests import Call, CommandSource, QuerySource, SeedData, bearer_token, send_command
 from devstack.loadtest.schedule import due_offsets
 from devstack.loadtest.stats import Second
 from shared_kernel.runtime import run
+from tessera_client import ChannelOptions, TesseraClient, TesseraError
 
 # Most time a channel may take to connect before the run starts anyway (its calls then fail).
 CONNECT_TIMEOUT_S = 5.0
@@ -117,25 +118,49 @@ class Recorder:
             )
 
 
-async def run_plan(
+def command_clients(plan: Plan) -> list[list[TesseraClient]]:
+    """`plan.connections` clients per write address, each on its own connection (commands only, no session)."""
+    own_connection = ChannelOptions(extra=tuple(CHANNEL_OPTIONS))
+    token = bearer_token(plan.metadata)
+    return [
+        [
+            TesseraClient(target, None, token=token, options=own_connection, timeout=plan.timeout_s, session=False)
+            for _ in range(plan.connections)
+        ]
+        for target in plan.targets
+    ]
+
+
+async def run_plan(  # noqa: PLR0915 - one window with its per-call closure
     plan: Plan,
     source: QuerySource | CommandSource,
     start_epoch: Awaitable[float],
     emit: Callable[[dict[str, object]], None],
 ) -> None:
-    """Open channels, announce readiness, wait for the start, drive the load model, emit the records."""
-    channels = [
-        [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(plan.connections)]
-        for target in plan.targets
-    ]
+    """Open channels, announce readiness, wait for the start, drive the load model, emit the records.
+
+    Queries go out as pre-serialized bytes on raw channels; commands go through the client
+    library (one client per connection), which keys each command and retries it under its key.
+    """
+    clients = command_clients(plan) if isinstance(source, CommandSource) else []
+    channels = (
+        [[client.write_channel for client in group] for group in clients]
+        if clients
+        else [
+            [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(plan.connections)]
+            for target in plan.targets
+        ]
+    )
     try:
         states = await asyncio.gather(*(connect(channel, CONNECT_TIMEOUT_S) for group in channels for channel in group))
         emit({"type": "ready", "connected": sum(states), "channels": len(states)})
         methods: dict[tuple[int, int, str], grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
 
+        def slot(number: int) -> tuple[int, int]:
+            return number % len(channels), (number // len(channels)) % plan.connections
+
         def method_for(number: int, call: Call) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
-            target = number % len(channels)
-            connection = (number // len(channels)) % plan.connections
+            target, connection = slot(number)
             key = (target, connection, call.method)
             if key not in methods:
                 methods[key] = channels[target][connection].unary_unary(call.method)
@@ -149,13 +174,19 @@ async def run_plan(
         plan_metadata = tuple(plan.metadata)
 
         async def one(number: int, intended: float) -> None:
-            call = source.next_call()
             code: str | None = None
             details = ""
             try:
-                await method_for(number, call)(
-                    call.body, timeout=plan.timeout_s, metadata=(*plan_metadata, *call.metadata) or None
-                )
+                if isinstance(source, CommandSource):
+                    target, connection = slot(number)
+                    await send_command(clients[target][connection], source.next_command(), plan.timeout_s)
+                else:
+                    call = source.next_call()
+                    await method_for(number, call)(
+                        call.body, timeout=plan.timeout_s, metadata=(*plan_metadata, *call.metadata) or None
+                    )
+            except TesseraError as error:
+                code, details = error.code.name, error.message
             except grpc.aio.AioRpcError as error:
                 code, details = error.code().name, str(error.details())
             except (OSError, RuntimeError, ValueError) as error:
@@ -182,11 +213,15 @@ async def run_plan(
                 "type": "done",
                 "elapsed_s": max(plan.duration_s, recorder.last_end - start),
                 "first_errors": recorder.first_errors,
+                "retries": sum(client.command_retries for group in clients for client in group),
             }
         )
     finally:
-        for group in channels:
-            for channel in group:
+        # A client closes its own channel; raw channels are closed here.
+        for client in (client for group in clients for client in group):
+            await client.close()
+        if not clients:
+            for channel in (channel for group in channels for channel in group):
                 await channel.close()
 
 

@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from devstack.supervisor import Stack, StackConfig
+from tessera_client import TesseraClient
 from tests.conftest import create_database, drop_database
 
 # Cheap argon2 parameters keep registration fast in tests; production defaults are in settings.
@@ -116,6 +117,28 @@ async def read_channels(stack: Stack) -> AsyncIterator[list[grpc.aio.Channel]]:
     finally:
         for channel in channels:
             await channel.close()
+
+
+@pytest.fixture(scope="module")
+async def tessera(stack: Stack) -> AsyncIterator[TesseraClient]:
+    """The client library over the stack: commands to the write service, queries round robin over
+    both replicas; no consistency session (a test passes a token when it means to)."""
+    async with TesseraClient(stack.write_address, stack.read_addresses, timeout=10, session=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+async def replica_clients(stack: Stack) -> AsyncIterator[list[TesseraClient]]:
+    """One client per read replica, whose queries go to that replica alone (a test that checks each
+    replica on purpose); no consistency session."""
+    clients = [
+        TesseraClient(stack.write_address, [address], timeout=10, session=False) for address in stack.read_addresses
+    ]
+    try:
+        yield clients
+    finally:
+        for client in clients:
+            await client.close()
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import grpc
 import pytest
 import redis.asyncio as aioredis
 
@@ -37,10 +36,9 @@ from read_service.keys import UserKeys
 from read_service.lease import lease_key
 from read_service.projections.users import UsersProjection
 from shared_kernel.event_log import NewEvent, append_events
-from tessera.users.v1 import user_query_service_pb2 as qry
-from tessera.users.v1 import user_query_service_pb2_grpc as qry_grpc
 from tessera.users.v1.events_pb2 import UserDeactivated, UserProfileUpdated, UserRegistered
 from tessera.users.v1.user_query_service_pb2 import UserView
+from tessera_client import TesseraClient
 from tests.e2e.conftest import FAST_HASHING
 
 pytestmark = pytest.mark.e2e
@@ -260,10 +258,8 @@ async def test_kill_9_of_the_applying_replica_mid_stream_loses_and_repeats_nothi
 
         # And the survivor serves them.
         some_user = next(iter(expected))
-        async with grpc.aio.insecure_channel(survivor.address) as channel:
-            reply = await qry_grpc.UserQueryServiceStub(channel).GetUser(
-                qry.GetUserRequest(user_id=some_user), timeout=10
-            )
+        async with TesseraClient(lease_stack.write_address, [survivor.address], session=False) as tessera:
+            reply = await tessera.users.get_user(user_id=some_user, timeout=10)
         assert reply.user.version == expected[some_user][0]
         assert reply.view_position == head
 

@@ -14,16 +14,14 @@ import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from devstack.supervisor import ServiceProcess, Stack
 from tessera.users.v1 import user_command_service_pb2 as cmd
-from tessera.users.v1 import user_command_service_pb2_grpc as cmd_grpc
 from tessera.users.v1 import user_query_service_pb2 as qry
-from tessera.users.v1 import user_query_service_pb2_grpc as qry_grpc
+from tessera_client import InvalidArgument, TesseraClient
 from tests.e2e.conftest import FAST_HASHING, e2e_config, running_stack
 
 pytestmark = pytest.mark.e2e
@@ -82,8 +80,10 @@ def values(samples: list[Sample], name: str, **labels: str) -> list[float]:
 async def test_each_process_serves_its_metric_families(metrics_stack: Stack) -> None:
     stack = metrics_stack
     token = secrets.token_hex(4)
-    async with grpc.aio.insecure_channel(stack.write_address) as write_channel:
-        commands = cmd_grpc.UserCommandServiceStub(write_channel)
+    # One client per replica, whose queries go to that replica alone (no consistency session).
+    clients = [TesseraClient(stack.write_address, [address], session=False) for address in stack.read_addresses]
+    try:
+        commands = clients[0].users
         replies = []
         for n in range(USERS):
             request = cmd.RegisterUserRequest(
@@ -95,28 +95,20 @@ async def test_each_process_serves_its_metric_families(metrics_stack: Stack) -> 
             # The first one twice with the same key: the second call is an idempotent replay.
             repeats = 2 if n == 0 else 1
             for _ in range(repeats):
-                reply = await commands.RegisterUser(
-                    request, metadata=(("idempotency-key", f"k{n}-{token}"),), timeout=10
-                )
+                reply = await commands.register_user(request, idempotency_key=f"k{n}-{token}", timeout=10)
             replies.append(reply)
 
-    read_channels = [grpc.aio.insecure_channel(address) for address in stack.read_addresses]
-    try:
-        for channel in read_channels:
-            queries = qry_grpc.UserQueryServiceStub(channel)
+        for client in clients:
             for reply in replies:
                 query = qry.GetUserRequest(
                     user_id=reply.user_id, consistency_token=reply.consistency_token, max_wait_ms=10_000
                 )
-                await queries.GetUser(query, timeout=15)
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await qry_grpc.UserQueryServiceStub(read_channels[0]).GetUser(
-                qry.GetUserRequest(user_id="not-a-uuid"), timeout=10
-            )
-        assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                await client.users.get_user(query, timeout=15)
+        with pytest.raises(InvalidArgument):
+            await clients[0].users.get_user(qry.GetUserRequest(user_id="not-a-uuid"), timeout=10)
     finally:
-        for channel in read_channels:
-            await channel.close()
+        for client in clients:
+            await client.close()
 
     # Write service: calls by method and status, idempotent replays.
     assert stack.write is not None

@@ -45,21 +45,17 @@ from hypothesis.stateful import (
 
 from devstack.supervisor import Stack
 from tessera.catalog.v1 import catalog_command_service_pb2 as cat
-from tessera.catalog.v1 import catalog_command_service_pb2_grpc as cat_grpc
 from tessera.catalog.v1 import product_query_service_pb2 as pq
-from tessera.catalog.v1 import product_query_service_pb2_grpc as pq_grpc
 from tessera.common.v1.money_pb2 import Money
 from tessera.orders.v1 import order_command_service_pb2 as oc
-from tessera.orders.v1 import order_command_service_pb2_grpc as oc_grpc
 from tessera.orders.v1 import order_pb2
 from tessera.orders.v1 import order_query_service_pb2 as oq
-from tessera.orders.v1 import order_query_service_pb2_grpc as oq_grpc
 from tessera.payments.v1 import payment_provider_admin_pb2 as admin_pb
 from tessera.payments.v1 import payment_provider_admin_pb2_grpc as admin_grpc
 from tessera.payments.v1 import payment_provider_pb2 as pp
 from tessera.payments.v1 import payment_provider_pb2_grpc as pp_grpc
 from tessera.users.v1 import user_command_service_pb2 as uc
-from tessera.users.v1 import user_command_service_pb2_grpc as uc_grpc
+from tessera_client import SyncTesseraClient, TesseraError
 from tests.e2e.conftest import e2e_config, running_stack
 
 pytestmark = pytest.mark.e2e
@@ -163,11 +159,13 @@ class World:
 
     stack: Stack
     db: Postgres
-    users: uc_grpc.UserCommandServiceStub
-    catalog: cat_grpc.CatalogCommandServiceStub
-    orders: oc_grpc.OrderCommandServiceStub
-    product_views: list[pq_grpc.ProductQueryServiceStub]
-    order_views: list[oq_grpc.OrderQueryServiceStub]
+    # The client library's blocking API: commands to the write service, and each replica's queries
+    # through a client reading from it alone.
+    users: Any
+    catalog: Any
+    orders: Any
+    product_views: list[Any]
+    order_views: list[Any]
     payments: pp_grpc.PaymentProviderServiceStub
     provider_admin: admin_grpc.PaymentProviderAdminServiceStub
     sampler: StockSampler
@@ -178,9 +176,9 @@ class World:
 class StockSampler:
     """Samples the stock of the current example's products on a replica until stopped."""
 
-    def __init__(self, address: str) -> None:
-        self._channel = grpc.insecure_channel(address)
-        self._views = pq_grpc.ProductQueryServiceStub(self._channel)
+    def __init__(self, write_address: str, address: str) -> None:
+        self._client = SyncTesseraClient(write_address, [address], session=False)
+        self._views = self._client.catalog
         self._lock = threading.Lock()
         self._products: list[str] = []
         self.samples = 0
@@ -198,7 +196,7 @@ class StockSampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        self._channel.close()
+        self._client.close()
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
@@ -206,8 +204,8 @@ class StockSampler:
                 products = list(self._products)
             for product_id in products:
                 try:
-                    reply = self._views.GetProduct(pq.GetProductRequest(product_id=product_id), timeout=2)
-                except grpc.RpcError:
+                    reply = self._views.get_product(pq.GetProductRequest(product_id=product_id), timeout=2)
+                except TesseraError:
                     continue  # not projected yet
                 self.samples += 1
                 if reply.product.stock_available < 0:
@@ -218,8 +216,8 @@ def code_of(call: Callable[[], object]) -> grpc.StatusCode | None:
     """Run a call; None when it succeeded, else its status code."""
     try:
         call()
-    except grpc.RpcError as exc:
-        return exc.code()
+    except TesseraError as exc:
+        return exc.code
     return None
 
 
@@ -256,7 +254,7 @@ def machine_for(world: World) -> type[RuleBasedStateMachine]:
         )
         def set_up(self, prices: list[int], stocks: list[int]) -> None:
             tag = secrets.token_hex(4)
-            user = world.users.RegisterUser(
+            user = world.users.register_user(
                 uc.RegisterUserRequest(
                     email=f"prop.{tag}@example.com",
                     username=f"prop_{tag}",
@@ -269,7 +267,7 @@ def machine_for(world: World) -> type[RuleBasedStateMachine]:
             for index, price in enumerate(prices):
                 sku = f"PROP-{tag}-{index}".upper()
                 name = f"Gadget {tag} {index}"
-                reply = world.catalog.AddProduct(
+                reply = world.catalog.add_product(
                     cat.AddProductRequest(
                         sku=sku,
                         name=name,
@@ -302,7 +300,7 @@ def machine_for(world: World) -> type[RuleBasedStateMachine]:
                 product = data.draw(st.sampled_from(others), label="added product")
                 quantity = data.draw(st.integers(min_value=1, max_value=3), label="added quantity")
                 code = code_of(
-                    lambda: world.orders.AddOrderItem(
+                    lambda: world.orders.add_order_item(
                         oc.AddOrderItemRequest(
                             order_id=order.order_id, item=oc.OrderItem(sku=product.sku, quantity=quantity)
                         ),
@@ -325,7 +323,7 @@ def machine_for(world: World) -> type[RuleBasedStateMachine]:
                 return
             expected = predicted_outcome(order, self.products)
             code = code_of(
-                lambda: world.orders.CancelOrder(
+                lambda: world.orders.cancel_order(
                     oc.CancelOrderRequest(order_id=order.order_id, reason="changed my mind"), timeout=CALL_TIMEOUT_S
                 )
             )
@@ -347,7 +345,7 @@ def machine_for(world: World) -> type[RuleBasedStateMachine]:
         def cancel_order(self, data: st.DataObject) -> None:
             order = self._pick_order(data)
             code = code_of(
-                lambda: world.orders.CancelOrder(
+                lambda: world.orders.cancel_order(
                     oc.CancelOrderRequest(order_id=order.order_id, reason="no longer needed"), timeout=CALL_TIMEOUT_S
                 )
             )
@@ -366,7 +364,7 @@ def machine_for(world: World) -> type[RuleBasedStateMachine]:
         def ship_order(self, data: st.DataObject) -> None:
             order = self._pick_order(data)
             code = code_of(
-                lambda: world.orders.ShipOrder(
+                lambda: world.orders.ship_order(
                     oc.ShipOrderRequest(
                         order_id=order.order_id, carrier="DHL", tracking_number=f"TRK{secrets.token_hex(4)}"
                     ),
@@ -382,7 +380,7 @@ def machine_for(world: World) -> type[RuleBasedStateMachine]:
         @rule(data=st.data(), quantity=st.integers(min_value=1, max_value=8))
         def restock(self, data: st.DataObject, quantity: int) -> None:
             product = self._pick_product(data)
-            reply = world.catalog.RestockProduct(
+            reply = world.catalog.restock_product(
                 cat.RestockProductRequest(product_id=product.product_id, quantity=quantity), timeout=CALL_TIMEOUT_S
             )
             product.stock += quantity
@@ -391,7 +389,7 @@ def machine_for(world: World) -> type[RuleBasedStateMachine]:
         @rule(data=st.data(), price=st.integers(min_value=50, max_value=900))
         def change_price(self, data: st.DataObject, price: int) -> None:
             product = self._pick_product(data)
-            world.catalog.UpdateProductPrice(
+            world.catalog.update_product_price(
                 cat.UpdateProductPriceRequest(
                     product_id=product.product_id, price=Money(currency_code=CURRENCY, amount_minor=price)
                 ),
@@ -456,7 +454,7 @@ def machine_for(world: World) -> type[RuleBasedStateMachine]:
             quantities = data.draw(
                 st.lists(st.integers(min_value=1, max_value=4), min_size=len(chosen), max_size=len(chosen))
             )
-            reply = world.orders.PlaceOrder(
+            reply = world.orders.place_order(
                 oc.PlaceOrderRequest(
                     customer_id=self.customer_id,
                     items=[oc.OrderItem(sku=p.sku, quantity=q) for p, q in zip(chosen, quantities, strict=True)],
@@ -507,11 +505,11 @@ def machine_for(world: World) -> type[RuleBasedStateMachine]:
                 for views in world.product_views:
                     for product in self.products.values():
                         try:
-                            view = views.GetProduct(
+                            view = views.get_product(
                                 pq.GetProductRequest(product_id=product.product_id), timeout=5
                             ).product
-                        except grpc.RpcError as exc:
-                            return f"GetProduct {product.sku}: {exc.code()}"
+                        except TesseraError as exc:
+                            return f"GetProduct {product.sku}: {exc.code}"
                         seen = (view.sku, view.name, view.price.amount_minor, view.stock_available)
                         wanted = (product.sku, product.name, product.price, product.stock)
                         if seen != wanted:
@@ -522,9 +520,9 @@ def machine_for(world: World) -> type[RuleBasedStateMachine]:
                 for views in world.order_views:
                     for order in self.orders.values():
                         try:
-                            view = views.GetOrder(oq.GetOrderRequest(order_id=order.order_id), timeout=5).order
-                        except grpc.RpcError as exc:
-                            return f"GetOrder {order.order_id}: {exc.code()}"
+                            view = views.get_order(oq.GetOrderRequest(order_id=order.order_id), timeout=5).order
+                        except TesseraError as exc:
+                            return f"GetOrder {order.order_id}: {exc.code}"
                         seen_lines = [(line.sku, line.quantity, line.unit_price.amount_minor) for line in view.lines]
                         wanted_lines = [(line.sku, line.quantity, line.unit_price) for line in order.lines]
                         seen = (view.status, view.total.amount_minor, view.paid, seen_lines, view.customer_id)
@@ -589,21 +587,21 @@ async def stack(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_l
 @pytest.fixture(scope="module")
 def world(stack: Stack, e2e_database: str) -> Iterator[World]:
     assert stack.saga_workers, "the stack runs no saga worker"
-    write = grpc.insecure_channel(stack.write_address)
-    readers = [grpc.insecure_channel(address) for address in stack.read_addresses]
+    write = SyncTesseraClient(stack.write_address, None, session=False)
+    readers = [SyncTesseraClient(stack.write_address, [address], session=False) for address in stack.read_addresses]
     provider = grpc.insecure_channel(stack.provider_address)
-    sampler = StockSampler(stack.read_addresses[0])
+    sampler = StockSampler(stack.write_address, stack.read_addresses[0])
     sampler.start()
     db = Postgres(e2e_database)
     try:
         yield World(
             stack=stack,
             db=db,
-            users=uc_grpc.UserCommandServiceStub(write),
-            catalog=cat_grpc.CatalogCommandServiceStub(write),
-            orders=oc_grpc.OrderCommandServiceStub(write),
-            product_views=[pq_grpc.ProductQueryServiceStub(channel) for channel in readers],
-            order_views=[oq_grpc.OrderQueryServiceStub(channel) for channel in readers],
+            users=write.users,
+            catalog=write.catalog,
+            orders=write.orders,
+            product_views=[reader.catalog for reader in readers],
+            order_views=[reader.orders for reader in readers],
             payments=pp_grpc.PaymentProviderServiceStub(provider),
             provider_admin=admin_grpc.PaymentProviderAdminServiceStub(provider),
             sampler=sampler,
@@ -611,8 +609,9 @@ def world(stack: Stack, e2e_database: str) -> Iterator[World]:
     finally:
         sampler.stop()
         db.close()
-        for channel in (write, *readers, provider):
-            channel.close()
+        provider.close()
+        for client in (write, *readers):
+            client.close()
 
 
 def configure_provider(world: World, **failures: Any) -> None:

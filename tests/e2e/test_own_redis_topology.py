@@ -13,10 +13,8 @@ import random
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-import grpc
 import pytest
 import redis.asyncio as aioredis
 
@@ -24,13 +22,9 @@ from devstack.servers import EmbeddedRedis
 from devstack.supervisor import ServiceProcess, Stack, StackConfig
 from tessera.users.v1 import user_command_service_pb2 as cmd
 from tessera.users.v1 import user_query_service_pb2 as qry
-from tessera.users.v1 import user_query_service_pb2_grpc as qry_grpc
 from tessera_client import TesseraClient
 
 from .conftest import FAST_HASHING, running_stack
-
-if TYPE_CHECKING:
-    from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceAsyncStub
 
 pytestmark = pytest.mark.e2e
 
@@ -95,11 +89,11 @@ def replicas(
             process.terminate(grace=10)
 
 
-async def get_user(address: str, user_id: str, token: str) -> qry.GetUserResponse:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub: UserQueryServiceAsyncStub = qry_grpc.UserQueryServiceStub(channel)
+async def get_user(stack: Stack, address: str, user_id: str, token: str) -> qry.GetUserResponse:
+    """GetUser with `token` on the replica at `address` alone, through the client library."""
+    async with TesseraClient(stack.write_address, [address], session=False) as tessera:
         request = qry.GetUserRequest(user_id=user_id, consistency_token=token, max_wait_ms=10_000)
-        return await stub.GetUser(request, timeout=15)
+        return await tessera.users.get_user(request, timeout=15)
 
 
 async def test_replicas_with_their_own_redis_each_apply_the_stream_and_serve_correct_views(
@@ -133,10 +127,10 @@ async def test_replicas_with_their_own_redis_each_apply_the_stream_and_serve_cor
             cmd.DeactivateUserRequest(user_id=grace.user_id, reason="moved on"), timeout=10
         )
         for process in replicas:
-            reply = await get_user(process.address, ada.user_id, renamed.consistency_token)
+            reply = await get_user(write_only_stack, process.address, ada.user_id, renamed.consistency_token)
             assert not reply.stale
             assert (reply.user.full_name, reply.user.version, reply.user.active) == ("Ada King", 2, True)
-            reply = await get_user(process.address, grace.user_id, gone.consistency_token)
+            reply = await get_user(write_only_stack, process.address, grace.user_id, gone.consistency_token)
             assert not reply.stale
             assert (reply.user.version, reply.user.active) == (2, False)
 
@@ -155,11 +149,11 @@ async def test_replicas_with_their_own_redis_each_apply_the_stream_and_serve_cor
         again = await commands.update_user_profile(
             cmd.UpdateUserProfileRequest(user_id=ada.user_id, full_name="Ada, Countess"), timeout=10
         )
-        reply = await get_user(running.address, ada.user_id, again.consistency_token)
+        reply = await get_user(write_only_stack, running.address, ada.user_id, again.consistency_token)
         assert (reply.stale, reply.user.full_name, reply.user.version) == (False, "Ada, Countess", 3)
         stopped.start()
         await stopped.wait_healthy_async(60)
-        reply = await get_user(stopped.address, ada.user_id, again.consistency_token)
+        reply = await get_user(write_only_stack, stopped.address, ada.user_id, again.consistency_token)
         assert (reply.stale, reply.user.full_name, reply.user.version) == (False, "Ada, Countess", 3)
 
 
@@ -186,7 +180,7 @@ async def test_a_replica_with_a_redis_server_of_its_own_reads_the_stream_from_th
                 renamed = await commands.update_user_profile(
                     cmd.UpdateUserProfileRequest(user_id=registered.user_id, full_name="Mary Somerville"), timeout=10
                 )
-                reply = await get_user(replica.address, registered.user_id, renamed.consistency_token)
+                reply = await get_user(write_only_stack, replica.address, registered.user_id, renamed.consistency_token)
                 assert not reply.stale
                 assert (reply.user.full_name, reply.user.version) == ("Mary Somerville", 2)
             # The views are in the replica's own server, not in the relays'.

@@ -27,9 +27,9 @@ from devstack.servers import find_free_port
 from devstack.supervisor import ServiceProcess, Stack
 from read_service.workers import REPLICA_HEADER
 from tessera.users.v1 import user_command_service_pb2 as cmd
-from tessera.users.v1 import user_command_service_pb2_grpc as cmd_grpc
 from tessera.users.v1 import user_query_service_pb2 as qry
 from tessera.users.v1 import user_query_service_pb2_grpc as qry_grpc
+from tessera_client import TesseraClient
 
 if TYPE_CHECKING:
     from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceAsyncStub
@@ -126,17 +126,18 @@ def extra_replica(stack: Stack, name: str, *, host: str = "127.0.0.1", port: int
 
 
 @pytest.fixture(scope="module")
-async def user_id(stack: Stack, write_channel: grpc.aio.Channel, read_channels: list[grpc.aio.Channel]) -> str:
-    """A registered user that every replica of the stack already shows."""
+async def user_id(tessera: TesseraClient, replica_clients: list[TesseraClient]) -> str:
+    """A registered user that every replica of the stack already shows (set up through the client
+    library; the tests below use raw channels on purpose, to test the balancing config itself)."""
     unique = secrets.token_hex(4)
-    registered = await cmd_grpc.UserCommandServiceStub(write_channel).RegisterUser(
+    registered = await tessera.users.register_user(
         cmd.RegisterUserRequest(
             email=f"rr.{unique}@example.com", username=f"rr_{unique}", password="round-robin-Pa55", full_name="R R"
         ),
         timeout=10,
     )
-    for channel in read_channels:
-        reply = await qry_grpc.UserQueryServiceStub(channel).GetUser(
+    for replica in replica_clients:
+        reply = await replica.users.get_user(
             qry.GetUserRequest(
                 user_id=registered.user_id, consistency_token=registered.consistency_token, max_wait_ms=10_000
             ),

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import grpc
 import pytest
 import redis.asyncio as aioredis
 
@@ -30,7 +29,6 @@ from devstack.processes import process_tree, wait_gone
 from devstack.servers import find_free_port
 from read_service.generations import served_checkpoint
 from tessera.users.v1 import user_query_service_pb2 as qry
-from tessera.users.v1 import user_query_service_pb2_grpc as qry_grpc
 from tessera_client import TesseraClient, TesseraError
 from tests.chaos.harness import (
     PositionRecorder,
@@ -154,17 +152,17 @@ async def wait_head_beyond(database_url: str, position: int, timeout_s: float) -
         await asyncio.sleep(0.02)
 
 
-async def missing_on(address: str, user_ids: list[str], timeout_s: float) -> list[str]:
+async def missing_on(write_address: str, address: str, user_ids: list[str], timeout_s: float) -> list[str]:
     """The users a replica still does not answer after `timeout_s` (retrying only those)."""
     pending = list(user_ids)
     deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = qry_grpc.UserQueryServiceStub(channel)
+    # A client whose queries go to this replica alone, with no consistency session.
+    async with TesseraClient(write_address, [address], session=False) as tessera:
 
         async def absent(user_id: str) -> bool:
             try:
-                reply = await stub.GetUser(qry.GetUserRequest(user_id=user_id), timeout=5.0)
-            except grpc.aio.AioRpcError:
+                reply = await tessera.users.get_user(qry.GetUserRequest(user_id=user_id), timeout=5.0)
+            except TesseraError:
                 return True
             return reply.user.user_id != user_id
 
@@ -262,7 +260,9 @@ async def _kill_the_active_relay(
             await asyncio.sleep(0.05)
     finally:
         await client.aclose()
-    missing = await asyncio.gather(*(missing_on(f"127.0.0.1:{port}", stream.acknowledged, 30.0) for port in read_ports))
+    missing = await asyncio.gather(
+        *(missing_on(f"127.0.0.1:{write_port}", f"127.0.0.1:{port}", stream.acknowledged, 30.0) for port in read_ports)
+    )
     await asyncio.to_thread(recorder.stop)
     delivered = recorder.figures(head)
 

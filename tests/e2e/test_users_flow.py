@@ -15,10 +15,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from devstack.supervisor import Stack
 from tessera.users.v1 import user_command_service_pb2 as cmd
-from tessera.users.v1 import user_command_service_pb2_grpc as cmd_grpc
 from tessera.users.v1 import user_query_service_pb2 as qry
-from tessera.users.v1 import user_query_service_pb2_grpc as qry_grpc
-from tessera_client import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TesseraClient
+from tessera_client import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TesseraClient, TesseraError
 
 pytestmark = pytest.mark.e2e
 
@@ -32,8 +30,8 @@ async def eventually(probe: Callable[[], Awaitable[T]], within: float = 15.0) ->
     while True:
         try:
             return await probe()
-        except (AssertionError, grpc.aio.AioRpcError) as error:
-            retriable = isinstance(error, AssertionError) or error.code() in (
+        except (AssertionError, TesseraError) as error:
+            retriable = isinstance(error, AssertionError) or error.code in (
                 grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.UNAVAILABLE,
             )
@@ -42,93 +40,73 @@ async def eventually(probe: Callable[[], Awaitable[T]], within: float = 15.0) ->
         await asyncio.sleep(0.02)
 
 
-def commands(channel: grpc.aio.Channel) -> cmd_grpc.UserCommandServiceAsyncStub:
-    return cmd_grpc.UserCommandServiceStub(channel)
-
-
-def queries(channel: grpc.aio.Channel) -> qry_grpc.UserQueryServiceAsyncStub:
-    return qry_grpc.UserQueryServiceStub(channel)
-
-
-async def register(channel: grpc.aio.Channel, unique: str, **overrides: str) -> cmd.RegisterUserResponse:
-    fields = {
-        "email": f"Ada.{unique}@Example.com",
-        "username": f"ada_{unique}",
-        "password": PASSWORD,
-        "full_name": "Ada Lovelace",
-    }
-    fields.update(overrides)
-    return await commands(channel).RegisterUser(cmd.RegisterUserRequest(**fields), timeout=10)
+async def register(tessera: TesseraClient, unique: str, **overrides: str) -> cmd.RegisterUserResponse:
+    return await tessera.users.register_user(_registration(unique, **overrides), timeout=10)
 
 
 async def test_register_becomes_visible_on_both_replicas(
-    write_channel: grpc.aio.Channel, read_channels: list[grpc.aio.Channel], unique: str
+    tessera: TesseraClient, replica_clients: list[TesseraClient], unique: str
 ) -> None:
-    reply = await register(write_channel, unique)
+    reply = await register(tessera, unique)
     assert reply.version == 1
-    for channel in read_channels:
-        stub = queries(channel)
-        found = await eventually(lambda: stub.GetUser(qry.GetUserRequest(user_id=reply.user_id)))  # noqa: B023
+    for replica in replica_clients:
+        users = replica.users
+        found = await eventually(lambda: users.get_user(user_id=reply.user_id))  # noqa: B023
         assert found.user.email == f"Ada.{unique}@Example.com"
         assert found.user.username == f"ada_{unique}"
         assert found.user.active
         assert found.user.version == 1
-        by_email = await queries(channel).GetUserByEmail(qry.GetUserByEmailRequest(email=f"ada.{unique}@EXAMPLE.com"))
+        by_email = await replica.users.get_user_by_email(email=f"ada.{unique}@EXAMPLE.com")
         assert by_email.user.user_id == reply.user_id
 
 
 async def test_update_and_deactivate_propagate(
-    write_channel: grpc.aio.Channel, read_channels: list[grpc.aio.Channel], unique: str
+    tessera: TesseraClient, replica_clients: list[TesseraClient], unique: str
 ) -> None:
-    user_id = (await register(write_channel, unique)).user_id
-    updated = await commands(write_channel).UpdateUserProfile(
-        cmd.UpdateUserProfileRequest(
-            user_id=user_id, full_name="Ada King", bio="Analyst.\nPoet.", avatar_url="https://example.com/ada.png"
-        ),
+    user_id = (await register(tessera, unique)).user_id
+    updated = await tessera.users.update_user_profile(
+        user_id=user_id,
+        full_name="Ada King",
+        bio="Analyst.\nPoet.",
+        avatar_url="https://example.com/ada.png",
         timeout=10,
     )
     assert updated.version == 2
-    deactivated = await commands(write_channel).DeactivateUser(
-        cmd.DeactivateUserRequest(user_id=user_id, reason="left the company"), timeout=10
-    )
+    deactivated = await tessera.users.deactivate_user(user_id=user_id, reason="left the company", timeout=10)
     assert deactivated.version == 3
 
-    async def deactivated_view(channel: grpc.aio.Channel) -> qry.UserView:
-        view = (await queries(channel).GetUser(qry.GetUserRequest(user_id=user_id))).user
+    async def deactivated_view(replica: TesseraClient) -> qry.UserView:
+        view = (await replica.users.get_user(user_id=user_id)).user
         assert view.version == 3
         return view
 
-    for channel in read_channels:
-        view = await eventually(lambda: deactivated_view(channel))  # noqa: B023
+    for replica in replica_clients:
+        view = await eventually(lambda: deactivated_view(replica))  # noqa: B023
         assert view.full_name == "Ada King"
         assert view.bio == "Analyst.\nPoet."
         assert view.avatar_url == "https://example.com/ada.png"
         assert not view.active
         assert view.deactivation_reason == "left the company"
-        inactive = await queries(channel).ListUsers(
-            qry.ListUsersRequest(active=qry.ACTIVE_FILTER_INACTIVE, search=unique, page_size=10)
-        )
+        inactive = await replica.users.list_users(active=qry.ACTIVE_FILTER_INACTIVE, search=unique, page_size=10)
         assert [u.user_id for u in inactive.users] == [user_id]
-        active = await queries(channel).ListUsers(
-            qry.ListUsersRequest(active=qry.ACTIVE_FILTER_ACTIVE, search=unique, page_size=10)
-        )
+        active = await replica.users.list_users(active=qry.ACTIVE_FILTER_ACTIVE, search=unique, page_size=10)
         assert active.users == []
 
 
 async def test_list_users_pages_through_a_replica(
-    write_channel: grpc.aio.Channel, read_channels: list[grpc.aio.Channel], unique: str
+    tessera: TesseraClient, replica_clients: list[TesseraClient], unique: str
 ) -> None:
     ids = []
     for i in range(5):
-        reply = await register(write_channel, unique, email=f"p{i}.{unique}@example.com", username=f"p{i}_{unique}")
+        reply = await register(tessera, unique, email=f"p{i}.{unique}@example.com", username=f"p{i}_{unique}")
         ids.append(reply.user_id)
-    replica = queries(read_channels[1])
+    replica = replica_clients[1].users
 
     async def all_pages() -> list[str]:
         seen: list[str] = []
         token = ""
         while True:
-            page = await replica.ListUsers(
+            page = await replica.list_users(
                 qry.ListUsersRequest(
                     page_size=2,
                     page_token=token,
@@ -206,15 +184,15 @@ def _registration(unique: str, **overrides: str) -> cmd.RegisterUserRequest:
 
 async def test_password_never_leaves_the_write_model(
     stack: Stack,
-    write_channel: grpc.aio.Channel,
-    read_channels: list[grpc.aio.Channel],
+    tessera: TesseraClient,
+    replica_clients: list[TesseraClient],
     redis_server_url: str,
     e2e_prefix: str,
     unique: str,
 ) -> None:
     secret = f"canary-{unique}-secret"
-    user_id = (await register(write_channel, unique, password=secret)).user_id
-    await eventually(lambda: queries(read_channels[0]).GetUser(qry.GetUserRequest(user_id=user_id)))
+    user_id = (await register(tessera, unique, password=secret)).user_id
+    await eventually(lambda: replica_clients[0].users.get_user(user_id=user_id))
 
     conn = await asyncpg.connect(stack.database_url)
     try:

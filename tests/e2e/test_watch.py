@@ -1,4 +1,10 @@
-"""Watch streams and the near cache on real replicas: every version once, in order, across a pause."""
+"""Watch streams and the near cache on real replicas: every version once, in order, across a pause.
+
+Commands and queries go through the client library. The watch streams stay on raw generated
+stubs on purpose: these tests check what a replica itself sends (no gap, no duplicate, the
+end of a slow reader's stream), which the client's resuming watch would hide by resuming and
+by dropping a message it already delivered.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,6 @@ import pytest
 
 from tessera.orders.v1 import order_query_service_pb2 as order_views
 from tessera.users.v1 import user_command_service_pb2 as users
-from tessera.users.v1 import user_command_service_pb2_grpc as users_grpc
 from tessera.users.v1 import user_query_service_pb2 as user_views
 from tessera.users.v1 import user_query_service_pb2_grpc as user_views_grpc
 from tests.e2e.conftest import FAST_HASHING, e2e_config, running_stack
@@ -42,7 +47,7 @@ async def shop(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_lo
 
 
 async def update(shop: Shop, user_id: str, n: int, bio: str = "") -> users.UpdateUserProfileResponse:
-    reply: users.UpdateUserProfileResponse = await users_grpc.UserCommandServiceStub(shop.write).UpdateUserProfile(
+    reply: users.UpdateUserProfileResponse = await shop.tessera.users.update_user_profile(
         users.UpdateUserProfileRequest(user_id=user_id, full_name=f"Name {n}", bio=bio), timeout=CALL_S
     )
     return reply
@@ -83,7 +88,7 @@ def assert_every_version(seen: list[tuple[int, int]], first: int, last: int) -> 
 
 async def test_watch_user_on_both_replicas_sees_every_version_in_order(shop: Shop) -> None:
     user_id = await shop.customer("Watched Person")
-    calls = [shop.users(i).WatchUser(user_views.WatchUserRequest(user_id=user_id), timeout=60) for i in (0, 1)]
+    calls = [shop.raw_users(i).WatchUser(user_views.WatchUserRequest(user_id=user_id), timeout=60) for i in (0, 1)]
     firsts = [await call.read() for call in calls]
     seen: list[list[tuple[int, int]]] = [[], []]
     for first, into in zip(firsts, seen, strict=True):
@@ -108,7 +113,7 @@ async def test_watch_user_on_both_replicas_sees_every_version_in_order(shop: Sho
 async def test_watch_across_a_paused_replica_has_no_gap_and_no_duplicate(shop: Shop) -> None:
     user_id = await shop.customer("Paused Watcher")
     replica = shop.stack.readers[1]
-    call = shop.users(1).WatchUser(user_views.WatchUserRequest(user_id=user_id), timeout=90)
+    call = shop.raw_users(1).WatchUser(user_views.WatchUserRequest(user_id=user_id), timeout=90)
     first = await call.read()
     seen = [(first.version, first.view_position)] if first.exists else []
     # Fewer changes than WATCH_QUEUE_MAX: they all arrive at once after SIGCONT.
@@ -129,14 +134,14 @@ async def test_watch_across_a_paused_replica_has_no_gap_and_no_duplicate(shop: S
 async def test_watch_order_and_orders_by_customer_follow_the_saga(shop: Shop) -> None:
     customer = await shop.customer("Order Watcher")
     _, sku = await shop.product("Watched widget", stock=50, price_minor=1200)
-    by_customer = shop.orders(0).WatchOrdersByCustomer(
+    by_customer = shop.raw_orders(0).WatchOrdersByCustomer(
         order_views.WatchOrdersByCustomerRequest(customer_id=customer), timeout=90
     )
     initial = await by_customer.read()
     assert initial.initial and list(initial.orders) == []
     placed = await shop.place(customer, (sku, 2))
     order_id = placed.order_id
-    watch = shop.orders(1).WatchOrder(order_views.WatchOrderRequest(order_id=order_id), timeout=90)
+    watch = shop.raw_orders(1).WatchOrder(order_views.WatchOrderRequest(order_id=order_id), timeout=90)
     first = await watch.read()
     await shop.saga_done(order_id)
     last_version = int(
@@ -204,9 +209,9 @@ async def test_a_watcher_that_never_reads_is_ended_with_resource_exhausted(shop:
 
 async def test_watch_requests_with_bad_ids_are_invalid_argument(shop: Shop) -> None:
     for call in (
-        shop.users(0).WatchUser(user_views.WatchUserRequest(user_id="nope"), timeout=10),
-        shop.orders(0).WatchOrder(order_views.WatchOrderRequest(order_id=""), timeout=10),
-        shop.orders(0).WatchOrdersByCustomer(order_views.WatchOrdersByCustomerRequest(customer_id="1"), timeout=10),
+        shop.raw_users(0).WatchUser(user_views.WatchUserRequest(user_id="nope"), timeout=10),
+        shop.raw_orders(0).WatchOrder(order_views.WatchOrderRequest(order_id=""), timeout=10),
+        shop.raw_orders(0).WatchOrdersByCustomer(order_views.WatchOrdersByCustomerRequest(customer_id="1"), timeout=10),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await call.read()
@@ -219,7 +224,7 @@ async def test_near_cache_reads_after_writes_are_never_old_and_the_hit_ratio_is_
         reply = await update(shop, user_id, n)
         replica = n % 2
         for _ in range(3):
-            got = await shop.users(replica).GetUser(
+            got = await shop.users(replica).get_user(
                 user_views.GetUserRequest(user_id=user_id, consistency_token=reply.consistency_token), timeout=10
             )
             assert not got.stale
@@ -228,7 +233,7 @@ async def test_near_cache_reads_after_writes_are_never_old_and_the_hit_ratio_is_
     # Hot reads: they come from memory now, once the feed has released the last write (queries
     # with a consistency token, above, always read Redis).
     for _ in range(50):
-        got = await shop.users(0).GetUser(user_views.GetUserRequest(user_id=user_id), timeout=10)
+        got = await shop.users(0).get_user(user_views.GetUserRequest(user_id=user_id), timeout=10)
         assert got.user.version == 21
 
     log = shop.stack.readers[0].log_path
