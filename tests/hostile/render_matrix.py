@@ -45,6 +45,9 @@ Notes:
 - Streaming methods (health `Watch`, server reflection) refuse such bodies the same way;
   `tests/hostile/test_error_mapping.py` covers them, and `tests/hostile/test_fuzz.py` sends
   generated fields and random bodies to every RPC.
+- The Watch RPCs are server streaming too: `tests/hostile/test_watch_inputs.py` sends them
+  bad ids, bodies that do not parse, and resume points (`after_position`) above the event
+  log's head up to 2^64-1, each answered `INVALID_ARGUMENT` naming the field.
 - `int32` fields keep the low 32 bits of a wider varint (protobuf's rule), so `page_size`
   2^32+5 is page size 5.
 - An e-mail lookup is validated as the write side validates an address; `*`, `?` or `{{}}`
