@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Self
 import asyncpg
 
 from shared_kernel import errors
-from shared_kernel.event_log import NewEvent, outbox_insert
+from shared_kernel.event_log import NewEvent, add_outbox_rows, outbox_insert
 from shared_kernel.grpc_errors import to_domain_error
 from shared_kernel.identity import email_key
 from write_service.adapters.pg_calls import Calls, Step
@@ -348,6 +348,8 @@ class PostgresUnitOfWork(UnitOfWork):
         self._calls: Calls | None = None
         self._committed = False
         self._lock_reads = False
+        # The pending write's outbox step: later events of the same write join its rows.
+        self._outbox_step: Step | None = None
 
     async def __aenter__(self) -> Self:
         """Take a connection; nothing is sent until the first read or the commit."""
@@ -391,10 +393,21 @@ class PostgresUnitOfWork(UnitOfWork):
             self._calls.lock_reads = True
 
     async def append_events(self, events: Sequence[NewEvent], *, correlation_id: str, causation_id: str) -> None:
-        """Add the events to the outbox at commit."""
-        if events:
-            sql, args = outbox_insert(events, correlation_id=correlation_id, causation_id=causation_id)
-            self._active().write(Step(sql, args))
+        """Add the events to the outbox at commit, as rows of the write's one outbox insert.
+
+        One insert for every event of the write keeps their ids (the relay's order) in the
+        order they were appended: separate inserts in one statement run in no set order.
+        """
+        if not events:
+            return
+        calls = self._active()
+        step = self._outbox_step
+        if step is not None and any(pending is step for pending in calls.steps):
+            add_outbox_rows(step.args, events, correlation_id=correlation_id, causation_id=causation_id)  # type: ignore[arg-type]
+            return
+        sql, args = outbox_insert(events, correlation_id=correlation_id, causation_id=causation_id)
+        self._outbox_step = Step(sql, args)
+        calls.write(self._outbox_step)
 
     async def log_command(self, entry: CommandLogEntry) -> None:
         """Add the command-log row at commit."""
