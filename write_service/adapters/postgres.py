@@ -99,6 +99,22 @@ INSERT INTO command_log (command_id, command_type, aggregate_type, aggregate_id,
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15)
 """
 
+# The rows of several commands written together (decision 0033), as arrays so the text is
+# the same for any number of them: each command's event ids travel as one comma-separated
+# text (an array of arrays must be rectangular) and its summary as JSON text.
+_INSERT_COMMAND_LOG_ROWS = """
+INSERT INTO command_log (command_id, command_type, aggregate_type, aggregate_id, correlation_id,
+                         received_at, completed_at, outcome, status_code, error_message,
+                         event_ids, summary, principal, idempotency_key, replay_of)
+SELECT c.command_id, c.command_type, c.aggregate_type, c.aggregate_id, c.correlation_id, c.received_at,
+       c.completed_at, c.outcome, c.status_code, c.error_message,
+       string_to_array(c.event_ids, ',')::uuid[], c.summary::jsonb, c.principal, c.idempotency_key, c.replay_of
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[],
+            $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::uuid[])
+     AS c (command_id, command_type, aggregate_type, aggregate_id, correlation_id, received_at, completed_at,
+           outcome, status_code, error_message, event_ids, summary, principal, idempotency_key, replay_of)
+"""
+
 _SELECT_STORED_REPLY = """
 SELECT fingerprint, command_id, aggregate_id, aggregate_version, reply, created_at, expires_at
 FROM idempotency_keys
@@ -348,8 +364,13 @@ class PostgresUnitOfWork(UnitOfWork):
         self._calls: Calls | None = None
         self._committed = False
         self._lock_reads = False
-        # The pending write's outbox step: later events of the same write join its rows.
+        # The pending write's outbox step and command-log rows, and the pending step list
+        # they belong to (a write that was sent starts a new list): later rows of the same
+        # write join them instead of adding steps.
         self._outbox_step: Step | None = None
+        self._outbox_in: list[Step] | None = None
+        self._log_rows: tuple[list[Any], ...] = ()
+        self._log_at: tuple[list[Step], int] | None = None
 
     async def __aenter__(self) -> Self:
         """Take a connection; nothing is sent until the first read or the commit."""
@@ -402,37 +423,44 @@ class PostgresUnitOfWork(UnitOfWork):
             return
         calls = self._active()
         step = self._outbox_step
-        if step is not None and any(pending is step for pending in calls.steps):
+        if step is not None and self._outbox_in is calls.steps:
             add_outbox_rows(step.args, events, correlation_id=correlation_id, causation_id=causation_id)  # type: ignore[arg-type]
             return
         sql, args = outbox_insert(events, correlation_id=correlation_id, causation_id=causation_id)
-        self._outbox_step = Step(sql, args)
+        self._outbox_step, self._outbox_in = Step(sql, args), calls.steps
         calls.write(self._outbox_step)
 
     async def log_command(self, entry: CommandLogEntry) -> None:
-        """Add the command-log row at commit."""
-        self._active().write(
-            Step(
-                _INSERT_COMMAND_LOG,
-                (
-                    entry.command_id,
-                    entry.command_type,
-                    entry.aggregate_type,
-                    entry.aggregate_id,
-                    entry.correlation_id,
-                    entry.received_at,
-                    entry.completed_at,
-                    entry.outcome,
-                    entry.status_code,
-                    entry.error_message,
-                    list(entry.event_ids),
-                    json.dumps(dict(entry.summary), sort_keys=True),
-                    entry.principal,
-                    entry.idempotency_key,
-                    entry.replay_of,
-                ),
-            )
+        """Add the command-log row at commit; the rows of commands written together share one insert."""
+        calls = self._active()
+        row = (
+            entry.command_id,
+            entry.command_type,
+            entry.aggregate_type,
+            entry.aggregate_id,
+            entry.correlation_id,
+            entry.received_at,
+            entry.completed_at,
+            entry.outcome,
+            entry.status_code,
+            entry.error_message,
+            list(entry.event_ids),
+            json.dumps(dict(entry.summary), sort_keys=True),
+            entry.principal,
+            entry.idempotency_key,
+            entry.replay_of,
         )
+        if self._log_at is None or self._log_at[0] is not calls.steps:
+            self._log_at = (calls.steps, len(calls.steps))
+            self._log_rows = tuple([value] for value in row)
+            calls.write(Step(_INSERT_COMMAND_LOG, row))
+            return
+        for column, value in zip(self._log_rows, row, strict=True):
+            column.append(value)
+        steps, index = self._log_at
+        event_ids = self._log_rows[10]
+        args = (*self._log_rows[:10], [",".join(map(str, ids)) for ids in event_ids], *self._log_rows[11:])
+        steps[index] = Step(_INSERT_COMMAND_LOG_ROWS, args)
 
     async def commit(self) -> None:
         """Write everything in one statement (one implicit transaction), or finish the explicit one."""

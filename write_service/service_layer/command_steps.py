@@ -222,7 +222,7 @@ async def _write_queued(
         _settle_failed_write(deps.turns, [entry for entry, _, _ in accepted], refused, failure)
         return
     aggregate.pending_events.clear()
-    turn.state = copy.deepcopy(aggregate)
+    turn.state = _snapshot(aggregate)
     for (entry, _events, _version), result in zip(accepted, results, strict=True):
         entry.settle(result)
     for entry, refusal in refused:
@@ -236,7 +236,7 @@ async def _decide(
     accepted: list[tuple[Queued, tuple[NewEvent, ...], int]] = []
     refused: list[tuple[Queued, Exception]] = []
     for entry in batch:
-        before = copy.deepcopy(aggregate)
+        before = _snapshot(aggregate)
         start = len(aggregate.pending_events)
         try:
             aggregate.require_version(entry.command.expected_version)
@@ -250,6 +250,16 @@ async def _decide(
             continue
         accepted.append((entry, tuple(aggregate.pending_events[start:]), aggregate.version))
     return aggregate, accepted, refused
+
+
+def _snapshot(aggregate: A) -> A:
+    """A copy to go back to: the batched aggregates' fields are values, replaced and never changed in place.
+
+    A deep copy (of the recorded events' protobuf messages too) cost about 0.2 ms per command.
+    """
+    copied = copy.copy(aggregate)
+    copied.pending_events = list(aggregate.pending_events)
+    return copied
 
 
 def _settle_failed_write(

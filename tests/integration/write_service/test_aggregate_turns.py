@@ -164,13 +164,13 @@ async def test_concurrent_restocks_of_one_product_give_one_event_each_with_conse
         writes = [s for s in statements if s.startswith("WITH step_0 AS ( UPDATE products")]
         async with pool.acquire() as conn:
             events = await conn.fetch(
-                "SELECT aggregate_version, causation_id, payload FROM outbox WHERE aggregate_id = $1 "
+                "SELECT event_id, aggregate_version, causation_id, payload FROM outbox WHERE aggregate_id = $1 "
                 "AND event_type LIKE '%ProductRestocked' ORDER BY aggregate_version",
                 str(product_id),
             )
-            logged = await conn.fetchval(
-                "SELECT count(*) FROM command_log WHERE aggregate_id = $1 AND command_type = 'RestockProduct' "
-                "AND outcome = 'succeeded'",
+            logged = await conn.fetch(
+                "SELECT command_id, event_ids FROM command_log WHERE aggregate_id = $1 "
+                "AND command_type = 'RestockProduct' AND outcome = 'succeeded'",
                 str(product_id),
             )
         product = await stored(pool, product_id)
@@ -180,7 +180,11 @@ async def test_concurrent_restocks_of_one_product_give_one_event_each_with_conse
     assert [e["aggregate_version"] for e in events] == list(range(2, 66))
     assert sorted(r.version for r in results) == list(range(2, 66))
     assert len({e["causation_id"] for e in events}) == 64
-    assert logged == 64
+    # Each command's log row names its own event, and that event's causation is the command.
+    assert len(logged) == 64
+    assert all(len(row["event_ids"]) == 1 for row in logged)
+    causes = {e["event_id"]: e["causation_id"] for e in events}
+    assert {causes[row["event_ids"][0]] for row in logged} == {str(row["command_id"]) for row in logged}
     assert (product.version, product.stock_available) == (65, sum(quantities))
     assert [r.version for r in replays] == ([r.version for r in results] if keyed else [])
     # Queued commands were written together: far fewer writes than commands.
