@@ -145,6 +145,21 @@ WHERE idempotency_keys.expires_at <= EXCLUDED.created_at
 RETURNING 1
 """
 
+# The stored replies of several commands written together (decision 0033): the same upsert
+# over arrays, so its text is the same for any number of them; it must return one row each.
+_UPSERT_STORED_REPLIES = """
+INSERT INTO idempotency_keys (principal, command_type, idempotency_key, lock_id, fingerprint, command_id,
+                              aggregate_id, aggregate_version, reply, created_at, expires_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bytea[], $6::uuid[], $7::text[],
+                     $8::bigint[], $9::bytea[], $10::timestamptz[], $11::timestamptz[])
+ON CONFLICT (principal, command_type, idempotency_key) DO UPDATE
+SET lock_id = EXCLUDED.lock_id, fingerprint = EXCLUDED.fingerprint, command_id = EXCLUDED.command_id,
+    aggregate_id = EXCLUDED.aggregate_id, aggregate_version = EXCLUDED.aggregate_version,
+    reply = EXCLUDED.reply, created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at
+WHERE idempotency_keys.expires_at <= EXCLUDED.created_at
+RETURNING 1
+"""
+
 # The CTE picks expired rows (skipping rows another purger is deleting); the lock test
 # runs only on those, and a row whose key a running command holds is left for next time.
 _PURGE_EXPIRED = """
@@ -275,6 +290,10 @@ class PostgresIdempotencyStore(IdempotencyStore):
 
     def __init__(self, calls: Calls) -> None:
         self._calls = calls
+        # Replies of the pending write (the step list they belong to, and their step's
+        # place in it): the replies of commands written together share one upsert.
+        self._rows: tuple[list[Any], ...] = ()
+        self._at: tuple[list[Step], int] | None = None
 
     async def try_lock(self, scope: IdempotencyScope) -> bool:
         """pg_try_advisory_lock on the scope's lock id: never waits, held until the unit of work ends."""
@@ -304,26 +323,30 @@ class PostgresIdempotencyStore(IdempotencyStore):
 
     async def put(self, reply: StoredReply) -> None:
         """Insert, or replace an expired row, at commit; a live row (a twin that slipped past the lock) fails it."""
-        self._calls.write(
-            Step(
-                _UPSERT_STORED_REPLY,
-                (
-                    reply.scope.principal,
-                    reply.scope.command_type,
-                    reply.scope.key,
-                    reply.scope.lock_id,
-                    reply.fingerprint,
-                    reply.command_id,
-                    reply.aggregate_id,
-                    reply.aggregate_version,
-                    reply.reply,
-                    reply.created_at,
-                    reply.expires_at,
-                ),
-                expect_rows=1,
-                conflict="another request with this idempotency key committed first; retry the request",
-            )
+        row = (
+            reply.scope.principal,
+            reply.scope.command_type,
+            reply.scope.key,
+            reply.scope.lock_id,
+            reply.fingerprint,
+            reply.command_id,
+            reply.aggregate_id,
+            reply.aggregate_version,
+            reply.reply,
+            reply.created_at,
+            reply.expires_at,
         )
+        conflict = "another request with this idempotency key committed first; retry the request"
+        steps = self._calls.steps
+        if self._at is None or self._at[0] is not steps:
+            self._at = (steps, len(steps))
+            self._rows = tuple([value] for value in row)
+            self._calls.write(Step(_UPSERT_STORED_REPLY, row, expect_rows=1, conflict=conflict))
+            return
+        for column, value in zip(self._rows, row, strict=True):
+            column.append(value)
+        _, index = self._at
+        steps[index] = Step(_UPSERT_STORED_REPLIES, self._rows, expect_rows=len(self._rows[0]), conflict=conflict)
 
 
 def _stored_reply(scope: IdempotencyScope, row: asyncpg.Record) -> StoredReply:
