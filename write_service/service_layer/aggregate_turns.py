@@ -159,9 +159,17 @@ class AggregateTurns:
                     try:
                         await write(turn, batch)
                     except BaseException as exc:
-                        # What failed the write fails every command in it.
+                        # What failed the write fails every command in it; a cancellation of
+                        # the writer leaves the others' outcome unknown, as a lost connection would.
+                        error = (
+                            exc
+                            if isinstance(exc, Exception)
+                            else errors.Unavailable(
+                                "the write of this command's batch was interrupted; its outcome is unknown"
+                            )
+                        )
                         for queued in batch:
-                            queued.settle(error=exc)
+                            queued.settle(error=error)
                         entry.outcome.exception()  # raised here; marked retrieved
                         raise
                     finally:

@@ -137,11 +137,24 @@ async def change_aggregate(
     may hold the state the previous command here committed: then nothing is read. A rule
     that refuses the command on that state raises Conflict instead, so the bus retries it
     on a fresh read (another process may have moved the aggregate on).
+
+    Users and products are decided and written in batches of the commands queued on the
+    aggregate (`_write_queued`, decision 0033).
     """
+    if meta.idempotency is None and command.aggregate_type in BATCHED_AGGREGATES:
+        # Queued without a connection: only the command that writes the batch takes one.
+        async def write(turn: Turn, batch: list[Queued]) -> None:
+            async with uow:
+                await _write_queued(uow, deps, store, turn, batch)
+
+        entry = deps.turns.enqueue(command, meta, change)
+        queued: CommandResult = await deps.turns.run_queued(entry, meta.deadline, write)
+        return queued
     async with uow:
         if (stored := await stored_reply(uow, command, deps, meta)) is not None:
             return stored
         if command.aggregate_type in BATCHED_AGGREGATES:
+            # A keyed command holds its key's lock on its own connection while it waits.
             entry = deps.turns.enqueue(command, meta, change)
             write = functools.partial(_write_queued, uow, deps, store)
             result: CommandResult = await deps.turns.run_queued(entry, meta.deadline, write)
