@@ -54,6 +54,8 @@ class Queued:
     command: ChangeCommand
     meta: Any  # CommandMeta (command_steps imports this module)
     change: Callable[[Any], Awaitable[None]]
+    # Writes a batch through this command's unit of work (within its deadline).
+    write: Callable[[Turn, list[Queued]], Awaitable[None]]
     # Written only in a batch of its own: its last attempt lost in a batch, and retries as before.
     alone: bool = False
     # The caller's trace context: its outbox rows carry it, whoever writes them.
@@ -116,20 +118,26 @@ class AggregateTurns:
             self._alone.clear()
         self._alone.add(command_id)
 
-    def enqueue(self, command: ChangeCommand, meta: Any, change: Callable[[Any], Awaitable[None]]) -> Queued:
+    def enqueue(
+        self,
+        command: ChangeCommand,
+        meta: Any,
+        change: Callable[[Any], Awaitable[None]],
+        write: Callable[[Turn, list[Queued]], Awaitable[None]],
+    ) -> Queued:
         """A queue entry for one attempt of `command` (alone if its last attempt was asked to retry alone)."""
         alone = meta.command_id in self._alone
         self._alone.discard(meta.command_id)
-        return Queued(command=command, meta=meta, change=change, alone=alone)
+        return Queued(command=command, meta=meta, change=change, write=write, alone=alone)
 
-    async def run_queued(
-        self, entry: Queued, deadline: Deadline, write: Callable[[Turn, list[Queued]], Awaitable[None]]
-    ) -> Any:
+    async def run_queued(self, entry: Queued, deadline: Deadline) -> Any:
         """Queue `entry` on its aggregate and return its outcome, set by whoever writes it next.
 
         Whoever gets the turn while its entry is still unwritten takes the queue (up to
-        MAX_BATCH entries, never past one that must go alone) and awaits `write` for it,
-        which settles each entry. An entry that runs out of time while still queued leaves
+        MAX_BATCH entries, never past one that must go alone) and writes it through the
+        unit of work of the command with the most time left (the first to arrive usually
+        has the least): its own, or an unkeyed command's (opened only by the write); the
+        write settles each entry. An entry that runs out of time while still queued leaves
         the queue with Unavailable; once taken, it waits for the write it is part of.
         """
         command = entry.command
@@ -157,7 +165,11 @@ class AggregateTurns:
                 if not entry.outcome.done():
                     batch = self._take(turn, entry)
                     try:
-                        await write(turn, batch)
+                        # Another keyed command's unit of work is open in a task that a
+                        # cancellation may end at any moment, closing it under the write.
+                        writers = [q for q in batch if q is entry or q.meta.idempotency is None]
+                        writer = max(writers, key=lambda queued: queued.meta.deadline.remaining())
+                        await writer.write(turn, batch)
                     except BaseException as exc:
                         # What failed the write fails every command in it; a cancellation of
                         # the writer leaves the others' outcome unknown, as a lost connection would.

@@ -147,17 +147,18 @@ async def change_aggregate(
             async with uow:
                 await _write_queued(uow, deps, store, turn, batch)
 
-        entry = deps.turns.enqueue(command, meta, change)
-        queued: CommandResult = await deps.turns.run_queued(entry, meta.deadline, write)
+        queued: CommandResult = await deps.turns.run_queued(
+            deps.turns.enqueue(command, meta, change, write), meta.deadline
+        )
         return queued
     async with uow:
         if (stored := await stored_reply(uow, command, deps, meta)) is not None:
             return stored
         if command.aggregate_type in BATCHED_AGGREGATES:
             # A keyed command holds its key's lock on its own connection while it waits.
-            entry = deps.turns.enqueue(command, meta, change)
-            write = functools.partial(_write_queued, uow, deps, store)
-            result: CommandResult = await deps.turns.run_queued(entry, meta.deadline, write)
+            # Only this command's own task writes through its open unit of work (when it leads).
+            entry = deps.turns.enqueue(command, meta, change, functools.partial(_write_queued, uow, deps, store))
+            result: CommandResult = await deps.turns.run_queued(entry, meta.deadline)
             # Whoever wrote this command's rows committed them; this releases its key's lock, if any.
             await uow.commit()
             return result
