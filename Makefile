@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv lock lock-check gen up migrate test lint breaking ci lag lag-orders lag-cpu bench bench-smoke bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos compose-smoke clean distclean
+.PHONY: help venv lock lock-check gen up migrate test lint breaking ci lag lag-orders lag-cpu bench bench-smoke bench-read bench-saga bench-lease rebuild bench-rebuild bench-redis-loss seed loadtest chaos failover compose-smoke clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,7 @@ $(STAMP): requirements-dev.lock pyproject.toml
 	@test -x $(PY) || { echo "creating $(VENV) with $$(command -v $(PYTHON))"; $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements-dev.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --config-settings editable_mode=compat -e client
 	@touch $@
 
 lock: venv ## re-resolve pyproject.toml into requirements*.lock (hashed); UPGRADE=1 moves every pin to the newest allowed
@@ -51,6 +52,10 @@ migrate: gen ## apply migrations to DATABASE_URL, or to the embedded Postgres in
 
 test: gen ## run the whole test suite; PYTEST_ARGS='-k relay' passes options
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: client-check
+client-check: gen ## build the client wheel, install it in a fresh venv and call a real stack from there
+	$(PY) -m pytest tests/client/test_wheel.py $(PYTEST_ARGS)
 
 lint: gen ## ruff, mypy, buf lint and format, and the generated-code check
 	$(BIN)/ruff check .
@@ -120,7 +125,7 @@ loadtest: gen ## LOADTEST_MODE=read|write|lag against READ_ADDRS/WRITE_ADDR; res
 	  --json results/loadtest-$(LOADTEST_MODE).json --plot results/loadtest-$(LOADTEST_MODE).png
 
 BENCH_ARGS ?=
-bench: gen ## every figure beside a ceiling from the same run (~6 min); rewrites BENCHMARKS.md; BENCH_ARGS='--quick'
+bench: gen ## every figure beside a ceiling from the same run (~12 min); rewrites BENCHMARKS.md; BENCH_ARGS='--quick'
 	$(PY) -m devstack.bench $(BENCH_ARGS)
 
 bench-smoke: gen ## the benchmarks at small sizes; fails only when a figure cannot be measured (~3 min)
@@ -150,6 +155,9 @@ bench-redis-loss: gen ## time from a Redis restart (views lost) to SERVING for L
 
 chaos: gen ## fault injection under load (kills, pauses, restarts, network faults; ~3 min); figures in results/chaos.json
 	TESSERA_CHAOS=1 GRPC_ENABLE_FORK_SUPPORT=false $(PY) -m pytest tests/chaos $(PYTEST_ARGS)
+
+failover: gen ## a Postgres primary killed and its streaming standby promoted (sync and async) under load; figures in results/failover.json
+	TESSERA_CHAOS=1 GRPC_ENABLE_FORK_SUPPORT=false CHAOS_RESULTS=results/failover.json $(PY) -m pytest tests/chaos/test_postgres_failover.py $(PYTEST_ARGS)
 
 compose-smoke: venv ## docker-compose.yml for real: one image build, compose up, grpcurl checks, a relay killed (needs root)
 	$(PY) scripts/compose_smoke.py

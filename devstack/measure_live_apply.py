@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import os
 import random
@@ -35,6 +36,7 @@ from devstack.measure_rebuild import USER_EVENT_COLUMNS, backing_servers, scratc
 from read_service.bootstrap import running_read_service
 from read_service.lease import ApplyMode
 from read_service.settings import ReadServiceSettings
+from read_service.upcasting import current_version
 from shared_kernel.event_log import events_channel
 from tessera.catalog.v1.events_pb2 import ProductAdded, StockReserved
 from tessera.common.v1.money_pb2 import Money
@@ -62,7 +64,7 @@ def mixed_events(count: int, seed: int = 11) -> Iterator[tuple[Any, ...]]:
             aggregate_type, aggregate_id = "user", str(uuid.UUID(int=rng.getrandbits(128), version=4))
             n = len(users)
             payload = UserRegistered(
-                user_id=aggregate_id, email=f"u{n}@example.com", username=f"u{n}", full_name=f"User {n}"
+                user_id=aggregate_id, email=f"u{n}@example.com", username=f"u{n}", display_name=f"User {n}"
             )
             payload.registered_at.FromDatetime(at)
             users.append(aggregate_id)
@@ -116,7 +118,7 @@ def mixed_events(count: int, seed: int = 11) -> Iterator[tuple[Any, ...]]:
         yield (
             uuid.uuid4(),
             payload.DESCRIPTOR.full_name,
-            1,
+            current_version(payload.DESCRIPTOR.full_name),
             aggregate_type,
             aggregate_id,
             versions[aggregate_id],
@@ -152,8 +154,11 @@ async def _wait(check: Any, timeout_s: float, what: str) -> None:
         await asyncio.sleep(0.005)
 
 
-async def measure(admin_url: str, redis_url: str, events: int) -> dict[str, Any]:
-    """Apply `events` live events on one in-process replica; the figures as a dict."""
+async def measure(admin_url: str, redis_url: str, events: int, profile: str | None = None) -> dict[str, Any]:
+    """Apply `events` live events on one in-process replica; the figures as a dict.
+
+    With `profile`, the apply is run under cProfile and the statistics are written to that file.
+    """
     rows = list(mixed_events(events))
     prefix = f"live-{uuid.uuid4().hex[:8]}:"
     async with scratch_database(admin_url) as database_url:
@@ -198,11 +203,17 @@ async def measure(admin_url: str, redis_url: str, events: int) -> dict[str, Any]
                         timeout=120,
                     )
                     published = time.monotonic() - began
+                profiler = cProfile.Profile() if profile else None
                 started = time.monotonic()
                 cpu_started = time.process_time()
+                if profiler is not None:
+                    profiler.enable()
                 await _wait(lambda: all(p.checkpoint >= events for p in projectors), 120, "the replica fell behind")
                 elapsed = time.monotonic() - started
                 cpu = time.process_time() - cpu_started
+                if profiler is not None and profile:
+                    profiler.disable()
+                    profiler.dump_stats(profile)
                 extra_catch_ups = sum(p.status().catch_ups for p in projectors) - catch_ups
         finally:
             keys = [k async for k in cleaner.scan_iter(match=f"{prefix}*", count=1000)]
@@ -246,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one measurement and print its figures as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--events", type=int, default=9000)
+    parser.add_argument("--profile", metavar="FILE", help="write cProfile statistics of the apply to FILE")
     parser.add_argument("--publish", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     parser.add_argument("--channel", help=argparse.SUPPRESS)
@@ -256,10 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     admin_url = os.environ.get("TEST_DATABASE_URL")
     redis_url = os.environ.get("TEST_REDIS_URL")
     if admin_url and redis_url:
-        result = asyncio.run(measure(admin_url, redis_url, args.events))
+        result = asyncio.run(measure(admin_url, redis_url, args.events, args.profile))
     else:
         with backing_servers() as (admin_url, redis_url):
-            result = asyncio.run(measure(admin_url, redis_url, args.events))
+            result = asyncio.run(measure(admin_url, redis_url, args.events, args.profile))
     print(json.dumps(result, indent=2))
     return 0
 

@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 
 from read_service.generations import drop_keyspace
 from read_service.rebuild import rebuild, registered_projections
+from read_service.upcasting import current_version
 from shared_kernel import migrations
 from tessera.users.v1.events_pb2 import UserDeactivated, UserProfileUpdated, UserRegistered
 
@@ -62,7 +63,7 @@ def user_events(count: int, seed: int = 7) -> Iterator[tuple[Any, ...]]:
             user_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
             n = len(users)
             payload: Any = UserRegistered(
-                user_id=user_id, email=f"user{n}@example.com", username=f"user{n}", full_name=f"User {n}"
+                user_id=user_id, email=f"user{n}@example.com", username=f"user{n}", display_name=f"User {n}"
             )
             payload.registered_at.FromDatetime(at)
             users.append((user_id, 1, True))
@@ -82,7 +83,7 @@ def user_events(count: int, seed: int = 7) -> Iterator[tuple[Any, ...]]:
         yield (
             uuid.uuid4(),
             payload.DESCRIPTOR.full_name,
-            1,
+            current_version(payload.DESCRIPTOR.full_name),
             "user",
             user_id,
             version,

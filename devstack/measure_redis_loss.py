@@ -33,10 +33,10 @@ from typing import Any
 import asyncpg
 import grpc
 
-from devstack.healthcheck import check_serving_async
 from devstack.measure_rebuild import USER_EVENT_COLUMNS, scratch_database, user_events
 from devstack.servers import EmbeddedPostgres, EmbeddedRedis
 from devstack.supervisor import Stack, StackConfig
+from shared_kernel.healthcheck import check_serving_async
 from tessera.users.v1 import user_query_service_pb2 as queries
 from tessera.users.v1 import user_query_service_pb2_grpc as queries_grpc
 

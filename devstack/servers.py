@@ -351,6 +351,10 @@ class EmbeddedServer(StartStop, ABC):
             self._remove_dir()
         _LIVE.discard(self)
 
+    def halt(self) -> None:
+        """Shut the server down gracefully but keep its directory, even a temporary one, for a later `start()`."""
+        self._stop_process()
+
     def restart(self) -> None:
         """Stop the server if it runs (keeping its data) and start it again on the same port."""
         self._stop_process()
@@ -613,6 +617,10 @@ class EmbeddedPostgres(EmbeddedServer):
             "--no-locale",
             "--no-sync",
         ]
+        self._run_tool("initdb", argv)
+
+    def _run_tool(self, name: str, argv: list[str]) -> None:
+        """Run a Postgres tool that sets up the cluster directory (as the run-as account), into the log."""
         with self.log_path.open("ab") as log:
             try:
                 done = subprocess.run(
@@ -626,10 +634,10 @@ class EmbeddedPostgres(EmbeddedServer):
                 )
             except subprocess.TimeoutExpired as exc:
                 raise ServerError(
-                    f"initdb did not finish within {self.startup_timeout:g}s; log {self.log_path}:\n{self.log_tail()}"
+                    f"{name} did not finish within {self.startup_timeout:g}s; log {self.log_path}:\n{self.log_tail()}"
                 ) from exc
         if done.returncode != 0:
-            raise ServerError(f"initdb failed with code {done.returncode}; log {self.log_path}:\n{self.log_tail()}")
+            raise ServerError(f"{name} failed with code {done.returncode}; log {self.log_path}:\n{self.log_tail()}")
 
     def _command(self) -> list[str]:
         settings = {

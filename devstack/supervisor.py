@@ -28,7 +28,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self, TextIO
 
-from devstack.healthcheck import check_serving
 from devstack.processes import Deadline, StartStop, signal_group
 from devstack.servers import (
     LOCALHOST,
@@ -38,6 +37,7 @@ from devstack.servers import (
     log_tail,
     port_is_free,
 )
+from shared_kernel.healthcheck import check_serving
 from shared_kernel.security.tokens import TokenSigner
 from shared_kernel.settings import MIN_SIGNING_KEY_BYTES
 

@@ -30,7 +30,7 @@ from read_service.projections.base import Projection
 from read_service.projections.catalog import CatalogProjection
 from read_service.projections.orders import OrdersProjection
 from read_service.projections.users import UsersProjection
-from read_service.projector import Projector
+from read_service.projector import Projector, ProjectorLinks, ProjectorOptions
 from read_service.settings import ReadServiceSettings
 from read_service.views.catalog import ProductViews
 from read_service.views.orders import OrderViews
@@ -227,13 +227,16 @@ async def running_read_service(
                 redis_client,
                 pool,
                 other,
-                channel_prefix=settings.redis_key_prefix,
-                batch_size=settings.catchup_batch_size,
-                on_readiness_change=on_readiness_change,
-                lease=lease,
-                events_client=events_client,
-                source=source,
-                generations=replica_generations(redis_client, settings.redis_key_prefix, other, factory, query_keys),
+                ProjectorOptions(settings.redis_key_prefix, batch_size=settings.catchup_batch_size),
+                ProjectorLinks(
+                    source=source,
+                    events_client=events_client,
+                    generations=replica_generations(
+                        redis_client, settings.redis_key_prefix, other, factory, query_keys
+                    ),
+                    lease=lease,
+                    on_readiness_change=on_readiness_change,
+                ),
             )
             stack.push_async_callback(started.stop)
             projectors.append(started)

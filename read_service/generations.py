@@ -43,6 +43,14 @@ end
 return 0
 """
 
+# Compare-and-delete of the pointer: remove it only while it still names ARGV[1].
+_FORGET = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 # Keys removed per UNLINK when an old key space is dropped.
 UNLINK_BATCH = 1000
 
@@ -218,6 +226,11 @@ class Generations:
         """Point replicas at `generation` if the pointer still says `expected`; True if it moved."""
         moved = await self.client.eval(_SWITCH, 1, self.pointer, expected or "", generation)
         return bool(moved)
+
+    async def forget(self, generation: str) -> bool:
+        """Stop serving `generation` if the pointer still names it: every replica then builds anew
+        from the log, as after a lost Redis. True if this call removed the pointer."""
+        return bool(await self.client.eval(_FORGET, 1, self.pointer, generation))
 
     async def drop(self, generation: str) -> int:
         """UNLINK every key of `generation` in batches; return how many were removed."""

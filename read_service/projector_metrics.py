@@ -94,6 +94,11 @@ def register_projector_metrics(
         description="Events parked since start (each position once)",
     )
     meter.create_observable_counter(
+        "tessera.read.projection.log_rewinds",
+        [observe(lambda s: s.log_rewinds)],
+        description="Times the event log was found rewound under the views (a failover lost events): views rebuilt",
+    )
+    meter.create_observable_counter(
         "tessera.read.projection.duplicates",
         [observe(lambda s: s.duplicates)],
         description="Deliveries skipped because the event was already applied",

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from read_service.log_guard import Fingerprint, fingerprint_key
 from read_service.near_cache import NearCache, ObservedCheckpoint
 from read_service.projections.base import Op
 from read_service.views.wire import view_bytes, view_field
@@ -106,6 +107,11 @@ def encode(checkpoint_key: str, batch: Sequence[Segment]) -> tuple[list[str], li
     return keys, argv
 
 
+# An op's packed start (its length and its command) by (length, command): a handful of
+# distinct values, packed once per process instead of once per op.
+_HEADS: dict[tuple[int, str | bytes | int | float], bytes] = {}
+
+
 def encode_calls(
     checkpoint_key: str, batch: Sequence[Segment], limit: int | None = CALL_BYTES
 ) -> list[tuple[list[str], list[str | bytes | int]]]:
@@ -126,16 +132,20 @@ def encode_calls(
         parts: list[bytes] = []
         append = parts.append
         for op in segment.ops:
-            slot = slots.get(op[1])
+            key = op[1]
+            slot = slots.get(key)
             if slot is None:
-                key = op[1]
                 keys.append(key.decode() if isinstance(key, bytes) else str(key))
                 digits = str(len(keys)).encode()
                 slot = slots[key] = _U32(len(digits)) + digits
-            command = _item(op[0])
-            append(_U32(len(op)) + _U32(len(command)) + command + slot)
+            head = _HEADS.get((len(op), op[0]))
+            if head is None:
+                command = _item(op[0])
+                head = _HEADS[(len(op), op[0])] = _U32(len(op)) + _U32(len(command)) + command
+            append(head)
+            append(slot)
             for value in op[2:]:
-                data = value if type(value) is bytes else _item(value)
+                data = value if type(value) is bytes else value.encode() if type(value) is str else _item(value)
                 append(_U32(len(data)))
                 append(data)
         blob = b"".join(parts)
@@ -207,32 +217,45 @@ class ViewStore:
         before, after = await self.write(segments(events, first))
         return results([position for position, _ in events], before, after)
 
-    async def write(self, batch: Sequence[Segment]) -> tuple[int, int]:
-        """Run the apply script on `batch` (one call, or several in one pipeline); the checkpoint before and after."""
+    async def write(self, batch: Sequence[Segment], fingerprint: Fingerprint | None = None) -> tuple[int, int]:
+        """Run the apply script on `batch` (one call, or several in one pipeline); the checkpoint before and after.
+
+        `fingerprint` (an event the writer saw, see read_service.log_guard) is stored in the
+        same round trip, after the script.
+        """
         calls = encode_calls(self._checkpoint_key, batch)
         try:
-            raw = await self._call(calls)
+            raw = await self._call(calls, fingerprint)
         except redis.exceptions.NoScriptError:
             # Redis restarted (or SCRIPT FLUSH ran) since the script was loaded. Re-running
             # the whole batch is safe: events already applied come back as duplicates.
             logger.info("apply script missing from Redis's cache; loading it again")
             await self.load_script()
-            raw = await self._call(calls)
+            raw = await self._call(calls, fingerprint)
         # Each call starts where the one before it left the checkpoint (a gap leaves it as it is).
         return int(raw[0][0]), int(raw[-1][1])
 
-    async def _call(self, calls: list[tuple[list[str], list[str | bytes | int]]]) -> list[Any]:
+    async def fingerprint(self) -> Fingerprint | None:
+        """The fingerprint stored with the last write (None before the first)."""
+        return Fingerprint.decode(await self._client.get(fingerprint_key(self._checkpoint_key)))
+
+    async def _call(
+        self, calls: list[tuple[list[str], list[str | bytes | int]]], fingerprint: Fingerprint | None
+    ) -> list[Any]:
         if self._sha is None:
             await self.load_script()
         sha = self._sha
         assert sha is not None
-        if len(calls) == 1:
+        if len(calls) == 1 and fingerprint is None:
             keys, argv = calls[0]
             return [await self._client.evalsha(sha, len(keys), *keys, *argv)]
         async with self._client.pipeline(transaction=False) as pipe:
             for keys, argv in calls:
                 pipe.evalsha(sha, len(keys), *keys, *argv)
-            return list(await pipe.execute())
+            if fingerprint is not None:
+                pipe.set(fingerprint_key(self._checkpoint_key), fingerprint.encode())
+            replies = list(await pipe.execute())
+        return replies[: len(calls)]
 
 
 # Reads what one single-view query needs in one command: KEYS[1] the checkpoint, KEYS[2] the

@@ -94,15 +94,23 @@ class Change:
     position: int
 
 
+# Whether a command name is DEL, by name: a handful of names, each looked at once per process
+# instead of once per op of every event applied.
+_IS_DEL: dict[object, bool] = {}
+
+
 def written_keys(ops: Iterable[Op]) -> list[str]:
     """The keys an effect's ops write (every argument of DEL, the first of any other command)."""
     keys: list[str] = []
     for op in ops:
         if not op or len(op) < 2:
             continue
-        names = op[1:] if str(op[0]).upper() == "DEL" else op[1:2]
-        for name in names:
-            keys.append(name.decode() if isinstance(name, bytes) else str(name))
+        command = op[0]
+        is_del = _IS_DEL.get(command)
+        if is_del is None:
+            is_del = _IS_DEL[command] = str(command).upper() == "DEL"
+        for name in op[1:] if is_del else op[1:2]:
+            keys.append(name if type(name) is str else name.decode() if isinstance(name, bytes) else str(name))
     return keys
 
 
@@ -508,12 +516,16 @@ class ChangeFeed:
 
     def _deliver(self, envelope: EventEnvelope, effect: Effect, *, exact: bool) -> None:
         position = envelope.position
-        for cache in self._caches:
-            if exact:
-                cache.invalidate(written_keys(effect.ops))
-            else:
-                cache.reset(position)
-            cache.advance(position)
+        if self._caches:
+            written = written_keys(effect.ops) if exact and effect.ops else None
+            for cache in self._caches:
+                if not exact:
+                    cache.reset(position)
+                elif written:
+                    cache.invalidate(written)
+                cache.advance(position)
+        if not self._by_key and not self._matchers:
+            return  # no watch open: nobody to tell
         for key, value in effect.state.items():
             watchers = set(self._by_key.get(key, ()))
             for watch in self._matchers:

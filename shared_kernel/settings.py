@@ -79,7 +79,7 @@ class RedisSettings(BaseSettings):
 
 
 class AuthSettings(BaseSettings):
-    """How callers authenticate: bearer tokens signed with a shared HMAC key, or nothing (development)."""
+    """How callers authenticate: bearer tokens from an issuer's JWKS or signed with a shared HMAC key, or nothing."""
 
     # A secret that fails validation must not be echoed into the error (and from there into logs).
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False, hide_input_in_errors=True)
@@ -107,8 +107,20 @@ class AuthSettings(BaseSettings):
     auth_clock_skew_s: float = Field(
         default=30.0, ge=0, le=600, description="Leeway for `exp` and `iat` between the minting and checking clocks."
     )
+    auth_jwks: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="The issuer's JSON Web Key Set (an https:// URL or a file path): RS256, ES256 and EdDSA "
+        "tokens are verified against it (shared_kernel.security.jwks). May be combined with AUTH_SIGNING_KEY.",
+    )
+    auth_jwks_refresh_s: float = Field(
+        default=300.0, ge=1, le=86400, description="How often the key set is loaded again in the background."
+    )
 
-    @field_validator("auth_signing_key", "auth_previous_signing_key", "auth_issuer", "auth_audience", mode="before")
+    @field_validator(
+        "auth_signing_key", "auth_previous_signing_key", "auth_issuer", "auth_audience", "auth_jwks", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # Compose and shell scripts often pass an empty string for "not configured".

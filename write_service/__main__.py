@@ -20,9 +20,9 @@ from tessera.orders.v1 import order_command_service_pb2_grpc as orders_grpc
 from tessera.orders.v1 import saga_admin_service_pb2_grpc as saga_admin_grpc
 from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
 from write_service import bootstrap
-from write_service.entrypoints.catalog_servicer import CATALOG_SERVICE_NAME
-from write_service.entrypoints.grpc_server import SERVICE_NAME
-from write_service.entrypoints.order_servicer import ORDER_SERVICE_NAME
+from write_service.entrypoints.catalog import CATALOG_SERVICE_NAME
+from write_service.entrypoints.orders import ORDER_SERVICE_NAME
+from write_service.entrypoints.users import USER_SERVICE_NAME
 from write_service.saga.admin_service import SERVICE_NAME as SAGA_ADMIN_SERVICE_NAME
 from write_service.saga.admin_service import OrderSagaAdminServicer
 from write_service.settings import WriteServiceSettings
@@ -42,7 +42,7 @@ async def serve(
         service = bootstrap.build(pool, settings)
         server = GrpcServer(
             settings,
-            [SERVICE_NAME, CATALOG_SERVICE_NAME, ORDER_SERVICE_NAME, SAGA_ADMIN_SERVICE_NAME],
+            [USER_SERVICE_NAME, CATALOG_SERVICE_NAME, ORDER_SERVICE_NAME, SAGA_ADMIN_SERVICE_NAME],
             authenticator=authenticator,
         )
         server.add(pb_grpc.add_UserCommandServiceServicer_to_server, service.servicer)

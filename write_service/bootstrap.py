@@ -18,13 +18,13 @@ import asyncpg
 
 from shared_kernel.db import create_pool
 from write_service.adapters.password_hasher import Argon2PasswordHasher
-from write_service.adapters.postgres import PostgresExpiredKeyPurger, PostgresUnitOfWork
-from write_service.entrypoints.catalog_servicer import CatalogCommandServicer
-from write_service.entrypoints.grpc_server import UserCommandServicer
+from write_service.adapters.unit_of_work import PostgresExpiredKeyPurger, PostgresUnitOfWork
+from write_service.entrypoints.catalog import CatalogCommandServicer
 from write_service.entrypoints.idempotency_cleanup import ExpiredKeyCleanup
-from write_service.entrypoints.order_servicer import OrderCommandServicer
+from write_service.entrypoints.orders import OrderCommandServicer
+from write_service.entrypoints.users import UserCommandServicer
+from write_service.service_layer.command_steps import Dependencies
 from write_service.service_layer.deadline import Deadline
-from write_service.service_layer.handlers import Dependencies
 from write_service.service_layer.messagebus import CommandBus
 from write_service.service_layer.ports import UnitOfWork
 from write_service.settings import WriteServiceSettings

@@ -2,13 +2,14 @@
 
     python -m devstack.bench [--quick | --full] [--only NAME ...] [--markdown FILE | --no-markdown] [--json FILE]
 
-Runs the benches in order (read, write, relay, lag, rebuild, memory), prints an aligned table
+Runs the benches in order (read, write, relay, live, lag, rebuild, redis-loss, memory), prints an aligned table
 and rewrites the generated part of BENCHMARKS.md (between its bench markers; the rest of the
 file is kept). A bench that fails leaves its rows "not measured" with the reason, and the
 others still run. With --only the file is rewritten only when --markdown names it.
 
-Sizes: the default fits in about 6 minutes on 2 cores (the memory bench at 100,000 events
-and 20,000 commands per run); --quick is a smoke run of a few minutes; --full runs the memory
+Sizes: the default takes about 12 minutes on 2 cores (the Redis-loss row at 100,000 events
+took about 5 of them on a busy machine; the memory bench runs at 100,000 events and 20,000
+commands per run); --quick is a smoke run of a few minutes; --full runs the memory
 bench at 1,000,000 events and 100,000 commands per run, which takes far longer (a replica
 applied one to two thousand bulk events per second on 2 shared cores).
 
@@ -34,6 +35,14 @@ from types import FrameType
 
 from devstack.bench.env import Backing, backing, machine_facts
 from devstack.bench.lag_bench import LagSizes, lag_rows, measure_lag
+from devstack.bench.live_bench import (
+    LiveSizes,
+    RedisLossSizes,
+    live_rows,
+    measure_live,
+    measure_redis_loss_row,
+    redis_loss_rows,
+)
 from devstack.bench.memory_bench import MemorySizes, measure_memory, memory_rows
 from devstack.bench.read_bench import measure_read, read_rows
 from devstack.bench.rebuild_bench import RebuildSizes, measure_rebuild_row, rebuild_rows
@@ -49,7 +58,7 @@ from devstack.bench.table import (
 from devstack.bench.write_bench import WriteSizes, measure_write, write_rows
 from devstack.supervisor import REPO_ROOT
 
-BENCHES = ("read", "write", "relay", "lag", "rebuild", "memory")
+BENCHES = ("read", "write", "relay", "live", "lag", "rebuild", "redis-loss", "memory")
 DEFAULT_MARKDOWN = REPO_ROOT / "BENCHMARKS.md"
 
 
@@ -64,6 +73,8 @@ class Sizes:
     lag: LagSizes
     rebuild: RebuildSizes
     memory: MemorySizes
+    live: LiveSizes = field(default_factory=LiveSizes)
+    redis_loss: RedisLossSizes = field(default_factory=RedisLossSizes)
 
     def describe(self) -> list[str]:
         """One line per bench, for the report."""
@@ -72,8 +83,10 @@ class Sizes:
             f"write: {self.write.processes} client processes, {self.write.concurrency} in flight, "
             f"{self.write.duration_s:g} s",
             f"relay: {self.relay.events:,}-event backlog, {self.relay.rounds} drain(s)",
+            f"live: {self.live.events:,}-event mixed backlog on one replica",
             f"lag: {self.lag.duration_s:g} s open model, {self.lag.replicas} replicas",
             f"rebuild: {self.rebuild.events:,} events, batch {self.rebuild.batch_size}",
+            f"redis-loss: {self.redis_loss.events:,} events",
             f"memory: {self.memory.events:,} events and {self.memory.commands:,} commands per run "
             f"(after {self.memory.warmup_events:,} events / {self.memory.warmup_s:g} s of commands of warm-up)",
         ]
@@ -90,6 +103,8 @@ def sizes_for(profile: str) -> Sizes:
             lag=LagSizes(duration_s=4.0),
             rebuild=RebuildSizes(events=20_000),
             memory=MemorySizes(events=20_000, commands=5_000, warmup_events=5_000, warmup_s=3.0),
+            live=LiveSizes(events=3_000),
+            redis_loss=RedisLossSizes(events=5_000),
         )
     memory = MemorySizes(events=100_000, commands=20_000)
     if profile == "full":
@@ -129,6 +144,14 @@ def _relay(run: Run) -> list[Row]:
     return asyncio.run(measure_relay(run.backing, run.sizes.relay))
 
 
+def _live(run: Run) -> list[Row]:
+    return asyncio.run(measure_live(run.backing, run.sizes.live))
+
+
+def _redis_loss(run: Run) -> list[Row]:
+    return asyncio.run(measure_redis_loss_row(run.backing, run.sizes.redis_loss))
+
+
 def _lag(run: Run) -> list[Row]:
     return asyncio.run(measure_lag(run.backing, run.sizes.lag))
 
@@ -145,8 +168,10 @@ _MEASURE: dict[str, Callable[[Run], list[Row]]] = {
     "read": _read,
     "write": _write,
     "relay": _relay,
+    "live": _live,
     "lag": _lag,
     "rebuild": _rebuild,
+    "redis-loss": _redis_loss,
     "memory": _memory,
 }
 
@@ -157,8 +182,10 @@ def blank_rows(name: str, sizes: Sizes) -> list[Row]:
         "read": read_rows,
         "write": write_rows,
         "relay": relay_rows,
+        "live": live_rows,
         "lag": lambda: lag_rows(sizes.lag.replicas),
         "rebuild": rebuild_rows,
+        "redis-loss": redis_loss_rows,
         "memory": memory_rows,
     }
     return makers[name]()

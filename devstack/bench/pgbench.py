@@ -21,13 +21,13 @@ import tempfile
 from pathlib import Path
 
 from shared_kernel.event_log import _INSERT_ROWS as OUTBOX_INSERT_ROWS
+from write_service.adapters.catalog import _INSERT as PRODUCT_INSERT
+from write_service.adapters.catalog import _SELECT as PRODUCT_SELECT
+from write_service.adapters.catalog import _SKU_TAKEN as SKU_TAKEN
 from write_service.adapters.pg_calls import Step, compose
-from write_service.adapters.postgres import _INSERT_COMMAND_LOG as COMMAND_LOG_INSERT
-from write_service.adapters.postgres import _LOCK_AND_SELECT_STORED_REPLY as KEY_LOCK_AND_LOOK_UP
-from write_service.adapters.postgres import _UPSERT_STORED_REPLY as STORED_REPLY_UPSERT
-from write_service.adapters.postgres_catalog import _INSERT as PRODUCT_INSERT
-from write_service.adapters.postgres_catalog import _SELECT as PRODUCT_SELECT
-from write_service.adapters.postgres_catalog import _SKU_TAKEN as SKU_TAKEN
+from write_service.adapters.unit_of_work import _INSERT_COMMAND_LOG as COMMAND_LOG_INSERT
+from write_service.adapters.unit_of_work import _LOCK_AND_SELECT_STORED_REPLY as KEY_LOCK_AND_LOOK_UP
+from write_service.adapters.unit_of_work import _UPSERT_STORED_REPLY as STORED_REPLY_UPSERT
 
 _TPS = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
 _PLACEHOLDER = re.compile(r"\$(\d+)")

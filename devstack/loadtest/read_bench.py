@@ -19,6 +19,8 @@ GetUser calls per second of:
 then drives the replica without the near cache at half its measured maximum with the python
 engine's open model (h2load has none) over random seeded users, and reports p50/p99 there.
 The services run with AUTH_MODE=insecure unless `--auth`, which mints a token and sends it.
+With `--defaults` it measures only the bare server and a replica as `make up` starts it (its
+default near cache, random seeded users; add `--auth` for `make up`'s authentication).
 Figures depend on the machine: the client processes share its cores with the servers.
 """
 
@@ -149,10 +151,20 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
                 "read-no-cache", "read_service", env={**env, "NEAR_CACHE_SIZE": "0"}, grpc_port=0,
                 log_path=stack.log_dir / "read-no-cache.log",
             )  # fmt: skip
+            defaults = ServiceProcess.python_module(
+                "read-defaults", "read_service", env=env, grpc_port=0, log_path=stack.log_dir / "read-defaults.log"
+            )
             figures: dict[str, dict[str, object]] = {}
             cold_rps, rate, half = 0.0, 1.0, {}
+            runs: tuple[tuple[str, ServiceProcess, bool], ...] = (
+                ("bare", bare, True),
+                ("hot", hot, True),
+                ("cold", cold, False),
+            )
+            if args.defaults:
+                runs = (("bare", bare, True), ("defaults", defaults, False))
             # One server at a time, so that none takes CPU from the one measured.
-            for name, process, is_hot in (("bare", bare, True), ("hot", hot, True), ("cold", cold, False)):
+            for name, process, is_hot in runs:
                 with process:
                     if name != "bare":
                         unreachable = asyncio.run(wait_for_seed([process.address], seeded.probes, metadata, 60.0))
@@ -173,6 +185,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
         if config.redis_url:
             delete_prefix(config.redis_url, config.redis_key_prefix)
     bare_rps = float(str(figures["bare"]["rps"]))
+    if args.defaults:
+        return defaults_report(args, engine, figures, load_at_start)
     hot_rps = float(str(figures["hot"]["rps"]))
     if engine == "h2load":
         notes.append(
@@ -208,6 +222,30 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def defaults_report(
+    args: argparse.Namespace, engine: str, figures: dict[str, dict[str, object]], load_at_start: float
+) -> dict[str, object]:
+    """The figures of a `--defaults` run: the bare server and a replica with `make up`'s settings."""
+    bare_rps = float(str(figures["bare"]["rps"]))
+    defaults_rps = float(str(figures["defaults"]["rps"]))
+    return {
+        "engine": engine,
+        "bare_rps": bare_rps,
+        "defaults_rps": defaults_rps,
+        "defaults_ratio": round(defaults_rps / bare_rps, 3) if bare_rps else None,
+        "runs": figures,
+        "duration_s": args.duration,
+        "concurrency": args.concurrency,
+        "processes": args.processes,
+        "users": args.users,
+        "notes": [
+            "defaults: the replica's own settings (near cache at its default size), random seeded users",
+            "auth: " + ("bearer token minted by the stack" if args.auth else "services run with AUTH_MODE=insecure"),
+            f"{os.cpu_count()} cores shared by clients and servers; load average {load_at_start} at the start",
+        ],
+    }
+
+
 def say(message: str) -> None:
     """Progress on stderr."""
     print(message, file=sys.stderr, flush=True)
@@ -223,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=2, help="connections per client process")
     parser.add_argument("--python", action="store_true", help="use the python engine even when h2load is installed")
     parser.add_argument("--auth", action="store_true", help="run the services with AUTH_MODE=required")
+    parser.add_argument("--defaults", action="store_true", help="only the bare server and a replica with its defaults")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.users < 1 or args.concurrency < 1 or args.processes < 1 or args.connections < 1:
@@ -232,6 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except h2load.H2loadError as error:
         say(f"error: {error}")
         return 1
+    if args.defaults:
+        print(f"GetUser calls/s: bare {report['bare_rps']}, replica defaults {report['defaults_rps']}")
+        if args.json:
+            write_json(args.json, report)
+        return 0
     latency = report["half_rate_latency_ms"]
     assert isinstance(latency, dict)
     print(f"GetUser calls/s, engine {report['engine']}, {args.duration:g} s each, {args.concurrency} in flight:")

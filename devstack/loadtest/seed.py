@@ -19,19 +19,17 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
-import grpc
-
-from devstack.loadtest.requests import ADD_PRODUCT, IDEMPOTENCY_HEADER, PASSWORD, REGISTER_USER, add_product_body
+from devstack.loadtest.requests import PASSWORD, add_product_body
 from tessera.catalog.v1 import catalog_command_service_pb2 as catalog_commands
 from tessera.orders.v1 import order_command_service_pb2 as order_commands
 from tessera.orders.v1 import order_pb2
 from tessera.users.v1 import user_command_service_pb2 as user_commands
+from tessera_client import ChannelOptions, TesseraClient, TesseraError
 
-PLACE_ORDER = "/tessera.orders.v1.OrderCommandService/PlaceOrder"
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
-ATTEMPTS = 4
+R = TypeVar("R")
+
 CALL_TIMEOUT_S = 30.0
 PRODUCT_STOCK = 1_000_000_000
 # Items whose visibility `read` waits for (with their consistency tokens) before it measures.
@@ -64,39 +62,44 @@ class Seeded:
 
 
 class Caller:
-    """Raw-bytes unary calls over a few channels with retries under one idempotency key."""
+    """Commands through the client library over a few connections (one client each), round robin.
+
+    The client retries UNAVAILABLE, DEADLINE_EXCEEDED and ABORTED under one idempotency key per
+    command while CALL_TIMEOUT_S allows, so a retry never acts twice.
+    """
 
     def __init__(self, address: str, connections: int, metadata: Sequence[tuple[str, str]]) -> None:
-        """Open `connections` channels to `address`."""
-        self.channels = [
-            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        """Open `connections` clients to `address` (commands only: no read channel, no session)."""
+        token = next((value.removeprefix("Bearer ") for key, value in metadata if key == "authorization"), None)
+        own_connection = ChannelOptions(extra=(("grpc.use_local_subchannel_pool", 1),))
+        self.clients = [
+            TesseraClient(address, None, token=token, options=own_connection, timeout=CALL_TIMEOUT_S, session=False)
             for _ in range(connections)
         ]
-        self.metadata = tuple(metadata)
         self.turn = 0
-        self.retries = 0
 
-    async def call(self, method: str, body: bytes) -> bytes:
-        """Send one command; retry transient failures with the same idempotency key; SeedError otherwise."""
-        key = uuid.uuid4().hex
-        metadata = (*self.metadata, (IDEMPOTENCY_HEADER, key))
-        for attempt in range(1, ATTEMPTS + 1):
-            self.turn += 1
-            channel = self.channels[self.turn % len(self.channels)]
-            stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
-            try:
-                return await stub(body, timeout=CALL_TIMEOUT_S, metadata=metadata)
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRYABLE or attempt == ATTEMPTS:
-                    raise SeedError(f"{method} failed: {error.code().name}: {error.details()}") from error
-                self.retries += 1
-                await asyncio.sleep(0.2 * attempt)
-        raise AssertionError("unreachable")
+    def next(self) -> TesseraClient:
+        """The client for the next command."""
+        self.turn += 1
+        return self.clients[self.turn % len(self.clients)]
+
+    @property
+    def retries(self) -> int:
+        """Attempts the clients repeated."""
+        return sum(client.command_retries for client in self.clients)
 
     async def close(self) -> None:
-        """Close the channels."""
-        for channel in self.channels:
-            await channel.close()
+        """Close the clients."""
+        for client in self.clients:
+            await client.close()
+
+
+async def _command(call: Awaitable[R]) -> R:
+    """The command's reply; SeedError naming the method and the status when it failed for good."""
+    try:
+        return await call
+    except TesseraError as error:
+        raise SeedError(f"{error.method} failed: {error.code.name}: {error.message}") from error
 
 
 async def _run_all(
@@ -153,19 +156,20 @@ async def seed(
     try:
 
         async def user(number: int) -> None:
-            body = user_commands.RegisterUserRequest(
+            request = user_commands.RegisterUserRequest(
                 email=f"seed-{run_id}-{number}@example.com",
                 username=f"seed{run_id}n{number}",
                 password=PASSWORD,
                 full_name=f"Seed User {number}",
-            ).SerializeToString()
-            reply = user_commands.RegisterUserResponse.FromString(await caller.call(REGISTER_USER, body))
+            )
+            reply = await _command(caller.next().users.register_user(request))
             seeded.users.append({"user_id": reply.user_id, "token": reply.consistency_token})
 
         async def product(number: int) -> None:
             sku = f"SEED-{run_id}-{number}"
             body = add_product_body(sku, f"Seed product {number}", stock=PRODUCT_STOCK, price_minor=100 + number % 900)
-            reply = catalog_commands.AddProductResponse.FromString(await caller.call(ADD_PRODUCT, body))
+            request = catalog_commands.AddProductRequest.FromString(body)
+            reply = await _command(caller.next().catalog.add_product(request))
             seeded.products.append({"product_id": reply.product_id, "sku": sku, "token": reply.consistency_token})
 
         address = order_pb2.Address(
@@ -175,12 +179,12 @@ async def seed(
         async def order(number: int) -> None:
             customer = rng.choice(seeded.users)["user_id"]
             picked = rng.sample(seeded.products, k=min(len(seeded.products), rng.randint(1, 2)))
-            body = order_commands.PlaceOrderRequest(
+            request = order_commands.PlaceOrderRequest(
                 customer_id=customer,
                 items=[order_commands.OrderItem(sku=item["sku"], quantity=1 + number % 3) for item in picked],
                 shipping_address=address,
-            ).SerializeToString()
-            reply = order_commands.PlaceOrderResponse.FromString(await caller.call(PLACE_ORDER, body))
+            )
+            reply = await _command(caller.next().orders.place_order(request))
             seeded.orders.append(
                 {"order_id": reply.order_id, "customer_id": customer, "token": reply.consistency_token}
             )

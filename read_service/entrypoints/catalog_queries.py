@@ -75,8 +75,8 @@ class ProductQueryServicer(pb_grpc.ProductQueryServiceServicer):
         """One page of products in sku order."""
         query = list_products_query(request, self._limits, self._tokens)
         token = token_for(PRODUCT_AGGREGATE, request.consistency_token)
-        page, stale, position = await self._freshness.answer(
-            context, token, request.max_wait_ms, lambda: self._views.list_page(query)
+        page, stale, position = await self._freshness.answer_at(
+            context, token, request.max_wait_ms, lambda at: self._views.list_page(query, at)
         )
         next_token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
         return pb.ListProductsResponse(

@@ -157,7 +157,8 @@ class Freshness:
         """Like `answer`, for a read that takes the view position itself (see QueryCheckpoint).
 
         `peek` answers from memory without a Redis call when it can (a near-cache hit); it is
-        tried before the read's budget is set up. With `version` (the aggregate version of what
+        tried before the read's budget is set up, also for a query with a consistency token
+        when the cached view's `version` already reflects the token. With `version` (the aggregate version of what
         `work` read), a query with a consistency token checks the token against the value it
         read: when the view already reflects it, that read is the answer, so the query makes
         one Redis round trip (the checkpoint and the view in one command) instead of a version
@@ -173,6 +174,13 @@ class Freshness:
                 if hit is not None:
                     return hit[0], stale, at.position
             return await self.read(context, lambda: work(at)), stale, at.position
+        if peek is not None and version is not None:
+            # A near-cache entry exact at the projector's checkpoint that already reflects the
+            # token answers it without Redis; one behind it falls through to the wait.
+            at = QueryCheckpoint(self._checkpoint)
+            hit = peek(at)
+            if hit is not None and version(hit[0]) >= token.version:
+                return hit[0], await self._headers(False, context), at.position
         at = QueryCheckpoint(self._checkpoint, memory=False)
         if version is None or self._gate is None:
             stale = await self._mark(token, max_wait_ms, context)

@@ -179,8 +179,8 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         """One user by e-mail address, case-insensitively: a serialized GetUserByEmailResponse."""
         email = email_from_request(request.email)
         token = user_token(request.consistency_token)
-        field, stale, position = await self._freshness.answer(
-            context, token, request.max_wait_ms, lambda: self._views.field_by_email(email)
+        field, stale, position = await self._freshness.answer_at(
+            context, token, request.max_wait_ms, lambda at: self._views.field_by_email(email, at)
         )
         if field is None:
             raise errors.NotFound("no user has this e-mail address")
@@ -192,8 +192,8 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         """One page of users."""
         query = list_query_from_request(request, self._limits, self._tokens)
         consistency = user_token(request.consistency_token)
-        page, stale, position = await self._freshness.answer(
-            context, consistency, request.max_wait_ms, lambda: self._views.list_page(query)
+        page, stale, position = await self._freshness.answer_at(
+            context, consistency, request.max_wait_ms, lambda at: self._views.list_page(query, at)
         )
         token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
         return pb.ListUsersResponse(users=page.users, next_page_token=token, stale=stale, view_position=position)

@@ -186,8 +186,8 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
         """One page of a customer's orders, newest first."""
         query = customer_orders_query(request, self._limits, self._tokens)
         token = token_for(ORDER_AGGREGATE, request.consistency_token)
-        page, stale, position = await self._freshness.answer(
-            context, token, request.max_wait_ms, lambda: self._views.by_customer(query)
+        page, stale, position = await self._freshness.answer_at(
+            context, token, request.max_wait_ms, lambda at: self._views.by_customer(query, at)
         )
         next_token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
         return pb.ListOrdersByCustomerResponse(
@@ -200,8 +200,8 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
         """One page of matching orders."""
         query = search_orders_query(request, self._limits, self._tokens)
         token = token_for(ORDER_AGGREGATE, request.consistency_token)
-        page, stale, position = await self._freshness.answer(
-            context, token, request.max_wait_ms, lambda: self._views.search(query)
+        page, stale, position = await self._freshness.answer_at(
+            context, token, request.max_wait_ms, lambda at: self._views.search(query, at)
         )
         next_token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
         return pb.SearchOrdersResponse(
@@ -214,8 +214,8 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
         """The figures of a date range in one currency, from the per-day aggregates."""
         query = statistics_query(request)
         token = token_for(ORDER_AGGREGATE, request.consistency_token)
-        figures, stale, position = await self._freshness.answer(
-            context, token, request.max_wait_ms, lambda: self._views.statistics(query)
+        figures, stale, position = await self._freshness.answer_at(
+            context, token, request.max_wait_ms, lambda at: self._views.statistics(query, at)
         )
         return pb.GetOrderStatisticsResponse(
             total_orders=figures.total_orders,

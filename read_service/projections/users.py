@@ -160,7 +160,7 @@ class UsersProjection:
             user_id=user_id,
             email=event.email,
             username=event.username,
-            full_name=event.full_name,
+            full_name=event.display_name,
             active=True,
             version=envelope.aggregate_version,
         )

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from read_service.keys import CatalogKeys, member_id
 from read_service.near_cache import NearCache
 from read_service.view_store import QueryCheckpoint, ViewReader, read_single_view, read_view_field
+from read_service.views.checkpointed import first_read
 from read_service.views.wire import view_bytes, view_field
 from tessera.catalog.v1.product_query_service_pb2 import ProductView
 
@@ -86,11 +87,12 @@ class ProductViews:
         view = await self._read(product_id.lower())
         return 0 if view is None else view.version
 
-    async def list_page(self, query: ListProductsQuery) -> ProductPage:
-        """One page in sku order (case-insensitive), starting after the query's cursor."""
+    async def list_page(self, query: ListProductsQuery, at: QueryCheckpoint | None = None) -> ProductPage:
+        """One page in sku order (case-insensitive) after the query's cursor; `at`'s checkpoint read with the range."""
         low = b"(" + query.cursor if query.cursor is not None else b"-"
-        reply = await self._client.zrange(
-            self._keys.index(query.include_discontinued), low, b"+", bylex=True, offset=0, num=query.page_size + 1
+        index = self._keys.index(query.include_discontinued)
+        (reply,) = await first_read(
+            self._client, at, lambda pipe: pipe.zrange(index, low, b"+", bylex=True, offset=0, num=query.page_size + 1)
         )
         members = [m for m in reply if isinstance(m, bytes)]
         page = members[: query.page_size]

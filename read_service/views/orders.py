@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from read_service.keys import OrderKeys, OrderSortField, member_id, padded
 from read_service.near_cache import NearCache
 from read_service.projections.orders import status_name
 from read_service.view_store import QueryCheckpoint, ViewReader, read_single_view, read_view_field
+from read_service.views.checkpointed import first_read
 from read_service.views.wire import view_bytes, view_field
 from tessera.common.v1.money_pb2 import Money
 from tessera.orders.v1.order_pb2 import OrderStatus
@@ -188,8 +190,8 @@ class OrderViews:
         view = await self._read(order_id.lower())
         return 0 if view is None else view.version
 
-    async def by_customer(self, query: CustomerOrdersQuery) -> OrderPage:
-        """One page of a customer's orders, newest first."""
+    async def by_customer(self, query: CustomerOrdersQuery, at: QueryCheckpoint | None = None) -> OrderPage:
+        """One page of a customer's orders, newest first; `at`'s checkpoint is read with the first range."""
 
         def matches(view: OrderView) -> bool:
             return not query.statuses or view.status in query.statuses
@@ -201,10 +203,11 @@ class OrderViews:
             page_size=query.page_size,
             matches=matches,
             filtered=bool(query.statuses),
+            at=at,
         )
 
-    async def search(self, query: SearchOrdersQuery) -> OrderPage:
-        """One page of matching orders in the query's order."""
+    async def search(self, query: SearchOrdersQuery, at: QueryCheckpoint | None = None) -> OrderPage:
+        """One page of matching orders in the query's order; `at`'s checkpoint is read with the first range."""
         low, high = b"-", b"+"
         if query.sort is OrderSortField.PLACED_AT:
             # The placing-time bounds become bounds of the index range itself.
@@ -226,15 +229,18 @@ class OrderViews:
             filtered=filtered,
             low=low,
             high=high,
+            at=at,
         )
 
-    async def statistics(self, query: StatisticsQuery) -> Statistics:
-        """The range's figures: one HGETALL per day, in one pipeline."""
+    async def statistics(self, query: StatisticsQuery, at: QueryCheckpoint | None = None) -> Statistics:
+        """The range's figures: one HGETALL per day, in one pipeline with `at`'s checkpoint."""
         days = [query.first + timedelta(days=n) for n in range((query.last - query.first).days + 1)]
-        async with self._client.pipeline(transaction=False) as pipe:
+
+        def queue(pipe: Pipeline) -> None:
             for day in days:
                 pipe.hgetall(self._keys.stats(query.currency_code, day.isoformat()))
-            hashes = await pipe.execute()
+
+        hashes = await first_read(self._client, at, queue)
         result = Statistics(query.currency_code)
         statuses: Counter[str] = Counter()
         quantities: Counter[str] = Counter()
@@ -274,6 +280,7 @@ class OrderViews:
         filtered: bool,
         low: bytes = b"-",
         high: bytes = b"+",
+        at: QueryCheckpoint | None = None,
     ) -> OrderPage:
         wanted = page_size + 1  # one more than a page tells whether another page exists
         budget = self._scan_limit if filtered else None
@@ -283,7 +290,8 @@ class OrderViews:
         exhausted = False
         while len(hits) < wanted:
             count = chunk if budget is None else min(chunk, budget - scanned)
-            members = await self._range(index, cursor, descending, count, low=low, high=high)
+            members = await self._range(index, cursor, descending, count, low=low, high=high, at=at)
+            at = None
             raws = await self._client.mget([self._keys.view(member_id(m)) for m in members]) if members else []
             for member, raw in zip(members, raws, strict=True):
                 scanned += 1
@@ -309,12 +317,23 @@ class OrderViews:
         return OrderPage([view for _, view in hits], cursor)
 
     async def _range(
-        self, index: str, cursor: bytes | None, descending: bool, count: int, *, low: bytes, high: bytes
+        self,
+        index: str,
+        cursor: bytes | None,
+        descending: bool,
+        count: int,
+        *,
+        low: bytes,
+        high: bytes,
+        at: QueryCheckpoint | None,
     ) -> list[bytes]:
-        if descending:
-            start = b"(" + cursor if cursor is not None else high
-            members = await self._client.zrange(index, start, low, desc=True, bylex=True, offset=0, num=count)
-        else:
-            start = b"(" + cursor if cursor is not None else low
-            members = await self._client.zrange(index, start, high, bylex=True, offset=0, num=count)
+        def queue(pipe: Pipeline) -> None:
+            if descending:
+                start = b"(" + cursor if cursor is not None else high
+                pipe.zrange(index, start, low, desc=True, bylex=True, offset=0, num=count)
+            else:
+                start = b"(" + cursor if cursor is not None else low
+                pipe.zrange(index, start, high, bylex=True, offset=0, num=count)
+
+        (members,) = await first_read(self._client, at, queue)
         return [m for m in members if isinstance(m, bytes)]

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from read_service.keys import SortField, Subset, UserKeys, email_key, member_user_id
 from read_service.near_cache import NearCache
 from read_service.view_store import QueryCheckpoint, ViewReader
+from read_service.views.checkpointed import first_read
 from read_service.views.wire import view_bytes, view_field
 from tessera.common.v1.money_pb2 import Money
 from tessera.users.v1.user_query_service_pb2 import UserView
@@ -169,31 +171,53 @@ class UserViews:
         raw = await self._client.get(self._keys.view(user_id))
         return 0 if raw is None else UserView.FromString(_as_bytes(raw)).version
 
-    async def _add_spending(self, views: list[UserView]) -> None:
+    async def _add_spending(
+        self, views: list[UserView], known: dict[str, dict[bytes | str, bytes | str]] | None = None
+    ) -> None:
         # What a user has spent is kept apart from the view (payment events name the order,
         # not the user, so the projection cannot read the view when they arrive); merge it here.
-        if not views:
+        # `known`: what was read with the views already, by user id.
+        known = known or {}
+        missing = [view for view in views if view.user_id not in known]
+        for view in views:
+            if view.user_id in known:
+                _merge_spending(view, known[view.user_id])
+        if not missing:
             return
         async with self._client.pipeline(transaction=False) as pipe:
-            for view in views:
+            for view in missing:
                 pipe.hgetall(self._keys.spent(view.user_id))
             spent = await pipe.execute()
-        for view, amounts in zip(views, spent, strict=True):
+        for view, amounts in zip(missing, spent, strict=True):
             _merge_spending(view, amounts)
+
+    async def _views_and_spending(
+        self, user_ids: list[str], spent: dict[str, dict[bytes | str, bytes | str]]
+    ) -> list[bytes | str | None]:
+        """The views of `user_ids` (MGET) and, in the same round trip, what each spent (into `spent`)."""
+        if not user_ids:
+            return []
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.mget([self._keys.view(user_id) for user_id in user_ids])
+            for user_id in user_ids:
+                pipe.hgetall(self._keys.spent(user_id))
+            raw_views, *amounts = await pipe.execute()
+        spent.update(zip(user_ids, amounts, strict=True))
+        return list(raw_views)
 
     async def get_by_email(self, email: str) -> UserView | None:
         """The user with this e-mail address (any case), or None."""
         return _parse(await self.field_by_email(email))
 
-    async def field_by_email(self, email: str) -> bytes | None:
-        """Like `get_by_email`, as field 1 of a reply."""
-        user_id = await self._client.hget(self._keys.by_email, email_key(email))
+    async def field_by_email(self, email: str, at: QueryCheckpoint | None = None) -> bytes | None:
+        """Like `get_by_email`, as field 1 of a reply; `at`'s checkpoint is read with the e-mail lookup."""
+        (user_id,) = await first_read(self._client, at, lambda pipe: pipe.hget(self._keys.by_email, email_key(email)))
         if user_id is None:
             return None
         return await self.get_field(_as_bytes(user_id).decode())
 
-    async def list_page(self, query: ListUsersQuery) -> UserPage:
-        """One page in index order, starting after the query's cursor.
+    async def list_page(self, query: ListUsersQuery, at: QueryCheckpoint | None = None) -> UserPage:
+        """One page in index order, starting after the query's cursor; `at`'s checkpoint is read with the first range.
 
         Without a search every index member is a hit. With one, members are read in chunks
         and filtered here; at most `scan_limit` members are read per call, so a rare search
@@ -206,13 +230,20 @@ class UserViews:
         budget = self._scan_limit if query.search else None
         chunk = max(wanted, _SEARCH_CHUNK) if query.search else wanted
         hits: list[tuple[bytes, UserView]] = []
+        spent: dict[str, dict[bytes | str, bytes | str]] = {}
         cursor = query.cursor
         scanned = 0
         exhausted = False
         while len(hits) < wanted:
             count = chunk if budget is None else min(chunk, budget - scanned)
-            members = await self._range(index, cursor, query.descending, count)
-            raw_views = await self._client.mget([self._keys.view(member_user_id(m)) for m in members])
+            members = await self._range(index, cursor, query.descending, count, at)
+            at = None
+            if query.search:
+                # Most members do not match: what they spent is read for the hits only, at the end.
+                raw_views = await self._client.mget([self._keys.view(member_user_id(m)) for m in members])
+            else:
+                # Every member with a view is a hit: its spending comes in the views' round trip.
+                raw_views = await self._views_and_spending([member_user_id(m) for m in members], spent)
             for member, raw in zip(members, raw_views, strict=True):
                 scanned += 1
                 cursor = member
@@ -237,15 +268,20 @@ class UserViews:
             # The scan budget ran out first: resume after the last member read.
             next_cursor = cursor
         views = [view for _, view in hits]
-        await self._add_spending(views)
+        await self._add_spending(views, spent)
         return UserPage(views, next_cursor)
 
-    async def _range(self, index: str, cursor: bytes | None, descending: bool, count: int) -> list[bytes]:
-        if descending:
-            high = b"(" + cursor if cursor is not None else b"+"
-            members = await self._client.zrange(index, high, b"-", desc=True, bylex=True, offset=0, num=count)
-        else:
-            low = b"(" + cursor if cursor is not None else b"-"
-            members = await self._client.zrange(index, low, b"+", bylex=True, offset=0, num=count)
+    async def _range(
+        self, index: str, cursor: bytes | None, descending: bool, count: int, at: QueryCheckpoint | None
+    ) -> list[bytes]:
+        def queue(pipe: Pipeline) -> None:
+            if descending:
+                high = b"(" + cursor if cursor is not None else b"+"
+                pipe.zrange(index, high, b"-", desc=True, bylex=True, offset=0, num=count)
+            else:
+                low = b"(" + cursor if cursor is not None else b"-"
+                pipe.zrange(index, low, b"+", bylex=True, offset=0, num=count)
+
+        (members,) = await first_read(self._client, at, queue)
         # BYLEX without scores answers a flat list of members.
         return [m for m in members if isinstance(m, bytes)]

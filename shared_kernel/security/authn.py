@@ -1,7 +1,8 @@
 """Who is calling: turning a call's metadata into an identity (principal and scopes).
 
 `authenticator_from_settings` is the one place that decides between bearer tokens
-(AUTH_MODE=required, the default) and no checks at all (AUTH_MODE=insecure, explicit and
+(AUTH_MODE=required, the default: from the issuer's JWKS, AUTH_JWKS, and/or HS256 with
+AUTH_SIGNING_KEY for development) and no checks at all (AUTH_MODE=insecure, explicit and
 loudly logged). Tokens are never logged, not even in part.
 """
 
@@ -12,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from shared_kernel.security.jwks import DispatchingVerifier, JwksError, JwksVerifier, jwks_loader
 from shared_kernel.security.scopes import ADMIN
-from shared_kernel.security.tokens import TokenError, TokenVerifier
+from shared_kernel.security.tokens import Claims, TokenError, TokenVerifier
 from shared_kernel.settings import AuthSettings
 
 logger = logging.getLogger(__name__)
@@ -63,10 +65,18 @@ class Authenticator(Protocol):
         ...
 
 
+class Verifier(Protocol):
+    """Checks a bearer token: its claims, or TokenError."""
+
+    def verify(self, token: str) -> Claims:
+        """The verified claims."""
+        ...
+
+
 class BearerTokenAuthenticator:
     """Accepts `authorization: Bearer <token>` with a token the verifier accepts."""
 
-    def __init__(self, verifier: TokenVerifier) -> None:
+    def __init__(self, verifier: Verifier) -> None:
         self._verifier = verifier
 
     def authenticate(self, metadata: Metadata) -> Identity:
@@ -107,20 +117,45 @@ def authenticator_from_settings(settings: AuthSettings) -> Authenticator:
         )
         return InsecureAuthenticator()
     keys = settings.verification_keys()
-    if settings.auth_signing_key is None or not keys:
+    if (settings.auth_signing_key is None or not keys) and settings.auth_jwks is None:
         raise AuthConfigurationError(
-            "AUTH_MODE=required (the default) but AUTH_SIGNING_KEY is not set: set it to a random secret "
-            "of at least 32 bytes (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`), "
+            "AUTH_MODE=required (the default) but AUTH_SIGNING_KEY is not set (nor AUTH_JWKS): set AUTH_JWKS to "
+            "the issuer's key set, or AUTH_SIGNING_KEY to a random secret of at least 32 bytes for development "
+            "(e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`), "
             "or set AUTH_MODE=insecure explicitly for local development"
         )
-    verifier = TokenVerifier(
-        keys,
-        issuer=settings.auth_issuer,
-        audience=settings.auth_audience,
-        leeway_s=settings.auth_clock_skew_s,
+    hmac_verifier = (
+        TokenVerifier(
+            keys,
+            issuer=settings.auth_issuer,
+            audience=settings.auth_audience,
+            leeway_s=settings.auth_clock_skew_s,
+        )
+        if keys
+        else None
     )
+    jwks_verifier = None
+    if settings.auth_jwks is not None:
+        try:
+            jwks_verifier = JwksVerifier(
+                jwks_loader(settings.auth_jwks),
+                issuer=settings.auth_issuer,
+                audience=settings.auth_audience,
+                leeway_s=settings.auth_clock_skew_s,
+                refresh_s=settings.auth_jwks_refresh_s,
+            )
+        except (OSError, JwksError, ValueError) as exc:
+            raise AuthConfigurationError(f"AUTH_JWKS could not be loaded: {exc}") from exc
     logger.info(
         "bearer tokens required",
-        extra={"verification_keys": len(keys), "issuer": settings.auth_issuer, "audience": settings.auth_audience},
+        extra={
+            "verification_keys": len(keys),
+            "jwks_keys": sorted(jwks_verifier.key_ids) if jwks_verifier is not None else [],
+            "issuer": settings.auth_issuer,
+            "audience": settings.auth_audience,
+        },
     )
-    return BearerTokenAuthenticator(verifier)
+    if jwks_verifier is None:
+        assert hmac_verifier is not None
+        return BearerTokenAuthenticator(hmac_verifier)
+    return BearerTokenAuthenticator(DispatchingVerifier(hmac_verifier, jwks_verifier))

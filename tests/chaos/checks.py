@@ -22,8 +22,14 @@ import asyncpg
 from tests.chaos.workload import Command, Workload
 
 
-async def write_side_figures(database_url: str, workload: Workload) -> dict[str, Any]:
-    """Compare the outbox, users and command log with each other and with the workload."""
+async def write_side_figures(database_url: str, workload: Workload, *, may_lose_acks: bool = False) -> dict[str, Any]:
+    """Compare the outbox, users and command log with each other and with the workload.
+
+    `may_lose_acks` is for a failover onto an asynchronous standby, which may lack the last
+    commits the old primary acknowledged: those are counted as `acked_lost` instead of
+    `lost_acks`, and what later commands on the same users met because of them (NOT_FOUND,
+    a lower version than the client expected) is counted apart, not as a finding.
+    """
     conn = await asyncpg.connect(database_url, timeout=5)
     try:
         events = await conn.fetch(
@@ -93,7 +99,12 @@ async def write_side_figures(database_url: str, workload: Workload) -> dict[str,
     # from the first one (a lost reply, an idempotent replay), not applied again.
     replayed = 0
     applied_per_user: Counter[str] = Counter()
+    lost_users = _users_with_lost_acks(workload, events_by_key) if may_lose_acks else set()
+    after_lost: Counter[str] = Counter()
     for command in workload.commands:
+        if command.user_id in lost_users and _explained_by_loss(command, events_by_key):
+            after_lost[command.outcome] += 1
+            continue
         produced = events_by_key.get(command.key, [])
         if len(produced) > 1:
             found("duplicate_effects", command)
@@ -135,6 +146,7 @@ async def write_side_figures(database_url: str, workload: Workload) -> dict[str,
         "version_sequence_breaks": version_breaks,
         "half_applied": half_applied,
         "lost_acks": findings["lost_acks"],
+        "rejected": findings["rejected"],
         "ack_mismatches": findings["ack_mismatches"],
         "rejected_but_applied": findings["rejected_but_applied"],
         "duplicate_effects": findings["duplicate_effects"],
@@ -144,7 +156,37 @@ async def write_side_figures(database_url: str, workload: Workload) -> dict[str,
         "phantom_events": phantom_events,
         "final_version_mismatches": version_mismatch,
         "examples": dict(examples),
+        **(
+            {
+                "acked_lost": sum(1 for c in workload.commands if _lost(c, events_by_key)),
+                "commands_after_a_lost_ack": dict(after_lost),
+                "lost_user_ids": sorted(u for u in lost_users if u not in version_of),
+            }
+            if may_lose_acks
+            else {}
+        ),
     }
+
+
+def _lost(command: Command, events_by_key: dict[str, list[asyncpg.Record]]) -> bool:
+    """An acknowledged command with no event."""
+    return command.outcome == "ok" and not events_by_key.get(command.key)
+
+
+def _users_with_lost_acks(workload: Workload, events_by_key: dict[str, list[asyncpg.Record]]) -> set[str]:
+    """Users on which an acknowledged command has no event."""
+    return {c.user_id for c in workload.commands if c.user_id is not None and _lost(c, events_by_key)}
+
+
+def _explained_by_loss(command: Command, events_by_key: dict[str, list[asyncpg.Record]]) -> bool:
+    """A command on a user with a lost ack that is itself lost, rejected, or acknowledged at another version.
+
+    Anything else (a duplicate effect, a rejected command that left an event) stays a finding.
+    """
+    produced = events_by_key.get(command.key, [])
+    if command.outcome == "ok":
+        return not produced or (_disagrees(command, produced) and len(produced) == 1)
+    return command.outcome == "rejected" and not produced
 
 
 def _disagrees(command: Command, produced: list[asyncpg.Record]) -> bool:
@@ -168,6 +210,7 @@ def invariant_failures(figures: dict[str, Any]) -> list[str]:
         "final_version_mismatches",
         "out_of_order",
         "diverged_views",
+        "served_absent_users",
         "rejected",
         "unpositioned",
         "position_gaps",

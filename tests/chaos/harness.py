@@ -27,6 +27,7 @@ import redis
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devstack.replication import ReplicatedPostgres
 from devstack.servers import EmbeddedPostgres, EmbeddedRedis
 from devstack.supervisor import ServiceProcess, Stack, StackConfig
 from devstack.tcp_proxy import TcpProxy
@@ -56,7 +57,11 @@ class ChaosStack:
     readers: int = 2
     redis_args: Sequence[str] = ()
     proxied: bool = False
+    # "sync" or "async": a primary and a streaming standby instead of one Postgres, reached
+    # through a multi-host URL (`postgres` is then the primary).
+    replication: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    cluster: ReplicatedPostgres | None = None
     postgres: EmbeddedPostgres | None = None
     redis: EmbeddedRedis | None = None
     pg_proxy: TcpProxy | None = None
@@ -67,7 +72,9 @@ class ChaosStack:
 
     @property
     def database_url(self) -> str:
-        """Direct URL of the scenario's Postgres."""
+        """Direct URL of the scenario's Postgres (the multi-host URL of a replicated one)."""
+        if self.cluster is not None:
+            return self.cluster.url
         assert self.postgres is not None
         return self.postgres.url
 
@@ -86,9 +93,13 @@ class ChaosStack:
     def start(self) -> ChaosStack:
         """Start everything (blocking); stop what started if anything fails."""
         try:
-            self.postgres = EmbeddedPostgres().start()
+            if self.replication is not None:
+                self.cluster = ReplicatedPostgres(synchronous=self.replication == "sync").start()
+                self.postgres = self.cluster.primary
+            else:
+                self.postgres = EmbeddedPostgres().start()
             self.redis = EmbeddedRedis(extra_args=list(self.redis_args)).start()
-            database_url, redis_url = self.postgres.url, self.redis.url
+            database_url, redis_url = self.database_url, self.redis.url
             if self.proxied:
                 self.pg_proxy = TcpProxy(self.postgres.host, self.postgres.port).start()
                 self.redis_proxy = TcpProxy(self.redis.host, self.redis.port).start()
@@ -116,9 +127,12 @@ class ChaosStack:
         for proxy in (self.pg_proxy, self.redis_proxy):
             if proxy is not None:
                 proxy.stop()
-        for server in (self.redis, self.postgres):
-            if server is not None:
-                server.stop()
+        if self.redis is not None:
+            self.redis.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
+        elif self.postgres is not None:
+            self.postgres.stop()
 
     def unexpected_exits(self) -> list[str]:
         """Services that exited without being asked to (a crash is a finding, not a fault we injected)."""
@@ -472,6 +486,27 @@ async def converge_views(stack: ChaosStack, timeout_s: float) -> tuple[dict[str,
         )
         pending = dict(zip(stack.services.read_addresses, final, strict=True))
     return {address: len(ids) for address, ids in pending.items()}, converged_after, len(expected)
+
+
+async def served_absent(stack: ChaosStack, user_ids: Sequence[str]) -> dict[str, int]:
+    """Per replica, how many of `user_ids` (users Postgres does not have) it still answers with a view."""
+
+    async def count(address: str) -> int:
+        served = 0
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = queries_grpc.UserQueryServiceStub(channel)
+            for user_id in user_ids:
+                try:
+                    await stub.GetUser(queries.GetUserRequest(user_id=user_id), timeout=5.0)
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.NOT_FOUND:
+                        served += 1  # not a clean "no such user" either
+                    continue
+                served += 1
+        return served
+
+    addresses = stack.services.read_addresses
+    return dict(zip(addresses, await asyncio.gather(*(count(a) for a in addresses)), strict=True))
 
 
 def new_log_dir(base: Path, name: str) -> Path:

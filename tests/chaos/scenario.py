@@ -16,6 +16,7 @@ from tests.chaos.harness import (
     chaos_stack,
     converge_views,
     new_log_dir,
+    served_absent,
     wait_caught_up,
     wait_drained,
 )
@@ -45,7 +46,15 @@ class Scenario:
     readers: int = 2
     redis_args: tuple[str, ...] = ()
     proxied: bool = False
+    # "sync" / "async": a primary and a streaming standby (see ChaosStack.replication).
+    replication: str | None = None
+    # True when the fault may take back acknowledged commands (a failover onto an asynchronous
+    # standby): they are reported, and every replica must then not serve what was lost.
+    may_lose_acks: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    # Run on the stack after every check, for figures that need commands of their own (which
+    # the checks would otherwise count as phantom effects).
+    after_checks: Callable[[ChaosStack], Coroutine[Any, Any, dict[str, Any]]] | None = None
     # False when the fault itself can make the recording subscriber miss messages (Redis restarts).
     subscriber_complete: bool = True
     notes: list[str] = field(default_factory=list)
@@ -64,6 +73,7 @@ async def run_scenario(scenario: Scenario, report: ChaosReport, logs: Path) -> S
             readers=scenario.readers,
             redis_args=scenario.redis_args,
             proxied=scenario.proxied,
+            replication=scenario.replication,
             env=scenario.env,
         ) as stack:
             recorder = PositionRecorder(stack.redis_url).start()
@@ -111,7 +121,16 @@ async def run_scenario(scenario: Scenario, report: ChaosReport, logs: Path) -> S
             figures["diverged_per_replica"] = diverged
             figures["diverged_views"] = sum(diverged.values())
             figures["getuser_sweep_s"] = round(converged_after, 2) if converged_after is not None else None
-            figures.update(await write_side_figures(stack.database_url, workload))
+            converged_at = time.monotonic() if converged_after is not None else None
+            figures.update(await write_side_figures(stack.database_url, workload, may_lose_acks=scenario.may_lose_acks))
+            lost_users = figures.pop("lost_user_ids", [])
+            if scenario.may_lose_acks:
+                absent = await served_absent(stack, lost_users)
+                figures["served_absent_per_replica"] = absent
+                figures["served_absent_users"] = sum(absent.values())
+            _failover_figures(figures, workload, recorder, converged_at)
+            if scenario.after_checks is not None:
+                figures.update(await scenario.after_checks(stack))
             exits = stack.unexpected_exits()
             figures["unexpected_exits"] = len(exits)
             if exits:
@@ -138,6 +157,26 @@ async def _wait_for_subscriber(recorder: PositionRecorder, head: int, complete: 
     deadline = time.monotonic() + (10.0 if complete else 2.0)
     while recorder.highest() < head and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+
+
+def _failover_figures(
+    figures: dict[str, Any], workload: Workload, recorder: PositionRecorder, converged_at: float | None
+) -> None:
+    """Times from a promotion (the fault's `promoted_at_*` figures) to the first acknowledged
+    command, the first publish and views that match Postgres on every replica."""
+    promoted = figures.pop("promoted_at_monotonic", None)
+    promoted_wall = figures.pop("promoted_at_wall", None)
+    if promoted is None or promoted_wall is None:
+        return
+    first_ok = min(
+        (c.answered_at for c in workload.commands if c.outcome == "ok" and c.answered_at > promoted), default=None
+    )
+    first_publish = min((d.received_at for d in recorder.deliveries if d.received_at > promoted_wall), default=None)
+    figures["first_ack_after_promotion_s"] = None if first_ok is None else round(first_ok - promoted, 3)
+    figures["first_publish_after_promotion_s"] = (
+        None if first_publish is None else round(first_publish - promoted_wall, 3)
+    )
+    figures["views_match_after_promotion_s"] = None if converged_at is None else round(converged_at - promoted, 2)
 
 
 def _summarise(figures: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""The README's catalog, order, saga and provider calls, made with the real grpcurl binary."""
+"""The catalog, order, saga and provider calls of docs/grpcurl.md, made with the real grpcurl binary."""
 
 from __future__ import annotations
 

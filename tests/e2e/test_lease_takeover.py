@@ -168,7 +168,9 @@ async def expected_state(pool: asyncpg.Pool[Any]) -> dict[str, tuple[int, str, b
         user_id, version, kind = str(row["aggregate_id"]), row["aggregate_version"], row["event_type"]
         _, name, active = state.get(user_id, (0, "", True))
         if kind.endswith("UserRegistered"):
-            name = UserRegistered.FromString(row["payload"]).full_name
+            registered = UserRegistered.FromString(row["payload"])
+            # Schema version 1 (as written above) or 2 (the write service): decision 0030.
+            name = registered.display_name or registered.full_name
         elif kind.endswith("UserProfileUpdated"):
             name = UserProfileUpdated.FromString(row["payload"]).full_name
         elif kind.endswith("UserDeactivated"):

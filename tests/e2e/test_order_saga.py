@@ -17,20 +17,15 @@ import grpc
 import pytest
 
 from devstack.supervisor import Stack
-from tessera.catalog.v1 import catalog_command_service_pb2 as catalog
-from tessera.catalog.v1 import catalog_command_service_pb2_grpc as catalog_grpc
 from tessera.common.v1.money_pb2 import Money
 from tessera.orders.v1 import order_command_service_pb2 as orders
-from tessera.orders.v1 import order_command_service_pb2_grpc as orders_grpc
 from tessera.orders.v1 import order_pb2
 from tessera.orders.v1 import saga_admin_service_pb2 as saga_pb
-from tessera.orders.v1 import saga_admin_service_pb2_grpc as saga_grpc
 from tessera.payments.v1 import payment_provider_admin_pb2 as admin_pb
 from tessera.payments.v1 import payment_provider_admin_pb2_grpc as admin_grpc
 from tessera.payments.v1 import payment_provider_pb2 as pay
 from tessera.payments.v1 import payment_provider_pb2_grpc as pay_grpc
-from tessera.users.v1 import user_command_service_pb2 as users
-from tessera.users.v1 import user_command_service_pb2_grpc as users_grpc
+from tessera_client import FailedPrecondition, TesseraClient
 from tests.e2e.conftest import e2e_config, running_stack
 
 pytestmark = pytest.mark.e2e
@@ -56,61 +51,50 @@ class Shop:
 
     stack: Stack
     pool: asyncpg.Pool[Any]
-    write: grpc.aio.Channel
+    tessera: TesseraClient  # tessera's own API, through the client library
     provider: grpc.aio.Channel
 
     async def customer(self) -> str:
         """A newly registered, active customer."""
         tag = secrets.token_hex(4)
-        reply = await users_grpc.UserCommandServiceStub(self.write).RegisterUser(
-            users.RegisterUserRequest(
-                email=f"buyer.{tag}@example.com",
-                username=f"buyer_{tag}",
-                password="saga-Pa55word-e2e",
-                full_name=f"Buyer {tag}",
-            ),
-            timeout=CALL_S,
+        reply = await self.tessera.users.register_user(
+            email=f"buyer.{tag}@example.com",
+            username=f"buyer_{tag}",
+            password="saga-Pa55word-e2e",
+            full_name=f"Buyer {tag}",
         )
         return reply.user_id
 
     async def product(self, stock: int, price_minor: int = 1250) -> tuple[str, str]:
         """A product with `stock` units: (id, sku)."""
         sku = f"E2E-{secrets.token_hex(4).upper()}"
-        reply = await catalog_grpc.CatalogCommandServiceStub(self.write).AddProduct(
-            catalog.AddProductRequest(
-                sku=sku,
-                name=f"Widget {sku}",
-                price=Money(currency_code="EUR", amount_minor=price_minor),
-                initial_stock=stock,
-            ),
-            timeout=CALL_S,
+        reply = await self.tessera.catalog.add_product(
+            sku=sku,
+            name=f"Widget {sku}",
+            price=Money(currency_code="EUR", amount_minor=price_minor),
+            initial_stock=stock,
         )
         return reply.product_id, sku
 
     async def restock(self, product_id: str, quantity: int) -> None:
         """RestockProduct."""
-        await catalog_grpc.CatalogCommandServiceStub(self.write).RestockProduct(
-            catalog.RestockProductRequest(product_id=product_id, quantity=quantity), timeout=CALL_S
-        )
+        await self.tessera.catalog.restock_product(product_id=product_id, quantity=quantity)
 
     async def place(self, customer_id: str, *items: tuple[str, int], idempotency_key: str = "") -> str:
         """PlaceOrder (with an idempotency key when given); the order id."""
-        reply = await orders_grpc.OrderCommandServiceStub(self.write).PlaceOrder(
+        reply = await self.tessera.orders.place_order(
             orders.PlaceOrderRequest(
                 customer_id=customer_id,
                 items=[orders.OrderItem(sku=sku, quantity=quantity) for sku, quantity in items],
                 shipping_address=ADDRESS,
             ),
-            timeout=CALL_S,
-            metadata=[("idempotency-key", idempotency_key)] if idempotency_key else None,
+            idempotency_key=idempotency_key or None,
         )
         return reply.order_id
 
     async def cancel(self, order_id: str, reason: str = "changed my mind") -> None:
         """CancelOrder."""
-        await orders_grpc.OrderCommandServiceStub(self.write).CancelOrder(
-            orders.CancelOrderRequest(order_id=order_id, reason=reason), timeout=CALL_S
-        )
+        await self.tessera.orders.cancel_order(order_id=order_id, reason=reason)
 
     async def configure(self, **fields: Any) -> None:
         """Replace the provider's injected failures."""
@@ -171,12 +155,12 @@ async def shop(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_lo
     )
     async with running_stack(config, redis_server_url) as stack:
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(e2e_database, min_size=1, max_size=4)
-        write = grpc.aio.insecure_channel(stack.write_address)
+        tessera = TesseraClient(stack.write_address, stack.read_addresses, timeout=CALL_S)
         provider = grpc.aio.insecure_channel(stack.provider_address)
         try:
-            yield Shop(stack, pool, write, provider)
+            yield Shop(stack, pool, tessera, provider)
         finally:
-            await write.close()
+            await tessera.close()
             await provider.close()
             await pool.close()
 
@@ -299,19 +283,18 @@ async def test_attempt_cap_parks_the_saga_and_retry_saga_completes_it(clean_prov
     )
     order_id = await shop.place(customer, (sku, 1))
     assert await shop.settled(order_id, statuses=("failed",)) == "reserved"
-    admin = saga_grpc.OrderSagaAdminServiceStub(shop.write)
-    listed = await admin.ListSagas(saga_pb.ListSagasRequest(status=saga_pb.SAGA_STATUS_FAILED), timeout=CALL_S)
+    admin = shop.tessera.orders
+    listed = await admin.list_sagas(status=saga_pb.SAGA_STATUS_FAILED)
     parked = [s for s in listed.sagas if s.order_id == order_id]
     assert len(parked) == 1
     assert (parked[0].attempts, parked[0].current_step) == (3, "authorize_payment")
     assert "UNAVAILABLE" in parked[0].last_error
-    retried = await admin.RetrySaga(saga_pb.RetrySagaRequest(id=order_id), timeout=CALL_S)
+    retried = await admin.retry_saga(id=order_id)
     assert retried.saga.status == saga_pb.SAGA_STATUS_RUNNING
     assert await shop.settled(order_id) == "confirmed"
     assert await shop.stock(product) == 4
-    with pytest.raises(grpc.aio.AioRpcError) as again:
-        await admin.RetrySaga(saga_pb.RetrySagaRequest(id=order_id), timeout=CALL_S)
-    assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(FailedPrecondition):
+        await admin.retry_saga(id=order_id)
 
 
 async def test_cancel_of_a_confirmed_order_releases_stock_and_refunds(clean_provider: Shop) -> None:

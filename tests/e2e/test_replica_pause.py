@@ -12,10 +12,10 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from devstack.healthcheck import check_serving_async
 from devstack.servers import EmbeddedRedis
 from devstack.supervisor import Stack, StackConfig
 from shared_kernel.event_log import events_channel, head_channel
+from shared_kernel.healthcheck import check_serving_async
 from tessera.events.v1.envelope_pb2 import StreamHead
 from tessera.users.v1 import user_command_service_pb2 as cmd
 from tessera.users.v1 import user_command_service_pb2_grpc as cmd_grpc

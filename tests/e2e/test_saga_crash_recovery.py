@@ -20,13 +20,13 @@ import grpc
 import pytest
 
 from tessera.payments.v1 import payment_provider_pb2 as pay
+from tessera_client import DeadlineExceeded, FailedPrecondition, TesseraClient, Unavailable
 from tests.e2e.conftest import e2e_config, running_stack
 from tests.e2e.test_order_saga import SAGA_ENV, Shop
 
 pytestmark = pytest.mark.e2e
 
 INITIAL_STOCK = 40
-_RETRIABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
 CRASH_ENV = {
     **SAGA_ENV,
     "SAGA_MAX_ATTEMPTS": "20",
@@ -42,7 +42,7 @@ class Ledger:
     products: dict[str, int] = field(default_factory=dict)  # product id -> initial + restocks
     skus: dict[str, str] = field(default_factory=dict)  # product id -> sku
     placed: int = 0
-    place_errors: int = 0  # failed PlaceOrder attempts, each retried with its idempotency key
+    place_errors: int = 0  # failed command attempts while placing, each retried by the client with its key
     cancel_requests: int = 0
 
 
@@ -54,12 +54,13 @@ async def shop(e2e_database: str, redis_server_url: str, e2e_prefix: str, e2e_lo
     )
     async with running_stack(config, redis_server_url) as stack:
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(e2e_database, min_size=1, max_size=4)
-        write = grpc.aio.insecure_channel(stack.write_address)
+        # A long deadline: a command waits (and retries with its key) across a write-service restart.
+        tessera = TesseraClient(stack.write_address, stack.read_addresses, timeout=30)
         provider = grpc.aio.insecure_channel(stack.provider_address)
         try:
-            yield Shop(stack, pool, write, provider)
+            yield Shop(stack, pool, tessera, provider)
         finally:
-            await write.close()
+            await tessera.close()
             await provider.close()
             await pool.close()
 
@@ -88,18 +89,9 @@ async def _place_many(
         lines = [(ledger.skus[p], rng.randint(1, 4)) for p in items]
         key = f"crash-{uuid.uuid4()}"
         async with gate:
-            # As a careful client does: retry a failed PlaceOrder with the same idempotency key until
-            # a deadline, so an order whose reply was lost in the crash is not placed twice.
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    order_id = await shop.place(customer, *lines, idempotency_key=key)
-                    break
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() not in _RETRIABLE or time.monotonic() > deadline:
-                        raise
-                    ledger.place_errors += 1
-                    await asyncio.sleep(0.1)
+            # The client retries a failed PlaceOrder with this one idempotency key until its deadline,
+            # so an order whose reply was lost in the crash is not placed twice.
+            order_id = await shop.place(customer, *lines, idempotency_key=key)
             ledger.placed += 1
             placed.append(order_id)
             if cancel:
@@ -107,12 +99,12 @@ async def _place_many(
                 try:
                     await shop.cancel(order_id, "crash test cancel")
                     ledger.cancel_requests += 1
-                except grpc.aio.AioRpcError as exc:
-                    # Too late (shipped never happens here) or the write service was down.
-                    if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION):
-                        raise
+                except (Unavailable, DeadlineExceeded, FailedPrecondition):
+                    pass  # too late (shipped never happens here) or the write service stayed down
 
+    retries_before = shop.tessera.command_retries  # this client serves only this test's commands now
     await asyncio.gather(*(one() for _ in range(count)))
+    ledger.place_errors += shop.tessera.command_retries - retries_before
     return placed
 
 

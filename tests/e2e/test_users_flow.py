@@ -11,14 +11,14 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.sdk.trace import TracerProvider
 
 from devstack.supervisor import Stack
-from shared_kernel.grpc_errors import bad_request_from_status
 from tessera.users.v1 import user_command_service_pb2 as cmd
 from tessera.users.v1 import user_command_service_pb2_grpc as cmd_grpc
 from tessera.users.v1 import user_query_service_pb2 as qry
 from tessera.users.v1 import user_query_service_pb2_grpc as qry_grpc
+from tessera_client import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TesseraClient
 
 pytestmark = pytest.mark.e2e
 
@@ -147,82 +147,61 @@ async def test_list_users_pages_through_a_replica(
     assert await eventually(all_pages) == list(reversed(ids))
 
 
-def _code_of(error: grpc.aio.AioRpcError) -> grpc.StatusCode:
-    code: grpc.StatusCode = error.code()
-    return code
+async def test_every_error_case_has_its_status(stack: Stack, unique: str) -> None:
+    """Each refusal arrives as the client's typed exception, with its field violations or ErrorInfo."""
+    async with TesseraClient(stack.write_address, stack.read_addresses, timeout=10) as tessera:
+        users = tessera.users
+        user_id = (await users.register_user(_registration(unique))).user_id
+
+        with pytest.raises(InvalidArgument) as bad:
+            await users.register_user(email="not-an-email", username="x", password="short", full_name="")
+        assert {v.field for v in bad.value.field_violations} == {"email", "username", "password", "full_name"}
+
+        with pytest.raises(AlreadyExists) as taken_email:
+            await users.register_user(
+                _registration(unique, username=f"other_{unique}", email=f"ADA.{unique}@example.COM")
+            )
+        assert "email" in taken_email.value.message
+        assert taken_email.value.error_info is not None and taken_email.value.error_info.metadata["field"] == "email"
+        with pytest.raises(AlreadyExists) as taken_username:
+            await users.register_user(
+                _registration(unique, email=f"other.{unique}@example.com", username=f"ADA_{unique}")
+            )
+        assert taken_username.value.error_info is not None
+        assert taken_username.value.error_info.metadata["field"] == "username"
+
+        missing = "123e4567-e89b-12d3-a456-426614174000"
+        with pytest.raises(NotFound):
+            await users.update_user_profile(user_id=missing, full_name="X")
+        with pytest.raises(InvalidArgument):
+            await users.deactivate_user(user_id="not-a-uuid", reason="x")
+        await users.deactivate_user(user_id=user_id, reason="first")
+        with pytest.raises(FailedPrecondition):
+            await users.deactivate_user(user_id=user_id, reason="second")
+        with pytest.raises(FailedPrecondition):
+            await users.update_user_profile(user_id=user_id, full_name="Frozen")
+
+        with pytest.raises(NotFound):
+            await users.get_user(user_id=missing)
+        with pytest.raises(InvalidArgument):
+            await users.get_user(user_id="user:*\r\n")
+        with pytest.raises(NotFound):
+            await users.get_user_by_email(email=f"nobody.{unique}@example.com", consistent=False)
+        with pytest.raises(InvalidArgument):
+            await users.list_users(page_size=-1, consistent=False)
+        with pytest.raises(InvalidArgument):
+            await users.list_users(page_token="forged", consistent=False)
 
 
-async def _expect(call: Awaitable[object], code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    assert _code_of(info.value) == code, info.value.details()
-    return info.value
-
-
-def _error_field(error: grpc.aio.AioRpcError) -> str:
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            for detail in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return str(info.metadata["field"])
-    return ""
-
-
-async def test_every_error_case_has_its_status(
-    write_channel: grpc.aio.Channel, read_channels: list[grpc.aio.Channel], unique: str
-) -> None:
-    write = commands(write_channel)
-    read = queries(read_channels[0])
-    user_id = (await register(write_channel, unique)).user_id
-
-    bad = await _expect(
-        write.RegisterUser(cmd.RegisterUserRequest(email="not-an-email", username="x", password="short", full_name="")),
-        grpc.StatusCode.INVALID_ARGUMENT,
-    )
-    violations = bad_request_from_status(bad)
-    assert violations is not None
-    assert {v.field for v in violations.field_violations} == {"email", "username", "password", "full_name"}
-
-    taken_email = await _expect(
-        register(write_channel, unique, username=f"other_{unique}", email=f"ADA.{unique}@example.COM"),
-        grpc.StatusCode.ALREADY_EXISTS,
-    )
-    assert "email" in (taken_email.details() or "")
-    assert _error_field(taken_email) == "email"
-    taken_username = await _expect(
-        register(write_channel, unique, email=f"other.{unique}@example.com", username=f"ADA_{unique}"),
-        grpc.StatusCode.ALREADY_EXISTS,
-    )
-    assert _error_field(taken_username) == "username"
-
-    missing = "123e4567-e89b-12d3-a456-426614174000"
-    await _expect(
-        write.UpdateUserProfile(cmd.UpdateUserProfileRequest(user_id=missing, full_name="X")),
-        grpc.StatusCode.NOT_FOUND,
-    )
-    await _expect(
-        write.DeactivateUser(cmd.DeactivateUserRequest(user_id="not-a-uuid", reason="x")),
-        grpc.StatusCode.INVALID_ARGUMENT,
-    )
-    await write.DeactivateUser(cmd.DeactivateUserRequest(user_id=user_id, reason="first"), timeout=10)
-    await _expect(
-        write.DeactivateUser(cmd.DeactivateUserRequest(user_id=user_id, reason="second")),
-        grpc.StatusCode.FAILED_PRECONDITION,
-    )
-    await _expect(
-        write.UpdateUserProfile(cmd.UpdateUserProfileRequest(user_id=user_id, full_name="Frozen")),
-        grpc.StatusCode.FAILED_PRECONDITION,
-    )
-
-    await _expect(read.GetUser(qry.GetUserRequest(user_id=missing)), grpc.StatusCode.NOT_FOUND)
-    await _expect(read.GetUser(qry.GetUserRequest(user_id="user:*\r\n")), grpc.StatusCode.INVALID_ARGUMENT)
-    await _expect(
-        read.GetUserByEmail(qry.GetUserByEmailRequest(email=f"nobody.{unique}@example.com")),
-        grpc.StatusCode.NOT_FOUND,
-    )
-    await _expect(read.ListUsers(qry.ListUsersRequest(page_size=-1)), grpc.StatusCode.INVALID_ARGUMENT)
-    await _expect(read.ListUsers(qry.ListUsersRequest(page_token="forged")), grpc.StatusCode.INVALID_ARGUMENT)
+def _registration(unique: str, **overrides: str) -> cmd.RegisterUserRequest:
+    fields = {
+        "email": f"Ada.{unique}@Example.com",
+        "username": f"ada_{unique}",
+        "password": PASSWORD,
+        "full_name": "Ada Lovelace",
+    }
+    fields.update(overrides)
+    return cmd.RegisterUserRequest(**fields)
 
 
 async def test_password_never_leaves_the_write_model(
@@ -278,18 +257,18 @@ async def test_health_reports_serving_on_every_server(stack: Stack) -> None:
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_the_envelope_carries_the_callers_trace_context(
-    stack: Stack, write_channel: grpc.aio.Channel, unique: str
-) -> None:
-    trace_id = unique * 4
-    caller = f"00-{trace_id}-{'ab' * 8}-01"
-    reply = await commands(write_channel).RegisterUser(
-        cmd.RegisterUserRequest(
-            email=f"traced.{unique}@example.com", username=f"traced_{unique}", password=PASSWORD, full_name="T"
-        ),
-        metadata=(("traceparent", caller), ("x-correlation-id", f"corr-{unique}")),
-        timeout=10,
-    )
+async def test_the_envelope_carries_the_callers_trace_context(stack: Stack, unique: str) -> None:
+    """The client injects the caller's current span; it reaches the event envelope through the write service."""
+    tracer = TracerProvider().get_tracer("e2e-caller")
+    async with TesseraClient(
+        stack.write_address, stack.read_addresses, timeout=10, correlation_id=f"corr-{unique}"
+    ) as tessera:
+        with tracer.start_as_current_span("caller") as span:
+            reply = await tessera.users.register_user(
+                email=f"traced.{unique}@example.com", username=f"traced_{unique}", password=PASSWORD, full_name="T"
+            )
+    trace_id = format(span.get_span_context().trace_id, "032x")
+    caller_span = format(span.get_span_context().span_id, "016x")
     conn = await asyncpg.connect(stack.database_url)
     try:
         row = await conn.fetchrow(
@@ -303,6 +282,6 @@ async def test_the_envelope_carries_the_callers_trace_context(
         await conn.close()
     # Same trace, new span: the write service's server span is a child of the caller's.
     assert row["traceparent"].startswith(f"00-{trace_id}-")
-    assert row["traceparent"] != caller
+    assert caller_span not in row["traceparent"]
     assert row["correlation_id"] == f"corr-{unique}"
     assert logged == 1

@@ -22,8 +22,6 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from devstack.healthcheck import check_serving, check_serving_async
-from devstack.healthcheck import main as healthcheck_main
 from devstack.processes import pid_alive, poll_until, process_tree, wait_gone
 from devstack.servers import EmbeddedPostgres, EmbeddedRedis, ServerError, find_free_port
 from devstack.supervisor import (
@@ -34,6 +32,8 @@ from devstack.supervisor import (
     Stack,
     StackConfig,
 )
+from shared_kernel.healthcheck import check_serving, check_serving_async
+from shared_kernel.healthcheck import main as healthcheck_main
 from tests.devstack_up import DevstackUp
 
 pytestmark = pytest.mark.integration

@@ -34,7 +34,7 @@ from pydantic import PostgresDsn, RedisDsn
 
 from read_service.keys import UserKeys
 from read_service.projections.users import UsersProjection
-from read_service.projector import Projector
+from read_service.projector import Projector, ProjectorOptions
 from relay.runner import Relay
 from relay.settings import RelaySettings
 from shared_kernel.logs import JsonFormatter
@@ -107,7 +107,7 @@ async def projectors(
         client = aioredis.Redis.from_url(redis_server_url, socket_timeout=5)
         keys = UserKeys(f"{redis_prefix}replica{replica}:")
         projector = Projector(
-            client, db_pool, UsersProjection(keys), channel_prefix=redis_prefix, backoff_initial_s=0.05
+            client, db_pool, UsersProjection(keys), ProjectorOptions(redis_prefix, backoff_initial_s=0.05)
         )
         projector.start()
         started.append((projector, client))

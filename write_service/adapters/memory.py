@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Generic, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from shared_kernel import errors
 from shared_kernel.event_log import NewEvent
 from shared_kernel.identity import email_key
-from write_service.domain import catalog, model, orders
+from write_service.domain import catalog, orders, users
 from write_service.domain.aggregate import Aggregate
 from write_service.service_layer.deadline import Deadline
 from write_service.service_layer.ports import (
@@ -69,13 +69,14 @@ class SagaRecord:
     updated_at: datetime
     # (step, kind, outcome, detail, attempt)
     steps: list[tuple[str, str, str, str, int]] = field(default_factory=list)
+    context: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class InMemoryDatabase:
     """The committed state every in-memory unit of work shares."""
 
-    users: dict[uuid.UUID, model.User] = field(default_factory=dict)
+    users: dict[uuid.UUID, users.User] = field(default_factory=dict)
     products: dict[uuid.UUID, catalog.Product] = field(default_factory=dict)
     orders: dict[uuid.UUID, orders.Order] = field(default_factory=dict)
     # By order id.
@@ -192,7 +193,7 @@ class _Staged(Generic[A]):
         self.staged[aggregate.id] = stored
 
 
-class InMemoryUserRepository(_Staged[model.User], UserRepository):
+class InMemoryUserRepository(_Staged[users.User], UserRepository):
     """Users in an InMemoryDatabase; changes are staged until the unit of work commits."""
 
     def __init__(self, db: InMemoryDatabase) -> None:
@@ -215,21 +216,21 @@ class InMemoryUserRepository(_Staged[model.User], UserRepository):
             return None
         return orders.Customer(id=user.id, full_name=user.full_name, email=user.email, active=user.active)
 
-    async def add(self, user: model.User) -> None:
+    async def add(self, user: users.User) -> None:
         """Stage a new user; a taken email or username raises AlreadyExists."""
         self.check_unique(user, self._visible())
         self._stage(user)
 
     @staticmethod
-    def check_unique(user: model.User, others: dict[uuid.UUID, model.User]) -> None:
+    def check_unique(user: users.User, others: dict[uuid.UUID, users.User]) -> None:
         """Raise AlreadyExists when another user holds `user`'s email or username."""
         for other in others.values():
             if other.id == user.id:
                 continue
             if _same_email(other.email, user.email):
-                raise model.email_taken()
+                raise users.email_taken()
             if _same(other.username, user.username):
-                raise model.username_taken()
+                raise users.username_taken()
 
 
 class InMemoryProductRepository(_Staged[catalog.Product], ProductRepository):
@@ -241,6 +242,11 @@ class InMemoryProductRepository(_Staged[catalog.Product], ProductRepository):
     async def sku_taken(self, sku: str) -> bool:
         """Whether a product already has `sku`, case-insensitively."""
         return any(_same(product.sku, sku) for product in self._visible().values())
+
+    async def by_ids(self, product_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, catalog.Product]:
+        """Private copies of the products with these ids."""
+        visible = self._visible()
+        return {pid: copy.deepcopy(visible[pid]) for pid in sorted(set(product_ids)) if pid in visible}
 
     async def by_skus(self, skus: Sequence[str]) -> dict[str, catalog.Product]:
         """Copies of the products with these skus, keyed by lower-case sku."""
@@ -268,6 +274,15 @@ class InMemoryOrderRepository(_Staged[orders.Order], OrderRepository):
 
     def __init__(self, db: InMemoryDatabase) -> None:
         super().__init__(db.orders)
+
+    async def awaiting_payment_of(self, customer_id: uuid.UUID) -> list[orders.Order]:
+        """Private copies of the customer's pending and reserved orders, by id."""
+        found = [
+            copy.deepcopy(order)
+            for order in self._visible().values()
+            if order.customer_id == customer_id and order.status in orders.AWAITING_PAYMENT
+        ]
+        return sorted(found, key=lambda order: order.id)
 
     async def add(self, order: orders.Order) -> None:
         """Stage a new order (its foreign keys are checked at commit)."""
@@ -310,6 +325,42 @@ class InMemorySagaHandoff(SagaHandoff):
         saga.version += 1
         saga.steps.append(("cancel_requested", "compensate", "succeeded", reason, 1))
         self.staged[order_id] = saga
+
+    async def advance(
+        self,
+        saga_id: uuid.UUID,
+        version: int,
+        *,
+        status: str,
+        step: str,
+        context: Mapping[str, Any],
+        attempts: int,
+        last_error: str,
+        delay_s: float | None,
+        lease_s: float | None,
+    ) -> None:
+        """Stage the execution row moved on; Conflict when it is no longer at `version`."""
+        saga = self._by_id(saga_id)
+        if saga.version != version:
+            raise errors.Conflict(f"saga {saga_id} changed concurrently")
+        saga.status, saga.current_step, saga.context = status, step, dict(context)
+        saga.attempts, saga.last_error = attempts, last_error
+        saga.version += 1
+        self.staged[saga.order_id] = saga
+
+    async def log_step(
+        self, saga_id: uuid.UUID, *, step: str, kind: str, outcome: str, detail: str, attempt: int
+    ) -> None:
+        """Stage one step-log row."""
+        saga = self._by_id(saga_id)
+        saga.steps.append((step, kind, outcome, detail, attempt))
+        self.staged[saga.order_id] = saga
+
+    def _by_id(self, saga_id: uuid.UUID) -> SagaRecord:
+        for current in [*self.staged.values(), *self._db.sagas.values()]:
+            if current.id == saga_id:
+                return current if current.order_id in self.staged else copy.deepcopy(current)
+        raise RuntimeError(f"no saga {saga_id}")
 
 
 class InMemoryUnitOfWork(UnitOfWork):
@@ -383,10 +434,10 @@ class InMemoryUnitOfWork(UnitOfWork):
         for product in staged_products.values():
             others_p = {k: v for k, v in self._db.products.items() if k not in staged_products}
             InMemoryProductRepository.check_unique(product, {**others_p, **staged_products})
-        users, products = {**self._db.users, **staged}, {**self._db.products, **staged_products}
+        known_users, products = {**self._db.users, **staged}, {**self._db.products, **staged_products}
         for order in self._orders.staged.values():
             # The foreign keys of orders and order_lines.
-            if order.customer_id not in users or any(line.product_id not in products for line in order.lines):
+            if order.customer_id not in known_users or any(line.product_id not in products for line in order.lines):
                 raise ValueError("an order must name an existing customer and existing products")
         known = {(r.event.aggregate_type, r.event.aggregate_id, r.event.aggregate_version) for r in self._db.outbox}
         for record in self._events:

@@ -1,7 +1,9 @@
 """What every aggregate shares: an id, a version guarded against lost updates, and recorded events.
 
-Every event raises the version by one, so `aggregate_version` is the version after the
-event and an aggregate's events are numbered 1, 2, 3, ... without gaps.
+Every public event (an integration event, `events.PUBLIC_EVENTS`) raises the version by
+one, so `aggregate_version` is the version after the event and an aggregate's public
+events are numbered 1, 2, 3, ... without gaps. An event that stays inside the write service
+carries the version it happened at and moves nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from shared_kernel.errors import FailedPrecondition
 from shared_kernel.event_log import NewEvent
+from write_service.domain.events import is_public
 
 
 def timestamp(moment: datetime) -> Timestamp:
@@ -46,8 +49,9 @@ class Aggregate:
                 f"{self.aggregate_type} {self.id} is at version {self.version}, not the expected version {expected}"
             )
 
-    def _record(self, payload: Message, now: datetime) -> None:
-        self.version += 1
+    def _record(self, payload: Message, now: datetime, schema_version: int = 1) -> None:
+        if is_public(payload):
+            self.version += 1
         self.updated_at = now
         self.pending_events.append(
             NewEvent(
@@ -56,5 +60,6 @@ class Aggregate:
                 aggregate_id=str(self.id),
                 aggregate_version=self.version,
                 occurred_at=now,
+                schema_version=schema_version,
             )
         )

@@ -7,8 +7,10 @@ Rules:
   figures are per currency, and a product silently changing currency would mix them;
 - a discontinued product can no longer be repriced, restocked or ordered, and is
   discontinued at most once;
-- stock never goes negative (the saga reserves only what is there; the table's CHECK
-  backs it up) and never exceeds STOCK_MAX.
+- stock never goes negative (an order's saga reserves only what is there and only of a
+  product still sold; the table's CHECK backs it up) and never exceeds STOCK_MAX;
+- units an order reserved come back to stock when the order releases them, whether the
+  product is still sold or not.
 """
 
 from __future__ import annotations
@@ -139,6 +141,45 @@ class Product(Aggregate):
         self._record(
             events_pb2.ProductDiscontinued(
                 product_id=str(self.id), sku=self.sku, reason=reason, discontinued_at=timestamp(now)
+            ),
+            now,
+        )
+
+    def reserve(self, *, order_id: uuid.UUID, quantity: int, now: datetime) -> None:
+        """Take `quantity` units out of stock for an order and record StockReserved."""
+        self.require_orderable()
+        if quantity < 1:
+            raise FailedPrecondition(f"a reservation takes at least one unit of product {self.sku!r}")
+        if quantity > self.stock_available:
+            raise FailedPrecondition(
+                f"insufficient stock for sku {self.sku} (requested {quantity}, available {self.stock_available})"
+            )
+        self.stock_available -= quantity
+        self._record(
+            events_pb2.StockReserved(
+                product_id=str(self.id),
+                sku=self.sku,
+                order_id=str(order_id),
+                quantity=quantity,
+                stock_available=self.stock_available,
+                reserved_at=timestamp(now),
+            ),
+            now,
+        )
+
+    def release(self, *, order_id: uuid.UUID, quantity: int, now: datetime) -> None:
+        """Return `quantity` units an order had reserved to stock and record StockReleased."""
+        if quantity < 1:
+            raise FailedPrecondition(f"a release returns at least one unit of product {self.sku!r}")
+        self.stock_available += quantity
+        self._record(
+            events_pb2.StockReleased(
+                product_id=str(self.id),
+                sku=self.sku,
+                order_id=str(order_id),
+                quantity=quantity,
+                stock_available=self.stock_available,
+                released_at=timestamp(now),
             ),
             now,
         )

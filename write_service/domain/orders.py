@@ -9,16 +9,20 @@ Rules:
 - items are added only while the order is pending (its saga has not reserved stock);
 - an order can be cancelled until it ships (pending, reserved or confirmed); a shipped,
   cancelled or rejected order cannot;
-- only a confirmed order ships.
+- only a confirmed order ships;
+- the saga reserves a pending order's stock all or nothing: every line's product still
+  sold and in stock, or the order is rejected naming each shortage; a reserved order's
+  payment is authorized, then captured, which confirms it;
+- reserved units go back to stock exactly once (`release_stock`), whatever ends the order.
 
-Status changes made by the saga (reserved, confirmed, rejected, cancelled after a failed
-payment) are written by the saga worker, not by this aggregate.
+The saga worker drives these transitions (write_service.saga); this aggregate decides them
+and builds their events, for the saga and the command handlers alike.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar, Literal
@@ -45,6 +49,21 @@ STATUS_TO_PROTO: dict[str, order_pb2.OrderStatus.ValueType] = {
 }
 
 _CANCELLABLE = frozenset({"pending", "reserved", "confirmed"})
+# Placed, but its payment not captured yet.
+AWAITING_PAYMENT: tuple[OrderStatus, ...] = ("pending", "reserved")
+
+# Who cancels an order the saga gives up on (a declined payment, a failed capture, a policy).
+SYSTEM = "system"
+
+
+def shortage_reason(shortages: Sequence[tuple[str, int, int]], discontinued: Sequence[str]) -> str:
+    """The rejection reason naming every sku that could not be reserved."""
+    parts = [f"sku {sku} (requested {wanted}, available {available})" for sku, wanted, available in shortages]
+    text = f"insufficient stock for {', '.join(parts)}" if parts else ""
+    if discontinued:
+        gone = f"discontinued product{'s' if len(discontinued) > 1 else ''}: {', '.join(discontinued)}"
+        text = f"{text}; {gone}" if text else gone
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +149,8 @@ class Order(Aggregate):
     carrier: str = ""
     tracking_number: str = ""
     placed_at: datetime
+    # Units the saga took out of stock and has not returned yet, by product.
+    reservations: dict[uuid.UUID, int] = field(default_factory=dict)
 
     @property
     def total_minor(self) -> int:
@@ -215,6 +236,131 @@ class Order(Aggregate):
         )
         return line
 
+    @property
+    def is_cancellable(self) -> bool:
+        """Whether the order can still be cancelled: it has not shipped and has not ended otherwise."""
+        return self.status in _CANCELLABLE
+
+    def units_by_product(self) -> dict[uuid.UUID, int]:
+        """The units each product of the order's lines is ordered in."""
+        units: dict[uuid.UUID, int] = {}
+        for line in self.lines:
+            units[line.product_id] = units.get(line.product_id, 0) + line.quantity
+        return units
+
+    def reserve_stock(self, products: Mapping[uuid.UUID, Product], *, now: datetime) -> str:
+        """Reserve every line's units of `products`, or reject the order; "" when reserved, else the reason.
+
+        All or nothing: a missing or discontinued product or a shortage on any line rejects
+        the order (StockReservationFailed, OrderRejected) and reserves nothing; otherwise each
+        product records its StockReserved and the order becomes reserved. That status change
+        records no order event (the StockReserved events carry the order id), so the order's
+        version stays the number of its events.
+        """
+        if self.status != "pending":
+            raise FailedPrecondition(f"only a pending order can reserve stock; order {self.id} is {self.status}")
+        wanted = self.units_by_product()
+        sku_of = {line.product_id: line.sku for line in self.lines}
+        shortages = [
+            (sku_of[pid], units, products[pid].stock_available if pid in products else 0)
+            for pid, units in wanted.items()
+            if pid not in products or units > products[pid].stock_available
+        ]
+        discontinued = [sku_of[pid] for pid in wanted if pid in products and products[pid].discontinued]
+        if shortages or discontinued or not wanted:
+            reason = shortage_reason(shortages, discontinued) or "the order has no items"
+            self._record(
+                events_pb2.StockReservationFailed(
+                    order_id=str(self.id),
+                    reason=reason,
+                    shortages=[
+                        events_pb2.StockShortage(sku=sku, requested=units, available=available)
+                        for sku, units, available in shortages
+                    ],
+                    failed_at=timestamp(now),
+                ),
+                now,
+            )
+            self._record(
+                events_pb2.OrderRejected(order_id=str(self.id), reason=reason, rejected_at=timestamp(now)), now
+            )
+            self.status = "rejected"
+            self.reason = reason
+            return reason
+        for pid in sorted(wanted):
+            products[pid].reserve(order_id=self.id, quantity=wanted[pid], now=now)
+        self.reservations = dict(wanted)
+        self.status = "reserved"
+        self.updated_at = now
+        return ""
+
+    def release_stock(self, products: Mapping[uuid.UUID, Product], *, now: datetime) -> tuple[int, int]:
+        """Return every unit still reserved to its product (one StockReleased each); (units, products)."""
+        released = sorted(self.reservations.items())
+        for pid, units in released:
+            products[pid].release(order_id=self.id, quantity=units, now=now)
+        self.reservations = {}
+        return sum(units for _, units in released), len(released)
+
+    def authorize_payment(self, *, authorization_id: str, now: datetime) -> None:
+        """Record PaymentAuthorized for the order's total; only a reserved order is paid for."""
+        self._require_reserved("authorized")
+        self._record(
+            events_pb2.PaymentAuthorized(
+                order_id=str(self.id),
+                authorization_id=authorization_id,
+                amount=money(self.currency_code, self.total_minor),
+                authorized_at=timestamp(now),
+            ),
+            now,
+        )
+
+    def decline_payment(self, *, reason: str, now: datetime) -> None:
+        """Record PaymentDeclined; the saga then releases the stock and cancels the order."""
+        self._require_reserved("declined")
+        self._record(events_pb2.PaymentDeclined(order_id=str(self.id), reason=reason, declined_at=timestamp(now)), now)
+
+    def confirm(self, *, authorization_id: str, now: datetime) -> None:
+        """Record the capture of the order's total (PaymentCaptured) and confirm it (OrderConfirmed)."""
+        self._require_reserved("captured")
+        total = money(self.currency_code, self.total_minor)
+        self._record(
+            events_pb2.PaymentCaptured(
+                order_id=str(self.id), authorization_id=authorization_id, amount=total, captured_at=timestamp(now)
+            ),
+            now,
+        )
+        self._record(events_pb2.OrderConfirmed(order_id=str(self.id), total=total, confirmed_at=timestamp(now)), now)
+        self.status = "confirmed"
+
+    def record_void(self, *, authorization_id: str, now: datetime) -> None:
+        """Record PaymentVoided: the authorization was released at the provider."""
+        self._record(
+            events_pb2.PaymentVoided(
+                order_id=str(self.id), authorization_id=authorization_id, voided_at=timestamp(now)
+            ),
+            now,
+        )
+
+    def record_refund(self, *, refund_id: str, currency_code: str, amount_minor: int, now: datetime) -> None:
+        """Record PaymentRefunded: the captured amount went back to the customer."""
+        self._record(
+            events_pb2.PaymentRefunded(
+                order_id=str(self.id),
+                refund_id=refund_id,
+                amount=money(currency_code, amount_minor),
+                refunded_at=timestamp(now),
+            ),
+            now,
+        )
+
+    def cancel_by_system(self, *, reason: str, now: datetime) -> bool:
+        """Cancel as the system (the saga, a policy) unless the order already ended; whether it did."""
+        if not self.is_cancellable:
+            return False
+        self.cancel(reason=reason, cancelled_by=SYSTEM, now=now)
+        return True
+
     def cancel(self, *, reason: str, cancelled_by: str, now: datetime) -> OrderStatus:
         """Cancel an order that has not shipped, record OrderCancelled, and return the status it had."""
         previous = self.status
@@ -250,6 +396,10 @@ class Order(Aggregate):
             ),
             now,
         )
+
+    def _require_reserved(self, what: str) -> None:
+        if self.status != "reserved":
+            raise FailedPrecondition(f"only a reserved order's payment is {what}; order {self.id} is {self.status}")
 
     def _check_product(self, product: Product) -> None:
         product.require_orderable()

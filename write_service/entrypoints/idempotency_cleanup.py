@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
-from write_service.service_layer.handlers import utc_now
+from write_service.service_layer.command_steps import utc_now
 from write_service.service_layer.ports import ExpiredKeyPurger
 
 logger = logging.getLogger(__name__)

@@ -51,11 +51,20 @@ async def serve(
     """Open the pool and the provider channel, drive sagas until `shutdown_signal` returns, then close."""
     pool = await create_pool(settings, APPLICATION_NAME, wait_s=settings.database_startup_wait_s)
     channel = grpc.aio.insecure_channel(settings.payment_provider_address)
+    secondary_address = settings.payment_provider_secondary_address
+    secondary_channel = grpc.aio.insecure_channel(secondary_address) if secondary_address else None
     server = GrpcServer(settings, [])
     stop = asyncio.Event()
     try:
         breaker = CircuitBreaker(settings.saga_breaker_failure_threshold, settings.saga_breaker_cooldown_s)
         provider = GuardedProvider(GrpcPaymentProvider(channel, settings.payment_provider_timeout_s), breaker)
+        secondary = None
+        if secondary_channel is not None:
+            # Its own breaker: a secondary that is down too fails fast, and the saga waits as before.
+            secondary = GuardedProvider(
+                GrpcPaymentProvider(secondary_channel, settings.payment_provider_timeout_s),
+                CircuitBreaker(settings.saga_breaker_failure_threshold, settings.saga_breaker_cooldown_s),
+            )
         runner = SagaRunner(
             pool,
             provider,
@@ -64,6 +73,7 @@ async def serve(
             max_attempts=settings.saga_max_attempts,
             backoff_base_ms=settings.saga_backoff_base_ms,
             backoff_cap_ms=settings.saga_backoff_cap_ms,
+            secondary=secondary,
         )
 
         async def connect_listener() -> asyncpg.Connection[Any]:
@@ -106,6 +116,8 @@ async def serve(
             await server.stop()
     finally:
         await channel.close()
+        if secondary_channel is not None:
+            await secondary_channel.close()
         try:
             await asyncio.wait_for(pool.close(), _POOL_CLOSE_TIMEOUT_S)
         except TimeoutError:

@@ -113,13 +113,3 @@ def plan_failure(
     if attempts >= max_attempts:
         return FailurePlan(attempts=attempts, park=True, delay_s=0.0)
     return FailurePlan(attempts=attempts, park=False, delay_s=backoff_delay_s(attempts, base_ms, cap_ms, rng))
-
-
-def shortage_reason(shortages: list[tuple[str, int, int]], discontinued: list[str]) -> str:
-    """The rejection reason naming every sku that could not be reserved."""
-    parts = [f"sku {sku} (requested {wanted}, available {available})" for sku, wanted, available in shortages]
-    text = f"insufficient stock for {', '.join(parts)}" if parts else ""
-    if discontinued:
-        gone = f"discontinued product{'s' if len(discontinued) > 1 else ''}: {', '.join(discontinued)}"
-        text = f"{text}; {gone}" if text else gone
-    return text

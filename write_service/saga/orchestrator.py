@@ -1,15 +1,19 @@
 """Runs the steps of one order saga while its worker holds the lease.
 
-Every step ends in ONE transaction that locks the order row, then the execution row (then
-products, in id order), checks that the execution row is still at the version the worker
-last saw, and writes the step's local effects, its outbox events, the execution row
-(version + 1) and a step-log row. A remote call (the payment provider) happens before that
-transaction and is made safe to repeat by an idempotency key derived from the saga id and
-the operation, so a crash between the call and the commit only repeats the call.
+A step is a command the saga gives itself: it loads the order (and the products it needs)
+through the write side's unit of work, lets the aggregates decide (`Order.reserve_stock`,
+`Order.confirm`, `Order.release_stock`, ...), and commits their state and events, the
+execution row (version + 1, guarded by the version the worker holds) and its step-log rows
+in ONE write, as a command does. A remote call (the payment provider) happens before that
+write and is made safe to repeat by an idempotency key derived from the saga id and the
+operation, so a crash between the call and the commit only repeats the call.
 
-When the version check fails (CancelOrder moved the saga to compensation meanwhile), the
-step writes nothing but what the remote call did into the context, and the saga is planned
-again from the row as it now is.
+When the commit's guard on the execution row fails (CancelOrder moved the saga to
+compensation meanwhile), what the remote call did is noted in the context and the saga is
+planned again from the row as it now is. When only the order or a product moved (a
+restock, another order's reservation), the step decides again on a fresh read.
+
+This module keeps only the saga's own state: execution rows, the step log and leases.
 """
 
 from __future__ import annotations
@@ -18,23 +22,21 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
-from google.protobuf.message import Message
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from shared_kernel.event_log import NewEvent, append_events
+from shared_kernel.errors import Conflict
+from shared_kernel.event_log import NewEvent
 from shared_kernel.telemetry import context_from_envelope
-from tessera.catalog.v1 import events_pb2 as catalog_events
-from tessera.common.v1.money_pb2 import Money
-from tessera.orders.v1 import events_pb2 as order_events
-from tessera.orders.v1 import order_pb2
+from write_service.adapters.unit_of_work import PostgresUnitOfWork
+from write_service.domain.catalog import Product
+from write_service.domain.orders import Order
 from write_service.saga import model
 from write_service.saga.breaker import CircuitOpen
 from write_service.saga.model import SagaRow
@@ -45,46 +47,31 @@ from write_service.saga.provider import (
     ProviderRefused,
     TransientProviderError,
 )
-
-if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
-
-    Connection = PoolConnectionProxy[Any]
+from write_service.service_layer.deadline import Deadline
+from write_service.service_layer.event_bus import handle_domain_events, integration_events
+from write_service.service_layer.ports import UnitOfWork, UnitOfWorkFactory
 
 logger = logging.getLogger(__name__)
 _tracer = trace.get_tracer("tessera.saga")
 
-ORDER = "order"
-PRODUCT = "product"
+PRIMARY = "primary"
+SECONDARY = "secondary"
 
-_ORDER_STATUS_PB = {
-    "pending": order_pb2.ORDER_STATUS_PENDING,
-    "reserved": order_pb2.ORDER_STATUS_RESERVED,
-    "confirmed": order_pb2.ORDER_STATUS_CONFIRMED,
-    "shipped": order_pb2.ORDER_STATUS_SHIPPED,
-    "cancelled": order_pb2.ORDER_STATUS_CANCELLED,
-    "rejected": order_pb2.ORDER_STATUS_REJECTED,
-}
+# A step whose order or products moved under it decides again, its reads now locking their
+# rows (as a command's retry does), this many times in all; then it counts a failed attempt.
+_STEP_CONFLICT_TRIES = 3
 
 SAGA_COLUMNS = "id, order_id, status, current_step, context::text AS context, version, attempts, locked_by"
 
-_LOCK_ORDER = """
-SELECT id, customer_id, status, currency_code, total_minor, version
-FROM orders WHERE id = $1 FOR UPDATE
-"""
 _LOCK_SAGA = f"SELECT {SAGA_COLUMNS} FROM saga_executions WHERE id = $1 FOR UPDATE"  # noqa: S608 - constant columns
 _READ_SAGA = f"SELECT {SAGA_COLUMNS} FROM saga_executions WHERE id = $1"  # noqa: S608 - constant columns
-_READ_ORDER = "SELECT id, customer_id, status, currency_code, total_minor, version FROM orders WHERE id = $1"
 
-# Keeps or drops the lease in the same statement; next_attempt_at is computed by the
-# database clock, the clock the claim query compares with.
+# Used only outside a step (a failed attempt); a step moves the row through the unit of work.
 _ADVANCE = """
 UPDATE saga_executions
 SET status = $3, current_step = $4, context = $5::jsonb, attempts = $6, last_error = $7,
     next_attempt_at = CASE WHEN $8::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $8::float8) END,
-    locked_by = CASE WHEN $9 THEN locked_by END,
-    locked_until = CASE WHEN $9 THEN now() + make_interval(secs => $10::float8) END,
-    version = version + 1, updated_at = now()
+    locked_by = NULL, locked_until = NULL, version = version + 1, updated_at = now()
 WHERE id = $1 AND version = $2
 """
 _NOTE_CONTEXT = """
@@ -93,32 +80,6 @@ UPDATE saga_executions SET context = context || $2::jsonb, version = version + 1
 _INSERT_STEP = """
 INSERT INTO saga_steps (saga_id, step, kind, outcome, detail, attempt, at) VALUES ($1, $2, $3, $4, $5, $6, now())
 """
-_ORDER_LINES = "SELECT product_id, sku, quantity FROM order_lines WHERE order_id = $1 ORDER BY product_id"
-_LOCK_PRODUCTS = """
-SELECT id, sku, stock_available, discontinued, version FROM products WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
-"""
-# Both run after the products are locked in id order, so their own row order does not matter.
-_TAKE_STOCK = """
-UPDATE products AS p SET stock_available = p.stock_available - l.quantity, version = p.version + 1, updated_at = $2
-FROM order_lines AS l
-WHERE l.order_id = $1 AND p.id = l.product_id
-RETURNING p.id, p.stock_available, p.version
-"""
-_INSERT_RESERVATIONS = """
-INSERT INTO stock_reservations (order_id, product_id, quantity, reserved_at)
-SELECT order_id, product_id, quantity, $2 FROM order_lines WHERE order_id = $1
-"""
-_RETURN_STOCK = """
-UPDATE products AS p SET stock_available = p.stock_available + r.quantity, version = p.version + 1, updated_at = $2
-FROM stock_reservations AS r
-WHERE r.order_id = $1 AND r.released_at IS NULL AND p.id = r.product_id
-RETURNING p.id, p.sku, p.stock_available, p.version, r.quantity
-"""
-_OPEN_RESERVATIONS = """
-SELECT product_id, quantity FROM stock_reservations
-WHERE order_id = $1 AND released_at IS NULL ORDER BY product_id
-"""
-_STAMP_RELEASED = "UPDATE stock_reservations SET released_at = $2 WHERE order_id = $1 AND released_at IS NULL"
 _ORIGIN = """
 SELECT correlation_id, traceparent, tracestate FROM outbox
 WHERE aggregate_type = 'order' AND aggregate_id = $1 ORDER BY aggregate_version LIMIT 1
@@ -147,37 +108,6 @@ def saga_from_row(row: asyncpg.Record) -> SagaRow:
     )
 
 
-def _ts(moment: datetime) -> Any:
-    from google.protobuf.timestamp_pb2 import Timestamp
-
-    stamp = Timestamp()
-    stamp.FromDatetime(moment.astimezone(UTC))
-    return stamp
-
-
-@dataclass
-class StepTx:
-    """The open transaction of one step: the locked order and execution rows, and what it will write."""
-
-    conn: Connection
-    saga: SagaRow
-    order: asyncpg.Record
-    now: datetime
-    correlation_id: str
-    causation_id: str
-    order_version: int
-    events: list[NewEvent] = field(default_factory=list)
-
-    def order_event(self, payload: Message) -> None:
-        """Queue an event on the order, at the order's next version."""
-        self.order_version += 1
-        self.events.append(NewEvent(payload, ORDER, str(self.saga.order_id), self.order_version, self.now))
-
-    def product_event(self, payload: Message, product_id: object, version: int) -> None:
-        """Queue an event on a product, at the version its row update returned."""
-        self.events.append(NewEvent(payload, PRODUCT, str(product_id), version, self.now))
-
-
 @dataclass(frozen=True, slots=True)
 class StepLog:
     """One saga_steps row to write."""
@@ -185,6 +115,48 @@ class StepLog:
     step: str
     outcome: str
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    """Where a step leaves the saga: its status and next step, the log, and the new context."""
+
+    status: str
+    step: str
+    log: list[StepLog]
+    context: dict[str, Any] | None = None
+    # False: the saga is not due again (it ended); its lease is handed back.
+    due: bool = True
+
+
+@dataclass
+class StepWork:
+    """What one step's decision works on: its unit of work, the order, and the products it loaded."""
+
+    uow: UnitOfWork
+    order: Order
+    now: datetime
+    products: dict[uuid.UUID, Product] = field(default_factory=dict)
+
+    async def load_products(self, product_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Product]:
+        """The products with these ids, in one read; their saves are guarded by the versions read."""
+        found = await self.uow.products.by_ids(sorted(set(product_ids)))
+        self.products.update(found)
+        return found
+
+    def events(self) -> list[NewEvent]:
+        """The events the decision recorded: the order's first, then each product's in id order."""
+        recorded = list(self.order.pending_events)
+        for product_id in sorted(self.products):
+            recorded.extend(self.products[product_id].pending_events)
+        return recorded
+
+
+Decide = Callable[[StepWork], Awaitable[StepOutcome]]
+
+
+def _released(units: int, products: int) -> str:
+    return f"released {units} units of {products} products" if products else "nothing was reserved"
 
 
 class SagaRunner:
@@ -201,16 +173,26 @@ class SagaRunner:
         backoff_base_ms: int,
         backoff_cap_ms: int,
         rng: random.Random | None = None,
+        secondary: PaymentProvider | None = None,
+        uow_factory: UnitOfWorkFactory | None = None,
     ) -> None:
         self._pool = pool
         self._provider = provider
+        # Authorizes when the primary's breaker is open; later calls of that payment go to it too.
+        self._secondary = secondary
+        self._uow_factory: UnitOfWorkFactory = uow_factory or (lambda deadline: PostgresUnitOfWork(pool, deadline))
         self.worker_id = worker_id
         self._lease_s = lease_s
+        # One step's database work must end well within the lease.
+        self._step_s = max(1.0, lease_s / 3)
         self._max_attempts = max_attempts
         self._base_ms = backoff_base_ms
         self._cap_ms = backoff_cap_ms
         self._rng = rng or random.Random()  # noqa: S311 - jitter
         self._origins: dict[uuid.UUID, tuple[str, str, str]] = {}
+        # The order as the last step of a saga in hand committed it: the next step starts from it
+        # without reading it again (its save is guarded by the version and status committed).
+        self._held: dict[uuid.UUID, Order] = {}
         # Set on shutdown: the saga in hand stops after its current step (its lease is handed back).
         self.stopping = False
 
@@ -219,14 +201,18 @@ class SagaRunner:
     async def drive(self, saga: SagaRow) -> None:
         """Run steps of a claimed saga until it completes, fails, waits for a retry or leaves this worker."""
         current: SagaRow | None = saga
-        while current is not None and not self.stopping:
-            if current.status not in model.ACTIVE_STATUSES or current.locked_by != self.worker_id:
-                return
-            saga_id = current.id
-            try:
-                current = await self.run_step(current)
-            except Replan as replan:
-                current = replan.saga if replan.saga is not None else await self._reload(saga_id)
+        try:
+            while current is not None and not self.stopping:
+                if current.status not in model.ACTIVE_STATUSES or current.locked_by != self.worker_id:
+                    return
+                try:
+                    current = await self.run_step(current)
+                except Replan as replan:
+                    self._held.pop(saga.id, None)
+                    current = replan.saga if replan.saga is not None else await self._reload(saga.id)
+        finally:
+            # The lease goes back with the saga: another worker may move the order on meanwhile.
+            self._held.pop(saga.id, None)
 
     async def run_step(self, saga: SagaRow) -> SagaRow | None:
         """Run the saga's next step; the row after it when this worker should go on, else None."""
@@ -252,277 +238,191 @@ class SagaRunner:
     # -- forward steps
 
     async def _reserve_stock(self, saga: SagaRow, step: str, correlation_id: str) -> SagaRow | None:
-        async with self._step(saga, step, correlation_id) as tx:
-            if tx.order["status"] != "pending":
+        async def decide(work: StepWork) -> StepOutcome:
+            order = work.order
+            if order.status != "pending":
                 # Cancelled before its stock was reserved: nothing to undo but the payment guard.
-                detail = f"order is {tx.order['status']}, not pending; compensating"
-                return await self._advance(
-                    tx, status=model.COMPENSATING, step=model.RELEASE_STOCK, log=[StepLog(step, "failed", detail)]
-                )
-            lines = await tx.conn.fetch(_ORDER_LINES, saga.order_id)
-            products = {
-                row["id"]: row for row in await tx.conn.fetch(_LOCK_PRODUCTS, [line["product_id"] for line in lines])
-            }
-            shortages = [
-                (line["sku"], line["quantity"], products[line["product_id"]]["stock_available"])
-                for line in lines
-                if line["quantity"] > products[line["product_id"]]["stock_available"]
-            ]
-            discontinued = [line["sku"] for line in lines if products[line["product_id"]]["discontinued"]]
-            if shortages or discontinued or not lines:
-                reason = model.shortage_reason(shortages, discontinued) or "the order has no items"
-                tx.order_event(
-                    order_events.StockReservationFailed(
-                        order_id=str(saga.order_id),
-                        reason=reason,
-                        shortages=[
-                            order_events.StockShortage(sku=sku, requested=wanted, available=available)
-                            for sku, wanted, available in shortages
-                        ],
-                        failed_at=_ts(tx.now),
-                    )
-                )
-                tx.order_event(
-                    order_events.OrderRejected(order_id=str(saga.order_id), reason=reason, rejected_at=_ts(tx.now))
-                )
-                await self._set_order(tx, "rejected", reason=reason)
-                return await self._advance(
-                    tx, status=model.COMPLETED, step=step, log=[StepLog(step, "failed", reason)], due=False
-                )
-            taken = {row["id"]: row for row in await tx.conn.fetch(_TAKE_STOCK, saga.order_id, tx.now)}
-            await tx.conn.execute(_INSERT_RESERVATIONS, saga.order_id, tx.now)
-            units = 0
-            for line in lines:
-                product = taken[line["product_id"]]
-                tx.product_event(
-                    catalog_events.StockReserved(
-                        product_id=str(line["product_id"]),
-                        sku=line["sku"],
-                        order_id=str(saga.order_id),
-                        quantity=line["quantity"],
-                        stock_available=product["stock_available"],
-                        reserved_at=_ts(tx.now),
-                    ),
-                    line["product_id"],
-                    product["version"],
-                )
-                units += line["quantity"]
-            # The status changes without an order event (the StockReserved events carry the
-            # order id), so the order's version stays the number of its events.
-            await self._set_order(tx, "reserved")
-            detail = f"reserved {units} units of {len(lines)} products"
-            return await self._advance(
-                tx, status=model.RUNNING, step=model.AUTHORIZE_PAYMENT, log=[StepLog(step, "succeeded", detail)]
-            )
+                detail = f"order is {order.status}, not pending; compensating"
+                return StepOutcome(model.COMPENSATING, model.RELEASE_STOCK, [StepLog(step, "failed", detail)])
+            products = await work.load_products(order.units_by_product())
+            reason = order.reserve_stock(products, now=work.now)
+            if reason:
+                return StepOutcome(model.COMPLETED, step, [StepLog(step, "failed", reason)], due=False)
+            detail = f"reserved {sum(order.reservations.values())} units of {len(order.reservations)} products"
+            return StepOutcome(model.RUNNING, model.AUTHORIZE_PAYMENT, [StepLog(step, "succeeded", detail)])
+
+        return await self._run(saga, step, correlation_id, decide, contended=True)
 
     async def _authorize_payment(self, saga: SagaRow, step: str, correlation_id: str) -> SagaRow | None:
-        order = await self._pool.fetchrow(_READ_ORDER, saga.order_id)
-        if order is None or order["status"] != "reserved":
-            return await self._out_of_step(saga, step, correlation_id, order)
+        order = await self._current_order(saga)
+        if order is None or order.status != "reserved":
+            return await self._out_of_step(saga, step, correlation_id)
+        key = model.idempotency_key(saga.id, "authorize")
+        args = (str(saga.order_id), order.total_minor, order.currency_code, str(order.customer_id), key)
+        via = PRIMARY
         try:
-            result = await self._provider.authorize(
-                str(saga.order_id),
-                order["total_minor"],
-                order["currency_code"],
-                str(order["customer_id"]),
-                model.idempotency_key(saga.id, "authorize"),
-            )
+            try:
+                result = await self._provider.authorize(*args)
+            except CircuitOpen:
+                if self._secondary is None:
+                    raise
+                # The per-step fallback: the primary is known to be down, so this step does not wait for it.
+                via = SECONDARY
+                logger.info("primary provider's circuit open; authorizing through the secondary")
+                result = await self._secondary.authorize(*args)
             approved, authorization_id, reason = result.approved, result.authorization_id, result.decline_reason
         except ProviderRefused as exc:
             approved, authorization_id, reason = False, "", f"the provider refused the authorization ({exc})"
         except (TransientProviderError, CircuitOpen) as exc:
             return await self._remote_failed(saga, step, exc)
-        facts = {"payment": "authorized", "authorization_id": authorization_id} if approved else {"payment": "declined"}
-        async with self._step(saga, step, correlation_id, facts=facts) as tx:
-            money = Money(currency_code=tx.order["currency_code"], amount_minor=tx.order["total_minor"])
+        outcome = (
+            {"payment": "authorized", "authorization_id": authorization_id} if approved else {"payment": "declined"}
+        )
+        facts: dict[str, Any] = {**outcome, "provider": via}
+
+        async def decide(work: StepWork) -> StepOutcome:
+            order = work.order
+            context = {**saga.context, **facts}
+            if order.status != "reserved":
+                return self._compensate_out_of_step(order, step, context)
             if approved:
-                tx.order_event(
-                    order_events.PaymentAuthorized(
-                        order_id=str(saga.order_id),
-                        authorization_id=authorization_id,
-                        amount=money,
-                        authorized_at=_ts(tx.now),
-                    )
-                )
-                await self._set_order(tx, "reserved")
-                return await self._advance(
-                    tx,
-                    status=model.RUNNING,
-                    step=model.CAPTURE_AND_CONFIRM,
-                    context={**saga.context, **facts},
-                    log=[StepLog(step, "succeeded", f"authorized as {authorization_id}")],
-                )
-            reason = reason or "no reason given"
-            tx.order_event(
-                order_events.PaymentDeclined(order_id=str(saga.order_id), reason=reason, declined_at=_ts(tx.now))
-            )
-            released = await self._release(tx)
-            await self._cancel_order(tx, f"payment declined: {reason}")
-            return await self._advance(
-                tx,
-                status=model.COMPLETED,
-                step=step,
-                context={**saga.context, **facts},
-                log=[
-                    StepLog(step, "failed", f"declined: {reason}"),
-                    StepLog(model.RELEASE_STOCK, "succeeded", released),
-                ],
-                due=False,
-            )
+                order.authorize_payment(authorization_id=authorization_id, now=work.now)
+                log = [StepLog(step, "succeeded", f"authorized as {authorization_id}" + _via(via))]
+                return StepOutcome(model.RUNNING, model.CAPTURE_AND_CONFIRM, log, context=context)
+            declined = reason or "no reason given"
+            order.decline_payment(reason=declined, now=work.now)
+            units, products = order.release_stock(await work.load_products(order.reservations), now=work.now)
+            order.cancel_by_system(reason=f"payment declined: {declined}", now=work.now)
+            log = [
+                StepLog(step, "failed", f"declined: {declined}"),
+                StepLog(model.RELEASE_STOCK, "succeeded", _released(units, products)),
+            ]
+            return StepOutcome(model.COMPLETED, step, log, context=context, due=False)
+
+        return await self._run(saga, step, correlation_id, decide, facts=facts)
 
     async def _capture_and_confirm(self, saga: SagaRow, step: str, correlation_id: str) -> SagaRow | None:
-        order = await self._pool.fetchrow(_READ_ORDER, saga.order_id)
-        if order is None or order["status"] != "reserved":
-            return await self._out_of_step(saga, step, correlation_id, order)
+        order = await self._current_order(saga)
+        if order is None or order.status != "reserved":
+            return await self._out_of_step(saga, step, correlation_id)
+        provider = self._provider_of(saga.context)
         try:
-            payment = await self._provider.capture(str(saga.order_id), model.idempotency_key(saga.id, "capture"))
+            payment = await provider.capture(str(saga.order_id), model.idempotency_key(saga.id, "capture"))
         except ProviderRefused as exc:
             # The authorization is gone (voided, expired): the order cannot be paid any more.
-            async with self._step(saga, step, correlation_id) as tx:
-                reason = f"payment capture failed: {exc}"
-                await self._cancel_order(tx, reason)
-                return await self._advance(
-                    tx,
-                    status=model.COMPENSATING,
-                    step=model.RELEASE_STOCK,
-                    log=[StepLog(step, "failed", reason)],
-                )
+            reason = f"payment capture failed: {exc}"
+
+            async def cancel(work: StepWork) -> StepOutcome:
+                work.order.cancel_by_system(reason=reason, now=work.now)
+                return StepOutcome(model.COMPENSATING, model.RELEASE_STOCK, [StepLog(step, "failed", reason)])
+
+            return await self._run(saga, step, correlation_id, cancel)
         except (TransientProviderError, CircuitOpen) as exc:
             return await self._remote_failed(saga, step, exc)
         facts = {"payment": "captured", "authorization_id": payment.authorization_id}
-        async with self._step(saga, step, correlation_id, facts=facts) as tx:
-            money = Money(currency_code=tx.order["currency_code"], amount_minor=tx.order["total_minor"])
-            tx.order_event(
-                order_events.PaymentCaptured(
-                    order_id=str(saga.order_id),
-                    authorization_id=payment.authorization_id,
-                    amount=money,
-                    captured_at=_ts(tx.now),
-                )
-            )
-            tx.order_event(
-                order_events.OrderConfirmed(order_id=str(saga.order_id), total=money, confirmed_at=_ts(tx.now))
-            )
-            await self._set_order(tx, "confirmed")
-            return await self._advance(
-                tx,
-                status=model.COMPLETED,
-                step=step,
-                context={**saga.context, **facts},
-                log=[StepLog(step, "succeeded", f"captured {payment.authorization_id}; order confirmed")],
-                due=False,
-            )
 
-    async def _out_of_step(
-        self, saga: SagaRow, step: str, correlation_id: str, order: asyncpg.Record | None
-    ) -> SagaRow | None:
+        async def decide(work: StepWork) -> StepOutcome:
+            order = work.order
+            context = {**saga.context, **facts}
+            if order.status != "reserved":
+                return self._compensate_out_of_step(order, step, context)
+            order.confirm(authorization_id=payment.authorization_id, now=work.now)
+            log = [StepLog(step, "succeeded", f"captured {payment.authorization_id}; order confirmed")]
+            return StepOutcome(model.COMPLETED, step, log, context=context, due=False)
+
+        return await self._run(saga, step, correlation_id, decide, facts=facts)
+
+    async def _out_of_step(self, saga: SagaRow, step: str, correlation_id: str) -> SagaRow | None:
         """The order is not where the step expects it (cancelled meanwhile): re-check, then compensate."""
-        async with self._step(saga, step, correlation_id) as tx:
-            detail = f"order is {tx.order['status']}; compensating"
-            return await self._advance(
-                tx, status=model.COMPENSATING, step=model.RELEASE_STOCK, log=[StepLog(step, "failed", detail)]
-            )
+
+        async def decide(work: StepWork) -> StepOutcome:
+            return self._compensate_out_of_step(work.order, step, None)
+
+        return await self._run(saga, step, correlation_id, decide)
+
+    @staticmethod
+    def _compensate_out_of_step(order: Order, step: str, context: dict[str, Any] | None) -> StepOutcome:
+        detail = f"order is {order.status}; compensating"
+        return StepOutcome(model.COMPENSATING, model.RELEASE_STOCK, [StepLog(step, "failed", detail)], context=context)
 
     # -- compensation
 
     async def _release_stock(self, saga: SagaRow, step: str, correlation_id: str) -> SagaRow | None:
-        async with self._step(saga, step, correlation_id) as tx:
-            if tx.order["status"] in ("pending", "reserved", "confirmed"):
-                await self._cancel_order(tx, str(saga.context.get("cancel_reason") or "the order's saga compensated"))
-            released = await self._release(tx)
-            return await self._advance(
-                tx, status=model.COMPENSATING, step=model.SETTLE_PAYMENT, log=[StepLog(step, "succeeded", released)]
-            )
+        reason = str(saga.context.get("cancel_reason") or "the order's saga compensated")
+
+        async def decide(work: StepWork) -> StepOutcome:
+            order = work.order
+            order.cancel_by_system(reason=reason, now=work.now)
+            units, products = order.release_stock(await work.load_products(order.reservations), now=work.now)
+            log = [StepLog(step, "succeeded", _released(units, products))]
+            return StepOutcome(model.COMPENSATING, model.SETTLE_PAYMENT, log)
+
+        return await self._run(saga, step, correlation_id, decide, contended=True)
 
     async def _settle_payment(self, saga: SagaRow, step: str, correlation_id: str) -> SagaRow | None:
-        reference = str(saga.order_id)
-        event: Message | None = None
+        named = saga.context.get("provider")
+        # A payment whose provider the context does not name (a crash or a lost answer after the
+        # call) is settled at every provider it may have reached.
+        if named == SECONDARY and self._secondary is not None:
+            providers = [(SECONDARY, self._secondary)]
+        elif named == PRIMARY or self._secondary is None:
+            providers = [(PRIMARY, self._provider)]
+        else:
+            providers = [(PRIMARY, self._provider), (SECONDARY, self._secondary)]
+        settled: list[Settled] = []
         try:
-            # Ask the provider: a crash after a remote call may have left the context behind it.
-            before = await self._provider.get_payment(reference)
-            action = model.settlement_for(before.state if before is not None else None)
-            now = datetime.now(UTC)
-            if action == "void":
-                after = await self._provider.void(reference, model.idempotency_key(saga.id, "void"))
-                detail = (
-                    f"voided {after.authorization_id}" if after.authorization_id else "voided before any authorization"
-                )
-                if after.authorization_id:
-                    event = order_events.PaymentVoided(
-                        order_id=reference, authorization_id=after.authorization_id, voided_at=_ts(now)
-                    )
-                facts = {"payment": "voided"}
-            elif action == "refund":
-                assert before is not None
-                refund = await self._provider.refund(reference, model.idempotency_key(saga.id, "refund"))
-                detail = f"refunded {refund.refund_id}"
-                event = order_events.PaymentRefunded(
-                    order_id=reference,
-                    refund_id=refund.refund_id,
-                    amount=_money(refund.payment),
-                    refunded_at=_ts(now),
-                )
-                facts = {"payment": "refunded"}
-            else:
-                state = before.state if before is not None else "none"
-                detail = f"nothing to settle: the payment is {state}"
-                facts = {"payment": state}
+            for name, provider in providers:
+                settled.append(await self._settle_at(provider, saga, name if len(providers) > 1 else ""))
         except (TransientProviderError, CircuitOpen) as exc:
             return await self._remote_failed(saga, step, exc)
         except ProviderRefused as exc:
             # The payment moved between the look-up and the call: count it and look again later.
             return await self._remote_failed(saga, step, exc)
-        async with self._step(saga, step, correlation_id, facts=facts) as tx:
-            if event is not None:
-                tx.order_event(event)
-            return await self._advance(
-                tx,
-                status=model.COMPLETED,
-                step=step,
-                context={**saga.context, **facts},
-                log=[StepLog(step, "succeeded", detail)],
-                due=False,
-            )
+        # The payment that existed decides the facts; with none anywhere, the first provider's.
+        main = next((s for s in settled if s.existed), settled[0])
+        facts = {"payment": main.state}
 
-    async def _release(self, tx: StepTx) -> str:
-        """Return every unreleased reservation of the order to stock, one StockReleased per product."""
-        rows = await tx.conn.fetch(_OPEN_RESERVATIONS, tx.saga.order_id)
-        if not rows:
-            return "nothing was reserved"
-        await tx.conn.fetch(_LOCK_PRODUCTS, [row["product_id"] for row in rows])
-        units = 0
-        for back in sorted(await tx.conn.fetch(_RETURN_STOCK, tx.saga.order_id, tx.now), key=lambda r: r["id"]):
-            tx.product_event(
-                catalog_events.StockReleased(
-                    product_id=str(back["id"]),
-                    sku=back["sku"],
-                    order_id=str(tx.saga.order_id),
-                    quantity=back["quantity"],
-                    stock_available=back["stock_available"],
-                    released_at=_ts(tx.now),
-                ),
-                back["id"],
-                back["version"],
-            )
-            units += back["quantity"]
-        await tx.conn.execute(_STAMP_RELEASED, tx.saga.order_id, tx.now)
-        return f"released {units} units of {len(rows)} products"
+        async def decide(work: StepWork) -> StepOutcome:
+            for done in settled:
+                if done.voided:
+                    work.order.record_void(authorization_id=done.voided, now=work.now)
+                if done.refund is not None:
+                    refund_id, refunded = done.refund
+                    work.order.record_refund(
+                        refund_id=refund_id,
+                        currency_code=refunded.currency_code,
+                        amount_minor=refunded.amount_minor,
+                        now=work.now,
+                    )
+            log = [StepLog(step, "succeeded", "; ".join(s.detail for s in settled))]
+            return StepOutcome(model.COMPLETED, step, log, context={**saga.context, **facts}, due=False)
 
-    async def _cancel_order(self, tx: StepTx, reason: str) -> None:
-        """Cancel the order as the system (an OrderCancelled event), unless it already ended."""
-        previous = tx.order["status"]
-        if previous in ("cancelled", "rejected", "shipped"):
-            return
-        tx.order_event(
-            order_events.OrderCancelled(
-                order_id=str(tx.saga.order_id),
-                reason=reason,
-                cancelled_by="system",
-                previous_status=_ORDER_STATUS_PB[previous],
-                cancelled_at=_ts(tx.now),
+        return await self._run(saga, step, correlation_id, decide, facts=facts)
+
+    async def _settle_at(self, provider: PaymentProvider, saga: SagaRow, label: str) -> Settled:
+        """Void or refund the order's payment at one provider, whatever state a crash left it in."""
+        reference = str(saga.order_id)
+        # Ask the provider: a crash after a remote call may have left the context behind it.
+        before = await provider.get_payment(reference)
+        action = model.settlement_for(before.state if before is not None else None)
+        prefix = f"{label}: " if label else ""
+        if action == "void":
+            after = await provider.void(reference, model.idempotency_key(saga.id, "void"))
+            detail = f"voided {after.authorization_id}" if after.authorization_id else "voided before any authorization"
+            return Settled(prefix + detail, "voided", before is not None, voided=after.authorization_id)
+        if action == "refund":
+            refund = await provider.refund(reference, model.idempotency_key(saga.id, "refund"))
+            return Settled(
+                prefix + f"refunded {refund.refund_id}", "refunded", True, refund=(refund.refund_id, refund.payment)
             )
-        )
-        await self._set_order(tx, "cancelled", reason=reason, cancelled_by="system")
+        state = before.state if before is not None else "none"
+        return Settled(prefix + f"nothing to settle: the payment is {state}", state, before is not None)
+
+    def _provider_of(self, context: dict[str, Any]) -> PaymentProvider:
+        """The provider that authorized the saga's payment."""
+        if context.get("provider") == SECONDARY and self._secondary is not None:
+            return self._secondary
+        return self._provider
 
     # -- failures
 
@@ -550,15 +450,7 @@ class SagaRunner:
             if isinstance(exc, CircuitOpen):
                 # Not the saga's fault: wait for the breaker without spending an attempt.
                 await self._write_saga(
-                    conn,
-                    saga,
-                    status=saga.status,
-                    step=saga.current_step,
-                    context=saga.context,
-                    attempts=saga.attempts,
-                    last_error="",
-                    delay_s=exc.retry_in_s,
-                    keep_lease=False,
+                    conn, saga, status=saga.status, attempts=saga.attempts, error="", delay_s=exc.retry_in_s
                 )
                 logger.info("provider circuit open; saga rescheduled", extra={"saga_id": str(saga.id)})
                 return None
@@ -566,15 +458,7 @@ class SagaRunner:
             error = f"{step}: {exc}"
             if plan.park:
                 await self._write_saga(
-                    conn,
-                    saga,
-                    status=model.FAILED,
-                    step=saga.current_step,
-                    context=saga.context,
-                    attempts=plan.attempts,
-                    last_error=error,
-                    delay_s=None,
-                    keep_lease=False,
+                    conn, saga, status=model.FAILED, attempts=plan.attempts, error=error, delay_s=None
                 )
                 outcome = "failed"
                 logger.warning(
@@ -582,159 +466,160 @@ class SagaRunner:
                 )
             else:
                 await self._write_saga(
-                    conn,
-                    saga,
-                    status=saga.status,
-                    step=saga.current_step,
-                    context=saga.context,
-                    attempts=plan.attempts,
-                    last_error=error,
-                    delay_s=plan.delay_s,
-                    keep_lease=False,
+                    conn, saga, status=saga.status, attempts=plan.attempts, error=error, delay_s=plan.delay_s
                 )
                 outcome = "retrying"
             await conn.execute(_INSERT_STEP, saga.id, step, model.step_kind(step), outcome, error, plan.attempts)
         return None
 
-    # -- transaction plumbing
+    # -- the step's unit of work
 
-    @asynccontextmanager
-    async def _step(
-        self, saga: SagaRow, step: str, correlation_id: str, facts: dict[str, Any] | None = None
-    ) -> AsyncIterator[StepTx]:
-        """Open the step's transaction with the order and execution rows locked and the version checked.
-
-        On a version mismatch, what the remote call did (`facts`) is noted in the context and
-        Replan is raised with the row as it now is.
-        """
-        replan: Replan | None = None
-        async with self._pool.acquire() as conn, conn.transaction():
-            order = await conn.fetchrow(_LOCK_ORDER, saga.order_id)
-            row = await conn.fetchrow(_LOCK_SAGA, saga.id)
-            current = saga_from_row(row) if row is not None else None
-            if order is None or current is None:
-                raise model.UnknownStep(f"saga {saga.id} or its order {saga.order_id} is gone")
-            if current.version == saga.version:
-                yield StepTx(
-                    conn=conn,
-                    saga=current,
-                    order=order,
-                    now=datetime.now(UTC),
-                    correlation_id=correlation_id,
-                    causation_id=f"saga:{saga.id}:{step}:{saga.attempts + 1}",
-                    order_version=order["version"],
-                )
-                return
-            if facts:
-                # Committed with this transaction, so compensation knows what the remote call did.
-                await conn.execute(_NOTE_CONTEXT, saga.id, json.dumps(facts))
-                noted = await conn.fetchrow(_READ_SAGA, saga.id)
-                current = saga_from_row(noted) if noted is not None else current
-            logger.info("saga changed during %s; planning again", step, extra={"saga_id": str(saga.id), "step": step})
-            replan = Replan(current if current.locked_by == self.worker_id else None)
-        raise replan
-
-    async def _advance(
+    async def _run(
         self,
-        tx: StepTx,
-        *,
-        status: str,
+        saga: SagaRow,
         step: str,
-        log: list[StepLog],
-        context: dict[str, Any] | None = None,
-        due: bool = True,
+        correlation_id: str,
+        decide: Decide,
+        facts: dict[str, Any] | None = None,
+        *,
+        contended: bool = False,
     ) -> SagaRow | None:
-        """Write the events, the execution row and the step log; the new row if the worker goes on."""
-        saga = tx.saga
-        await append_events(tx.conn, tx.events, correlation_id=tx.correlation_id, causation_id=tx.causation_id)
-        if tx.order_version > tx.order["version"]:
-            # Events on the order (PaymentVoided, PaymentRefunded, ...) move its version even when
-            # its status stays, so that the row's version is always the number of its events.
-            await tx.conn.execute(
-                "UPDATE orders SET version = $2, updated_at = $3 WHERE id = $1 AND version < $2",
-                tx.saga.order_id,
-                tx.order_version,
-                tx.now,
+        """Load the order, `decide`, and commit state, events, execution row and step log in one write.
+
+        On a lost guard: when the execution row moved, note `facts` (what the remote call did)
+        in its context and raise Replan; when only the order or a product moved, decide again.
+        A `contended` step (one that changes products many orders share) locks what it reads
+        from the start: on a popular product, an optimistic write would mostly lose and repeat.
+        """
+        last: Exception = Conflict(f"saga {saga.id}: the order or its products kept changing")
+        for attempt in range(_STEP_CONFLICT_TRIES):
+            try:
+                return await self._commit_step(saga, step, correlation_id, decide, lock_reads=contended or attempt > 0)
+            except Conflict as exc:
+                self._held.pop(saga.id, None)
+                current = await self._read_saga(saga.id)
+                if current is None:
+                    raise model.UnknownStep(f"saga {saga.id} is gone") from exc
+                if current.version != saga.version:
+                    await self._replan(saga, current, step, facts)
+                last = exc
+        return await self._remote_failed(saga, step, last)
+
+    async def _commit_step(
+        self, saga: SagaRow, step: str, correlation_id: str, decide: Decide, *, lock_reads: bool
+    ) -> SagaRow | None:
+        uow = self._uow_factory(Deadline.after(self._step_s))
+        if lock_reads:
+            # A retry after a lost guard locks what it reads, so it cannot lose again to a hot product.
+            uow.lock_reads()
+        async with uow:
+            held = None if lock_reads else self._held.pop(saga.id, None)
+            if held is not None:
+                order: Order | None = held
+                uow.orders.adopt(held)
+            else:
+                order = await uow.orders.get(saga.order_id)
+            if order is None:
+                raise model.UnknownStep(f"the order {saga.order_id} of saga {saga.id} is gone")
+            before = (order.status, order.version, dict(order.reservations))
+            work = StepWork(uow=uow, order=order, now=datetime.now(UTC))
+            outcome = await decide(work)
+            events = integration_events(await handle_domain_events(uow, work.events(), work.now))
+            if (order.status, order.version, order.reservations) != before:
+                await uow.orders.save(order)
+            for product in work.products.values():
+                if product.pending_events:
+                    await uow.products.save(product)
+            await uow.append_events(
+                events, correlation_id=correlation_id, causation_id=f"saga:{saga.id}:{step}:{saga.attempts + 1}"
             )
-        new_context = saga.context if context is None else context
-        keep = due and status in model.ACTIVE_STATUSES
-        await self._write_saga(
-            tx.conn,
-            saga,
-            status=status,
-            step=step,
-            context=new_context,
-            attempts=0,
-            last_error="",
-            delay_s=0.0 if keep else None,
-            keep_lease=keep,
-        )
-        for entry in log:
-            await tx.conn.execute(
-                _INSERT_STEP,
+            context = saga.context if outcome.context is None else outcome.context
+            keep = outcome.due and outcome.status in model.ACTIVE_STATUSES
+            await uow.sagas.advance(
                 saga.id,
-                entry.step,
-                model.step_kind(entry.step),
-                entry.outcome,
-                entry.detail,
-                saga.attempts + 1,
+                saga.version,
+                status=outcome.status,
+                step=outcome.step,
+                context=context,
+                attempts=0,
+                last_error="",
+                delay_s=0.0 if keep else None,
+                lease_s=self._lease_s if keep else None,
             )
+            for entry in outcome.log:
+                await uow.sagas.log_step(
+                    saga.id,
+                    step=entry.step,
+                    kind=model.step_kind(entry.step),
+                    outcome=entry.outcome,
+                    detail=entry.detail,
+                    attempt=saga.attempts + 1,
+                )
+            await uow.commit()
         if not keep:
             return None
+        order.pending_events.clear()
+        for product in work.products.values():
+            product.pending_events.clear()
+        self._held[saga.id] = order
         return SagaRow(
             id=saga.id,
             order_id=saga.order_id,
-            status=status,
-            current_step=step,
-            context=new_context,
+            status=outcome.status,
+            current_step=outcome.step,
+            context=context,
             version=saga.version + 1,
             attempts=0,
             locked_by=self.worker_id,
         )
 
+    async def _replan(self, saga: SagaRow, current: SagaRow, step: str, facts: dict[str, Any] | None) -> None:
+        """Note what the remote call did in the changed row's context, then raise Replan."""
+        if facts:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # Committed apart from the step, so compensation knows what the remote call did.
+                await conn.execute(_NOTE_CONTEXT, saga.id, json.dumps(facts))
+                noted = await conn.fetchrow(_READ_SAGA, saga.id)
+            current = saga_from_row(noted) if noted is not None else current
+        logger.info("saga changed during %s; planning again", step, extra={"saga_id": str(saga.id), "step": step})
+        raise Replan(current if current.locked_by == self.worker_id else None)
+
+    async def _current_order(self, saga: SagaRow) -> Order | None:
+        """The order as this worker's last step of the saga committed it, or else as stored now."""
+        held = self._held.get(saga.id)
+        if held is not None:
+            return held
+        return await self._read_order(saga.order_id)
+
+    async def _read_order(self, order_id: uuid.UUID) -> Order | None:
+        """The order as stored now (one read, nothing written)."""
+        async with self._uow_factory(Deadline.after(self._step_s)) as uow:
+            return await uow.orders.get(order_id)
+
     async def _write_saga(
         self,
-        conn: Connection,
+        conn: Any,
         saga: SagaRow,
         *,
         status: str,
-        step: str,
-        context: dict[str, Any],
         attempts: int,
-        last_error: str,
+        error: str,
         delay_s: float | None,
-        keep_lease: bool,
     ) -> None:
+        """Record a failed attempt on the execution row and hand the lease back."""
         result = await conn.execute(
             _ADVANCE,
             saga.id,
             saga.version,
             status,
-            step,
-            json.dumps(context),
+            saga.current_step,
+            json.dumps(saga.context),
             attempts,
-            last_error,
+            error,
             delay_s,
-            keep_lease,
-            self._lease_s,
         )
         if result != "UPDATE 1":
             raise Replan(None)
-
-    async def _set_order(self, tx: StepTx, status: str, *, reason: str | None = None, cancelled_by: str = "") -> None:
-        await tx.conn.execute(
-            """
-            UPDATE orders SET status = $2, version = $3, updated_at = $4,
-                reason = coalesce($5, reason), cancelled_by = CASE WHEN $6 = '' THEN cancelled_by ELSE $6 END
-            WHERE id = $1
-            """,
-            tx.saga.order_id,
-            status,
-            tx.order_version,
-            tx.now,
-            reason,
-            cancelled_by,
-        )
 
     async def _origin(self, order_id: uuid.UUID) -> tuple[str, str, str]:
         """Correlation id and trace context of the request that placed the order (cached)."""
@@ -748,16 +633,31 @@ class SagaRunner:
         self._origins[order_id] = origin
         return origin
 
-    async def _reload(self, saga_id: uuid.UUID) -> SagaRow | None:
+    async def _read_saga(self, saga_id: uuid.UUID) -> SagaRow | None:
         row = await self._pool.fetchrow(_READ_SAGA, saga_id)
-        if row is None:
-            return None
-        saga = saga_from_row(row)
-        return saga if saga.locked_by == self.worker_id else None
+        return saga_from_row(row) if row is not None else None
+
+    async def _reload(self, saga_id: uuid.UUID) -> SagaRow | None:
+        saga = await self._read_saga(saga_id)
+        return saga if saga is not None and saga.locked_by == self.worker_id else None
 
 
-def _money(payment: PaymentInfo) -> Money:
-    return Money(currency_code=payment.currency_code, amount_minor=payment.amount_minor)
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What settling the payment at one provider did."""
+
+    detail: str
+    state: str
+    # Whether the provider had a payment for the order at all.
+    existed: bool
+    # The authorization id a void released ("" when there was none).
+    voided: str = ""
+    # The refund's id and the payment it refunded.
+    refund: tuple[str, PaymentInfo] | None = None
+
+
+def _via(name: str) -> str:
+    return " through the secondary provider" if name == SECONDARY else ""
 
 
 __all__ = ["ProviderError", "Replan", "SagaRunner", "saga_from_row"]

@@ -18,6 +18,11 @@ class SagaSettings(CommonSettings, DatabaseSettings):
     payment_provider_address: str = Field(
         default="127.0.0.1:50060", min_length=1, description="host:port of the payment provider's gRPC API."
     )
+    payment_provider_secondary_address: str = Field(
+        default="",
+        description="host:port of a second payment provider; empty for none. A saga authorizes through it when "
+        "the primary's circuit breaker is open, and then captures, voids and refunds that payment there too.",
+    )
     payment_provider_timeout_s: float = Field(
         default=2.0, gt=0, le=120, description="Deadline of one call to the payment provider."
     )

@@ -30,8 +30,8 @@ from typing import Any
 from opentelemetry import context as otel_context
 
 from shared_kernel import errors
+from write_service.commands.base import ChangeCommand
 from write_service.domain.aggregate import Aggregate
-from write_service.domain.commands import ChangeCommand
 from write_service.service_layer.deadline import Deadline
 
 

@@ -25,10 +25,11 @@ from opentelemetry import context as otel_context
 from shared_kernel.auth import ANONYMOUS
 from shared_kernel.errors import Conflict, DomainError, FailedPrecondition, NotFound
 from shared_kernel.event_log import NewEvent
+from write_service.commands.base import ChangeCommand, Command
 from write_service.domain.aggregate import Aggregate
-from write_service.domain.commands import ChangeCommand, Command
 from write_service.service_layer.aggregate_turns import AggregateTurns, Queued, Turn
 from write_service.service_layer.deadline import Deadline
+from write_service.service_layer.event_bus import Policies, handle_domain_events, integration_events
 from write_service.service_layer.idempotency import key_reused
 from write_service.service_layer.ports import (
     CommandLogEntry,
@@ -41,10 +42,11 @@ from write_service.service_layer.ports import (
 A = TypeVar("A", bound=Aggregate)
 
 # Aggregates whose commands' changes decide on the aggregate alone (they read and write
-# nothing else through the unit of work): such commands, queued on one aggregate, are
-# decided in turn and written together. An order's changes read products and hand work
-# to the saga through the unit of work they were given, so orders are not batched.
-BATCHED_AGGREGATES = frozenset({"user", "product"})
+# nothing else through the unit of work) and whose events no policy reacts to through it:
+# such commands, queued on one aggregate, are decided in turn and written together. An
+# order's changes read products and hand work to the saga through the unit of work they
+# were given, and a user's deactivation has the orders' policy, so neither is batched.
+BATCHED_AGGREGATES = frozenset({"product"})
 
 
 def utc_now() -> datetime:
@@ -61,6 +63,8 @@ class Dependencies:
     new_id: Callable[[], uuid.UUID] = uuid.uuid4
     # Shared by every command of the process: one command at a time per aggregate.
     turns: AggregateTurns = field(default_factory=AggregateTurns)
+    # The policies domain events go to; None: every context's (service_layer.handler_table.POLICIES).
+    policies: Policies | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +142,8 @@ async def change_aggregate(
     that refuses the command on that state raises Conflict instead, so the bus retries it
     on a fresh read (another process may have moved the aggregate on).
 
-    Users and products are decided and written in batches of the commands queued on the
-    aggregate (`_write_queued`, decision 0033).
+    Products are decided and written in batches of the commands queued on the aggregate
+    (`_write_queued`, decision 0033).
     """
     if meta.idempotency is None and command.aggregate_type in BATCHED_AGGREGATES:
         # Queued without a connection: only the command that writes the batch takes one.
@@ -180,8 +184,11 @@ async def change_aggregate(
                 if held is None:
                     raise
                 raise Conflict(f"{command.aggregate_type} {command.aggregate_id} is read again") from exc
+            # The policies read before any write is queued: a read after a write would cost
+            # an explicit transaction and two more round trips.
+            published = await publishable_events(uow, aggregate, deps)
             await repository.save(aggregate)
-            result = await commit(uow, command, aggregate, deps, meta)
+            result = await commit(uow, command, aggregate, deps, meta, published=published)
             turn.state = copy.deepcopy(aggregate)
             return result
 
@@ -221,13 +228,20 @@ async def _write_queued(
         for entry, refusal in refused:
             _settle_unconfirmed(entry, refusal)
         return
+    # Policies read before any write is queued (as in change_aggregate), one command at a time.
+    published = [
+        integration_events(await handle_domain_events(uow, events, deps.clock(), deps.policies))
+        for _entry, events, _version in accepted
+    ]
     await repository.save(aggregate)
     results: list[CommandResult] = []
-    for entry, events, version in accepted:
+    for (entry, events, version), public in zip(accepted, published, strict=True):
         # Each command's rows carry its own trace context, correlation and causation.
         token = otel_context.attach(entry.trace_context)
         try:
-            results.append(await _record(uow, entry.command, aggregate, events, version, deps=deps, meta=entry.meta))
+            results.append(
+                await _record(uow, entry.command, aggregate, (events, public), version, deps=deps, meta=entry.meta)
+            )
         finally:
             otel_context.detach(token)
     try:
@@ -303,16 +317,21 @@ async def _record(
     uow: UnitOfWork,
     command: Command,
     aggregate: Aggregate,
-    events: tuple[NewEvent, ...],
+    recorded: tuple[tuple[NewEvent, ...], list[NewEvent]],
     version: int,
     *,
     deps: Dependencies,
     meta: CommandMeta,
 ) -> CommandResult:
-    """Add one command's events, command-log row and stored reply to the write; its reply once committed."""
+    """Add one command's integration events, command-log row and stored reply to the write; its reply.
+
+    `recorded`: the events the command's aggregate recorded, and the integration events
+    among them and those its policies recorded (what goes to the outbox).
+    """
+    events, published = recorded
     claim = meta.idempotency
     completed_at = deps.clock()
-    await uow.append_events(events, correlation_id=meta.correlation_id, causation_id=str(meta.command_id))
+    await uow.append_events(published, correlation_id=meta.correlation_id, causation_id=str(meta.command_id))
     await uow.log_command(
         CommandLogEntry(
             command_id=meta.command_id,
@@ -323,7 +342,7 @@ async def _record(
             received_at=meta.received_at,
             completed_at=completed_at,
             outcome="succeeded",
-            event_ids=tuple(e.event_id for e in events),
+            event_ids=tuple(e.event_id for e in published),
             summary=command.summary(),
             principal=meta.principal,
             idempotency_key=claim.scope.key if claim is not None else "",
@@ -390,14 +409,32 @@ async def stored_reply(
     )
 
 
+async def publishable_events(uow: UnitOfWork, aggregate: Aggregate, deps: Dependencies) -> list[NewEvent]:
+    """Hand the aggregate's events to their policies (in this unit of work); the integration events of all."""
+    handled = await handle_domain_events(uow, tuple(aggregate.pending_events), deps.clock(), deps.policies)
+    return integration_events(handled)
+
+
 async def commit(
-    uow: UnitOfWork, command: Command, aggregate: Aggregate, deps: Dependencies, meta: CommandMeta
+    uow: UnitOfWork,
+    command: Command,
+    aggregate: Aggregate,
+    deps: Dependencies,
+    meta: CommandMeta,
+    *,
+    published: list[NewEvent] | None = None,
 ) -> CommandResult:
-    """Append the aggregate's new events, the command-log row and any stored reply, then commit."""
+    """Append the integration events, the command-log row and any stored reply, then commit.
+
+    `published` is what `publishable_events` returned, when the caller ran the policies
+    before queueing its own write; otherwise they run here.
+    """
     events = tuple(aggregate.pending_events)
     claim = meta.idempotency
+    if published is None:
+        published = await publishable_events(uow, aggregate, deps)
     completed_at = deps.clock()
-    await uow.append_events(events, correlation_id=meta.correlation_id, causation_id=str(meta.command_id))
+    await uow.append_events(published, correlation_id=meta.correlation_id, causation_id=str(meta.command_id))
     await uow.log_command(
         CommandLogEntry(
             command_id=meta.command_id,
@@ -408,7 +445,7 @@ async def commit(
             received_at=meta.received_at,
             completed_at=completed_at,
             outcome="succeeded",
-            event_ids=tuple(e.event_id for e in events),
+            event_ids=tuple(e.event_id for e in published),
             summary=command.summary(),
             principal=meta.principal,
             idempotency_key=claim.scope.key if claim is not None else "",

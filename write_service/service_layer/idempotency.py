@@ -14,7 +14,7 @@ import hashlib
 import json
 
 from shared_kernel.errors import FieldViolation, InvalidArgument
-from write_service.domain.commands import Command
+from write_service.commands.base import Command
 from write_service.service_layer.ports import IdempotencyScope, PasswordHasher
 
 # The request header that carries the key, so a violation names what the caller sent.

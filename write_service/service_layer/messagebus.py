@@ -25,9 +25,8 @@ from opentelemetry import metrics, trace
 
 from shared_kernel import errors
 from shared_kernel.grpc_errors import status_for
-from write_service.domain.commands import Command
-from write_service.service_layer.handlers import (
-    HANDLERS,
+from write_service.commands.base import Command
+from write_service.service_layer.command_steps import (
     CommandMeta,
     CommandResult,
     Dependencies,
@@ -35,6 +34,7 @@ from write_service.service_layer.handlers import (
     IdempotencyClaim,
     ReplyEncoder,
 )
+from write_service.service_layer.handler_table import HANDLERS
 from write_service.service_layer.idempotency import fingerprint
 from write_service.service_layer.ports import CommandLogEntry, IdempotencyScope, Outcome, UnitOfWorkFactory
 

@@ -10,14 +10,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import SecretStr
 
 from shared_kernel.event_log import NewEvent
 from write_service.domain.catalog import Product
-from write_service.domain.model import User
 from write_service.domain.orders import Customer, Order
+from write_service.domain.users import User
 from write_service.service_layer.deadline import Deadline
 
 # "replayed": a retry answered with the stored reply of an earlier command (idempotency key).
@@ -120,6 +120,10 @@ class ProductRepository(abc.ABC):
         """The product as stored, or None when unknown; `save` is guarded by the version read."""
 
     @abc.abstractmethod
+    async def by_ids(self, product_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Product]:
+        """The products with these ids (unknown ids are left out); each save is guarded by the version read."""
+
+    @abc.abstractmethod
     async def by_skus(self, skus: Sequence[str]) -> dict[str, Product]:
         """The products with these skus, keyed by lower-case sku.
 
@@ -148,6 +152,10 @@ class OrderRepository(abc.ABC):
         """The order with its lines as stored, or None when unknown; `save` is guarded by the version read."""
 
     @abc.abstractmethod
+    async def awaiting_payment_of(self, customer_id: uuid.UUID) -> list[Order]:
+        """The customer's orders not yet paid for (pending or reserved); each save is guarded by the version read."""
+
+    @abc.abstractmethod
     async def add(self, order: Order) -> None:
         """Store a new order and its lines."""
 
@@ -161,7 +169,11 @@ class OrderRepository(abc.ABC):
 
 
 class SagaHandoff(abc.ABC):
-    """Hands work to the order saga in the command's transaction; the saga worker does the rest."""
+    """The order sagas' execution rows and step log, written in the unit of work's transaction.
+
+    A command starts a saga or asks it to compensate; the saga worker moves it on after
+    each step, in the same transaction as the step's state and events.
+    """
 
     @abc.abstractmethod
     async def start(self, saga_id: uuid.UUID, order_id: uuid.UUID, now: datetime) -> None:
@@ -170,6 +182,32 @@ class SagaHandoff(abc.ABC):
     @abc.abstractmethod
     async def request_compensation(self, order_id: uuid.UUID, reason: str, now: datetime) -> None:
         """Turn the order's saga, whatever its state, to compensating (release stock, void or refund), due now."""
+
+    @abc.abstractmethod
+    async def advance(
+        self,
+        saga_id: uuid.UUID,
+        version: int,
+        *,
+        status: str,
+        step: str,
+        context: Mapping[str, Any],
+        attempts: int,
+        last_error: str,
+        delay_s: float | None,
+        lease_s: float | None,
+    ) -> None:
+        """Move the execution row on, guarded by the `version` the worker holds (Conflict at commit otherwise).
+
+        `delay_s` makes it due again that much later (None: not due); `lease_s` keeps the
+        worker's lease that long (None hands it back).
+        """
+
+    @abc.abstractmethod
+    async def log_step(
+        self, saga_id: uuid.UUID, *, step: str, kind: str, outcome: str, detail: str, attempt: int
+    ) -> None:
+        """Add one step-log row."""
 
 
 class IdempotencyStore(abc.ABC):

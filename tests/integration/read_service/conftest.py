@@ -7,7 +7,7 @@ import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,9 +15,11 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from read_service.generations import replica_generations
 from read_service.keys import UserKeys
+from read_service.projections.base import Projection
 from read_service.projections.users import UsersProjection
-from read_service.projector import Projector
+from read_service.projector import Projector, ProjectorLinks, ProjectorOptions
 from shared_kernel.event_log import NewEvent, append_events, events_channel, head_channel, read_positioned
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 from tessera.users.v1.events_pb2 import UserDeactivated, UserProfileUpdated, UserRegistered
@@ -167,6 +169,20 @@ def users() -> UserFactory:
     return UserFactory()
 
 
+def make_projector(
+    client: aioredis.Redis, pool: Any, projection: Projection, channel_prefix: str, **settings: Any
+) -> Projector:
+    """A Projector from keyword settings, each sorted into ProjectorOptions or ProjectorLinks by name."""
+    links = {f.name for f in fields(ProjectorLinks)}
+    return Projector(
+        client,
+        pool,
+        projection,
+        ProjectorOptions(channel_prefix, **{k: v for k, v in settings.items() if k not in links}),
+        ProjectorLinks(**{k: v for k, v in settings.items() if k in links}),
+    )
+
+
 @pytest.fixture
 async def start_projector(
     redis_server_url: str, db_pool: asyncpg.Pool[Any], redis_prefix: str, redis_client: aioredis.Redis
@@ -183,10 +199,53 @@ async def start_projector(
         client = aioredis.Redis.from_url(redis_server_url, client_name=client_name, socket_timeout=5)
         options.setdefault("backoff_initial_s", 0.05)
         options.setdefault("backoff_max_s", 0.5)
-        projector = Projector(client, db_pool, UsersProjection(UserKeys(prefix)), channel_prefix=prefix, **options)
+        projector = make_projector(client, db_pool, UsersProjection(UserKeys(prefix)), prefix, **options)
         started.append((projector, client))
         projector.start()
         return projector
+
+    yield start
+    for projector, client in reversed(started):
+        await projector.stop()
+        await client.aclose()
+
+
+Replica = Callable[..., Awaitable[tuple[Projector, UserKeys, list[bool]]]]
+
+
+@pytest.fixture
+async def start_replica(
+    redis_server_url: str, db_pool, redis_prefix: str, redis_client: aioredis.Redis
+) -> AsyncIterator[Replica]:
+    """Start a projector with generations, as a replica runs it; return it, its query keys and readiness log."""
+    started: list[tuple[Projector, aioredis.Redis]] = []
+
+    async def start(
+        cls: type[UsersProjection] = UsersProjection, **options: Any
+    ) -> tuple[Projector, UserKeys, list[bool]]:
+        client = aioredis.Redis.from_url(redis_server_url, socket_timeout=5)
+        query_keys = UserKeys(redis_prefix)
+        projection = cls(UserKeys(redis_prefix))
+        readiness: list[bool] = []
+
+        async def record(ready: bool) -> None:
+            readiness.append(ready)
+
+        options.setdefault("backoff_initial_s", 0.05)
+        options.setdefault("backoff_max_s", 0.5)
+        options.setdefault("probe_interval_s", 0.2)
+        projector = make_projector(
+            client,
+            db_pool,
+            projection,
+            redis_prefix,
+            on_readiness_change=record,
+            generations=replica_generations(client, redis_prefix, projection, lambda p: cls(UserKeys(p)), query_keys),
+            **options,
+        )
+        started.append((projector, client))
+        projector.start()
+        return projector, query_keys, readiness
 
     yield start
     for projector, client in reversed(started):

@@ -8,20 +8,18 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from read_service.generations import keyspace_prefix, pointer_key, replica_generations
+from read_service.generations import keyspace_prefix, pointer_key
 from read_service.keys import UserKeys
 from read_service.projections.users import UsersProjection
-from read_service.projector import Projector, ProjectorState
+from read_service.projector import ProjectorState
 from read_service.rebuild import ProjectionSpec, rebuild
 from tessera.users.v1.user_query_service_pb2 import UserView
 
-from .conftest import EventLog, Publisher, StartProjector, UserFactory, dump_keyspace, eventually
+from .conftest import EventLog, Publisher, Replica, StartProjector, UserFactory, dump_keyspace, eventually
 from .test_projector import story
 
 pytestmark = pytest.mark.integration
@@ -31,49 +29,6 @@ class UsersV2(UsersProjection):
     """The users projection after a change of its stored shape."""
 
     version = 2
-
-
-Replica = Callable[..., Awaitable[tuple[Projector, UserKeys, list[bool]]]]
-
-
-@pytest.fixture
-async def start_replica(
-    redis_server_url: str, db_pool, redis_prefix: str, redis_client: aioredis.Redis
-) -> AsyncIterator[Replica]:
-    """Start a projector with generations, as a replica runs it; return it, its query keys and readiness log."""
-    started: list[tuple[Projector, aioredis.Redis]] = []
-
-    async def start(
-        cls: type[UsersProjection] = UsersProjection, **options: Any
-    ) -> tuple[Projector, UserKeys, list[bool]]:
-        client = aioredis.Redis.from_url(redis_server_url, socket_timeout=5)
-        query_keys = UserKeys(redis_prefix)
-        projection = cls(UserKeys(redis_prefix))
-        readiness: list[bool] = []
-
-        async def record(ready: bool) -> None:
-            readiness.append(ready)
-
-        options.setdefault("backoff_initial_s", 0.05)
-        options.setdefault("backoff_max_s", 0.5)
-        options.setdefault("probe_interval_s", 0.2)
-        projector = Projector(
-            client,
-            db_pool,
-            projection,
-            channel_prefix=redis_prefix,
-            on_readiness_change=record,
-            generations=replica_generations(client, redis_prefix, projection, lambda p: cls(UserKeys(p)), query_keys),
-            **options,
-        )
-        started.append((projector, client))
-        projector.start()
-        return projector, query_keys, readiness
-
-    yield start
-    for projector, client in reversed(started):
-        await projector.stop()
-        await client.aclose()
 
 
 async def _view(client: aioredis.Redis, keys: UserKeys, user_id: str) -> UserView | None:

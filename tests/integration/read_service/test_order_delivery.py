@@ -16,7 +16,7 @@ from read_service.projections.orders import OrdersProjection
 from read_service.projections.users import UsersProjection
 from read_service.projector import Projector
 
-from .conftest import EventLog, Publisher, dump_keyspace, eventually
+from .conftest import EventLog, Publisher, dump_keyspace, eventually, make_projector
 from .test_order_views import World
 
 pytestmark = pytest.mark.integration
@@ -39,9 +39,7 @@ async def projectors(
         group = []
         for make in PROJECTIONS:
             client = aioredis.Redis.from_url(redis_server_url, socket_timeout=5)
-            projector = Projector(
-                client, db_pool, make(prefix), channel_prefix=prefix, backoff_initial_s=0.05, backoff_max_s=0.5
-            )
+            projector = make_projector(client, db_pool, make(prefix), prefix, backoff_initial_s=0.05, backoff_max_s=0.5)
             projector.start()
             started.append((projector, client))
             group.append(projector)

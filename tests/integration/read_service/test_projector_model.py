@@ -24,14 +24,18 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-import read_service.projector as projector_module
+import read_service.catch_up as catch_up_module
+import read_service.rewind as rewind_module
 from read_service.keys import SortField, Subset, UserKeys
+from read_service.log_guard import Fingerprint, LogRewound
 from read_service.projections.users import UsersProjection
 from read_service.projector import Projector
 from shared_kernel.event_log import events_channel, head_channel
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 from tessera.users.v1.events_pb2 import UserDeactivated, UserProfileUpdated, UserRegistered
 from tessera.users.v1.user_query_service_pb2 import UserView
+
+from .conftest import make_projector
 
 pytestmark = pytest.mark.integration
 
@@ -54,6 +58,16 @@ class FakeLog:
 
 async def fake_head_position(log: FakeLog) -> int:
     return await log.head()
+
+
+async def fake_check_log(log: FakeLog, fingerprint: Fingerprint | None) -> int:
+    """read_service.log_guard.check_log over the fake log (which only ever grows)."""
+    head = len(log.events)
+    if fingerprint is not None and (
+        head < fingerprint.position or log.events[fingerprint.position - 1].event_id != fingerprint.event_id
+    ):
+        raise LogRewound(fingerprint, head, None)
+    return head
 
 
 async def fake_read_positioned(log: FakeLog, after: int, limit: int, up_to: int | None = None) -> list[EventEnvelope]:
@@ -89,11 +103,11 @@ class ProjectorMachine(RuleBasedStateMachine):
         self.run(self._start())
 
     async def _create(self) -> Projector:
-        return Projector(
+        return make_projector(
             aioredis.Redis.from_url(self.redis_url, socket_timeout=5),
-            self.log,  # type: ignore[arg-type]  # read through the patched event-log functions
+            self.log,  # read through the patched event-log functions
             UsersProjection(UserKeys(self.prefix)),
-            channel_prefix=self.prefix,
+            self.prefix,
             batch_size=7,
             gap_wait_s=0.2,
             backoff_initial_s=0.02,
@@ -236,8 +250,9 @@ class ProjectorMachine(RuleBasedStateMachine):
 def test_the_projector_matches_the_model_whatever_the_deliveries(
     redis_server_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(projector_module, "head_position", fake_head_position)
-    monkeypatch.setattr(projector_module, "read_positioned", fake_read_positioned)
+    monkeypatch.setattr(catch_up_module, "head_position", fake_head_position)
+    monkeypatch.setattr(catch_up_module, "read_positioned", fake_read_positioned)
+    monkeypatch.setattr(rewind_module, "check_log", fake_check_log)
     ProjectorMachine.redis_url = redis_server_url
     run_state_machine_as_test(
         ProjectorMachine,

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 import uvloop
 
-import read_service.projector as projector_module
+import read_service.catch_up as catch_up_module
 from devstack.tcp_proxy import TcpProxy
 from read_service.bootstrap import create_redis_client
 from read_service.view_store import ViewStore
@@ -58,7 +58,7 @@ async def test_a_failed_catch_up_is_retried_not_fatal(
     user_id, event = users.register("retry@example.com", "retry")
     await event_log.append(event)
     failing = FailFirst(error, times=2)
-    monkeypatch.setattr(projector_module, "head_position", failing)
+    monkeypatch.setattr(catch_up_module, "head_position", failing)
 
     projector = await start_projector()
     await eventually(lambda: projector.ready and projector.checkpoint == 1, message="the projector gave up")

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devstack.healthcheck import main as healthcheck_main
+from shared_kernel.healthcheck import main as healthcheck_main
 from shared_kernel.security.tls import channel_credentials
 
 from .certs import Authority, Issued

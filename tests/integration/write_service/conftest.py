@@ -11,9 +11,9 @@ import pytest
 
 from tests.unit.write_service import helpers
 from write_service.adapters.memory import InMemoryDatabase, InMemoryUnitOfWork
-from write_service.adapters.postgres import PostgresUnitOfWork
+from write_service.adapters.unit_of_work import PostgresUnitOfWork
+from write_service.service_layer.command_steps import Dependencies
 from write_service.service_layer.deadline import Deadline
-from write_service.service_layer.handlers import Dependencies
 from write_service.service_layer.messagebus import CommandBus
 from write_service.service_layer.ports import UnitOfWork
 

@@ -25,9 +25,9 @@ from tessera.catalog.v1 import catalog_command_service_pb2_grpc as catalog_grpc
 from tessera.orders.v1 import order_command_service_pb2_grpc as orders_grpc
 from tessera.users.v1 import user_command_service_pb2_grpc as users_grpc
 from write_service import bootstrap
-from write_service.entrypoints.catalog_servicer import CATALOG_SERVICE_NAME
-from write_service.entrypoints.grpc_server import SERVICE_NAME
-from write_service.entrypoints.order_servicer import ORDER_SERVICE_NAME
+from write_service.entrypoints.catalog import CATALOG_SERVICE_NAME
+from write_service.entrypoints.orders import ORDER_SERVICE_NAME
+from write_service.entrypoints.users import USER_SERVICE_NAME
 from write_service.settings import WriteServiceSettings
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -81,7 +81,7 @@ async def in_process_write_server(
     )
     service = bootstrap.build(pool, settings)
     server = GrpcServer(
-        settings, [SERVICE_NAME, CATALOG_SERVICE_NAME, ORDER_SERVICE_NAME], interceptors=[PrincipalFromHeader()]
+        settings, [USER_SERVICE_NAME, CATALOG_SERVICE_NAME, ORDER_SERVICE_NAME], interceptors=[PrincipalFromHeader()]
     )
     server.add(users_grpc.add_UserCommandServiceServicer_to_server, service.servicer)
     server.add(catalog_grpc.add_CatalogCommandServiceServicer_to_server, service.catalog_servicer)
@@ -121,7 +121,7 @@ async def wait_until_serving(channel: grpc.aio.Channel, timeout: float = 30) -> 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=USER_SERVICE_NAME), timeout=1)
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 return
         except grpc.aio.AioRpcError:

@@ -13,11 +13,11 @@ import pytest
 from shared_kernel import errors
 from shared_kernel.db import keep_session
 from tests.unit.write_service import helpers
-from write_service.adapters.postgres import PostgresUnitOfWork
+from write_service.adapters.unit_of_work import PostgresUnitOfWork
+from write_service.commands.catalog import RestockProduct
 from write_service.domain.catalog import Product
-from write_service.domain.catalog_commands import RestockProduct
+from write_service.service_layer.command_steps import Dependencies
 from write_service.service_layer.deadline import Deadline
-from write_service.service_layer.handlers import Dependencies
 from write_service.service_layer.messagebus import CommandBus
 
 

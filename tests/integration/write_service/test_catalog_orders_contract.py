@@ -10,7 +10,7 @@ import pytest
 
 from shared_kernel import errors
 from tests.integration.write_service.conftest import Factory
-from write_service.domain import catalog, model, orders
+from write_service.domain import catalog, orders, users
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +89,7 @@ async def test_a_product_save_is_guarded_by_its_version(new_uow):
 async def test_an_order_round_trips_with_its_lines_and_address(new_uow):
     first = await committed_product(new_uow, a_product("A-1", 250))
     second = await committed_product(new_uow, a_product("B-1", 7))
-    user = model.User.register(
+    user = users.User.register(
         user_id=uuid.uuid4(),
         email="c@example.com",
         username="cust",

@@ -21,7 +21,7 @@ from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
 from tests.integration.write_service.tables import everything_as_text, rows
 from tests.unit.write_service import helpers
 from write_service import bootstrap
-from write_service.entrypoints.grpc_server import SERVICE_NAME
+from write_service.entrypoints.users import USER_SERVICE_NAME
 from write_service.settings import WriteServiceSettings
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,7 @@ async def channel(db_pool: asyncpg.Pool[Any]) -> AsyncIterator[grpc.aio.Channel]
         argon2_parallelism=1,
     )
     service = bootstrap.build(db_pool, settings)
-    server = GrpcServer(settings, [SERVICE_NAME])
+    server = GrpcServer(settings, [USER_SERVICE_NAME])
     server.add(pb_grpc.add_UserCommandServiceServicer_to_server, service.servicer)
     port = await server.start()
     await server.set_serving(True)
@@ -80,7 +80,7 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | Non
 
 async def test_health_reports_serving(channel):
     health = health_pb2_grpc.HealthStub(channel)
-    reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service=USER_SERVICE_NAME), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -88,7 +88,7 @@ async def test_health_watch_streams_through_the_error_mapping_interceptor(channe
     # Watch writes with context.write() instead of yielding; the interceptor must pass that through,
     # or clients that health-check with a service config (round_robin) see INTERNAL.
     health = health_pb2_grpc.HealthStub(channel)
-    call = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+    call = health.Watch(health_pb2.HealthCheckRequest(service=USER_SERVICE_NAME), timeout=5)
     first = await call.read()
     call.cancel()
     assert first.status == health_pb2.HealthCheckResponse.SERVING

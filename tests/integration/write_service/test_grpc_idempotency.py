@@ -19,12 +19,12 @@ from tests.integration.write_service.support import PRINCIPAL_HEADER, PrincipalF
 from tests.integration.write_service.tables import rows
 from tests.unit.write_service import helpers
 from write_service import bootstrap
-from write_service.entrypoints.grpc_server import SERVICE_NAME
+from write_service.entrypoints.users import USER_SERVICE_NAME
 from write_service.settings import WriteServiceSettings
 
 pytestmark = pytest.mark.integration
 
-REGISTER = f"/{SERVICE_NAME}/RegisterUser"
+REGISTER = f"/{USER_SERVICE_NAME}/RegisterUser"
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ async def channel(db_pool: asyncpg.Pool[Any]) -> AsyncIterator[grpc.aio.Channel]
         argon2_parallelism=1,
     )
     service = bootstrap.build(db_pool, settings)
-    server = GrpcServer(settings, [SERVICE_NAME], interceptors=[PrincipalFromHeader()])
+    server = GrpcServer(settings, [USER_SERVICE_NAME], interceptors=[PrincipalFromHeader()])
     server.add(pb_grpc.add_UserCommandServiceServicer_to_server, service.servicer)
     port = await server.start()
     await server.set_serving(True)

@@ -14,8 +14,8 @@ from shared_kernel import errors
 from tests.integration.write_service.support import wait_until_blocked
 from tests.integration.write_service.tables import rows
 from tests.unit.write_service import helpers
-from write_service.adapters.postgres import PostgresExpiredKeyPurger, PostgresUnitOfWork
-from write_service.service_layer.handlers import CommandResult, Dependencies
+from write_service.adapters.unit_of_work import PostgresExpiredKeyPurger, PostgresUnitOfWork
+from write_service.service_layer.command_steps import CommandResult, Dependencies
 from write_service.service_layer.messagebus import CommandBus
 from write_service.service_layer.ports import IdempotencyScope
 

@@ -17,10 +17,10 @@ from tessera.users.v1 import events_pb2
 from tests.integration.write_service.support import wait_until_blocked
 from tests.integration.write_service.tables import everything_as_text, rows
 from tests.unit.write_service import helpers
-from write_service.adapters.postgres import PostgresUnitOfWork
-from write_service.domain import model
+from write_service.adapters.unit_of_work import PostgresUnitOfWork
+from write_service.domain import users
+from write_service.service_layer.command_steps import Dependencies
 from write_service.service_layer.deadline import Deadline
-from write_service.service_layer.handlers import Dependencies
 from write_service.service_layer.messagebus import CommandBus
 from write_service.service_layer.ports import CommandLogEntry
 
@@ -56,7 +56,8 @@ async def test_register_commits_state_outbox_and_log_in_one_transaction(pg_bus, 
         str(result.aggregate_id),
         1,
     )
-    assert event["schema_version"] == 1
+    # UserRegistered is at schema version 2: the name travels in display_name (decision 0030).
+    assert event["schema_version"] == 2
     assert event["position"] is None
     assert event["correlation_id"] == "corr-123"
     assert event["causation_id"] == str(meta.command_id)
@@ -65,7 +66,7 @@ async def test_register_commits_state_outbox_and_log_in_one_transaction(pg_bus, 
     assert not event["traceparent"].startswith(f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-")
     assert event["occurred_at"] == user["created_at"]
     payload = events_pb2.UserRegistered.FromString(bytes(event["payload"]))
-    assert (payload.user_id, payload.email, payload.username, payload.full_name) == (
+    assert (payload.user_id, payload.email, payload.username, payload.display_name) == (
         str(result.aggregate_id),
         "Grace@Example.com",
         "GraceH",
@@ -98,7 +99,7 @@ async def test_without_a_caller_span_the_transaction_span_starts_the_trace(pg_bu
 
 async def test_a_failure_after_the_outbox_insert_writes_nothing(db_pool):
     now = datetime.now(UTC)
-    user = model.User.register(
+    user = users.User.register(
         user_id=uuid.uuid4(), email="x@example.com", username="xyz", password_hash="h", full_name="X", now=now
     )
     with pytest.raises(RuntimeError, match="boom"):
@@ -149,7 +150,7 @@ async def test_a_unique_index_violation_is_already_exists(db_pool, field, email,
         "VALUES ($1, 'taken@example.com', 'taken@example.com', 'taken', 'h', 'T', 1, now(), now())",
         uuid.uuid4(),
     )
-    twin = model.User.register(
+    twin = users.User.register(
         user_id=uuid.uuid4(), email=email, username=username, password_hash="h", full_name="T", now=now
     )
     with pytest.raises(errors.AlreadyExists) as exc_info:

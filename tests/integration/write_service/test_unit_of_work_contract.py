@@ -13,8 +13,8 @@ import pytest
 from shared_kernel import errors
 from tests.integration.write_service.conftest import Factory
 from write_service.adapters.memory import InMemoryDatabase, InMemoryExpiredKeyPurger, InMemoryUnitOfWork
-from write_service.adapters.postgres import PostgresExpiredKeyPurger, PostgresUnitOfWork
-from write_service.domain import model
+from write_service.adapters.unit_of_work import PostgresExpiredKeyPurger, PostgresUnitOfWork
+from write_service.domain import users
 from write_service.service_layer.deadline import Deadline
 from write_service.service_layer.ports import ExpiredKeyPurger, IdempotencyScope, StoredReply
 
@@ -23,18 +23,18 @@ pytestmark = pytest.mark.integration
 NOW = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
 
 
-def a_user(email: str = "Ada@Example.com", username: str = "Ada") -> model.User:
-    return model.User.register(
+def a_user(email: str = "Ada@Example.com", username: str = "Ada") -> users.User:
+    return users.User.register(
         user_id=uuid.uuid4(), email=email, username=username, password_hash="$argon2id$x", full_name="Ada", now=NOW
     )
 
 
-async def stored(new_uow: Factory, user_id: uuid.UUID) -> model.User | None:
+async def stored(new_uow: Factory, user_id: uuid.UUID) -> users.User | None:
     async with new_uow() as uow:
         return await uow.users.get(user_id)
 
 
-async def add_committed(new_uow: Factory, user: model.User) -> None:
+async def add_committed(new_uow: Factory, user: users.User) -> None:
     async with new_uow() as uow:
         await uow.users.add(user)
         await uow.commit()

@@ -35,9 +35,9 @@ from read_service.settings import ReadServiceSettings
 from read_service.workers import STOP_MARGIN_S
 from relay.settings import RelaySettings
 from shared_kernel.settings import MetricsSettings
-from write_service.entrypoints.catalog_servicer import CATALOG_SERVICE_NAME
-from write_service.entrypoints.grpc_server import SERVICE_NAME as USER_COMMAND_SERVICE
-from write_service.entrypoints.order_servicer import ORDER_SERVICE_NAME
+from write_service.entrypoints.catalog import CATALOG_SERVICE_NAME
+from write_service.entrypoints.orders import ORDER_SERVICE_NAME
+from write_service.entrypoints.users import USER_SERVICE_NAME as USER_COMMAND_SERVICE
 from write_service.saga.admin_service import SERVICE_NAME as SAGA_ADMIN_SERVICE
 from write_service.saga.settings import SagaWorkerSettings
 from write_service.settings import MigrateSettings, WriteServiceSettings

@@ -68,7 +68,7 @@ def test_read_report_with_missing_or_wrong_fields_is_refused(report: Any) -> Non
 def test_missing_read_tool_gives_not_measured_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tools, "module_available", lambda module: False)
     rows = read_bench.measure_read(1.0)
-    assert len(rows) == 3
+    assert len(rows) == 4
     for row in rows:
         assert row.error is not None and "not available" in row.error
         assert cells(row)[5] == NOT_MEASURED

@@ -8,6 +8,7 @@ import asyncpg
 import pytest
 
 from devstack.bench.env import Backing
+from devstack.bench.live_bench import LiveSizes, measure_live
 from devstack.bench.loadgen import run_load
 from devstack.bench.pgbench import add_product_script, find_pgbench, hot_restock_script, run_pgbench
 from devstack.bench.relay_bench import RelaySizes, measure_relay
@@ -31,6 +32,19 @@ async def test_relay_bench_measures_a_small_backlog(postgres_admin_url: str, red
         assert row.figure in render_markdown(rows, ["header"])
     assert rate.goal is not None and rate.goal.subject == "value"
     assert against_bare.goal is not None and against_bare.goal.subject == "ratio"
+
+
+async def test_live_bench_times_a_replica_beside_the_relay(postgres_admin_url: str, redis_server_url: str) -> None:
+    backing = Backing(admin_url=postgres_admin_url, redis_url=redis_server_url)
+    rate, against_relay = rows = await measure_live(backing, LiveSizes(events=600, timeout_s=60.0))
+    for row in rows:
+        assert row.error is None
+        assert row.value is not None and row.value > 0
+        assert row.ceiling is not None and row.ceiling > 0
+        assert row.met is not None
+        assert "600 events" in row.how
+    assert rate.goal is not None and rate.goal.subject == "value"
+    assert against_relay.goal is not None and against_relay.goal.subject == "ratio"
 
 
 async def test_bare_transactions_write_what_the_service_writes(database_url: str) -> None:

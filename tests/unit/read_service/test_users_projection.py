@@ -175,10 +175,11 @@ def test_an_undecodable_payload_is_poison(projection):
         projection.project(env, {})
 
 
-def test_an_unknown_schema_version_is_poison(projection):
+@pytest.mark.parametrize("schema_version", [0, 3, 99])
+def test_an_unknown_schema_version_is_poison(projection, schema_version):
     env = registered()
-    env.schema_version = 2
-    with pytest.raises(PoisonEvent):
+    env.schema_version = schema_version
+    with pytest.raises(PoisonEvent, match="schema version"):
         projection.project(env, {})
 
 

@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 
 from shared_kernel.auth import ANONYMOUS
 from write_service.adapters.password_hasher import Argon2PasswordHasher
-from write_service.domain.catalog_commands import AddProduct
-from write_service.domain.commands import DeactivateUser, RegisterUser, UpdateUserProfile
-from write_service.domain.order_commands import PlaceOrder
+from write_service.commands.catalog import AddProduct
+from write_service.commands.orders import PlaceOrder
+from write_service.commands.users import DeactivateUser, RegisterUser, UpdateUserProfile
+from write_service.service_layer.command_steps import CommandMeta
 from write_service.service_layer.deadline import Deadline
-from write_service.service_layer.handlers import CommandMeta
 
 PASSWORD = "correct horse battery staple"
 

@@ -10,9 +10,9 @@ import pytest
 from shared_kernel import errors
 from tests.unit.write_service import helpers
 from write_service.adapters.memory import InMemoryDatabase, InMemoryUnitOfWork
-from write_service.domain.catalog_commands import RestockProduct
+from write_service.commands.catalog import RestockProduct
+from write_service.service_layer.command_steps import CommandResult, Dependencies
 from write_service.service_layer.deadline import Deadline
-from write_service.service_layer.handlers import CommandResult, Dependencies
 from write_service.service_layer.messagebus import CommandBus
 
 

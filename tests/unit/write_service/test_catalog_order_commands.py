@@ -9,9 +9,9 @@ import pytest
 
 from shared_kernel.errors import InvalidArgument
 from tests.unit.write_service import helpers
-from write_service.domain.catalog_commands import AddProduct, DiscontinueProduct, RestockProduct, UpdateProductPrice
-from write_service.domain.commands import Command
-from write_service.domain.order_commands import AddOrderItem, CancelOrder, PlaceOrder, ShipOrder
+from write_service.commands.base import Command
+from write_service.commands.catalog import AddProduct, DiscontinueProduct, RestockProduct, UpdateProductPrice
+from write_service.commands.orders import AddOrderItem, CancelOrder, PlaceOrder, ShipOrder
 
 ID = str(uuid.uuid4())
 

@@ -13,10 +13,10 @@ from tessera.orders.v1 import events_pb2 as order_events
 from tessera.orders.v1 import order_pb2
 from tests.unit.write_service import helpers
 from write_service.adapters.memory import InMemoryDatabase, InMemoryUnitOfWork
+from write_service.commands.catalog import DiscontinueProduct, RestockProduct, UpdateProductPrice
+from write_service.commands.orders import AddOrderItem, CancelOrder, ShipOrder
 from write_service.domain.catalog import STOCK_MAX
-from write_service.domain.catalog_commands import DiscontinueProduct, RestockProduct, UpdateProductPrice
-from write_service.domain.order_commands import AddOrderItem, CancelOrder, ShipOrder
-from write_service.service_layer.handlers import Dependencies
+from write_service.service_layer.command_steps import Dependencies
 from write_service.service_layer.messagebus import CommandBus
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)

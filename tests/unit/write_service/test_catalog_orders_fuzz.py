@@ -24,9 +24,9 @@ from tessera.orders.v1 import order_pb2
 from tests.unit.write_service import helpers
 from tests.unit.write_service.test_grpc_mapping import FakeContext
 from write_service.adapters.memory import InMemoryDatabase, InMemoryUnitOfWork
-from write_service.entrypoints.catalog_servicer import CatalogCommandServicer
-from write_service.entrypoints.order_servicer import OrderCommandServicer
-from write_service.service_layer.handlers import Dependencies
+from write_service.entrypoints.catalog import CatalogCommandServicer
+from write_service.entrypoints.orders import OrderCommandServicer
+from write_service.service_layer.command_steps import Dependencies
 from write_service.service_layer.messagebus import CommandBus
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)

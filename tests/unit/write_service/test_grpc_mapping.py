@@ -12,8 +12,9 @@ from shared_kernel.errors import FailedPrecondition, InvalidArgument
 from tessera.users.v1 import user_command_service_pb2 as pb
 from tests.unit.write_service import helpers
 from write_service.adapters.memory import InMemoryDatabase, InMemoryUnitOfWork
-from write_service.entrypoints.grpc_server import UserCommandServicer, correlation_violation
-from write_service.service_layer.handlers import Dependencies
+from write_service.entrypoints.command_servicer import correlation_violation
+from write_service.entrypoints.users import UserCommandServicer
+from write_service.service_layer.command_steps import Dependencies
 from write_service.service_layer.messagebus import CommandBus
 
 

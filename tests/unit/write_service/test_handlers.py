@@ -11,8 +11,8 @@ from shared_kernel import errors
 from tessera.users.v1 import events_pb2
 from tests.unit.write_service import helpers
 from write_service.adapters.memory import InMemoryDatabase, InMemoryUnitOfWork
+from write_service.service_layer.command_steps import CommandMeta, Dependencies
 from write_service.service_layer.deadline import Deadline
-from write_service.service_layer.handlers import CommandMeta, Dependencies
 from write_service.service_layer.messagebus import CommandBus
 from write_service.service_layer.ports import UnitOfWork
 

@@ -14,8 +14,8 @@ from shared_kernel import errors
 from tests.unit.write_service import helpers
 from write_service.adapters.memory import InMemoryDatabase, InMemoryExpiredKeyPurger, InMemoryUnitOfWork
 from write_service.entrypoints.idempotency_cleanup import ExpiredKeyCleanup
+from write_service.service_layer.command_steps import CommandResult, Dependencies
 from write_service.service_layer.deadline import Deadline
-from write_service.service_layer.handlers import CommandResult, Dependencies
 from write_service.service_layer.idempotency import fingerprint, key_violation, secret_salt
 from write_service.service_layer.messagebus import CommandBus
 from write_service.service_layer.ports import IdempotencyScope, StoredReply

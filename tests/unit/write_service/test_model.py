@@ -9,13 +9,13 @@ import pytest
 
 from shared_kernel.errors import FailedPrecondition
 from tessera.users.v1 import events_pb2
-from write_service.domain import model
+from write_service.domain import users
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
 
-def new_user() -> model.User:
-    return model.User.register(
+def new_user() -> users.User:
+    return users.User.register(
         user_id=uuid.uuid4(),
         email="Ada@Example.com",
         username="Ada",
@@ -36,11 +36,13 @@ def test_register_starts_at_version_one_with_user_registered():
     assert event.aggregate_id == str(user.id)
     assert event.aggregate_version == 1
     assert event.occurred_at == NOW
-    assert event.schema_version == 1
+    # Version 2: the name in display_name, full_name left empty (decision 0030).
+    assert event.schema_version == 2
     assert event.event_type == "tessera.users.v1.UserRegistered"
     assert isinstance(event.payload, events_pb2.UserRegistered)
     assert event.payload.email == "Ada@Example.com"
     assert event.payload.username == "Ada"
+    assert (event.payload.display_name, event.payload.full_name) == ("Ada Lovelace", "")
     assert event.payload.registered_at.ToDatetime(tzinfo=UTC) == NOW
 
 
@@ -97,7 +99,7 @@ def test_each_event_bumps_the_version_by_one():
 
 
 def test_duplicate_errors_name_their_field():
-    assert model.email_taken().field == "email"
-    assert "email" in model.email_taken().message
-    assert model.username_taken().field == "username"
-    assert "username" in model.username_taken().message
+    assert users.email_taken().field == "email"
+    assert "email" in users.email_taken().message
+    assert users.username_taken().field == "username"
+    assert "username" in users.username_taken().message

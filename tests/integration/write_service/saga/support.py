@@ -35,7 +35,13 @@ from write_service.saga.worker import SagaWorker
 
 CALL_TIMEOUT_S = 5.0
 
-# The statement CancelOrder runs on the saga (write_service.adapters.postgres_orders), with the
+# The address PlaceOrder stores (write_service.adapters.orders), as JSON.
+SHIPPING_ADDRESS = (
+    '{"city": "Berlin", "country_code": "DE", "line1": "1 Test Street", "line2": "", '
+    '"postal_code": "10115", "recipient": "Test Customer"}'
+)
+
+# The statement CancelOrder runs on the saga (write_service.adapters.orders), with the
 # order's own change, in one transaction.
 CANCEL_ORDER_SQL = """
 UPDATE orders SET status = 'cancelled', reason = $2, cancelled_by = 'tester', version = version + 1,
@@ -100,11 +106,12 @@ async def place_order(
             )
         await conn.execute(
             "INSERT INTO orders (id, customer_id, status, currency_code, total_minor, shipping_address, version,"
-            " placed_at, updated_at) VALUES ($1, $2, 'pending', 'EUR', $3, '{}'::jsonb, 1, $4, $4)",
+            " placed_at, updated_at) VALUES ($1, $2, 'pending', 'EUR', $3, $5::jsonb, 1, $4, $4)",
             order_id,
             customer_id,
             total,
             now,
+            SHIPPING_ADDRESS,
         )
         await conn.executemany(
             "INSERT INTO order_lines (order_id, line_no, product_id, sku, product_name, unit_price_minor, quantity)"
@@ -209,13 +216,24 @@ def make_runner(
     settings: Settings,
     worker_id: str = "test-worker",
     wrap: Wrap | None = None,
+    secondary: grpc.aio.Channel | None = None,
 ) -> SagaRunner:
-    """A runner over the real provider behind a breaker (`wrap` may put a test hook around the provider)."""
+    """A runner over the real provider behind a breaker (`wrap` may put a test hook around the provider).
+
+    With `secondary`, a second real provider (behind a breaker of its own) authorizes while
+    the first one's breaker is open.
+    """
     real: PaymentProvider = GrpcPaymentProvider(channel, settings.timeout_s)
     provider = GuardedProvider(
         wrap(real) if wrap is not None else real,
         CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s),
     )
+    fallback = None
+    if secondary is not None:
+        fallback = GuardedProvider(
+            GrpcPaymentProvider(secondary, settings.timeout_s),
+            CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s),
+        )
     return SagaRunner(
         pool,
         provider,
@@ -224,6 +242,7 @@ def make_runner(
         max_attempts=settings.max_attempts,
         backoff_base_ms=settings.backoff_base_ms,
         backoff_cap_ms=settings.backoff_cap_ms,
+        secondary=fallback,
     )
 
 
@@ -235,10 +254,11 @@ async def running_worker(
     settings: Settings | None = None,
     worker_id: str = "test-worker",
     wrap: Wrap | None = None,
+    secondary: grpc.aio.Channel | None = None,
 ) -> AsyncIterator[SagaWorker]:
     """A SagaWorker running in this loop until the block ends."""
     settings = settings or Settings()
-    runner = make_runner(pool, channel, settings, worker_id, wrap)
+    runner = make_runner(pool, channel, settings, worker_id, wrap, secondary)
 
     async def connect() -> asyncpg.Connection[Any]:
         conn: asyncpg.Connection[Any] = await asyncpg.connect(database_url)

@@ -10,8 +10,8 @@ import asyncpg
 import grpc
 import pytest
 
-from devstack.healthcheck import check_serving_async
 from devstack.supervisor import ServiceProcess
+from shared_kernel.healthcheck import check_serving_async
 from tests.integration.write_service.saga.support import (
     add_product,
     add_user,

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from write_service.domain.orders import shortage_reason
 from write_service.saga import model
 from write_service.saga.backoff import backoff_delay_s
 
@@ -101,8 +102,8 @@ def test_plan_failure_retries_until_the_cap_then_parks() -> None:
 
 
 def test_shortage_reason_names_every_sku() -> None:
-    reason = model.shortage_reason([("A-1", 3, 1), ("B-2", 5, 0)], ["C-3"])
+    reason = shortage_reason([("A-1", 3, 1), ("B-2", 5, 0)], ["C-3"])
     assert "A-1 (requested 3, available 1)" in reason
     assert "B-2 (requested 5, available 0)" in reason
     assert "discontinued product: C-3" in reason
-    assert model.shortage_reason([], ["X", "Y"]) == "discontinued products: X, Y"
+    assert shortage_reason([], ["X", "Y"]) == "discontinued products: X, Y"
