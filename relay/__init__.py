@@ -46,8 +46,7 @@ relay time). The claim also reports where positions stood before it: any it did 
 expect (a relay that was deposed without knowing it claimed them) go out before its own.
 (3) Publish the batch with one script call that PUBLISHes each envelope in order (one reply
 instead of one per event), each envelope serialized once; a full batch is published while
-the next one is claimed, and its envelopes are built from the claimed rows then, while
-that claim runs in Postgres. (4) When the cycle ends, record the highest position published as
+the next one is claimed. (4) When the cycle ends, record the highest position published as
 the watermark (`relay_state.published_position`). An outbox row is written once, when it
 gets its position; nothing marks it published.
 

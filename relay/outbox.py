@@ -50,30 +50,12 @@ class Fence:
 CLAIM_SESSION_SETTINGS = {"enable_bitmapscan": "off"}
 
 
+@dataclass(frozen=True, slots=True)
 class Claim:
-    """What one claim found: where positions stood before it, and the events it positioned.
+    """What one claim found: where positions stood before it, and the events it positioned, in order."""
 
-    The envelopes are built from the claimed rows when first asked for, so the relay can
-    send its next claim to Postgres first and build them while that claim runs.
-    """
-
-    __slots__ = ("_envelopes", "_rows", "count", "last_position", "positioned_before")
-
-    def __init__(self, positioned_before: int, rows: list[asyncpg.Record]) -> None:
-        self.positioned_before = positioned_before
-        self._rows = rows
-        self._envelopes: list[EventEnvelope] | None = None
-        self.count = len(rows)
-        self.last_position: int | None = max(row["position"] for row in rows) if rows else None
-
-    @property
-    def envelopes(self) -> list[EventEnvelope]:
-        """The claimed events in position order."""
-        if self._envelopes is None:
-            # RETURNING has no defined order.
-            self._envelopes = sorted((envelope_from_row(row) for row in self._rows), key=lambda e: e.position)
-            self._rows = []
-        return self._envelopes
+    positioned_before: int
+    envelopes: list[EventEnvelope]
 
 
 # One statement, so one round trip and an implicit transaction: lock the relay_state row,
@@ -196,9 +178,11 @@ async def claim_batch(conn: Connection, limit: int, fence: Fence | None, publish
         raise RuntimeError("relay_state has no row; were the migrations applied?")
     if first["leader"] is False:
         raise LeadershipLost("the lock session no longer holds the relay lock")
-    # A claim that found nothing is one row without an event.
-    claimed = rows if first["position"] is not None else []
-    return Claim(int(first["positioned_before"]), claimed)
+    # RETURNING has no defined order; a claim that found nothing is one row without an event.
+    envelopes = sorted(
+        (envelope_from_row(row) for row in rows if row["position"] is not None), key=lambda e: e.position
+    )
+    return Claim(int(first["positioned_before"]), envelopes)
 
 
 async def record_watermark(conn: Connection, position: int) -> None:

@@ -18,7 +18,7 @@ from opentelemetry import trace
 from relay.backoff import Backoff
 from relay.leadership import POSTGRES_ERRORS, Connect, LeaderSession
 from relay.metrics import record_published
-from relay.outbox import Claim, Fence, LeadershipLost, claim_batch, published_head, record_watermark
+from relay.outbox import Fence, LeadershipLost, claim_batch, published_head, record_watermark
 from relay.publisher import Publisher, RedisPublisher
 from relay.settings import RelaySettings
 from shared_kernel.event_log import OUTBOX_NOTIFY_CHANNEL, head_position, read_positioned
@@ -57,19 +57,12 @@ class _Batch:
 
     after: int
     stranded_to: int
-    claimed: Claim | None
-    # How many rows the claim asked for.
-    claimed_limit: int = 0
+    claimed: list[EventEnvelope]
 
     @property
     def count(self) -> int:
         """Events this batch publishes (positions are gap-free, so the stranded range counts itself)."""
-        return self.stranded_to - self.after + (self.claimed.count if self.claimed else 0)
-
-    @property
-    def full(self) -> bool:
-        """Whether the claim took as many rows as it asked for (more are probably waiting)."""
-        return self.claimed is not None and self.claimed.count >= self.claimed_limit
+        return self.stranded_to - self.after + len(self.claimed)
 
 
 def _describe(exc: BaseException) -> str:
@@ -204,7 +197,7 @@ class Relay:
         """
         async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
             positioned = await head_position(conn)
-        batch = _Batch(self._head, max(self._head, positioned), None)
+        batch = _Batch(self._head, max(self._head, positioned), [])
         if batch.count:
             logger.info(
                 "re-publishing positions %d to %d",
@@ -222,15 +215,13 @@ class Relay:
         batch = await self._claim(batch_size)
         while batch.count:
             sent += batch.count
-            if not batch.full or self._stopping.is_set():
+            if len(batch.claimed) < batch_size or self._stopping.is_set():
                 await self._publish(batch, batch_size)
                 break
             # A full batch: publish it while the next one is claimed, so Postgres and Redis
-            # work at the same time. Its envelopes are built during the publish, so the
-            # relay's own work also overlaps the next claim's time in Postgres. Publishes
-            # stay in position order (the next one starts after both have finished); a
-            # failure of either leaves positioned rows above the watermark, which the next
-            # cycle publishes again.
+            # work at the same time. Publishes stay in position order (the next one starts
+            # after both have finished); a failure of either leaves positioned rows above
+            # the watermark, which the next cycle publishes again.
             batch = await _together(self._publish(batch, batch_size), self._claim(batch_size))
         return sent
 
@@ -240,12 +231,12 @@ class Relay:
         published = self._head if self._head > self._recorded else None
         async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
             claim = await claim_batch(conn, batch_size, self._fence, published)
-        if published is not None and claim.count:
+        if published is not None and claim.envelopes:
             self._recorded = published
         # Positions this relay did not queue: a failed cycle, or a relay that was active
         # before (or was deposed without knowing it), positioned them; they go out first.
         stranded_to = max(self._queued, claim.positioned_before)
-        batch = _Batch(self._queued, stranded_to, claim, batch_size)
+        batch = _Batch(self._queued, stranded_to, claim.envelopes)
         if stranded_to > self._queued:
             logger.info(
                 "re-publishing positions %d to %d",
@@ -253,7 +244,7 @@ class Relay:
                 stranded_to,
                 extra={"first_position": self._queued + 1, "last_position": stranded_to},
             )
-        self._queued = claim.last_position if claim.last_position is not None else stranded_to
+        self._queued = claim.envelopes[-1].position if claim.envelopes else stranded_to
         return batch
 
     async def _publish(self, batch: _Batch, batch_size: int) -> None:
@@ -265,8 +256,8 @@ class Relay:
                 raise RuntimeError(f"positions {after + 1} to {batch.stranded_to} are missing from the outbox")
             await self._publish_only(envelopes)
             after = envelopes[-1].position
-        if batch.claimed is not None and batch.claimed.count:
-            await self._publish_only(batch.claimed.envelopes)
+        if batch.claimed:
+            await self._publish_only(batch.claimed)
 
     async def _publish_only(self, envelopes: list[EventEnvelope]) -> None:
         await self._publisher.publish_events(envelopes)
