@@ -96,39 +96,59 @@ async def append_events(
 
 
 # The same insert for any number of events as one statement (arrays, so its text never
-# changes): the write service sends it as one step of a command's single write statement.
+# changes): the write service sends it as one step of a command's single write statement,
+# and commands written together add their events to the same step. Every column is an
+# array, so each event keeps its own command's correlation, causation and trace context;
+# ids are taken in the arrays' order, which is each aggregate's version order (the relay
+# positions by id).
 _INSERT_ROWS = """
 INSERT INTO outbox (event_id, event_type, schema_version, aggregate_type, aggregate_id,
                     aggregate_version, payload, occurred_at, correlation_id, causation_id,
                     traceparent, tracestate)
 SELECT e.event_id, e.event_type, e.schema_version, e.aggregate_type, e.aggregate_id,
-       e.aggregate_version, e.payload, e.occurred_at, $9, $10, $11, $12
+       e.aggregate_version, e.payload, e.occurred_at, e.correlation_id, e.causation_id, e.traceparent, e.tracestate
 FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], $6::bigint[], $7::bytea[],
-            $8::timestamptz[])
+            $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::text[]) WITH ORDINALITY
      AS e (event_id, event_type, schema_version, aggregate_type, aggregate_id, aggregate_version, payload,
-           occurred_at)
+           occurred_at, correlation_id, causation_id, traceparent, tracestate, n)
+ORDER BY e.n
 """
 
 
 def outbox_insert(
     events: Sequence[NewEvent], *, correlation_id: str, causation_id: str
-) -> tuple[str, tuple[object, ...]]:
-    """One INSERT statement (and its arguments) that appends `events` to the outbox."""
+) -> tuple[str, tuple[list[Any], ...]]:
+    """One INSERT statement (and its argument arrays) that appends `events` to the outbox.
+
+    `add_outbox_rows` appends more events to the same arrays before the statement is sent.
+    """
+    args: tuple[list[Any], ...] = tuple([] for _ in range(12))
+    add_outbox_rows(args, events, correlation_id=correlation_id, causation_id=causation_id)
+    return _INSERT_ROWS, args
+
+
+def add_outbox_rows(
+    args: tuple[list[Any], ...], events: Sequence[NewEvent], *, correlation_id: str, causation_id: str
+) -> None:
+    """Append `events` (with the current trace context) to the argument arrays of an `outbox_insert`."""
     traceparent, tracestate = current_trace_context()
-    return _INSERT_ROWS, (
-        [e.event_id for e in events],
-        [e.event_type for e in events],
-        [e.schema_version for e in events],
-        [e.aggregate_type for e in events],
-        [e.aggregate_id for e in events],
-        [e.aggregate_version for e in events],
-        [e.payload.SerializeToString() for e in events],
-        [e.occurred_at for e in events],
-        correlation_id,
-        causation_id,
-        traceparent,
-        tracestate,
-    )
+    for e in events:
+        row = (
+            e.event_id,
+            e.event_type,
+            e.schema_version,
+            e.aggregate_type,
+            e.aggregate_id,
+            e.aggregate_version,
+            e.payload.SerializeToString(),
+            e.occurred_at,
+            correlation_id,
+            causation_id,
+            traceparent,
+            tracestate,
+        )
+        for column, value in zip(args, row, strict=True):
+            column.append(value)
 
 
 # The event id comes back as text and the timestamp as whole microseconds since the epoch:

@@ -127,10 +127,10 @@ def _outbox(event_type: str, aggregate_id: str, version: str = "1::bigint") -> t
         f"ARRAY[{version}]",
         f"ARRAY[{_PAYLOAD}]",
         "ARRAY[now()]",
-        "gen_random_uuid()::text",
-        "gen_random_uuid()::text",
-        "''",
-        "''",
+        "ARRAY[gen_random_uuid()::text]",
+        "ARRAY[gen_random_uuid()::text]",
+        "ARRAY[''::text]",
+        "ARRAY[''::text]",
     ]
 
 

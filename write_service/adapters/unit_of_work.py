@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Self
 import asyncpg
 
 from shared_kernel import errors
-from shared_kernel.event_log import NewEvent, outbox_insert
+from shared_kernel.event_log import NewEvent, add_outbox_rows, outbox_insert
 from shared_kernel.grpc_errors import to_domain_error
 from write_service.adapters.catalog import PostgresProductRepository
 from write_service.adapters.orders import PostgresOrderRepository, PostgresSagaHandoff
@@ -54,6 +54,22 @@ INSERT INTO command_log (command_id, command_type, aggregate_type, aggregate_id,
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15)
 """
 
+# The rows of several commands written together (decision 0033), as arrays so the text is
+# the same for any number of them: each command's event ids travel as one comma-separated
+# text (an array of arrays must be rectangular) and its summary as JSON text.
+_INSERT_COMMAND_LOG_ROWS = """
+INSERT INTO command_log (command_id, command_type, aggregate_type, aggregate_id, correlation_id,
+                         received_at, completed_at, outcome, status_code, error_message,
+                         event_ids, summary, principal, idempotency_key, replay_of)
+SELECT c.command_id, c.command_type, c.aggregate_type, c.aggregate_id, c.correlation_id, c.received_at,
+       c.completed_at, c.outcome, c.status_code, c.error_message,
+       string_to_array(c.event_ids, ',')::uuid[], c.summary::jsonb, c.principal, c.idempotency_key, c.replay_of
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[],
+            $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::uuid[])
+     AS c (command_id, command_type, aggregate_type, aggregate_id, correlation_id, received_at, completed_at,
+           outcome, status_code, error_message, event_ids, summary, principal, idempotency_key, replay_of)
+"""
+
 _SELECT_STORED_REPLY = """
 SELECT fingerprint, command_id, aggregate_id, aggregate_version, reply, created_at, expires_at
 FROM idempotency_keys
@@ -76,6 +92,21 @@ _UPSERT_STORED_REPLY = """
 INSERT INTO idempotency_keys (principal, command_type, idempotency_key, lock_id, fingerprint, command_id,
                               aggregate_id, aggregate_version, reply, created_at, expires_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+ON CONFLICT (principal, command_type, idempotency_key) DO UPDATE
+SET lock_id = EXCLUDED.lock_id, fingerprint = EXCLUDED.fingerprint, command_id = EXCLUDED.command_id,
+    aggregate_id = EXCLUDED.aggregate_id, aggregate_version = EXCLUDED.aggregate_version,
+    reply = EXCLUDED.reply, created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at
+WHERE idempotency_keys.expires_at <= EXCLUDED.created_at
+RETURNING 1
+"""
+
+# The stored replies of several commands written together (decision 0033): the same upsert
+# over arrays, so its text is the same for any number of them; it must return one row each.
+_UPSERT_STORED_REPLIES = """
+INSERT INTO idempotency_keys (principal, command_type, idempotency_key, lock_id, fingerprint, command_id,
+                              aggregate_id, aggregate_version, reply, created_at, expires_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bytea[], $6::uuid[], $7::text[],
+                     $8::bigint[], $9::bytea[], $10::timestamptz[], $11::timestamptz[])
 ON CONFLICT (principal, command_type, idempotency_key) DO UPDATE
 SET lock_id = EXCLUDED.lock_id, fingerprint = EXCLUDED.fingerprint, command_id = EXCLUDED.command_id,
     aggregate_id = EXCLUDED.aggregate_id, aggregate_version = EXCLUDED.aggregate_version,
@@ -122,6 +153,10 @@ class PostgresIdempotencyStore(IdempotencyStore):
 
     def __init__(self, calls: Calls) -> None:
         self._calls = calls
+        # Replies of the pending write (the step list they belong to, and their step's
+        # place in it): the replies of commands written together share one upsert.
+        self._rows: tuple[list[Any], ...] = ()
+        self._at: tuple[list[Step], int] | None = None
 
     async def try_lock(self, scope: IdempotencyScope) -> bool:
         """pg_try_advisory_lock on the scope's lock id: never waits, held until the unit of work ends."""
@@ -151,26 +186,30 @@ class PostgresIdempotencyStore(IdempotencyStore):
 
     async def put(self, reply: StoredReply) -> None:
         """Insert, or replace an expired row, at commit; a live row (a twin that slipped past the lock) fails it."""
-        self._calls.write(
-            Step(
-                _UPSERT_STORED_REPLY,
-                (
-                    reply.scope.principal,
-                    reply.scope.command_type,
-                    reply.scope.key,
-                    reply.scope.lock_id,
-                    reply.fingerprint,
-                    reply.command_id,
-                    reply.aggregate_id,
-                    reply.aggregate_version,
-                    reply.reply,
-                    reply.created_at,
-                    reply.expires_at,
-                ),
-                expect_rows=1,
-                conflict="another request with this idempotency key committed first; retry the request",
-            )
+        row = (
+            reply.scope.principal,
+            reply.scope.command_type,
+            reply.scope.key,
+            reply.scope.lock_id,
+            reply.fingerprint,
+            reply.command_id,
+            reply.aggregate_id,
+            reply.aggregate_version,
+            reply.reply,
+            reply.created_at,
+            reply.expires_at,
         )
+        conflict = "another request with this idempotency key committed first; retry the request"
+        steps = self._calls.steps
+        if self._at is None or self._at[0] is not steps:
+            self._at = (steps, len(steps))
+            self._rows = tuple([value] for value in row)
+            self._calls.write(Step(_UPSERT_STORED_REPLY, row, expect_rows=1, conflict=conflict))
+            return
+        for column, value in zip(self._rows, row, strict=True):
+            column.append(value)
+        _, index = self._at
+        steps[index] = Step(_UPSERT_STORED_REPLIES, self._rows, expect_rows=len(self._rows[0]), conflict=conflict)
 
 
 def _stored_reply(scope: IdempotencyScope, row: asyncpg.Record) -> StoredReply:
@@ -211,6 +250,13 @@ class PostgresUnitOfWork(UnitOfWork):
         self._calls: Calls | None = None
         self._committed = False
         self._lock_reads = False
+        # The pending write's outbox step and command-log rows, and the pending step list
+        # they belong to (a write that was sent starts a new list): later rows of the same
+        # write join them instead of adding steps.
+        self._outbox_step: Step | None = None
+        self._outbox_in: list[Step] | None = None
+        self._log_rows: tuple[list[Any], ...] = ()
+        self._log_at: tuple[list[Step], int] | None = None
 
     async def __aenter__(self) -> Self:
         """Take a connection; nothing is sent until the first read or the commit."""
@@ -254,35 +300,53 @@ class PostgresUnitOfWork(UnitOfWork):
             self._calls.lock_reads = True
 
     async def append_events(self, events: Sequence[NewEvent], *, correlation_id: str, causation_id: str) -> None:
-        """Add the events to the outbox at commit."""
-        if events:
-            sql, args = outbox_insert(events, correlation_id=correlation_id, causation_id=causation_id)
-            self._active().write(Step(sql, args))
+        """Add the events to the outbox at commit, as rows of the write's one outbox insert.
+
+        One insert for every event of the write keeps their ids (the relay's order) in the
+        order they were appended: separate inserts in one statement run in no set order.
+        """
+        if not events:
+            return
+        calls = self._active()
+        step = self._outbox_step
+        if step is not None and self._outbox_in is calls.steps:
+            add_outbox_rows(step.args, events, correlation_id=correlation_id, causation_id=causation_id)  # type: ignore[arg-type]
+            return
+        sql, args = outbox_insert(events, correlation_id=correlation_id, causation_id=causation_id)
+        self._outbox_step, self._outbox_in = Step(sql, args), calls.steps
+        calls.write(self._outbox_step)
 
     async def log_command(self, entry: CommandLogEntry) -> None:
-        """Add the command-log row at commit."""
-        self._active().write(
-            Step(
-                _INSERT_COMMAND_LOG,
-                (
-                    entry.command_id,
-                    entry.command_type,
-                    entry.aggregate_type,
-                    entry.aggregate_id,
-                    entry.correlation_id,
-                    entry.received_at,
-                    entry.completed_at,
-                    entry.outcome,
-                    entry.status_code,
-                    entry.error_message,
-                    list(entry.event_ids),
-                    json.dumps(dict(entry.summary), sort_keys=True),
-                    entry.principal,
-                    entry.idempotency_key,
-                    entry.replay_of,
-                ),
-            )
+        """Add the command-log row at commit; the rows of commands written together share one insert."""
+        calls = self._active()
+        row = (
+            entry.command_id,
+            entry.command_type,
+            entry.aggregate_type,
+            entry.aggregate_id,
+            entry.correlation_id,
+            entry.received_at,
+            entry.completed_at,
+            entry.outcome,
+            entry.status_code,
+            entry.error_message,
+            list(entry.event_ids),
+            json.dumps(dict(entry.summary), sort_keys=True),
+            entry.principal,
+            entry.idempotency_key,
+            entry.replay_of,
         )
+        if self._log_at is None or self._log_at[0] is not calls.steps:
+            self._log_at = (calls.steps, len(calls.steps))
+            self._log_rows = tuple([value] for value in row)
+            calls.write(Step(_INSERT_COMMAND_LOG, row))
+            return
+        for column, value in zip(self._log_rows, row, strict=True):
+            column.append(value)
+        steps, index = self._log_at
+        event_ids = self._log_rows[10]
+        args = (*self._log_rows[:10], [",".join(map(str, ids)) for ids in event_ids], *self._log_rows[11:])
+        steps[index] = Step(_INSERT_COMMAND_LOG_ROWS, args)
 
     async def commit(self) -> None:
         """Write everything in one statement (one implicit transaction), or finish the explicit one."""

@@ -13,18 +13,21 @@ match, its user would already be deactivated, its order would already be cancell
 from __future__ import annotations
 
 import copy
+import functools
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar, cast
 
+from opentelemetry import context as otel_context
+
 from shared_kernel.auth import ANONYMOUS
-from shared_kernel.errors import Conflict, FailedPrecondition, NotFound
+from shared_kernel.errors import Conflict, DomainError, FailedPrecondition, NotFound
 from shared_kernel.event_log import NewEvent
 from write_service.commands.base import ChangeCommand, Command
 from write_service.domain.aggregate import Aggregate
-from write_service.service_layer.aggregate_turns import AggregateTurns
+from write_service.service_layer.aggregate_turns import AggregateTurns, Queued, Turn
 from write_service.service_layer.deadline import Deadline
 from write_service.service_layer.event_bus import Policies, handle_domain_events, integration_events
 from write_service.service_layer.idempotency import key_reused
@@ -37,6 +40,13 @@ from write_service.service_layer.ports import (
 )
 
 A = TypeVar("A", bound=Aggregate)
+
+# Aggregates whose commands' changes decide on the aggregate alone (they read and write
+# nothing else through the unit of work) and whose events no policy reacts to through it:
+# such commands, queued on one aggregate, are decided in turn and written together. An
+# order's changes read products and hand work to the saga through the unit of work they
+# were given, and a user's deactivation has the orders' policy, so neither is batched.
+BATCHED_AGGREGATES = frozenset({"product"})
 
 
 def utc_now() -> datetime:
@@ -131,10 +141,31 @@ async def change_aggregate(
     may hold the state the previous command here committed: then nothing is read. A rule
     that refuses the command on that state raises Conflict instead, so the bus retries it
     on a fresh read (another process may have moved the aggregate on).
+
+    Products are decided and written in batches of the commands queued on the aggregate
+    (`_write_queued`, decision 0033).
     """
+    if meta.idempotency is None and command.aggregate_type in BATCHED_AGGREGATES:
+        # Queued without a connection: only the command that writes the batch takes one.
+        async def write(turn: Turn, batch: list[Queued]) -> None:
+            async with uow:
+                await _write_queued(uow, deps, store, turn, batch)
+
+        queued: CommandResult = await deps.turns.run_queued(
+            deps.turns.enqueue(command, meta, change, write), meta.deadline
+        )
+        return queued
     async with uow:
         if (stored := await stored_reply(uow, command, deps, meta)) is not None:
             return stored
+        if command.aggregate_type in BATCHED_AGGREGATES:
+            # A keyed command holds its key's lock on its own connection while it waits.
+            # Only this command's own task writes through its open unit of work (when it leads).
+            entry = deps.turns.enqueue(command, meta, change, functools.partial(_write_queued, uow, deps, store))
+            result: CommandResult = await deps.turns.run_queued(entry, meta.deadline)
+            # Whoever wrote this command's rows committed them; this releases its key's lock, if any.
+            await uow.commit()
+            return result
         async with deps.turns.turn(command, meta.deadline) as turn:
             repository = store(uow)
             held, turn.state = turn.state, None
@@ -160,6 +191,179 @@ async def change_aggregate(
             result = await commit(uow, command, aggregate, deps, meta, published=published)
             turn.state = copy.deepcopy(aggregate)
             return result
+
+
+async def _write_queued(
+    uow: UnitOfWork,
+    deps: Dependencies,
+    store: Callable[[UnitOfWork], AggregateStore[A]],
+    turn: Turn,
+    batch: list[Queued],
+) -> None:
+    """Decide each queued command in order on one aggregate and write all that the rules accept at once.
+
+    A command the rules refuse is undone (the next one sees the state before it) and gets
+    its error. The write is guarded by the version the batch started from; when it loses
+    that guard, nothing was written and every command in it retries. A refusal decided on
+    a state nobody has confirmed (the held state, or one after commands of this batch) is
+    final only once the write confirms it; a refusal of a state just read is final at once,
+    as it was without batching. When the write of several commands fails on something one
+    of them did (a unique index), each retries in a write of its own.
+    """
+    first = batch[0].command
+    repository = store(uow)
+    held, turn.state = turn.state, None
+    aggregate: A | None
+    if held is None:
+        aggregate = await repository.get(first.aggregate_uuid)
+    else:
+        aggregate = cast(A, held)  # the turn of an aggregate holds only that aggregate
+        repository.adopt(aggregate)
+    if aggregate is None:
+        for entry in batch:
+            entry.settle(error=NotFound(f"{first.aggregate_type} {first.aggregate_id} not found"))
+        return
+    aggregate, accepted, refused = await _decide(batch, aggregate, confirmed=held is None)
+    if not accepted:
+        for entry, refusal in refused:
+            _settle_unconfirmed(entry, refusal)
+        return
+    # Policies read before any write is queued (as in change_aggregate), one command at a time.
+    published = [
+        integration_events(await handle_domain_events(uow, events, deps.clock(), deps.policies))
+        for _entry, events, _version in accepted
+    ]
+    await repository.save(aggregate)
+    results: list[CommandResult] = []
+    for (entry, events, version), public in zip(accepted, published, strict=True):
+        # Each command's rows carry its own trace context, correlation and causation.
+        token = otel_context.attach(entry.trace_context)
+        try:
+            results.append(
+                await _record(uow, entry.command, aggregate, (events, public), version, deps=deps, meta=entry.meta)
+            )
+        finally:
+            otel_context.detach(token)
+    try:
+        await uow.commit()
+    except DomainError as failure:
+        _settle_failed_write(deps.turns, [entry for entry, _, _ in accepted], refused, failure)
+        return
+    aggregate.pending_events.clear()
+    turn.state = _snapshot(aggregate)
+    for (entry, _events, _version), result in zip(accepted, results, strict=True):
+        entry.settle(result)
+    for entry, refusal in refused:
+        entry.settle(error=refusal)  # the write confirmed the state it was refused on
+
+
+async def _decide(
+    batch: list[Queued], aggregate: A, *, confirmed: bool
+) -> tuple[A, list[tuple[Queued, tuple[NewEvent, ...], int]], list[tuple[Queued, Exception]]]:
+    """Apply each command in turn; undo and set aside each one refused. `confirmed`: `aggregate` was just read."""
+    accepted: list[tuple[Queued, tuple[NewEvent, ...], int]] = []
+    refused: list[tuple[Queued, Exception]] = []
+    for entry in batch:
+        before = _snapshot(aggregate)
+        start = len(aggregate.pending_events)
+        try:
+            aggregate.require_version(entry.command.expected_version)
+            await entry.change(aggregate)
+        except Exception as exc:
+            aggregate = before
+            if confirmed and not accepted:
+                entry.settle(error=exc)  # refused on the state just read: final
+            else:
+                refused.append((entry, exc))
+            continue
+        accepted.append((entry, tuple(aggregate.pending_events[start:]), aggregate.version))
+    return aggregate, accepted, refused
+
+
+def _snapshot(aggregate: A) -> A:
+    """A copy to go back to: the batched aggregates' fields are values, replaced and never changed in place.
+
+    A deep copy (of the recorded events' protobuf messages too) cost about 0.2 ms per command.
+    """
+    copied = copy.copy(aggregate)
+    copied.pending_events = list(aggregate.pending_events)
+    return copied
+
+
+def _settle_failed_write(
+    turns: AggregateTurns, accepted: list[Queued], refused: list[tuple[Queued, Exception]], failure: DomainError
+) -> None:
+    """Nothing was written: a lost guard retries everyone; a failure one of several caused retries each alone."""
+    alone = not isinstance(failure, Conflict) and len(accepted) > 1
+    for entry in accepted:
+        if alone:
+            turns.retry_alone(entry.meta.command_id)
+            entry.settle(error=Conflict(f"{entry.command.aggregate_type} {entry.command.aggregate_id}: retried alone"))
+        else:
+            entry.settle(error=failure)
+    for entry, refusal in refused:
+        _settle_unconfirmed(entry, refusal)
+
+
+def _settle_unconfirmed(entry: Queued, exc: Exception) -> None:
+    """A refusal on a state no write confirmed: a rule's refusal is checked again on a fresh read."""
+    if isinstance(exc, FailedPrecondition | NotFound):
+        entry.settle(error=Conflict(f"{entry.command.aggregate_type} {entry.command.aggregate_id} is read again"))
+    else:
+        entry.settle(error=exc)
+
+
+async def _record(
+    uow: UnitOfWork,
+    command: Command,
+    aggregate: Aggregate,
+    recorded: tuple[tuple[NewEvent, ...], list[NewEvent]],
+    version: int,
+    *,
+    deps: Dependencies,
+    meta: CommandMeta,
+) -> CommandResult:
+    """Add one command's integration events, command-log row and stored reply to the write; its reply.
+
+    `recorded`: the events the command's aggregate recorded, and the integration events
+    among them and those its policies recorded (what goes to the outbox).
+    """
+    events, published = recorded
+    claim = meta.idempotency
+    completed_at = deps.clock()
+    await uow.append_events(published, correlation_id=meta.correlation_id, causation_id=str(meta.command_id))
+    await uow.log_command(
+        CommandLogEntry(
+            command_id=meta.command_id,
+            command_type=command.command_type,
+            aggregate_type=aggregate.aggregate_type,
+            aggregate_id=str(aggregate.id),
+            correlation_id=meta.correlation_id,
+            received_at=meta.received_at,
+            completed_at=completed_at,
+            outcome="succeeded",
+            event_ids=tuple(e.event_id for e in published),
+            summary=command.summary(),
+            principal=meta.principal,
+            idempotency_key=claim.scope.key if claim is not None else "",
+        )
+    )
+    result = CommandResult(aggregate_id=aggregate.id, version=version, events=events)
+    if claim is not None:
+        result = replace(result, reply=claim.encode_reply(result))
+        await uow.idempotency.put(
+            StoredReply(
+                scope=claim.scope,
+                fingerprint=claim.fingerprint,
+                command_id=meta.command_id,
+                aggregate_id=str(aggregate.id),
+                aggregate_version=version,
+                reply=result.reply,
+                created_at=completed_at,
+                expires_at=completed_at + claim.retention,
+            )
+        )
+    return result
 
 
 async def stored_reply(

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from shared_kernel import errors
 from shared_kernel.db import keep_session
 from tests.unit.write_service import helpers
 from write_service.adapters.unit_of_work import PostgresUnitOfWork
@@ -128,3 +129,88 @@ async def test_the_retry_after_a_lost_guard_locks_what_it_reads(database_url: st
     assert statements[1].startswith("BEGIN;")
     assert statements[2].endswith("FROM products WHERE id = $1 FOR UPDATE")
     assert statements[-1] == "COMMIT"
+
+
+async def counted_pool(database_url: str, statements: list[str]) -> asyncpg.Pool[Any]:
+    async def init(conn: asyncpg.Connection[Any]) -> None:
+        conn.add_query_logger(lambda record: statements.append(" ".join(str(record.query).split())))
+
+    return await asyncpg.create_pool(database_url, min_size=1, max_size=8, init=init, reset=keep_session)
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
+async def test_concurrent_restocks_of_one_product_give_one_event_each_with_consecutive_versions(
+    database_url: str, deps: Dependencies, keyed: bool
+):
+    statements: list[str] = []
+    pool = await counted_pool(database_url, statements)
+    try:
+        bus = CommandBus(lambda deadline: PostgresUnitOfWork(pool, deadline), deps)
+        product_id = (await bus.dispatch(helpers.add_product(initial_stock=0), helpers.meta())).aggregate_id
+        statements.clear()
+        quantities = [1 + i % 7 for i in range(64)]
+        metas = [helpers.meta(idempotency_key=f"restock-{i}" if keyed else None) for i in range(64)]
+        results = await asyncio.gather(
+            *(bus.dispatch(restock(product_id, q), m) for q, m in zip(quantities, metas, strict=True))
+        )
+        # A keyed command's retry gets its first reply and has no second effect.
+        replays = await asyncio.gather(
+            *(
+                bus.dispatch(restock(product_id, q), helpers.meta(idempotency_key=m.idempotency_key))
+                for q, m in zip(quantities, metas, strict=True)
+                if keyed
+            )
+        )
+        writes = [s for s in statements if s.startswith("WITH step_0 AS ( UPDATE products")]
+        async with pool.acquire() as conn:
+            events = await conn.fetch(
+                "SELECT event_id, aggregate_version, causation_id, payload FROM outbox WHERE aggregate_id = $1 "
+                "AND event_type LIKE '%ProductRestocked' ORDER BY aggregate_version",
+                str(product_id),
+            )
+            logged = await conn.fetch(
+                "SELECT command_id, event_ids FROM command_log WHERE aggregate_id = $1 "
+                "AND command_type = 'RestockProduct' AND outcome = 'succeeded'",
+                str(product_id),
+            )
+        product = await stored(pool, product_id)
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    # Exactly one event per command, versions 2..65 with no gap or repeat, each reply its own version.
+    assert [e["aggregate_version"] for e in events] == list(range(2, 66))
+    assert sorted(r.version for r in results) == list(range(2, 66))
+    assert len({e["causation_id"] for e in events}) == 64
+    # Each command's log row names its own event, and that event's causation is the command.
+    assert len(logged) == 64
+    assert all(len(row["event_ids"]) == 1 for row in logged)
+    causes = {e["event_id"]: e["causation_id"] for e in events}
+    assert {causes[row["event_ids"][0]] for row in logged} == {str(row["command_id"]) for row in logged}
+    assert (product.version, product.stock_available) == (65, sum(quantities))
+    assert [r.version for r in replays] == ([r.version for r in results] if keyed else [])
+    # Queued commands were written together: far fewer writes than commands.
+    assert len(writes) < 64 / 2, len(writes)
+
+
+async def test_a_refused_command_in_a_batch_does_not_affect_the_others(db_pool: asyncpg.Pool[Any], deps):
+    bus = CommandBus(lambda deadline: PostgresUnitOfWork(db_pool, deadline), deps, retry_backoff_s=0.001)
+    product_id = (await bus.dispatch(helpers.add_product(initial_stock=0), helpers.meta())).aggregate_id
+    first = restock(product_id, 1)
+    run_first = asyncio.create_task(bus.dispatch(first, helpers.meta()))
+    # Hold the turn so the next commands queue and are decided together.
+    async with deps.turns.turn(first, Deadline.after(5)) as turn, asyncio.timeout(5):
+        while turn.users < 2:
+            await asyncio.sleep(0.001)
+        commands = [
+            restock(product_id, 2),
+            restock(product_id, 3, expected_version=99),  # refused by the rules, wherever it lands
+            restock(product_id, 4),
+        ]
+        runs = [asyncio.create_task(bus.dispatch(c, helpers.meta())) for c in commands]
+        while turn.users < 5:
+            await asyncio.sleep(0.001)
+    results = await asyncio.wait_for(asyncio.gather(run_first, *runs, return_exceptions=True), 10)
+    product = await stored(db_pool, product_id)
+    # The queued ones may reach the queue in any order; the refused one changes nothing.
+    assert isinstance(results[2], errors.FailedPrecondition), results[2]
+    assert sorted(getattr(r, "version", 0) for r in results) == [0, 2, 3, 4]
+    assert (product.version, product.stock_available) == (4, 1 + 2 + 4)
