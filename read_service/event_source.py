@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ import redis.exceptions
 from google.protobuf.message import DecodeError
 from redis.asyncio.client import PubSub
 
+from shared_kernel.backoff import Backoff
 from shared_kernel.event_log import events_channel, head_channel
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 
@@ -163,7 +163,7 @@ class EventSource:
 
     async def _run(self) -> None:
         """Keep the subscription up, reconnecting with capped, jittered backoff after a failure."""
-        backoff = self._backoff_initial_s
+        backoff = Backoff(self._backoff_initial_s, self._backoff_max_s)
         while True:
             self._ended.clear()
             pubsub = self._client.pubsub()
@@ -175,15 +175,14 @@ class EventSource:
             except Exception as exc:
                 if self._live.is_set():
                     # The subscription worked for a while: this is a new outage, not the same one.
-                    backoff = self._backoff_initial_s
+                    backoff.reset()
                 self._end(exc)
                 logger.warning("event subscription ended: %s: %s; resubscribing", type(exc).__name__, exc)
             finally:
                 self._live.clear()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pubsub.aclose(), self._subscribe_timeout_s)
-            await asyncio.sleep(random.uniform(backoff / 2, backoff))  # noqa: S311 - jitter, not secrets
-            backoff = min(backoff * 2, self._backoff_max_s)
+            await asyncio.sleep(backoff.next_delay())
 
     def _end(self, exc: BaseException) -> None:
         """Tell every subscriber the subscription failed, and forget them: their sessions end."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +40,7 @@ from read_service.published import PublishedState
 from read_service.session import Session
 from read_service.status import ProjectorStatus, snapshot
 from read_service.view_store import CheckpointReader
+from shared_kernel.backoff import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class Projector:
         task instead would leave the replica serving views that silently stop changing.
         """
         ctx = self._ctx
-        backoff = ctx.options.backoff_initial_s
+        backoff = Backoff(ctx.options.backoff_initial_s, ctx.options.backoff_max_s)
         self._keep_lease()
         while True:
             ctx.session_caught_up = False
@@ -137,12 +137,12 @@ class Projector:
             except LeaseLost as exc:
                 # Not a failure: another replica applies now (this one paused, or lost Redis for a while).
                 logger.warning("%s; following the holder", exc, extra={"projection": ctx.name})
-                backoff = ctx.options.backoff_initial_s
+                backoff.reset()
                 continue
             except KeySpaceChanged as exc:
                 # Not a failure: a rebuild switched the pointer (or another replica won a build).
                 logger.info("%s; following it", exc, extra={"projection": ctx.name})
-                backoff = ctx.options.backoff_initial_s
+                backoff.reset()
                 continue
             except Exception as exc:
                 if isinstance(exc, KeySpaceLost | redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
@@ -152,11 +152,10 @@ class Projector:
                 ctx.state = ProjectorState.RECONNECTING
                 if ctx.session_caught_up:
                     # The session worked for a while: this is a new outage, not the same one.
-                    backoff = ctx.options.backoff_initial_s
-                self._log_failure(exc, backoff)
-                # Jitter spreads the reconnects of many replicas after a shared outage.
-                await asyncio.sleep(random.uniform(backoff / 2, backoff))  # noqa: S311
-                backoff = min(backoff * 2, ctx.options.backoff_max_s)
+                    backoff.reset()
+                delay = backoff.next_delay()
+                self._log_failure(exc, delay)
+                await asyncio.sleep(delay)
 
     def _log_failure(self, exc: Exception, backoff: float) -> None:
         extra = {"projection": self._ctx.name, "retry_in_s": round(backoff, 3)}

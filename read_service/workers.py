@@ -41,6 +41,7 @@ from typing import Any
 import grpc
 
 from read_service.settings import ReadServiceSettings
+from shared_kernel.backoff import Backoff
 from shared_kernel.grpc_server import GrpcServer
 
 logger = logging.getLogger(__name__)
@@ -441,7 +442,7 @@ class WorkerGroup:
             self._stopping.set()
 
     async def _supervise(self, worker: _Worker) -> None:
-        backoff = RESTART_INITIAL_BACKOFF_S
+        backoff = Backoff(RESTART_INITIAL_BACKOFF_S, self.settings.read_worker_restart_max_backoff_s)
         while not self._stopping.is_set():
             await self._spawn(worker)
             assert worker.process is not None
@@ -454,7 +455,7 @@ class WorkerGroup:
             uptime = time.monotonic() - worker.started_at
             worker.crashes += 1
             if uptime >= STABLE_UPTIME_S:
-                backoff = RESTART_INITIAL_BACKOFF_S
+                backoff.reset()
             if worker.crashes >= self.settings.read_worker_max_crashes:
                 self._failure = (
                     f"worker {worker.index} crashed {worker.crashes} times in a row without becoming ready "
@@ -468,12 +469,11 @@ class WorkerGroup:
                     "worker": worker.index,
                     "pid": worker.process.pid,
                     "exit": _describe(code),
-                    "restart_in_s": backoff,
+                    "restart_in_s": round(delay := backoff.next_delay(), 3),
                 },
             )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), backoff)
-            backoff = min(backoff * 2, self.settings.read_worker_restart_max_backoff_s)
+                await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def _detach(self, worker: _Worker) -> None:
         if worker.listener is not None:

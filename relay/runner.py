@@ -15,12 +15,12 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from opentelemetry import trace
 
-from relay.backoff import Backoff
 from relay.leadership import POSTGRES_ERRORS, Connect, LeaderSession
 from relay.metrics import record_published
 from relay.outbox import Fence, LeadershipLost, claim_batch, published_head, record_watermark
 from relay.publisher import Publisher, RedisPublisher
 from relay.settings import RelaySettings
+from shared_kernel.backoff import Backoff
 from shared_kernel.event_log import OUTBOX_NOTIFY_CHANNEL, head_position, read_positioned
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 

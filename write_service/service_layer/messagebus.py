@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import timedelta
@@ -24,6 +23,7 @@ from datetime import timedelta
 from opentelemetry import metrics, trace
 
 from shared_kernel import errors
+from shared_kernel.backoff import jittered_delay
 from shared_kernel.grpc_errors import status_for
 from write_service.commands.base import Command
 from write_service.service_layer.command_steps import (
@@ -162,7 +162,8 @@ class CommandBus:
                         span.set_attribute("tessera.outbox.event_ids", [str(e.event_id) for e in result.events])
                     return result
             except errors.Conflict:
-                delay = self._retry_backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not a secret
+                # Uncapped: the attempts are few, and the deadline bounds the wait.
+                delay = jittered_delay(attempt, self._retry_backoff_s, cap=float("inf"))
                 if attempt >= self._max_attempts or meta.deadline.remaining() <= delay:
                     raise
                 logger.info(

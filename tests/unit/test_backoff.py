@@ -1,10 +1,12 @@
-"""Backoff: jittered doubling up to a cap, reset after success."""
+"""The shared backoff: jittered doubling up to a cap, reset after success."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from relay.backoff import Backoff
+from shared_kernel.backoff import Backoff, jittered_delay
 
 
 def test_doubles_up_to_the_cap_with_jitter() -> None:
@@ -29,3 +31,14 @@ def test_reset_starts_over() -> None:
 def test_rejects_nonsense(initial: float, cap: float, factor: float) -> None:
     with pytest.raises(ValueError):
         Backoff(initial=initial, cap=cap, factor=factor)
+
+
+def test_jittered_delay_is_between_half_and_all_of_the_capped_nominal() -> None:
+    rng = random.Random(5)
+    for attempt in range(1, 12):
+        nominal = min(2.0, 0.05 * 2 ** (attempt - 1))
+        delays = [jittered_delay(attempt, 0.05, 2.0, rng=rng) for _ in range(40)]
+        assert all(nominal / 2 <= delay <= nominal for delay in delays)
+        assert len(set(delays)) > 30
+    with pytest.raises(ValueError, match="attempt"):
+        jittered_delay(0, 0.05, 2.0)
