@@ -30,6 +30,7 @@ from redis.asyncio.client import PubSub
 
 from shared_kernel.backoff import Backoff
 from shared_kernel.event_log import events_channel, head_channel
+from shared_kernel.runtime import cancel_and_wait
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 
 logger = logging.getLogger(__name__)
@@ -66,25 +67,6 @@ class Subscriber:
 
     inbox: asyncio.Queue[Inbound] = field(default_factory=asyncio.Queue)
     overflowed: bool = False
-
-
-async def stop_task(task: asyncio.Task[None], attempts: int = 5, wait_s: float = 0.5) -> None:
-    """Cancel a helper task and wait for it, within bounds.
-
-    On Python 3.11 a cancellation that lands as redis-py's read timeout expires can be turned
-    into that timeout (asyncio.timeout, fixed in 3.12): the pub/sub reader then reads on, and
-    awaiting it would hang the caller's end for ever. So cancel again until it ends.
-    """
-    for _ in range(attempts):
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=wait_s)
-        if done:
-            if not task.cancelled():
-                # Consume the outcome; its error ended the session already, or does not matter now.
-                with contextlib.suppress(Exception):
-                    task.result()
-            return
-    logger.error("a task did not stop when cancelled; abandoning it", extra={"task": task.get_name()})
 
 
 class EventSource:
@@ -159,7 +141,7 @@ class EventSource:
         """Stop reading; safe to call more than once."""
         task, self._task = self._task, None
         if task is not None and not task.done():
-            await stop_task(task, attempts=20)
+            await cancel_and_wait([task], wait_s=0.5, attempts=20)
 
     async def _run(self) -> None:
         """Keep the subscription up, reconnecting with capped, jittered backoff after a failure."""

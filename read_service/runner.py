@@ -28,7 +28,7 @@ from read_service.context import (
     ProjectorOptions,
     ProjectorState,
 )
-from read_service.event_source import EventSource, stop_task
+from read_service.event_source import EventSource
 from read_service.follower import Follower, FollowerHooks
 from read_service.generations import Generations, ParkedEvent
 from read_service.keyspace import KeySpace
@@ -41,6 +41,7 @@ from read_service.session import Session
 from read_service.status import ProjectorStatus, snapshot
 from read_service.view_store import CheckpointReader
 from shared_kernel.backoff import Backoff
+from shared_kernel.runtime import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +110,9 @@ class Projector:
         """Stop the projector and wait for it; safe to call more than once, or before start()."""
         task = self._task
         if task is not None and not task.done():
-            # A cancellation can be lost on Python 3.11 (see stop_task), so it is repeated; the
-            # caller's own cancellation still propagates from the wait.
-            await stop_task(task, attempts=20)
+            # A cancellation can be lost on Python 3.11 (see shared_kernel.runtime.cancel_and_wait),
+            # so it is repeated; the caller's own cancellation still propagates from the wait.
+            await cancel_and_wait([task], wait_s=0.5, attempts=20)
         await self._keyspace.close()
         await self._release_lease()
         if self._own_source:

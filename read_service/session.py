@@ -19,11 +19,12 @@ import logging
 from read_service.batches import BatchApplier
 from read_service.catch_up import CatchUp
 from read_service.context import ProjectionContext
-from read_service.event_source import Inbound, Kind, Subscriber, stop_task
+from read_service.event_source import Inbound, Kind, Subscriber
 from read_service.keyspace import KeySpace
 from read_service.parking import Parking
 from read_service.probe import Probe
 from read_service.rewind import RewindGuard
+from shared_kernel.runtime import cancel_and_wait
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class Session:
         finally:
             ctx.source.unsubscribe(subscriber)
             if probe is not None:
-                await stop_task(probe)
+                await cancel_and_wait([probe], wait_s=0.5, attempts=5)
 
     async def _next(self, inbox: asyncio.Queue[Inbound]) -> Inbound | None:
         """The next message; None when the pending marker is due first (the stream went quiet)."""

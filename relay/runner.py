@@ -22,6 +22,7 @@ from relay.publisher import Publisher, RedisPublisher
 from relay.settings import RelaySettings
 from shared_kernel.backoff import Backoff
 from shared_kernel.event_log import OUTBOX_NOTIFY_CHANNEL, head_position, read_positioned
+from shared_kernel.runtime import cancel_and_wait
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 
 logger = logging.getLogger(__name__)
@@ -319,7 +320,7 @@ class Relay:
             finally:
                 self._work = None
                 # Relaying has stopped before the lock can be released.
-                await _cancel_and_wait({work, guard, heartbeat})
+                await cancel_and_wait({work, guard, heartbeat})
             # The guard's reason comes first: a lost lock also makes the claim's fence fail.
             for task in (guard, work, heartbeat):
                 if task in done and not task.cancelled() and (error := task.exception()) is not None:
@@ -440,16 +441,6 @@ async def _wait_event(event: asyncio.Event, seconds: float) -> bool:
     return event.is_set()
 
 
-async def _cancel_and_wait(tasks: set[asyncio.Task[Any]]) -> None:
-    """Cancel `tasks` and wait until all have finished, cancelling again if one shrugged it off."""
-    pending = {t for t in tasks if not t.done()}
-    while pending:
-        for task in pending:
-            task.cancel()
-        # Library code can swallow a cancellation; asking again once a second is harmless.
-        _, pending = await asyncio.wait(pending, timeout=1.0)
-
-
 async def _together(first: Awaitable[None], second: Awaitable[_T]) -> _T:
     """Run both concurrently to the end; return the second's result, or raise an error (the first's first).
 
@@ -460,7 +451,7 @@ async def _together(first: Awaitable[None], second: Awaitable[_T]) -> _T:
     try:
         await asyncio.wait(tasks)
     except BaseException:
-        await _cancel_and_wait(set(tasks))
+        await cancel_and_wait(tasks)
         raise
     errors = [task.exception() for task in tasks]
     for error in errors:
