@@ -18,6 +18,7 @@ from read_service.batches import BatchApplier
 from read_service.context import ProjectionContext, ProjectorState
 from read_service.rewind import RewindGuard
 from shared_kernel.event_log import head_position, read_positioned
+from shared_kernel.runtime import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -41,41 +42,16 @@ class CatchUp:
         ctx.state = ProjectorState.CATCHING_UP
         ctx.counters.catch_ups += 1
         started = time.monotonic()
-        gap_deadline: float | None = None
-        # The views may hold events the log has lost since (a failover): checked beside the
-        # first read, before anything is applied.
-        _, checkpoint = await asyncio.gather(self._guard.check(), ctx.store.checkpoint())
-        while True:
-            await ctx.observe_checkpoint(checkpoint)
-            head = max(await head_position(ctx.pool), target)
-            ctx.counters.head = max(ctx.counters.head, head)
-            while checkpoint < head:
-                events = await read_positioned(ctx.pool, checkpoint, ctx.options.batch_size, up_to=head)
-                if not events:
-                    break
-                advanced = await self._batches.apply(events)
-                if ctx.is_parked():
-                    break
-                if advanced == checkpoint:
-                    # The log has a hole right after the checkpoint (a position not committed
-                    # yet); retry below rather than spin on the same read.
-                    break
-                checkpoint = advanced
-            if checkpoint >= target or ctx.is_parked():
-                break
-            # A live event may be ahead of what the log shows: the relay publishes right
-            # after it commits, so the rows appear within moments.
-            if gap_deadline is None:
-                gap_deadline = time.monotonic() + ctx.options.gap_wait_s
-            if time.monotonic() >= gap_deadline:
-                logger.warning(
-                    "event log does not reach position %s yet; will retry on the next message",
-                    target,
-                    extra={"projection": ctx.name, "checkpoint": checkpoint},
-                )
-                break
-            await asyncio.sleep(0.05)
-            checkpoint = await ctx.store.checkpoint()
+        # The views may hold events the log has lost since (a failover). The check runs beside
+        # the first reads, so the head is read as early as without it, and is settled before
+        # anything is applied.
+        guard = asyncio.ensure_future(self._guard.check())
+        try:
+            await self._apply_log(target, guard)
+            await guard
+        finally:
+            if not guard.done():
+                await cancel_and_wait([guard])
         logger.debug(
             "caught up",
             extra={
@@ -92,3 +68,40 @@ class CatchUp:
             ctx.state = ProjectorState.LIVE
         if not building:
             await ctx.set_ready(True)
+
+    async def _apply_log(self, target: int, guard: asyncio.Future[int]) -> None:
+        """Read and apply the log from the checkpoint to its head (and to `target`), after `guard`."""
+        ctx = self._ctx
+        gap_deadline: float | None = None
+        while True:
+            checkpoint = await ctx.store.checkpoint()
+            await ctx.observe_checkpoint(checkpoint)
+            head = max(await head_position(ctx.pool), target)
+            ctx.counters.head = max(ctx.counters.head, head)
+            while checkpoint < head:
+                events = await read_positioned(ctx.pool, checkpoint, ctx.options.batch_size, up_to=head)
+                if not events:
+                    break
+                await guard
+                advanced = await self._batches.apply(events)
+                if ctx.is_parked():
+                    break
+                if advanced == checkpoint:
+                    # The log has a hole right after the checkpoint (a position not committed
+                    # yet); retry below rather than spin on the same read.
+                    break
+                checkpoint = advanced
+            if checkpoint >= target or ctx.is_parked():
+                return
+            # A live event may be ahead of what the log shows: the relay publishes right
+            # after it commits, so the rows appear within moments.
+            if gap_deadline is None:
+                gap_deadline = time.monotonic() + ctx.options.gap_wait_s
+            if time.monotonic() >= gap_deadline:
+                logger.warning(
+                    "event log does not reach position %s yet; will retry on the next message",
+                    target,
+                    extra={"projection": ctx.name, "checkpoint": checkpoint},
+                )
+                return
+            await asyncio.sleep(0.05)
