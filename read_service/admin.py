@@ -104,7 +104,9 @@ async def skip(
             "see `python -m read_service.admin parked`"
         )
     event = events[0]
-    version = generation_version(event.generation) if event.generation else 1
+    # A projection run without generations parks with none: the skip is for this code's version.
+    spec = registered_projections().get(projection)
+    version = generation_version(event.generation) if event.generation else (spec.version if spec else 1)
     record: dict[str, object] = {
         "by": by,
         "at": datetime.now(UTC).isoformat(),
