@@ -7,13 +7,13 @@ by the projection's ops, in the same apply script call as the views, so they fol
 through checkpoints, generations (rebuilds), upcasting and parking without code of their own.
 
 A query for a term of at least three characters reads the cardinality of each of its trigram
-sets. When the smallest is at most `limit` (a rare term), the intersection of the sets is a
-short candidate list that holds every entity whose fields contain the term (a substring's
-trigrams are all trigrams of the field that contains it); the caller then reads those views,
-keeps those that really contain the term, orders them by the requested sort and pages them.
-A shorter term, or a common one (every trigram set larger than `limit`), is answered by the
-ordered scan of the sort index instead, which fills pages fast precisely because the term is
-common. See docs/decisions/0037-search-index.md.
+sets. When the smallest is at most a few times `limit` and the intersection of the sets holds
+at most `limit` ids (a rare term), the intersection is a short candidate list that holds every
+entity whose fields contain the term (a substring's trigrams are all trigrams of the field
+that contains it); the caller then reads those views, keeps those that really contain the
+term, orders them by the requested sort and pages them. A shorter term, or a common one (more
+candidates), is answered by the ordered scan of the sort index instead, which fills pages fast
+precisely because the term is common. See docs/decisions/0037-search-index.md.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from read_service.views.checkpointed import first_read
 GRAM = 3
 # Default size of the rarest trigram set above which a term is scanned rather than looked up.
 DEFAULT_CANDIDATE_LIMIT = 2000
+# A term whose rarest trigram set is larger than the candidate limit, but not more than this
+# many times larger, is still intersected: its trigrams may each be common while together
+# they are rare (a prefix such as "emma.wilson1"). Only a larger intersection is scanned.
+PROBE_FACTOR = 5
 # Views read per MGET while candidates are checked.
 CANDIDATE_CHUNK = 500
 
@@ -71,8 +75,8 @@ async def candidates(
 ) -> Candidates:
     """The candidate ids of a case-folded `term`; `at`'s checkpoint is read in the first round trip.
 
-    Returns `ids` None when the term is shorter than a trigram or every one of its trigram
-    sets holds more than `limit` ids: the caller scans the sort index. Whenever a trigram
+    Returns `ids` None when the term is shorter than a trigram or has more than `limit`
+    candidates (see PROBE_FACTOR): the caller scans the sort index. Whenever a trigram
     set is read, `at`'s checkpoint has been read before it (in the same pipeline), so the
     caller's scan must not read it again.
     """
@@ -87,13 +91,15 @@ async def candidates(
 
     sizes = [int(n) for n in await first_read(client, at, queue)]
     rarest = min(sizes)
-    if rarest > limit:
+    if rarest > limit * PROBE_FACTOR:
         return Candidates(None, checkpoint_read=True)
     if rarest == 0:
         return Candidates([], checkpoint_read=True)
     # Smallest set first: SINTER walks the first set and probes the others.
     ordered = [key for _, key in sorted(zip(sizes, keys, strict=True))]
     members = await client.sinter(ordered)
+    if len(members) > limit:
+        return Candidates(None, checkpoint_read=True)
     ids = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
     return Candidates(ids, checkpoint_read=True)
 
