@@ -34,7 +34,9 @@ DEFAULT_CANDIDATE_LIMIT = 2000
 # A term whose rarest trigram set is larger than the candidate limit, but not more than this
 # many times larger, is still intersected: its trigrams may each be common while together
 # they are rare (a prefix such as "emma.wilson1"). Only a larger intersection is scanned.
-PROBE_FACTOR = 5
+# SINTER stops probing an id at the first set that lacks it, so the probe costs about one
+# lookup per id of the rarest set; what bounds the factor is the reply when the term is common.
+PROBE_FACTOR = 10
 # Views read per MGET while candidates are checked.
 CANDIDATE_CHUNK = 500
 
