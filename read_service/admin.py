@@ -169,7 +169,9 @@ async def _carried_out(client: aioredis.Redis, base: str, projection: str, field
 async def _record_skip(
     client: aioredis.Redis, base: str, event: ParkedEvent, *, by: str, reason: str
 ) -> dict[str, object]:
-    version = generation_version(event.generation) if event.generation else 1
+    # A projection run without generations parks with none: the skip is for this code's version.
+    spec = registered_projections().get(event.projection)
+    version = generation_version(event.generation) if event.generation else (spec.version if spec else 1)
     record: dict[str, object] = {
         "by": by,
         "at": datetime.now(UTC).isoformat(),

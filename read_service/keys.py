@@ -13,6 +13,8 @@ Every key starts with the deployment's `redis_key_prefix` (written `P` below):
     P users:order:<order id>            string  the order's customer, currency, total and paid flag
                                                 (see projections.users.OrderNote)
     P users:spent:<user id>             hash    currency -> minor units paid and not refunded
+    P users:tri:<trigram>               set     ids of the users whose case-folded e-mail, username
+                                                or full name holds the trigram (read_service.search)
 
 `<sort>` is `created_at`, `email` or `username`; `<subset>` is `all`, `active` or `inactive`,
 so that every (sort, filter) pair of ListUsers reads one index in order. A member is the sort
@@ -81,6 +83,10 @@ class UserKeys:
         """Key of the hash of what a user has paid and not been refunded: currency -> minor units."""
         return f"{self.prefix}users:spent:{user_id}"
 
+    def trigram(self, gram: str) -> str:
+        """Key of the search index set of one trigram: the ids of the users whose fields hold it."""
+        return f"{self.prefix}users:tri:{gram}"
+
 
 def email_key(email: str) -> str:
     """The case-insensitive form of an e-mail address used for lookups and ordering."""
@@ -144,6 +150,9 @@ def product_member(sku: str, product_id: str) -> bytes:
 #     P orders:stats:<currency>:<day>     hash    the figures of orders placed that UTC day (YYYY-MM-DD)
 #                                                 in that currency: `placed`, `status:<STATUS>`,
 #                                                 `paid`, `revenue`, `qty:<sku>`, `name:<sku>`
+#     P orders:tri:<trigram>              set     ids of the orders whose case-folded customer name,
+#                                                 customer e-mail, line skus or product names hold
+#                                                 the trigram (read_service.search)
 #
 # Times and amounts in members are zero-padded decimal (microseconds since the epoch, minor
 # units), so that byte order is numeric order and members are exact keyset cursors.
@@ -179,6 +188,10 @@ class OrderKeys:
     def stats(self, currency_code: str, day: str) -> str:
         """Key of the figures of one (currency, UTC day)."""
         return f"{self.prefix}orders:stats:{currency_code}:{day}"
+
+    def trigram(self, gram: str) -> str:
+        """Key of the search index set of one trigram: the ids of the orders whose texts hold it."""
+        return f"{self.prefix}orders:tri:{gram}"
 
 
 def padded(value: int) -> str:

@@ -1,8 +1,9 @@
 """`make bench`: every benchmark figure beside a ceiling measured in the same run, as a table.
 
-    python -m devstack.bench [--quick | --full] [--only NAME ...] [--markdown FILE | --no-markdown] [--json FILE]
+    python -m devstack.bench [--quick | --full] [--only NAME ...] [--search-sizes N,N] [--markdown FILE | --no-markdown]
+                             [--json FILE]
 
-Runs the benches in order (read, write, relay, live, lag, rebuild, redis-loss, memory), prints an aligned table
+Runs the benches in order (read, write, relay, live, lag, rebuild, redis-loss, memory, search), prints an aligned table
 and rewrites the generated part of BENCHMARKS.md (between its bench markers; the rest of the
 file is kept). A bench that fails leaves its rows "not measured" with the reason, and the
 others still run. With --only the file is rewritten only when --markdown names it.
@@ -28,7 +29,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -47,6 +48,7 @@ from devstack.bench.memory_bench import MemorySizes, measure_memory, memory_rows
 from devstack.bench.read_bench import measure_read, read_rows
 from devstack.bench.rebuild_bench import RebuildSizes, measure_rebuild_row, rebuild_rows
 from devstack.bench.relay_bench import RelaySizes, measure_relay, relay_rows
+from devstack.bench.search_bench import SearchSizes, measure_search, parse_sizes, search_rows
 from devstack.bench.table import (
     MarkersMissing,
     Row,
@@ -58,7 +60,7 @@ from devstack.bench.table import (
 from devstack.bench.write_bench import WriteSizes, measure_write, write_rows
 from devstack.supervisor import REPO_ROOT
 
-BENCHES = ("read", "write", "relay", "live", "lag", "rebuild", "redis-loss", "memory")
+BENCHES = ("read", "write", "relay", "live", "lag", "rebuild", "redis-loss", "memory", "search")
 DEFAULT_MARKDOWN = REPO_ROOT / "BENCHMARKS.md"
 
 
@@ -75,6 +77,7 @@ class Sizes:
     memory: MemorySizes
     live: LiveSizes = field(default_factory=LiveSizes)
     redis_loss: RedisLossSizes = field(default_factory=RedisLossSizes)
+    search: SearchSizes = field(default_factory=SearchSizes)
 
     def describe(self) -> list[str]:
         """One line per bench, for the report."""
@@ -89,6 +92,8 @@ class Sizes:
             f"redis-loss: {self.redis_loss.events:,} events",
             f"memory: {self.memory.events:,} events and {self.memory.commands:,} commands per run "
             f"(after {self.memory.warmup_events:,} events / {self.memory.warmup_s:g} s of commands of warm-up)",
+            f"search: {', '.join(f'{n:,}' for n in self.search.sizes)} users and as many orders, "
+            f"{self.search.queries} queries per figure",
         ]
 
 
@@ -105,6 +110,7 @@ def sizes_for(profile: str) -> Sizes:
             memory=MemorySizes(events=20_000, commands=5_000, warmup_events=5_000, warmup_s=3.0),
             live=LiveSizes(events=3_000),
             redis_loss=RedisLossSizes(events=5_000),
+            search=SearchSizes(sizes=(2_000, 20_000), queries=50),
         )
     memory = MemorySizes(events=100_000, commands=20_000)
     if profile == "full":
@@ -164,6 +170,10 @@ def _memory(run: Run) -> list[Row]:
     return asyncio.run(measure_memory(run.backing, run.sizes.memory))
 
 
+def _search(run: Run) -> list[Row]:
+    return asyncio.run(measure_search(run.backing, run.sizes.search))
+
+
 _MEASURE: dict[str, Callable[[Run], list[Row]]] = {
     "read": _read,
     "write": _write,
@@ -173,6 +183,7 @@ _MEASURE: dict[str, Callable[[Run], list[Row]]] = {
     "rebuild": _rebuild,
     "redis-loss": _redis_loss,
     "memory": _memory,
+    "search": _search,
 }
 
 
@@ -187,6 +198,7 @@ def blank_rows(name: str, sizes: Sizes) -> list[Row]:
         "rebuild": rebuild_rows,
         "redis-loss": redis_loss_rows,
         "memory": memory_rows,
+        "search": lambda: search_rows(sizes.search),
     }
     return makers[name]()
 
@@ -237,6 +249,12 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     size.add_argument("--full", action="store_true", help="memory bench at 1M events / 100k commands per run")
     parser.add_argument("--only", action="append", choices=BENCHES, help="run only this bench (repeatable)")
+    parser.add_argument(
+        "--search-sizes",
+        type=parse_sizes,
+        metavar="N,N",
+        help="entities per search bench size (default 100000,1000000; --quick 2000,20000)",
+    )
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--markdown", type=Path, help="rewrite the bench markers of this file (default BENCHMARKS.md)")
     out.add_argument("--no-markdown", action="store_true", help="do not rewrite any file")
@@ -269,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except MarkersMissing as exc:
             parser.error(f"{markdown}: {exc}")
     sizes = sizes_for("quick" if args.quick else "full" if args.full else "default")
+    if args.search_sizes is not None:
+        sizes = replace(sizes, search=replace(sizes.search, sizes=args.search_sizes))
     command = " ".join(["python -m devstack.bench", *raw_args]).strip()
 
     def say(message: str) -> None:

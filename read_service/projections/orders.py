@@ -30,6 +30,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from read_service.keys import OrderKeys, OrderSortField, keyed_member
 from read_service.projections.base import Effect, Op, PoisonEvent
 from read_service.projections.support import canonical_id, decode, event_name, load, time_or_occurred
+from read_service.search import gram_ops, grams
 from tessera.catalog.v1.events_pb2 import StockReserved
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tessera.orders.v1.events_pb2 import (
@@ -77,7 +78,8 @@ class OrdersProjection:
     """Maintains the orders read model described in read_service.keys (OrderKeys)."""
 
     name = "orders"
-    version: int = 1
+    # 2: the search index (orders:tri:*); a replica of this version builds a generation that has it.
+    version: int = 2
 
     def __init__(self, keys: OrderKeys) -> None:
         self._keys = keys
@@ -283,14 +285,9 @@ class OrdersProjection:
     # -- from (old view, new view) to ops ---------------------------------------------------------
 
     def _memberships(self, view: OrderView) -> set[tuple[str, bytes]]:
-        order_id = view.order_id
-        placed = keyed_member(_micros(view.placed_at), order_id)
-        return {
-            (self._keys.by_customer(view.customer_id), placed),
-            (self._keys.index(OrderSortField.PLACED_AT), placed),
-            (self._keys.index(OrderSortField.TOTAL), keyed_member(view.total.amount_minor, order_id)),
-            (self._keys.index(OrderSortField.UPDATED_AT), keyed_member(_micros(view.updated_at), order_id)),
-        }
+        memberships = {(self._keys.index(sort), sort_member(sort, view)) for sort in OrderSortField}
+        memberships.add((self._keys.by_customer(view.customer_id), sort_member(OrderSortField.PLACED_AT, view)))
+        return memberships
 
     def _contributions(self, view: OrderView) -> Counter[tuple[str, str]]:
         key = self._keys.stats(view.total.currency_code, day_of(view.placed_at))
@@ -312,6 +309,9 @@ class OrdersProjection:
         after = self._memberships(new)
         ops.extend(("ZREM", index, member) for index, member in sorted(before - after))
         ops.extend(("ZADD", index, 0, member) for index, member in sorted(after - before))
+        ops.extend(
+            gram_ops(self._keys.trigram, new.order_id, set() if old is None else searchable(old), searchable(new))
+        )
         change: Counter[tuple[str, str]] = Counter(self._contributions(new))
         if old is not None:
             change.subtract(self._contributions(old))
@@ -320,6 +320,26 @@ class OrdersProjection:
             key = self._keys.stats(new.total.currency_code, day_of(new.placed_at))
             ops.extend(("HSET", key, f"name:{line.sku}", line.product_name) for line in new.lines)
         return Effect(ops=ops, state={view_key: data})
+
+
+def sort_member(sort: OrderSortField, view: OrderView) -> bytes:
+    """The member that places `view` in the index for `sort` (and, for placed_at, its customer's)."""
+    if sort is OrderSortField.PLACED_AT:
+        key = _micros(view.placed_at)
+    elif sort is OrderSortField.TOTAL:
+        key = view.total.amount_minor
+    else:
+        key = _micros(view.updated_at)
+    return keyed_member(key, view.order_id)
+
+
+def searchable(view: OrderView) -> set[str]:
+    """The trigrams SearchOrders' `text` looks for in an order (read_service.search)."""
+    texts = [view.customer_name, view.customer_email]
+    for line in view.lines:
+        texts.append(line.sku)
+        texts.append(line.product_name)
+    return grams(texts)
 
 
 def _copy(view: OrderView) -> OrderView:

@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from read_service.keys import SortField, Subset, UserKeys, email_key, index_member
 from read_service.projections.base import Effect, Op, PoisonEvent
 from read_service.projections.support import canonical_id, decode, time_or_occurred
+from read_service.search import gram_ops, grams
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tessera.orders.v1.events_pb2 import (
     OrderConfirmed,
@@ -85,6 +86,11 @@ class OrderNote:
         return cls(str(data["customer_id"]), str(data["currency"]), int(data["total"]), bool(data["paid"]))
 
 
+def _searchable(view: UserView) -> set[str]:
+    """The trigrams ListUsers' `search` looks for in a user (read_service.search)."""
+    return grams((view.email, view.username, view.full_name))
+
+
 def _canonical_user_id(envelope: EventEnvelope) -> str:
     return canonical_id(envelope.aggregate_id, "aggregate_id")
 
@@ -109,7 +115,8 @@ class UsersProjection:
     """Maintains the users read model described in read_service.keys."""
 
     name = "users"
-    version: int = 1
+    # 2: the search index (users:tri:*); a replica of this version builds a generation that has it.
+    version: int = 2
 
     def __init__(self, keys: UserKeys) -> None:
         self._keys = keys
@@ -179,6 +186,7 @@ class UsersProjection:
             ops.append(("ZADD", self._keys.index(sort, Subset.ACTIVE), 0, member))
         ops.append(("HINCRBY", self._keys.stats, "users", 1))
         ops.append(("HINCRBY", self._keys.stats, "active_users", 1))
+        ops.extend(gram_ops(self._keys.trigram, user_id, set(), _searchable(view)))
         return Effect(ops=ops, state={self._keys.view(user_id): data})
 
     def _current_view(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> UserView | None:
@@ -207,6 +215,7 @@ class UsersProjection:
         view = self._current_view(envelope, state)
         if view is None:
             return Effect()
+        before = _searchable(view)
         view.full_name = event.full_name
         view.bio = event.bio
         view.avatar_url = event.avatar_url
@@ -214,7 +223,9 @@ class UsersProjection:
         view.updated_at.CopyFrom(time_or_occurred(event.updated_at, envelope))
         data = view.SerializeToString(deterministic=True)
         key = self._keys.view(view.user_id)
-        return Effect(ops=[("SET", key, data)], state={key: data})
+        ops: list[Op] = [("SET", key, data)]
+        ops.extend(gram_ops(self._keys.trigram, view.user_id, before, _searchable(view)))
+        return Effect(ops=ops, state={key: data})
 
     def _deactivated(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> Effect:
         event = _decode(UserDeactivated, envelope)

@@ -20,7 +20,8 @@ from redis.asyncio.client import Pipeline
 
 from read_service.keys import OrderKeys, OrderSortField, member_id, padded
 from read_service.near_cache import NearCache
-from read_service.projections.orders import status_name
+from read_service.projections.orders import sort_member, status_name
+from read_service.search import DEFAULT_CANDIDATE_LIMIT, candidates, page_after, read_views
 from read_service.view_store import QueryCheckpoint, ViewReader, read_single_view, read_view_field
 from read_service.views.checkpointed import first_read
 from read_service.views.wire import view_bytes, view_field
@@ -146,13 +147,21 @@ class OrderViews:
     """Reads orders from Redis; raises the driver's errors for the caller to map."""
 
     def __init__(
-        self, client: aioredis.Redis, keys: OrderKeys, scan_limit: int = 5000, *, cache: NearCache | None = None
+        self,
+        client: aioredis.Redis,
+        keys: OrderKeys,
+        scan_limit: int = 5000,
+        *,
+        cache: NearCache | None = None,
+        candidate_limit: int = DEFAULT_CANDIDATE_LIMIT,
     ) -> None:
         self._client = client
         self._reader = ViewReader(client)
         self._keys = keys
         self._scan_limit = scan_limit
         self._cache = cache
+        # A search whose rarest trigram set is larger than this scans the sort index instead.
+        self._candidate_limit = candidate_limit
 
     async def get(self, order_id: str) -> OrderView | None:
         """The order with this canonical id, or None (through the near cache, when there is one)."""
@@ -207,7 +216,17 @@ class OrderViews:
         )
 
     async def search(self, query: SearchOrdersQuery, at: QueryCheckpoint | None = None) -> OrderPage:
-        """One page of matching orders in the query's order; `at`'s checkpoint is read with the first range."""
+        """One page of matching orders in the query's order; `at`'s checkpoint is read with the first read.
+
+        A text that the trigram index narrows to few candidates (read_service.search) is
+        answered from those, with full pages; a short or common one by the filtered scan.
+        """
+        if query.text:
+            plan = await candidates(self._client, self._keys.trigram, query.text, self._candidate_limit, at)
+            if plan.ids is not None:
+                return await self._indexed_page(query, plan.ids)
+            if plan.checkpoint_read:
+                at = None
         low, high = b"-", b"+"
         if query.sort is OrderSortField.PLACED_AT:
             # The placing-time bounds become bounds of the index range itself.
@@ -231,6 +250,24 @@ class OrderViews:
             high=high,
             at=at,
         )
+
+    async def _indexed_page(self, query: SearchOrdersQuery, ids: list[str]) -> OrderPage:
+        """A page from the search index's candidates: read, checked, ordered by the query's sort."""
+        raws = await read_views(self._client, [self._keys.view(order_id) for order_id in ids])
+        hits: list[tuple[bytes, object]] = []
+        for raw in raws:
+            if raw is None:
+                continue
+            view = OrderView.FromString(raw)
+            if query.matches(view):
+                hits.append((sort_member(query.sort, view), view))
+        wanted = query.page_size + 1
+        page = page_after(hits, query.cursor, query.descending, wanted)
+        next_cursor = None
+        if len(page) == wanted:
+            page = page[:-1]
+            next_cursor = page[-1][0]
+        return OrderPage([view for _, view in page if isinstance(view, OrderView)], next_cursor)
 
     async def statistics(self, query: StatisticsQuery, at: QueryCheckpoint | None = None) -> Statistics:
         """The range's figures: one HGETALL per day, in one pipeline with `at`'s checkpoint."""

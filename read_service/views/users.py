@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from read_service.keys import SortField, Subset, UserKeys, email_key, member_user_id
+from read_service.keys import SortField, Subset, UserKeys, email_key, index_member, member_user_id
 from read_service.near_cache import NearCache
+from read_service.search import DEFAULT_CANDIDATE_LIMIT, candidates, page_after, read_views
 from read_service.view_store import QueryCheckpoint, ViewReader
 from read_service.views.checkpointed import first_read
 from read_service.views.wire import view_bytes, view_field
@@ -99,13 +100,21 @@ class UserViews:
     """Reads users from Redis; raises the driver's errors for the caller to map."""
 
     def __init__(
-        self, client: aioredis.Redis, keys: UserKeys, scan_limit: int = 5000, *, cache: NearCache | None = None
+        self,
+        client: aioredis.Redis,
+        keys: UserKeys,
+        scan_limit: int = 5000,
+        *,
+        cache: NearCache | None = None,
+        candidate_limit: int = DEFAULT_CANDIDATE_LIMIT,
     ) -> None:
         self._client = client
         self._reader = ViewReader(client)
         self._keys = keys
         self._scan_limit = scan_limit
         self._cache = cache
+        # A search whose rarest trigram set is larger than this scans the sort index instead.
+        self._candidate_limit = candidate_limit
 
     def _keys_of(self, user_id: str) -> tuple[str, str]:
         # The view and what the user spent are kept apart: a write to either drops a cache entry.
@@ -217,13 +226,24 @@ class UserViews:
         return await self.get_field(_as_bytes(user_id).decode())
 
     async def list_page(self, query: ListUsersQuery, at: QueryCheckpoint | None = None) -> UserPage:
-        """One page in index order, starting after the query's cursor; `at`'s checkpoint is read with the first range.
+        """One page in index order, starting after the query's cursor; `at`'s checkpoint is read with the first read.
 
-        Without a search every index member is a hit. With one, members are read in chunks
-        and filtered here; at most `scan_limit` members are read per call, so a rare search
-        term may give a short (even empty) page with a next cursor: callers follow tokens
-        until none is returned.
+        Without a search every index member is a hit. A search term that the trigram index
+        narrows to few candidates (read_service.search) is answered from those: full pages.
+        A short or common term is answered by reading the sort index in chunks and filtering
+        here; at most `scan_limit` members are read per call, so such a search may give a
+        short page with a next cursor: callers follow tokens until none is returned.
         """
+        if query.search:
+            plan = await candidates(self._client, self._keys.trigram, query.search, self._candidate_limit, at)
+            if plan.ids is not None:
+                return await self._indexed_page(query, plan.ids)
+            if plan.checkpoint_read:
+                at = None
+        return await self._scanned_page(query, at)
+
+    async def _scanned_page(self, query: ListUsersQuery, at: QueryCheckpoint | None) -> UserPage:
+        """A page read from the sort index in order, each view filtered here (see `list_page`)."""
         index = self._keys.index(query.sort, query.subset)
         wanted = query.page_size + 1  # one more than a page tells whether another page exists
         # Without a search every member is a hit, so only a search needs a budget.
@@ -269,6 +289,26 @@ class UserViews:
             next_cursor = cursor
         views = [view for _, view in hits]
         await self._add_spending(views, spent)
+        return UserPage(views, next_cursor)
+
+    async def _indexed_page(self, query: ListUsersQuery, ids: list[str]) -> UserPage:
+        """A page from the search index's candidates: read, checked, ordered by the query's sort."""
+        raws = await read_views(self._client, [self._keys.view(user_id) for user_id in ids])
+        hits: list[tuple[bytes, object]] = []
+        for raw in raws:
+            if raw is None:
+                continue
+            view = UserView.FromString(raw)
+            if _matches(view, query):
+                hits.append((index_member(query.sort, view), view))
+        wanted = query.page_size + 1
+        page = page_after(hits, query.cursor, query.descending, wanted)
+        next_cursor = None
+        if len(page) == wanted:
+            page = page[:-1]
+            next_cursor = page[-1][0]
+        views = [view for _, view in page if isinstance(view, UserView)]
+        await self._add_spending(views)
         return UserPage(views, next_cursor)
 
     async def _range(

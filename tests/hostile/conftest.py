@@ -35,16 +35,31 @@ READ_KEY_KINDS = (
     "users:by_email",
     "users:idx:",
     "users:spent:",
+    "users:tri:",
     "catalog:view:",
     "catalog:idx:",
     "orders:view:",
     "orders:customer:",
     "orders:idx:",
     "orders:stats:",
+    "orders:tri:",
 )
-# The commands the query path sends; the projector's writes go through EVALSHA instead.
+# The commands the query path sends (SCARD and SINTER: the search index, read_service.search);
+# the projector's writes go through EVALSHA instead.
 QUERY_COMMANDS = frozenset(
-    {"GET", "MGET", "HGET", "HGETALL", "ZRANGE", "ZRANGEBYLEX", "ZREVRANGEBYLEX", "ZRANGEBYSCORE", "ZREVRANGEBYSCORE"}
+    {
+        "GET",
+        "MGET",
+        "HGET",
+        "HGETALL",
+        "ZRANGE",
+        "ZRANGEBYLEX",
+        "ZREVRANGEBYLEX",
+        "ZRANGEBYSCORE",
+        "ZREVRANGEBYSCORE",
+        "SCARD",
+        "SINTER",
+    }
 )
 
 

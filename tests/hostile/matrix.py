@@ -33,6 +33,8 @@ HEALTH = "/grpc.health.v1.Health/Check"
 
 KIB = 1024
 MIB = 1024 * KIB
+# The longest search term allowed, every trigram of it different (CJK ideographs): one index lookup per trigram.
+DISTINCT_100 = "".join(chr(0x4E00 + n) for n in range(100))
 UNKNOWN_ID = "7d444840-9dc0-11d1-b245-5ffdce74fad2"
 VALID_PASSWORD = "correct horse battery"
 
@@ -428,6 +430,13 @@ LIST_ROWS: list[Row] = [
         "OK",
     ),
     ("search_glob", "search `*?[a-z]{1}` (a literal substring)", _list(search="*?[a-z]{1}"), "OK"),
+    (
+        "search_key_syntax",
+        "search `}{users@v9g9}:tri:*` (key and hash-tag syntax, a literal substring)",
+        _list(search="}{users@v9g9}:tri:*"),
+        "OK",
+    ),
+    ("search_100", "search of 100 distinct chars (98 index lookups)", _list(search=DISTINCT_100), "OK"),
     ("search_crlf", "search with CR LF", _list(search="a\r\nb"), INVALID),
     ("search_nul", "search with NUL", _list(search="a\x00"), INVALID),
     ("search_101", "search of 101 chars", _list(search="s" * 101), INVALID),
@@ -626,6 +635,13 @@ SEARCH_ORDERS_ROWS: list[Row] = [
         "OK",
     ),
     ("text_glob", "text `*?[a-z]{1}` (a literal substring)", _search(text="*?[a-z]{1}"), "OK"),
+    (
+        "text_key_syntax",
+        "text `}{orders@v9g9}:tri:*` (key and hash-tag syntax, a literal substring)",
+        _search(text="}{orders@v9g9}:tri:*"),
+        "OK",
+    ),
+    ("text_100", "text of 100 distinct chars (98 index lookups)", _search(text=DISTINCT_100), "OK"),
     ("valid_window", "a one-day placing window", _placed((1_700_000_000, 0), (1_700_086_400, 0)), "OK"),
     ("5mib", "5 MiB text", _search(text="s" * (5 * MIB)), TOO_BIG),
 ]

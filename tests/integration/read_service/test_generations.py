@@ -25,10 +25,17 @@ from .test_projector import story
 pytestmark = pytest.mark.integration
 
 
+# The generations the users projection of this code builds first and second.
+GEN1 = f"v{UsersProjection.version}g1"
+GEN2 = f"v{UsersProjection.version}g2"
+# The second generation of the next version of the projection.
+NEXT_GEN2 = f"v{UsersProjection.version + 1}g2"
+
+
 class UsersV2(UsersProjection):
     """The users projection after a change of its stored shape."""
 
-    version = 2
+    version = UsersProjection.version + 1
 
 
 async def _view(client: aioredis.Redis, keys: UserKeys, user_id: str) -> UserView | None:
@@ -52,9 +59,9 @@ async def test_a_replica_claims_a_generation_and_its_queries_read_it(
     projector, query_keys, _ = await start_replica()
     await eventually(lambda: projector.ready)
 
-    assert await redis_client.get(pointer_key(redis_prefix, "users")) == b"v1g1"
-    assert projector.generation == "v1g1"
-    assert query_keys.prefix == keyspace_prefix(redis_prefix, "users", "v1g1")
+    assert await redis_client.get(pointer_key(redis_prefix, "users")) == GEN1.encode()
+    assert projector.generation == GEN1
+    assert query_keys.prefix == keyspace_prefix(redis_prefix, "users", GEN1)
     assert await _all_present(redis_client, query_keys, versions)
     assert await projector.read_checkpoint() == 30
 
@@ -96,16 +103,16 @@ async def test_a_rebuild_switches_running_replicas_and_drops_the_old_key_space(
     projector, query_keys, readiness = await start_replica()
     await eventually(lambda: projector.ready)
     old_prefix = query_keys.prefix
-    spec = ProjectionSpec("users", 1, lambda p: UsersProjection(UserKeys(p)))
+    spec = ProjectionSpec("users", UsersProjection.version, lambda p: UsersProjection(UserKeys(p)))
     progress = io.StringIO()
 
     result = await rebuild(redis_client, db_pool, redis_prefix, spec, batch_size=64, grace_s=0.5, stream=progress)
 
-    assert (result.generation, result.replaced, result.events, result.checkpoint) == ("v1g2", "v1g1", 300, 300)
+    assert (result.generation, result.replaced, result.events, result.checkpoint) == (GEN2, GEN1, 300, 300)
     assert result.dropped_keys > 100  # a view per user, the indexes, the e-mail hash, stats, checkpoint
     assert "300/300 events" in progress.getvalue() and "events/s" in progress.getvalue()
-    await eventually(lambda: projector.generation == "v1g2", timeout=5)
-    assert query_keys.prefix == keyspace_prefix(redis_prefix, "users", "v1g2")
+    await eventually(lambda: projector.generation == GEN2, timeout=5)
+    assert query_keys.prefix == keyspace_prefix(redis_prefix, "users", GEN2)
     assert readiness == [True], "following a switch never takes the replica out of service"
     assert [k async for k in redis_client.scan_iter(match=f"{old_prefix}*")] == []
 
@@ -131,13 +138,13 @@ async def test_a_new_projection_version_is_built_aside_then_switched_to(
     await event_log.append(*events)
     old, _, old_readiness = await start_replica(UsersProjection, switch_grace_s=0.3)
     await eventually(lambda: old.ready)
-    assert old.generation == "v1g1"
+    assert old.generation == GEN1
 
     new, new_keys, new_readiness = await start_replica(UsersV2, switch_grace_s=0.3)
     await eventually(lambda: new.ready, timeout=30)
 
-    assert new.generation == "v2g2"
-    assert await redis_client.get(pointer_key(redis_prefix, "users")) == b"v2g2"
+    assert new.generation == NEXT_GEN2
+    assert await redis_client.get(pointer_key(redis_prefix, "users")) == NEXT_GEN2.encode()
     assert new_readiness == [True], "the new version serves only once its generation is complete"
     assert await _all_present(redis_client, new_keys, versions)
     # The old version cannot read the new shape: it stops serving instead of mixing them.
@@ -145,7 +152,7 @@ async def test_a_new_projection_version_is_built_aside_then_switched_to(
     assert old.status().state is ProjectorState.OUTDATED
     assert old_readiness == [True, False]
     await eventually(
-        lambda: _empty(redis_client, keyspace_prefix(redis_prefix, "users", "v1g1")),
+        lambda: _empty(redis_client, keyspace_prefix(redis_prefix, "users", GEN1)),
         timeout=5,
         message="the old generation was not dropped",
     )
@@ -198,10 +205,10 @@ async def test_the_admin_cli_rebuilds_with_a_progress_bar_and_replicas_follow(
     )
 
     assert done.returncode == 0, done.stderr
-    assert "users: generation v1g2 built from 120 events up to position 120" in done.stdout
-    assert "replaced v1g1" in done.stdout
+    assert f"users: generation {GEN2} built from 120 events up to position 120" in done.stdout
+    assert f"replaced {GEN1}" in done.stdout
     assert "120/120 events" in done.stderr and "events/s" in done.stderr and "ETA" in done.stderr
-    await eventually(lambda: projector.generation == "v1g2", timeout=5)
+    await eventually(lambda: projector.generation == GEN2, timeout=5)
     assert await _all_present(redis_client, query_keys, versions)
     bad = await asyncio.to_thread(
         subprocess.run,

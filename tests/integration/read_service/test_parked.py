@@ -120,7 +120,9 @@ async def test_a_projection_that_raises_parks_the_event_and_applies_nothing_afte
     assert await view_of(redis_client, redis_prefix, late_id) is not None
     assert await view_of(redis_client, redis_prefix, broken.aggregate_id) is None
     assert await parked_events(redis_client, redis_prefix) == []
-    skipped = json.loads(await redis_client.hget(skips_key(redis_prefix, "users"), skip_field(1, 2)))
+    skipped = json.loads(
+        await redis_client.hget(skips_key(redis_prefix, "users"), skip_field(UsersProjection.version, 2))
+    )
     assert skipped["by"] == "oncall" and skipped["event_id"] == str(broken.event_id)
 
 

@@ -310,7 +310,7 @@ async def test_search_is_a_case_insensitive_substring_of_email_username_or_name(
                 assert got == want, (search, active, sort, direction, page_size)
 
 
-async def test_a_search_with_a_small_scan_budget_returns_short_pages_that_still_cover_everything(
+async def test_a_scanned_search_with_a_small_scan_budget_returns_short_pages_that_still_cover_everything(
     served: Served,
     users: UserFactory,
     views_client: aioredis.Redis,
@@ -319,7 +319,8 @@ async def test_a_search_with_a_small_scan_budget_returns_short_pages_that_still_
 ):
     people = await populate(served, users)
     servicer = UserQueryServicer(
-        UserViews(views_client, UserKeys(redis_prefix), scan_limit=3),
+        # Candidate limit 0: every term counts as common and is scanned, as a short term is.
+        UserViews(views_client, UserKeys(redis_prefix), scan_limit=3, candidate_limit=0),
         PageTokenCodec(SECRET),
         lambda: True,
     )
@@ -330,6 +331,37 @@ async def test_a_search_with_a_small_scan_budget_returns_short_pages_that_still_
         # A page may even be empty, with a token to go on.
         reply = await stub.ListUsers(pb.ListUsersRequest(page_size=1, search="zoe"))
         assert reply.next_page_token
+
+
+async def test_every_search_plan_gives_the_same_full_pages(
+    served: Served,
+    users: UserFactory,
+    views_client: aioredis.Redis,
+    redis_prefix: str,
+    serve_servicer: ServeServicer,
+):
+    """The scan (limit 0), an intersection too large for the index (limit 2: "smith"), and the index (limit 2000)."""
+    people = await populate(served, users)
+    for limit in (0, 2, 2000):
+        servicer = UserQueryServicer(
+            UserViews(views_client, UserKeys(redis_prefix), candidate_limit=limit), PageTokenCodec(SECRET), lambda: True
+        )
+        async with serve_servicer(servicer) as stub:
+            for search in ("smith", "jones", "ol", "@example.org", "_1", "zoe@", "nothing-like-it"):
+                for active in (0, pb.ACTIVE_FILTER_ACTIVE):
+                    want = expected(people, sort=pb.USER_SORT_FIELD_USERNAME, desc=True, active=active, search=search)
+                    got, calls = await list_all(
+                        stub,
+                        page_size=3,
+                        search=search.upper(),
+                        active=active,
+                        sort_by=pb.USER_SORT_FIELD_USERNAME,
+                        sort_direction=pb.SORT_DIRECTION_DESC,
+                    )
+                    assert got == want, (limit, search, active)
+                    if limit:
+                        # Full pages: as many calls as pages the results need (one for none).
+                        assert calls == max(1, -(-len(want) // 3)), (limit, search, active)
 
 
 async def test_paging_is_stable_while_users_are_added(served: Served, users: UserFactory):

@@ -117,7 +117,7 @@ async def test_a_rebuild_reads_version_1_as_version_2(
 ) -> None:
     ids, events = _pair()
     await event_log.append(*events)
-    spec = ProjectionSpec("users", 1, lambda p: UsersProjection(UserKeys(p)))
+    spec = ProjectionSpec("users", UsersProjection.version, lambda p: UsersProjection(UserKeys(p)))
     result = await rebuild(redis_client, db_pool, redis_prefix, spec, batch_size=64, grace_s=0.5, stream=io.StringIO())
     assert (result.events, result.checkpoint) == (2, 2)
     keys = UserKeys(keyspace_prefix(redis_prefix, "users", result.generation))

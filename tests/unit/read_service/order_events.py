@@ -328,6 +328,7 @@ class MemoryViews:
     strings: dict[str, bytes] = field(default_factory=dict)
     hashes: dict[str, dict[str, bytes | int]] = field(default_factory=dict)
     zsets: dict[str, set[bytes]] = field(default_factory=dict)
+    sets: dict[str, set[str]] = field(default_factory=dict)
     checkpoint: int = 0
     duplicates: int = 0
 
@@ -386,5 +387,16 @@ class MemoryViews:
             key, member = args
             assert isinstance(key, str) and isinstance(member, bytes)
             self.zsets.get(key, set()).discard(member)
+        elif name == "SADD":
+            key, member = args
+            assert isinstance(key, str) and isinstance(member, str)
+            self.sets.setdefault(key, set()).add(member)
+        elif name == "SREM":
+            key, member = args
+            assert isinstance(key, str) and isinstance(member, str)
+            found = self.sets.get(key, set())
+            found.discard(member)
+            if not found:
+                self.sets.pop(key, None)  # as Redis drops an empty set
         else:
             raise AssertionError(f"unexpected op {name!r}")

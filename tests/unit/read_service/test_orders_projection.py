@@ -9,7 +9,7 @@ import pytest
 
 from read_service.keys import OrderKeys, OrderSortField, keyed_member, member_id
 from read_service.projections.base import ALLOWED_COMMANDS, PoisonEvent
-from read_service.projections.orders import OrdersProjection
+from read_service.projections.orders import OrdersProjection, searchable
 from tessera.orders.v1.order_pb2 import OrderStatus
 from tessera.orders.v1.order_query_service_pb2 import OrderView
 from tests.unit.read_service.order_events import Events, MemoryViews, envelope
@@ -142,6 +142,32 @@ def test_item_added_moves_the_total_index(views: MemoryViews, events: Events) ->
     assert view.status == S.ORDER_STATUS_PENDING
     assert view.version == 3
     assert stats(views) == {"placed": 1, "status:PENDING": 1}
+
+
+def _indexed(views: MemoryViews) -> dict[str, set[str]]:
+    """The search index as trigram -> order ids."""
+    return {key.removeprefix(KEYS.trigram("")): ids for key, ids in views.sets.items()}
+
+
+def test_the_search_index_follows_the_order_texts_and_ignores_status_changes(
+    views: MemoryViews, events: Events
+) -> None:
+    anvil, bolt = catalog(events)
+    order_id, placed = events.place(CUSTOMER, [(anvil, 1)], name="Ada Lovelace", email="ada@example.com")
+    views.play([placed])
+    view = order(views, order_id)
+    assert _indexed(views) == {g: {order_id} for g in searchable(view)}
+    assert {"ada", "@ex", "abc", "anv"} <= set(_indexed(views))
+    assert "bol" not in _indexed(views)
+
+    views.play([events.add_item(order_id, bolt, 2)])
+    assert _indexed(views)["bol"] == {order_id} and _indexed(views)["t-7"] == {order_id}
+
+    indexed = _indexed(views)
+    views.play(events.reserve(order_id))
+    views.play([events.cancel(order_id, S.ORDER_STATUS_RESERVED)])
+    assert order(views, order_id).status == S.ORDER_STATUS_CANCELLED
+    assert _indexed(views) == indexed
 
 
 def test_rejected_after_a_failed_reservation(views: MemoryViews, events: Events) -> None:

@@ -11,6 +11,7 @@ from google.protobuf.message import Message
 from read_service.keys import SortField, Subset, UserKeys, index_member, member_user_id
 from read_service.projections.base import ALLOWED_COMMANDS, Effect, PoisonEvent
 from read_service.projections.users import UsersProjection
+from read_service.search import grams
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tessera.users.v1.events_pb2 import UserDeactivated, UserProfileUpdated, UserRegistered
 from tessera.users.v1.user_query_service_pb2 import UserView
@@ -92,6 +93,9 @@ def test_registered_writes_view_email_index_sorted_indexes_and_counters(projecti
         assert not any(op[1] == KEYS.index(sort, Subset.INACTIVE) for op in ops)
     assert ("HINCRBY", KEYS.stats, "users", 1) in ops
     assert ("HINCRBY", KEYS.stats, "active_users", 1) in ops
+    searchable = grams(["Ada@Example.com", "AdaL", "Ada Lovelace"])
+    assert {op[1] for op in ops if op[0] == "SADD"} == {KEYS.trigram(g) for g in searchable}
+    assert {"ada", "@ex", "a l", "ace"} <= searchable
     assert all(str(op[0]) in ALLOWED_COMMANDS for op in ops)
 
 
@@ -122,7 +126,15 @@ def test_profile_updated_reads_the_view_and_rewrites_only_it(projection):
     assert view.version == 2
     assert view.created_at.ToDatetime(tzinfo=UTC) == REGISTERED_AT
     assert view.updated_at.ToDatetime(tzinfo=UTC) == UPDATED_AT
-    assert list(effect.ops) == [("SET", KEYS.view(USER_ID), effect.state[KEYS.view(USER_ID)])]
+    # The search index moves from the old full name's trigrams to the new one's.
+    assert effect.ops[0] == ("SET", KEYS.view(USER_ID), effect.state[KEYS.view(USER_ID)])
+    assert {op[0] for op in effect.ops[1:]} == {"SREM", "SADD"}
+    before = grams(["Ada@Example.com", "AdaL", "Ada Lovelace"])
+    after = grams(["Ada@Example.com", "AdaL", "Ada King"])
+    assert {op[1] for op in effect.ops if op[0] == "SREM"} == {KEYS.trigram(g) for g in before - after}
+    assert {op[1] for op in effect.ops if op[0] == "SADD"} == {KEYS.trigram(g) for g in after - before}
+    assert all(op[2] == USER_ID for op in effect.ops if op[0] in ("SREM", "SADD"))
+    assert KEYS.trigram("ada") not in {op[1] for op in effect.ops}  # still in the e-mail and username
 
 
 def test_deactivated_moves_the_user_to_the_inactive_indexes(projection):

@@ -1,0 +1,125 @@
+"""The trigram search index: which entities a search term may match, without reading every view.
+
+A projection keeps one Redis set per trigram (three consecutive characters of a case-folded
+searchable field) in its own key space, holding the ids of the entities whose fields contain
+that trigram (read_service.keys: `users:tri:<gram>`, `orders:tri:<gram>`). The sets are written
+by the projection's ops, in the same apply script call as the views, so they follow the views
+through checkpoints, generations (rebuilds), upcasting and parking without code of their own.
+
+A query for a term of at least three characters reads the cardinality of each of its trigram
+sets. When the smallest is at most a few times `limit` and the intersection of the sets holds
+at most `limit` ids (a rare term), the intersection is a short candidate list that holds every
+entity whose fields contain the term (a substring's trigrams are all trigrams of the field
+that contains it); the caller then reads those views, keeps those that really contain the
+term, orders them by the requested sort and pages them. A shorter term, or a common one (more
+candidates), is answered by the ordered scan of the sort index instead, which fills pages fast
+precisely because the term is common. See docs/decisions/0037-search-index.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+
+from read_service.view_store import QueryCheckpoint
+from read_service.views.checkpointed import first_read
+
+# Characters per gram. Shorter terms cannot use the index.
+GRAM = 3
+# Default size of the rarest trigram set above which a term is scanned rather than looked up.
+DEFAULT_CANDIDATE_LIMIT = 2000
+# A term whose rarest trigram set is larger than the candidate limit, but not more than this
+# many times larger, is still intersected: its trigrams may each be common while together
+# they are rare (a prefix such as "emma.wilson1"). Only a larger intersection is scanned.
+# SINTER stops probing an id at the first set that lacks it, so the probe costs about one
+# lookup per id of the rarest set; what bounds the factor is the reply when the term is common.
+PROBE_FACTOR = 10
+# Views read per MGET while candidates are checked.
+CANDIDATE_CHUNK = 500
+
+
+def grams(texts: Iterable[str]) -> set[str]:
+    """The trigrams of each case-folded text (none spans two texts)."""
+    found: set[str] = set()
+    for text in texts:
+        folded = text.casefold()
+        found.update(folded[i : i + GRAM] for i in range(len(folded) - GRAM + 1))
+    return found
+
+
+def gram_ops(
+    key_of: Callable[[str], str], entity_id: str, before: set[str], after: set[str]
+) -> list[tuple[str, str, str]]:
+    """The set writes that move an entity from the trigrams `before` to `after` (in a stable order)."""
+    ops = [("SREM", key_of(g), entity_id) for g in sorted(before - after)]
+    ops.extend(("SADD", key_of(g), entity_id) for g in sorted(after - before))
+    return ops
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """The ids that may match a term (a superset of the matches), or `ids` None: scan instead."""
+
+    ids: list[str] | None
+    # Whether the query's checkpoint has been read (the scan must then not read it again).
+    checkpoint_read: bool = False
+
+
+async def candidates(
+    client: aioredis.Redis,
+    key_of: Callable[[str], str],
+    term: str,
+    limit: int,
+    at: QueryCheckpoint | None,
+) -> Candidates:
+    """The candidate ids of a case-folded `term`; `at`'s checkpoint is read in the first round trip.
+
+    Returns `ids` None when the term is shorter than a trigram or has more than `limit`
+    candidates (see PROBE_FACTOR): the caller scans the sort index. Whenever a trigram
+    set is read, `at`'s checkpoint has been read before it (in the same pipeline), so the
+    caller's scan must not read it again.
+    """
+    term_grams = sorted(grams([term]))
+    if not term_grams or limit <= 0:
+        return Candidates(None)
+    keys = [key_of(g) for g in term_grams]
+
+    def queue(pipe: Pipeline) -> None:
+        for key in keys:
+            pipe.scard(key)
+
+    sizes = [int(n) for n in await first_read(client, at, queue)]
+    rarest = min(sizes)
+    if rarest > limit * PROBE_FACTOR:
+        return Candidates(None, checkpoint_read=True)
+    if rarest == 0:
+        return Candidates([], checkpoint_read=True)
+    # Smallest set first: SINTER walks the first set and probes the others.
+    ordered = [key for _, key in sorted(zip(sizes, keys, strict=True))]
+    members = await client.sinter(ordered)
+    if len(members) > limit:
+        return Candidates(None, checkpoint_read=True)
+    ids = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+    return Candidates(ids, checkpoint_read=True)
+
+
+async def read_views(client: aioredis.Redis, view_keys: list[str]) -> list[bytes | None]:
+    """The raw views at `view_keys`, in order, in chunks of MGET."""
+    raws: list[bytes | None] = []
+    for start in range(0, len(view_keys), CANDIDATE_CHUNK):
+        chunk = await client.mget(view_keys[start : start + CANDIDATE_CHUNK])
+        raws.extend(r if r is None or isinstance(r, bytes) else str(r).encode() for r in chunk)
+    return raws
+
+
+def page_after(
+    hits: list[tuple[bytes, object]], cursor: bytes | None, descending: bool, wanted: int
+) -> list[tuple[bytes, object]]:
+    """The first `wanted` hits after `cursor` in index order (members compare as Redis BYLEX does)."""
+    if cursor is not None:
+        hits = [h for h in hits if (h[0] < cursor if descending else h[0] > cursor)]
+    hits.sort(key=lambda h: h[0], reverse=descending)
+    return hits[:wanted]

@@ -1,0 +1,32 @@
+"""The trigram helpers of the search index: which grams a text has, how an update moves them, paging."""
+
+from __future__ import annotations
+
+from read_service.search import gram_ops, grams, page_after
+
+
+def test_grams_are_case_folded_and_never_span_two_texts() -> None:
+    assert grams(["AbcD"]) == {"abc", "bcd"}
+    assert grams(["ab", "cd"]) == set()  # "abc" would span the two
+    assert grams(["Straße"]) == grams(["STRASSE"])  # full case folding, as the query folds the term
+    assert grams(["*?[", "a\x00b"]) == {"*?[", "a\x00b"}  # any character is literal
+
+
+def test_every_substring_of_three_or_more_has_only_grams_of_its_text() -> None:
+    text = "Ada.Lovelace@Example.org"
+    for start in range(len(text)):
+        for end in range(start + 3, len(text) + 1):
+            assert grams([text[start:end]]) <= grams([text])
+
+
+def test_gram_ops_remove_what_is_gone_and_add_what_is_new() -> None:
+    ops = gram_ops(lambda g: f"k:{g}", "id-1", {"abc", "bcd"}, {"bcd", "cde"})
+    assert ops == [("SREM", "k:abc", "id-1"), ("SADD", "k:cde", "id-1")]
+    assert gram_ops(lambda g: g, "id", {"x"}, {"x"}) == []
+
+
+def test_page_after_orders_by_member_and_starts_after_the_cursor() -> None:
+    hits: list[tuple[bytes, object]] = [(b"b", 2), (b"a", 1), (b"d", 4), (b"c", 3)]
+    assert [h[1] for h in page_after(list(hits), None, False, 3)] == [1, 2, 3]
+    assert [h[1] for h in page_after(list(hits), b"b", False, 3)] == [3, 4]
+    assert [h[1] for h in page_after(list(hits), b"c", True, 3)] == [2, 1]
