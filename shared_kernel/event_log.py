@@ -74,24 +74,7 @@ async def append_events(
         return
     traceparent, tracestate = current_trace_context()
     await conn.executemany(
-        _INSERT,
-        [
-            (
-                e.event_id,
-                e.event_type,
-                e.schema_version,
-                e.aggregate_type,
-                e.aggregate_id,
-                e.aggregate_version,
-                e.payload.SerializeToString(),
-                e.occurred_at,
-                correlation_id,
-                causation_id,
-                traceparent,
-                tracestate,
-            )
-            for e in events
-        ],
+        _INSERT, [_outbox_row(e, correlation_id, causation_id, traceparent, tracestate) for e in events]
     )
 
 
@@ -127,26 +110,33 @@ def outbox_insert(
     return _INSERT_ROWS, args
 
 
+def _outbox_row(
+    e: NewEvent, correlation_id: str, causation_id: str, traceparent: str, tracestate: str
+) -> tuple[Any, ...]:
+    """One outbox row's values, in the order of the insert's columns."""
+    return (
+        e.event_id,
+        e.event_type,
+        e.schema_version,
+        e.aggregate_type,
+        e.aggregate_id,
+        e.aggregate_version,
+        e.payload.SerializeToString(),
+        e.occurred_at,
+        correlation_id,
+        causation_id,
+        traceparent,
+        tracestate,
+    )
+
+
 def add_outbox_rows(
     args: tuple[list[Any], ...], events: Sequence[NewEvent], *, correlation_id: str, causation_id: str
 ) -> None:
     """Append `events` (with the current trace context) to the argument arrays of an `outbox_insert`."""
     traceparent, tracestate = current_trace_context()
     for e in events:
-        row = (
-            e.event_id,
-            e.event_type,
-            e.schema_version,
-            e.aggregate_type,
-            e.aggregate_id,
-            e.aggregate_version,
-            e.payload.SerializeToString(),
-            e.occurred_at,
-            correlation_id,
-            causation_id,
-            traceparent,
-            tracestate,
-        )
+        row = _outbox_row(e, correlation_id, causation_id, traceparent, tracestate)
         for column, value in zip(args, row, strict=True):
             column.append(value)
 
