@@ -270,7 +270,9 @@ async def test_an_operator_skip_drops_the_first_parked_event_and_applies_the_res
     assert skipped.returncode == 0, skipped.stderr
     assert "settled: its events are applied" in skipped.stdout
     assert not projector.parked_aggregates
-    record = json.loads(_text(await redis_client.hget(skips_key(live, "orders"), skip_field(OrdersProjection.version, poison_at))))
+    record = json.loads(
+        _text(await redis_client.hget(skips_key(live, "orders"), skip_field(OrdersProjection.version, poison_at)))
+    )
     assert (record["by"], record["reason"]) == ("alice", "bad bytes")
     # The authorization is gone for good; the capture, confirm and ship of o1 are applied.
     assert await live_state(redis_client, live) == await rebuilt(redis_client, db_pool, live, f"{redis_prefix}ref:")
