@@ -22,6 +22,11 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 PAUSES_S = (5.0, 12.0)
 # The schedule, not the count, bounds the pause scenario: the workload stops after it.
 PAUSE_COMMAND_CAP = 50_000
+# The kill scenario runs at least 10,000 commands and at least KILLS_WANTED kills, whichever
+# takes longer: a faster write path must not shorten the run below enough kills to mean anything.
+KILL_COMMANDS = 10_000
+KILLS_WANTED = 6
+KILL_COMMAND_CAP = 50_000
 
 
 async def no_fault(stack: ChaosStack, workload: Workload, done: asyncio.Event) -> dict[str, Any]:
@@ -53,6 +58,8 @@ async def kill_active_relay(stack: ChaosStack, workload: Workload, done: asyncio
         if new_port is None:
             raise AssertionError(f"no relay took the lock within 15 s of kill #{kills}")
         takeovers.append(seconds)
+        if kills >= KILLS_WANTED and workload.progress >= KILL_COMMANDS:
+            workload.stop()
     await asyncio.gather(*restarts)
     return {
         "faults": kills,
@@ -122,10 +129,12 @@ async def test_kill_active_relay_every_two_seconds(chaos_report: ChaosReport, ch
         "1-relay-kill",
         "kill -9 the active relay every 2 s (±0.5 s), 3 relays, killed ones restarted",
         kill_active_relay,
-        commands=10_000,
+        commands=KILL_COMMAND_CAP,
         relays=3,
+        notes=[f"at least {KILL_COMMANDS:,} commands and {KILLS_WANTED} kills, whichever takes longer"],
     )
     record = await run_scenario(scenario, chaos_report, chaos_logs)
+    assert record.figures.get("commands", 0) >= KILL_COMMANDS
     assert record.figures.get("relay_kills", 0) >= 5, "too few kills to mean anything"
     assert record.passed, record.failures
 
