@@ -42,10 +42,13 @@ class Session:
         self.catch_up = CatchUp(ctx, self.batches, self.guard)
         self.probe = Probe(ctx, self.parking, self.guard)
         self._subscriber: Subscriber | None = None
+        # The highest position the stream has delivered in this session.
+        self._delivered = 0
 
     async def run(self) -> None:
         """Subscribe, catch up, and apply live events until something ends the session."""
         ctx = self._ctx
+        self._delivered = 0
         await ctx.store.load_script()
         replaces = await self._keyspace.choose()
         await self.parking.load()
@@ -156,6 +159,7 @@ class Session:
             return
         highest = max(e.position for e in envelopes)
         ctx.counters.head = max(ctx.counters.head, highest)
+        delivered_before, self._delivered = self._delivered, max(self._delivered, highest)
         if ctx.is_parked():
             return
         seen = ctx.seen()
@@ -165,8 +169,11 @@ class Session:
         # A relay re-publish can repeat positions: keep one envelope per position, in order.
         fresh = sorted({e.position: e for e in envelopes if e.position > seen}.values(), key=lambda e: e.position)
         if len(fresh) < len(envelopes):
-            # Repeated positions: a relay re-publishing, or a log that went back (a failover).
-            ctx.counters.duplicates += len(envelopes) - len(fresh)
+            # A position the stream delivered before is a repeat (a relay re-publishing, or a
+            # log that went back under a failover); one that catch-up applied from the log just
+            # before its live copy arrived is not counted. Either way the log is checked.
+            repeated = sum(1 for e in envelopes if e.position <= min(seen, delivered_before))
+            ctx.counters.duplicates += repeated + len(envelopes) - len({e.position for e in envelopes})
             await self.guard.check()
         # The batch starts from the checkpoint in Redis, which another replica sharing the
         # views may have moved past ours; a gap before or inside the run is left to the log.

@@ -275,10 +275,36 @@ class ViewStore:
             for keys, argv in calls:
                 pipe.evalsha(sha, len(keys), *keys, *argv)
             if fingerprint is not None:
-                pipe.set(fingerprint_key(self._checkpoint_key), fingerprint.encode())
+                pipe.eval(
+                    _FINGERPRINT_SCRIPT,
+                    2,
+                    fingerprint_key(self._checkpoint_key),
+                    self._checkpoint_key,
+                    fingerprint.position,
+                    fingerprint.event_id,
+                )
             replies = list(await pipe.execute())
         return replies[: len(calls)]
 
+
+# Stores a fingerprint (read_service.log_guard) after the apply script: only for a position
+# the checkpoint has reached, and never below the one stored, so that two writers sharing a
+# key space leave the same fingerprint one writer would. KEYS: fingerprint, checkpoint.
+_FINGERPRINT_SCRIPT = """
+local position = tonumber(ARGV[1])
+if tonumber(redis.call('GET', KEYS[2]) or '0') < position then
+  return 0
+end
+local current = redis.call('GET', KEYS[1])
+if current then
+  local stored = tonumber(string.match(current, '^(%d+):'))
+  if stored and stored > position then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2])
+return 1
+"""
 
 # Reads what one single-view query needs in one command: KEYS[1] the checkpoint, KEYS[2] the
 # view, any further KEYS hashes the view merges (a user's spending). Redis runs a script

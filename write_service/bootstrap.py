@@ -31,6 +31,7 @@ from write_service.settings import WriteServiceSettings
 
 logger = logging.getLogger(__name__)
 
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 5_000
 APPLICATION_NAME = "tessera-write-service"
 _POOL_CLOSE_TIMEOUT_S = 10.0
 
@@ -95,7 +96,16 @@ async def open_pool(settings: WriteServiceSettings) -> AsyncIterator[asyncpg.Poo
     """Open the Postgres pool (waiting for Postgres at start-up) and close it on the way out."""
     # No server-side reset on release: every command's state is transaction-local (SET LOCAL,
     # xact advisory locks), and the reset cost a round trip per command.
-    pool = await create_pool(settings, APPLICATION_NAME, wait_s=settings.database_startup_wait_s, reset_sessions=False)
+    # A command's transaction is one statement, or a few for a retry with locked reads; one
+    # left open (a call cancelled at the wrong moment, a connection the pool lost track of)
+    # must not hold its locks until the connection is closed.
+    pool = await create_pool(
+        settings,
+        APPLICATION_NAME,
+        wait_s=settings.database_startup_wait_s,
+        reset_sessions=False,
+        session_settings={"idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_TIMEOUT_MS)},
+    )
     try:
         yield pool
     finally:
