@@ -13,6 +13,7 @@ import pytest
 
 from devstack.supervisor import ServiceProcess
 from tessera.payments.v1 import payment_provider_pb2 as pb
+from tests.integration.write_service.saga.conftest import configured_channels, provider_processes
 from tests.integration.write_service.saga.support import (
     Settings,
     add_product,
@@ -35,22 +36,13 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def secondary_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """A second `python -m payment_provider`, on its own free port with its own ledger."""
-    logs = tmp_path_factory.mktemp("secondary-provider")
-    with ServiceProcess.python_module(
-        "payment-provider-secondary",
-        "payment_provider",
-        grpc_port=0,
-        env={"LOG_LEVEL": "WARNING", "GRPC_SHUTDOWN_GRACE_S": "1"},
-        log_path=logs / "provider.log",
-    ) as process:
-        yield process
+    yield from provider_processes(tmp_path_factory, "payment-provider-secondary")
 
 
 @pytest.fixture
 async def secondary(secondary_process: ServiceProcess) -> AsyncIterator[grpc.aio.Channel]:
     """A channel to the secondary provider, with every injected failure switched off."""
-    async with grpc.aio.insecure_channel(secondary_process.address) as channel:
-        await configure_provider(channel)
+    async for channel in configured_channels(secondary_process):
         yield channel
 
 
