@@ -15,16 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from read_service.keys import OrderKeys, OrderSortField, padded
-from read_service.near_cache import NearCache
 from read_service.projections.orders import sort_member, status_name
-from read_service.search import DEFAULT_CANDIDATE_LIMIT
-from read_service.view_store import QueryCheckpoint, ViewReader, read_single_view, read_view_field
+from read_service.view_store import QueryCheckpoint, read_single_view, read_view_field
+from read_service.views.base import SearchableViews
 from read_service.views.checkpointed import first_read
-from read_service.views.paging import IndexPager, PageRequest, Search
+from read_service.views.paging import PageRequest, Search
 from read_service.views.wire import view_bytes, view_field
 from tessera.common.v1.money_pb2 import Money
 from tessera.orders.v1.order_pb2 import OrderStatus
@@ -142,23 +140,8 @@ class Statistics:
         return self.revenue_minor // self.paid_orders if self.paid_orders else 0
 
 
-class OrderViews:
+class OrderViews(SearchableViews[OrderKeys]):
     """Reads orders from Redis; raises the driver's errors for the caller to map."""
-
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        keys: OrderKeys,
-        scan_limit: int = 5000,
-        *,
-        cache: NearCache | None = None,
-        candidate_limit: int = DEFAULT_CANDIDATE_LIMIT,
-    ) -> None:
-        self._client = client
-        self._reader = ViewReader(client)
-        self._keys = keys
-        self._cache = cache
-        self._pager = IndexPager(client, scan_limit, candidate_limit)
 
     async def get(self, order_id: str) -> OrderView | None:
         """The order with this canonical id, or None (through the near cache, when there is one)."""
@@ -171,13 +154,6 @@ class OrderViews:
     async def get_at(self, order_id: str, at: QueryCheckpoint) -> OrderView | None:
         """Like `get`, also setting `at.position`; a read from Redis takes the checkpoint in the same round trip."""
         return await read_single_view(self._client, self._keys.view(order_id), OrderView.FromString, at, self._cache)
-
-    def cached_field(self, order_id: str, at: QueryCheckpoint) -> tuple[bytes | None] | None:
-        """`(field,)` from the near cache at the projector's checkpoint, setting `at.position`; None on a miss."""
-        if self._cache is None:
-            return None
-        hit: tuple[bytes | None] | None = at.from_memory(self._cache, self._keys.view(order_id))
-        return hit
 
     async def field_at(self, order_id: str, at: QueryCheckpoint) -> bytes | None:
         """Like `get_at`, as field 1 of a reply (read_service.views.wire), without parsing the view."""

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from read_service.keys import SortField, Subset, UserKeys, email_key, index_member
-from read_service.near_cache import NearCache
-from read_service.search import DEFAULT_CANDIDATE_LIMIT
-from read_service.view_store import QueryCheckpoint, ViewReader
+from read_service.view_store import QueryCheckpoint
+from read_service.views.base import SearchableViews
 from read_service.views.checkpointed import first_read
-from read_service.views.paging import IndexPager, PageRequest, Search
+from read_service.views.paging import PageRequest, Search
 from read_service.views.wire import view_bytes, view_field
 from tessera.common.v1.money_pb2 import Money
 from tessera.users.v1.user_query_service_pb2 import UserView
@@ -93,23 +90,8 @@ def _parse(field: bytes | None) -> UserView | None:
     return None if field is None else UserView.FromString(view_bytes(field))
 
 
-class UserViews:
+class UserViews(SearchableViews[UserKeys]):
     """Reads users from Redis; raises the driver's errors for the caller to map."""
-
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        keys: UserKeys,
-        scan_limit: int = 5000,
-        *,
-        cache: NearCache | None = None,
-        candidate_limit: int = DEFAULT_CANDIDATE_LIMIT,
-    ) -> None:
-        self._client = client
-        self._reader = ViewReader(client)
-        self._keys = keys
-        self._cache = cache
-        self._pager = IndexPager(client, scan_limit, candidate_limit)
 
     def _keys_of(self, user_id: str) -> tuple[str, str]:
         # The view and what the user spent are kept apart: a write to either drops a cache entry.
@@ -128,13 +110,6 @@ class UserViews:
     async def get_at(self, user_id: str, at: QueryCheckpoint) -> UserView | None:
         """Like `get`, also setting `at.position`; a read from Redis takes the checkpoint in the same round trip."""
         return _parse(await self.field_at(user_id, at))
-
-    def cached_field(self, user_id: str, at: QueryCheckpoint) -> tuple[bytes | None] | None:
-        """`(field,)` from the near cache at the projector's checkpoint, setting `at.position`; None on a miss."""
-        if self._cache is None:
-            return None
-        hit: tuple[bytes | None] | None = at.from_memory(self._cache, self._keys.view(user_id))
-        return hit
 
     async def field_at(self, user_id: str, at: QueryCheckpoint) -> bytes | None:
         """Like `get_at`, as field 1 of a reply: the view and what the user spent, without building a message."""
