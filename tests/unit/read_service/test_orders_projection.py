@@ -287,5 +287,9 @@ def test_members_carry_the_order_id_and_ops_are_allowed(events: Events) -> None:
     order_id, placed = events.place(CUSTOMER, [(anvil, 1)])
     effect = OrdersProjection(KEYS).project(envelope(placed, 1), {})
     assert {op[0] for op in effect.ops} <= ALLOWED_COMMANDS
-    members = [op[3] for op in effect.ops if op[0] == "ZADD"]
+    members = [op[3] for op in effect.ops if op[0] == "ZADD" and op[1] != KEYS.rank]
     assert members and all(isinstance(m, bytes) and member_id(m) == order_id for m in members)
+    # The rank set holds the bare id, scored by the placing time in microseconds.
+    assert [op[2:] for op in effect.ops if op[1] == KEYS.rank] == [
+        (placed.payload.placed_at.ToMicroseconds(), order_id)
+    ]
