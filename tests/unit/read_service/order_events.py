@@ -382,7 +382,7 @@ class MemoryViews:
             self.hashes[key][fld] = current + amount
         elif name == "ZADD" and isinstance(args[2], str):
             key, score, member = args  # the search index's rank set: an id scored by its sort key
-            assert isinstance(key, str) and isinstance(score, int) and score >= 0
+            assert isinstance(key, str) and isinstance(member, str) and isinstance(score, int) and score >= 0
             self.ranks.setdefault(key, {})[member] = score
         elif name == "ZADD":
             key, score, member = args
