@@ -68,8 +68,8 @@ class Candidates:
     ids: list[str] | None
     # Whether the query's checkpoint has been read (the scan must then not read it again).
     checkpoint_read: bool = False
-    # With a rank set: each id's rank (its sort key), and `ids` in rank order.
-    ranks: list[int] | None = None
+    # Whether `ids` are in rank order (by sort key, then id: the order of the sort index).
+    ranked: bool = False
 
 
 async def candidates(
@@ -104,7 +104,7 @@ async def candidates(
     if rarest > limit * PROBE_FACTOR:
         return Candidates(None, checkpoint_read=True)
     if rarest == 0:
-        return Candidates([], checkpoint_read=True, ranks=None if rank_key is None else [])
+        return Candidates([], checkpoint_read=True, ranked=rank_key is not None)
     # Smallest set first: SINTER walks the first set and probes the others (ZINTER orders them itself).
     ordered = [key for _, key in sorted(zip(sizes, keys, strict=True))]
     found = await _intersect(client, ordered, rank_key)
@@ -118,13 +118,11 @@ async def _intersect(client: aioredis.Redis, keys: list[str], rank_key: str | No
     if rank_key is None:
         members = await client.sinter(keys)
         return Candidates(sorted(_text(m) for m in members), checkpoint_read=True)
-    # The sets count 0 towards the score: each member's score is its rank.
-    weights = {rank_key: 1, **dict.fromkeys(keys, 0)}
-    # (member, score) pairs in score order; the driver's types do not say so.
-    reply: list[Any] = list(await client.zinter(weights, withscores=True))
-    return Candidates(
-        [_text(member) for member, _ in reply], checkpoint_read=True, ranks=[int(float(score)) for _, score in reply]
-    )
+    # The sets count 0 towards the score: each member's score is its rank, and ZINTER answers
+    # in score order, ties by id. Without the scores: a reply as small as SINTER's, which
+    # matters when the intersection turns out too large and is thrown away.
+    reply: list[Any] = list(await client.zinter({rank_key: 1, **dict.fromkeys(keys, 0)}))
+    return Candidates([_text(member) for member in reply], checkpoint_read=True, ranked=True)
 
 
 def _text(member: bytes | str) -> str:

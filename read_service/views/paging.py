@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from read_service.keys import MEMBER_SEPARATOR, member_id, padded
-from read_service.search import Candidates, candidates
+from read_service.search import candidates
 from read_service.view_store import QueryCheckpoint
 from read_service.views.checkpointed import first_read
 
@@ -110,8 +110,8 @@ class IndexPager:
         )
         if plan.ids is None:
             return await self.scan(request, None if plan.checkpoint_read else at)
-        if plan.ranks is not None:
-            return await self._ranked_page(request, plan)
+        if plan.ranked:
+            return await self._ranked_page(request, plan.ids, search)
         return await self._candidate_page(request, plan.ids)
 
     async def scan(
@@ -154,24 +154,35 @@ class IndexPager:
         # Exhausted: the last page. Otherwise the budget ran out first: resume after the last member read.
         return Page([view for _, view in hits], None if exhausted else cursor)
 
-    async def _ranked_page(self, request: PageRequest[V], plan: Candidates) -> Page[V]:
-        """A page from ranked candidates: views read in page order until the page is full."""
-        assert plan.ids is not None and plan.ranks is not None
-        by_member = {
-            padded(rank).encode() + MEMBER_SEPARATOR + entity_id.encode(): entity_id
-            for entity_id, rank in zip(plan.ids, plan.ranks, strict=True)
-        }
-        ordered = [m for m in after(list(by_member), request.cursor, request.descending) if _within(m, request)]
+    async def _ranked_page(self, request: PageRequest[V], ids: list[str], search: Search) -> Page[V]:
+        """A page from candidates in rank order: views read in page order until the page is full."""
+        ordered = ids[::-1] if request.descending else ids
+        cursor_id = None if request.cursor is None else member_id(request.cursor)
+        bounded = request.low != b"-" or request.high != b"+"
+        if bounded or (cursor_id is not None and cursor_id not in ordered):
+            # A placing window, or a cursor whose entity is no longer a candidate: place each
+            # candidate by its member, rebuilt from its rank (the sort index's member).
+            assert search.rank_key is not None
+            scores = await self._client.zmscore(search.rank_key, ordered) if ordered else []
+            members = {
+                padded(int(score)).encode() + MEMBER_SEPARATOR + entity_id.encode(): entity_id
+                for entity_id, score in zip(ordered, scores, strict=True)
+                if score is not None
+            }
+            kept = [m for m in after(list(members), request.cursor, request.descending) if _within(m, request)]
+            ordered = [members[m] for m in kept]
+        elif cursor_id is not None:
+            ordered = ordered[ordered.index(cursor_id) + 1 :]
         wanted = request.page_size + 1
         hits: list[tuple[bytes, V]] = []
         start = 0
         # Most candidates of a ranked term match: read a page's worth first, then more if some did not.
         chunk = wanted
         while start < len(ordered) and len(hits) < wanted:
-            members = ordered[start : start + chunk]
-            start += len(members)
+            batch = ordered[start : start + chunk]
+            start += len(batch)
             chunk = min(chunk * 2, CANDIDATE_CHUNK)
-            raws = await self._client.mget([request.view_key(by_member[m]) for m in members])
+            raws = await self._client.mget([request.view_key(entity_id) for entity_id in batch])
             for raw in raws:
                 if raw is None:
                     continue
