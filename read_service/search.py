@@ -87,8 +87,9 @@ async def candidates(
     candidates (see PROBE_FACTOR): the caller scans the sort index. Whenever a trigram
     set is read, `at`'s checkpoint has been read before it (in the same pipeline), so the
     caller's scan must not read it again. With `rank_key` (a sorted set of every entity's
-    rank) the intersection comes with each id's rank, in rank order (ZINTER), so that a
-    caller can read the views of a first page only.
+    rank) the ids come in rank order (`ranked`), so that a caller can read the views of a
+    first page only: by ZINTER when the rarest set is within the limit, else by SINTER and
+    then the ranks of the ids (ZMSCORE) once the intersection is known to be within it.
     """
     term_grams = sorted(grams([term]))
     if not term_grams or limit <= 0:
@@ -107,20 +108,31 @@ async def candidates(
         return Candidates([], checkpoint_read=True, ranked=rank_key is not None)
     # Smallest set first: SINTER walks the first set and probes the others (ZINTER orders them itself).
     ordered = [key for _, key in sorted(zip(sizes, keys, strict=True))]
-    found = await _intersect(client, ordered, rank_key)
-    if len(found.ids or ()) > limit:
+    return await _intersect(client, ordered, rarest <= limit, limit, rank_key)
+
+
+async def _intersect(
+    client: aioredis.Redis, ordered: list[str], surely_small: bool, limit: int, rank_key: str | None
+) -> Candidates:
+    """The ids in every set of `ordered` (None past `limit`), in rank order when `rank_key` is given."""
+    if rank_key is not None and surely_small:
+        # The intersection cannot exceed the limit: take it ranked in one call.
+        return await _ranked_intersection(client, ordered, rank_key)
+    members = await client.sinter(ordered)
+    if len(members) > limit:
         return Candidates(None, checkpoint_read=True)
-    return found
-
-
-async def _intersect(client: aioredis.Redis, keys: list[str], rank_key: str | None) -> Candidates:
-    """The ids in every one of `keys`, ranked by `rank_key` when it is given."""
+    ids = [_text(m) for m in members]
     if rank_key is None:
-        members = await client.sinter(keys)
-        return Candidates(sorted(_text(m) for m in members), checkpoint_read=True)
-    # The sets count 0 towards the score: each member's score is its rank, and ZINTER answers
-    # in score order, ties by id. Without the scores: a reply as small as SINTER's, which
-    # matters when the intersection turns out too large and is thrown away.
+        return Candidates(sorted(ids), checkpoint_read=True)
+    # Ranked only once it is known to be small: a large intersection is thrown away unranked.
+    scores = await client.zmscore(rank_key, ids) if ids else []
+    ranked = sorted((int(score), entity_id) for entity_id, score in zip(ids, scores, strict=True) if score is not None)
+    return Candidates([entity_id for _, entity_id in ranked], checkpoint_read=True, ranked=True)
+
+
+async def _ranked_intersection(client: aioredis.Redis, keys: list[str], rank_key: str) -> Candidates:
+    """The ids in every one of `keys`, in rank order (ZINTER answers by score, ties by member)."""
+    # The sets count 0 towards the score: each member's score is its rank.
     reply: list[Any] = list(await client.zinter({rank_key: 1, **dict.fromkeys(keys, 0)}))
     return Candidates([_text(member) for member in reply], checkpoint_read=True, ranked=True)
 
