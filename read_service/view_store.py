@@ -154,9 +154,10 @@ _U32 = struct.Struct(">I").pack
 
 def pack_ops(keys: list[str], ops: Sequence[Op]) -> bytes:
     """`ops` packed in one string (see ops.lua), their keys added to `keys` (indexes count from 1)."""
-    slots: dict[str | bytes | int | float, bytes] = {
-        key: str(index).encode() for index, key in enumerate(keys, start=1)
-    }
+    slots: dict[str | bytes | int | float, bytes] = {}
+    for index, key in enumerate(keys, start=1):
+        digits = str(index).encode()
+        slots[key] = _U32(len(digits)) + digits
     parts: list[bytes] = []
     _pack_ops(ops, keys, slots, parts)
     return b"".join(parts)
