@@ -118,15 +118,16 @@ class _Pages:
     While the projection is not ready (starting, or rebuilding a lost Redis), nobody reads its
     change feed's effects for events it does not handle, and positions up to the head have no
     holes (the relay positions rows and moves the head in one transaction): each page then holds
-    only the events of the types the projection handles, and says which positions it covers, so
-    that the checkpoint moves over the rest without reading them. Otherwise a page is every
+    only the events of the types the projection handles (and the event at the head), and says
+    which positions it covers, so that the checkpoint moves over the rest without reading them. Otherwise a page is every
     event, up to the first hole (covering None).
     """
 
     def __init__(self, ctx: ProjectionContext, checkpoint: int, head: int) -> None:
         self._ctx = ctx
         self._head = head
-        self._size = ctx.options.catch_up_page if head - checkpoint > ctx.options.batch_size else ctx.options.batch_size
+        batch = ctx.options.batch_size
+        self._size = max(ctx.options.catch_up_page, batch) if head - checkpoint > batch else batch
         handled: frozenset[str] | None = getattr(ctx.projection, "handles", None)
         self._types = None if ctx.published.ready or handled is None else sorted(handled)
         self._after = checkpoint
@@ -157,11 +158,14 @@ class _Pages:
             return await read_positioned(ctx.pool, after, self._size, up_to=self._head), None
         rows = await ctx.pool.fetch(_HANDLED, after, self._head, self._types, self._size)
         events = [envelope_from_row(row) for row in rows]
-        # A full page reaches its last event; a short one reaches the head.
+        # A full page reaches its last event; a short one reaches the head, and holds the event
+        # there whatever its type: the fingerprint stored with the write (read_service.log_guard)
+        # is the event at the position the checkpoint reaches, as on every other path.
         return events, (after + 1, events[-1].position if len(events) == self._size else self._head)
 
 
 _HANDLED = (
     f"SELECT {ENVELOPE_COLUMNS} FROM outbox "  # noqa: S608 - fixed columns, bound values
-    "WHERE position > $1 AND position <= $2 AND event_type = ANY($3::text[]) ORDER BY position LIMIT $4"
+    "WHERE position > $1 AND position <= $2 AND (event_type = ANY($3::text[]) OR position = $2) "
+    "ORDER BY position LIMIT $4"
 )
