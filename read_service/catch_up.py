@@ -119,8 +119,8 @@ class _Pages:
     change feed's effects for events it does not handle, and positions up to the head have no
     holes (the relay positions rows and moves the head in one transaction): each page then holds
     only the events of the types the projection handles (and the event at the head), and says
-    which positions it covers, so that the checkpoint moves over the rest without reading them. Otherwise a page is every
-    event, up to the first hole (covering None).
+    which positions it covers, so that the checkpoint moves over the rest without reading them.
+    Otherwise a page is every event, up to the first hole (covering None).
     """
 
     def __init__(self, ctx: ProjectionContext, checkpoint: int, head: int) -> None:
