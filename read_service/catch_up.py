@@ -17,8 +17,8 @@ import time
 from read_service.batches import BatchApplier
 from read_service.context import ProjectionContext, ProjectorState
 from read_service.rewind import RewindGuard
-from shared_kernel.event_log import ENVELOPE_COLUMNS, envelope_from_row, head_position, read_positioned
-from shared_kernel.runtime import cancel_and_wait
+from shared_kernel.contracts.event_log import ENVELOPE_COLUMNS, envelope_from_row, head_position, read_positioned
+from shared_kernel.platform.runtime import cancel_and_wait
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 logger = logging.getLogger(__name__)
