@@ -204,6 +204,24 @@ class Freshness:
             read.append(await self.read(context, lambda: work(at)))
         return read[0], stale, at.position
 
+    def from_memory(
+        self, peek: Callable[[str, QueryCheckpoint], tuple[T] | None], aggregate_id: str
+    ) -> tuple[T, int] | None:
+        """`(value, view position)` of a query without a consistency token, from memory; None when it cannot be.
+
+        What `answer_at` answers for such a query when `peek` hits, without its steps: a view
+        whose aggregate (or projection) is parked needs its headers sent, and a replica that is
+        not ready refuses, so for both this answers None and the caller goes through `answer_at`.
+        """
+        if not self._is_ready():
+            return None
+        gate = self._gate
+        if gate is not None and gate.parked_position(aggregate_id) is not None:
+            return None
+        at = QueryCheckpoint(self._checkpoint)
+        hit = peek(aggregate_id, at)
+        return None if hit is None else (hit[0], at.position)
+
     async def read(self, context: Context, work: Callable[[], Awaitable[T]]) -> T:
         """Run one read of the view within the query budget."""
         return await within_budget(context, work, self._query_timeout_s)
