@@ -72,9 +72,10 @@ class SingleViewQuery:
         """The reply's bytes; NotFound when there is no such view."""
         view_id = canonical_uuid(self._id_field, view_id)
         views = self._views
+        missed = False
         if not token:
             hit = self._freshness.from_memory(views.cached_field, view_id)
-            if hit is not None:
+            if hit:
                 field, position = hit
                 if field is None:
                     raise errors.NotFound(f"{self._aggregate_type} {view_id} not found")
@@ -83,12 +84,14 @@ class SingleViewQuery:
                     tail = reply_tail(False, position)
                     self._tail = (position, tail)
                 return field + tail
+            # () : the near cache was asked and missed, so Redis is read without asking it again.
+            missed = hit is not None
         field, stale, position = await self._freshness.answer_at(
             context,
             token_for(self._aggregate_type, token),
             max_wait_ms,
             lambda at: views.field_at(view_id, at),
-            peek=lambda at: views.cached_field(view_id, at),
+            peek=None if missed else lambda at: views.cached_field(view_id, at),
             version=self.field_version,
             aggregate_id=view_id,
         )

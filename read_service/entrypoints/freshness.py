@@ -172,7 +172,13 @@ class Freshness:
         """
         self.require_ready()
         if token is None:
-            stale = await self._headers(False, context, aggregate_id)
+            gate = self._gate
+            # No coroutine for the headers unless something is parked (nearly every call).
+            stale = (
+                False
+                if gate is None or gate.parked_position(aggregate_id) is None
+                else await self._headers(False, context, aggregate_id)
+            )
             at = QueryCheckpoint(self._checkpoint)
             if peek is not None:
                 hit = peek(at)
@@ -206,12 +212,14 @@ class Freshness:
 
     def from_memory(
         self, peek: Callable[[str, QueryCheckpoint], tuple[T] | None], aggregate_id: str
-    ) -> tuple[T, int] | None:
-        """`(value, view position)` of a query without a consistency token, from memory; None when it cannot be.
+    ) -> tuple[T, int] | tuple[()] | None:
+        """`(value, view position)` of a query without a consistency token, from memory.
 
-        What `answer_at` answers for such a query when `peek` hits, without its steps: a view
-        whose aggregate (or projection) is parked needs its headers sent, and a replica that is
-        not ready refuses, so for both this answers None and the caller goes through `answer_at`.
+        What `answer_at` answers for such a query when `peek` hits, without its steps. `()` when
+        `peek` missed (the caller reads Redis; peeking again would only miss again). None when
+        it did not peek: a view whose aggregate (or projection) is parked needs its headers
+        sent, and a replica that is not ready refuses, so for both the caller goes through
+        `answer_at`.
         """
         if not self._is_ready():
             return None
@@ -220,7 +228,7 @@ class Freshness:
             return None
         at = QueryCheckpoint(self._checkpoint)
         hit = peek(aggregate_id, at)
-        return None if hit is None else (hit[0], at.position)
+        return () if hit is None else (hit[0], at.position)
 
     async def read(self, context: Context, work: Callable[[], Awaitable[T]]) -> T:
         """Run one read of the view within the query budget."""
