@@ -19,8 +19,8 @@ from read_service.page_tokens import PageTokenCodec
 from read_service.view_store import QueryCheckpoint
 from read_service.views.wire import reply_tail, view_bytes
 from read_service.watch import Change
-from shared_kernel import errors
-from shared_kernel.validation import canonical_uuid, parse_uuid
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.validation import canonical_uuid, parse_uuid
 
 T = TypeVar("T")
 R = TypeVar("R")
