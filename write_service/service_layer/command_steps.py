@@ -125,6 +125,26 @@ class AggregateStore(Protocol[A]):
         """Store the changed aggregate."""
 
 
+async def create_aggregate(
+    command: Command,
+    uow: UnitOfWork,
+    deps: Dependencies,
+    meta: CommandMeta,
+    *,
+    create: Callable[[], Awaitable[Aggregate]],
+) -> CommandResult:
+    """A command that creates an aggregate: the stored reply of a keyed retry, else `create` and commit.
+
+    `create` checks what the new aggregate needs (a free SKU, an active customer...), builds
+    it and adds it to its repository of `uow`; it runs in the unit of work, after the key's look-up.
+    """
+    async with uow:
+        if (stored := await stored_reply(uow, command, deps, meta)) is not None:
+            return stored
+        aggregate = await create()
+        return await commit(uow, command, aggregate, deps, meta)
+
+
 async def change_aggregate(
     command: ChangeCommand,
     uow: UnitOfWork,
