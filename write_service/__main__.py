@@ -135,6 +135,8 @@ async def supervise(settings: WriteServiceSettings) -> int:
         shutdown_grace_s=settings.grpc_shutdown_grace_s,
         restart_max_backoff_s=settings.write_worker_restart_max_backoff_s,
         max_crashes=settings.write_worker_max_crashes,
+        # ARGON2_MAX_CONCURRENT bounds the whole service's hashing (and its memory), so the workers share it.
+        env={"ARGON2_MAX_CONCURRENT": str(max(1, settings.argon2_max_concurrent // settings.write_workers))},
     )
     return await WorkerGroup(spec).run()
 

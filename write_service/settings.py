@@ -69,7 +69,8 @@ class WriteServiceSettings(CommonSettings, DatabaseSettings, GrpcServerSettings)
         default=4,
         ge=1,
         le=256,
-        description="Hashes computed at once; peak hashing memory is this times ARGON2_MEMORY_COST_KIB.",
+        description="Hashes computed at once by the whole service (a worker group divides it among its workers, "
+        "at least one each); peak hashing memory is this times ARGON2_MEMORY_COST_KIB.",
     )
 
     @model_validator(mode="after")
