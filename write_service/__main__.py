@@ -118,14 +118,9 @@ async def _serve_process(settings: WriteServiceSettings) -> int:
     return 0
 
 
-async def supervise(settings: WriteServiceSettings) -> int:
-    """Run a worker group; refuse at once what every worker would refuse."""
-    try:
-        authenticator_from_settings(settings)
-    except AuthConfigurationError as exc:
-        logger.error("write service refused to start: %s", exc)  # noqa: TRY400 - a setting, not a bug
-        return 1
-    spec = GroupSpec(
+def group_spec(settings: WriteServiceSettings) -> GroupSpec:
+    """The worker group `python -m write_service` runs when WRITE_WORKERS is above 1."""
+    return GroupSpec(
         label="write",
         module="write_service",
         env_prefix="WRITE",
@@ -138,7 +133,16 @@ async def supervise(settings: WriteServiceSettings) -> int:
         # ARGON2_MAX_CONCURRENT bounds the whole service's hashing (and its memory), so the workers share it.
         env={"ARGON2_MAX_CONCURRENT": str(max(1, settings.argon2_max_concurrent // settings.write_workers))},
     )
-    return await WorkerGroup(spec).run()
+
+
+async def supervise(settings: WriteServiceSettings) -> int:
+    """Run a worker group; refuse at once what every worker would refuse."""
+    try:
+        authenticator_from_settings(settings)
+    except AuthConfigurationError as exc:
+        logger.error("write service refused to start: %s", exc)  # noqa: TRY400 - a setting, not a bug
+        return 1
+    return await WorkerGroup(group_spec(settings)).run()
 
 
 def main() -> int:
