@@ -2,7 +2,7 @@
 
 The group itself (the parent reserving the port, the workers listening on it with
 SO_REUSEPORT, the control socket between them, restarts and shutdown) is
-`shared_kernel.worker_group`; each read worker is a complete read service, and the group is
+`shared_kernel.platform.worker_group`; each read worker is a complete read service, and the group is
 SERVING only when every worker's projector is ready.
 
 Every reply names the process that served it in the `x-tessera-replica` header:
@@ -22,8 +22,8 @@ from typing import Any
 import grpc
 
 from read_service.settings import ReadServiceSettings
-from shared_kernel import worker_group
-from shared_kernel.worker_group import STOP_MARGIN_S, GroupLink, PortInUse, reserve_port
+from shared_kernel.platform import worker_group
+from shared_kernel.platform.worker_group import STOP_MARGIN_S, GroupLink, PortInUse, reserve_port
 
 REPLICA_HEADER = "x-tessera-replica"
 

@@ -1,7 +1,7 @@
 """`python -m write_service`: serve the command API until SIGTERM or SIGINT.
 
 With WRITE_WORKERS above 1 this process becomes the parent of a worker group
-(shared_kernel/worker_group.py): it reserves the port and runs that many complete write
+(shared_kernel/platform/worker_group.py): it reserves the port and runs that many complete write
 services on it, each with its own pool. What must hold across commands holds across the
 workers too, because Postgres decides it: every write is guarded by the version it read
 (decision 0027), uniqueness by the unique indexes, an idempotency key by its advisory lock
@@ -20,13 +20,13 @@ from typing import Any
 
 import asyncpg
 
-from shared_kernel.grpc_server import GrpcServer, wait_for_shutdown_signal
-from shared_kernel.logs import configure_logging
-from shared_kernel.metrics import configure_metrics
-from shared_kernel.runtime import run
-from shared_kernel.security.authn import AuthConfigurationError, authenticator_from_settings
-from shared_kernel.telemetry import configure_tracing
-from shared_kernel.worker_group import GroupLink, GroupSpec, WorkerGroup
+from shared_kernel.platform.grpc_server import GrpcServer, wait_for_shutdown_signal
+from shared_kernel.platform.logs import configure_logging
+from shared_kernel.platform.metrics import configure_metrics
+from shared_kernel.platform.runtime import run
+from shared_kernel.platform.security.authn import AuthConfigurationError, authenticator_from_settings
+from shared_kernel.platform.telemetry import configure_tracing
+from shared_kernel.platform.worker_group import GroupLink, GroupSpec, WorkerGroup
 from tessera.catalog.v1 import catalog_command_service_pb2_grpc as catalog_grpc
 from tessera.orders.v1 import order_command_service_pb2_grpc as orders_grpc
 from tessera.orders.v1 import saga_admin_service_pb2_grpc as saga_admin_grpc

@@ -7,7 +7,7 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared_kernel.settings import CommonSettings, DatabaseSettings, GrpcServerSettings
+from shared_kernel.platform.settings import CommonSettings, DatabaseSettings, GrpcServerSettings
 
 
 class WriteServiceSettings(CommonSettings, DatabaseSettings, GrpcServerSettings):
@@ -47,7 +47,7 @@ class WriteServiceSettings(CommonSettings, DatabaseSettings, GrpcServerSettings)
         ge=1,
         le=64,
         description="Worker processes serving one port (SO_REUSEPORT); each is a full write service with its own "
-        "pool. Above 1, `python -m write_service` supervises them (shared_kernel/worker_group.py).",
+        "pool. Above 1, `python -m write_service` supervises them (shared_kernel/platform/worker_group.py).",
     )
     write_worker_restart_max_backoff_s: float = Field(
         default=10.0, gt=0, le=300, description="Longest pause before a crashed worker is started again."

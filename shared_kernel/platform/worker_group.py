@@ -34,8 +34,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared_kernel.backoff import Backoff
-from shared_kernel.grpc_server import GrpcServer
+from shared_kernel.platform.backoff import Backoff
+from shared_kernel.platform.grpc_server import GrpcServer
 
 logger = logging.getLogger(__name__)
 
