@@ -16,8 +16,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from devstack.bench.relay_bench import insert_backlog
 from relay.outbox import CLAIM_SESSION_SETTINGS, _claim_statement, claim_batch
-from tests.integration.relay.support import insert_events
 
 pytestmark = pytest.mark.integration
 
@@ -30,10 +30,9 @@ def _scans(node: dict[str, Any]) -> Iterator[str]:
 
 
 @pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
-async def test_a_claim_reads_the_unpositioned_index_once(
-    db_pool: asyncpg.Pool[Any], database_url: str, plan_cache_mode: str
-) -> None:
-    await insert_events(db_pool, "a", 3)
+async def test_a_claim_reads_the_unpositioned_index_once(database_url: str, plan_cache_mode: str) -> None:
+    # Enough rows that a scan of the outbox would be a real cost to the planner too.
+    await insert_backlog(database_url, 5_000, seed=7)
     conn = await asyncpg.connect(
         database_url, server_settings={**CLAIM_SESSION_SETTINGS, "plan_cache_mode": plan_cache_mode}
     )
@@ -42,9 +41,14 @@ async def test_a_claim_reads_the_unpositioned_index_once(
         plan = json.loads(await statement.fetchval(None, 0, 0, None))[0]["Plan"]
         scans = list(_scans(plan))
         assert scans.count("outbox_unpositioned_idx") == 1, scans
+        # The UPDATE reaches its rows through the primary key, not by reading the outbox.
+        assert "outbox_pkey" in scans, scans
 
-        # The plan above is the statement the relay runs: it still positions all three rows.
+        # The plan above is the statement the relay runs: the oldest 500 rows, in id order.
         claimed = await claim_batch(conn, 500, None)
-        assert [e.position for e in claimed.envelopes] == [1, 2, 3]
+        oldest = await conn.fetch("SELECT id, position FROM outbox WHERE position IS NOT NULL ORDER BY id")
+        assert [e.position for e in claimed.envelopes] == list(range(1, 501))
+        assert [row["position"] for row in oldest] == list(range(1, 501))
+        assert await conn.fetchval("SELECT min(id) FROM outbox WHERE position IS NULL") > oldest[-1]["id"]
     finally:
         await conn.close()
