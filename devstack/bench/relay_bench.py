@@ -34,7 +34,7 @@ from devstack.cpu import process_cpu_s
 from devstack.measure_rebuild import USER_EVENT_COLUMNS, user_events
 from devstack.supervisor import ServiceProcess
 from relay.outbox import CLAIM_SESSION_SETTINGS
-from shared_kernel.event_log import ENVELOPE_COLUMNS, envelope_from_row, events_channel
+from shared_kernel.contracts.event_log import ENVELOPE_COLUMNS, envelope_from_row, events_channel
 
 from .table import Goal, Row
 
