@@ -41,8 +41,8 @@ from typing import Any
 import grpc
 
 from read_service.settings import ReadServiceSettings
-from shared_kernel.backoff import Backoff
-from shared_kernel.grpc_server import GrpcServer
+from shared_kernel.platform.backoff import Backoff
+from shared_kernel.platform.grpc_server import GrpcServer
 
 logger = logging.getLogger(__name__)
 

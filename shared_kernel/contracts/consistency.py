@@ -12,7 +12,7 @@ import base64
 import binascii
 from dataclasses import dataclass
 
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 
 FIELD = "consistency_token"
 _FORMAT = "v1"

@@ -7,7 +7,7 @@ import uuid
 
 from email_validator import EmailNotValidError, validate_email
 
-from shared_kernel.errors import FieldViolation, InvalidArgument
+from shared_kernel.contracts.errors import FieldViolation, InvalidArgument
 
 # C0 and C1 control characters (tab, newline and friends included) and the Unicode
 # line/paragraph separators: none belongs in an id, a name or a single-line field.

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from shared_kernel.settings import DatabaseSettings
+from shared_kernel.platform.settings import DatabaseSettings
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 
 logger = logging.getLogger(__name__)
 

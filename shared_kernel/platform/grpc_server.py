@@ -25,22 +25,22 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from shared_kernel.auth import reset_principal, set_principal
-from shared_kernel.grpc_errors import (
+from shared_kernel.platform.auth import reset_principal, set_principal
+from shared_kernel.platform.grpc_errors import (
     ErrorMappingInterceptor,
     UndecodableRequest,
     handle_error,
     reject_undecodable,
     tolerant_deserializer,
 )
-from shared_kernel.metrics import metrics_enabled
-from shared_kernel.rpc_metrics import RpcRecorder, status_of
-from shared_kernel.security import tls
-from shared_kernel.security.authn import Authenticator
-from shared_kernel.security.interceptor import AuthInterceptor, Refusal, check_call
-from shared_kernel.security.scopes import required_scope
-from shared_kernel.settings import GrpcServerSettings
-from shared_kernel.telemetry import context_from_headers, records_spans
+from shared_kernel.platform.metrics import metrics_enabled
+from shared_kernel.platform.rpc_metrics import RpcRecorder, status_of
+from shared_kernel.platform.security import tls
+from shared_kernel.platform.security.authn import Authenticator
+from shared_kernel.platform.security.interceptor import AuthInterceptor, Refusal, check_call
+from shared_kernel.platform.security.scopes import required_scope
+from shared_kernel.platform.settings import GrpcServerSettings
+from shared_kernel.platform.telemetry import context_from_headers, records_spans
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class GrpcServer:
 
     Without an `authenticator` every call is let through unauthenticated: that is for tests
     that exercise a servicer in-process. The service processes always pass one, built by
-    `shared_kernel.security.authn.authenticator_from_settings`.
+    `shared_kernel.platform.security.authn.authenticator_from_settings`.
     """
 
     def __init__(

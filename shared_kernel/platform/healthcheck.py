@@ -1,4 +1,6 @@
-"""Health probe of every process: `python -m shared_kernel.healthcheck ADDRESS` exits 0 iff the server is SERVING.
+"""Health probe of every process.
+
+`python -m shared_kernel.platform.healthcheck ADDRESS` exits 0 iff the server is SERVING.
 
 `--reach-env NAME` instead checks that the host:port in the URL held by environment variable NAME
 accepts TCP connections (for processes without a gRPC port, such as the relay); a URL naming
@@ -27,7 +29,7 @@ from urllib.parse import urlsplit
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared_kernel.security.tls import channel_credentials
+from shared_kernel.platform.security.tls import channel_credentials
 
 OVERALL = ""  # grpc.health.v1 name of the server as a whole
 
@@ -131,7 +133,7 @@ def check_reachable(url: str, timeout: float = 1.0) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the probe; exit 0 when healthy, 1 when not, 2 on bad usage."""
-    parser = argparse.ArgumentParser(prog="python -m shared_kernel.healthcheck", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m shared_kernel.platform.healthcheck", description=__doc__)
     parser.add_argument("address", nargs="?", help="host:port of a gRPC server")
     parser.add_argument("--service", default=OVERALL, help="grpc.health.v1 service name (default: overall)")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer")

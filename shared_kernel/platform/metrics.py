@@ -33,7 +33,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from shared_kernel.settings import MetricsSettings
+from shared_kernel.platform.settings import MetricsSettings
 
 logger = logging.getLogger(__name__)
 

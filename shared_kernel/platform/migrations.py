@@ -16,7 +16,7 @@ import asyncpg
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "migrations"
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "migrations"
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _LOCK_KEY = 0x7E55E2A0  # any constant; shared by every migrate run
 

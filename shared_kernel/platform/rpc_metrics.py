@@ -1,8 +1,8 @@
 """Server-side RPC metrics: one latency histogram by method and status code (its count is the call count).
 
-The server's call interceptor (shared_kernel.grpc_server.ServerCallInterceptor) records
+The server's call interceptor (shared_kernel.platform.grpc_server.ServerCallInterceptor) records
 through an RpcRecorder only when the process configured a metrics reader
-(shared_kernel.metrics), so a server without metrics pays nothing per call. It records
+(shared_kernel.platform.metrics), so a server without metrics pays nothing per call. It records
 outside the error mapping, so it sees the status the caller gets. Unary calls only: a watch
 stream's lifetime is not a latency. Health and reflection calls are left out like they are
 from tracing.
@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from opentelemetry import metrics
 
-from shared_kernel.metrics import LATENCY_BUCKETS_S
+from shared_kernel.platform.metrics import LATENCY_BUCKETS_S
 
 METER_NAME = "tessera.rpc"
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}

@@ -112,7 +112,7 @@ class AuthSettings(BaseSettings):
         min_length=1,
         max_length=2048,
         description="The issuer's JSON Web Key Set (an https:// URL or a file path): RS256, ES256 and EdDSA "
-        "tokens are verified against it (shared_kernel.security.jwks). May be combined with AUTH_SIGNING_KEY.",
+        "tokens are verified against it (shared_kernel.platform.security.jwks). May be combined with AUTH_SIGNING_KEY.",
     )
     auth_jwks_refresh_s: float = Field(
         default=300.0, ge=1, le=86400, description="How often the key set is loaded again in the background."

@@ -20,9 +20,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from shared_kernel import metrics as process_metrics
-from shared_kernel import telemetry
-from shared_kernel.rpc_metrics import RpcRecorder
+from shared_kernel.platform import metrics as process_metrics
+from shared_kernel.platform import telemetry
+from shared_kernel.platform.rpc_metrics import RpcRecorder
 
 pytestmark = pytest.mark.integration
 

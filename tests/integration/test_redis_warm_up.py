@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from devstack.servers import find_free_port
 from read_service.bootstrap import create_redis_client
-from shared_kernel.redis_client import warm_up
+from shared_kernel.platform.redis_client import warm_up
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from shared_kernel.backoff import Backoff, jittered_delay
+from shared_kernel.platform.backoff import Backoff, jittered_delay
 
 
 def test_doubles_up_to_the_cap_with_jitter() -> None:

@@ -6,8 +6,8 @@ import base64
 
 import pytest
 
-from shared_kernel import errors
-from shared_kernel.consistency import FIELD, ConsistencyToken, decode_token, encode_token
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.consistency import FIELD, ConsistencyToken, decode_token, encode_token
 
 USER_ID = "6f1c1a52-2f0e-4f57-9a43-0d4b1a9b7c11"
 

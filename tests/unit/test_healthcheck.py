@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from shared_kernel.healthcheck import check_reachable, main, url_hosts
+from shared_kernel.platform.healthcheck import check_reachable, main, url_hosts
 
 
 def test_url_hosts_names_every_host_of_a_multi_host_url() -> None:

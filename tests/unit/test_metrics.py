@@ -14,10 +14,10 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 
 from read_service.projector import ProjectorState, ProjectorStatus
 from read_service.projector_metrics import lag_seconds
-from shared_kernel import metrics as process_metrics
-from shared_kernel.metrics import Sampler, attrs
-from shared_kernel.rpc_metrics import RpcRecorder
-from shared_kernel.settings import MetricsSettings
+from shared_kernel.platform import metrics as process_metrics
+from shared_kernel.platform.metrics import Sampler, attrs
+from shared_kernel.platform.rpc_metrics import RpcRecorder
+from shared_kernel.platform.settings import MetricsSettings
 
 
 def points(reader: InMemoryMetricReader, name: str) -> list[Any]:

@@ -7,7 +7,7 @@ import gc
 
 import uvloop
 
-from shared_kernel.runtime import run
+from shared_kernel.platform.runtime import run
 
 
 def test_the_main_coroutine_runs_on_uvloop_with_the_heap_so_far_frozen() -> None:

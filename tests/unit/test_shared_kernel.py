@@ -13,10 +13,11 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from pydantic import BaseModel, Field, ValidationError
 
-from shared_kernel import errors, grpc_errors, migrations
-from shared_kernel.grpc_errors import status_for, to_domain_error
-from shared_kernel.logs import JsonFormatter
-from shared_kernel.validation import canonical_uuid, has_control_chars, parse_uuid
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.validation import canonical_uuid, has_control_chars, parse_uuid
+from shared_kernel.platform import grpc_errors, migrations
+from shared_kernel.platform.grpc_errors import status_for, to_domain_error
+from shared_kernel.platform.logs import JsonFormatter
 
 
 def _details(status: grpc.Status) -> status_pb2.Status:

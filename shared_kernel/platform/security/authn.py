@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from shared_kernel.security.jwks import DispatchingVerifier, JwksError, JwksVerifier, jwks_loader
-from shared_kernel.security.scopes import ADMIN
-from shared_kernel.security.tokens import Claims, TokenError, TokenVerifier
-from shared_kernel.settings import AuthSettings
+from shared_kernel.platform.security.jwks import DispatchingVerifier, JwksError, JwksVerifier, jwks_loader
+from shared_kernel.platform.security.scopes import ADMIN
+from shared_kernel.platform.security.tokens import Claims, TokenError, TokenVerifier
+from shared_kernel.platform.settings import AuthSettings
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ algorithms are RS256, ES256 and EdDSA (Ed25519), and only with a key of the matc
 the key is picked by the token's `kid` (or is the set's only key), and the algorithm the
 token names must be the one that key type implies. So `none`, HS256 (an HMAC "signed" with a
 public key: the classic confusion) and any other pairing are refused before a signature is
-computed. HS256 stays available as the development mode (shared_kernel.security.tokens);
+computed. HS256 stays available as the development mode (shared_kernel.platform.security.tokens);
 `DispatchingVerifier` sends an HS256 token to that verifier and every other token here, so
 no key ever serves both kinds.
 
@@ -32,7 +32,7 @@ from typing import Any
 import jwt
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from shared_kernel.security.tokens import (
+from shared_kernel.platform.security.tokens import (
     MAX_TOKEN_CHARS,
     VERIFIED_CACHE_SIZE,
     Claims,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from shared_kernel.settings import GrpcServerSettings
+from shared_kernel.platform.settings import GrpcServerSettings
 
 
 def describe(settings: GrpcServerSettings) -> str:

@@ -5,7 +5,7 @@ list of strings), `iat` and `exp` (seconds since the epoch), and optionally `iss
 Verification accepts exactly HS256: a token naming another algorithm (`none` included) is
 refused before anything else is read from it.
 
-`python -m shared_kernel.security.tokens mint --sub alice --scopes users:read,users:write --ttl 3600`
+`python -m shared_kernel.platform.security.tokens mint --sub alice --scopes users:read,users:write --ttl 3600`
 prints a token signed with AUTH_SIGNING_KEY; `verify` checks one read from standard input.
 """
 
@@ -262,9 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`mint` prints a new token; `verify` reads one from stdin and prints its claims."""
     from pydantic import ValidationError
 
-    from shared_kernel.settings import AuthSettings
+    from shared_kernel.platform.settings import AuthSettings
 
-    parser = argparse.ArgumentParser(prog="python -m shared_kernel.security.tokens", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m shared_kernel.platform.security.tokens", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     mint = commands.add_parser("mint", help="print a token signed with AUTH_SIGNING_KEY")
     mint.add_argument("--sub", required=True, help="the principal the token names")

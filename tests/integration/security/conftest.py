@@ -14,10 +14,10 @@ from typing import Any
 import grpc
 import pytest
 
-from shared_kernel.auth import current_principal
-from shared_kernel.grpc_server import GrpcServer
-from shared_kernel.security.authn import Authenticator
-from shared_kernel.settings import GrpcServerSettings
+from shared_kernel.platform.auth import current_principal
+from shared_kernel.platform.grpc_server import GrpcServer
+from shared_kernel.platform.security.authn import Authenticator
+from shared_kernel.platform.settings import GrpcServerSettings
 
 COMMANDS = "tessera.users.v1.UserCommandService"
 QUERIES = "tessera.users.v1.UserQueryService"

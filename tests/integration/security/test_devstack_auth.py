@@ -18,7 +18,7 @@ from devstack.supervisor import (
     StackConfig,
     load_or_create_signing_key,
 )
-from shared_kernel.security.tokens import TokenVerifier
+from shared_kernel.platform.security.tokens import TokenVerifier
 
 
 def test_the_signing_key_is_made_once_and_private(tmp_path: Path):
@@ -74,7 +74,7 @@ def test_up_prints_an_export_line_and_grpcurl_calls_with_the_header(tmp_path: Pa
     assert claims.scopes == set(ALL_SCOPES)
     assert claims.exp - claims.iat >= 7 * 24 * 3600
     assert '-H "authorization: Bearer $TOKEN" ' in text
-    assert "shared_kernel.security.tokens" in text
+    assert "shared_kernel.platform.security.tokens" in text
     assert stack.signing_key not in text  # the key itself is never printed
 
     insecure = Stack(StackConfig(auth=False))

@@ -7,9 +7,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from shared_kernel.auth import ANONYMOUS, current_principal
-from shared_kernel.security.authn import INSECURE_PRINCIPAL, BearerTokenAuthenticator, InsecureAuthenticator
-from shared_kernel.security.tokens import TokenSigner, TokenVerifier
+from shared_kernel.platform.auth import ANONYMOUS, current_principal
+from shared_kernel.platform.security.authn import INSECURE_PRINCIPAL, BearerTokenAuthenticator, InsecureAuthenticator
+from shared_kernel.platform.security.tokens import TokenSigner, TokenVerifier
 
 from .conftest import ADMIN, COMMANDS, QUERIES, ServeFactory, unary
 

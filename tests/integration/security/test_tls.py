@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared_kernel.healthcheck import main as healthcheck_main
-from shared_kernel.security.tls import channel_credentials
+from shared_kernel.platform.healthcheck import main as healthcheck_main
+from shared_kernel.platform.security.tls import channel_credentials
 
 from .certs import Authority, Issued
 from .conftest import ServeFactory

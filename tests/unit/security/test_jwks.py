@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from shared_kernel.security.authn import authenticator_from_settings
-from shared_kernel.security.jwks import DispatchingVerifier, JwksError, JwksVerifier, jwks_loader, parse_jwks
-from shared_kernel.security.tokens import TokenError, TokenSigner, TokenVerifier
-from shared_kernel.settings import AuthSettings
+from shared_kernel.platform.security.authn import authenticator_from_settings
+from shared_kernel.platform.security.jwks import DispatchingVerifier, JwksError, JwksVerifier, jwks_loader, parse_jwks
+from shared_kernel.platform.security.tokens import TokenError, TokenSigner, TokenVerifier
+from shared_kernel.platform.settings import AuthSettings
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "tessera"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from shared_kernel.grpc_server import server_options
-from shared_kernel.security.authn import (
+from shared_kernel.platform.grpc_server import server_options
+from shared_kernel.platform.security.authn import (
     INSECURE_PRINCIPAL,
     AuthConfigurationError,
     AuthenticationError,
@@ -17,9 +17,9 @@ from shared_kernel.security.authn import (
     InsecureAuthenticator,
     authenticator_from_settings,
 )
-from shared_kernel.security.scopes import context_of, grants, required_scope
-from shared_kernel.security.tokens import TokenSigner, TokenVerifier
-from shared_kernel.settings import AuthSettings, GrpcServerSettings
+from shared_kernel.platform.security.scopes import context_of, grants, required_scope
+from shared_kernel.platform.security.tokens import TokenSigner, TokenVerifier
+from shared_kernel.platform.settings import AuthSettings, GrpcServerSettings
 
 KEY = "s" * 32
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shared_kernel.security import tokens
-from shared_kernel.security.tokens import Claims, TokenError, TokenSigner, TokenVerifier
+from shared_kernel.platform.security import tokens
+from shared_kernel.platform.security.tokens import Claims, TokenError, TokenSigner, TokenVerifier
 
 ROOT = Path(__file__).resolve().parents[3]
 KEY = b"k" * 32
@@ -193,7 +193,7 @@ def test_the_cli_refuses_without_a_key_or_with_a_short_one(monkeypatch, capsys):
 
 def test_python_dash_m_mints_and_verifies():
     env = {"AUTH_SIGNING_KEY": KEY.decode(), "PATH": "/usr/bin:/bin"}
-    argv = [sys.executable, "-m", "shared_kernel.security.tokens"]
+    argv = [sys.executable, "-m", "shared_kernel.platform.security.tokens"]
     minted = subprocess.run(
         [*argv, "mint", "--sub", "bob", "--scopes", "users:read"],
         cwd=ROOT,
