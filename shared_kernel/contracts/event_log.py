@@ -18,7 +18,7 @@ import asyncpg
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shared_kernel.platform.telemetry import current_trace_context
+from shared_kernel.contracts.trace_context import current_trace_context
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 # Postgres channel the outbox trigger notifies on commit (see migrations/0001).

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from shared_kernel.contracts.trace_context import context_from_headers
 from shared_kernel.platform.auth import reset_principal, set_principal
 from shared_kernel.platform.grpc_errors import (
     ErrorMappingInterceptor,
@@ -40,7 +41,7 @@ from shared_kernel.platform.security.authn import Authenticator
 from shared_kernel.platform.security.interceptor import AuthInterceptor, Refusal, check_call
 from shared_kernel.platform.security.scopes import required_scope
 from shared_kernel.platform.settings import GrpcServerSettings
-from shared_kernel.platform.telemetry import context_from_headers, records_spans
+from shared_kernel.platform.telemetry import records_spans
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,6 @@
-"""OpenTelemetry setup and W3C trace-context propagation through the event envelope.
+"""OpenTelemetry setup: which spans a process records and where it exports them.
+
+How a trace context travels in metadata and envelopes is `shared_kernel.contracts.trace_context`.
 
 Tracing is configured from the standard OTEL_* variables. With no exporter (and no
 OTEL_TRACES_SAMPLER) set, spans are not recorded, since nothing would ever read them: each
@@ -10,18 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 logger = logging.getLogger(__name__)
-_propagator = TraceContextTextMapPropagator()
 
 
 def _exporters() -> list[SpanExporter]:
@@ -74,23 +72,3 @@ def records_spans() -> bool:
     if not isinstance(provider, TracerProvider):
         return False  # the API's default: no-op spans
     return provider.sampler is not ALWAYS_OFF
-
-
-def current_trace_context() -> tuple[str, str]:
-    """The (traceparent, tracestate) of the current span, empty strings when there is none."""
-    carrier: dict[str, str] = {}
-    _propagator.inject(carrier)
-    return carrier.get("traceparent", ""), carrier.get("tracestate", "")
-
-
-def context_from_headers(headers: Mapping[str, str]) -> otel_context.Context:
-    """Extract a trace context from W3C headers (e.g. gRPC metadata or an envelope)."""
-    return _propagator.extract(carrier=dict(headers))
-
-
-def context_from_envelope(traceparent: str, tracestate: str) -> otel_context.Context:
-    """Extract the producing command's trace context from an event envelope's fields."""
-    carrier = {"traceparent": traceparent}
-    if tracestate:
-        carrier["tracestate"] = tracestate
-    return _propagator.extract(carrier=carrier)

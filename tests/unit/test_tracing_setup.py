@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from opentelemetry import trace
 
-from shared_kernel.platform.telemetry import context_from_envelope, current_trace_context, tracer_provider
+from shared_kernel.contracts.trace_context import context_from_envelope, current_trace_context
+from shared_kernel.platform.telemetry import tracer_provider
 
 CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
