@@ -26,7 +26,6 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from shared_kernel.contracts.trace_context import context_from_headers
-from shared_kernel.platform.auth import reset_principal, set_principal
 from shared_kernel.platform.grpc_errors import (
     ErrorMappingInterceptor,
     UndecodableRequest,
@@ -37,7 +36,7 @@ from shared_kernel.platform.grpc_errors import (
 from shared_kernel.platform.metrics import metrics_enabled
 from shared_kernel.platform.rpc_metrics import RpcRecorder, status_of
 from shared_kernel.platform.security import tls
-from shared_kernel.platform.security.authn import Authenticator
+from shared_kernel.platform.security.authn import Authenticator, reset_principal, set_principal
 from shared_kernel.platform.security.interceptor import AuthInterceptor, Refusal, check_call
 from shared_kernel.platform.security.scopes import required_scope
 from shared_kernel.platform.settings import GrpcServerSettings

@@ -21,7 +21,7 @@ from opentelemetry import trace
 from shared_kernel.contracts import errors
 from shared_kernel.contracts.consistency import encode_token
 from shared_kernel.contracts.errors import FieldViolation
-from shared_kernel.platform.auth import current_principal
+from shared_kernel.platform.security.authn import current_principal
 from write_service.commands.base import Command
 from write_service.service_layer.command_steps import CommandMeta, CommandResult, utc_now
 from write_service.service_layer.deadline import Deadline

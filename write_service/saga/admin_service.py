@@ -12,7 +12,7 @@ import asyncpg
 import grpc
 
 from shared_kernel.contracts import errors
-from shared_kernel.platform.auth import current_principal
+from shared_kernel.platform.security.authn import current_principal
 from tessera.orders.v1 import saga_admin_service_pb2 as pb
 from tessera.orders.v1 import saga_admin_service_pb2_grpc as pb_grpc
 from write_service.saga import model

@@ -41,7 +41,8 @@ class CommandLogEntry:
     event_ids: tuple[uuid.UUID, ...] = ()
     # Already redacted by the command: never a password or a hash.
     summary: Mapping[str, str | int | bool] = field(default_factory=dict)
-    # Who asked (shared_kernel.platform.auth.current_principal() of the call) and with which key ("" for none).
+    # Who asked (`current_principal()` of the call, shared_kernel.platform.security.authn) and
+    # with which key ("" for none).
     principal: str = ""
     idempotency_key: str = ""
     # For outcome "replayed": the command whose stored reply was returned.

@@ -1,4 +1,9 @@
-"""Who is calling: turning a call's metadata into an identity (principal and scopes).
+"""Who is calling: turning a call's metadata into an identity (principal and scopes), and the
+principal of the call being handled.
+
+The auth interceptor authenticates each call and binds its principal for the duration of the
+call (`set_principal`/`reset_principal`); anything that records an audit trail reads it with
+`current_principal()`.
 
 `authenticator_from_settings` is the one place that decides between bearer tokens
 (AUTH_MODE=required, the default: from the issuer's JWKS, AUTH_JWKS, and/or HS256 with
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,9 +27,28 @@ from shared_kernel.platform.settings import AuthSettings
 logger = logging.getLogger(__name__)
 
 INSECURE_PRINCIPAL = "insecure-dev"
+ANONYMOUS = "anonymous"
 REALM = "tessera"
 
 Metadata = Sequence[tuple[str, str | bytes]]
+
+
+_principal: ContextVar[str] = ContextVar("tessera_principal", default=ANONYMOUS)
+
+
+def current_principal() -> str:
+    """The principal (token subject) of the call being handled, or "anonymous"."""
+    return _principal.get()
+
+
+def set_principal(principal: str) -> Token[str]:
+    """Bind `principal` to the current call; pass the token to `reset_principal` afterwards."""
+    return _principal.set(principal)
+
+
+def reset_principal(token: Token[str]) -> None:
+    """Undo a `set_principal`."""
+    _principal.reset(token)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 Health and reflection pass untouched. Any other call is authenticated from its metadata:
 no or a bad token is UNAUTHENTICATED, a token without the scope the method needs is
 PERMISSION_DENIED naming that scope (both with a `www-authenticate` trailer in the style of
-RFC 6750). An accepted call runs with its principal bound through `shared_kernel.platform.auth`,
+RFC 6750). An accepted call runs with its principal bound (`authn.set_principal`),
 for unary and streaming handlers alike, and unbound when it ends.
 """
 
@@ -17,8 +17,14 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 
-from shared_kernel.platform.auth import reset_principal, set_principal
-from shared_kernel.platform.security.authn import REALM, AuthenticationError, Authenticator, Identity
+from shared_kernel.platform.security.authn import (
+    REALM,
+    AuthenticationError,
+    Authenticator,
+    Identity,
+    reset_principal,
+    set_principal,
+)
 from shared_kernel.platform.security.scopes import grants, required_scope
 
 logger = logging.getLogger(__name__)

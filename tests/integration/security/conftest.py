@@ -14,9 +14,8 @@ from typing import Any
 import grpc
 import pytest
 
-from shared_kernel.platform.auth import current_principal
 from shared_kernel.platform.grpc_server import GrpcServer
-from shared_kernel.platform.security.authn import Authenticator
+from shared_kernel.platform.security.authn import Authenticator, current_principal
 from shared_kernel.platform.settings import GrpcServerSettings
 
 COMMANDS = "tessera.users.v1.UserCommandService"

@@ -7,8 +7,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from shared_kernel.platform.auth import ANONYMOUS, current_principal
-from shared_kernel.platform.security.authn import INSECURE_PRINCIPAL, BearerTokenAuthenticator, InsecureAuthenticator
+from shared_kernel.platform.security.authn import (
+    ANONYMOUS,
+    INSECURE_PRINCIPAL,
+    BearerTokenAuthenticator,
+    InsecureAuthenticator,
+    current_principal,
+)
 from shared_kernel.platform.security.tokens import TokenSigner, TokenVerifier
 
 from .conftest import ADMIN, COMMANDS, QUERIES, ServeFactory, unary
