@@ -31,6 +31,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from shared_kernel.contracts import errors
+from shared_kernel.platform.interceptors import Behaviour, CallKind, Handler, HandlerInterceptor, rewrap
 
 logger = logging.getLogger(__name__)
 
@@ -201,45 +202,19 @@ def tolerant_deserializer(deserializer: Callable[[bytes], Any] | None, method: s
     return deserialize
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(HandlerInterceptor):
     """Maps exceptions raised by handlers to gRPC statuses (see the module docstring)."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         """Wrap the behaviour and the request deserializer of the resolved handler, whatever its kind."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        deserializer = tolerant_deserializer(handler.request_deserializer, method)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method, streaming_request=True),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method, streaming_request=True),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        method = details.method
+
+        def mapped(inner: Behaviour, kind: CallKind) -> Behaviour:
+            if kind.streams_replies:
+                return _wrap_stream(inner, method, streaming_request=kind.streams_requests)
+            return _wrap_unary(inner, method, streaming_request=kind.streams_requests)
+
+        return rewrap(handler, mapped, request_deserializer=tolerant_deserializer(handler.request_deserializer, method))
 
 
 async def reject_undecodable(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextvars import Token
 from typing import Any
 
@@ -33,6 +33,7 @@ from shared_kernel.platform.grpc_errors import (
     reject_undecodable,
     tolerant_deserializer,
 )
+from shared_kernel.platform.interceptors import Behaviour, Handler, HandlerInterceptor, rewrap
 from shared_kernel.platform.metrics import metrics_enabled
 from shared_kernel.platform.rpc_metrics import RpcRecorder, status_of
 from shared_kernel.platform.security import tls
@@ -50,7 +51,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class ServerCallInterceptor(grpc.aio.ServerInterceptor):
+class ServerCallInterceptor(HandlerInterceptor):
     """What the server does around every call, in one interceptor: metrics, span, error mapping, auth.
 
     A unary-unary call (nearly all traffic) runs in one wrapper that does, from the outside in,
@@ -70,6 +71,8 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
     caller's trace. The write service keeps root spans: its spans' ids travel on in events.
     """
 
+    reuse_unary = True
+
     def __init__(
         self,
         authenticator: Authenticator | None = None,
@@ -78,6 +81,7 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
         root_spans: bool = True,
         trailing_metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
+        super().__init__()
         self._authenticator = authenticator
         self._recorder = recorder
         self._root_spans = root_spans
@@ -86,34 +90,16 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
         self._tracer = trace.get_tracer("tessera.grpc")
         self._auth = None if authenticator is None else AuthInterceptor(authenticator)
         self._errors = ErrorMappingInterceptor()
-        # method -> (the handler resolved for it, its wrapped version)
-        self._unary: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         """The resolved handler, wrapped (see the class docstring)."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
         if handler.unary_unary is not None:
-            method = handler_call_details.method
-            cached = self._unary.get(method)
-            if cached is not None and cached[0] is handler:
-                return cached[1]
-            wrapped = self._wrap_unary(handler, handler.unary_unary, method)
-            self._unary[method] = (handler, wrapped)
-            return wrapped
-        resolved: grpc.RpcMethodHandler[Any, Any] | None = handler
+            return self._wrap_unary(handler, handler.unary_unary, details.method)
         if self._auth is not None:
-            resolved = await self._auth.intercept_service(_resolved(resolved), handler_call_details)
-        return await self._errors.intercept_service(_resolved(resolved), handler_call_details)
+            handler = self._auth.wrap(handler, details)
+        return self._errors.wrap(handler, details)
 
-    def _wrap_unary(
-        self, handler: grpc.RpcMethodHandler[Any, Any], inner: Callable[..., Any], method: str
-    ) -> grpc.RpcMethodHandler[Any, Any]:
+    def _wrap_unary(self, handler: Handler, inner: Behaviour, method: str) -> Handler:
         observed = not method.startswith(_UNOBSERVED)
         recorder = self._recorder if observed else None
         tracer = self._tracer if observed else None
@@ -175,23 +161,14 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
                 if principal is not None:
                     reset_principal(principal)
 
-        return grpc.unary_unary_rpc_method_handler(
-            call,
+        return rewrap(
+            handler,
+            lambda _inner, _kind: call,
             request_deserializer=tolerant_deserializer(handler.request_deserializer, method),
-            response_serializer=handler.response_serializer,
         )
 
 
 _UNOBSERVED = ("/grpc.health.", "/grpc.reflection.")
-
-
-def _resolved(
-    handler: grpc.RpcMethodHandler[Any, Any] | None,
-) -> Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]]:
-    async def continuation(_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
-        return handler
-
-    return continuation
 
 
 class _Registrations:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeAlias
+from typing import Any, NoReturn
 
 import grpc
 
+from shared_kernel.platform.interceptors import Behaviour, CallKind, Handler, HandlerInterceptor, rewrap
 from shared_kernel.platform.security.authn import (
     REALM,
     AuthenticationError,
@@ -29,28 +30,21 @@ from shared_kernel.platform.security.scopes import grants, required_scope
 
 logger = logging.getLogger(__name__)
 
-# A string: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(HandlerInterceptor):
     """Authenticates and authorizes each call (see the module docstring)."""
 
     def __init__(self, authenticator: Authenticator) -> None:
+        super().__init__()
         self._authenticator = authenticator
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        """Resolve the handler, then replace it with one that refuses or one that binds the principal."""
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
+        """Replace the handler with one that refuses or one that binds the principal."""
+        method = details.method
         required = required_scope(method)
-        if handler is None or required is None:
+        if required is None:
             return handler
-        verdict = check_call(self._authenticator, method, required, handler_call_details.invocation_metadata)
+        verdict = check_call(self._authenticator, method, required, details.invocation_metadata)
         if isinstance(verdict, Refusal):
             return _refusing(handler, verdict.code, verdict.details, verdict.challenge)
         return _as_principal(handler, verdict)
@@ -106,14 +100,14 @@ def _refusing(handler: Handler, code: grpc.StatusCode, details: str, challenge: 
         await refuse(request, context)
         yield  # never reached: abort raises
 
-    return _rebuilt(handler, lambda _original, streaming: refuse_stream if streaming else refuse)
+    return rewrap(handler, lambda _original, kind: refuse_stream if kind.streams_replies else refuse)
 
 
 def _as_principal(handler: Handler, identity: Identity) -> Handler:
     """`handler` with the caller's principal bound while it runs."""
 
-    def bind(inner: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
-        if streaming and inspect.isasyncgenfunction(inner):
+    def bind(inner: Behaviour, kind: CallKind) -> Behaviour:
+        if kind.streams_replies and inspect.isasyncgenfunction(inner):
 
             async def bound_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 token = set_principal(identity.principal)
@@ -134,21 +128,4 @@ def _as_principal(handler: Handler, identity: Identity) -> Handler:
 
         return unary
 
-    return _rebuilt(handler, bind)
-
-
-def _rebuilt(handler: Handler, replace: Callable[[Callable[..., Any], bool], Callable[..., Any]]) -> Handler:
-    """A handler of `handler`'s kind and serializers whose behaviour is `replace(original, streams_responses)`."""
-    serializers: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(replace(handler.unary_unary, False), **serializers)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(replace(handler.unary_stream, True), **serializers)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(replace(handler.stream_unary, False), **serializers)
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(replace(handler.stream_stream, True), **serializers)
-    raise AssertionError("a method handler of no known kind")
+    return rewrap(handler, bind)
