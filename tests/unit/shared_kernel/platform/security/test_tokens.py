@@ -13,7 +13,7 @@ import pytest
 from shared_kernel.platform.security import tokens
 from shared_kernel.platform.security.tokens import Claims, TokenError, TokenSigner, TokenVerifier
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[5]
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
 NOW = 1_700_000_000

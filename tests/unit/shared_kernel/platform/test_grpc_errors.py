@@ -1,23 +1,17 @@
-"""Unit tests of the shared kernel's pure parts."""
+"""Domain errors and driver failures mapped to gRPC statuses."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from pydantic import BaseModel, Field, ValidationError
 
 from shared_kernel.contracts import errors
-from shared_kernel.contracts.validation import canonical_uuid, has_control_chars, parse_uuid
-from shared_kernel.platform import grpc_errors, migrations
+from shared_kernel.platform import grpc_errors
 from shared_kernel.platform.grpc_errors import status_for, to_domain_error
-from shared_kernel.platform.logs import JsonFormatter
 
 
 def _details(status: grpc.Status) -> status_pb2.Status:
@@ -62,75 +56,6 @@ def test_each_domain_error_has_its_code(error: errors.DomainError, code: grpc.St
 def test_driver_errors_are_translated() -> None:
     assert isinstance(to_domain_error(ConnectionRefusedError()), errors.Unavailable)
     assert to_domain_error(ValueError("a bug")) is None
-
-
-def test_pydantic_errors_become_field_paths() -> None:
-    class Item(BaseModel):
-        quantity: int = Field(gt=0)
-
-    class Order(BaseModel):
-        items: list[Item]
-
-    with pytest.raises(ValidationError) as info:
-        Order.model_validate({"items": [{"quantity": 1}, {"quantity": 0}]})
-    violations = errors.violations_from_pydantic(info.value.errors())  # type: ignore[arg-type]
-    assert [v.field for v in violations] == ["items[1].quantity"]
-
-
-def test_invalid_argument_needs_a_violation() -> None:
-    with pytest.raises(ValueError, match="at least one"):
-        errors.InvalidArgument([])
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        "",
-        "not-a-uuid",
-        "123e4567e89b12d3a456426614174000",
-        "{123e4567-e89b-12d3-a456-426614174000}",
-        "123e4567-e89b-12d3-a456-42661417400\n",
-        "*" * 36,
-        "x" * 10_000,
-    ],
-)
-def test_parse_uuid_rejects_non_canonical(value: str) -> None:
-    with pytest.raises(errors.InvalidArgument) as info:
-        parse_uuid("user_id", value)
-    assert info.value.violations[0].field == "user_id"
-    with pytest.raises(errors.InvalidArgument) as info:
-        canonical_uuid("user_id", value)
-    assert info.value.violations[0].field == "user_id"
-
-
-def test_parse_uuid_accepts_canonical_any_case() -> None:
-    assert str(parse_uuid("id", "123E4567-E89B-12D3-A456-426614174000")) == "123e4567-e89b-12d3-a456-426614174000"
-    assert canonical_uuid("id", "123E4567-E89B-12D3-A456-426614174000") == "123e4567-e89b-12d3-a456-426614174000"
-
-
-@pytest.mark.parametrize(("value", "expected"), [("plain", False), ("a\nb", True), ("nul\x00", True), ("\u2028", True)])
-def test_control_characters(value: str, expected: bool) -> None:
-    assert has_control_chars(value) is expected
-
-
-def test_migrations_are_numbered_without_gaps(tmp_path: Path) -> None:
-    assert [m.version for m in migrations.discover()] == list(range(1, len(migrations.discover()) + 1))
-    (tmp_path / "0001_a.sql").write_text("select 1")
-    (tmp_path / "0003_c.sql").write_text("select 1")
-    with pytest.raises(ValueError, match="without gaps"):
-        migrations.discover(tmp_path)
-    (tmp_path / "two.sql").write_text("select 1")
-    with pytest.raises(ValueError, match=r"0001_name\.sql"):
-        migrations.discover(tmp_path)
-
-
-def test_json_log_lines_carry_extras() -> None:
-    record = logging.LogRecord("svc", logging.INFO, __file__, 1, "hello %s", ("world",), None)
-    record.user_id = "u-1"
-    line = json.loads(JsonFormatter().format(record))
-    assert line["message"] == "hello world"
-    assert line["user_id"] == "u-1"
-    assert line["level"] == "INFO"
 
 
 class ExecuteBatchError(Exception):
