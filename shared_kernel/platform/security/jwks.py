@@ -39,7 +39,7 @@ from shared_kernel.platform.security.tokens import (
     TokenError,
     TokenVerifier,
     _is_int,
-    _scopes_of,
+    claims_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -248,15 +248,7 @@ class JwksVerifier:
             raise TokenError("token has no valid exp claim")
         if iat > self._clock() + self._leeway_s:
             raise TokenError("token issued in the future")
-        iss, aud = claims.get("iss"), claims.get("aud")
-        return Claims(
-            sub=sub,
-            scopes=_scopes_of(claims),
-            iat=iat,
-            exp=exp,
-            iss=iss if isinstance(iss, str) else None,
-            aud=self._audience if self._audience is not None else (aud if isinstance(aud, str) else None),
-        )
+        return claims_of(claims, sub, iat, exp, self._audience)
 
 
 class DispatchingVerifier:

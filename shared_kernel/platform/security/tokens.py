@@ -216,14 +216,20 @@ class TokenVerifier:
         aud = claims.get("aud")
         if self._audience is not None and not _audience_matches(aud, self._audience):
             raise TokenError("token has the wrong audience")
-        return Claims(
-            sub=sub,
-            scopes=_scopes_of(claims),
-            iat=iat,
-            exp=exp,
-            iss=iss if isinstance(iss, str) else None,
-            aud=self._audience if self._audience is not None else (aud if isinstance(aud, str) else None),
-        )
+        return claims_of(claims, sub, iat, exp, self._audience)
+
+
+def claims_of(claims: dict[str, Any], sub: str, iat: int, exp: int, audience: str | None) -> Claims:
+    """The Claims of a payload whose `sub`, `iat` and `exp` were checked (`aud`: the one required, if any)."""
+    iss, aud = claims.get("iss"), claims.get("aud")
+    return Claims(
+        sub=sub,
+        scopes=_scopes_of(claims),
+        iat=iat,
+        exp=exp,
+        iss=iss if isinstance(iss, str) else None,
+        aud=audience if audience is not None else (aud if isinstance(aud, str) else None),
+    )
 
 
 def _is_int(value: object) -> TypeGuard[int]:
