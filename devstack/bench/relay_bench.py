@@ -27,7 +27,7 @@ from devstack.bench.env import Backing, Scratch, scratch
 from devstack.measure_rebuild import USER_EVENT_COLUMNS, user_events
 from devstack.supervisor import ServiceProcess
 from relay.outbox import CLAIM_SESSION_SETTINGS
-from shared_kernel.event_log import ENVELOPE_COLUMNS, envelope_from_row, events_channel
+from shared_kernel.contracts.event_log import ENVELOPE_COLUMNS, envelope_from_row, events_channel
 
 from .table import Goal, Row
 
