@@ -36,7 +36,7 @@ import redis
 
 from devstack.cpu import tree_cpu_seconds
 from devstack.supervisor import ServiceProcess, Stack, StackConfig
-from shared_kernel.runtime import run
+from shared_kernel.platform.runtime import run
 from tessera.users.v1 import user_command_service_pb2 as commands
 from tessera.users.v1 import user_command_service_pb2_grpc as commands_grpc
 from tessera.users.v1 import user_query_service_pb2 as queries

@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from read_service.generations import drop_keyspace
 from read_service.rebuild import rebuild, registered_projections
 from read_service.upcasting import current_version
-from shared_kernel import migrations
+from shared_kernel.platform import migrations
 from tessera.users.v1.events_pb2 import UserDeactivated, UserProfileUpdated, UserRegistered
 
 # The columns of a `user_events` row, in order (what COPY into the outbox is given).

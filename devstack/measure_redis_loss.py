@@ -36,7 +36,7 @@ import grpc
 from devstack.measure_rebuild import USER_EVENT_COLUMNS, scratch_database, user_events
 from devstack.servers import EmbeddedPostgres, EmbeddedRedis
 from devstack.supervisor import Stack, StackConfig
-from shared_kernel.healthcheck import check_serving_async
+from shared_kernel.platform.healthcheck import check_serving_async
 from tessera.users.v1 import user_query_service_pb2 as queries
 from tessera.users.v1 import user_query_service_pb2_grpc as queries_grpc
 

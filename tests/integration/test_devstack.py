@@ -32,8 +32,8 @@ from devstack.supervisor import (
     Stack,
     StackConfig,
 )
-from shared_kernel.healthcheck import check_serving, check_serving_async
-from shared_kernel.healthcheck import main as healthcheck_main
+from shared_kernel.platform.healthcheck import check_serving, check_serving_async
+from shared_kernel.platform.healthcheck import main as healthcheck_main
 from tests.devstack_up import DevstackUp
 
 pytestmark = pytest.mark.integration
