@@ -2,13 +2,19 @@
 
 The backlog is written straight into a fresh outbox with COPY (unpositioned user events,
 as commands leave them) while no relay runs. Then one relay starts; the clock starts when
-the first position is handed out and stops when no row is left unpositioned (the outbox's
-partial index answers) and the published watermark has reached the last position handed out.
+the first position is handed out and stops when the published watermark has reached the
+last of the backlog's positions (positions are gap-free, and nothing else writes).
 Nothing subscribes to the channel, in either run. The ceiling publishes the same serialized
 envelopes, in batches of the relay's default size, from one redis-py client.
 
 Two rows share the measurement: the rate against its absolute goal, and the rate against the
 bare PUBLISH of the same run (the machine's speed cancels out of that one).
+
+On a machine whose cores are shared with other work, wall-clock rates say little on their
+own, so the notes also give CPU time per event over the drain: the relay process and, when
+Postgres runs on the same machine (its backends are readable in /proc), the relay's
+Postgres sessions; and the bare client's own CPU time. Redis's CPU is left out of both: the
+same PUBLISHes reach it either way, and it is shared with whatever else uses it.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +30,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from devstack.bench.env import Backing, Scratch, scratch
+from devstack.cpu import process_cpu_s
 from devstack.measure_rebuild import USER_EVENT_COLUMNS, user_events
 from devstack.supervisor import ServiceProcess
 from relay.outbox import CLAIM_SESSION_SETTINGS
@@ -42,6 +49,19 @@ _POSITIONED = "SELECT last_position FROM relay_state WHERE singleton"
 _DRAINED = """
 SELECT (SELECT id FROM outbox WHERE position IS NULL ORDER BY id LIMIT 1) IS NULL
    AND (SELECT published_position = last_position FROM relay_state WHERE singleton)
+"""
+# When the bench knows how many events it wrote, the watermark alone says when they are out:
+# positions are gap-free, so `since + events` published means every one of them went out.
+# One row read, where the look for an unpositioned row walks the partial index over every
+# row positioned since the last vacuum (the old versions stay in it while any transaction
+# on the server holds back the xmin horizon), which at 100,000 rows took a quarter of a
+# second per poll, on the cores the relay and Postgres were measured on.
+_PUBLISHED_UP_TO = "SELECT published_position >= $1 FROM relay_state WHERE singleton"
+# The relay's Postgres sessions: its pool and its lock session (application names
+# tessera-relay and tessera-relay-lock) on this database.
+_RELAY_BACKENDS = """
+SELECT pid FROM pg_stat_activity
+WHERE datname = current_database() AND application_name LIKE 'tessera-relay%'
 """
 
 
@@ -96,15 +116,34 @@ async def insert_backlog(url: str, count: int, seed: int, chunk: int = 20_000) -
         await conn.close()
 
 
-async def wait_drained(conn: Any, *, since: int, timeout_s: float, relay: ServiceProcess | None = None) -> float:
-    """Seconds from the first position after `since` to an outbox with nothing left to position or publish."""
+async def wait_drained(
+    conn: Any,
+    *,
+    since: int,
+    timeout_s: float,
+    relay: ServiceProcess | None = None,
+    on_begin: Callable[[], Awaitable[None]] | None = None,
+    events: int | None = None,
+) -> float:
+    """Seconds from the first position after `since` to an outbox with nothing left to position or publish.
+
+    `on_begin` runs once, when the first position is seen (before the drain is timed further).
+    With `events` (how many were written after `since`, and nothing else writes), drained means
+    the watermark has reached `since + events`.
+    """
     deadline = time.monotonic() + timeout_s
     began: float | None = None
     while True:
         now = time.perf_counter()
         if began is None and int(await conn.fetchval(_POSITIONED)) > since:
             began = now
-        if began is not None and await conn.fetchval(_DRAINED):
+            if on_begin is not None:
+                await on_begin()
+        if began is not None and (
+            await conn.fetchval(_PUBLISHED_UP_TO, since + events)
+            if events is not None
+            else await conn.fetchval(_DRAINED)
+        ):
             return time.perf_counter() - began
         if relay is not None and not relay.running:
             raise RuntimeError(f"the relay exited: {relay.log_tail(10)}")
@@ -127,18 +166,46 @@ def start_relay(place: Scratch) -> ServiceProcess:
     ).start()
 
 
+@dataclass(slots=True)
+class RelayCpu:
+    """CPU seconds of the relay process and of its Postgres sessions, read from /proc."""
+
+    relay_pid: int
+    relay_s: float = 0.0
+    postgres_s: float = 0.0
+    # Postgres's backends are visible only when it runs on this machine.
+    postgres_seen: bool = False
+
+    async def sample(self, conn: Any) -> tuple[float, float]:
+        """CPU seconds so far: (relay process, its Postgres sessions that are readable here)."""
+        pids = [int(record["pid"]) for record in await conn.fetch(_RELAY_BACKENDS)]
+        backends = [process_cpu_s(pid) for pid in pids]
+        if any(seconds > 0 for seconds in backends):
+            self.postgres_seen = True
+        return process_cpu_s(self.relay_pid), sum(backends)
+
+
 async def bare_publish(redis_url: str, channel: str, payloads: list[bytes], batch: int = RELAY_BATCH) -> float:
     """Seconds to PUBLISH `payloads` in pipelines of `batch`, from one client."""
+    seconds, _cpu = await bare_publish_timed(redis_url, channel, payloads, batch)
+    return seconds
+
+
+async def bare_publish_timed(
+    redis_url: str, channel: str, payloads: list[bytes], batch: int = RELAY_BATCH
+) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds to PUBLISH `payloads` in pipelines of `batch`, from one client."""
     client = aioredis.Redis.from_url(redis_url, socket_timeout=30)
     try:
         await client.ping()
         began = time.perf_counter()
+        cpu_began = time.process_time()
         for start in range(0, len(payloads), batch):
             pipe = client.pipeline(transaction=False)
             for payload in payloads[start : start + batch]:
                 pipe.publish(channel, payload)
             await pipe.execute()
-        return time.perf_counter() - began
+        return time.perf_counter() - began, time.process_time() - cpu_began
     finally:
         await client.aclose()
 
@@ -148,6 +215,8 @@ async def measure_relay(backing: Backing, sizes: RelaySizes) -> list[Row]:
     rows = relay_rows()
     drains: list[float] = []
     bares: list[float] = []
+    bare_cpus: list[float] = []
+    relay_cpus: list[RelayCpu] = []
     async with scratch(backing, "relay") as place:
         conn = await asyncpg.connect(place.database_url, server_settings=CLAIM_SESSION_SETTINGS)
         try:
@@ -156,7 +225,26 @@ async def measure_relay(backing: Backing, sizes: RelaySizes) -> list[Row]:
                 await insert_backlog(place.database_url, sizes.events, seed=100 + round_index)
                 relay = start_relay(place)
                 try:
-                    drains.append(await wait_drained(conn, since=since, timeout_s=sizes.timeout_s, relay=relay))
+                    cpu = RelayCpu(relay_pid=relay.pid or 0)
+                    started: list[tuple[float, float]] = []
+
+                    async def take_start(cpu: RelayCpu = cpu, started: list[tuple[float, float]] = started) -> None:
+                        started.append(await cpu.sample(conn))
+
+                    drains.append(
+                        await wait_drained(
+                            conn,
+                            since=since,
+                            timeout_s=sizes.timeout_s,
+                            relay=relay,
+                            on_begin=take_start,
+                            events=sizes.events,
+                        )
+                    )
+                    relay_s, postgres_s = await cpu.sample(conn)
+                    cpu.relay_s = relay_s - started[0][0]
+                    cpu.postgres_s = postgres_s - started[0][1]
+                    relay_cpus.append(cpu)
                 finally:
                     relay.terminate()
                 records = await conn.fetch(
@@ -164,7 +252,9 @@ async def measure_relay(backing: Backing, sizes: RelaySizes) -> list[Row]:
                     since,
                 )
                 payloads = [envelope_from_row(record).SerializeToString() for record in records]
-                bares.append(await bare_publish(place.redis_url, events_channel(place.prefix), payloads))
+                bare_s, bare_cpu_s = await bare_publish_timed(place.redis_url, events_channel(place.prefix), payloads)
+                bares.append(bare_s)
+                bare_cpus.append(bare_cpu_s)
         finally:
             await conn.close()
     rates = [sizes.events / seconds for seconds in drains]
@@ -180,4 +270,19 @@ async def measure_relay(backing: Backing, sizes: RelaySizes) -> list[Row]:
     rows[0].notes.append(
         f"ceiling: the round's {sizes.events:,} envelopes PUBLISHed in pipelines of {RELAY_BATCH} by one client"
     )
+    rows[0].notes.append(
+        "CPU µs per event, rounds: "
+        + "; ".join(_cpu_note(cpu, bare, sizes.events) for cpu, bare in zip(relay_cpus, bare_cpus, strict=True))
+    )
     return rows
+
+
+def _cpu_note(cpu: RelayCpu, bare_cpu_s: float, events: int) -> str:
+    per_event = 1e6 / events
+    relay = f"relay process {cpu.relay_s * per_event:.1f}"
+    if cpu.postgres_seen:
+        total = (cpu.relay_s + cpu.postgres_s) * per_event
+        relay += f" + its Postgres sessions {cpu.postgres_s * per_event:.1f} = {total:.1f}"
+    else:
+        relay += " (Postgres not on this machine: its sessions not counted)"
+    return f"{relay}; bare client {bare_cpu_s * per_event:.1f}"
