@@ -8,7 +8,7 @@ there to position N. N stays below the replica's live buffer (10,000 messages), 
 figure is the live path, not a catch-up from the log. Besides the wall-clock rate it prints
 the events per second of the replica's own CPU time, the figure that holds on a busy machine.
 
-    python -m devstack.measure_live_apply -n 9000
+    python -m perf.live_apply -n 9000
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from pydantic import PostgresDsn, RedisDsn, SecretStr
 
-from devstack.measure_rebuild import USER_EVENT_COLUMNS, backing_servers, scratch_database
+from perf.rebuild import USER_EVENT_COLUMNS, backing_servers, scratch_database
 from read_service.bootstrap import running_read_service
 from read_service.lease import ApplyMode
 from read_service.settings import ReadServiceSettings
@@ -195,7 +195,7 @@ async def measure(admin_url: str, redis_url: str, events: int, profile: str | No
                         spool.write(len(payload).to_bytes(4, "big") + payload)
                     spool.flush()
                     began = time.monotonic()
-                    command = [sys.executable, "-m", "devstack.measure_live_apply", "--publish", spool.name]
+                    command = [sys.executable, "-m", "perf.live_apply", "--publish", spool.name]
                     command += ["--redis-url", redis_url, "--channel", events_channel(prefix)]
                     subprocess.run(  # noqa: ASYNC221 - blocking the loop is the point, see above
                         command,

@@ -9,8 +9,8 @@ own, so the kernel spreads them over the workers of the replica, keeps many call
 counts the calls completed inside a common measuring window. It prints calls per second for each
 worker count and their ratio, and optionally writes JSON.
 
-    python -m devstack.measure_read_rps                 # or: make bench-read
-    python -m devstack.measure_read_rps --workers 1 --workers 2 --workers 4 --duration 10
+    python -m perf.read_rps                 # or: make bench-read
+    python -m perf.read_rps --workers 1 --workers 2 --workers 4 --duration 10
 
 Figures depend on the cores the machine has: the client processes share them with the replica.
 """
@@ -34,8 +34,8 @@ from pathlib import Path
 import grpc
 import redis
 
-from devstack.cpu import tree_cpu_seconds
 from devstack.supervisor import ServiceProcess, Stack, StackConfig
+from perf.cpu import tree_cpu_seconds
 from shared_kernel.runtime import run
 from tessera.users.v1 import user_command_service_pb2 as commands
 from tessera.users.v1 import user_command_service_pb2_grpc as commands_grpc
@@ -168,7 +168,7 @@ def measure_replica(
         argv = [
             sys.executable,
             "-m",
-            "devstack.measure_read_rps",
+            "perf.read_rps",
             "--client",
             replica.address,
             "--ids-file",

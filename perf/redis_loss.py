@@ -9,7 +9,7 @@ restarts that Redis. Reports:
 - restart_to_serving_s: from Redis accepting connections again to the replica SERVING;
 - and checks that every user is served again (GetUser of each).
 
-    python -m devstack.measure_redis_loss -n 10000 [--json results/redis_loss.json]
+    python -m perf.redis_loss -n 10000 [--json results/redis_loss.json]
 
 Uses DATABASE_URL (an admin DSN: a database is created and dropped) when set, otherwise an
 embedded Postgres; Redis is always a throwaway embedded server.
@@ -33,9 +33,9 @@ from typing import Any
 import asyncpg
 import grpc
 
-from devstack.measure_rebuild import USER_EVENT_COLUMNS, scratch_database, user_events
 from devstack.servers import EmbeddedPostgres, EmbeddedRedis
 from devstack.supervisor import Stack, StackConfig
+from perf.rebuild import USER_EVENT_COLUMNS, scratch_database, user_events
 from shared_kernel.healthcheck import check_serving_async
 from tessera.users.v1 import user_query_service_pb2 as queries
 from tessera.users.v1 import user_query_service_pb2_grpc as queries_grpc

@@ -21,8 +21,8 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from devstack.measure_rebuild import backing_servers, scratch_database
 from devstack.supervisor import Stack, StackConfig
+from perf.rebuild import backing_servers, scratch_database
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +76,10 @@ def bench_stack(
     readers: int = 1,
     env: dict[str, str] | None = None,
     log_dir: Path | None = None,
+    saga: bool = False,
 ) -> Stack:
-    """A stack (not started) on `place`: write service, relays, replicas; no payment provider or saga."""
+    """A stack (not started) on `place`: write service, relays, replicas; with `saga`, a payment
+    provider and one saga worker too."""
     return Stack(
         StackConfig(
             database_url=place.database_url,
@@ -85,8 +87,8 @@ def bench_stack(
             redis_key_prefix=place.prefix,
             read_ports=tuple(0 for _ in range(readers)),
             relays=relays,
-            payment_provider=False,
-            saga_workers=0,
+            payment_provider=saga,
+            saga_workers=1 if saga else 0,
             migrate=False,
             env={"LOG_LEVEL": "WARNING", **(env or {})},
             log_dir=log_dir,

@@ -2,7 +2,7 @@
 
 The maximum write rate is probed on this very stack, with the relay and both replicas consuming
 what it writes (the write bench's figure is measured with nothing consuming, which is a higher
-rate than the whole system sustains on a shared machine). `python -m devstack.loadtest lag` then
+rate than the whole system sustains on a shared machine). `python -m perf lag` then
 sends AddProduct on an open-model schedule at half that rate, and after each reply asks every
 replica for the product with the reply's consistency token; the replica answers once its view
 reflects it. The lag is reply → fresh answer, so it includes one query round trip. The stack: a
@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from devstack.bench.env import Backing, bench_stack, scratch
-from devstack.bench.table import Goal, Row
-from devstack.bench.tools import LOADTEST, ToolError, number, run_json_tool
-from devstack.bench.write_bench import ok_rps, service_load
-from devstack.cpu import machine_busy_s
+from perf.bench.env import Backing, bench_stack, scratch
+from perf.bench.table import Goal, Row
+from perf.bench.tools import LAG, ToolError, number, run_json_tool
+from perf.bench.write_bench import ok_rps, service_load
+from perf.cpu import machine_busy_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,16 +44,15 @@ def lag_rows(replicas: int) -> list[Row]:
                     figure=f"commit → visible on replica {index}, {label}",
                     unit="ms",
                     goal=Goal("value", "<=", threshold, "ms"),
-                    how=f"{LOADTEST} lag, AddProduct at half the max write rate, GetProduct with the token",
+                    how=f"{LAG}, AddProduct at half the max write rate, GetProduct with the token",
                 )
             )
     return rows
 
 
 def lag_load(write: str, reads: list[str], rate: float, duration_s: float) -> dict[str, Any]:
-    """`python -m devstack.loadtest lag` of AddProduct; its JSON report."""
+    """`python -m perf lag` of AddProduct at `rate`; its JSON report."""
     args = [
-        "lag",
         "--write",
         write,
         "--read",
@@ -65,7 +64,7 @@ def lag_load(write: str, reads: list[str], rate: float, duration_s: float) -> di
         "--duration",
         f"{duration_s:g}",
     ]
-    return run_json_tool(LOADTEST, args, timeout_s=duration_s + 180)
+    return run_json_tool(LAG, args, timeout_s=duration_s + 180)
 
 
 def fill_lag_rows(

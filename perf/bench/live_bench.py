@@ -1,13 +1,13 @@
 """One replica applying a live backlog beside the relay's drain, and a lost Redis back to SERVING.
 
-Live apply is `devstack.measure_live_apply.measure`: a mixed user/product/order stream of N
+Live apply is `perf.live_apply.measure`: a mixed user/product/order stream of N
 events, published while the replica's loop is held (as after a write burst), timed until
 every projection of the one replica reaches position N. N stays below the replica's live
 buffer, so the figure is the live path, not a catch-up from the log. Its ceiling is one relay
-draining an outbox backlog of the same size in the same run (devstack.bench.relay_bench): a
+draining an outbox backlog of the same size in the same run (perf.bench.relay_bench): a
 replica slower than that falls behind during every write burst.
 
-Redis loss is `devstack.measure_redis_loss.measure`: a replica serving N registrations loses
+Redis loss is `perf.redis_loss.measure`: a replica serving N registrations loses
 its Redis (killed and restarted empty); the figure is from Redis accepting connections again
 to the replica SERVING.
 """
@@ -20,15 +20,15 @@ from pathlib import Path
 
 import asyncpg
 
-from devstack.bench.env import Backing, scratch
-from devstack.bench.relay_bench import insert_backlog, start_relay, wait_drained
-from devstack.measure_live_apply import measure as measure_live_apply
-from devstack.measure_redis_loss import measure as measure_redis_loss
+from perf.bench.env import Backing, scratch
+from perf.bench.relay_bench import insert_backlog, start_relay, wait_drained
+from perf.live_apply import measure as measure_live_apply
+from perf.redis_loss import measure as measure_redis_loss
 from relay.outbox import CLAIM_SESSION_SETTINGS
 
 from .table import Goal, Row
 
-HOW_LIVE = "one in-process replica (devstack.measure_live_apply), backlog published while its loop is held"
+HOW_LIVE = "one in-process replica (perf.live_apply), backlog published while its loop is held"
 RELAY_LABEL = "one relay draining an outbox backlog of the same size"
 
 
@@ -77,7 +77,7 @@ def redis_loss_rows() -> list[Row]:
             figure="lost Redis back to SERVING (goal for 100,000 events), s",
             unit="s",
             goal=Goal("value", "<=", 5.0, "s"),
-            how="devstack.measure_redis_loss",
+            how="perf.redis_loss",
         )
     ]
 
@@ -123,6 +123,6 @@ async def measure_redis_loss_row(backing: Backing, sizes: RedisLossSizes) -> lis
     if figures["served_after"] != sizes.events:
         return [row.fail(f"only {figures['served_after']} of {sizes.events} users served again")]
     row.value = float(figures["restart_to_serving_s"])
-    row.how = f"devstack.measure_redis_loss, {sizes.events:,} registrations (one event each), one replica"
+    row.how = f"perf.redis_loss, {sizes.events:,} registrations (one event each), one replica"
     row.notes.append(f"the replica left SERVING {figures['notice_s']} s after Redis was killed")
     return rows

@@ -4,7 +4,7 @@ Each process runs `concurrency` tasks on an asyncpg pool of its own; each task r
 transaction (`bare_asyncpg.add_product`) after another, each with a sku and an idempotency
 key of its own. The processes connect first, then all start at one moment the parent picks,
 and count what completes within the window. (The service side is driven by
-`python -m devstack.loadtest write`.)
+`python -m perf.loadtest write`.)
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def percentile(values: list[float], fraction: float) -> float:
 async def _bare_sender(spec: WorkerSpec) -> tuple[Callable[[int], Awaitable[None]], Callable[[], Awaitable[None]]]:
     import asyncpg
 
-    from devstack.bench.bare_asyncpg import add_product
+    from perf.bench.bare_asyncpg import add_product
     from shared_kernel.db import keep_session
 
     # Without the server-side reset on release, like the write service's pool.

@@ -4,7 +4,7 @@ Read replica: user events are written in bulk into the outbox (as commands leave
 flow through one relay to one replica; a last UserRegistered marks the end of each batch, and
 the batch counts as consumed when the replica answers GetUser for it. A small warm-up batch
 first, then two runs of the same size. Write service: a warm-up, then two runs of AddProduct
-(`python -m devstack.loadtest write`, closed model, several client processes), each as long
+(`python -m perf.loadtest write`, closed model, several client processes), each as long
 as the wanted number of commands takes at the warm-up's rate. RSS is that of the
 service process and any processes in its group, read from /proc.
 
@@ -23,12 +23,12 @@ from datetime import UTC, datetime
 import asyncpg
 import grpc
 
-from devstack.bench.env import Backing, bench_stack, process_group_rss_mb, scratch
-from devstack.bench.relay_bench import insert_backlog
-from devstack.bench.table import Goal, Row
-from devstack.bench.tools import LOADTEST, number
-from devstack.bench.write_bench import ok_rps, service_load
 from devstack.supervisor import ServiceProcess
+from perf.bench.env import Backing, bench_stack, process_group_rss_mb, scratch
+from perf.bench.relay_bench import insert_backlog
+from perf.bench.table import Goal, Row
+from perf.bench.tools import LOADTEST, number
+from perf.bench.write_bench import ok_rps, service_load
 from tessera.users.v1 import user_query_service_pb2 as user_queries
 from tessera.users.v1 import user_query_service_pb2_grpc as user_queries_grpc
 from tessera.users.v1.events_pb2 import UserRegistered

@@ -1,4 +1,4 @@
-"""Figures 1 to 3: the read side, from `python -m devstack.loadtest.read_bench` run as a subprocess.
+"""Figures 1 to 3: the read side, from `python -m perf.loadtest.read_bench` run as a subprocess.
 
 That tool measures a bare grpc.aio server, a replica's near-cache hit path and its Redis path,
 and the latency at half the replica's maximum, all in one run. A second run (`--defaults
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from devstack.bench.table import Goal, Row, not_measured
-from devstack.bench.tools import ToolError, number, run_json_tool
+from perf.bench.table import Goal, Row, not_measured
+from perf.bench.tools import ToolError, number, run_json_tool
 
-MODULE = "devstack.loadtest.read_bench"
+MODULE = "perf read"
 
 
 def read_rows() -> list[Row]:
@@ -59,7 +59,7 @@ ReportError = ToolError  # what a report with a missing or mistyped field raises
 
 
 def rows_from_report(report: Any) -> list[Row]:
-    """Rows from the read bench's JSON (see the module docstring of devstack.loadtest.read_bench)."""
+    """Rows from the read bench's JSON (see the module docstring of perf.loadtest.read_bench)."""
     if not isinstance(report, dict):
         raise ReportError("the read bench report is not a JSON object")
     hot, cold, _defaults, half = read_rows()

@@ -1,6 +1,6 @@
 """Figure 7: blue/green rebuild of the users projection, events/s, beside a raw Redis HSET pipeline.
 
-The rebuild is `devstack.measure_rebuild.measure` (seeded event log, a first build, then the
+The rebuild is `perf.rebuild.measure` (seeded event log, a first build, then the
 rebuild an operator runs; the figure is the rebuild's). The baseline writes one hash per user
 (the same number of keys the rebuild ends with) with pipelined HSETs from one client: the
 Redis write cost alone, without reading the log or applying events.
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from devstack.bench.env import Backing, clear_prefix
-from devstack.measure_rebuild import measure as measure_rebuild
+from perf.bench.env import Backing, clear_prefix
+from perf.rebuild import measure as measure_rebuild
 
 from .table import Goal, Row
 
@@ -38,7 +38,7 @@ def rebuild_rows() -> list[Row]:
             figure="projection rebuild (users), events/s",
             unit="events/s",
             goal=Goal("value", ">=", 10_000, "events/s"),
-            how="read_service.rebuild via devstack.measure_rebuild",
+            how="read_service.rebuild via perf.rebuild",
             ceiling_label="raw Redis HSET pipeline, one hash per user",
             ceiling_unit="hashes/s",
         )

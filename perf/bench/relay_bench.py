@@ -23,9 +23,9 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from devstack.bench.env import Backing, Scratch, scratch
-from devstack.measure_rebuild import USER_EVENT_COLUMNS, user_events
 from devstack.supervisor import ServiceProcess
+from perf.bench.env import Backing, Scratch, scratch
+from perf.rebuild import USER_EVENT_COLUMNS, user_events
 from relay.outbox import CLAIM_SESSION_SETTINGS
 from shared_kernel.event_log import ENVELOPE_COLUMNS, envelope_from_row, events_channel
 

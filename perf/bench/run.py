@@ -1,6 +1,6 @@
 """`make bench`: every benchmark figure beside a ceiling measured in the same run, as a table.
 
-    python -m devstack.bench [--quick | --full] [--only NAME ...] [--search-sizes N,N] [--markdown FILE | --no-markdown]
+    python -m perf.bench [--quick | --full] [--only NAME ...] [--search-sizes N,N] [--markdown FILE | --no-markdown]
                              [--json FILE]
 
 Runs the benches in order (read, write, relay, live, lag, rebuild, redis-loss, memory, search), prints an aligned table
@@ -34,9 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from devstack.bench.env import Backing, backing, machine_facts
-from devstack.bench.lag_bench import LagSizes, lag_rows, measure_lag
-from devstack.bench.live_bench import (
+from devstack.supervisor import REPO_ROOT
+from perf.bench.env import Backing, backing, machine_facts
+from perf.bench.lag_bench import LagSizes, lag_rows, measure_lag
+from perf.bench.live_bench import (
     LiveSizes,
     RedisLossSizes,
     live_rows,
@@ -44,12 +45,12 @@ from devstack.bench.live_bench import (
     measure_redis_loss_row,
     redis_loss_rows,
 )
-from devstack.bench.memory_bench import MemorySizes, measure_memory, memory_rows
-from devstack.bench.read_bench import measure_read, read_rows
-from devstack.bench.rebuild_bench import RebuildSizes, measure_rebuild_row, rebuild_rows
-from devstack.bench.relay_bench import RelaySizes, measure_relay, relay_rows
-from devstack.bench.search_bench import SearchSizes, measure_search, parse_sizes, search_rows
-from devstack.bench.table import (
+from perf.bench.memory_bench import MemorySizes, measure_memory, memory_rows
+from perf.bench.read_bench import measure_read, read_rows
+from perf.bench.rebuild_bench import RebuildSizes, measure_rebuild_row, rebuild_rows
+from perf.bench.relay_bench import RelaySizes, measure_relay, relay_rows
+from perf.bench.search_bench import SearchSizes, measure_search, parse_sizes, search_rows
+from perf.bench.table import (
     MarkersMissing,
     Row,
     not_measured,
@@ -57,8 +58,7 @@ from devstack.bench.table import (
     render_text,
     replace_between_markers,
 )
-from devstack.bench.write_bench import WriteSizes, measure_write, write_rows
-from devstack.supervisor import REPO_ROOT
+from perf.bench.write_bench import WriteSizes, measure_write, write_rows
 
 BENCHES = ("read", "write", "relay", "live", "lag", "rebuild", "redis-loss", "memory", "search")
 DEFAULT_MARKDOWN = REPO_ROOT / "BENCHMARKS.md"
@@ -242,9 +242,7 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m devstack.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     size.add_argument("--full", action="store_true", help="memory bench at 1M events / 100k commands per run")
@@ -289,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = sizes_for("quick" if args.quick else "full" if args.full else "default")
     if args.search_sizes is not None:
         sizes = replace(sizes, search=replace(sizes.search, sizes=args.search_sizes))
-    command = " ".join(["python -m devstack.bench", *raw_args]).strip()
+    command = " ".join(["python -m perf bench", *raw_args]).strip()
 
     def say(message: str) -> None:
         print(f"bench | {message}", file=sys.stderr, flush=True)

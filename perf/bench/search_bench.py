@@ -10,7 +10,7 @@ page) of a rare term, a common term and a prefix through the query code the repl
 (read_service.views), and measures the index's memory (MEMORY USAGE of every trigram set)
 per entity. Today's capped scan answers the rare term as the ceiling column.
 
-    python -m devstack.bench --only search --search-sizes 100000,1000000
+    python -m perf.bench --only search --search-sizes 100000,1000000
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from devstack.bench.env import Backing
-from devstack.measure_rebuild import USER_EVENT_COLUMNS, scratch_database
+from perf.bench.env import Backing
+from perf.rebuild import USER_EVENT_COLUMNS, scratch_database
 from read_service.generations import drop_keyspace, keyspace_prefix
 from read_service.keys import OrderKeys, UserKeys
 from read_service.projections.base import Effect

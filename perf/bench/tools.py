@@ -14,7 +14,9 @@ from typing import Any
 
 from devstack.supervisor import REPO_ROOT
 
-LOADTEST = "devstack.loadtest"
+# Subcommands of `python -m perf`, as the benches run them (and name them in the rows).
+LOADTEST = "perf loadtest"
+LAG = "perf lag"
 
 
 class ToolError(RuntimeError):
@@ -52,12 +54,15 @@ def run_tool(argv: list[str], timeout_s: float) -> tuple[int, str]:
 
 
 def run_json_tool(module: str, args: Sequence[str], timeout_s: float) -> dict[str, Any]:
-    """`python -m module *args --json FILE`; the JSON object it wrote, or ToolError saying why not."""
-    if not module_available(module):
+    """`python -m module *args --json FILE`; the JSON object it wrote, or ToolError saying why not.
+
+    `module` may name a subcommand after the module: "perf loadtest" runs `python -m perf loadtest`.
+    """
+    if not module_available(module.split(maxsplit=1)[0]):
         raise ToolError(f"{module} is not available")
     with tempfile.TemporaryDirectory(prefix="tessera-bench-") as folder:
         out = Path(folder) / "report.json"
-        argv = [sys.executable, "-m", module, *args, "--json", str(out)]
+        argv = [sys.executable, "-m", *module.split(), *args, "--json", str(out)]
         try:
             returncode, output = run_tool(argv, timeout_s)
         except subprocess.TimeoutExpired:

@@ -1,6 +1,6 @@
 """Figure 4: the write service's commands/s against the ceilings gRPC and Postgres allow, in one run.
 
-Two service figures, each driven by `python -m devstack.loadtest write` (closed model,
+Two service figures, each driven by `python -m perf.loadtest write` (closed model,
 several client processes, every command with its own idempotency key) against a write
 service with no relay or replica running:
 
@@ -8,7 +8,7 @@ service with no relay or replica running:
 - RestockProduct on ONE product (`--hot`): a hot aggregate, every command on one row.
 
 Each is compared with min(bare grpc.aio unary calls/s, pgbench transactions/s running the
-command's own SQL): the ceiling gRPC allows (`devstack.loadtest.bare_server`, the same
+command's own SQL): the ceiling gRPC allows (`perf.loadtest.bare_server`, the same
 client engine, processes and concurrency) and the one Postgres allows (`bench.pgbench`,
 as many clients as the service has pooled connections). Both ceilings are rows of their
 own. Without pgbench its rows say why and the service rows use the gRPC ceiling alone.
@@ -25,12 +25,12 @@ from typing import Any
 
 import asyncpg
 
-from devstack.bench.env import Backing, Scratch, bench_stack, scratch
-from devstack.bench.pgbench import PgbenchError, add_product_script, hot_restock_script, run_pgbench
-from devstack.bench.table import Goal, Row
-from devstack.bench.tools import LOADTEST, ToolError, number, run_json_tool
-from devstack.loadtest.read_bench import measure_max
 from devstack.supervisor import ServiceProcess, Stack
+from perf.bench.env import Backing, Scratch, bench_stack, scratch
+from perf.bench.pgbench import PgbenchError, add_product_script, hot_restock_script, run_pgbench
+from perf.bench.table import Goal, Row
+from perf.bench.tools import LOADTEST, ToolError, number, run_json_tool
+from perf.loadtest.read_bench import measure_max
 
 POOL_SIZE = 10  # the write service's default DATABASE_POOL_MAX_SIZE
 # RestockProduct on one product, 64 callers, before decision 0027: 213-242/s; the goal is 4x.
@@ -95,7 +95,7 @@ def service_load(
     command: str = "add_product",
     hot: bool = False,
 ) -> dict[str, Any]:
-    """`python -m devstack.loadtest write` of `command` against `address`; its JSON report."""
+    """`python -m perf.loadtest write` of `command` against `address`; its JSON report."""
     args = ["write", "--write", address, "--command", command, "--concurrency", str(concurrency)]
     args += ["--duration", f"{duration_s:g}", "--processes", str(processes), *(["--hot"] if hot else [])]
     return run_json_tool(LOADTEST, args, timeout_s=duration_s + 120)
@@ -122,7 +122,7 @@ def bare_grpc_rps(stack: Stack, sizes: WriteSizes, scratch_dir: Path) -> float:
     seed.write_text('{"users": [{"user_id": "00000000-0000-4000-8000-000000000000"}], "products": [], "orders": []}')
     bare = ServiceProcess.python_module(
         "bare",
-        "devstack.loadtest.bare_server",
+        "perf.loadtest.bare_server",
         env={**stack.service_env(), "LOG_LEVEL": "WARNING"},
         grpc_port=0,
         log_path=stack.log_dir / "bare.log",
@@ -179,7 +179,7 @@ async def measure_write(backing: Backing, sizes: WriteSizes) -> tuple[list[Row],
     load = f"{sizes.processes} client processes, {sizes.concurrency} in flight, {sizes.duration_s:g} s"
     add.how = f"{LOADTEST} write: AddProduct, {load}"
     hot.how = f"{LOADTEST} write --hot: RestockProduct on one product, {load} (before decision 0027: 213-242/s)"
-    grpc.how = f"devstack.loadtest.bare_server, python engine, {load}"
+    grpc.how = f"perf.loadtest.bare_server, python engine, {load}"
     async with scratch(backing, "write") as place:
         with bench_stack(place, relays=0, readers=0) as stack, tempfile.TemporaryDirectory() as folder:
             grpc.value = await asyncio.to_thread(bare_grpc_rps, stack, sizes, Path(folder))

@@ -5,7 +5,7 @@ the same server options and concurrency limit from GrpcServerSettings) but with 
 interceptors, no Redis and no work: UserQueryService/GetUser answers a constant reply the size
 of a real one (a seeded user's view). It serves gRPC health, so a ServiceProcess can wait for it.
 
-    GRPC_PORT=50099 python -m devstack.loadtest.bare_server
+    GRPC_PORT=50099 python -m perf.loadtest.bare_server
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Load testing: seed a stack, then drive its read replicas, its write service, or measure replica lag.
 
-    python -m devstack.loadtest seed --write 127.0.0.1:50051 --users 1000 --products 200 --orders 500 --out seed.json
-    python -m devstack.loadtest read --target 127.0.0.1:50052,127.0.0.1:50053 --seed seed.json \\
+    python -m perf.loadtest seed --write 127.0.0.1:50051 --users 1000 --products 200 --orders 500 --out seed.json
+    python -m perf.loadtest read --target 127.0.0.1:50052,127.0.0.1:50053 --seed seed.json \\
         --rate 2000 --duration 30 --json read.json --plot read.png
-    python -m devstack.loadtest write --write 127.0.0.1:50051 --command add_product --concurrency 32 --duration 10
-    python -m devstack.loadtest lag --write 127.0.0.1:50051 --read 127.0.0.1:50052,127.0.0.1:50053 \\
+    python -m perf.loadtest write --write 127.0.0.1:50051 --command add_product --concurrency 32 --duration 10
+    python -m perf.loadtest lag --write 127.0.0.1:50051 --read 127.0.0.1:50052,127.0.0.1:50053 \\
         --rate 50 --duration 10
 
 `--rate R` is the open model: requests are due at fixed intervals and latency counts from when
@@ -26,15 +26,14 @@ from pathlib import Path
 
 import grpc
 
-from devstack.loadtest import engine as python_engine
-from devstack.loadtest.lag import LAG_COMMANDS, measure_lag
-from devstack.loadtest.probe import NotVisible, wait_for_seed
-from devstack.loadtest.report import build_report, print_summary, write_json
-from devstack.loadtest.requests import DEFAULT_MIX, WRITE_METHODS, SeedData, parse_mix
-from devstack.loadtest.schedule import effective_processes, split_evenly
-from devstack.loadtest.seed import SeedError, count_rows, seed, write_seed_file
-from devstack.loadtest.stats import Histogram
-from devstack.loadtest.worker import Plan
+from perf.lag import LAG_COMMANDS, lag_report, measure_lag
+from perf.loadtest import engine as python_engine
+from perf.loadtest.probe import NotVisible, wait_for_seed
+from perf.loadtest.report import build_report, print_summary, write_json
+from perf.loadtest.requests import DEFAULT_MIX, WRITE_METHODS, SeedData, parse_mix
+from perf.loadtest.schedule import effective_processes, split_evenly
+from perf.loadtest.seed import SeedError, count_rows, seed, write_seed_file
+from perf.loadtest.worker import Plan
 
 # How long `read` waits for the seeded items to be visible on every target before it measures.
 SEED_VISIBLE_WITHIN_S = 60.0
@@ -103,9 +102,7 @@ def _load_options(parser: argparse.ArgumentParser, *, processes: bool = True) ->
 
 def parser() -> argparse.ArgumentParser:
     """The command line."""
-    top = argparse.ArgumentParser(
-        prog="python -m devstack.loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    top = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = top.add_subparsers(dest="mode", required=True)
 
     seeding = modes.add_parser("seed", help="create users, products and orders through the write API")
@@ -186,7 +183,7 @@ def _finish(args: argparse.Namespace, report: dict[str, object], title: str) -> 
     if args.json:
         write_json(args.json, report)
     if args.plot:
-        from devstack.loadtest.plot import plot_report
+        from perf.loadtest.plot import plot_report
 
         plot_report(report, args.plot, title=title)
     errors = report["errors"]
@@ -264,7 +261,7 @@ def cmd_read(args: argparse.Namespace) -> int:
         except grpc.RpcError as error:  # e.g. refused: the run then counts the errors by code
             print(f"could not check the seed's visibility ({error}); measuring anyway", file=sys.stderr)
     if args.engine == "h2load":
-        from devstack.loadtest import h2load
+        from perf.loadtest import h2load
 
         try:
             report = h2load.run_read(args, mix, seed_data)
@@ -358,34 +355,8 @@ def cmd_lag(args: argparse.Namespace) -> int:
         )
     )
     _first_errors(result.first_errors)
-    merged = Histogram()
-    for histogram in result.per_replica.values():
-        merged.merge(histogram)
-    report = build_report(
-        mode="lag",
-        engine="python",
-        targets=args.read,
-        processes=1,
-        rate=args.rate,
-        concurrency=None,
-        duration_s=args.duration,
-        timeline=result.timeline,
-        elapsed_s=result.elapsed_s,
-        latencies=merged,
-        errors=result.errors,
-        verified_by="each replica answered a query carrying the reply's consistency token, not marked stale",
-        extra={
-            "command": args.command,
-            "commands": result.commands.count,
-            "write": args.write[0],
-            "per_replica": {
-                address: {"latency_ms": histogram.summary(), "visible": histogram.count}
-                for address, histogram in result.per_replica.items()
-            },
-            "command_latency_ms": result.commands.summary(),
-            "note": "lag = command reply → first fresh answer from the replica (includes that query's round trip); "
-            "requests and ok count (command, replica) pairs",
-        },
+    report = lag_report(
+        result, write=args.write[0], reads=args.read, command=args.command, rate=args.rate, duration_s=args.duration
     )
     return _finish(args, report, f"lag · {args.command} → {len(args.read)} replica(s)")
 

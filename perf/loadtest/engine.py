@@ -1,6 +1,6 @@
 """The python engine: several client processes driven through one measuring window, their records merged.
 
-Each client process (`devstack.loadtest.worker`) gets its plan, connects, and reports ready;
+Each client process (`perf.loadtest.worker`) gets its plan, connects, and reports ready;
 the window opens at a common wall-clock time shortly after the last one is ready. While the
 run lasts, a progress line goes to stderr once per second (calls/s, errors, p99 so far).
 """
@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from devstack.loadtest.stats import Histogram, Second, Timeline
-from devstack.loadtest.worker import CONNECT_TIMEOUT_S, Plan
+from perf.loadtest.stats import Histogram, Second, Timeline
+from perf.loadtest.worker import CONNECT_TIMEOUT_S, Plan
 
 # Most time a client process may take to start, load its seed and connect.
 READY_TIMEOUT_S = 60.0 + CONNECT_TIMEOUT_S
@@ -84,7 +84,7 @@ async def run_processes(plans: list[Plan], progress_out: TextIO | None = sys.std
         await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "devstack.loadtest.worker",
+            "perf.loadtest.worker",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=64 * 1024 * 1024,

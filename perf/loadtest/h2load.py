@@ -33,12 +33,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devstack.loadtest import server_counts
-from devstack.loadtest.probe import preflight
-from devstack.loadtest.report import build_report
-from devstack.loadtest.requests import READ_METHODS, SeedData, query_body
-from devstack.loadtest.schedule import split_evenly
-from devstack.loadtest.stats import Histogram, Timeline, add_errors
+from perf.loadtest import server_counts
+from perf.loadtest.probe import preflight
+from perf.loadtest.report import build_report
+from perf.loadtest.requests import READ_METHODS, SeedData, query_body
+from perf.loadtest.schedule import split_evenly
+from perf.loadtest.stats import Histogram, Timeline, add_errors
 
 H2LOAD = "/usr/bin/h2load"
 GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")

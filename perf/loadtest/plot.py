@@ -113,3 +113,20 @@ def _draw_timeline(right: Any, timeline: list[list[float]], p50s: list[float]) -
     lines, labels = right.get_legend_handles_labels()
     more_lines, more_labels = bars.get_legend_handles_labels()
     right.legend(lines + more_lines, labels + more_labels, loc="upper left", fontsize=8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m perf plot REPORT.json OUT.png`: redraw a saved report."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Draw the PNG of a JSON report written by loadtest or lag.")
+    parser.add_argument("report", type=Path, help="JSON report (loadtest read|write|lag --json)")
+    parser.add_argument("out", type=Path, help="PNG to write")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    report = json.loads(args.report.read_text(encoding="utf-8"))
+    if not isinstance(report, dict):
+        parser.error(f"{args.report} holds no JSON object")
+    plot_report(report, args.out, title=args.title)
+    return 0

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from devstack.loadtest.requests import LIST_PAGE_SIZE, bearer_token
+from perf.loadtest.requests import LIST_PAGE_SIZE, bearer_token
 from tessera_client import TesseraClient, TesseraError
 
 # How long one waiting query lets the replica wait for a consistency token.
@@ -85,7 +85,7 @@ async def wait_for_seed(
     Returns the targets that could not be connected to (the run then counts their errors);
     raises NotVisible when a connected target does not show a probe within `within_s`.
     """
-    from devstack.loadtest.worker import CONNECT_TIMEOUT_S, connect
+    from perf.loadtest.worker import CONNECT_TIMEOUT_S, connect
 
     deadline = time.perf_counter() + within_s
     unreachable = []

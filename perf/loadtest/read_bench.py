@@ -1,8 +1,8 @@
 """The read-side benchmark figures, each beside a ceiling measured in the same run.
 
-    python -m devstack.loadtest.read_bench --duration 10 --json results/read_bench.json
+    python -m perf.loadtest.read_bench --duration 10 --json results/read_bench.json
 
-It starts (a) a bare grpc.aio server (devstack.loadtest.bare_server: the services' runtime and
+It starts (a) a bare grpc.aio server (perf.loadtest.bare_server: the services' runtime and
 server options, no interceptors, a constant GetUser reply of a real reply's size) and (b) a
 stack with a write service and a relay (Postgres and Redis from DATABASE_URL / REDIS_URL when
 set, embedded servers otherwise) and seeds users through the write API. One server at a time
@@ -36,16 +36,16 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from devstack.loadtest import engine as python_engine
-from devstack.loadtest import h2load
-from devstack.loadtest.probe import wait_for_seed
-from devstack.loadtest.report import write_json
-from devstack.loadtest.schedule import effective_processes, split_evenly
-from devstack.loadtest.seed import seed, write_seed_file
-from devstack.loadtest.stats import Histogram
-from devstack.loadtest.worker import Plan
-from devstack.measure_read_rps import delete_prefix
 from devstack.supervisor import ServiceProcess, Stack, StackConfig
+from perf.loadtest import engine as python_engine
+from perf.loadtest import h2load
+from perf.loadtest.probe import wait_for_seed
+from perf.loadtest.report import write_json
+from perf.loadtest.schedule import effective_processes, split_evenly
+from perf.loadtest.seed import seed, write_seed_file
+from perf.loadtest.stats import Histogram
+from perf.loadtest.worker import Plan
+from perf.read_rps import delete_prefix
 
 FAST_HASHING = {"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST_KIB": "1024", "ARGON2_PARALLELISM": "1"}
 NEAR_CACHE_ON = "100000"
@@ -141,7 +141,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
             ids = [user["user_id"] for user in seeded.users]
             env = {**stack.service_env(), "LOG_LEVEL": "WARNING"}
             bare = ServiceProcess.python_module(
-                "bare", "devstack.loadtest.bare_server", env=env, grpc_port=0, log_path=stack.log_dir / "bare.log"
+                "bare", "perf.loadtest.bare_server", env=env, grpc_port=0, log_path=stack.log_dir / "bare.log"
             )
             hot = ServiceProcess.python_module(
                 "read-near-cache", "read_service", env={**env, "NEAR_CACHE_SIZE": NEAR_CACHE_ON}, grpc_port=0,

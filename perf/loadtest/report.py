@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from devstack.loadtest.stats import Histogram, Timeline
+from perf.loadtest.stats import Histogram, Timeline
 
 
 def build_report(

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO, TypeVar
 
-from devstack.loadtest.requests import PASSWORD, add_product_request, bearer_token
+from perf.loadtest.requests import PASSWORD, add_product_request, bearer_token
 from tessera.orders.v1 import order_command_service_pb2 as order_commands
 from tessera.orders.v1 import order_pb2
 from tessera.users.v1 import user_command_service_pb2 as user_commands

@@ -1,4 +1,4 @@
-"""One client process of the python engine (started by `devstack.loadtest.engine`, not by hand).
+"""One client process of the python engine (started by `perf.loadtest.engine`, not by hand).
 
 It reads its plan (one JSON line) from stdin, opens its channels, prints `ready`, reads the
 common start time (epoch seconds) from stdin, runs the load model until the end of the window
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import grpc
 
-from devstack.loadtest.requests import Call, CommandSource, QuerySource, SeedData, bearer_token, send_command
-from devstack.loadtest.schedule import due_offsets
-from devstack.loadtest.stats import Second
+from perf.loadtest.requests import Call, CommandSource, QuerySource, SeedData, bearer_token, send_command
+from perf.loadtest.schedule import due_offsets
+from perf.loadtest.stats import Second
 from shared_kernel.runtime import run
 from tessera_client import ChannelOptions, TesseraClient, TesseraError
 

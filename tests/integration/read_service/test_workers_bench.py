@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from devstack.cpu import tree_cpu_seconds
-from devstack.measure_read_rps import main
+from perf.cpu import tree_cpu_seconds
+from perf.read_rps import main
 
 pytestmark = pytest.mark.integration
 

@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from devstack.bench import read_bench, tools
-from devstack.bench.__main__ import BENCHES, blank_rows, report_header, sizes_for, unmeasured_figures
-from devstack.bench.__main__ import main as bench_main
-from devstack.bench.lag_bench import fill_lag_rows, lag_rows
-from devstack.bench.read_bench import ReportError, rows_from_report
-from devstack.bench.table import NOT_MEASURED, cells
-from devstack.bench.tools import ToolError
-from devstack.bench.write_bench import ok_rps
+from perf.bench import read_bench, tools
+from perf.bench.lag_bench import fill_lag_rows, lag_rows
+from perf.bench.read_bench import ReportError, rows_from_report
+from perf.bench.run import BENCHES, blank_rows, report_header, sizes_for, unmeasured_figures
+from perf.bench.run import main as bench_main
+from perf.bench.table import NOT_MEASURED, cells
+from perf.bench.tools import ToolError
+from perf.bench.write_bench import ok_rps
 
 
 def _report(**overrides: Any) -> dict[str, Any]:
@@ -103,10 +103,10 @@ def test_profiles_grow_from_quick_to_full() -> None:
 def test_report_header_names_machine_sizes_and_command() -> None:
     facts = {"cores": "2", "cpu": "Some CPU", "os": "Linux 6", "python": "3.11.7", "postgres": "16.2", "redis": "7.2"}
     lines = report_header(
-        facts, sizes_for("quick"), "python -m devstack.bench --quick", datetime(2026, 1, 2, 3, 4, tzinfo=UTC), 90
+        facts, sizes_for("quick"), "python -m perf.bench --quick", datetime(2026, 1, 2, 3, 4, tzinfo=UTC), 90
     )
     text = "\n".join(lines)
-    assert "`python -m devstack.bench --quick`" in text
+    assert "`python -m perf.bench --quick`" in text
     assert "2026-01-02 03:04 UTC" in text
     assert "2 cores, Some CPU" in text
     assert "PostgreSQL 16.2" in text and "Redis 7.2" in text

@@ -7,13 +7,13 @@ import asyncio
 import asyncpg
 import pytest
 
-from devstack.bench.env import Backing
-from devstack.bench.live_bench import LiveSizes, measure_live
-from devstack.bench.loadgen import run_load
-from devstack.bench.pgbench import add_product_script, find_pgbench, hot_restock_script, run_pgbench
-from devstack.bench.relay_bench import RelaySizes, measure_relay
-from devstack.bench.table import render_markdown, render_text
-from devstack.measure_lag_cpu import describe, measure
+from perf.bench.env import Backing
+from perf.bench.live_bench import LiveSizes, measure_live
+from perf.bench.loadgen import run_load
+from perf.bench.pgbench import add_product_script, find_pgbench, hot_restock_script, run_pgbench
+from perf.bench.relay_bench import RelaySizes, measure_relay
+from perf.bench.table import render_markdown, render_text
+from perf.lag import at_rates, describe, own_stack
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,8 @@ async def test_bare_transactions_write_what_the_service_writes(database_url: str
 async def test_lag_cpu_reports_each_rate_with_the_processes_cpu(postgres_admin_url: str, redis_server_url: str) -> None:
     backing = Backing(admin_url=postgres_admin_url, redis_url=redis_server_url)
     lines: list[str] = []
-    (result,) = await measure(backing, [5.0], 2.0, lines.append)
+    async with own_stack(backing, "add_product") as target:
+        (result,) = await at_rates(target, "add_product", [5.0], 2.0, lines.append)
     assert result["rate"] == 5.0
     assert result["commands"] >= 5
     assert not result["errors"]

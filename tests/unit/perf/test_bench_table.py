@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from devstack.bench.table import (
+from perf.bench.table import (
     BEGIN_MARKER,
     END_MARKER,
     NOT_MEASURED,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack.loadtest.h2load import (
+from perf.loadtest.h2load import (
     UNVERIFIED,
     H2loadError,
     H2loadRun,
@@ -21,8 +21,8 @@ from devstack.loadtest.h2load import (
     timeline_of,
     verified_ok,
 )
-from devstack.loadtest.requests import GET_USER
-from devstack.loadtest.server_counts import difference, parse_counts
+from perf.loadtest.requests import GET_USER
+from perf.loadtest.server_counts import difference, parse_counts
 from tessera.users.v1 import user_query_service_pb2 as queries
 
 OUTPUT = """starting benchmark...

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from devstack.loadtest.requests import parse_mix
-from devstack.loadtest.schedule import due_offsets, effective_processes, planned_requests, split_evenly
+from perf.loadtest.requests import parse_mix
+from perf.loadtest.schedule import due_offsets, effective_processes, planned_requests, split_evenly
 
 
 def test_the_number_of_requests_is_those_due_before_the_end() -> None:

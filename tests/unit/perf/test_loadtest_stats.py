@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from devstack.loadtest.stats import GROWTH, Histogram, Second, Timeline, bucket_of, bucket_upper
+from perf.loadtest.stats import GROWTH, Histogram, Second, Timeline, bucket_of, bucket_upper
 
 
 def exact_percentile(values: list[float], percent: float) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from devstack.loadtest.worker import Plan, Recorder, _closed_model, _open_model
+from perf.loadtest.worker import Plan, Recorder, _closed_model, _open_model
 
 
 async def test_late_requests_keep_the_time_they_were_due() -> None:

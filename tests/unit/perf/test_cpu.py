@@ -1,4 +1,4 @@
-"""The CPU readings of devstack.measure_lag_cpu, against this process's own /proc entries."""
+"""The CPU readings of perf lag --rates, against this process's own /proc entries."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from devstack.cpu import machine_busy_s, process_cpu_s, shares
-from devstack.measure_lag_cpu import parse_rates
+from perf.cpu import machine_busy_s, process_cpu_s, shares
+from perf.lag import parse_rates
 
 
 def _spin(seconds: float) -> None:
