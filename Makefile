@@ -96,7 +96,7 @@ lag: gen ## reply → visible-on-replica latency (median, p99) over LAG_COMMANDS
 lag-orders: gen ## PlaceOrder reply → order visible on each replica (median, p99), saga workers running
 	$(PY) -m perf lag --command place_order -n $(LAG_COMMANDS) --json results/lag_orders.json
 
-lag-cpu: gen ## commit → visible at fixed AddProduct rates (LAG_RATES), with each process's CPU share meanwhile
+lag-cpu: gen ## reply → visible at fixed AddProduct rates (LAG_RATES), with each process's CPU share meanwhile
 	$(PY) -m perf lag --command add_product --rates $(LAG_RATES) --duration 8 --json results/lag_cpu.json
 
 # Load testing against a running stack (`make up`); see README "Load testing".
@@ -125,7 +125,7 @@ loadtest: gen ## LOADTEST_MODE=read|write|lag against READ_ADDRS/WRITE_ADDR; res
 	  --json results/loadtest-$(LOADTEST_MODE).json --plot results/loadtest-$(LOADTEST_MODE).png
 
 BENCH_ARGS ?=
-bench: gen ## every figure beside a ceiling from the same run (~12 min); rewrites BENCHMARKS.md; BENCH_ARGS='--quick'
+bench: gen ## every figure beside its ceiling; rewrites BENCHMARKS.md; ~40 min on 2 cores, most of it the search rows at 1,000,000 users and orders (BENCH_ARGS='--search-sizes 100000': ~15 min)
 	$(PY) -m perf bench $(BENCH_ARGS)
 
 bench-smoke: gen ## the benchmarks at small sizes; fails only when a figure cannot be measured (~3 min)

@@ -8,7 +8,7 @@ plain channel, then the client (metadata, trace injection, session lookup, typed
 wrapping, its channel with service config and keepalive). It prints the median and p99 of
 each and their differences.
 
-    python -m perf.client_overhead --rounds 10 --calls 200
+    python -m perf client-overhead --rounds 10 --calls 200
 """
 
 from __future__ import annotations

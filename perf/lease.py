@@ -9,7 +9,7 @@ until the served checkpoint in Redis moves past where it stood at the kill (the 
 applied an event). The killed replica is started again before the next round. Prints each
 round and the median, and optionally writes JSON.
 
-    python -m perf.lease --rounds 5 --json results/lease_takeover.json
+    python -m perf lease --rounds 5 --json results/lease_takeover.json
 
 The expected figure is about the lease TTL (READ_LEASE_TTL_MS, 2,000 ms by default) minus the
 time since the holder's last renewal, plus up to a few milliseconds of polling and the new

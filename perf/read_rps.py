@@ -9,8 +9,8 @@ own, so the kernel spreads them over the workers of the replica, keeps many call
 counts the calls completed inside a common measuring window. It prints calls per second for each
 worker count and their ratio, and optionally writes JSON.
 
-    python -m perf.read_rps                 # or: make bench-read
-    python -m perf.read_rps --workers 1 --workers 2 --workers 4 --duration 10
+    python -m perf read-workers                 # or: make bench-read
+    python -m perf read-workers --workers 1 --workers 2 --workers 4 --duration 10
 
 Figures depend on the cores the machine has: the client processes share them with the replica.
 """

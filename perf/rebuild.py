@@ -5,7 +5,7 @@ deactivations, already positioned and published, as the relay leaves them), then
 `read_service.rebuild` for the users projection twice: a first build, and a rebuild that
 switches from it and drops it (the figure an operator sees). Prints events/s of each.
 
-    python -m perf.rebuild -n 100000 [--batch-size 5000] [--json results/rebuild.json]
+    python -m perf rebuild -n 100000 [--batch-size 5000] [--json results/rebuild.json]
 
 Uses DATABASE_URL (an admin DSN: a database is created and dropped) and REDIS_URL (keys under
 a random prefix, removed afterwards) when set; otherwise starts embedded servers.

@@ -9,7 +9,7 @@ restarts that Redis. Reports:
 - restart_to_serving_s: from Redis accepting connections again to the replica SERVING;
 - and checks that every user is served again (GetUser of each).
 
-    python -m perf.redis_loss -n 10000 [--json results/redis_loss.json]
+    python -m perf redis-loss -n 10000 [--json results/redis_loss.json]
 
 Uses DATABASE_URL (an admin DSN: a database is created and dropped) when set, otherwise an
 embedded Postgres; Redis is always a throwaway embedded server.

@@ -8,7 +8,7 @@ includes placing the orders. Also reports the PlaceOrder→confirmed time per or
 With --backlog the orders are placed first and the workers started afterwards: the figure is
 then the saga workers' own rate of draining a backlog, whatever PlaceOrder costs.
 
-    python -m perf.saga -n 500 -c 16 --saga-workers 2 --json results/saga.json
+    python -m perf saga -n 500 -c 16 --saga-workers 2 --json results/saga.json
 
 It starts its own stack (write service, one relay, one replica, the provider and the saga
 workers) on free ports, over DATABASE_URL / REDIS_URL when set (migrating that database)

@@ -4,7 +4,7 @@ Each process runs `concurrency` tasks on an asyncpg pool of its own; each task r
 transaction (`bare_asyncpg.add_product`) after another, each with a sku and an idempotency
 key of its own. The processes connect first, then all start at one moment the parent picks,
 and count what completes within the window. (The service side is driven by
-`python -m perf.loadtest write`.)
+`python -m perf loadtest write`.)
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Read replica: user events are written in bulk into the outbox (as commands leave
 flow through one relay to one replica; a last UserRegistered marks the end of each batch, and
 the batch counts as consumed when the replica answers GetUser for it. A small warm-up batch
 first, then two runs of the same size. Write service: a warm-up, then two runs of AddProduct
-(`python -m perf.loadtest write`, closed model, several client processes), each as long
+(`python -m perf loadtest write`, closed model, several client processes), each as long
 as the wanted number of commands takes at the warm-up's rate. RSS is that of the
 service process and any processes in its group, read from /proc.
 

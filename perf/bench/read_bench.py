@@ -1,4 +1,4 @@
-"""Figures 1 to 3: the read side, from `python -m perf.loadtest.read_bench` run as a subprocess.
+"""Figures 1 to 3: the read side, from `python -m perf read` run as a subprocess.
 
 That tool measures a bare grpc.aio server, a replica's near-cache hit path and its Redis path,
 and the latency at half the replica's maximum, all in one run. A second run (`--defaults

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark figure beside a ceiling measured in the same run, as a table.
 
-    python -m perf.bench [--quick | --full] [--only NAME ...] [--search-sizes N,N] [--markdown FILE | --no-markdown]
+    python -m perf bench [--quick | --full] [--only NAME ...] [--search-sizes N,N] [--markdown FILE | --no-markdown]
                              [--json FILE]
 
 Runs the benches in order (read, write, relay, live, lag, rebuild, redis-loss, memory, search), prints an aligned table
@@ -8,11 +8,14 @@ and rewrites the generated part of BENCHMARKS.md (between its bench markers; the
 file is kept). A bench that fails leaves its rows "not measured" with the reason, and the
 others still run. With --only the file is rewritten only when --markdown names it.
 
-Sizes: the default takes about 12 minutes on 2 cores (the Redis-loss row at 100,000 events
-took about 5 of them on a busy machine; the memory bench runs at 100,000 events and 20,000
-commands per run); --quick is a smoke run of a few minutes; --full runs the memory
-bench at 1,000,000 events and 100,000 commands per run, which takes far longer (a replica
-applied one to two thousand bulk events per second on 2 shared cores).
+Sizes: the default takes about 40 minutes on 2 shared cores, most of it in the search rows
+(they seed and index 100,000 and 1,000,000 users and as many orders, each built twice, at
+2,600 to 6,000 events/s; `--search-sizes 100000` leaves the million out and the run takes
+about 15 minutes); the Redis-loss row at 100,000 events takes about 5 minutes on a busy machine;
+the memory bench runs at 100,000 events and 20,000 commands per run. --quick is a smoke run of
+a few minutes; --full runs the memory bench at 1,000,000 events and 100,000 commands per run,
+which takes far longer (a replica applied one to two thousand bulk events per second on 2
+shared cores).
 
 Postgres and Redis come from DATABASE_URL / REDIS_URL when set, else embedded servers; each
 bench uses a database and a Redis key prefix of its own, removed afterwards, and every process

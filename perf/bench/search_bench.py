@@ -10,7 +10,7 @@ page) of a rare term, a common term and a prefix through the query code the repl
 (read_service.views), and measures the index's memory (MEMORY USAGE of every trigram set)
 per entity. Today's capped scan answers the rare term as the ceiling column.
 
-    python -m perf.bench --only search --search-sizes 100000,1000000
+    python -m perf bench --only search --search-sizes 100000,1000000
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Figure 4: the write service's commands/s against the ceilings gRPC and Postgres allow, in one run.
 
-Two service figures, each driven by `python -m perf.loadtest write` (closed model,
+Two service figures, each driven by `python -m perf loadtest write` (closed model,
 several client processes, every command with its own idempotency key) against a write
 service with no relay or replica running:
 
@@ -95,7 +95,7 @@ def service_load(
     command: str = "add_product",
     hot: bool = False,
 ) -> dict[str, Any]:
-    """`python -m perf.loadtest write` of `command` against `address`; its JSON report."""
+    """`python -m perf loadtest write` of `command` against `address`; its JSON report."""
     args = ["write", "--write", address, "--command", command, "--concurrency", str(concurrency)]
     args += ["--duration", f"{duration_s:g}", "--processes", str(processes), *(["--hot"] if hot else [])]
     return run_json_tool(LOADTEST, args, timeout_s=duration_s + 120)

@@ -1,10 +1,10 @@
 """Load testing: seed a stack, then drive its read replicas, its write service, or measure replica lag.
 
-    python -m perf.loadtest seed --write 127.0.0.1:50051 --users 1000 --products 200 --orders 500 --out seed.json
-    python -m perf.loadtest read --target 127.0.0.1:50052,127.0.0.1:50053 --seed seed.json \\
+    python -m perf loadtest seed --write 127.0.0.1:50051 --users 1000 --products 200 --orders 500 --out seed.json
+    python -m perf loadtest read --target 127.0.0.1:50052,127.0.0.1:50053 --seed seed.json \\
         --rate 2000 --duration 30 --json read.json --plot read.png
-    python -m perf.loadtest write --write 127.0.0.1:50051 --command add_product --concurrency 32 --duration 10
-    python -m perf.loadtest lag --write 127.0.0.1:50051 --read 127.0.0.1:50052,127.0.0.1:50053 \\
+    python -m perf loadtest write --write 127.0.0.1:50051 --command add_product --concurrency 32 --duration 10
+    python -m perf loadtest lag --write 127.0.0.1:50051 --read 127.0.0.1:50052,127.0.0.1:50053 \\
         --rate 50 --duration 10
 
 `--rate R` is the open model: requests are due at fixed intervals and latency counts from when

@@ -1,6 +1,6 @@
 """The read-side benchmark figures, each beside a ceiling measured in the same run.
 
-    python -m perf.loadtest.read_bench --duration 10 --json results/read_bench.json
+    python -m perf read --duration 10 --json results/read_bench.json
 
 It starts (a) a bare grpc.aio server (perf.loadtest.bare_server: the services' runtime and
 server options, no interceptors, a constant GetUser reply of a real reply's size) and (b) a

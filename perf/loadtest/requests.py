@@ -98,7 +98,7 @@ class SeedData:
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read the seed file {path}: {exc}") from exc
         if not isinstance(data, dict) or not {"users", "products", "orders"} <= set(data):
-            raise ValueError(f"{path} is not a seed file (python -m perf.loadtest seed writes one)")
+            raise ValueError(f"{path} is not a seed file (python -m perf loadtest seed writes one)")
         return cls(
             users=[str(user["user_id"]) for user in data["users"]],
             products=[str(product["product_id"]) for product in data["products"]],

@@ -20,11 +20,12 @@ RUN_TIMEOUT_S = 90.0
 
 
 async def loadtest(*args: str) -> tuple[int, str, str]:
-    """Run `python -m perf.loadtest ARGS`; (exit code, stdout, stderr)."""
+    """Run `python -m perf loadtest ARGS`; (exit code, stdout, stderr)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "perf.loadtest",
+        "perf",
+        "loadtest",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -103,10 +103,10 @@ def test_profiles_grow_from_quick_to_full() -> None:
 def test_report_header_names_machine_sizes_and_command() -> None:
     facts = {"cores": "2", "cpu": "Some CPU", "os": "Linux 6", "python": "3.11.7", "postgres": "16.2", "redis": "7.2"}
     lines = report_header(
-        facts, sizes_for("quick"), "python -m perf.bench --quick", datetime(2026, 1, 2, 3, 4, tzinfo=UTC), 90
+        facts, sizes_for("quick"), "python -m perf bench --quick", datetime(2026, 1, 2, 3, 4, tzinfo=UTC), 90
     )
     text = "\n".join(lines)
-    assert "`python -m perf.bench --quick`" in text
+    assert "`python -m perf bench --quick`" in text
     assert "2026-01-02 03:04 UTC" in text
     assert "2 cores, Some CPU" in text
     assert "PostgreSQL 16.2" in text and "Redis 7.2" in text
