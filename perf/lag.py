@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from perf.bench.env import Backing, backing, bench_stack, scratch
 from perf.cpu import machine_busy_s, named_cpu_s, shares, tree_cpu_seconds
 from perf.loadtest.engine import Progress
 from perf.loadtest.probe import NotVisible, call_until_fresh, replica_client
@@ -46,6 +45,7 @@ from perf.loadtest.report import build_report, print_summary, write_json
 from perf.loadtest.requests import PASSWORD, CommandSource, add_product_request, bearer_token, send_command
 from perf.loadtest.schedule import due_offsets
 from perf.loadtest.stats import Histogram, Second, Timeline
+from perf.stack import Backing, backing, bench_stack, scratch
 from tessera.orders.v1 import order_command_service_pb2 as order_commands
 from tessera.orders.v1 import order_pb2
 from tessera_client import TesseraClient, TesseraError

@@ -32,7 +32,8 @@ import asyncpg
 import redis.asyncio as aioredis
 from pydantic import PostgresDsn, RedisDsn, SecretStr
 
-from perf.rebuild import USER_EVENT_COLUMNS, backing_servers, scratch_database
+from perf.event_log import USER_EVENT_COLUMNS
+from perf.stack import backing_servers, scratch_database
 from read_service.bootstrap import running_read_service
 from read_service.lease import ApplyMode
 from read_service.settings import ReadServiceSettings

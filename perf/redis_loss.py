@@ -35,7 +35,8 @@ import grpc
 
 from devstack.servers import EmbeddedPostgres, EmbeddedRedis
 from devstack.supervisor import Stack, StackConfig
-from perf.rebuild import USER_EVENT_COLUMNS, scratch_database, user_events
+from perf.event_log import USER_EVENT_COLUMNS, user_events
+from perf.stack import scratch_database
 from shared_kernel.healthcheck import check_serving_async
 from tessera.users.v1 import user_query_service_pb2 as queries
 from tessera.users.v1 import user_query_service_pb2_grpc as queries_grpc

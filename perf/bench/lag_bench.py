@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from perf.bench.env import Backing, bench_stack, scratch
 from perf.bench.table import Goal, Row
 from perf.bench.tools import LAG, ToolError, number, run_json_tool
 from perf.bench.write_bench import ok_rps, service_load
 from perf.cpu import machine_busy_s
+from perf.stack import Backing, bench_stack, scratch
 
 
 @dataclass(frozen=True, slots=True)

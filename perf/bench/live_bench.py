@@ -20,10 +20,10 @@ from pathlib import Path
 
 import asyncpg
 
-from perf.bench.env import Backing, scratch
 from perf.bench.relay_bench import insert_backlog, start_relay, wait_drained
 from perf.live_apply import measure as measure_live_apply
 from perf.redis_loss import measure as measure_redis_loss
+from perf.stack import Backing, scratch
 from relay.outbox import CLAIM_SESSION_SETTINGS
 
 from .table import Goal, Row

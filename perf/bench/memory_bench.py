@@ -24,11 +24,11 @@ import asyncpg
 import grpc
 
 from devstack.supervisor import ServiceProcess
-from perf.bench.env import Backing, bench_stack, process_group_rss_mb, scratch
 from perf.bench.relay_bench import insert_backlog
 from perf.bench.table import Goal, Row
 from perf.bench.tools import LOADTEST, number
 from perf.bench.write_bench import ok_rps, service_load
+from perf.stack import Backing, bench_stack, process_group_rss_mb, scratch
 from tessera.users.v1 import user_query_service_pb2 as user_queries
 from tessera.users.v1 import user_query_service_pb2_grpc as user_queries_grpc
 from tessera.users.v1.events_pb2 import UserRegistered

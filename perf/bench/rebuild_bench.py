@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from perf.bench.env import Backing, clear_prefix
 from perf.rebuild import measure as measure_rebuild
+from perf.stack import Backing, clear_prefix
 
 from .table import Goal, Row
 

@@ -24,8 +24,8 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from devstack.supervisor import ServiceProcess
-from perf.bench.env import Backing, Scratch, scratch
-from perf.rebuild import USER_EVENT_COLUMNS, user_events
+from perf.event_log import USER_EVENT_COLUMNS, user_events
+from perf.stack import Backing, Scratch, scratch
 from relay.outbox import CLAIM_SESSION_SETTINGS
 from shared_kernel.event_log import ENVELOPE_COLUMNS, envelope_from_row, events_channel
 

@@ -38,7 +38,6 @@ from pathlib import Path
 from types import FrameType
 
 from devstack.supervisor import REPO_ROOT
-from perf.bench.env import Backing, backing, machine_facts
 from perf.bench.lag_bench import LagSizes, lag_rows, measure_lag
 from perf.bench.live_bench import (
     LiveSizes,
@@ -62,6 +61,7 @@ from perf.bench.table import (
     replace_between_markers,
 )
 from perf.bench.write_bench import WriteSizes, measure_write, write_rows
+from perf.stack import Backing, backing, machine_facts
 
 BENCHES = ("read", "write", "relay", "live", "lag", "rebuild", "redis-loss", "memory", "search")
 DEFAULT_MARKDOWN = REPO_ROOT / "BENCHMARKS.md"

@@ -29,8 +29,8 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from perf.bench.env import Backing
-from perf.rebuild import USER_EVENT_COLUMNS, scratch_database
+from perf.event_log import USER_EVENT_COLUMNS
+from perf.stack import Backing, scratch_database
 from read_service.generations import drop_keyspace, keyspace_prefix
 from read_service.keys import OrderKeys, UserKeys
 from read_service.projections.base import Effect

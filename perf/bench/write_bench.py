@@ -26,11 +26,11 @@ from typing import Any
 import asyncpg
 
 from devstack.supervisor import ServiceProcess, Stack
-from perf.bench.env import Backing, Scratch, bench_stack, scratch
 from perf.bench.pgbench import PgbenchError, add_product_script, hot_restock_script, run_pgbench
 from perf.bench.table import Goal, Row
 from perf.bench.tools import LOADTEST, ToolError, number, run_json_tool
 from perf.loadtest.read_bench import measure_max
+from perf.stack import Backing, Scratch, bench_stack, scratch
 
 POOL_SIZE = 10  # the write service's default DATABASE_POOL_MAX_SIZE
 # RestockProduct on one product, 64 callers, before decision 0027: 213-242/s; the goal is 4x.

@@ -7,13 +7,13 @@ import asyncio
 import asyncpg
 import pytest
 
-from perf.bench.env import Backing
 from perf.bench.live_bench import LiveSizes, measure_live
 from perf.bench.loadgen import run_load
 from perf.bench.pgbench import add_product_script, find_pgbench, hot_restock_script, run_pgbench
 from perf.bench.relay_bench import RelaySizes, measure_relay
 from perf.bench.table import render_markdown, render_text
 from perf.lag import at_rates, describe, own_stack
+from perf.stack import Backing
 
 pytestmark = pytest.mark.integration
 

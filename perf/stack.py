@@ -1,8 +1,8 @@
-"""What every bench shares: the backing servers, a scratch database per bench, a stack on it, RSS, the machine.
+"""The measured stack: backing servers, a scratch database and key prefix, a stack on them, RSS, the machine.
 
-Postgres and Redis come from DATABASE_URL / REDIS_URL when set, else from embedded servers
-(as the measure_* tools do). Each bench gets a new migrated database (dropped afterwards) and
-a Redis key prefix of its own (deleted afterwards), so benches cannot see each other's data.
+Postgres and Redis come from DATABASE_URL / REDIS_URL when set, else from embedded servers.
+Each measurement gets a new migrated database (dropped afterwards) and a Redis key prefix of
+its own (deleted afterwards), so measurements cannot see each other's data.
 """
 
 from __future__ import annotations
@@ -17,12 +17,59 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import redis.asyncio as aioredis
 
 from devstack.supervisor import Stack, StackConfig
-from perf.rebuild import backing_servers, scratch_database
+from shared_kernel import migrations
+
+
+def _with_database(dsn: str, database: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(admin_url: str) -> AsyncIterator[str]:
+    """A new, migrated database, dropped on exit."""
+    name = f"tessera_bench_{secrets.token_hex(5)}"
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = _with_database(admin_url, name)
+    try:
+        conn = await asyncpg.connect(url)
+        try:
+            await migrations.apply(conn)
+        finally:
+            await conn.close()
+        yield url
+    finally:
+        admin = await asyncpg.connect(admin_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@contextlib.contextmanager
+def backing_servers() -> Iterator[tuple[str, str]]:
+    """DATABASE_URL and REDIS_URL, or embedded servers for what is not set."""
+    with contextlib.ExitStack() as stack:
+        database = os.environ.get("DATABASE_URL")
+        redis_url = os.environ.get("REDIS_URL")
+        if not database:
+            from devstack.servers import EmbeddedPostgres
+
+            database = stack.enter_context(EmbeddedPostgres()).url
+        if not redis_url:
+            from devstack.servers import EmbeddedRedis
+
+            redis_url = stack.enter_context(EmbeddedRedis()).url
+        yield database, redis_url
 
 
 @dataclass(frozen=True, slots=True)
