@@ -132,7 +132,8 @@ bench-smoke: gen ## the benchmarks at small sizes; fails only when a figure cann
 	$(PY) -m perf bench-smoke --json results/bench-quick.json
 
 bench-read: gen ## GetUser calls/s of one replica with 1 and with 2 worker processes, in one run; figures in results/read_rps.json
-	$(PY) -m perf read-workers --json results/read_rps.json $(BENCH_ARGS)
+	$(PY) -m perf read --workers 1,2 --processes 4 --connections 4 --concurrency 256 \
+	  --json results/read_rps.json $(BENCH_ARGS)
 
 SAGA_ORDERS ?= 1000
 bench-saga: gen ## orders/s confirmed through the whole stack (provider at 0 latency); figures in results/saga.json

@@ -59,7 +59,7 @@ ReportError = ToolError  # what a report with a missing or mistyped field raises
 
 
 def rows_from_report(report: Any) -> list[Row]:
-    """Rows from the read bench's JSON (see the module docstring of perf.loadtest.read_bench)."""
+    """Rows from the read bench's JSON (see the module docstring of perf.read)."""
     if not isinstance(report, dict):
         raise ReportError("the read bench report is not a JSON object")
     hot, cold, _defaults, half = read_rows()

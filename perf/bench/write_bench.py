@@ -29,7 +29,7 @@ from devstack.supervisor import ServiceProcess, Stack
 from perf.bench.pgbench import PgbenchError, add_product_script, hot_restock_script, run_pgbench
 from perf.bench.table import Goal, Row
 from perf.bench.tools import LOADTEST, ToolError, number, run_json_tool
-from perf.loadtest.read_bench import measure_max
+from perf.read import measure_max
 from perf.stack import Backing, Scratch, bench_stack, scratch
 
 POOL_SIZE = 10  # the write service's default DATABASE_POOL_MAX_SIZE

@@ -1,6 +1,7 @@
-"""The read-side benchmark figures, each beside a ceiling measured in the same run.
+"""Read throughput: the project's one read measurement, each figure beside a ceiling of the same run.
 
     python -m perf read --duration 10 --json results/read_bench.json
+    python -m perf read --workers 1,2 [--rounds 3]           # or: make bench-read
 
 It starts (a) a bare grpc.aio server (perf.loadtest.bare_server: the services' runtime and
 server options, no interceptors, a constant GetUser reply of a real reply's size) and (b) a
@@ -21,6 +22,11 @@ engine's open model (h2load has none) over random seeded users, and reports p50/
 The services run with AUTH_MODE=insecure unless `--auth`, which mints a token and sends it.
 With `--defaults` it measures only the bare server and a replica as `make up` starts it (its
 default near cache, random seeded users; add `--auth` for `make up`'s authentication).
+With `--workers 1,2` it measures instead one replica per worker count (READ_WORKERS), one
+after another (`--rounds` alternates them), each driven with GetUser on random seeded users by
+the python engine's closed model from several client processes, and reports calls/s, how
+many workers answered, the cores the replica used (all its processes, over the run) and calls
+per replica CPU-second, with each count's ratio to the first.
 Figures depend on the machine: the client processes share its cores with the servers.
 """
 
@@ -31,12 +37,18 @@ import asyncio
 import json
 import os
 import secrets
+import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
+import redis
+
 from devstack.supervisor import ServiceProcess, Stack, StackConfig
+from perf.cpu import tree_cpu_seconds
 from perf.loadtest import engine as python_engine
 from perf.loadtest import h2load
 from perf.loadtest.probe import wait_for_seed
@@ -45,12 +57,36 @@ from perf.loadtest.schedule import effective_processes, split_evenly
 from perf.loadtest.seed import seed, write_seed_file
 from perf.loadtest.stats import Histogram
 from perf.loadtest.worker import Plan
-from perf.read_rps import delete_prefix
 
 FAST_HASHING = {"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST_KIB": "1024", "ARGON2_PARALLELISM": "1"}
 NEAR_CACHE_ON = "100000"
 # Requests each client sends, unmeasured, before a maximum-rate measurement (connections, caches, Redis pool).
 WARM_UP_REQUESTS = 2000
+REPLICA_HEADER = "x-tessera-replica"
+
+
+def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Remove the run's keys from a Redis server that outlives it."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    finally:
+        client.close()
+
+
+async def distinct_workers(address: str, connections: int = 40) -> int:
+    """How many worker processes answer over `connections` fresh connections (by their replica header)."""
+    seen: set[str] = set()
+    health = "/grpc.health.v1.Health/Check"
+    for _ in range(connections):
+        async with grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            check: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(health)
+            call = check(b"", timeout=5)
+            await call
+            seen.update(str(value) for key, value in await call.initial_metadata() if key == REPLICA_HEADER)
+    return len(seen)
 
 
 def measure_max(
@@ -118,17 +154,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
     notes: list[str] = []
     half: dict[str, object]
     load_at_start = round(os.getloadavg()[0], 2)
-    config = StackConfig(
-        database_url=os.environ.get("DATABASE_URL"),
-        redis_url=os.environ.get("REDIS_URL"),
-        redis_key_prefix=f"readbench:{secrets.token_hex(4)}:",
-        read_ports=(),
-        relays=1,
-        payment_provider=False,
-        saga_workers=0,
-        auth=args.auth,
-        env={**FAST_HASHING, "LOG_LEVEL": "WARNING"},
-    )
+    config = _stack_config(args, "readbench")
     try:
         with Stack(config) as stack, tempfile.TemporaryDirectory(prefix="tessera-read-bench-") as scratch_dir:
             scratch = Path(scratch_dir)
@@ -222,6 +248,128 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def _stack_config(args: argparse.Namespace, prefix: str) -> StackConfig:
+    """A write service and a relay, no replica: each measurement starts the servers it measures."""
+    return StackConfig(
+        database_url=os.environ.get("DATABASE_URL"),
+        redis_url=os.environ.get("REDIS_URL"),
+        redis_key_prefix=f"{prefix}:{secrets.token_hex(4)}:",
+        read_ports=(),
+        relays=1,
+        payment_provider=False,
+        saga_workers=0,
+        auth=args.auth,
+        env={**FAST_HASHING, "LOG_LEVEL": "WARNING"},
+    )
+
+
+def one_worker_count(
+    stack: Stack, workers: int, seeded_probes: Sequence[tuple[str, str, str]], seed_file: Path,
+    args: argparse.Namespace,
+) -> dict[str, object]:  # fmt: skip
+    """Start a replica with `workers` workers, drive it at full speed (closed model), stop it; the figures."""
+    metadata = stack.auth_metadata()
+    replica = ServiceProcess.python_module(
+        f"read-{workers}w", "read_service",
+        env={**stack.service_env(), "READ_WORKERS": str(workers), "LOG_LEVEL": "WARNING"},
+        grpc_port=0, log_path=stack.log_dir / f"read-{workers}w.log",
+    )  # fmt: skip
+    with replica:
+        if asyncio.run(wait_for_seed([replica.address], seeded_probes, metadata, 60.0)):
+            raise RuntimeError(f"cannot connect to {replica.address}")
+        seen = asyncio.run(distinct_workers(replica.address))
+        processes = effective_processes(args.processes, args.concurrency)
+        plans = [
+            Plan(
+                mode="read", targets=[replica.address], process_index=index, processes=processes,
+                duration_s=args.duration, concurrency=share, seed_path=str(seed_file), mix={"get_user": 1},
+                connections=args.connections, metadata=list(metadata),
+            )
+            for index, share in enumerate(split_evenly(args.concurrency, processes))
+        ]  # fmt: skip
+        assert replica.pid is not None
+        cpu_before, started = tree_cpu_seconds(replica.pid), time.monotonic()
+        result = asyncio.run(python_engine.run_processes(plans, progress_out=None))
+        cpu_s = tree_cpu_seconds(replica.pid) - cpu_before
+        wall_s = time.monotonic() - started
+    total = result.total
+    calls, elapsed = total.latencies.count, result.elapsed_s
+    return {
+        "workers": workers,
+        "workers_answering": seen,
+        "calls": calls,
+        "errors": sum(total.errors.values()),
+        "error_codes": ", ".join(f"{code} {count}" for code, count in sorted(total.errors.items())) or "none",
+        "rps": round(calls / elapsed, 1) if elapsed else 0.0,
+        "latency_ms": total.latencies.summary(),
+        "replica_cpu_cores": round(cpu_s / wall_s, 2) if wall_s > 0 else 0.0,
+        # Load-independent: what one core of the replica delivers, whatever else runs on the machine.
+        "calls_per_replica_cpu_second": round(calls / cpu_s) if cpu_s > 0 else 0,
+    }
+
+
+def workers_benchmark(args: argparse.Namespace) -> dict[str, object]:
+    """Seed, then measure every worker count (`rounds` times, alternating); the report."""
+    load_at_start = round(os.getloadavg()[0], 2)
+    config = _stack_config(args, "rps")
+    rounds: dict[int, list[dict[str, object]]] = {workers: [] for workers in args.workers}
+    try:
+        with Stack(config) as stack, tempfile.TemporaryDirectory(prefix="tessera-read-workers-") as scratch_dir:
+            say(f"seeding {args.users} users …")
+            seeded = asyncio.run(seed(stack.write_address, users=args.users, products=0, orders=0,
+                                      concurrency=32, metadata=stack.auth_metadata(), out=None))  # fmt: skip
+            seed_file = Path(scratch_dir) / "seed.json"
+            write_seed_file(seed_file, seeded)
+            for round_number in range(1, args.rounds + 1):
+                for workers in args.workers:
+                    result = one_worker_count(stack, workers, seeded.probes, seed_file, args)
+                    rounds[workers].append(result)
+                    say(
+                        f"round {round_number}: {workers} worker(s): {result['rps']} calls/s "
+                        f"(errors: {result['error_codes']}; {result['workers_answering']} worker(s) answering; "
+                        f"replica used {result['replica_cpu_cores']} cores, "
+                        f"{result['calls_per_replica_cpu_second']} calls per CPU-second)"
+                    )
+    finally:
+        if config.redis_url:
+            delete_prefix(config.redis_url, config.redis_key_prefix)
+
+    def median(key: str) -> dict[str, float]:
+        return {
+            str(workers): statistics.median(float(str(run[key])) for run in runs) for workers, runs in rounds.items()
+        }
+
+    rps = median("rps")
+    base = rps[str(args.workers[0])]
+    return {
+        "cores": os.cpu_count(),
+        "load_average_1m_at_start": load_at_start,
+        "users": args.users,
+        "client_processes": effective_processes(args.processes, args.concurrency),
+        "connections_per_client": args.connections,
+        "calls_in_flight": args.concurrency,
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "rps": rps,
+        "replica_cpu_cores": median("replica_cpu_cores"),
+        "calls_per_replica_cpu_second": median("calls_per_replica_cpu_second"),
+        "ratio_to_first": {workers: round(value / base, 2) if base else None for workers, value in rps.items()},
+        "runs": {str(workers): runs for workers, runs in rounds.items()},
+        "redis_key_prefix": config.redis_key_prefix,
+    }
+
+
+def parse_counts(text: str) -> list[int]:
+    """'1,2' → [1, 2]; every count at least 1."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"worker counts are whole numbers separated by commas, not {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("give at least one worker count, each at least 1")
+    return counts
+
+
 def defaults_report(
     args: argparse.Namespace, engine: str, figures: dict[str, dict[str, object]], load_at_start: float
 ) -> dict[str, object]:
@@ -246,6 +394,19 @@ def defaults_report(
     }
 
 
+def _print_workers(report: dict[str, object], args: argparse.Namespace) -> int:
+    rps, ratios, cores = report["rps"], report["ratio_to_first"], report["replica_cpu_cores"]
+    assert isinstance(rps, dict) and isinstance(ratios, dict) and isinstance(cores, dict)
+    print(f"GetUser calls/s, one replica, {args.concurrency} in flight, {args.duration:g} s:")
+    for workers, value in rps.items():
+        print(
+            f"  {workers} worker(s): {value:>10.1f} calls/s   x{ratios[workers]}   replica CPU {cores[workers]} cores"
+        )
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
 def say(message: str) -> None:
     """Progress on stderr."""
     print(message, file=sys.stderr, flush=True)
@@ -262,10 +423,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--python", action="store_true", help="use the python engine even when h2load is installed")
     parser.add_argument("--auth", action="store_true", help="run the services with AUTH_MODE=required")
     parser.add_argument("--defaults", action="store_true", help="only the bare server and a replica with its defaults")
+    parser.add_argument("--workers", type=parse_counts, help="instead: one replica per worker count, e.g. 1,2")
+    parser.add_argument("--rounds", type=int, default=1, help="with --workers: measure each count this many times")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.users < 1 or args.concurrency < 1 or args.processes < 1 or args.connections < 1:
         parser.error("--duration, --users, --concurrency, --processes and --connections must be positive")
+    if args.workers:
+        return _print_workers(workers_benchmark(args), args)
     try:
         report = benchmark(args)
     except h2load.H2loadError as error:

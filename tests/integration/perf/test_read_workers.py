@@ -1,4 +1,4 @@
-"""The read throughput benchmark (`make bench-read`) runs end to end on a tiny load."""
+"""`python -m perf read --workers 1,2` (`make bench-read`) runs end to end on a tiny load."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from perf.cpu import tree_cpu_seconds
-from perf.read_rps import main
+from perf.read import main
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,8 @@ def test_the_benchmark_measures_one_and_two_workers_and_leaves_no_keys(
     monkeypatch.setenv("DATABASE_URL", database_url)
     monkeypatch.setenv("REDIS_URL", redis_server_url)
     report_path = tmp_path / "read_rps.json"
-    args = ["--users", "20", "--duration", "1", "--clients", "1", "--connections", "2", "--in-flight", "4"]
+    args = ["--workers", "1,2", "--users", "20", "--duration", "1", "--processes", "1", "--connections", "2"]
+    args += ["--concurrency", "4"]
     assert main([*args, "--json", str(report_path)]) == 0
 
     report = json.loads(report_path.read_text())
