@@ -42,7 +42,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "client-overhead": Subcommand("perf.client_overhead", "the client library's cost over bare stubs"),
     "search": Subcommand("perf.bench.run", "the search rows of the benchmark table only", ("--only", "search")),
     "relay": Subcommand("perf.bench.run", "the relay rows of the benchmark table only", ("--only", "relay")),
-    "plot": Subcommand("perf.loadtest.plot", "draw the PNG of a JSON report written by loadtest or lag"),
+    "plot": Subcommand("perf.report", "draw the PNG of a JSON report written by loadtest or lag"),
 }
 
 

@@ -41,10 +41,10 @@ from typing import Any, TextIO
 from perf.cpu import machine_busy_s, named_cpu_s, shares, tree_cpu_seconds
 from perf.loadtest.engine import Progress
 from perf.loadtest.probe import NotVisible, call_until_fresh, replica_client
-from perf.loadtest.report import build_report, print_summary, write_json
 from perf.loadtest.requests import PASSWORD, CommandSource, add_product_request, bearer_token, send_command
 from perf.loadtest.schedule import due_offsets
 from perf.loadtest.stats import Histogram, Second, Timeline
+from perf.report import build_report, print_summary, write_json
 from perf.stack import Backing, backing, bench_stack, scratch
 from tessera.orders.v1 import order_command_service_pb2 as order_commands
 from tessera.orders.v1 import order_pb2
@@ -422,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         write_json(args.json, outcome)
     if args.plot:
-        from perf.loadtest.plot import plot_report
+        from perf.report import plot_report
 
         plot_report(outcome, args.plot, title=f"lag · {command} → {len(outcome['targets'])} replica(s)")
     if outcome["ok"] == 0:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
 import statistics
@@ -34,6 +33,7 @@ import redis
 import redis.asyncio as aioredis
 
 from devstack.supervisor import ServiceProcess, Stack, StackConfig
+from perf.report import write_json
 from read_service.generations import served_checkpoint
 from read_service.lease import lease_key
 from read_service.projections.users import UsersProjection
@@ -197,8 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(min {report['takeover_ms_min']}, max {report['takeover_ms_max']})"
     )
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
     return 0
 
 

@@ -52,11 +52,11 @@ from perf.cpu import tree_cpu_seconds
 from perf.loadtest import engine as python_engine
 from perf.loadtest import h2load
 from perf.loadtest.probe import wait_for_seed
-from perf.loadtest.report import write_json
 from perf.loadtest.schedule import effective_processes, split_evenly
 from perf.loadtest.seed import seed, write_seed_file
 from perf.loadtest.stats import Histogram
 from perf.loadtest.worker import Plan
+from perf.report import write_json
 
 FAST_HASHING = {"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST_KIB": "1024", "ARGON2_PARALLELISM": "1"}
 NEAR_CACHE_ON = "100000"

@@ -25,6 +25,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from perf.event_log import seed_users
+from perf.report import write_json
 from perf.stack import backing_servers, scratch_database
 from read_service.generations import drop_keyspace
 from read_service.rebuild import rebuild, registered_projections
@@ -68,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = asyncio.run(measure(database, redis_url, args.events, args.batch_size))
     print(json.dumps(figures, indent=2))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(args.json, figures)
     return 0
 
 

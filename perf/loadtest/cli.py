@@ -29,11 +29,11 @@ import grpc
 from perf.lag import LAG_COMMANDS, lag_report, measure_lag
 from perf.loadtest import engine as python_engine
 from perf.loadtest.probe import NotVisible, wait_for_seed
-from perf.loadtest.report import build_report, print_summary, write_json
 from perf.loadtest.requests import DEFAULT_MIX, WRITE_METHODS, SeedData, parse_mix
 from perf.loadtest.schedule import effective_processes, split_evenly
 from perf.loadtest.seed import SeedError, count_rows, seed, write_seed_file
 from perf.loadtest.worker import Plan
+from perf.report import build_report, print_summary, write_json
 
 # How long `read` waits for the seeded items to be visible on every target before it measures.
 SEED_VISIBLE_WITHIN_S = 60.0
@@ -183,7 +183,7 @@ def _finish(args: argparse.Namespace, report: dict[str, object], title: str) -> 
     if args.json:
         write_json(args.json, report)
     if args.plot:
-        from perf.loadtest.plot import plot_report
+        from perf.report import plot_report
 
         plot_report(report, args.plot, title=title)
     errors = report["errors"]

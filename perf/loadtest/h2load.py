@@ -35,10 +35,10 @@ from pathlib import Path
 
 from perf.loadtest import server_counts
 from perf.loadtest.probe import preflight
-from perf.loadtest.report import build_report
 from perf.loadtest.requests import READ_METHODS, SeedData, query_body
 from perf.loadtest.schedule import split_evenly
 from perf.loadtest.stats import Histogram, Timeline, add_errors
+from perf.report import build_report
 
 H2LOAD = "/usr/bin/h2load"
 GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
