@@ -357,13 +357,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_replicas(report: Mapping[str, Any]) -> None:
-    print(f"{'replica':<24}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'max ms':>10}{'visible':>9}")
-    for address, figures in (report.get("per_replica") or {}).items():
-        lat = figures["latency_ms"]
-        print(f"{address:<24}{lat['p50']:>10}{lat['p90']:>10}{lat['p99']:>10}{lat['max']:>10}{figures['visible']:>9}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, measure, print the figures."""
     parser = _parser()
@@ -418,7 +411,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_json(args.json, {"runs": outcome})
         return 0
     print_summary(outcome, sys.stdout)
-    _print_replicas(outcome)
     if args.json:
         write_json(args.json, outcome)
     if args.plot:
