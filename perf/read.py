@@ -25,7 +25,7 @@ default near cache, random seeded users; add `--auth` for `make up`'s authentica
 With `--workers 1,2` it measures instead one replica per worker count (READ_WORKERS), one
 after another (`--rounds` alternates them), each driven with GetUser on random seeded users by
 the python engine's closed model from several client processes, and reports calls/s, how
-many workers answered, the cores the replica used (all its processes, over the run) and calls
+many workers answered, the cores the replica used (all its processes, over the measuring window) and calls
 per replica CPU-second, with each count's ratio to the first.
 Figures depend on the machine: the client processes share its cores with the servers.
 """
@@ -40,6 +40,7 @@ import secrets
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -288,10 +289,25 @@ def one_worker_count(
             for index, share in enumerate(split_evenly(args.concurrency, processes))
         ]  # fmt: skip
         assert replica.pid is not None
-        cpu_before, started = tree_cpu_seconds(replica.pid), time.monotonic()
-        result = asyncio.run(python_engine.run_processes(plans, progress_out=None))
-        cpu_s = tree_cpu_seconds(replica.pid) - cpu_before
-        wall_s = time.monotonic() - started
+        pid, window = replica.pid, {}
+
+        def read_cpu(start_at: float) -> None:
+            # The replica's CPU over the measuring window alone, not the clients' start-up.
+            time.sleep(max(0.0, start_at - time.time()))
+            before = tree_cpu_seconds(pid)
+            time.sleep(max(0.0, start_at + args.duration - time.time()))
+            window["cpu_s"] = tree_cpu_seconds(pid) - before
+
+        readers: list[threading.Thread] = []
+
+        def window_opens(start_at: float) -> None:
+            readers.append(threading.Thread(target=read_cpu, args=(start_at,), daemon=True))
+            readers[-1].start()
+
+        result = asyncio.run(python_engine.run_processes(plans, progress_out=None, window_opens=window_opens))
+        for reader in readers:
+            reader.join(timeout=args.duration + 5.0)
+    cpu_s = window.get("cpu_s", 0.0)
     total = result.total
     calls, elapsed = total.latencies.count, result.elapsed_s
     return {
@@ -302,7 +318,7 @@ def one_worker_count(
         "error_codes": ", ".join(f"{code} {count}" for code, count in sorted(total.errors.items())) or "none",
         "rps": round(calls / elapsed, 1) if elapsed else 0.0,
         "latency_ms": total.latencies.summary(),
-        "replica_cpu_cores": round(cpu_s / wall_s, 2) if wall_s > 0 else 0.0,
+        "replica_cpu_cores": round(cpu_s / args.duration, 2),
         # Load-independent: what one core of the replica delivers, whatever else runs on the machine.
         "calls_per_replica_cpu_second": round(calls / cpu_s) if cpu_s > 0 else 0,
     }

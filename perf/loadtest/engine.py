@@ -12,6 +12,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -78,8 +79,15 @@ class Progress:
         self.out.flush()
 
 
-async def run_processes(plans: list[Plan], progress_out: TextIO | None = sys.stderr) -> RunResult:
-    """Run one client process per plan through a common window; the merged result."""
+async def run_processes(
+    plans: list[Plan],
+    progress_out: TextIO | None = sys.stderr,
+    window_opens: Callable[[float], None] | None = None,
+) -> RunResult:
+    """Run one client process per plan through a common window; the merged result.
+
+    `window_opens` is told the wall-clock time (time.time()) the measuring window opens at.
+    """
     processes = [
         await asyncio.create_subprocess_exec(
             sys.executable,
@@ -105,6 +113,8 @@ async def run_processes(plans: list[Plan], progress_out: TextIO | None = sys.std
             result.connected += int(str(ready["connected"]))
             result.channels += int(str(ready["channels"]))
         start_at = time.time() + START_DELAY_S
+        if window_opens is not None:
+            window_opens(start_at)
         for process in processes:
             assert process.stdin is not None
             process.stdin.write(f"{start_at!r}\n".encode())
