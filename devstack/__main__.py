@@ -218,7 +218,7 @@ def _token_lines(stack: Stack) -> tuple[list[str], str]:
         f"A token with every scope ({', '.join(ALL_SCOPES)}), valid {DEV_TOKEN_TTL_S // 86400} days:",
         f"  export TOKEN={token}",
         "Mint others (e.g. read-only):",
-        f"  AUTH_SIGNING_KEY={key} {_display(Path(sys.executable))} -m shared_kernel.security.tokens \\",
+        f"  AUTH_SIGNING_KEY={key} {_display(Path(sys.executable))} -m shared_kernel.platform.security.tokens \\",
         "      mint --sub alice --scopes users:read --ttl 3600",
         "",
     ]

@@ -38,7 +38,7 @@ from read_service.bootstrap import running_read_service
 from read_service.lease import ApplyMode
 from read_service.settings import ReadServiceSettings
 from read_service.upcasting import current_version
-from shared_kernel.event_log import events_channel
+from shared_kernel.contracts.event_log import events_channel
 from tessera.catalog.v1.events_pb2 import ProductAdded, StockReserved
 from tessera.common.v1.money_pb2 import Money
 from tessera.events.v1.envelope_pb2 import EventEnvelope

@@ -37,7 +37,7 @@ from devstack.servers import EmbeddedPostgres, EmbeddedRedis
 from devstack.supervisor import Stack, StackConfig
 from perf.event_log import USER_EVENT_COLUMNS, user_events
 from perf.stack import scratch_database
-from shared_kernel.healthcheck import check_serving_async
+from shared_kernel.platform.healthcheck import check_serving_async
 from tessera.users.v1 import user_query_service_pb2 as queries
 from tessera.users.v1 import user_query_service_pb2_grpc as queries_grpc
 

@@ -23,7 +23,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from devstack.supervisor import Stack, StackConfig
-from shared_kernel import migrations
+from shared_kernel.platform import migrations
 
 
 def _with_database(dsn: str, database: str) -> str:

@@ -1,6 +1,6 @@
 """The relay's SQL against the outbox: claim and position rows, record the published watermark.
 
-The table's shape and the envelope mapping live in `shared_kernel.event_log`; this module
+The table's shape and the envelope mapping live in `shared_kernel.contracts.event_log`; this module
 holds only the statements that belong to the relay's side of the contract.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from shared_kernel.event_log import ENVELOPE_COLUMNS, envelope_from_row
+from shared_kernel.contracts.event_log import ENVELOPE_COLUMNS, envelope_from_row
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 Connection: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"

@@ -9,12 +9,12 @@ from typing import Any
 
 import asyncpg
 
-from shared_kernel.grpc_server import GrpcServer, wait_for_shutdown_signal
-from shared_kernel.logs import configure_logging
-from shared_kernel.metrics import configure_metrics
-from shared_kernel.runtime import run
-from shared_kernel.security.authn import AuthConfigurationError, authenticator_from_settings
-from shared_kernel.telemetry import configure_tracing
+from shared_kernel.platform.grpc_server import GrpcServer, wait_for_shutdown_signal
+from shared_kernel.platform.logs import configure_logging
+from shared_kernel.platform.metrics import configure_metrics
+from shared_kernel.platform.runtime import run
+from shared_kernel.platform.security.authn import AuthConfigurationError, authenticator_from_settings
+from shared_kernel.platform.telemetry import configure_tracing
 from tessera.catalog.v1 import catalog_command_service_pb2_grpc as catalog_grpc
 from tessera.orders.v1 import order_command_service_pb2_grpc as orders_grpc
 from tessera.orders.v1 import saga_admin_service_pb2_grpc as saga_admin_grpc

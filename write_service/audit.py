@@ -22,8 +22,8 @@ from typing import Any, TextIO, get_args
 
 import asyncpg
 
-from shared_kernel.db import NOT_UP_YET
-from shared_kernel.runtime import run
+from shared_kernel.platform.db import NOT_UP_YET
+from shared_kernel.platform.runtime import run
 from write_service.service_layer.ports import Outcome
 from write_service.settings import AuditSettings
 

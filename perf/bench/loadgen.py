@@ -63,7 +63,7 @@ async def _bare_sender(spec: WorkerSpec) -> tuple[Callable[[int], Awaitable[None
     import asyncpg
 
     from perf.bench.bare_asyncpg import add_product
-    from shared_kernel.db import keep_session
+    from shared_kernel.platform.db import keep_session
 
     # Without the server-side reset on release, like the write service's pool.
     pool: Any = await asyncpg.create_pool(

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from shared_kernel.event_log import _INSERT_ROWS as OUTBOX_INSERT_ROWS
+from shared_kernel.contracts.event_log import _INSERT_ROWS as OUTBOX_INSERT_ROWS
 from write_service.adapters.catalog import _INSERT as PRODUCT_INSERT
 from write_service.adapters.catalog import _SELECT as PRODUCT_SELECT
 from write_service.adapters.catalog import _SKU_TAKEN as SKU_TAKEN

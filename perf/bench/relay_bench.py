@@ -27,7 +27,7 @@ from devstack.supervisor import ServiceProcess
 from perf.event_log import USER_EVENT_COLUMNS, user_events
 from perf.stack import Backing, Scratch, scratch
 from relay.outbox import CLAIM_SESSION_SETTINGS
-from shared_kernel.event_log import ENVELOPE_COLUMNS, envelope_from_row, events_channel
+from shared_kernel.contracts.event_log import ENVELOPE_COLUMNS, envelope_from_row, events_channel
 
 from .table import Goal, Row
 

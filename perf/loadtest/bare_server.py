@@ -1,6 +1,6 @@
 """A bare gRPC server: the ceiling a read replica is compared with in `read_bench`.
 
-It runs on the same runtime as the services (uvloop via shared_kernel.runtime.run, grpc.aio,
+It runs on the same runtime as the services (uvloop via shared_kernel.platform.runtime.run, grpc.aio,
 the same server options and concurrency limit from GrpcServerSettings) but with no
 interceptors, no Redis and no work: UserQueryService/GetUser answers a constant reply the size
 of a real one (a seeded user's view). It serves gRPC health, so a ServiceProcess can wait for it.
@@ -20,9 +20,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from shared_kernel.grpc_server import SERVING, server_options
-from shared_kernel.runtime import run
-from shared_kernel.settings import GrpcServerSettings
+from shared_kernel.platform.grpc_server import SERVING, server_options
+from shared_kernel.platform.runtime import run
+from shared_kernel.platform.settings import GrpcServerSettings
 from tessera.users.v1 import user_query_service_pb2 as queries
 
 

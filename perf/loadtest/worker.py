@@ -23,7 +23,7 @@ import grpc
 from perf.loadtest.requests import Call, CommandSource, QuerySource, SeedData, bearer_token, send_command
 from perf.loadtest.schedule import due_offsets
 from perf.loadtest.stats import Second
-from shared_kernel.runtime import run
+from shared_kernel.platform.runtime import run
 from tessera_client import ChannelOptions, TesseraClient, TesseraError
 
 # Most time a channel may take to connect before the run starts anyway (its calls then fail).

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Self
 
 import asyncpg
 
-from shared_kernel import errors
-from shared_kernel.event_log import NewEvent, add_outbox_rows, outbox_insert
-from shared_kernel.grpc_errors import to_domain_error
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.event_log import NewEvent, add_outbox_rows, outbox_insert
+from shared_kernel.platform.grpc_errors import to_domain_error
 from write_service.adapters.catalog import PostgresProductRepository
 from write_service.adapters.orders import PostgresOrderRepository, PostgresSagaHandoff
 from write_service.adapters.pg_calls import Calls, Step

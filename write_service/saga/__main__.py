@@ -20,12 +20,12 @@ from typing import Any
 import asyncpg
 import grpc
 
-from shared_kernel.db import create_pool
-from shared_kernel.grpc_server import GrpcServer, wait_for_shutdown_signal
-from shared_kernel.logs import configure_logging
-from shared_kernel.metrics import configure_metrics, current
-from shared_kernel.runtime import run
-from shared_kernel.telemetry import configure_tracing
+from shared_kernel.platform.db import create_pool
+from shared_kernel.platform.grpc_server import GrpcServer, wait_for_shutdown_signal
+from shared_kernel.platform.logs import configure_logging
+from shared_kernel.platform.metrics import configure_metrics, current
+from shared_kernel.platform.runtime import run
+from shared_kernel.platform.telemetry import configure_tracing
 from write_service.saga.breaker import CircuitBreaker
 from write_service.saga.metrics import register_saga_metrics, saga_status_sampler
 from write_service.saga.orchestrator import SagaRunner

@@ -31,9 +31,9 @@ import asyncpg
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from shared_kernel.errors import Conflict
-from shared_kernel.event_log import NewEvent
-from shared_kernel.telemetry import context_from_envelope
+from shared_kernel.contracts.errors import Conflict
+from shared_kernel.contracts.event_log import NewEvent
+from shared_kernel.contracts.trace_context import context_from_envelope
 from write_service.adapters.unit_of_work import PostgresUnitOfWork
 from write_service.domain.catalog import Product
 from write_service.domain.orders import Order

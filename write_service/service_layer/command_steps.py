@@ -22,9 +22,9 @@ from typing import Any, Protocol, TypeVar, cast
 
 from opentelemetry import context as otel_context
 
-from shared_kernel.auth import ANONYMOUS
-from shared_kernel.errors import Conflict, DomainError, FailedPrecondition, NotFound
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.errors import Conflict, DomainError, FailedPrecondition, NotFound
+from shared_kernel.contracts.event_log import NewEvent
+from shared_kernel.platform.security.authn import ANONYMOUS
 from write_service.commands.base import ChangeCommand, Command
 from write_service.domain.aggregate import Aggregate
 from write_service.service_layer.aggregate_turns import AggregateTurns, Queued, Turn
@@ -102,7 +102,7 @@ class CommandMeta:
     correlation_id: str
     received_at: datetime
     deadline: Deadline
-    # Who sent it (shared_kernel.auth.current_principal() of the call).
+    # Who sent it (shared_kernel.platform.security.authn.current_principal() of the call).
     principal: str = ANONYMOUS
     # The caller's idempotency key, already validated; the bus turns it into `idempotency`.
     idempotency_key: str | None = None

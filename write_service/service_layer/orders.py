@@ -14,8 +14,8 @@ from datetime import datetime
 
 from google.protobuf.message import Message
 
-from shared_kernel.errors import FailedPrecondition
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.errors import FailedPrecondition
+from shared_kernel.contracts.event_log import NewEvent
 from tessera.users.v1 import events_pb2 as user_events
 from write_service.commands.base import Command
 from write_service.commands.orders import AddOrderItem, CancelOrder, PlaceOrder, ShipOrder

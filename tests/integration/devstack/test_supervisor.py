@@ -20,8 +20,8 @@ from devstack.supervisor import (
     Stack,
     StackConfig,
 )
-from shared_kernel.healthcheck import check_serving, check_serving_async
-from shared_kernel.healthcheck import main as healthcheck_main
+from shared_kernel.platform.healthcheck import check_serving, check_serving_async
+from shared_kernel.platform.healthcheck import main as healthcheck_main
 from tests.integration.devstack.support import recorded_pids, standin_env
 
 pytestmark = pytest.mark.integration

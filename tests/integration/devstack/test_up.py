@@ -11,7 +11,7 @@ import pytest
 
 from devstack.processes import pid_alive, poll_until, process_tree, wait_gone
 from devstack.servers import find_free_port
-from shared_kernel.healthcheck import check_serving
+from shared_kernel.platform.healthcheck import check_serving
 from tests.devstack_up import DevstackUp
 from tests.integration.devstack.support import recorded_pids, standin_env
 
