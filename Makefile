@@ -128,7 +128,7 @@ BENCH_ARGS ?=
 bench: gen ## every figure beside its ceiling; rewrites BENCHMARKS.md; ~40 min on 2 cores, most of it the search rows at 1,000,000 users and orders (BENCH_ARGS='--search-sizes 100000': ~15 min)
 	$(PY) -m perf bench $(BENCH_ARGS)
 
-bench-smoke: gen ## the benchmarks at small sizes; fails only when a figure cannot be measured (~3 min)
+bench-smoke: gen ## the benchmarks at small sizes; fails only when a figure cannot be measured (6-9 min on 2 busy cores)
 	$(PY) -m perf bench-smoke --json results/bench-quick.json
 
 bench-read: gen ## GetUser calls/s of one replica with 1 and with 2 worker processes, in one run; figures in results/read_rps.json
