@@ -24,12 +24,11 @@ import time
 
 import grpc
 
-from devstack.supervisor import Stack, StackConfig
+from devstack.supervisor import Stack
+from perf.stack import tool_stack_config
 from tessera.users.v1 import user_query_service_pb2 as users_q
 from tessera.users.v1 import user_query_service_pb2_grpc as users_q_grpc
 from tessera_client import TesseraClient
-
-FAST_HASHING = {"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST_KIB": "1024", "ARGON2_PARALLELISM": "1"}
 
 
 def _quantile(samples: list[float], q: float) -> float:
@@ -94,16 +93,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10, help="alternating blocks of each kind")
     parser.add_argument("--calls", type=int, default=200, help="sequential calls per block")
     args = parser.parse_args()
-    config = StackConfig(
-        database_url=os.environ.get("DATABASE_URL"),
-        redis_url=os.environ.get("REDIS_URL"),
-        redis_key_prefix=f"overhead:{secrets.token_hex(4)}:",
-        read_ports=(0,),
-        relays=1,
-        payment_provider=False,
-        saga_workers=0,
-        env={**FAST_HASHING, "LOG_LEVEL": "WARNING"},
-    )
+    config = tool_stack_config("overhead", read_ports=(0,), relays=1)
     with Stack(config) as stack:
         report = asyncio.run(measure(stack, args.rounds, args.calls))
     print(json.dumps(report, indent=2))

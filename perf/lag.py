@@ -45,7 +45,7 @@ from perf.loadtest.requests import PASSWORD, CommandSource, add_product_request,
 from perf.loadtest.schedule import due_offsets
 from perf.loadtest.stats import Histogram, Second, Timeline
 from perf.report import build_report, print_summary, write_json
-from perf.stack import Backing, backing, bench_stack, scratch
+from perf.stack import FAST_HASHING, Backing, backing, bench_stack, scratch
 from tessera.orders.v1 import order_command_service_pb2 as order_commands
 from tessera.orders.v1 import order_pb2
 from tessera_client import TesseraClient, TesseraError
@@ -53,7 +53,6 @@ from tessera_client import TesseraClient, TesseraError
 # Each command measured, with the query that shows its effect.
 LAG_COMMANDS = {"register_user": "get_user", "add_product": "get_product", "place_order": "get_order"}
 BACKING_PROCESSES = ("postgres", "redis-server")
-CHEAP_ARGON2 = {"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST_KIB": "1024", "ARGON2_PARALLELISM": "1"}
 
 
 @dataclass
@@ -301,7 +300,7 @@ class Target:
 async def own_stack(servers: Backing, command: str) -> AsyncIterator[Target]:
     """A measured stack of the lag tool's own on `servers`, removed afterwards."""
     async with scratch(servers, "lag") as place:
-        with bench_stack(place, relays=1, readers=2, env=CHEAP_ARGON2, saga=command == "place_order") as stack:
+        with bench_stack(place, relays=1, readers=2, env=FAST_HASHING, saga=command == "place_order") as stack:
             pids = {process.name: process.pid for process in stack.processes if process.pid is not None}
             yield Target(stack.write_address, list(stack.read_addresses), pids)
 

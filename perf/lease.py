@@ -29,18 +29,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-import redis
 import redis.asyncio as aioredis
 
-from devstack.supervisor import ServiceProcess, Stack, StackConfig
+from devstack.supervisor import ServiceProcess, Stack
 from perf.report import write_json
+from perf.stack import clear_prefix, tool_stack_config
 from read_service.generations import served_checkpoint
 from read_service.lease import lease_key
 from read_service.projections.users import UsersProjection
 from tessera.users.v1 import user_command_service_pb2 as commands
 from tessera.users.v1 import user_command_service_pb2_grpc as commands_grpc
 
-FAST_HASHING = {"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST_KIB": "1024", "ARGON2_PARALLELISM": "1"}
 POLL_S = 0.002
 
 
@@ -139,17 +138,6 @@ async def measure(stack: Stack, rounds: int) -> list[dict[str, object]]:
     return results
 
 
-def delete_prefix(redis_url: str, prefix: str) -> None:
-    """Remove the run's keys from a Redis server that outlives it."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
-    finally:
-        client.close()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the measurement; print the median and write JSON when asked."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,17 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--renew-ms", type=int, default=500, help="READ_LEASE_RENEW_MS of the replicas")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
-    config = StackConfig(
-        database_url=os.environ.get("DATABASE_URL"),
-        redis_url=os.environ.get("REDIS_URL"),
-        redis_key_prefix=f"lease:{secrets.token_hex(4)}:",
+    config = tool_stack_config(
+        "lease",
         read_ports=(0, 0),
         relays=1,
-        payment_provider=False,
-        saga_workers=0,
         env={
-            **FAST_HASHING,
-            "LOG_LEVEL": "WARNING",
             "READ_APPLY_MODE": "lease",
             "READ_LEASE_TTL_MS": str(args.ttl_ms),
             "READ_LEASE_RENEW_MS": str(args.renew_ms),
@@ -179,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rounds = asyncio.run(measure(stack, args.rounds))
     finally:
         if config.redis_url:
-            delete_prefix(config.redis_url, config.redis_key_prefix)
+            asyncio.run(clear_prefix(config.redis_url, config.redis_key_prefix))
     figures = [float(str(r["takeover_ms"])) for r in rounds]
     report = {
         "cores": os.cpu_count(),

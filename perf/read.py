@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import statistics
 import sys
 import tempfile
@@ -46,7 +45,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-import redis
 
 from devstack.supervisor import ServiceProcess, Stack, StackConfig
 from perf.cpu import tree_cpu_seconds
@@ -58,23 +56,12 @@ from perf.loadtest.seed import seed, write_seed_file
 from perf.loadtest.stats import Histogram
 from perf.loadtest.worker import Plan
 from perf.report import write_json
+from perf.stack import clear_prefix, tool_stack_config
 
-FAST_HASHING = {"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST_KIB": "1024", "ARGON2_PARALLELISM": "1"}
 NEAR_CACHE_ON = "100000"
 # Requests each client sends, unmeasured, before a maximum-rate measurement (connections, caches, Redis pool).
 WARM_UP_REQUESTS = 2000
 REPLICA_HEADER = "x-tessera-replica"
-
-
-def delete_prefix(redis_url: str, prefix: str) -> None:
-    """Remove the run's keys from a Redis server that outlives it."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
-    finally:
-        client.close()
 
 
 async def distinct_workers(address: str, connections: int = 40) -> int:
@@ -210,7 +197,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
                         half = half_rate(cold.address, rate, seed_file, args, metadata)
     finally:
         if config.redis_url:
-            delete_prefix(config.redis_url, config.redis_key_prefix)
+            asyncio.run(clear_prefix(config.redis_url, config.redis_key_prefix))
     bare_rps = float(str(figures["bare"]["rps"]))
     if args.defaults:
         return defaults_report(args, engine, figures, load_at_start)
@@ -251,17 +238,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
 
 def _stack_config(args: argparse.Namespace, prefix: str) -> StackConfig:
     """A write service and a relay, no replica: each measurement starts the servers it measures."""
-    return StackConfig(
-        database_url=os.environ.get("DATABASE_URL"),
-        redis_url=os.environ.get("REDIS_URL"),
-        redis_key_prefix=f"{prefix}:{secrets.token_hex(4)}:",
-        read_ports=(),
-        relays=1,
-        payment_provider=False,
-        saga_workers=0,
-        auth=args.auth,
-        env={**FAST_HASHING, "LOG_LEVEL": "WARNING"},
-    )
+    return tool_stack_config(prefix, read_ports=(), relays=1, auth=args.auth)
 
 
 def one_worker_count(
@@ -348,7 +325,7 @@ def workers_benchmark(args: argparse.Namespace) -> dict[str, object]:
                     )
     finally:
         if config.redis_url:
-            delete_prefix(config.redis_url, config.redis_key_prefix)
+            asyncio.run(clear_prefix(config.redis_url, config.redis_key_prefix))
 
     def median(key: str) -> dict[str, float]:
         return {

@@ -143,6 +143,27 @@ def bench_stack(
     )
 
 
+# Cheap password hashing for the stacks the tools start: their figures count from a command's
+# reply or measure reads, so argon2's deliberate cost would only slow the seeding.
+FAST_HASHING = {"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST_KIB": "1024", "ARGON2_PARALLELISM": "1"}
+
+
+def tool_stack_config(name: str, *, env: dict[str, str] | None = None, **overrides: Any) -> StackConfig:
+    """A stack over DATABASE_URL / REDIS_URL (embedded servers when unset) under a key prefix of its own.
+
+    For the tools that start one stack and run against it; no payment provider or saga worker
+    unless `overrides` asks for them, cheap hashing, warnings-only logs.
+    """
+    settings: dict[str, Any] = {"payment_provider": False, "saga_workers": 0, **overrides}
+    return StackConfig(
+        database_url=os.environ.get("DATABASE_URL"),
+        redis_url=os.environ.get("REDIS_URL"),
+        redis_key_prefix=f"{name}:{secrets.token_hex(4)}:",
+        env={**FAST_HASHING, "LOG_LEVEL": "WARNING", **(env or {})},
+        **settings,
+    )
+
+
 def _rss_kib(pid: int) -> int:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
