@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from devstack.bench.relay_bench import insert_backlog
+from perf.bench.relay_bench import insert_backlog
 from relay.outbox import CLAIM_SESSION_SETTINGS, _claim_statement, claim_batch
 
 pytestmark = pytest.mark.integration
