@@ -23,6 +23,7 @@ import grpc
 
 from read_service.settings import ReadServiceSettings
 from shared_kernel.platform import worker_group
+from shared_kernel.platform.interceptors import Handler, HandlerInterceptor, rewrap
 from shared_kernel.platform.worker_group import STOP_MARGIN_S, GroupLink, PortInUse, reserve_port
 
 REPLICA_HEADER = "x-tessera-replica"
@@ -62,7 +63,7 @@ class _HeaderContext:
         return getattr(self._context, name)
 
 
-class ReplicaHeaderInterceptor(grpc.aio.ServerInterceptor):
+class ReplicaHeaderInterceptor(HandlerInterceptor):
     """Adds `x-tessera-replica: <replica id>/<pid>` to every reply.
 
     Unary query calls carry it in their trailing metadata, failed calls too (the error mapping
@@ -79,46 +80,26 @@ class ReplicaHeaderInterceptor(grpc.aio.ServerInterceptor):
     so its messages go straight to the caller without a generator in between.
     """
 
+    reuse_unary = True
+
     def __init__(self, replica_id: str, pid: int | None = None) -> None:
+        super().__init__()
         self.value = f"{replica_id}/{pid if pid is not None else os.getpid()}"
         self._header = (REPLICA_HEADER, self.value)
         self._trailer = (self._header,)
         # Taken over by the server's call wrapper (GrpcServer), which then sets it on unary calls.
         self.unary_trailing_metadata: tuple[tuple[str, str], ...] = self._trailer
         self.trailer_taken_over = False
-        # method -> (the unary handler resolved for it, its wrapped version): built once, not per call.
-        self._unary_handlers: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         """Wrap unary-unary and unary-stream handlers."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         if handler.unary_unary is not None:
-            method = handler_call_details.method
-            cached = self._unary_handlers.get(method)
-            if cached is not None and cached[0] is handler:
-                return cached[1]
-            in_header = method.startswith(_HEADER_METHODS)
+            in_header = details.method.startswith(_HEADER_METHODS)
             if not in_header and self.trailer_taken_over:
                 return handler
-            wrapped = grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary) if in_header else self._trailing(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-            self._unary_handlers[method] = (handler, wrapped)
-            return wrapped
+            return rewrap(handler, lambda inner, _kind: self._unary(inner) if in_header else self._trailing(inner))
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return rewrap(handler, lambda inner, _kind: self._stream(inner))
         return handler
 
     def _trailing(self, inner: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:

@@ -12,14 +12,14 @@ from read_service.entrypoints.requests import PageLimits, open_page_token, page_
 from read_service.page_tokens import PageTokenCodec
 from read_service.views.catalog import ListProductsQuery, ProductViews
 from read_service.views.wire import reply_tail, view_bytes
-from shared_kernel import errors
-from shared_kernel.grpc_server import add_preserialized
-from shared_kernel.validation import canonical_uuid
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.validation import canonical_uuid
+from shared_kernel.platform.grpc_server import add_preserialized
 from tessera.catalog.v1 import product_query_service_pb2 as pb
 from tessera.catalog.v1 import product_query_service_pb2_grpc as pb_grpc
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ProductQueryService"].full_name
-# Methods that answer serialized replies (registered with shared_kernel.grpc_server.add_preserialized).
+# Methods that answer serialized replies (registered with shared_kernel.platform.grpc_server.add_preserialized).
 BYTES_METHODS = ("GetProduct",)
 
 

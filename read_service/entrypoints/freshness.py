@@ -26,8 +26,8 @@ import grpc
 
 from read_service.consistency import DEFAULT_MAX_WAIT_MS, PARKED_HEADER, STALE_HEADER, ConsistencyGate
 from read_service.view_store import QueryCheckpoint
-from shared_kernel import errors
-from shared_kernel.consistency import ConsistencyToken
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.consistency import ConsistencyToken
 
 # The most a query waits for Redis when the caller's deadline allows more (QUERY_TIMEOUT_S).
 DEFAULT_QUERY_TIMEOUT_S = 5.0

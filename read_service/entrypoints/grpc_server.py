@@ -1,6 +1,6 @@
 """The gRPC face of the read service: request validation, then a call into the views.
 
-Errors are raised as shared_kernel.errors types (or left as driver errors) and turned
+Errors are raised as shared_kernel.contracts.errors types (or left as driver errors) and turned
 into statuses by the server's ErrorMappingInterceptor; nothing here picks a status code.
 
 Readiness, consistency tokens, view positions and query budgets are the shared freshness
@@ -23,9 +23,9 @@ from read_service.page_tokens import InvalidPageToken, PageTokenCodec
 from read_service.views.users import ListUsersQuery, UserViews
 from read_service.views.wire import reply_tail, view_bytes
 from read_service.watch import Change
-from shared_kernel import errors
-from shared_kernel.grpc_server import add_preserialized
-from shared_kernel.validation import canonical_uuid, email_violation, has_control_chars, parse_uuid
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.validation import canonical_uuid, email_violation, has_control_chars, parse_uuid
+from shared_kernel.platform.grpc_server import add_preserialized
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1 import user_query_service_pb2_grpc as pb_grpc
 
@@ -43,7 +43,7 @@ __all__ = [
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UserQueryService"].full_name
 
 MAX_SEARCH_CHARS = 100
-# Methods that answer serialized replies (registered with shared_kernel.grpc_server.add_preserialized).
+# Methods that answer serialized replies (registered with shared_kernel.platform.grpc_server.add_preserialized).
 BYTES_METHODS = ("GetUser", "GetUserByEmail")
 
 _SORTS = {

@@ -25,14 +25,14 @@ from read_service.page_tokens import PageTokenCodec
 from read_service.views.orders import CustomerOrdersQuery, OrderViews, SearchOrdersQuery, StatisticsQuery
 from read_service.views.wire import reply_tail, view_bytes
 from read_service.watch import Change
-from shared_kernel import errors
-from shared_kernel.grpc_server import add_preserialized
-from shared_kernel.validation import canonical_uuid, parse_uuid, uuid_violation
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.validation import canonical_uuid, parse_uuid, uuid_violation
+from shared_kernel.platform.grpc_server import add_preserialized
 from tessera.orders.v1 import order_query_service_pb2 as pb
 from tessera.orders.v1 import order_query_service_pb2_grpc as pb_grpc
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["OrderQueryService"].full_name
-# Methods that answer serialized replies (registered with shared_kernel.grpc_server.add_preserialized).
+# Methods that answer serialized replies (registered with shared_kernel.platform.grpc_server.add_preserialized).
 BYTES_METHODS = ("GetOrder",)
 
 

@@ -22,9 +22,9 @@ from typing import Any, Protocol, TypeVar, cast
 
 from opentelemetry import context as otel_context
 
-from shared_kernel.platform.security.authn import ANONYMOUS
 from shared_kernel.contracts.errors import Conflict, DomainError, FailedPrecondition, NotFound
 from shared_kernel.contracts.event_log import NewEvent
+from shared_kernel.platform.security.authn import ANONYMOUS
 from write_service.commands.base import ChangeCommand, Command
 from write_service.domain.aggregate import Aggregate
 from write_service.service_layer.aggregate_turns import AggregateTurns, Queued, Turn

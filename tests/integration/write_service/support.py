@@ -19,8 +19,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.servers import find_free_port
-from shared_kernel.platform.security.authn import reset_principal, set_principal
 from shared_kernel.platform.grpc_server import GrpcServer
+from shared_kernel.platform.security.authn import reset_principal, set_principal
 from tessera.catalog.v1 import catalog_command_service_pb2_grpc as catalog_grpc
 from tessera.orders.v1 import order_command_service_pb2_grpc as orders_grpc
 from tessera.users.v1 import user_command_service_pb2_grpc as users_grpc
