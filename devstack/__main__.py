@@ -35,6 +35,7 @@ from devstack.servers import EmbeddedPostgres, EmbeddedRedis, ServerError
 from devstack.supervision import Supervision
 from devstack.supervisor import (
     ALL_SCOPES,
+    DEV_WRITE_WORKERS,
     REPO_ROOT,
     Cancelled,
     ProcessExited,
@@ -335,6 +336,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         env={
             "LOG_FORMAT": os.environ.get("LOG_FORMAT", "text"),
             "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
+            # The write service as a group of worker processes on one port (docs/scaling.md).
+            "WRITE_WORKERS": os.environ.get("WRITE_WORKERS", str(DEV_WRITE_WORKERS)),
         },
         startup_timeout=args.startup_timeout,
         stop_grace=args.stop_grace,

@@ -432,6 +432,10 @@ def terminate_all(processes: Iterable[ServiceProcess], grace: float) -> None:
 
 # --- the whole stack --------------------------------------------------------------------
 
+# Write service worker processes that `make up`, compose and `make bench` run (WRITE_WORKERS
+# overrides it); the service's own default is 1.
+DEV_WRITE_WORKERS = 2
+
 
 @dataclass
 class StackConfig:

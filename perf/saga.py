@@ -4,7 +4,9 @@ Places N orders (1 to 3 items each, products with ample stock) through the write
 C at a time, with the payment provider at 0 latency and no injected failures, and waits
 until the saga workers have confirmed every one. Throughput is confirmed orders divided by
 the time from the first PlaceOrder to the last confirmation (read from Postgres), so it
-includes placing the orders. Also reports the PlaceOrder→confirmed time per order.
+includes placing the orders. Also reports the PlaceOrder→confirmed time per order, and the CPU
+milliseconds per order the saga workers, the write service and the payment provider used over
+the measured window (figures that a busy machine moves far less than the rate).
 With --backlog the orders are placed first and the workers started afterwards: the figure is
 then the saga workers' own rate of draining a backlog, whatever PlaceOrder costs.
 
@@ -34,6 +36,8 @@ from typing import Any
 import asyncpg
 import grpc
 
+from devstack.supervisor import ServiceProcess, Stack, StackConfig
+from perf.cpu import tree_cpu_seconds
 from tessera.catalog.v1 import catalog_command_service_pb2 as catalog
 from tessera.catalog.v1 import catalog_command_service_pb2_grpc as catalog_grpc
 from tessera.common.v1.money_pb2 import Money
@@ -163,6 +167,19 @@ async def measure(
     }
 
 
+def process_cpu(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far of the saga workers, the write service and the payment provider (with any children)."""
+
+    def used(processes: list[ServiceProcess | None]) -> float:
+        return sum(tree_cpu_seconds(p.pid) for p in processes if p is not None and p.pid is not None)
+
+    return {
+        "saga_workers": used(list(stack.saga_workers)),
+        "write_service": used([stack.write]),
+        "payment_provider": used([stack.provider]),
+    }
+
+
 def _delete_keys(redis_url: str, prefix: str) -> None:
     """Remove the run's keys from a Redis the run did not start (an embedded one goes away by itself)."""
     import redis
@@ -197,8 +214,6 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
 
-    from devstack.supervisor import Stack, StackConfig
-
     config = StackConfig(
         database_url=os.environ.get("DATABASE_URL"),
         redis_url=os.environ.get("REDIS_URL"),
@@ -212,9 +227,12 @@ def main() -> int:
     )
     try:
         with Stack(config) as stack:
+            cpu_before = process_cpu(stack)
 
             async def start_workers() -> None:
+                nonlocal cpu_before
                 await asyncio.gather(*(asyncio.to_thread(stack.add_saga_worker) for _ in range(args.saga_workers)))
+                cpu_before = process_cpu(stack)  # the workers' start-up is not theirs to drain
 
             report = asyncio.run(
                 measure(
@@ -226,6 +244,10 @@ def main() -> int:
                     start_workers=start_workers if args.backlog else None,
                 )
             )
+            cpu_after = process_cpu(stack)
+            report["cpu_ms_per_order"] = {
+                name: round((cpu_after[name] - cpu_before[name]) * 1000 / args.count, 2) for name in cpu_after
+            }
     finally:
         # After the stack stopped, so no replica writes a key behind the cleanup.
         if config.redis_url:
@@ -238,6 +260,8 @@ def main() -> int:
         f"{report['confirmed_per_s']} orders/s; PlaceOrder→confirmed "
         f"median {report['place_to_confirmed_median_ms']} ms, p99 {report['place_to_confirmed_p99_ms']} ms"
     )
+    cpu = report["cpu_ms_per_order"]
+    print("CPU ms per order: " + ", ".join(f"{name} {value}" for name, value in cpu.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -2,7 +2,8 @@
 
 Two service figures, each driven by `python -m perf loadtest write` (closed model,
 several client processes, every command with its own idempotency key) against a write
-service with no relay or replica running:
+service with no relay or replica running, as `make up` runs it (WRITE_WORKERS worker
+processes, devstack.supervisor.DEV_WRITE_WORKERS unless the environment sets it):
 
 - AddProduct, a fresh product per command;
 - RestockProduct on ONE product (`--hot`): a hot aggregate, every command on one row.
@@ -10,14 +11,17 @@ service with no relay or replica running:
 Each is compared with min(bare grpc.aio unary calls/s, pgbench transactions/s running the
 command's own SQL): the ceiling gRPC allows (`perf.loadtest.bare_server`, the same
 client engine, processes and concurrency) and the one Postgres allows (`bench.pgbench`,
-as many clients as the service has pooled connections). Both ceilings are rows of their
-own. Without pgbench its rows say why and the service rows use the gRPC ceiling alone.
+as many clients as the service has pooled connections over all its workers). Both ceilings
+are rows of their own. Without pgbench its rows say why and the service rows use the gRPC
+ceiling alone. Each service row's notes give the service's CPU time per command (all its
+processes), a figure a busy machine moves far less than the rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +29,15 @@ from typing import Any
 
 import asyncpg
 
-from devstack.supervisor import ServiceProcess, Stack
+from devstack.supervisor import DEV_WRITE_WORKERS, ServiceProcess, Stack
 from perf.bench.pgbench import PgbenchError, add_product_script, hot_restock_script, run_pgbench
 from perf.bench.table import Goal, Row
 from perf.bench.tools import LOADTEST, ToolError, number, run_json_tool
+from perf.cpu import tree_cpu_seconds
 from perf.read import measure_max
 from perf.stack import Backing, Scratch, bench_stack, scratch
 
-POOL_SIZE = 10  # the write service's default DATABASE_POOL_MAX_SIZE
+POOL_SIZE = 10  # the write service's default DATABASE_POOL_MAX_SIZE, per worker process
 # RestockProduct on one product, 64 callers, before decision 0027: 213-242/s; the goal is 4x.
 HOT_BEFORE = 242.0
 HOT_GOAL = 4 * HOT_BEFORE
@@ -94,11 +99,20 @@ def service_load(
     duration_s: float,
     command: str = "add_product",
     hot: bool = False,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
-    """`python -m perf loadtest write` of `command` against `address`; its JSON report."""
+    """`python -m perf loadtest write` of `command` against `address`; its JSON report.
+
+    With `server_pid`, the report also holds `server_cpu_s`: CPU seconds that process and
+    its children (a worker group) used during the run.
+    """
     args = ["write", "--write", address, "--command", command, "--concurrency", str(concurrency)]
     args += ["--duration", f"{duration_s:g}", "--processes", str(processes), *(["--hot"] if hot else [])]
-    return run_json_tool(LOADTEST, args, timeout_s=duration_s + 120)
+    before = tree_cpu_seconds(server_pid) if server_pid is not None else 0.0
+    report = run_json_tool(LOADTEST, args, timeout_s=duration_s + 120)
+    if server_pid is not None:
+        report["server_cpu_s"] = round(tree_cpu_seconds(server_pid) - before, 3)
+    return report
 
 
 def ok_rps(report: dict[str, Any]) -> float:
@@ -110,10 +124,14 @@ def describe_service(report: dict[str, Any]) -> str:
     """One line about a loadtest write report."""
     latency = report.get("latency_ms") or {}
     errors = report.get("errors") or {}
-    return (
+    line = (
         f"service: {report.get('ok')} ok, errors {errors or 'none'} in {report.get('elapsed_s')} s, "
         f"p50 {latency.get('p50')} ms, p99 {latency.get('p99')} ms"
     )
+    cpu_s, ok = report.get("server_cpu_s"), report.get("ok")
+    if isinstance(cpu_s, float) and isinstance(ok, int) and ok > 0 and cpu_s > 0:
+        line += f"; server CPU {cpu_s * 1000 / ok:.2f} ms per command ({ok / cpu_s:,.0f} commands per CPU-second)"
+    return line
 
 
 def bare_grpc_rps(stack: Stack, sizes: WriteSizes, scratch_dir: Path) -> float:
@@ -151,14 +169,22 @@ async def hot_product(database_url: str) -> str:
     return str(product_id)
 
 
+def write_workers() -> int:
+    """The write service's worker processes in this bench: WRITE_WORKERS, else what `make up` runs."""
+    raw = os.environ.get("WRITE_WORKERS", "").strip()
+    return int(raw) if raw.isdigit() and int(raw) > 0 else DEV_WRITE_WORKERS
+
+
 def _pgbench(place: Scratch, script: str, sizes: WriteSizes, row: Row) -> float | None:
+    # As many clients as the service has pooled connections, over all its workers.
+    clients = POOL_SIZE * write_workers()
     try:
-        tps = run_pgbench(place.database_url, script, clients=POOL_SIZE, duration_s=sizes.duration_s)
+        tps = run_pgbench(place.database_url, script, clients=clients, duration_s=sizes.duration_s)
     except PgbenchError as exc:
         row.fail(str(exc))
         return None
     row.value = tps
-    row.how = f"pgbench, {POOL_SIZE} clients (the service's pool), prepared, {sizes.duration_s:g} s"
+    row.how = f"pgbench, {clients} clients (the service's pools), prepared, {sizes.duration_s:g} s"
     return tps
 
 
@@ -177,11 +203,18 @@ async def measure_write(backing: Backing, sizes: WriteSizes) -> tuple[list[Row],
     rows = write_rows()
     grpc, add_sql, add, hot_sql, hot = rows
     load = f"{sizes.processes} client processes, {sizes.concurrency} in flight, {sizes.duration_s:g} s"
-    add.how = f"{LOADTEST} write: AddProduct, {load}"
-    hot.how = f"{LOADTEST} write --hot: RestockProduct on one product, {load} (before decision 0027: 213-242/s)"
+    workers = write_workers()
+    add.how = f"{LOADTEST} write: AddProduct, {load}, WRITE_WORKERS={workers}"
+    hot.how = (
+        f"{LOADTEST} write --hot: RestockProduct on one product, {load}, WRITE_WORKERS={workers} "
+        "(before decision 0027: 213-242/s)"
+    )
     grpc.how = f"perf.loadtest.bare_server, python engine, {load}"
     async with scratch(backing, "write") as place:
-        with bench_stack(place, relays=0, readers=0) as stack, tempfile.TemporaryDirectory() as folder:
+        with (
+            bench_stack(place, relays=0, readers=0, env={"WRITE_WORKERS": str(workers)}) as stack,
+            tempfile.TemporaryDirectory() as folder,
+        ):
             grpc.value = await asyncio.to_thread(bare_grpc_rps, stack, sizes, Path(folder))
             await asyncio.to_thread(_pgbench, place, add_product_script(), sizes, add_sql)
             product_id = await hot_product(place.database_url)
@@ -193,6 +226,7 @@ async def measure_write(backing: Backing, sizes: WriteSizes) -> tuple[list[Row],
                     processes=sizes.processes,
                     concurrency=sizes.concurrency,
                     duration_s=sizes.duration_s,
+                    server_pid=stack.write.pid if stack.write is not None else None,
                 )
                 for _ in range(sizes.rounds)
             ]
@@ -205,6 +239,7 @@ async def measure_write(backing: Backing, sizes: WriteSizes) -> tuple[list[Row],
                     concurrency=sizes.concurrency,
                     duration_s=sizes.duration_s,
                     hot=True,
+                    server_pid=stack.write.pid if stack.write is not None else None,
                 )
                 for _ in range(sizes.rounds)
             ]

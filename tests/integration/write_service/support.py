@@ -110,7 +110,9 @@ async def wait_until_blocked(pool: asyncpg.Pool[Any], timeout: float = 5.0) -> N
 
 def environment(**overrides: str) -> dict[str, str]:
     """This process's environment without the service settings a developer may have exported, plus `overrides`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "GRPC_", "ARGON2_", "COMMAND_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "GRPC_", "ARGON2_", "COMMAND_", "WRITE_"))
+    }
     env.update(overrides)
     return env
 
@@ -137,6 +139,7 @@ class WriteServiceProcess:
 
     process: asyncio.subprocess.Process
     channel: grpc.aio.Channel
+    address: str
 
     async def terminate(self, timeout: float = 20) -> tuple[int, str]:
         """SIGTERM, wait for the exit, and return (exit code, stderr)."""
@@ -173,7 +176,7 @@ async def running_write_service(database_url: str, **env: str) -> AsyncIterator[
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             await wait_until_serving(channel)
-            yield WriteServiceProcess(process, channel)
+            yield WriteServiceProcess(process, channel, f"127.0.0.1:{port}")
     finally:
         if process.returncode is None:
             process.kill()
