@@ -24,7 +24,7 @@ from read_service.parking import Parking
 from read_service.projections.base import Op
 from read_service.sequences import ParkedSequences
 from read_service.view_store import Outcome, Segment, segments
-from shared_kernel.telemetry import context_from_envelope
+from shared_kernel.contracts.trace_context import context_from_envelope
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 logger = logging.getLogger(__name__)

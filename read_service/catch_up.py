@@ -17,8 +17,8 @@ import time
 from read_service.batches import BatchApplier
 from read_service.context import ProjectionContext, ProjectorState
 from read_service.rewind import RewindGuard
-from shared_kernel.event_log import head_position, read_positioned
-from shared_kernel.runtime import cancel_and_wait
+from shared_kernel.contracts.event_log import head_position, read_positioned
+from shared_kernel.platform.runtime import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 from read_service.context import ParkingMode
 from read_service.lease import ApplyMode
-from shared_kernel.settings import CommonSettings, DatabaseSettings, GrpcServerSettings, RedisSettings
+from shared_kernel.platform.settings import CommonSettings, DatabaseSettings, GrpcServerSettings, RedisSettings
 
 # Used only when PAGE_TOKEN_SECRET is unset, so a development stack works out of the box.
 # It is public, so anyone can forge page tokens where it is in use; bootstrap warns loudly.

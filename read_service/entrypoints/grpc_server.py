@@ -25,8 +25,8 @@ from read_service.views.users import ListUsersQuery, UserViews
 from read_service.views.wire import reply_tail
 from read_service.watch import Change
 from shared_kernel.contracts import errors
-from shared_kernel.platform.grpc_server import add_preserialized
 from shared_kernel.contracts.validation import email_violation, has_control_chars
+from shared_kernel.platform.grpc_server import add_preserialized
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1 import user_query_service_pb2_grpc as pb_grpc
 

@@ -33,8 +33,8 @@ from read_service.views.orders import (
 )
 from read_service.watch import Change
 from shared_kernel.contracts import errors
-from shared_kernel.platform.grpc_server import add_preserialized
 from shared_kernel.contracts.validation import parse_uuid, uuid_violation
+from shared_kernel.platform.grpc_server import add_preserialized
 from tessera.orders.v1 import order_query_service_pb2 as pb
 from tessera.orders.v1 import order_query_service_pb2_grpc as pb_grpc
 
