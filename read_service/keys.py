@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from shared_kernel.identity import email_key as shared_email_key
+from shared_kernel.contracts.identity import email_key as shared_email_key
 from tessera.users.v1.user_query_service_pb2 import UserView
 
 # Separates the sort key from the id inside an index member. NUL sorts before every other

@@ -26,6 +26,7 @@ import redis.exceptions
 from read_service.log_guard import Fingerprint, fingerprint_key
 from read_service.near_cache import NearCache, ObservedCheckpoint
 from read_service.projections.base import Op
+from read_service.read_pipeline import pack_evalsha, read_pipeline
 from read_service.views.wire import view_bytes, view_field
 
 logger = logging.getLogger(__name__)
@@ -370,6 +371,8 @@ class ViewReader:
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
         self._sha: str | None = None
+        # Sent with the other queries' reads of the moment, on one connection (read_service.read_pipeline).
+        self._pipeline = read_pipeline(client)
 
     async def read(self, checkpoint_key: str, view_key: str, *hash_keys: str) -> ViewRead:
         """The checkpoint, the view and the hashes, read atomically."""
@@ -377,11 +380,11 @@ class ViewReader:
         try:
             if self._sha is None:
                 self._sha = await self._client.script_load(_READ_VIEW_SCRIPT)
-            raw = await self._client.evalsha(self._sha, len(keys), *keys)
+            raw = await self._pipeline.execute(pack_evalsha(self._sha, keys))
         except redis.exceptions.NoScriptError:
             # Redis restarted (or SCRIPT FLUSH ran) since the script was loaded.
             self._sha = await self._client.script_load(_READ_VIEW_SCRIPT)
-            raw = await self._client.evalsha(self._sha, len(keys), *keys)
+            raw = await self._pipeline.execute(pack_evalsha(self._sha, keys))
         checkpoint, exists, view, *hashes = raw
         return ViewRead(
             checkpoint,

@@ -19,9 +19,9 @@ from read_service.keys import UserKeys
 from read_service.page_tokens import PageTokenCodec
 from read_service.projector import Projector
 from read_service.views.users import UserViews
-from shared_kernel.grpc_errors import bad_request_from_status
-from shared_kernel.grpc_server import GrpcServer
-from shared_kernel.settings import GrpcServerSettings
+from shared_kernel.platform.grpc_errors import bad_request_from_status
+from shared_kernel.platform.grpc_server import GrpcServer
+from shared_kernel.platform.settings import GrpcServerSettings
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceStub
 

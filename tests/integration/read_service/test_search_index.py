@@ -19,8 +19,8 @@ import redis.asyncio as aioredis
 from read_service.bootstrap import ReadService, running_read_service
 from read_service.generations import keyspace_prefix, pointer_key
 from read_service.rebuild import rebuild, registered_projections
-from shared_kernel.consistency import encode_token
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.consistency import encode_token
+from shared_kernel.contracts.event_log import NewEvent
 from tessera.orders.v1 import order_query_service_pb2 as opb
 from tessera.orders.v1.order_pb2 import OrderStatus
 from tessera.orders.v1.order_query_service_pb2_grpc import OrderQueryServiceStub

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.message import Message
 
 from read_service.projections.base import Effect, Projection
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.event_log import NewEvent
 from tessera.catalog.v1.events_pb2 import (
     ProductAdded,
     ProductDiscontinued,
