@@ -7,6 +7,7 @@ restarts that Redis. Reports:
 
 - notice_s: from the kill to the replica's health leaving SERVING;
 - restart_to_serving_s: from Redis accepting connections again to the replica SERVING;
+- replica_cpu_s: the replica process's CPU time over that span (Linux), and events per CPU-second;
 - and checks that every user is served again (GetUser of each).
 
     python -m perf redis-loss -n 10000 [--json results/redis_loss.json]
@@ -83,7 +84,7 @@ async def _all_served(address: str, ids: list[str]) -> int:
     return found
 
 
-async def measure(admin_url: str, users: int, logs: Path) -> dict[str, Any]:
+async def measure(admin_url: str, users: int, logs: Path, startup_timeout_s: float = 60.0) -> dict[str, Any]:
     """Seed, start, kill and restart Redis; return the figures."""
     redis = await asyncio.to_thread(EmbeddedRedis().start)
     try:
@@ -98,6 +99,8 @@ async def measure(admin_url: str, users: int, logs: Path) -> dict[str, Any]:
                 log_dir=logs,
                 migrate=False,
                 env={"LOG_LEVEL": "INFO"},
+                # The replica first builds its views of the whole seeded log.
+                startup_timeout=startup_timeout_s,
             )
             stack = await Stack(config).start_async()
             try:
@@ -110,9 +113,12 @@ async def measure(admin_url: str, users: int, logs: Path) -> dict[str, Any]:
                 noticed = await _wait(
                     lambda: _not(check_serving_async(address, rpc_timeout=0.5)), 10, "leaving SERVING"
                 )
+                replica = stack.readers[0].pid
                 await asyncio.to_thread(redis.start)
                 back = time.monotonic()
+                cpu_back = _cpu_seconds(replica)
                 serving = await _wait(lambda: check_serving_async(address, rpc_timeout=0.5), 300, "SERVING again")
+                cpu = _cpu_seconds(replica) - cpu_back
                 served = await _all_served(address, ids)
             finally:
                 await stack.stop_async()
@@ -122,8 +128,21 @@ async def measure(admin_url: str, users: int, logs: Path) -> dict[str, Any]:
         "users": users,
         "notice_s": round(noticed - killed, 3),
         "restart_to_serving_s": round(serving - back, 3),
+        # The replica's own CPU time over the same span: on a busy machine the steadier figure.
+        "replica_cpu_s": round(cpu, 3),
+        "events_per_replica_cpu_s": round(users / cpu) if cpu > 0 else None,
         "served_after": served,
     }
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User and system CPU time of process `pid` so far (Linux /proc), 0 when it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    # utime and stime are fields 14 and 15 of stat(5), in clock ticks; fields[0] is field 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _not(check: Any) -> bool:
@@ -145,9 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-n", "--users", type=int, default=10_000)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=60.0,
+        help="seconds the stack may take to serve the seeded log at first (a large -n on a busy machine needs more)",
+    )
     args = parser.parse_args(argv)
     with _postgres() as admin_url, tempfile.TemporaryDirectory(prefix="redis-loss-logs-") as logs:
-        figures = asyncio.run(measure(admin_url, args.users, Path(logs)))
+        figures = asyncio.run(measure(admin_url, args.users, Path(logs), args.startup_timeout))
     print(json.dumps(figures, indent=2))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
