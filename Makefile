@@ -91,13 +91,13 @@ ci: lock-check lint breaking test chaos bench-smoke ## everything CI checks (the
 LAG_COMMANDS ?= 1000
 LAG_RATES ?= 40,80,136
 lag: gen ## reply → visible-on-replica latency (median, p99) over LAG_COMMANDS RegisterUser calls on a fresh stack
-	$(PY) -m devstack.measure_lag -n $(LAG_COMMANDS) --json results/lag.json
+	$(PY) -m perf lag -n $(LAG_COMMANDS) --json results/lag.json
 
 lag-orders: gen ## PlaceOrder reply → order visible on each replica (median, p99), saga workers running
-	$(PY) -m devstack.measure_lag --orders -n $(LAG_COMMANDS) --json results/lag_orders.json
+	$(PY) -m perf lag --command place_order -n $(LAG_COMMANDS) --json results/lag_orders.json
 
-lag-cpu: gen ## commit → visible at fixed AddProduct rates (LAG_RATES), with each process's CPU share meanwhile
-	$(PY) -m devstack.measure_lag_cpu --rates $(LAG_RATES) --json results/lag_cpu.json
+lag-cpu: gen ## reply → visible at fixed AddProduct rates (LAG_RATES), with each process's CPU share meanwhile
+	$(PY) -m perf lag --command add_product --rates $(LAG_RATES) --duration 8 --json results/lag_cpu.json
 
 # Load testing against a running stack (`make up`); see README "Load testing".
 WRITE_ADDR ?= 127.0.0.1:50051
@@ -108,7 +108,7 @@ SEED_ORDERS ?= 500
 SEED_FILE ?= results/seed.json
 SEED_ARGS ?=
 seed: gen ## users, products and orders through the write API into SEED_FILE (SEED_USERS, SEED_PRODUCTS, SEED_ORDERS)
-	$(PY) -m devstack.loadtest seed --write $(WRITE_ADDR) --users $(SEED_USERS) --products $(SEED_PRODUCTS) \
+	$(PY) -m perf loadtest seed --write $(WRITE_ADDR) --users $(SEED_USERS) --products $(SEED_PRODUCTS) \
 	  --orders $(SEED_ORDERS) --out $(SEED_FILE) $(SEED_ARGS)
 
 LOADTEST_MODE ?= read
@@ -121,25 +121,26 @@ loadtest: gen ## LOADTEST_MODE=read|write|lag against READ_ADDRS/WRITE_ADDR; res
 	  lag) target="--write $(WRITE_ADDR) --read $(READ_ADDRS)";; \
 	  *) echo "LOADTEST_MODE must be read, write or lag, not '$(LOADTEST_MODE)'" >&2; exit 2;; \
 	esac; \
-	set -x; $(PY) -m devstack.loadtest $(LOADTEST_MODE) $$target --duration $(LOADTEST_DURATION) $(LOADTEST_ARGS) \
+	set -x; $(PY) -m perf loadtest $(LOADTEST_MODE) $$target --duration $(LOADTEST_DURATION) $(LOADTEST_ARGS) \
 	  --json results/loadtest-$(LOADTEST_MODE).json --plot results/loadtest-$(LOADTEST_MODE).png
 
 BENCH_ARGS ?=
-bench: gen ## every figure beside a ceiling from the same run (~12 min); rewrites BENCHMARKS.md; BENCH_ARGS='--quick'
-	$(PY) -m devstack.bench $(BENCH_ARGS)
+bench: gen ## every figure beside its ceiling; rewrites BENCHMARKS.md; ~40 min on 2 cores, most of it the search rows at 1,000,000 users and orders (BENCH_ARGS='--search-sizes 100000': ~15 min)
+	$(PY) -m perf bench $(BENCH_ARGS)
 
-bench-smoke: gen ## the benchmarks at small sizes; fails only when a figure cannot be measured (~3 min)
-	$(PY) -m devstack.bench --quick --strict --no-markdown --json results/bench-quick.json
+bench-smoke: gen ## the benchmarks at small sizes; fails only when a figure cannot be measured (6-9 min on 2 busy cores)
+	$(PY) -m perf bench-smoke --json results/bench-quick.json
 
 bench-read: gen ## GetUser calls/s of one replica with 1 and with 2 worker processes, in one run; figures in results/read_rps.json
-	$(PY) -m devstack.measure_read_rps --json results/read_rps.json $(BENCH_ARGS)
+	$(PY) -m perf read --workers 1,2 --processes 4 --connections 4 --concurrency 256 \
+	  --json results/read_rps.json $(BENCH_ARGS)
 
 SAGA_ORDERS ?= 1000
 bench-saga: gen ## orders/s confirmed through the whole stack (provider at 0 latency); figures in results/saga.json
-	$(PY) -m devstack.measure_saga -n $(SAGA_ORDERS) --json results/saga.json $(BENCH_ARGS)
+	$(PY) -m perf saga -n $(SAGA_ORDERS) --json results/saga.json $(BENCH_ARGS)
 
 bench-lease: gen ## applying-lease takeover time after kill -9 of the holder (median of 5); results/lease.json
-	$(PY) -m devstack.measure_lease_takeover --rounds 5 --json results/lease.json
+	$(PY) -m perf lease --rounds 5 --json results/lease.json
 
 REBUILD_ARGS ?= --all
 rebuild: gen ## blue/green rebuild of the read views from the event log (REBUILD_ARGS: --projection NAME or --all)
@@ -147,11 +148,11 @@ rebuild: gen ## blue/green rebuild of the read views from the event log (REBUILD
 
 REBUILD_EVENTS ?= 100000
 bench-rebuild: gen ## rebuild throughput (events/s) over REBUILD_EVENTS user events; figures in results/rebuild.json
-	$(PY) -m devstack.measure_rebuild -n $(REBUILD_EVENTS) --json results/rebuild.json
+	$(PY) -m perf rebuild -n $(REBUILD_EVENTS) --json results/rebuild.json
 
 LOSS_USERS ?= 10000
 bench-redis-loss: gen ## time from a Redis restart (views lost) to SERVING for LOSS_USERS users; results/redis_loss.json
-	$(PY) -m devstack.measure_redis_loss -n $(LOSS_USERS) --json results/redis_loss.json
+	$(PY) -m perf redis-loss -n $(LOSS_USERS) --json results/redis_loss.json
 
 chaos: gen ## fault injection under load (kills, pauses, restarts, network faults; ~3 min); figures in results/chaos.json
 	TESSERA_CHAOS=1 GRPC_ENABLE_FORK_SUPPORT=false $(PY) -m pytest tests/chaos $(PYTEST_ARGS)

@@ -35,6 +35,7 @@ from devstack.servers import EmbeddedPostgres, EmbeddedRedis, ServerError
 from devstack.supervision import Supervision
 from devstack.supervisor import (
     ALL_SCOPES,
+    DEV_WRITE_WORKERS,
     REPO_ROOT,
     Cancelled,
     ProcessExited,
@@ -218,7 +219,7 @@ def _token_lines(stack: Stack) -> tuple[list[str], str]:
         f"A token with every scope ({', '.join(ALL_SCOPES)}), valid {DEV_TOKEN_TTL_S // 86400} days:",
         f"  export TOKEN={token}",
         "Mint others (e.g. read-only):",
-        f"  AUTH_SIGNING_KEY={key} {_display(Path(sys.executable))} -m shared_kernel.security.tokens \\",
+        f"  AUTH_SIGNING_KEY={key} {_display(Path(sys.executable))} -m shared_kernel.platform.security.tokens \\",
         "      mint --sub alice --scopes users:read --ttl 3600",
         "",
     ]
@@ -335,6 +336,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         env={
             "LOG_FORMAT": os.environ.get("LOG_FORMAT", "text"),
             "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
+            # The write service as a group of worker processes on one port (docs/scaling.md).
+            "WRITE_WORKERS": os.environ.get("WRITE_WORKERS", str(DEV_WRITE_WORKERS)),
         },
         startup_timeout=args.startup_timeout,
         stop_grace=args.stop_grace,

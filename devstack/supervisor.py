@@ -37,9 +37,9 @@ from devstack.servers import (
     log_tail,
     port_is_free,
 )
-from shared_kernel.healthcheck import check_serving
-from shared_kernel.security.tokens import TokenSigner
-from shared_kernel.settings import MIN_SIGNING_KEY_BYTES
+from shared_kernel.platform.healthcheck import check_serving
+from shared_kernel.platform.security.tokens import TokenSigner
+from shared_kernel.platform.settings import MIN_SIGNING_KEY_BYTES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -431,6 +431,10 @@ def terminate_all(processes: Iterable[ServiceProcess], grace: float) -> None:
 
 
 # --- the whole stack --------------------------------------------------------------------
+
+# Write service worker processes that `make up`, compose and `make bench` run (WRITE_WORKERS
+# overrides it); the service's own default is 1.
+DEV_WRITE_WORKERS = 2
 
 
 @dataclass

@@ -1,4 +1,4 @@
--- E-mail uniqueness by a key computed in the application (shared_kernel.identity.email_key),
+-- E-mail uniqueness by a key computed in the application (shared_kernel.contracts.identity.email_key),
 -- not by Postgres' lower(): under the C locale lower() folds only ASCII, so 'Àda@x' and
 -- 'àda@x' could both register while the read side treats them as one address.
 

@@ -19,10 +19,10 @@ from payment_provider.service import (
     Provider,
 )
 from payment_provider.settings import PaymentProviderSettings
-from shared_kernel.grpc_server import GrpcServer, wait_for_shutdown_signal
-from shared_kernel.logs import configure_logging
-from shared_kernel.runtime import run
-from shared_kernel.telemetry import configure_tracing
+from shared_kernel.platform.grpc_server import GrpcServer, wait_for_shutdown_signal
+from shared_kernel.platform.logs import configure_logging
+from shared_kernel.platform.runtime import run
+from shared_kernel.platform.telemetry import configure_tracing
 from tessera.payments.v1 import payment_provider_admin_pb2_grpc as admin_grpc
 from tessera.payments.v1 import payment_provider_pb2_grpc as pb_grpc
 

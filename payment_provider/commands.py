@@ -7,8 +7,8 @@ from typing import Annotated, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared_kernel.errors import FieldViolation, InvalidArgument, violations_from_pydantic
-from shared_kernel.validation import has_control_chars
+from shared_kernel.contracts.errors import FieldViolation, InvalidArgument, violations_from_pydantic
+from shared_kernel.contracts.validation import has_control_chars
 from tessera.payments.v1 import payment_provider_pb2 as pb
 
 REFERENCE_MAX = 100

@@ -12,8 +12,8 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from shared_kernel.errors import FieldViolation, InvalidArgument
-from shared_kernel.validation import has_control_chars
+from shared_kernel.contracts.errors import FieldViolation, InvalidArgument
+from shared_kernel.contracts.validation import has_control_chars
 from tessera.payments.v1 import payment_provider_admin_pb2 as admin_pb
 
 TimeoutEffectName = Literal["applied", "not_applied", "random"]

@@ -28,7 +28,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from payment_provider.commands import AuthorizeCommand, PaymentCommand
-from shared_kernel.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared_kernel.contracts.errors import FailedPrecondition, InvalidArgument, NotFound
 from tessera.common.v1 import money_pb2
 from tessera.payments.v1 import payment_provider_pb2 as pb
 

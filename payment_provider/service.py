@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from payment_provider.commands import AuthorizeCommand, PaymentCommand, PaymentQuery
 from payment_provider.faults import Fault, FaultInjector, config_from_proto, config_to_proto
 from payment_provider.ledger import Ledger, LedgerResult
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 from tessera.payments.v1 import payment_provider_admin_pb2 as admin_pb
 from tessera.payments.v1 import payment_provider_admin_pb2_grpc as admin_grpc
 from tessera.payments.v1 import payment_provider_pb2 as pb

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from shared_kernel.settings import CommonSettings, GrpcServerSettings
+from shared_kernel.platform.settings import CommonSettings, GrpcServerSettings
 
 DEFAULT_PORT = 50060
 TimeoutEffectName = Literal["applied", "not_applied", "random"]

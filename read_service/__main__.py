@@ -15,12 +15,12 @@ from read_service.eviction import EvictingRedis
 from read_service.projector_metrics import register_projector_metrics
 from read_service.settings import ReadServiceSettings
 from read_service.workers import GroupLink, ReplicaHeaderInterceptor, WorkerGroup
-from shared_kernel.grpc_server import wait_for_shutdown_signal
-from shared_kernel.logs import configure_logging
-from shared_kernel.metrics import configure_metrics
-from shared_kernel.runtime import run
-from shared_kernel.security.authn import AuthConfigurationError, authenticator_from_settings
-from shared_kernel.telemetry import configure_tracing
+from shared_kernel.platform.grpc_server import wait_for_shutdown_signal
+from shared_kernel.platform.logs import configure_logging
+from shared_kernel.platform.metrics import configure_metrics
+from shared_kernel.platform.runtime import run
+from shared_kernel.platform.security.authn import AuthConfigurationError, authenticator_from_settings
+from shared_kernel.platform.telemetry import configure_tracing
 
 logger = logging.getLogger("read_service")
 

@@ -53,8 +53,8 @@ from read_service.sequences import (
     served_keyspace,
 )
 from read_service.settings import ReadServiceSettings
-from shared_kernel.db import create_pool
-from shared_kernel.runtime import run
+from shared_kernel.platform.db import create_pool
+from shared_kernel.platform.runtime import run
 
 APPLICATION_NAME = "tessera-read-admin"
 

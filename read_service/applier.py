@@ -18,6 +18,7 @@ watch's replay of an event from the log (read_service.watch) all project through
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +30,9 @@ from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 if TYPE_CHECKING:
     from read_service.sequences import ParkedSequences
+
+# Events projected between two chances for the loop's other tasks to run.
+YIELD_EVERY = 200
 
 # The effect of an event the projection does not handle, or of a skipped one.
 NO_EFFECT = Effect()
@@ -73,7 +77,11 @@ async def project_run(
     projector opens its span there). `sequences`: park per aggregate rather than stop.
     """
     projected = Projected()
-    for envelope in run:
+    for count, envelope in enumerate(run, start=1):
+        if not count % YIELD_EVERY:
+            # A long run (a catch-up page) must not hold the loop: the applying lease is
+            # renewed, and queries answered, by other tasks of this loop.
+            await asyncio.sleep(0)
         if not handles(projection, envelope):
             effect = NO_EFFECT
         elif sequences is not None and sequences.holding(envelope):

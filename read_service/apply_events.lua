@@ -1,72 +1,61 @@
 -- Apply a batch of events to one projection's views, each only if it is the next one for them.
+-- Runs with ops.lua in front of it (read_service.view_store), which reads, checks and runs ops.
 --
 -- KEYS[1]   the projection's checkpoint key (a string holding the last applied position; missing = 0)
--- KEYS[2..] every key the ops write: the script touches no key it is not given here, so that a
+-- KEYS[2]   the key space's fingerprint (read_service.log_guard), beside the checkpoint
+-- KEYS[3..] every key the ops write: the script touches no key it is not given here, so that a
 --           call is Redis Cluster-safe when the keys share a hash tag (see read_service.keys)
--- ARGV      segments, three arguments each: first, last, ops
---           A segment stands for the events at positions first..last: those before `last` change
---           nothing but the checkpoint (events the projection does not handle), the event at
---           `last` runs the ops. `ops` is one binary string (packed in Python, where building one
---           string costs far less than passing each op argument on its own): each op is its
---           argument count, then each argument as its length and bytes (lengths are 4-byte
---           big-endian). An op's arguments are the command name, the index in KEYS of the one key
---           it writes, then the command's other arguments.
+-- ARGV[1]   the segments, packed in one string. A segment stands for the events at positions
+--           first..last: those before `last` change nothing but the checkpoint (events the
+--           projection does not handle), the event at `last` runs the ops. Each is: its op
+--           count, the lengths of `first` and `last` (4-byte big-endian each), their decimal
+--           digits, then its ops (as ops.lua reads them).
+-- ARGV[2]   optional: the position of a fingerprint to store after the segments, and
+-- ARGV[3]   the event id seen there. It is stored only for a position the checkpoint has
+--           reached, and never over a higher one, so that two writers sharing a key space leave
+--           the one a single writer would.
 --
 -- A segment is applied when the checkpoint c is in [first - 1, last - 1] (its events after c
 -- are the next ones), skipped as a duplicate when c >= last, and a gap (c < first - 1) stops
 -- the batch. Returns {checkpoint before, checkpoint after}.
-local allowed = {
-  SET = true, DEL = true, HSET = true, HDEL = true, HINCRBY = true,
-  ZADD = true, ZREM = true, SADD = true, SREM = true,
-}
-
-local function unpack_ops(blob)
-  local ops = {}
-  local pos = 1
-  local size = #blob
-  while pos <= size do
-    local n, len
-    n, pos = struct.unpack('>I4', blob, pos)
-    local op = {}
-    for k = 1, n do
-      len, pos = struct.unpack('>I4', blob, pos)
-      if pos + len - 1 > size then
-        return nil
-      end
-      op[k] = string.sub(blob, pos, pos + len - 1)
-      pos = pos + len
-    end
-    ops[#ops + 1] = op
-  end
-  return ops
-end
 
 -- Check every segment and op before running any: Redis does not roll a script back, so a
 -- malformed batch must be refused while nothing has been written yet.
-local segments = {}
-local previous = 0
-local i = 1
-while i <= #ARGV do
-  local first, last = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
-  if first == nil or last == nil or ARGV[i + 2] == nil or first < 1 or last < first or first <= previous then
-    return redis.error_reply('ERR malformed segment: positions must be positive and ascending')
-  end
-  previous = last
-  local ok, ops = pcall(unpack_ops, ARGV[i + 2])
-  if not ok or ops == nil then
-    return redis.error_reply('ERR malformed op list')
-  end
-  for _, op in ipairs(ops) do
-    if #op < 2 or not allowed[string.upper(op[1])] then
-      return redis.error_reply('ERR op not allowed: ' .. tostring(op[1]))
+local function unpack_segments(blob)
+  local segments = {}
+  local pos = 1
+  local previous = 0
+  while pos <= #blob do
+    local count, first_len, last_len
+    count, first_len, last_len, pos = struct.unpack('>I4I4I4', blob, pos)
+    local first = tonumber(string.sub(blob, pos, pos + first_len - 1))
+    pos = pos + first_len
+    local last_text = string.sub(blob, pos, pos + last_len - 1)
+    local last = tonumber(last_text)
+    pos = pos + last_len
+    if first == nil or last == nil or first < 1 or last < first or first <= previous then
+      return nil, 'ERR malformed segment: positions must be positive and ascending'
     end
-    local key = tonumber(op[2])
-    if key == nil or key < 2 or KEYS[key] == nil then
-      return redis.error_reply('ERR op names an undeclared key')
-    end
+    previous = last
+    local ops
+    ops, pos = unpack_ops(blob, pos, count)
+    segments[#segments + 1] = {first, last, last_text, ops}
   end
-  segments[#segments + 1] = {first, last, ARGV[i + 1], ops}
-  i = i + 3
+  return segments
+end
+
+local ok, segments, problem = pcall(unpack_segments, ARGV[1] or '')
+if not ok then
+  return redis.error_reply('ERR malformed op list')
+end
+if segments == nil then
+  return redis.error_reply(problem)
+end
+for _, segment in ipairs(segments) do
+  local refused = check_ops(segment[4], 3)
+  if refused then
+    return refused
+  end
 end
 
 local checkpoint = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -77,13 +66,20 @@ for _, segment in ipairs(segments) do
     break
   end
   if checkpoint < last then
-    for _, op in ipairs(segment[4]) do
-      redis.call(op[1], KEYS[tonumber(op[2])], unpack(op, 3))
-    end
+    run_ops(segment[4])
     -- Each segment moves the checkpoint itself, so that a MONITOR of Redis (the lease
     -- takeover test audits it) shows every event that writes views at its own position.
     redis.call('SET', KEYS[1], segment[3])
     checkpoint = last
+  end
+end
+
+local fingerprint = tonumber(ARGV[2] or '')
+if fingerprint ~= nil and checkpoint >= fingerprint then
+  local current = redis.call('GET', KEYS[2])
+  local stored = current and tonumber(string.match(current, '^(%d+):'))
+  if not (stored and stored > fingerprint) then
+    redis.call('SET', KEYS[2], ARGV[2] .. ':' .. ARGV[3])
   end
 end
 return {before, checkpoint}

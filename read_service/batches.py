@@ -24,7 +24,7 @@ from read_service.parking import Parking
 from read_service.projections.base import Op
 from read_service.sequences import ParkedSequences
 from read_service.view_store import Outcome, Segment, segments
-from shared_kernel.telemetry import context_from_envelope
+from shared_kernel.contracts.trace_context import context_from_envelope
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,40 @@ def consecutive_after(events: Sequence[EventEnvelope], base: int) -> list[EventE
     return run
 
 
+def sparse_segments(items: Sequence[tuple[int, Sequence[Op]]], first: int, through: int) -> list[Segment]:
+    """The segments of positions `first`..`through`, where only `items` (in order) may have ops.
+
+    Every position between the items is an event the projection does not handle (the log read
+    left it out): it rides along with the next item that writes, or with a trailing marker.
+    """
+    result: list[Segment] = []
+    start = first
+    for position, ops in items:
+        if ops:
+            result.append(Segment(start, position, ops))
+            start = position + 1
+    last = max(through, items[-1][0] if items else 0)
+    if start <= last:
+        result.append(Segment(start, last))
+    return result
+
+
+def _refused(moves: Sequence[tuple[int, int]], positions: Sequence[int]) -> int:
+    """How many of `positions` (ascending) the calls that made `moves` found applied already.
+
+    A position at or below the checkpoint a call started from was applied before it: by an
+    earlier write, or by another writer between two calls of this one.
+    """
+    refused = 0
+    call = 0
+    for position in positions:
+        while call + 1 < len(moves) and position > moves[call][1]:
+            call += 1
+        if position <= moves[call][0]:
+            refused += 1
+    return refused
+
+
 class BatchApplier:
     """Projects and writes runs of events for one projection; see the module docstring."""
 
@@ -50,28 +84,36 @@ class BatchApplier:
         self._parking = parking
         self._tracer = ctx.links.tracer or trace.get_tracer("tessera.read_service.projector")
 
-    async def apply(self, events: list[EventEnvelope], *, defer: bool = False) -> int:
+    async def apply(
+        self, events: list[EventEnvelope], *, defer: bool = False, covers: tuple[int, int] | None = None
+    ) -> int:
         """Apply a run of consecutive events in one script call; return the position seen after it.
 
         With `defer`, trailing events the projection does not handle are not written yet: they
-        become the pending marker (see the module docstring).
+        become the pending marker (see the module docstring). With `covers` (first, last),
+        `events` are every event the projection handles at positions first..last (the log read
+        left the others out): the checkpoint moves over the positions between them, and on to
+        `last`. The script finds a gap if the checkpoint is below first - 1.
         """
         ctx = self._ctx
         checkpoint, state, sequences = await self._read(events)
         base = max(checkpoint, ctx.pending)
-        run = consecutive_after(events, base)
-        if not run:
+        run = consecutive_after(events, base) if covers is None else [e for e in events if e.position > base]
+        if not run and (covers is None or covers[1] <= base):
             return base
-        ctx.fingerprint = Fingerprint(run[-1].position, run[-1].event_id)
+        if run:
+            ctx.fingerprint = Fingerprint(run[-1].position, run[-1].event_id)
         spans: dict[int, trace.Span] = {}
         try:
             items, poison, error = await self._project(run, state, spans, sequences)
-            write = len(items)
-            if defer and poison is None and items and items[-1][0] - checkpoint < ctx.options.batch_size:
-                while write and not items[write - 1][1]:
-                    write -= 1
-            if write:
-                await self._write(items[:write], run, spans, first=checkpoint + 1)
+            write = self._deferring(items, checkpoint) if defer and poison is None else len(items)
+            written = items[:write]
+            if covers is not None:
+                # Up to the event the projection stopped at, if any: it is parked right after.
+                end = covers[1] if poison is None else poison.position - 1
+                await self._write(sparse_segments(written, covers[0], end), written, run, spans)
+            else:
+                await self._write(segments(written, checkpoint + 1), written, run, spans)
             if write < len(items):
                 ctx.pending = items[-1][0]
                 ctx.pending_since = ctx.pending_since or time.monotonic()
@@ -89,6 +131,14 @@ class BatchApplier:
         if sequences is not None:
             self._parking.parked_sequences(sequences)
         return ctx.seen()
+
+    def _deferring(self, items: Sequence[tuple[int, Sequence[Op]]], checkpoint: int) -> int:
+        """How many of `items` to write now: trailing no-op events wait, unless the run reaches a batch."""
+        write = len(items)
+        if items and items[-1][0] - checkpoint < self._ctx.options.batch_size:
+            while write and not items[write - 1][1]:
+                write -= 1
+        return write
 
     async def _read(
         self, events: Sequence[EventEnvelope]
@@ -117,8 +167,9 @@ class BatchApplier:
         if pending <= ctx.checkpoint:
             return
         ctx.check_lease()
-        before, after = await ctx.store.write([Segment(ctx.checkpoint + 1, pending)], ctx.fingerprint)
-        self._count(before, after, [])
+        moves = await ctx.store.write_calls([Segment(ctx.checkpoint + 1, pending)], ctx.fingerprint)
+        after = moves[-1][1]
+        self._count(moves, [])
         await ctx.observe_checkpoint(after)
 
     def marker_due_in(self) -> float | None:
@@ -163,20 +214,22 @@ class BatchApplier:
 
     async def _write(
         self,
+        batch: Sequence[Segment],
         items: Sequence[tuple[int, Sequence[Op]]],
         run: Sequence[EventEnvelope],
         spans: Mapping[int, trace.Span],
-        *,
-        first: int,
     ) -> None:
-        """Write `items` (from position `first`, taking pending no-op events along) in one call; record it."""
+        """Write the segments of `items` in one call (or one pipeline of calls); record it."""
         ctx = self._ctx
+        if not batch:
+            return
         ctx.check_lease()
-        before, after = await ctx.store.write(segments(items, first), ctx.fingerprint)
+        moves = await ctx.store.write_calls(batch, ctx.fingerprint)
+        before, after = moves[0][0], moves[-1][1]
         if after >= ctx.pending:
             ctx.pending = 0
             ctx.pending_since = 0.0
-        self._count(before, after, [position for position, _ in items])
+        self._count(moves, [position for position, _ in items])
         for envelope in run:
             span = spans.get(envelope.position)
             if span is not None:
@@ -192,10 +245,12 @@ class BatchApplier:
                 ctx.counters.last_applied_envelope = envelope
         await ctx.observe_checkpoint(after)
 
-    def _count(self, before: int, after: int, positions: Sequence[int]) -> None:
+    def _count(self, moves: Sequence[tuple[int, int]], positions: Sequence[int]) -> None:
+        """Count what the calls of one write did; each moved the checkpoint from its first value to its second."""
         ctx = self._ctx
         counters = ctx.counters
-        duplicates = sum(1 for position in positions if position <= before)
+        before = moves[0][0]
+        duplicates = _refused(moves, positions)
         counters.duplicates += duplicates
         if duplicates and ctx.lease is not None:
             # Only another applier moves the checkpoint between our snapshot and our write:
@@ -203,15 +258,16 @@ class BatchApplier:
             logger.warning(
                 "duplicate apply refused up to position %s: another replica applied it",
                 before,
-                extra={"projection": ctx.name, "checkpoint": after},
+                extra={"projection": ctx.name, "checkpoint": moves[-1][1]},
             )
-        if after > before:
-            counters.applied += after - before
-            counters.last_applied_at = datetime.now(UTC)
-            on_applied = ctx.links.on_applied
-            if on_applied is not None:
-                for position in range(before + 1, after + 1):
-                    on_applied(position)
+        for first, last in moves:
+            if last > first:
+                counters.applied += last - first
+                counters.last_applied_at = datetime.now(UTC)
+                on_applied = ctx.links.on_applied
+                if on_applied is not None:
+                    for position in range(first + 1, last + 1):
+                        on_applied(position)
 
     def _span_attributes(self, envelope: EventEnvelope) -> dict[str, str | int]:
         return {

@@ -36,17 +36,17 @@ from read_service.views.catalog import ProductViews
 from read_service.views.orders import OrderViews
 from read_service.views.users import UserViews
 from read_service.watch import ChangeFeed, WatchLimiter, attach_feed, customer_orders, resume_at
-from shared_kernel.db import create_pool
-from shared_kernel.grpc_server import GrpcServer
-from shared_kernel.redis_client import warm_up
-from shared_kernel.security.authn import Authenticator
+from shared_kernel.platform.db import create_pool
+from shared_kernel.platform.grpc_server import GrpcServer
+from shared_kernel.platform.redis_client import warm_up
+from shared_kernel.platform.security.authn import Authenticator
 
 logger = logging.getLogger(__name__)
 
 APPLICATION_NAME = "tessera-read-service"
 # Redis connections one process opens at most; more concurrent commands wait for one.
 REDIS_MAX_CONNECTIONS = 200
-# Opened at start (shared_kernel.redis_client.warm_up): the projectors' pub/sub and apply
+# Opened at start (shared_kernel.platform.redis_client.warm_up): the projectors' pub/sub and apply
 # connections and a first burst of queries then find a connection ready.
 REDIS_WARM_CONNECTIONS = 16
 

@@ -17,8 +17,9 @@ import time
 from read_service.batches import BatchApplier
 from read_service.context import ProjectionContext, ProjectorState
 from read_service.rewind import RewindGuard
-from shared_kernel.event_log import head_position, read_positioned
-from shared_kernel.runtime import cancel_and_wait
+from shared_kernel.contracts.event_log import ENVELOPE_COLUMNS, envelope_from_row, head_position, read_positioned
+from shared_kernel.platform.runtime import cancel_and_wait
+from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 logger = logging.getLogger(__name__)
 
@@ -78,19 +79,23 @@ class CatchUp:
             await ctx.observe_checkpoint(checkpoint)
             head = max(await head_position(ctx.pool), target)
             ctx.counters.head = max(ctx.counters.head, head)
-            while checkpoint < head:
-                events = await read_positioned(ctx.pool, checkpoint, ctx.options.batch_size, up_to=head)
-                if not events:
-                    break
-                await guard
-                advanced = await self._batches.apply(events)
-                if ctx.is_parked():
-                    break
-                if advanced == checkpoint:
-                    # The log has a hole right after the checkpoint (a position not committed
-                    # yet); retry below rather than spin on the same read.
-                    break
-                checkpoint = advanced
+            pages = _Pages(ctx, checkpoint, head)
+            try:
+                while checkpoint < head:
+                    events, covers = await pages.next()
+                    if not events and covers is None:
+                        break
+                    await guard
+                    advanced = await self._batches.apply(events, covers=covers)
+                    if ctx.is_parked():
+                        break
+                    if advanced == checkpoint:
+                        # The log has a hole right after the checkpoint (a position not committed
+                        # yet); retry below rather than spin on the same read.
+                        break
+                    checkpoint = advanced
+            finally:
+                await pages.close()
             if checkpoint >= target or ctx.is_parked():
                 return
             # A live event may be ahead of what the log shows: the relay publishes right
@@ -105,3 +110,62 @@ class CatchUp:
                 )
                 return
             await asyncio.sleep(0.05)
+
+
+class _Pages:
+    """The log from a checkpoint to a head, page by page, the next page read while one is applied.
+
+    While the projection is not ready (starting, or rebuilding a lost Redis), nobody reads its
+    change feed's effects for events it does not handle, and positions up to the head have no
+    holes (the relay positions rows and moves the head in one transaction): each page then holds
+    only the events of the types the projection handles (and the event at the head), and says
+    which positions it covers, so that the checkpoint moves over the rest without reading them.
+    Otherwise a page is every event, up to the first hole (covering None).
+    """
+
+    def __init__(self, ctx: ProjectionContext, checkpoint: int, head: int) -> None:
+        self._ctx = ctx
+        self._head = head
+        batch = ctx.options.batch_size
+        self._size = max(ctx.options.catch_up_page, batch) if head - checkpoint > batch else batch
+        handled: frozenset[str] | None = getattr(ctx.projection, "handles", None)
+        self._types = None if ctx.published.ready or handled is None else sorted(handled)
+        self._after = checkpoint
+        self._ahead: asyncio.Task[tuple[list[EventEnvelope], tuple[int, int] | None]] | None = None
+
+    async def next(self) -> tuple[list[EventEnvelope], tuple[int, int] | None]:
+        """The next page and the positions (first, last) it covers (None: its events, up to a hole)."""
+        ahead, self._ahead = self._ahead, None
+        events, covers = await (ahead if ahead is not None else self._read(self._after))
+        reached = covers[1] if covers is not None else events[-1].position if events else self._after
+        self._after = reached
+        if events and reached < self._head:
+            # Postgres reads the next page while this one is projected and written.
+            self._ahead = asyncio.create_task(self._read(reached))
+        return events, covers
+
+    async def close(self) -> None:
+        """Drop a page read ahead and not used."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            await cancel_and_wait([ahead])
+            if not ahead.cancelled() and ahead.exception() is not None:
+                logger.debug("a page read ahead failed: %s", ahead.exception())
+
+    async def _read(self, after: int) -> tuple[list[EventEnvelope], tuple[int, int] | None]:
+        ctx = self._ctx
+        if self._types is None:
+            return await read_positioned(ctx.pool, after, self._size, up_to=self._head), None
+        rows = await ctx.pool.fetch(_HANDLED, after, self._head, self._types, self._size)
+        events = [envelope_from_row(row) for row in rows]
+        # A full page reaches its last event; a short one reaches the head, and holds the event
+        # there whatever its type: the fingerprint stored with the write (read_service.log_guard)
+        # is the event at the position the checkpoint reaches, as on every other path.
+        return events, (after + 1, events[-1].position if len(events) == self._size else self._head)
+
+
+_HANDLED = (
+    f"SELECT {ENVELOPE_COLUMNS} FROM outbox "  # noqa: S608 - fixed columns, bound values
+    "WHERE position > $1 AND position <= $2 AND (event_type = ANY($3::text[]) OR position = $2) "
+    "ORDER BY position LIMIT $4"
+)

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from shared_kernel import errors
-from shared_kernel.consistency import FIELD, ConsistencyToken, decode_token
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.consistency import FIELD, ConsistencyToken, decode_token
 
 USER_AGGREGATE = "user"
 PRODUCT_AGGREGATE = "product"

@@ -78,6 +78,9 @@ class ProjectorOptions:
 
     channel_prefix: str
     batch_size: int = 1000
+    # Events per log read of a catch-up far behind the head (a start, a lost Redis): fewer,
+    # larger reads and script calls.
+    catch_up_page: int = 5000
     buffer_limit: int = 10_000
     backoff_initial_s: float = 0.1
     backoff_max_s: float = 5.0

@@ -28,9 +28,9 @@ import redis.exceptions
 from google.protobuf.message import DecodeError
 from redis.asyncio.client import PubSub
 
-from shared_kernel.backoff import Backoff
-from shared_kernel.event_log import events_channel, head_channel
-from shared_kernel.runtime import cancel_and_wait
+from shared_kernel.contracts.event_log import events_channel, head_channel
+from shared_kernel.platform.backoff import Backoff
+from shared_kernel.platform.runtime import cancel_and_wait
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 
 logger = logging.getLogger(__name__)

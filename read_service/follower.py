@@ -27,7 +27,7 @@ from redis.asyncio.client import PubSub
 from read_service.generations import ParkedEvent
 from read_service.lease import ApplyingLease, applied_channel
 from read_service.published import PublishedState
-from shared_kernel.event_log import head_position
+from shared_kernel.contracts.event_log import head_position
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from read_service.sequences import (
     sequences_key,
 )
 from read_service.watch import written_keys
-from shared_kernel.event_log import read_positioned
+from shared_kernel.contracts.event_log import read_positioned
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 if TYPE_CHECKING:

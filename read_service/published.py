@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 
 from read_service.generations import ParkedEvent
 from read_service.view_store import CheckpointReader, ViewStore
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 
 logger = logging.getLogger(__name__)
 

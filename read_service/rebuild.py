@@ -33,7 +33,7 @@ from read_service.projections.catalog import CatalogProjection
 from read_service.projections.orders import OrdersProjection
 from read_service.projections.users import UsersProjection
 from read_service.sequences import ParkedSequences, sequences_key
-from shared_kernel.event_log import ENVELOPE_COLUMNS, envelope_from_row, head_position
+from shared_kernel.contracts.event_log import ENVELOPE_COLUMNS, envelope_from_row, head_position
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 DEFAULT_BATCH_SIZE = 5000

@@ -40,8 +40,8 @@ from read_service.published import PublishedState
 from read_service.session import Session
 from read_service.status import ProjectorStatus, snapshot
 from read_service.view_store import CheckpointReader
-from shared_kernel.backoff import Backoff
-from shared_kernel.runtime import cancel_and_wait
+from shared_kernel.platform.backoff import Backoff
+from shared_kernel.platform.runtime import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Projector:
         """Stop the projector and wait for it; safe to call more than once, or before start()."""
         task = self._task
         if task is not None and not task.done():
-            # A cancellation can be lost on Python 3.11 (see shared_kernel.runtime.cancel_and_wait),
+            # A cancellation can be lost on Python 3.11 (see shared_kernel.platform.runtime.cancel_and_wait),
             # so it is repeated; the caller's own cancellation still propagates from the wait.
             await cancel_and_wait([task], wait_s=0.5, attempts=20)
         await self._keyspace.close()

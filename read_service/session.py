@@ -24,7 +24,7 @@ from read_service.keyspace import KeySpace
 from read_service.parking import Parking
 from read_service.probe import Probe
 from read_service.rewind import RewindGuard
-from shared_kernel.runtime import cancel_and_wait
+from shared_kernel.platform.runtime import cancel_and_wait
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 from read_service.context import ParkingMode
 from read_service.lease import ApplyMode
-from shared_kernel.settings import CommonSettings, DatabaseSettings, GrpcServerSettings, RedisSettings
+from shared_kernel.platform.settings import CommonSettings, DatabaseSettings, GrpcServerSettings, RedisSettings
 
 # Used only when PAGE_TOKEN_SECRET is unset, so a development stack works out of the box.
 # It is public, so anyone can forge page tokens where it is in use; bootstrap warns loudly.
@@ -40,7 +40,11 @@ class ReadServiceSettings(CommonSettings, DatabaseSettings, RedisSettings, GrpcS
         "Unset: a public development key is used and a warning is logged.",
     )
     catchup_batch_size: int = Field(
-        default=1000, ge=1, le=100_000, description="Events read from the event log and applied per batch."
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Events read from the event log and applied per batch "
+        "(a catch-up far behind the head reads pages of 5,000).",
     )
     list_page_size_default: int = Field(
         default=20, ge=1, le=1000, description="Page size of every list query when the request says 0."

@@ -1,8 +1,9 @@
 """Checkpointed writes to a Redis read model: the only code that writes views and checkpoints.
 
-Every write goes through one Lua script (apply_events.lua), loaded once and called by
-EVALSHA, that compares each event's position with the checkpoint, runs the event's ops and
-advances the checkpoint in one atomic step. A batch of events is one call: the events a
+Every write goes through one Lua script (apply_events.lua, with ops.lua in front), loaded once
+and called by EVALSHA, that compares each event's position with the checkpoint, runs the event's
+ops, advances the checkpoint and stores the log fingerprint in one atomic step. A call's
+segments and ops travel packed in one argument. A batch of events is one call: the events a
 projection does not handle ride along as the start of the next segment (or as a trailing
 marker), so they cost no call of their own. The script is given every key it writes in
 KEYS. Reads of the prior state a projection needs are taken together with the checkpoint in
@@ -25,14 +26,22 @@ import redis.exceptions
 from read_service.log_guard import Fingerprint, fingerprint_key
 from read_service.near_cache import NearCache, ObservedCheckpoint
 from read_service.projections.base import Op
+from read_service.read_pipeline import pack_evalsha, read_pipeline
 from read_service.views.wire import view_bytes, view_field
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_SCRIPT = resources.files("read_service").joinpath("apply_events.lua").read_text(encoding="utf-8")
-_SETTLE_SCRIPT = resources.files("read_service").joinpath("settle_parked.lua").read_text(encoding="utf-8")
+
+def _script(name: str) -> str:
+    # Each script runs with ops.lua in front: one text reads, checks and runs ops for both.
+    files = resources.files("read_service")
+    return files.joinpath("ops.lua").read_text(encoding="utf-8") + files.joinpath(name).read_text(encoding="utf-8")
+
+
+_SCRIPT = _script("apply_events.lua")
+_SETTLE_SCRIPT = _script("settle_parked.lua")
 
 
 class Outcome(enum.IntEnum):
@@ -85,7 +94,7 @@ def segments(events: Sequence[tuple[int, Sequence[Op]]], first: int | None = Non
     return result
 
 
-_U32 = struct.Struct(">I").pack
+_SEGMENT_HEAD = struct.Struct(">III").pack
 
 
 def _item(value: str | bytes | int | float) -> bytes:
@@ -97,64 +106,105 @@ def _item(value: str | bytes | int | float) -> bytes:
 
 
 # Bytes of op arguments (packed) beyond which a batch is split into several script calls, sent
-# in one pipeline: one call stays short for Redis (a long script holds every other client up)
-# and its MONITOR line stays readable by line-based tools.
-CALL_BYTES = 8_000
+# in one pipeline: one call stays short for Redis (a long script holds every other client up;
+# 32 kB is about 20 user registrations, a millisecond or two) and its MONITOR line stays
+# readable. At 8 kB a catch-up page of registrations took four times as many calls, and the
+# driver's work per call was a third of the replica's share of writing it.
+CALL_BYTES = 32_000
+
+# The script's KEYS and ARGV for one call.
+Call = tuple[list[str], list[str | bytes | int]]
 
 
-def encode(checkpoint_key: str, batch: Sequence[Segment]) -> tuple[list[str], list[str | bytes | int]]:
+def encode(checkpoint_key: str, batch: Sequence[Segment], fingerprint: Fingerprint | None = None) -> Call:
     """The script's KEYS and ARGV for `batch` in one call (see apply_events.lua)."""
-    ((keys, argv),) = encode_calls(checkpoint_key, batch, limit=None)
+    ((keys, argv),) = encode_calls(checkpoint_key, batch, limit=None, fingerprint=fingerprint)
     return keys, argv
 
 
-# An op's packed start (its length and its command) by (length, command): a handful of
-# distinct values, packed once per process instead of once per op.
+# An op's packed start (its argument count, then its command's length and bytes) by (argument
+# count, command): a handful of distinct values, packed once per process instead of once per op.
 _HEADS: dict[tuple[int, str | bytes | int | float], bytes] = {}
 
 
-def encode_calls(
-    checkpoint_key: str, batch: Sequence[Segment], limit: int | None = CALL_BYTES
-) -> list[tuple[list[str], list[str | bytes | int]]]:
-    """KEYS and ARGV of each script call for `batch`: each segment's ops packed in one string.
+def _pack_ops(
+    ops: Sequence[Op], keys: list[str], slots: dict[str | bytes | int | float, bytes], parts: list[bytes]
+) -> None:
+    """Append `ops` packed (see ops.lua) to `parts`, adding each key not in `slots` to `keys`."""
+    append = parts.append
+    for op in ops:
+        key = op[1]
+        slot = slots.get(key)
+        if slot is None:
+            keys.append(key.decode() if isinstance(key, bytes) else str(key))
+            digits = str(len(keys)).encode()
+            # The key's index in KEYS, already packed (length and digits) as the op's second argument.
+            slot = slots[key] = _U32(len(digits)) + digits
+        head = _HEADS.get((len(op), op[0]))
+        if head is None:
+            command = _item(op[0])
+            head = _HEADS[(len(op), op[0])] = _U32(len(op)) + _U32(len(command)) + command
+        append(head)
+        append(slot)
+        for value in op[2:]:
+            data = value if type(value) is bytes else value.encode() if type(value) is str else _item(value)
+            append(_U32(len(data)))
+            append(data)
 
-    A new call starts at a segment boundary once the packed ops of the current one pass `limit`.
-    """
-    calls: list[tuple[list[str], list[str | bytes | int]]] = []
-    keys: list[str] = []
-    # Each key's index in KEYS, already packed (length and digits) as the op's second argument.
+
+_U32 = struct.Struct(">I").pack
+
+
+def pack_ops(keys: list[str], ops: Sequence[Op]) -> bytes:
+    """`ops` packed in one string (see ops.lua), their keys added to `keys` (indexes count from 1)."""
     slots: dict[str | bytes | int | float, bytes] = {}
-    argv: list[str | bytes | int] = []
+    for index, key in enumerate(keys, start=1):
+        digits = str(index).encode()
+        slots[key] = _U32(len(digits)) + digits
+    parts: list[bytes] = []
+    _pack_ops(ops, keys, slots, parts)
+    return b"".join(parts)
+
+
+def encode_calls(
+    checkpoint_key: str,
+    batch: Sequence[Segment],
+    limit: int | None = CALL_BYTES,
+    fingerprint: Fingerprint | None = None,
+) -> list[Call]:
+    """KEYS and ARGV of each script call for `batch`: every segment of a call packed in one string.
+
+    A new call starts at a segment boundary once the packed ops of the current one pass
+    `limit`. The `fingerprint`, if any, goes with the last call (it is stored after its segments).
+    """
+    calls: list[tuple[list[str], list[bytes]]] = []
+    fingerprint_at = fingerprint_key(checkpoint_key)
+    keys: list[str] = []
+    # Each key's index in KEYS as the digits the op carries.
+    slots: dict[str | bytes | int | float, bytes] = {}
+    parts: list[bytes] = []
     size = 0
     for segment in batch:
-        if not argv or (limit is not None and size > limit):
-            keys, slots, argv, size = [checkpoint_key], {}, [], 0
-            calls.append((keys, argv))
-        parts: list[bytes] = []
-        append = parts.append
-        for op in segment.ops:
-            key = op[1]
-            slot = slots.get(key)
-            if slot is None:
-                keys.append(key.decode() if isinstance(key, bytes) else str(key))
-                digits = str(len(keys)).encode()
-                slot = slots[key] = _U32(len(digits)) + digits
-            head = _HEADS.get((len(op), op[0]))
-            if head is None:
-                command = _item(op[0])
-                head = _HEADS[(len(op), op[0])] = _U32(len(op)) + _U32(len(command)) + command
-            append(head)
-            append(slot)
-            for value in op[2:]:
-                data = value if type(value) is bytes else value.encode() if type(value) is str else _item(value)
-                append(_U32(len(data)))
-                append(data)
-        blob = b"".join(parts)
+        if not calls or (limit is not None and size > limit):
+            if calls:
+                calls[-1][1].append(b"".join(parts))
+            keys, slots, parts, size = [checkpoint_key, fingerprint_at], {}, [], 0
+            calls.append((keys, []))
+        first, last = str(segment.first).encode(), str(segment.last).encode()
+        ops: list[bytes] = []
+        _pack_ops(segment.ops, keys, slots, ops)
+        blob = b"".join(ops)
         size += len(blob)
-        argv.append(segment.first)
-        argv.append(segment.last)
-        argv.append(blob)
-    return calls
+        parts += (_SEGMENT_HEAD(len(segment.ops), len(first), len(last)), first, last, blob)
+    result: list[Call] = []
+    for index, (keys, argv) in enumerate(calls):
+        if index == len(calls) - 1:
+            argv.append(b"".join(parts))
+        args: list[str | bytes | int] = list(argv)
+        if fingerprint is not None and index == len(calls) - 1:
+            args += [fingerprint.position, fingerprint.event_id]
+        result.append((keys, args))
+    return result
 
 
 def results(positions: Sequence[int], before: int, after: int) -> list[ApplyResult]:
@@ -216,9 +266,10 @@ class ViewStore:
 
     async def settle(self, checkpoint: int, parked_key: str, field: str, record: bytes, ops: Sequence[Op]) -> bool:
         """Run `ops` (which write `parked_key`) if the checkpoint and the record are still as read; True if run."""
-        keys, argv = encode(self._checkpoint_key, [Segment(1, 1, ops)])
+        keys = [self._checkpoint_key]
+        packed = pack_ops(keys, ops)
         raw = await self._client.eval(
-            _SETTLE_SCRIPT, len(keys), *keys, checkpoint, keys.index(parked_key) + 1, field, record, argv[2]
+            _SETTLE_SCRIPT, len(keys), *keys, checkpoint, keys.index(parked_key) + 1, field, record, packed
         )
         return bool(raw)
 
@@ -242,69 +293,49 @@ class ViewStore:
     async def write(self, batch: Sequence[Segment], fingerprint: Fingerprint | None = None) -> tuple[int, int]:
         """Run the apply script on `batch` (one call, or several in one pipeline); the checkpoint before and after.
 
-        `fingerprint` (an event the writer saw, see read_service.log_guard) is stored in the
-        same round trip, after the script.
+        `fingerprint` (an event the writer saw, see read_service.log_guard) is stored by the
+        same script call, after the segments.
         """
-        calls = encode_calls(self._checkpoint_key, batch)
+        moves = await self.write_calls(batch, fingerprint)
+        # Each call starts where the one before it left the checkpoint (a gap leaves it as it is).
+        return moves[0][0], moves[-1][1]
+
+    async def write_calls(
+        self, batch: Sequence[Segment], fingerprint: Fingerprint | None = None
+    ) -> list[tuple[int, int]]:
+        """As write(), but the checkpoint before and after each call of the pipeline.
+
+        Another writer of the key space may run between two calls: the positions this writer
+        applied are those of each call's own move, not everything from the first to the last.
+        """
+        calls = encode_calls(self._checkpoint_key, batch, fingerprint=fingerprint)
         try:
-            raw = await self._call(calls, fingerprint)
+            raw = await self._call(calls)
         except redis.exceptions.NoScriptError:
             # Redis restarted (or SCRIPT FLUSH ran) since the script was loaded. Re-running
             # the whole batch is safe: events already applied come back as duplicates.
             logger.info("apply script missing from Redis's cache; loading it again")
             await self.load_script()
-            raw = await self._call(calls, fingerprint)
-        # Each call starts where the one before it left the checkpoint (a gap leaves it as it is).
-        return int(raw[0][0]), int(raw[-1][1])
+            raw = await self._call(calls)
+        return [(int(before), int(after)) for before, after in raw]
 
     async def fingerprint(self) -> Fingerprint | None:
         """The fingerprint stored with the last write (None before the first)."""
         return Fingerprint.decode(await self._client.get(fingerprint_key(self._checkpoint_key)))
 
-    async def _call(
-        self, calls: list[tuple[list[str], list[str | bytes | int]]], fingerprint: Fingerprint | None
-    ) -> list[Any]:
+    async def _call(self, calls: list[Call]) -> list[Any]:
         if self._sha is None:
             await self.load_script()
         sha = self._sha
         assert sha is not None
-        if len(calls) == 1 and fingerprint is None:
+        if len(calls) == 1:
             keys, argv = calls[0]
             return [await self._client.evalsha(sha, len(keys), *keys, *argv)]
         async with self._client.pipeline(transaction=False) as pipe:
             for keys, argv in calls:
                 pipe.evalsha(sha, len(keys), *keys, *argv)
-            if fingerprint is not None:
-                pipe.eval(
-                    _FINGERPRINT_SCRIPT,
-                    2,
-                    fingerprint_key(self._checkpoint_key),
-                    self._checkpoint_key,
-                    fingerprint.position,
-                    fingerprint.event_id,
-                )
-            replies = list(await pipe.execute())
-        return replies[: len(calls)]
+            return list(await pipe.execute())
 
-
-# Stores a fingerprint (read_service.log_guard) after the apply script: only for a position
-# the checkpoint has reached, and never below the one stored, so that two writers sharing a
-# key space leave the same fingerprint one writer would. KEYS: fingerprint, checkpoint.
-_FINGERPRINT_SCRIPT = """
-local position = tonumber(ARGV[1])
-if tonumber(redis.call('GET', KEYS[2]) or '0') < position then
-  return 0
-end
-local current = redis.call('GET', KEYS[1])
-if current then
-  local stored = tonumber(string.match(current, '^(%d+):'))
-  if stored and stored > position then
-    return 0
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2])
-return 1
-"""
 
 # Reads what one single-view query needs in one command: KEYS[1] the checkpoint, KEYS[2] the
 # view, any further KEYS hashes the view merges (a user's spending). Redis runs a script
@@ -340,6 +371,8 @@ class ViewReader:
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
         self._sha: str | None = None
+        # Sent with the other queries' reads of the moment, on one connection (read_service.read_pipeline).
+        self._pipeline = read_pipeline(client)
 
     async def read(self, checkpoint_key: str, view_key: str, *hash_keys: str) -> ViewRead:
         """The checkpoint, the view and the hashes, read atomically."""
@@ -347,11 +380,11 @@ class ViewReader:
         try:
             if self._sha is None:
                 self._sha = await self._client.script_load(_READ_VIEW_SCRIPT)
-            raw = await self._client.evalsha(self._sha, len(keys), *keys)
+            raw = await self._pipeline.execute(pack_evalsha(self._sha, keys))
         except redis.exceptions.NoScriptError:
             # Redis restarted (or SCRIPT FLUSH ran) since the script was loaded.
             self._sha = await self._client.script_load(_READ_VIEW_SCRIPT)
-            raw = await self._client.evalsha(self._sha, len(keys), *keys)
+            raw = await self._pipeline.execute(pack_evalsha(self._sha, keys))
         checkpoint, exists, view, *hashes = raw
         return ViewRead(
             checkpoint,

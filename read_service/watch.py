@@ -55,8 +55,8 @@ from read_service.keys import OrderKeys, member_id
 from read_service.near_cache import NearCache, log_stats
 from read_service.projections.base import Effect, Op, Projection
 from read_service.sequences import sequence_of
-from shared_kernel import errors
-from shared_kernel.event_log import first_positions, head_position, read_positioned
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.event_log import first_positions, head_position, read_positioned
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tessera.orders.v1.order_query_service_pb2 import OrderView
 

@@ -1,22 +1,9 @@
 """Several worker processes behind one port: `READ_WORKERS=N python -m read_service`.
 
-The parent binds no listening socket. It reserves the port (a bound, never listening socket
-with SO_REUSEPORT, which also settles port 0 before any worker starts), then runs N children,
-each a complete read service (`python -m read_service` with READ_WORKERS=1) listening on that
-port with SO_REUSEPORT; the kernel spreads new connections over the listening workers.
-
-Each child gets one end of a Unix socket pair (READ_WORKER_CONTROL_FD):
-
-- the worker writes `ready 1` / `ready 0` when its projector's readiness changes;
-- the parent writes `group 1` / `group 0`: whether every worker of the group is alive and ready;
-- end of file tells the worker that the parent is gone, and the worker shuts down gracefully.
-
-A worker reports SERVING only while it is ready AND the whole group is, so whichever worker a
-health probe reaches, it sees the group's state. SIGTERM or SIGINT to the parent stops every
-worker (each drains its calls within GRPC_SHUTDOWN_GRACE_S); the parent exits 0 when all of them
-exited 0. A worker that dies is started again after a pause that doubles up to
-READ_WORKER_RESTART_MAX_BACKOFF_S; READ_WORKER_MAX_CRASHES crashes in a row without becoming ready
-in between make the whole group stop and exit 1, so the orchestrator sees a real failure.
+The group itself (the parent reserving the port, the workers listening on it with
+SO_REUSEPORT, the control socket between them, restarts and shutdown) is
+`shared_kernel.platform.worker_group`; each read worker is a complete read service, and the group is
+SERVING only when every worker's projector is ready.
 
 Every reply names the process that served it in the `x-tessera-replica` header:
 `<READ_REPLICA_ID>/<pid>`; a query's unary reply carries it as trailing metadata (it travels
@@ -25,39 +12,24 @@ with the status, at no extra cost), a health check or a stream as initial metada
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
-import logging
 import os
-import signal
-import socket
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from read_service.settings import ReadServiceSettings
-from shared_kernel.backoff import Backoff
-from shared_kernel.grpc_server import GrpcServer
-
-logger = logging.getLogger(__name__)
+from shared_kernel.platform import worker_group
+from shared_kernel.platform.interceptors import Handler, HandlerInterceptor, rewrap
+from shared_kernel.platform.worker_group import STOP_MARGIN_S, GroupLink, PortInUse, reserve_port
 
 REPLICA_HEADER = "x-tessera-replica"
-# Time the parent gives its workers beyond their own drain period before it kills them.
-STOP_MARGIN_S = 3.0
-RESTART_INITIAL_BACKOFF_S = 0.5
-# A worker that stays up this long after a crash has its restart pause reset to the initial one.
-STABLE_UPTIME_S = 30.0
 
 # Unary methods whose replies carry the replica header as initial metadata (the rest: as a trailer).
 _HEADER_METHODS = ("/grpc.health.",)
-
-_READY = b"ready"
-_GROUP = b"group"
 
 
 # --- the response header --------------------------------------------------------------
@@ -91,7 +63,7 @@ class _HeaderContext:
         return getattr(self._context, name)
 
 
-class ReplicaHeaderInterceptor(grpc.aio.ServerInterceptor):
+class ReplicaHeaderInterceptor(HandlerInterceptor):
     """Adds `x-tessera-replica: <replica id>/<pid>` to every reply.
 
     Unary query calls carry it in their trailing metadata, failed calls too (the error mapping
@@ -108,46 +80,26 @@ class ReplicaHeaderInterceptor(grpc.aio.ServerInterceptor):
     so its messages go straight to the caller without a generator in between.
     """
 
+    reuse_unary = True
+
     def __init__(self, replica_id: str, pid: int | None = None) -> None:
+        super().__init__()
         self.value = f"{replica_id}/{pid if pid is not None else os.getpid()}"
         self._header = (REPLICA_HEADER, self.value)
         self._trailer = (self._header,)
         # Taken over by the server's call wrapper (GrpcServer), which then sets it on unary calls.
         self.unary_trailing_metadata: tuple[tuple[str, str], ...] = self._trailer
         self.trailer_taken_over = False
-        # method -> (the unary handler resolved for it, its wrapped version): built once, not per call.
-        self._unary_handlers: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         """Wrap unary-unary and unary-stream handlers."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         if handler.unary_unary is not None:
-            method = handler_call_details.method
-            cached = self._unary_handlers.get(method)
-            if cached is not None and cached[0] is handler:
-                return cached[1]
-            in_header = method.startswith(_HEADER_METHODS)
+            in_header = details.method.startswith(_HEADER_METHODS)
             if not in_header and self.trailer_taken_over:
                 return handler
-            wrapped = grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary) if in_header else self._trailing(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-            self._unary_handlers[method] = (handler, wrapped)
-            return wrapped
+            return rewrap(handler, lambda inner, _kind: self._unary(inner) if in_header else self._trailing(inner))
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return rewrap(handler, lambda inner, _kind: self._stream(inner))
         return handler
 
     def _trailing(self, inner: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
@@ -199,329 +151,38 @@ class ReplicaHeaderInterceptor(grpc.aio.ServerInterceptor):
         return stream
 
 
-# --- the worker's side ----------------------------------------------------------------
+# --- the group -------------------------------------------------------------------------
 
 
-class GroupLink:
-    """A worker's end of the control socket: reports its readiness, learns the group's."""
-
-    def __init__(self, fd: int, index: int) -> None:
-        self.index = index
-        self._sock = socket.socket(fileno=fd)
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._server: GrpcServer | None = None
-        self._ready = False
-        self._group_serving = False
-        self.parent_gone: asyncio.Future[None] | None = None
-
-    async def open(self) -> None:
-        """Start listening to the parent."""
-        reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
-        self.parent_gone = asyncio.get_running_loop().create_future()
-        self._reader_task = asyncio.create_task(self._listen(reader), name="worker-group-link")
-
-    async def close(self) -> None:
-        """Stop listening and close the socket."""
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader_task
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(OSError):
-                await self._writer.wait_closed()
-
-    async def readiness_hook(self, server: GrpcServer, ready: bool) -> None:
-        """Tell the parent about this worker's readiness; health follows the group's."""
-        self._server = server
-        self._ready = ready
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(b"%s %d\n" % (_READY, int(ready)))
-            with contextlib.suppress(OSError):
-                await self._writer.drain()
-        await self._apply()
-
-    async def _apply(self) -> None:
-        if self._server is not None:
-            await self._server.set_serving(self._ready and self._group_serving)
-
-    async def _listen(self, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(OSError):
-            while line := await reader.readline():
-                kind, _, value = line.strip().partition(b" ")
-                if kind == _GROUP:
-                    self._group_serving = value == b"1"
-                    await self._apply()
-        # End of file: the parent exited (or was killed) without stopping this worker.
-        self._group_serving = False
-        await self._apply()
-        if self.parent_gone is not None and not self.parent_gone.done():
-            logger.warning("the worker group's parent is gone; shutting down", extra={"worker": self.index})
-            self.parent_gone.set_result(None)
-
-
-# --- the parent -----------------------------------------------------------------------
-
-
-class PortInUse(RuntimeError):
-    """The port the group should serve is already taken."""
-
-
-def _bind_host(host: str) -> str | None:
-    host = host.strip("[]")
-    return host or None
-
-
-def reserve_port(host: str, port: int) -> tuple[list[socket.socket], int]:
-    """Bind (without listening) every address of `host` on `port` with SO_REUSEPORT; return them and the port.
-
-    A fixed port that something already holds is refused first: with SO_REUSEPORT the workers
-    would otherwise quietly share it with whatever holds it.
-    """
-    infos = socket.getaddrinfo(_bind_host(host), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    addresses = list(dict.fromkeys((family, sockaddr[0]) for family, _, _, _, sockaddr in infos))
-    if port != 0:
-        for family, address in addresses:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind((address, port))
-                except OSError as exc:
-                    raise PortInUse(f"{address}:{port} is already in use ({exc.strerror})") from exc
-    reserved: list[socket.socket] = []
-    chosen = port
-    try:
-        for family, address in addresses:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            reserved.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((address, chosen))
-            chosen = sock.getsockname()[1]
-    except BaseException:
-        for sock in reserved:
-            sock.close()
-        raise
-    return reserved, chosen
-
-
-@dataclass
-class _Worker:
-    index: int
-    process: asyncio.subprocess.Process | None = None
-    writer: asyncio.StreamWriter | None = None
-    ready: bool = False
-    started_at: float = 0.0
-    crashes: int = 0  # in a row, without becoming ready in between
-    listener: asyncio.Task[None] | None = None
-
-
-class WorkerGroup:
+class WorkerGroup(worker_group.WorkerGroup):
     """The parent of a group of read service workers sharing one port."""
 
     def __init__(self, settings: ReadServiceSettings, *, python: str = sys.executable) -> None:
-        self.settings = settings
-        self.python = python
-        self.port = 0
-        self._workers = [_Worker(index) for index in range(settings.read_workers)]
-        self._stopping = asyncio.Event()
-        self._failure: str | None = None
-        self._group_serving: bool | None = None
-
-    @property
-    def pids(self) -> list[int]:
-        """Pids of the workers running now."""
-        return [w.process.pid for w in self._workers if w.process is not None and w.process.returncode is None]
-
-    async def run(self) -> int:
-        """Reserve the port, run the workers until a signal (or a crash loop), stop them; the exit code."""
-        try:
-            reserved, self.port = reserve_port(self.settings.grpc_host, self.settings.grpc_port)
-        except (PortInUse, OSError) as exc:
-            logger.error("read worker group refused to start: %s", exc)  # noqa: TRY400 - an environment issue
-            return 1
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
-        try:
-            logger.info(
-                "read worker group listening",
-                extra={
-                    "address": f"{self.settings.grpc_host}:{self.port}",
-                    "workers": len(self._workers),
-                    "replica": self.settings.read_replica_id,
-                },
-            )
-            supervisors = [asyncio.create_task(self._supervise(w), name=f"worker-{w.index}") for w in self._workers]
-            for task in supervisors:
-                task.add_done_callback(self._supervisor_done)
-            await self._stopping.wait()
-            logger.info("read worker group shutting down", extra={"reason": self._failure or "signal"})
-            clean = await self._stop_all(supervisors)
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            for sock in reserved:
-                sock.close()
-        if self._failure is not None:
-            logger.error("read worker group failed: %s", self._failure)
-            return 1
-        return 0 if clean else 1
-
-    def _worker_env(self, worker: _Worker, fd: int) -> dict[str, str]:
-        return {
-            **os.environ,
-            "READ_WORKERS": "1",
-            "READ_WORKER_INDEX": str(worker.index),
-            "READ_WORKER_CONTROL_FD": str(fd),
-            "READ_REPLICA_ID": self.settings.read_replica_id,
-            "GRPC_PORT": str(self.port),
-            "GRPC_SO_REUSEPORT": "true",
-        }
-
-    async def _spawn(self, worker: _Worker) -> None:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            worker.process = await asyncio.create_subprocess_exec(
-                self.python,
-                "-m",
-                "read_service",
-                env=self._worker_env(worker, child_end.fileno()),
-                pass_fds=(child_end.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL,
-            )
-        except BaseException:
-            parent_end.close()
-            raise
-        finally:
-            child_end.close()
-        worker.started_at = time.monotonic()
-        worker.ready = False
-        if self._stopping.is_set():
-            self._terminate(worker)  # started while the group began to stop: stop it with the others
-        reader, worker.writer = await asyncio.open_unix_connection(sock=parent_end)
-        worker.listener = asyncio.create_task(self._listen(worker, reader), name=f"worker-{worker.index}-link")
-        logger.info("read worker started", extra={"worker": worker.index, "pid": worker.process.pid})
-        # The newcomer learns the group's state at once (it is not ready yet, so: not serving).
-        await self._publish(force=True)
-
-    async def _listen(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(OSError):
-            while line := await reader.readline():
-                kind, _, value = line.strip().partition(b" ")
-                if kind == _READY:
-                    worker.ready = value == b"1"
-                    if worker.ready:
-                        worker.crashes = 0
-                    await self._publish()
-
-    async def _publish(self, *, force: bool = False) -> None:
-        """Send every worker the group's state when it changed (or when `force`)."""
-        serving = not self._stopping.is_set() and all(
-            w.ready and w.process is not None and w.process.returncode is None for w in self._workers
+        super().__init__(
+            worker_group.GroupSpec(
+                label="read",
+                module="read_service",
+                env_prefix="READ",
+                workers=settings.read_workers,
+                host=settings.grpc_host,
+                port=settings.grpc_port,
+                shutdown_grace_s=settings.grpc_shutdown_grace_s,
+                restart_max_backoff_s=settings.read_worker_restart_max_backoff_s,
+                max_crashes=settings.read_worker_max_crashes,
+                env={"READ_REPLICA_ID": settings.read_replica_id},
+                log_extra={"replica": settings.read_replica_id},
+            ),
+            python=python,
         )
-        if serving == self._group_serving and not force:
-            return
-        if serving != self._group_serving:
-            logger.info("read worker group %s", "SERVING" if serving else "NOT_SERVING")
-        self._group_serving = serving
-        message = b"%s %d\n" % (_GROUP, int(serving))
-        for w in self._workers:
-            if w.writer is not None and not w.writer.is_closing():
-                w.writer.write(message)
-                with contextlib.suppress(OSError):
-                    await w.writer.drain()
-
-    def _supervisor_done(self, task: asyncio.Task[None]) -> None:
-        # A worker that cannot even be started (or a bug here) stops the group rather than leaving it short.
-        if not task.cancelled() and task.exception() is not None:
-            self._failure = f"{task.get_name()} could not be supervised: {task.exception()!r}"
-            self._stopping.set()
-
-    async def _supervise(self, worker: _Worker) -> None:
-        backoff = Backoff(RESTART_INITIAL_BACKOFF_S, self.settings.read_worker_restart_max_backoff_s)
-        while not self._stopping.is_set():
-            await self._spawn(worker)
-            assert worker.process is not None
-            code = await worker.process.wait()
-            await self._detach(worker)
-            if self._stopping.is_set():
-                return
-            worker.ready = False
-            await self._publish()
-            uptime = time.monotonic() - worker.started_at
-            worker.crashes += 1
-            if uptime >= STABLE_UPTIME_S:
-                backoff.reset()
-            if worker.crashes >= self.settings.read_worker_max_crashes:
-                self._failure = (
-                    f"worker {worker.index} crashed {worker.crashes} times in a row without becoming ready "
-                    f"(last exit: {_describe(code)})"
-                )
-                self._stopping.set()
-                return
-            logger.error(
-                "read worker exited unexpectedly; restarting it",
-                extra={
-                    "worker": worker.index,
-                    "pid": worker.process.pid,
-                    "exit": _describe(code),
-                    "restart_in_s": round(delay := backoff.next_delay(), 3),
-                },
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
-
-    async def _detach(self, worker: _Worker) -> None:
-        if worker.listener is not None:
-            worker.listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker.listener
-            worker.listener = None
-        if worker.writer is not None:
-            worker.writer.close()
-            worker.writer = None
-
-    async def _stop_all(self, supervisors: list[asyncio.Task[None]]) -> bool:
-        """SIGTERM every worker, wait for them within the grace period, kill the rest; whether all exited 0."""
-        await self._publish()
-        for worker in self._workers:
-            self._terminate(worker)
-        budget = self.settings.grpc_shutdown_grace_s + STOP_MARGIN_S
-        _, pending = await asyncio.wait(supervisors, timeout=budget)
-        clean = not pending
-        for worker in self._workers:
-            process = worker.process
-            if process is not None and process.returncode is None:
-                logger.error("read worker did not stop in time; killing it", extra={"pid": process.pid})
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-        if pending:
-            await asyncio.wait(pending, timeout=10.0)
-        for task in supervisors:
-            task.cancel()
-        await asyncio.gather(*supervisors, return_exceptions=True)
-        for worker in self._workers:
-            code = worker.process.returncode if worker.process is not None else 0
-            if code != 0:
-                logger.error("read worker stopped with %s", _describe(code or 0), extra={"worker": worker.index})
-                clean = False
-        logger.info("read worker group stopped", extra={"clean": clean})
-        return clean
-
-    @staticmethod
-    def _terminate(worker: _Worker) -> None:
-        process = worker.process
-        if process is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
+        self.settings = settings
 
 
-def _describe(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"signal {signal.Signals(-code).name}"
-    return f"code {code}"
+__all__ = [
+    "REPLICA_HEADER",
+    "STOP_MARGIN_S",
+    "GroupLink",
+    "PortInUse",
+    "ReplicaHeaderInterceptor",
+    "WorkerGroup",
+    "reserve_port",
+]

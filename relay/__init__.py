@@ -35,8 +35,8 @@ A cycle. (1) When leading begins, and after a failed cycle, publish every positi
 what this relay has published (from the published watermark at first) up to relay_state's
 last_position, read back from the outbox in position order: a crash or a failed publish
 left them. No new positions are handed out before they have gone out. (2) Claim: one
-statement locks the `relay_state` row, takes the oldest `position IS NULL` rows by id,
-gives them `last_position + 1 ...` in id order, advances `relay_state` (and records the
+statement reads the oldest `position IS NULL` rows by id, locks the `relay_state` row
+(only when it found some), gives them `last_position + 1 ...` in id order, advances `relay_state` (and records the
 watermark while it is behind), and commits. Rows are claimed by status, never by "id
 greater than the last one": a bigserial id is taken at insert time but becomes visible at
 commit time, so id 41 can commit after id 42 was read, and a cursor on ids would skip it

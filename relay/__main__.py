@@ -16,11 +16,11 @@ from relay.metrics import backlog_sampler, register_relay_metrics
 from relay.outbox import CLAIM_SESSION_SETTINGS
 from relay.runner import Relay
 from relay.settings import RelaySettings
-from shared_kernel.db import create_pool
-from shared_kernel.logs import configure_logging
-from shared_kernel.metrics import Sampler, configure_metrics
-from shared_kernel.runtime import run
-from shared_kernel.telemetry import configure_tracing
+from shared_kernel.platform.db import create_pool
+from shared_kernel.platform.logs import configure_logging
+from shared_kernel.platform.metrics import Sampler, configure_metrics
+from shared_kernel.platform.runtime import run
+from shared_kernel.platform.telemetry import configure_tracing
 
 logger = logging.getLogger("relay")
 

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 from opentelemetry import metrics
 
-from shared_kernel.metrics import Sampler, attrs
+from shared_kernel.platform.metrics import Sampler, attrs
 
 METER_NAME = "tessera.relay"
 

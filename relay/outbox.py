@@ -1,6 +1,6 @@
 """The relay's SQL against the outbox: claim and position rows, record the published watermark.
 
-The table's shape and the envelope mapping live in `shared_kernel.event_log`; this module
+The table's shape and the envelope mapping live in `shared_kernel.contracts.event_log`; this module
 holds only the statements that belong to the relay's side of the contract.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from shared_kernel.event_log import ENVELOPE_COLUMNS, envelope_from_row
+from shared_kernel.contracts.event_log import ENVELOPE_COLUMNS, envelope_from_row
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 
 Connection: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
@@ -58,25 +58,33 @@ class Claim:
     envelopes: list[EventEnvelope]
 
 
-# One statement, so one round trip and an implicit transaction: lock the relay_state row,
-# check the fence, position the oldest unpositioned rows after its last_position, advance
-# it, and record the published watermark the caller passes ($4, NULL: leave it).
+# One statement, so one round trip and an implicit transaction: read the oldest unpositioned
+# rows, lock the relay_state row, check the fence, position the rows after its
+# last_position, advance it, and record the published watermark the caller passes ($4,
+# NULL: leave it).
 #
-# - `state` takes the row lock first: `batch` reads it through an InitPlan, and the final
-#   SELECT reads it too, so it is materialized once. A second claimer (a relay that lost
-#   its lock but does not know yet) waits there, and under READ COMMITTED then gets the row
-#   as the first one committed it, while the rest of its statement still reads its older
-#   snapshot, in which the rows the first one positioned look unpositioned. `batch`
-#   therefore claims only when the locked last_position equals the snapshot's: every claim
-#   advances last_position, so equal values mean no claim committed in between, and the
-#   snapshot's unpositioned rows are still unpositioned. Otherwise it claims nothing (and
-#   the caller sees the other claim's positions in `positioned_before`). This replaces a
-#   FOR UPDATE on each claimed row, which wrote a lock to every row before the UPDATE
-#   rewrote it anyway; nothing but a claim ever changes an outbox row.
+# - `batch` reads the oldest unpositioned rows in the statement's snapshot, once: it is the
+#   only walk of the partial index. Rows a claim positioned leave their old versions in that
+#   index until a vacuum removes them, and a vacuum (or an index scan marking them dead)
+#   can only do so once no transaction on the server is older than the claim: while one is
+#   (a long report, an idle session in a transaction, in any database of the server), every
+#   walk steps over every row positioned since, so each walk costs time in proportion to
+#   the drain so far. A second walk (a look for any unpositioned row before locking) doubled
+#   that.
+# - `state` locks the row only when `batch` found something: a wake-up that finds nothing
+#   (most polls) takes no lock and writes nothing; it still reads last_position (`seen`),
+#   so the caller sees positions it has not published.
+# - A second claimer (a relay that lost its lock but does not know yet) waits at the lock,
+#   and under READ COMMITTED then gets the row as the first one committed it, while the rest
+#   of its statement still reads its older snapshot, in which the rows the first one
+#   positioned look unpositioned. `numbered` therefore keeps the batch only when the locked
+#   last_position equals the snapshot's (`seen`): every claim advances last_position, so
+#   equal values mean no claim committed in between, and the snapshot's unpositioned rows
+#   are still unpositioned. Otherwise it claims nothing (and the caller sees the other
+#   claim's positions in `positioned_before`). This replaces a FOR UPDATE on each claimed
+#   row, which wrote a lock to every row before the UPDATE rewrote it anyway; nothing but a
+#   claim ever changes an outbox row.
 # - Positions stay gap-free and unique: they are numbered from the locked last_position.
-# - The state row is locked only when the statement's snapshot has an unpositioned row: a
-#   wake-up that finds nothing (most polls) takes no lock and writes nothing; it still
-#   reads last_position, so the caller sees positions it has not published.
 # - Claim by status, never by "id > last id": ids are taken at insert but become visible at
 #   commit, so a lower id may commit after a higher one was already read. Positions follow
 #   id order within the batch.
@@ -86,16 +94,23 @@ class Claim:
 # - The plan must not depend on the planner's guesses: asyncpg prepares the statement, and
 #   after a few runs Postgres plans it once for any parameters. That generic plan joined the
 #   UPDATE by scanning the whole outbox (the log, not just the batch) on every claim, and
-#   answered "is anything unpositioned?" (an EXISTS) by reading the table from its start.
-#   The batch's ids as an array make the UPDATE look its rows up in the primary key; the
-#   first unpositioned id in id order can only come from the partial index. The batch size
-#   is part of the text, so the planner also knows how many rows to expect.
+#   answered "is anything unpositioned?" (an EXISTS on the table) by reading the table from
+#   its start. The batch's ids as an array make the UPDATE look its rows up in the primary
+#   key; the oldest unpositioned ids in id order can only come from the partial index. The
+#   batch size is part of the text, so the planner also knows how many rows to expect.
 #
 # Rows: one per claimed event, or a single row with NULL event columns when nothing was
 # claimed; `positioned_before` is last_position before this claim (NULL: no relay_state
 # row), `leader` is NULL when nothing was there to claim.
 _CLAIM = f"""
-WITH state AS (
+WITH batch AS (
+    SELECT id FROM outbox
+    WHERE position IS NULL
+    ORDER BY id
+    LIMIT {{limit}}
+), seen AS (
+    SELECT last_position FROM relay_state WHERE singleton
+), state AS (
     SELECT last_position,
            ($1::integer IS NULL OR EXISTS (
                 SELECT 1 FROM pg_locks
@@ -103,19 +118,14 @@ WITH state AS (
                   AND classid = $2::bigint::oid AND objid = $3::bigint::oid AND objsubid = 1
            )) AS leader
     FROM relay_state
-    WHERE singleton AND (SELECT id FROM outbox WHERE position IS NULL ORDER BY id LIMIT 1) IS NOT NULL
+    WHERE singleton AND EXISTS (SELECT 1 FROM batch)
     FOR UPDATE
-), batch AS (
-    SELECT id FROM outbox
-    WHERE position IS NULL
-      AND (SELECT leader FROM state)
-      AND (SELECT last_position FROM state) = (SELECT last_position FROM relay_state WHERE singleton)
-    ORDER BY id
-    LIMIT {{limit}}
 ), numbered AS (
     SELECT id AS claimed_id,
            (SELECT last_position FROM state) + row_number() OVER (ORDER BY id) AS new_position
     FROM batch
+    WHERE (SELECT leader FROM state)
+      AND (SELECT last_position FROM state) = (SELECT last_position FROM seen)
 ), claimed AS (
     UPDATE outbox
     SET position = numbered.new_position
@@ -129,7 +139,7 @@ WITH state AS (
         published_position = greatest(published_position, $4::bigint)
     WHERE singleton AND EXISTS (SELECT 1 FROM claimed)
 )
-SELECT coalesce(state.last_position, (SELECT last_position FROM relay_state WHERE singleton)) AS positioned_before,
+SELECT coalesce(state.last_position, (SELECT last_position FROM seen)) AS positioned_before,
        state.leader, claimed.*
 FROM (VALUES (true)) AS one (always)
 LEFT JOIN state ON true

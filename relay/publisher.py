@@ -8,8 +8,8 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from opentelemetry import trace
 
-from shared_kernel.event_log import events_channel, head_channel
-from shared_kernel.telemetry import context_from_envelope
+from shared_kernel.contracts.event_log import events_channel, head_channel
+from shared_kernel.contracts.trace_context import context_from_envelope
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 
 

@@ -20,9 +20,9 @@ from relay.metrics import record_published
 from relay.outbox import Fence, LeadershipLost, claim_batch, published_head, record_watermark
 from relay.publisher import Publisher, RedisPublisher
 from relay.settings import RelaySettings
-from shared_kernel.backoff import Backoff
-from shared_kernel.event_log import OUTBOX_NOTIFY_CHANNEL, head_position, read_positioned
-from shared_kernel.runtime import cancel_and_wait
+from shared_kernel.contracts.event_log import OUTBOX_NOTIFY_CHANNEL, head_position, read_positioned
+from shared_kernel.platform.backoff import Backoff
+from shared_kernel.platform.runtime import cancel_and_wait
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 
 logger = logging.getLogger(__name__)

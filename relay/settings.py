@@ -7,7 +7,7 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared_kernel.settings import CommonSettings, DatabaseSettings, RedisSettings
+from shared_kernel.platform.settings import CommonSettings, DatabaseSettings, RedisSettings
 
 # Any constant works as long as every relay of a deployment uses the same one and nothing
 # else takes it; it differs from the migrations' lock so a relay never waits on a migration.

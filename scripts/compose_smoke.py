@@ -627,7 +627,7 @@ class Client:
 
 
 def mint_token(signing_key: str) -> str:
-    from shared_kernel.security.tokens import TokenSigner
+    from shared_kernel.platform.security.tokens import TokenSigner
 
     return TokenSigner(signing_key.encode()).mint("compose-smoke", TOKEN_SCOPES, 3600)
 

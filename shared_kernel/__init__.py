@@ -1,4 +1,6 @@
-"""The shared kernel: contracts and plumbing used by the write service, relay and read service.
+"""The shared kernel of the processes, in two halves.
 
-It imports none of the services, and the services never import each other.
+`contracts` is what the write service, relay, read replicas and saga worker must agree on;
+`platform` is how each of them runs. Contracts import nothing of the platform, the kernel
+imports none of the services, and the services never import each other.
 """

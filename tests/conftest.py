@@ -19,9 +19,9 @@ import redis.asyncio as aioredis
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from shared_kernel import migrations
+from shared_kernel.platform import migrations
 
-# Every service process runs an SDK TracerProvider (shared_kernel.telemetry), exporting nowhere
+# Every service process runs an SDK TracerProvider (shared_kernel.platform.telemetry), exporting nowhere
 # unless told to. The test process does too, from the start: otherwise whether in-process code
 # creates real spans would depend on whether an earlier test happened to install a provider.
 trace.set_tracer_provider(TracerProvider())

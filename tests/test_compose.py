@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from shared_kernel.healthcheck import main as healthcheck_main
+from shared_kernel.platform.healthcheck import main as healthcheck_main
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -164,14 +164,14 @@ def test_grpc_services_listen_publish_and_probe_the_same_port(service: str, port
     assert int(_env(service)["GRPC_PORT"]) == port
     assert [target for _, _, target in _published(service)] == [str(port)]
     argv = _healthcheck_argv(service)
-    assert argv[:3] == ["python", "-m", "shared_kernel.healthcheck"]
+    assert argv[:3] == ["python", "-m", "shared_kernel.platform.healthcheck"]
     assert argv[3] == f"127.0.0.1:{port}"
 
 
 def test_saga_workers_probe_their_health_port_and_reach_the_provider_by_its_port():
     env = _env("saga-worker")
     argv = _healthcheck_argv("saga-worker")
-    assert argv[:3] == ["python", "-m", "shared_kernel.healthcheck"]
+    assert argv[:3] == ["python", "-m", "shared_kernel.platform.healthcheck"]
     assert argv[3] == f"127.0.0.1:{int(env['GRPC_PORT'])}"
     assert "ports" not in SERVICES["saga-worker"], "replicas with health only publish nothing"
     host, _, port = str(env["PAYMENT_PROVIDER_ADDRESS"]).partition(":")
@@ -275,7 +275,7 @@ def test_read_replicas_sharing_one_redis_apply_under_the_lease_by_default():
 
 def test_relay_health_check_reaches_the_servers_it_works_between():
     argv = _healthcheck_argv("relay")
-    assert argv[:3] == ["python", "-m", "shared_kernel.healthcheck"]
+    assert argv[:3] == ["python", "-m", "shared_kernel.platform.healthcheck"]
     reached = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--reach-env"]
     assert sorted(reached) == ["DATABASE_URL", "REDIS_URL"]
 

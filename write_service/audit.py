@@ -22,8 +22,8 @@ from typing import Any, TextIO, get_args
 
 import asyncpg
 
-from shared_kernel.db import NOT_UP_YET
-from shared_kernel.runtime import run
+from shared_kernel.platform.db import NOT_UP_YET
+from shared_kernel.platform.runtime import run
 from write_service.service_layer.ports import Outcome
 from write_service.settings import AuditSettings
 
@@ -103,20 +103,17 @@ def build_query(filters: AuditFilters) -> tuple[str, list[object]]:
         params.append(value)
         clauses.append(clause.format(f"${len(params)}"))
 
-    if filters.since is not None:
-        where("received_at >= {}", filters.since)
-    if filters.until is not None:
-        where("received_at < {}", filters.until)
-    if filters.command_type is not None:
-        where("command_type = {}", filters.command_type)
-    if filters.principal is not None:
-        where("principal = {}", filters.principal)
-    if filters.outcome is not None:
-        where("outcome = {}", filters.outcome)
-    if filters.aggregate_id is not None:
-        where("aggregate_id = {}", filters.aggregate_id)
-    if filters.idempotency_key is not None:
-        where("idempotency_key = {}", filters.idempotency_key)
+    for clause, value in (
+        ("received_at >= {}", filters.since),
+        ("received_at < {}", filters.until),
+        ("command_type = {}", filters.command_type),
+        ("principal = {}", filters.principal),
+        ("outcome = {}", filters.outcome),
+        ("aggregate_id = {}", filters.aggregate_id),
+        ("idempotency_key = {}", filters.idempotency_key),
+    ):
+        if value is not None:
+            where(clause, value)
     params.append(filters.limit)
     where_sql = f"WHERE {' AND '.join(clauses)} " if clauses else ""
     sql = (

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from shared_kernel.db import create_pool
+from shared_kernel.platform.db import create_pool
 from write_service.adapters.password_hasher import Argon2PasswordHasher
 from write_service.adapters.unit_of_work import PostgresExpiredKeyPurger, PostgresUnitOfWork
 from write_service.entrypoints.catalog import CatalogCommandServicer

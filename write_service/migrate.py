@@ -12,10 +12,10 @@ from typing import Any
 
 import asyncpg
 
-from shared_kernel import migrations
-from shared_kernel.db import NOT_UP_YET, retry_while_starting
-from shared_kernel.logs import configure_logging
-from shared_kernel.runtime import run
+from shared_kernel.platform import migrations
+from shared_kernel.platform.db import NOT_UP_YET, retry_while_starting
+from shared_kernel.platform.logs import configure_logging
+from shared_kernel.platform.runtime import run
 from write_service.settings import MigrateSettings
 
 logger = logging.getLogger("write_service.migrate")

@@ -7,7 +7,7 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared_kernel.settings import CommonSettings, DatabaseSettings, GrpcServerSettings
+from shared_kernel.platform.settings import CommonSettings, DatabaseSettings, GrpcServerSettings
 
 
 class WriteServiceSettings(CommonSettings, DatabaseSettings, GrpcServerSettings):
@@ -42,6 +42,24 @@ class WriteServiceSettings(CommonSettings, DatabaseSettings, GrpcServerSettings)
     idempotency_cleanup_batch_size: int = Field(
         default=1000, ge=1, le=100_000, description="Expired idempotency keys deleted per transaction."
     )
+    write_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Worker processes serving one port (SO_REUSEPORT); each is a full write service with its own "
+        "pool. Above 1, `python -m write_service` supervises them (shared_kernel/platform/worker_group.py).",
+    )
+    write_worker_restart_max_backoff_s: float = Field(
+        default=10.0, gt=0, le=300, description="Longest pause before a crashed worker is started again."
+    )
+    write_worker_max_crashes: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Crashes in a row, without becoming ready in between, after which the group exits 1.",
+    )
+    write_worker_control_fd: int | None = Field(default=None, ge=0, description="Internal: the parent's socket.")
+    write_worker_index: int = Field(default=0, ge=0, description="Internal: this worker's number in its group.")
     argon2_time_cost: int = Field(default=3, ge=1, le=50, description="argon2id iterations.")
     argon2_memory_cost_kib: int = Field(
         default=65536, ge=8, le=4 * 1024 * 1024, description="argon2id memory per hash, in KiB."
@@ -51,7 +69,8 @@ class WriteServiceSettings(CommonSettings, DatabaseSettings, GrpcServerSettings)
         default=4,
         ge=1,
         le=256,
-        description="Hashes computed at once; peak hashing memory is this times ARGON2_MEMORY_COST_KIB.",
+        description="Hashes computed at once by the whole service (a worker group divides it among its workers, "
+        "at least one each); peak hashing memory is this times ARGON2_MEMORY_COST_KIB.",
     )
 
     @model_validator(mode="after")

@@ -6,26 +6,20 @@ from typing import Any
 
 import grpc
 
-from read_service.consistency import PRODUCT_AGGREGATE, token_for
+from read_service.consistency import PRODUCT_AGGREGATE
+from read_service.entrypoints.answers import SingleViewQuery, answer_page
 from read_service.entrypoints.freshness import Freshness
 from read_service.entrypoints.requests import PageLimits, open_page_token, page_size
 from read_service.page_tokens import PageTokenCodec
 from read_service.views.catalog import ListProductsQuery, ProductViews
-from read_service.views.wire import reply_tail, view_bytes
-from shared_kernel import errors
-from shared_kernel.grpc_server import add_preserialized
-from shared_kernel.validation import canonical_uuid
+from shared_kernel.contracts import errors
+from shared_kernel.platform.grpc_server import add_preserialized
 from tessera.catalog.v1 import product_query_service_pb2 as pb
 from tessera.catalog.v1 import product_query_service_pb2_grpc as pb_grpc
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ProductQueryService"].full_name
-# Methods that answer serialized replies (registered with shared_kernel.grpc_server.add_preserialized).
+# Methods that answer serialized replies (registered with shared_kernel.platform.grpc_server.add_preserialized).
 BYTES_METHODS = ("GetProduct",)
-
-
-def field_version(field: bytes | None) -> int:
-    """The product version in a reply's view field (0 when there is no view)."""
-    return 0 if field is None else pb.ProductView.FromString(view_bytes(field)).version
 
 
 def list_products_query(
@@ -51,37 +45,26 @@ class ProductQueryServicer(pb_grpc.ProductQueryServiceServicer):
         self._tokens = tokens
         self._freshness = freshness
         self._limits = limits or PageLimits()
+        self._product = SingleViewQuery(
+            views, freshness, aggregate_type=PRODUCT_AGGREGATE, id_field="product_id", parse=pb.ProductView.FromString
+        )
 
     async def GetProduct(self, request: pb.GetProductRequest, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:  # type: ignore[override]  # bytes: see BYTES_METHODS
         """One product by id: a serialized GetProductResponse (see read_service.views.wire)."""
-        product_id = canonical_uuid("product_id", request.product_id)
-        token = token_for(PRODUCT_AGGREGATE, request.consistency_token)
-        views = self._views
-        field, stale, position = await self._freshness.answer_at(
-            context,
-            token,
-            request.max_wait_ms,
-            lambda at: views.field_at(product_id, at),
-            peek=lambda at: views.cached_field(product_id, at),
-            version=field_version,
-            aggregate_id=product_id,
-        )
-        if field is None:
-            raise errors.NotFound(f"product {product_id} not found")
-        return field + reply_tail(stale, position)
+        return await self._product.answer(request.product_id, request.consistency_token, request.max_wait_ms, context)
 
     async def ListProducts(
         self, request: pb.ListProductsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListProductsResponse:
         """One page of products in sku order."""
         query = list_products_query(request, self._limits, self._tokens)
-        token = token_for(PRODUCT_AGGREGATE, request.consistency_token)
-        page, stale, position = await self._freshness.answer_at(
-            context, token, request.max_wait_ms, lambda at: self._views.list_page(query, at)
-        )
-        next_token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
+        page, token, stale, position = await answer_page(
+            self._freshness, self._tokens, context, aggregate_type=PRODUCT_AGGREGATE,
+            consistency_token=request.consistency_token, max_wait_ms=request.max_wait_ms, query=query,
+            read=lambda at: self._views.list_page(query, at),
+        )  # fmt: skip
         return pb.ListProductsResponse(
-            products=page.products, next_page_token=next_token, stale=stale, view_position=position
+            products=page.products, next_page_token=token, stale=stale, view_position=position
         )
 
 

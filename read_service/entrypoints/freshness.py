@@ -26,8 +26,8 @@ import grpc
 
 from read_service.consistency import DEFAULT_MAX_WAIT_MS, PARKED_HEADER, STALE_HEADER, ConsistencyGate
 from read_service.view_store import QueryCheckpoint
-from shared_kernel import errors
-from shared_kernel.consistency import ConsistencyToken
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.consistency import ConsistencyToken
 
 # The most a query waits for Redis when the caller's deadline allows more (QUERY_TIMEOUT_S).
 DEFAULT_QUERY_TIMEOUT_S = 5.0
@@ -172,7 +172,13 @@ class Freshness:
         """
         self.require_ready()
         if token is None:
-            stale = await self._headers(False, context, aggregate_id)
+            gate = self._gate
+            # No coroutine for the headers unless something is parked (nearly every call).
+            stale = (
+                False
+                if gate is None or gate.parked_position(aggregate_id) is None
+                else await self._headers(False, context, aggregate_id)
+            )
             at = QueryCheckpoint(self._checkpoint)
             if peek is not None:
                 hit = peek(at)
@@ -203,6 +209,26 @@ class Freshness:
         if not read:  # pragma: no cover - the gate reads at least once
             read.append(await self.read(context, lambda: work(at)))
         return read[0], stale, at.position
+
+    def from_memory(
+        self, peek: Callable[[str, QueryCheckpoint], tuple[T] | None], aggregate_id: str
+    ) -> tuple[T, int] | tuple[()] | None:
+        """`(value, view position)` of a query without a consistency token, from memory.
+
+        What `answer_at` answers for such a query when `peek` hits, without its steps. `()` when
+        `peek` missed (the caller reads Redis; peeking again would only miss again). None when
+        it did not peek: a view whose aggregate (or projection) is parked needs its headers
+        sent, and a replica that is not ready refuses, so for both the caller goes through
+        `answer_at`.
+        """
+        if not self._is_ready():
+            return None
+        gate = self._gate
+        if gate is not None and gate.parked_position(aggregate_id) is not None:
+            return None
+        at = QueryCheckpoint(self._checkpoint)
+        hit = peek(aggregate_id, at)
+        return () if hit is None else (hit[0], at.position)
 
     async def read(self, context: Context, work: Callable[[], Awaitable[T]]) -> T:
         """Run one read of the view within the query budget."""

@@ -1,6 +1,6 @@
 """The gRPC face of the read service: request validation, then a call into the views.
 
-Errors are raised as shared_kernel.errors types (or left as driver errors) and turned
+Errors are raised as shared_kernel.contracts.errors types (or left as driver errors) and turned
 into statuses by the server's ErrorMappingInterceptor; nothing here picks a status code.
 
 Readiness, consistency tokens, view positions and query budgets are the shared freshness
@@ -15,17 +15,18 @@ from typing import Any
 
 import grpc
 
-from read_service.consistency import DEFAULT_MAX_WAIT_MS, ConsistencyGate, user_token
+from read_service.consistency import DEFAULT_MAX_WAIT_MS, USER_AGGREGATE, ConsistencyGate, token_for
+from read_service.entrypoints.answers import SingleViewQuery, answer_page, watch_one
 from read_service.entrypoints.freshness import DEFAULT_QUERY_TIMEOUT_S, Freshness
 from read_service.entrypoints.requests import PageLimits
 from read_service.keys import SortField, Subset
 from read_service.page_tokens import InvalidPageToken, PageTokenCodec
 from read_service.views.users import ListUsersQuery, UserViews
-from read_service.views.wire import reply_tail, view_bytes
+from read_service.views.wire import reply_tail
 from read_service.watch import Change
-from shared_kernel import errors
-from shared_kernel.grpc_server import add_preserialized
-from shared_kernel.validation import canonical_uuid, email_violation, has_control_chars, parse_uuid
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.validation import email_violation, has_control_chars
+from shared_kernel.platform.grpc_server import add_preserialized
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1 import user_query_service_pb2_grpc as pb_grpc
 
@@ -43,7 +44,7 @@ __all__ = [
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UserQueryService"].full_name
 
 MAX_SEARCH_CHARS = 100
-# Methods that answer serialized replies (registered with shared_kernel.grpc_server.add_preserialized).
+# Methods that answer serialized replies (registered with shared_kernel.platform.grpc_server.add_preserialized).
 BYTES_METHODS = ("GetUser", "GetUserByEmail")
 
 _SORTS = {
@@ -62,11 +63,6 @@ _SUBSETS = {
     pb.ACTIVE_FILTER_ACTIVE: Subset.ACTIVE,
     pb.ACTIVE_FILTER_INACTIVE: Subset.INACTIVE,
 }
-
-
-def field_version(field: bytes | None) -> int:
-    """The user version in a reply's view field (0 when there is no view)."""
-    return 0 if field is None else pb.UserView.FromString(view_bytes(field)).version
 
 
 def _enum_violation(field: str, names: list[str]) -> errors.FieldViolation:
@@ -155,31 +151,20 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
         self._freshness = Freshness(
             is_ready, query_timeout_s, gate=gate, checkpoint=checkpoint, max_wait_ms=max_wait_ms
         )
+        self._user = SingleViewQuery(
+            views, self._freshness, aggregate_type=USER_AGGREGATE, id_field="user_id", parse=pb.UserView.FromString
+        )
 
     async def GetUser(self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:  # type: ignore[override]  # bytes: see BYTES_METHODS
         """One user by id: a serialized GetUserResponse (see read_service.views.wire)."""
-        user_id = canonical_uuid("user_id", request.user_id)
-        token = user_token(request.consistency_token)
-        views = self._views
-        field, stale, position = await self._freshness.answer_at(
-            context,
-            token,
-            request.max_wait_ms,
-            lambda at: views.field_at(user_id, at),
-            peek=lambda at: views.cached_field(user_id, at),
-            version=field_version,
-            aggregate_id=user_id,
-        )
-        if field is None:
-            raise errors.NotFound(f"user {user_id} not found")
-        return field + reply_tail(stale, position)
+        return await self._user.answer(request.user_id, request.consistency_token, request.max_wait_ms, context)
 
     async def GetUserByEmail(  # type: ignore[override]  # bytes: see BYTES_METHODS
         self, request: pb.GetUserByEmailRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
         """One user by e-mail address, case-insensitively: a serialized GetUserByEmailResponse."""
         email = email_from_request(request.email)
-        token = user_token(request.consistency_token)
+        token = token_for(USER_AGGREGATE, request.consistency_token)
         field, stale, position = await self._freshness.answer_at(
             context, token, request.max_wait_ms, lambda at: self._views.field_by_email(email, at)
         )
@@ -192,11 +177,11 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
     ) -> pb.ListUsersResponse:
         """One page of users."""
         query = list_query_from_request(request, self._limits, self._tokens)
-        consistency = user_token(request.consistency_token)
-        page, stale, position = await self._freshness.answer_at(
-            context, consistency, request.max_wait_ms, lambda at: self._views.list_page(query, at)
-        )
-        token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
+        page, token, stale, position = await answer_page(
+            self._freshness, self._tokens, context, aggregate_type=USER_AGGREGATE,
+            consistency_token=request.consistency_token, max_wait_ms=request.max_wait_ms, query=query,
+            read=lambda at: self._views.list_page(query, at),
+        )  # fmt: skip
         return pb.ListUsersResponse(users=page.users, next_page_token=token, stale=stale, view_position=position)
 
     async def WatchUser(
@@ -206,17 +191,15 @@ class UserQueryServicer(pb_grpc.UserQueryServiceServicer):
 
         With `after_position`, each change after it instead of the view now.
         """
-        user_id = str(parse_uuid("user_id", request.user_id))
-        after = request.after_position if request.HasField("after_position") else None
-        self._freshness.require_ready()
-        if self._watch is None:
-            raise errors.Unavailable("this replica does not serve watches")
-        async for change in self._watch(user_id, after):
-            if change.value is None:
-                yield pb.WatchUserResponse(exists=False, view_position=change.position)
-                continue
-            view = pb.UserView.FromString(change.value)
-            yield pb.WatchUserResponse(user=view, exists=True, version=view.version, view_position=change.position)
+        async for reply in watch_one(self._freshness, self._watch, request, "user_id", _watch_reply):
+            yield reply
+
+
+def _watch_reply(value: bytes | None, position: int) -> pb.WatchUserResponse:
+    if value is None:
+        return pb.WatchUserResponse(exists=False, view_position=position)
+    view = pb.UserView.FromString(value)
+    return pb.WatchUserResponse(user=view, exists=True, version=view.version, view_position=position)
 
 
 # How the servicer is added to a server: the generated registration, with BYTES_METHODS answering bytes.

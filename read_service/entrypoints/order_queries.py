@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import date
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from read_service.consistency import ORDER_AGGREGATE, token_for
+from read_service.entrypoints.answers import SingleViewQuery, answer_page, watch_one
 from read_service.entrypoints.freshness import Freshness
 from read_service.entrypoints.requests import (
     PageLimits,
@@ -22,24 +23,27 @@ from read_service.entrypoints.requests import (
 )
 from read_service.keys import OrderSortField
 from read_service.page_tokens import PageTokenCodec
-from read_service.views.orders import CustomerOrdersQuery, OrderViews, SearchOrdersQuery, StatisticsQuery
-from read_service.views.wire import reply_tail, view_bytes
+from read_service.view_store import QueryCheckpoint
+from read_service.views.orders import (
+    CustomerOrdersQuery,
+    OrderPage,
+    OrderViews,
+    SearchOrdersQuery,
+    StatisticsQuery,
+)
 from read_service.watch import Change
-from shared_kernel import errors
-from shared_kernel.grpc_server import add_preserialized
-from shared_kernel.validation import canonical_uuid, parse_uuid, uuid_violation
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.validation import parse_uuid, uuid_violation
+from shared_kernel.platform.grpc_server import add_preserialized
 from tessera.orders.v1 import order_query_service_pb2 as pb
 from tessera.orders.v1 import order_query_service_pb2_grpc as pb_grpc
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["OrderQueryService"].full_name
-# Methods that answer serialized replies (registered with shared_kernel.grpc_server.add_preserialized).
+# Methods that answer serialized replies (registered with shared_kernel.platform.grpc_server.add_preserialized).
 BYTES_METHODS = ("GetOrder",)
 
 
-def field_version(field: bytes | None) -> int:
-    """The order version in a reply's view field (0 when there is no view)."""
-    return 0 if field is None else pb.OrderView.FromString(view_bytes(field)).version
-
+Q = TypeVar("Q", CustomerOrdersQuery, SearchOrdersQuery)
 
 # The longest date range GetOrderStatistics covers: to_date at most this many days after from_date.
 MAX_RANGE_DAYS = 366
@@ -162,37 +166,22 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
         self._tokens = tokens
         self._freshness = freshness
         self._limits = limits or PageLimits()
+        self._order = SingleViewQuery(
+            views, freshness, aggregate_type=ORDER_AGGREGATE, id_field="order_id", parse=pb.OrderView.FromString
+        )
 
     async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:  # type: ignore[override]  # bytes: see BYTES_METHODS
         """One order by id: a serialized GetOrderResponse (see read_service.views.wire)."""
-        order_id = canonical_uuid("order_id", request.order_id)
-        token = token_for(ORDER_AGGREGATE, request.consistency_token)
-        views = self._views
-        field, stale, position = await self._freshness.answer_at(
-            context,
-            token,
-            request.max_wait_ms,
-            lambda at: views.field_at(order_id, at),
-            peek=lambda at: views.cached_field(order_id, at),
-            version=field_version,
-            aggregate_id=order_id,
-        )
-        if field is None:
-            raise errors.NotFound(f"order {order_id} not found")
-        return field + reply_tail(stale, position)
+        return await self._order.answer(request.order_id, request.consistency_token, request.max_wait_ms, context)
 
     async def ListOrdersByCustomer(
         self, request: pb.ListOrdersByCustomerRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListOrdersByCustomerResponse:
         """One page of a customer's orders, newest first."""
         query = customer_orders_query(request, self._limits, self._tokens)
-        token = token_for(ORDER_AGGREGATE, request.consistency_token)
-        page, stale, position = await self._freshness.answer_at(
-            context, token, request.max_wait_ms, lambda at: self._views.by_customer(query, at)
-        )
-        next_token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
+        page, token, stale, position = await self._page(request, context, query, self._views.by_customer)
         return pb.ListOrdersByCustomerResponse(
-            orders=page.orders, next_page_token=next_token, stale=stale, view_position=position
+            orders=page.orders, next_page_token=token, stale=stale, view_position=position
         )
 
     async def SearchOrders(
@@ -200,14 +189,21 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
     ) -> pb.SearchOrdersResponse:
         """One page of matching orders."""
         query = search_orders_query(request, self._limits, self._tokens)
-        token = token_for(ORDER_AGGREGATE, request.consistency_token)
-        page, stale, position = await self._freshness.answer_at(
-            context, token, request.max_wait_ms, lambda at: self._views.search(query, at)
-        )
-        next_token = "" if page.next_cursor is None else self._tokens.issue(query.binding(), page.next_cursor)
-        return pb.SearchOrdersResponse(
-            orders=page.orders, next_page_token=next_token, stale=stale, view_position=position
-        )
+        page, token, stale, position = await self._page(request, context, query, self._views.search)
+        return pb.SearchOrdersResponse(orders=page.orders, next_page_token=token, stale=stale, view_position=position)
+
+    async def _page(
+        self,
+        request: pb.ListOrdersByCustomerRequest | pb.SearchOrdersRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        query: Q,
+        read: Callable[[Q, QueryCheckpoint], Awaitable[OrderPage]],
+    ) -> tuple[OrderPage, str, bool, int]:
+        return await answer_page(
+            self._freshness, self._tokens, context, aggregate_type=ORDER_AGGREGATE,
+            consistency_token=request.consistency_token, max_wait_ms=request.max_wait_ms, query=query,
+            read=lambda at: read(query, at),
+        )  # fmt: skip
 
     async def GetOrderStatistics(
         self, request: pb.GetOrderStatisticsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -236,17 +232,8 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
 
         With `after_position`, each change after it instead of the view now.
         """
-        order_id = str(parse_uuid("order_id", request.order_id))
-        after = request.after_position if request.HasField("after_position") else None
-        self._freshness.require_ready()
-        if self._watch_order is None:
-            raise errors.Unavailable("this replica does not serve watches")
-        async for change in self._watch_order(order_id, after):
-            if change.value is None:
-                yield pb.WatchOrderResponse(exists=False, view_position=change.position)
-                continue
-            view = pb.OrderView.FromString(change.value)
-            yield pb.WatchOrderResponse(order=view, exists=True, version=view.version, view_position=change.position)
+        async for reply in watch_one(self._freshness, self._watch_order, request, "order_id", _watch_reply):
+            yield reply
 
     async def WatchOrdersByCustomer(
         self, request: pb.WatchOrdersByCustomerRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -267,6 +254,13 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
                 continue
             yield pb.WatchOrdersByCustomerResponse(orders=orders, initial=initial, view_position=position)
             initial = False
+
+
+def _watch_reply(value: bytes | None, position: int) -> pb.WatchOrderResponse:
+    if value is None:
+        return pb.WatchOrderResponse(exists=False, view_position=position)
+    view = pb.OrderView.FromString(value)
+    return pb.WatchOrderResponse(order=view, exists=True, version=view.version, view_position=position)
 
 
 # How the servicer is added to a server: the generated registration, with BYTES_METHODS answering bytes.

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from read_service.page_tokens import InvalidPageToken, PageTokenCodec
-from shared_kernel import errors
-from shared_kernel.validation import has_control_chars
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.validation import has_control_chars
 from tessera.orders.v1.order_pb2 import OrderStatus
 
 MAX_SEARCH_CHARS = 100

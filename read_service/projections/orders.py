@@ -310,9 +310,10 @@ class OrdersProjection:
         after = self._memberships(new)
         ops.extend(("ZREM", index, member) for index, member in sorted(before - after))
         ops.extend(("ZADD", index, 0, member) for index, member in sorted(after - before))
-        ops.extend(
-            gram_ops(self._keys.trigram, new.order_id, set() if old is None else searchable(old), searchable(new))
-        )
+        if old is None or not _same_search_text(old, new):
+            ops.extend(
+                gram_ops(self._keys.trigram, new.order_id, set() if old is None else searchable(old), searchable(new))
+            )
         placed = max(_micros(new.placed_at), 0)
         if old is None or max(_micros(old.placed_at), 0) != placed:
             ops.append(("ZADD", self._keys.rank, placed, new.order_id))
@@ -344,6 +345,13 @@ def searchable(view: OrderView) -> set[str]:
         texts.append(line.sku)
         texts.append(line.product_name)
     return grams(texts)
+
+
+def _same_search_text(old: OrderView, new: OrderView) -> bool:
+    """True when `searchable` gives the same trigrams for both (most events only move the status)."""
+    return (
+        old.customer_name == new.customer_name and old.customer_email == new.customer_email and old.lines == new.lines
+    )
 
 
 def _copy(view: OrderView) -> OrderView:

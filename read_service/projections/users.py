@@ -130,6 +130,11 @@ class UsersProjection:
         }
         # Every other event type changes nothing here: the projector only moves the checkpoint over it.
         self.handles: frozenset[str] = frozenset(self._handlers)
+        # Each sort with its index keys, named once rather than for every event.
+        self._indexes = [
+            (sort, keys.index(sort, Subset.ALL), keys.index(sort, Subset.ACTIVE), keys.index(sort, Subset.INACTIVE))
+            for sort in SortField
+        ]
 
     @property
     def checkpoint_key(self) -> str:
@@ -181,10 +186,10 @@ class UsersProjection:
             ("SET", self._keys.view(user_id), data),
             ("HSET", self._keys.by_email, email_key(event.email), user_id),
         ]
-        for sort in SortField:
+        for sort, every, active, _ in self._indexes:
             member = index_member(sort, view)
-            ops.append(("ZADD", self._keys.index(sort, Subset.ALL), 0, member))
-            ops.append(("ZADD", self._keys.index(sort, Subset.ACTIVE), 0, member))
+            ops.append(("ZADD", every, 0, member))
+            ops.append(("ZADD", active, 0, member))
         ops.append(("HINCRBY", self._keys.stats, "users", 1))
         ops.append(("HINCRBY", self._keys.stats, "active_users", 1))
         ops.extend(gram_ops(self._keys.trigram, user_id, set(), _searchable(view)))

@@ -10,7 +10,7 @@ bytes of `stale` and `view_position`:
 - `reply_tail(stale, position)` is the rest, a handful of bytes per call.
 
 The servicers answer such bytes through handlers without a response serializer
-(shared_kernel.grpc_server.add_preserialized), so grpc.aio sends them as they are.
+(shared_kernel.platform.grpc_server.add_preserialized), so grpc.aio sends them as they are.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from tests.chaos.harness import ChaosStack, head_position, lock_holder_port, wait_caught_up
+from devstack.chaos import ChaosStack, head_position, lock_holder_port, wait_caught_up
 from tests.chaos.workload import Workload
 
 _DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.chaos.checks import invariant_failures, write_side_figures
-from tests.chaos.harness import (
+from devstack.chaos import (
     ChaosStack,
     PositionRecorder,
     chaos_stack,
@@ -20,6 +19,7 @@ from tests.chaos.harness import (
     wait_caught_up,
     wait_drained,
 )
+from tests.chaos.checks import invariant_failures, write_side_figures
 from tests.chaos.report import ChaosReport, ScenarioRecord
 from tests.chaos.workload import Workload
 

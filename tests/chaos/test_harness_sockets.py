@@ -7,7 +7,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
-from tests.chaos.harness import _inodes_of_connection
+from devstack.chaos import _inodes_of_connection
 
 
 def _inode(sock: socket.socket) -> str:

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from devstack.chaos import ChaosStack
 from devstack.tcp_proxy import TcpProxy
 from tests.chaos.faults import recovery, sleep_unless
-from tests.chaos.harness import ChaosStack
 from tests.chaos.report import ChaosReport
 from tests.chaos.scenario import Scenario, run_scenario
 from tests.chaos.workload import Workload

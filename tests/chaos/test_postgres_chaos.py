@@ -16,8 +16,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from devstack.chaos import ChaosStack
 from tests.chaos.faults import recovery, sleep_unless
-from tests.chaos.harness import ChaosStack
 from tests.chaos.report import ChaosReport
 from tests.chaos.scenario import Scenario, run_scenario
 from tests.chaos.workload import Workload

@@ -27,6 +27,7 @@ import asyncpg
 import grpc
 import pytest
 
+from devstack.chaos import ChaosStack, head_position
 from tessera.catalog.v1 import catalog_command_service_pb2 as catalog
 from tessera.catalog.v1 import catalog_command_service_pb2_grpc as catalog_grpc
 from tessera.common.v1.money_pb2 import Money
@@ -36,7 +37,6 @@ from tessera.orders.v1 import order_pb2
 from tessera.users.v1 import user_command_service_pb2 as users
 from tessera.users.v1 import user_command_service_pb2_grpc as users_grpc
 from tests.chaos.faults import recovery, sleep_unless
-from tests.chaos.harness import ChaosStack, head_position
 from tests.chaos.report import ChaosReport
 from tests.chaos.scenario import Scenario, run_scenario
 from tests.chaos.workload import Workload

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from devstack.chaos import KEY_PREFIX, ChaosStack, head_position, wait_caught_up
 from tessera.events.v1.envelope_pb2 import StreamHead
-from tests.chaos.harness import KEY_PREFIX, ChaosStack, head_position, wait_caught_up
 from tests.chaos.report import ChaosReport
 from tests.chaos.scenario import Scenario, run_scenario
 from tests.chaos.workload import Workload

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from devstack.chaos import ChaosStack, active_relay, lock_holder_port
 from tests.chaos.faults import backlog_published, sleep_unless, wait_for_holder
-from tests.chaos.harness import ChaosStack, active_relay, lock_holder_port
 from tests.chaos.report import ChaosReport
 from tests.chaos.scenario import Scenario, run_scenario
 from tests.chaos.workload import Workload

@@ -22,7 +22,7 @@ from tessera.users.v1 import user_command_service_pb2 as cmd
 from tessera.users.v1 import user_query_service_pb2 as q
 from tessera_client import CallableToken, ChannelOptions, FileToken, TesseraClient, Tls, Unavailable
 from tessera_client.channels import read_service_config, read_target
-from tests.integration.security.certs import Authority
+from tests.integration.shared_kernel.platform.security.certs import Authority
 
 
 @dataclass

@@ -35,7 +35,7 @@ from read_service.generations import keyspace_prefix, pointer_key, served_checkp
 from read_service.keys import UserKeys
 from read_service.lease import lease_key
 from read_service.projections.users import UsersProjection
-from shared_kernel.event_log import NewEvent, append_events
+from shared_kernel.contracts.event_log import NewEvent, append_events
 from tessera.users.v1.events_pb2 import UserDeactivated, UserProfileUpdated, UserRegistered
 from tessera.users.v1.user_query_service_pb2 import UserView
 from tessera_client import TesseraClient

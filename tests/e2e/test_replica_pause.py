@@ -13,8 +13,8 @@ import redis.asyncio as aioredis
 
 from devstack.servers import EmbeddedRedis
 from devstack.supervisor import Stack, StackConfig
-from shared_kernel.event_log import events_channel, head_channel
-from shared_kernel.healthcheck import check_serving_async
+from shared_kernel.contracts.event_log import events_channel, head_channel
+from shared_kernel.platform.healthcheck import check_serving_async
 from tessera.events.v1.envelope_pb2 import StreamHead
 from tessera_client import TesseraClient
 from tests.e2e.conftest import FAST_HASHING

@@ -202,7 +202,7 @@ async def test_a_not_serving_replica_gets_no_calls_until_it_serves(
 
 
 async def _until_listening_not_serving(process: ServiceProcess) -> None:
-    from shared_kernel.healthcheck import check_serving_async
+    from shared_kernel.platform.healthcheck import check_serving_async
 
     deadline = Deadline(30)
     while True:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from devstack.supervisor import ServiceProcess, Stack
-from shared_kernel.healthcheck import check_serving
+from shared_kernel.platform.healthcheck import check_serving
 from tessera.users.v1 import user_command_service_pb2 as cmd
 from tessera.users.v1 import user_command_service_pb2_grpc as cmd_grpc
 from tessera.users.v1 import user_query_service_pb2 as qry

@@ -25,12 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis.asyncio as aioredis
 
-from devstack.processes import process_tree, wait_gone
-from devstack.servers import find_free_port
-from read_service.generations import served_checkpoint
-from tessera.users.v1 import user_query_service_pb2 as qry
-from tessera_client import TesseraClient, TesseraError
-from tests.chaos.harness import (
+from devstack.chaos import (
     PositionRecorder,
     head_position,
     lock_holder_port,
@@ -38,6 +33,11 @@ from tests.chaos.harness import (
     pid_owning_connection,
     wait_drained,
 )
+from devstack.processes import process_tree, wait_gone
+from devstack.servers import find_free_port
+from read_service.generations import served_checkpoint
+from tessera.users.v1 import user_query_service_pb2 as qry
+from tessera_client import TesseraClient, TesseraError
 from tests.conftest import create_database, drop_database
 from tests.devstack_up import DevstackUp
 from tests.e2e.conftest import FAST_HASHING

@@ -17,7 +17,7 @@ from typing import Literal
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
-from shared_kernel.consistency import encode_token
+from shared_kernel.contracts.consistency import encode_token
 from tessera.catalog.v1 import catalog_command_service_pb2 as ccmd
 from tessera.catalog.v1 import product_query_service_pb2 as cqry
 from tessera.common.v1 import money_pb2

@@ -6,8 +6,8 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from shared_kernel import errors
-from shared_kernel.grpc_errors import bad_request_from_status, status_for
+from shared_kernel.contracts import errors
+from shared_kernel.platform.grpc_errors import bad_request_from_status, status_for
 
 from .conftest import HostileStack
 from .matrix import CORRUPT_TAGS, INVALID_UTF8, QUERIES, bytes_field

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
-from shared_kernel.grpc_errors import ErrorMappingInterceptor
+from shared_kernel.platform.grpc_errors import ErrorMappingInterceptor
 
 METHOD = "/tessera.test.Reset/Echo"
 
@@ -70,7 +70,7 @@ async def test_metadata_sent_after_the_caller_left_ends_the_call_cancelled_witho
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        with caplog.at_level(logging.INFO, logger="shared_kernel.grpc_errors"):
+        with caplog.at_level(logging.INFO, logger="shared_kernel.platform.grpc_errors"):
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 echo_method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(METHOD)
                 call = echo_method(b"ping", timeout=10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from shared_kernel.grpc_errors import bad_request_from_status
+from shared_kernel.platform.grpc_errors import bad_request_from_status
 
 from .conftest import HostileStack
 from .matrix import CORRUPT_TAGS, INVALID_UTF8, bytes_field

@@ -37,7 +37,7 @@ from read_service.projections.users import UsersProjection
 from read_service.projector import Projector, ProjectorOptions
 from relay.runner import Relay
 from relay.settings import RelaySettings
-from shared_kernel.logs import JsonFormatter
+from shared_kernel.platform.logs import JsonFormatter
 from tessera.users.v1 import user_command_service_pb2 as pb
 from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
 from tests.integration.write_service.support import in_process_write_server

@@ -15,9 +15,9 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
-from shared_kernel import errors
-from shared_kernel.event_log import NewEvent
-from shared_kernel.identity import email_key
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.event_log import NewEvent
+from shared_kernel.contracts.identity import email_key
 from write_service.domain import catalog, orders, users
 from write_service.domain.aggregate import Aggregate
 from write_service.service_layer.deadline import Deadline

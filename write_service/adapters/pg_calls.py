@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 
 T = TypeVar("T")
 

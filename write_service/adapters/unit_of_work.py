@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Self
 
 import asyncpg
 
-from shared_kernel import errors
-from shared_kernel.event_log import NewEvent, add_outbox_rows, outbox_insert
-from shared_kernel.grpc_errors import to_domain_error
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.event_log import NewEvent, add_outbox_rows, outbox_insert
+from shared_kernel.platform.grpc_errors import to_domain_error
 from write_service.adapters.catalog import PostgresProductRepository
 from write_service.adapters.orders import PostgresOrderRepository, PostgresSagaHandoff
 from write_service.adapters.pg_calls import Calls, Step
@@ -86,12 +86,13 @@ FROM (VALUES (1)) AS one (n)
 LEFT JOIN idempotency_keys AS k ON k.principal = $1 AND k.command_type = $2 AND k.idempotency_key = $3
 """
 
-# Replaces only a row that has expired (and not been purged yet); a live row updates
-# nothing, which put() reports as a conflict.
-_UPSERT_STORED_REPLY = """
+_STORED_REPLY_INSERT = """
 INSERT INTO idempotency_keys (principal, command_type, idempotency_key, lock_id, fingerprint, command_id,
                               aggregate_id, aggregate_version, reply, created_at, expires_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+"""
+# Replaces only a row that has expired (and not been purged yet); a live row updates
+# nothing, which put() reports as a conflict.
+_STORED_REPLY_CONFLICT = """
 ON CONFLICT (principal, command_type, idempotency_key) DO UPDATE
 SET lock_id = EXCLUDED.lock_id, fingerprint = EXCLUDED.fingerprint, command_id = EXCLUDED.command_id,
     aggregate_id = EXCLUDED.aggregate_id, aggregate_version = EXCLUDED.aggregate_version,
@@ -99,21 +100,15 @@ SET lock_id = EXCLUDED.lock_id, fingerprint = EXCLUDED.fingerprint, command_id =
 WHERE idempotency_keys.expires_at <= EXCLUDED.created_at
 RETURNING 1
 """
+_UPSERT_STORED_REPLY = (
+    _STORED_REPLY_INSERT + "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)" + _STORED_REPLY_CONFLICT
+)
 
 # The stored replies of several commands written together (decision 0033): the same upsert
 # over arrays, so its text is the same for any number of them; it must return one row each.
-_UPSERT_STORED_REPLIES = """
-INSERT INTO idempotency_keys (principal, command_type, idempotency_key, lock_id, fingerprint, command_id,
-                              aggregate_id, aggregate_version, reply, created_at, expires_at)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bytea[], $6::uuid[], $7::text[],
-                     $8::bigint[], $9::bytea[], $10::timestamptz[], $11::timestamptz[])
-ON CONFLICT (principal, command_type, idempotency_key) DO UPDATE
-SET lock_id = EXCLUDED.lock_id, fingerprint = EXCLUDED.fingerprint, command_id = EXCLUDED.command_id,
-    aggregate_id = EXCLUDED.aggregate_id, aggregate_version = EXCLUDED.aggregate_version,
-    reply = EXCLUDED.reply, created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at
-WHERE idempotency_keys.expires_at <= EXCLUDED.created_at
-RETURNING 1
-"""
+_UNNEST_STORED_REPLIES = """SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bytea[],
+    $6::uuid[], $7::text[], $8::bigint[], $9::bytea[], $10::timestamptz[], $11::timestamptz[])"""
+_UPSERT_STORED_REPLIES = _STORED_REPLY_INSERT + _UNNEST_STORED_REPLIES + _STORED_REPLY_CONFLICT
 
 # The CTE picks expired rows (skipping rows another purger is deleting); the lock test
 # runs only on those, and a row whose key a running command holds is left for next time.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from shared_kernel.identity import email_key
+from shared_kernel.contracts.identity import email_key
 from write_service.adapters.pg_calls import Calls, Step
 from write_service.domain import orders, users
 from write_service.service_layer.ports import UserRepository
@@ -29,7 +29,7 @@ _SELECT_CUSTOMER_LOCKED = _SELECT_CUSTOMER + " FOR SHARE"
 # (no deactivation can commit in between) until the order's statement commits.
 _CUSTOMER_STILL_ACTIVE = "SELECT 1 FROM users WHERE id = $1 AND active FOR SHARE"
 
-# Both unique indexes can answer this: $1 is the e-mail key (shared_kernel.identity), and
+# Both unique indexes can answer this: $1 is the e-mail key (shared_kernel.contracts.identity), and
 # lower(username) matches the username index (usernames are ASCII by their pattern).
 _TAKEN = """
 SELECT coalesce(bool_or(email_key = $1), false) AS email,

@@ -23,12 +23,12 @@ from pydantic import (
     ValidationError,
 )
 
-from shared_kernel.errors import FieldViolation, InvalidArgument, violations_from_pydantic
-from shared_kernel.validation import has_control_chars, uuid_violation
+from shared_kernel.contracts.errors import FieldViolation, InvalidArgument, violations_from_pydantic
+from shared_kernel.contracts.validation import has_control_chars, uuid_violation
 
 REASON_MAX = 500
 
-# shared_kernel.validation.CONTROL_CHARS minus line feed and tab, which multi-line text needs.
+# shared_kernel.contracts.validation.CONTROL_CHARS minus line feed and tab, which multi-line text needs.
 _CONTROL_CHARS_BUT_LF_TAB = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 SummaryValue = str | int | bool

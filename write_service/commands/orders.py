@@ -12,7 +12,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import AfterValidator, field_validator
 
-from shared_kernel.errors import FieldViolation
+from shared_kernel.contracts.errors import FieldViolation
 from write_service.commands.base import (
     REASON_MAX,
     AggregateId,

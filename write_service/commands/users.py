@@ -12,7 +12,7 @@ from typing import ClassVar
 from email_validator import EmailNotValidError, validate_email
 from pydantic import AnyHttpUrl, SecretStr, TypeAdapter, ValidationError, field_validator
 
-from shared_kernel.validation import has_control_chars
+from shared_kernel.contracts.validation import has_control_chars
 from write_service.commands.base import (
     REASON_MAX,
     AggregateId,

@@ -16,8 +16,8 @@ from typing import ClassVar
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shared_kernel.errors import FailedPrecondition
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.errors import FailedPrecondition
+from shared_kernel.contracts.event_log import NewEvent
 from write_service.domain.events import is_public
 
 

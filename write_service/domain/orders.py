@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar, Literal
 
-from shared_kernel.errors import FailedPrecondition
+from shared_kernel.contracts.errors import FailedPrecondition
 from tessera.orders.v1 import events_pb2, order_pb2
 from write_service.domain.aggregate import Aggregate, timestamp
 from write_service.domain.catalog import Product

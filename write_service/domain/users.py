@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar
 
-from shared_kernel.errors import AlreadyExists, FailedPrecondition
+from shared_kernel.contracts.errors import AlreadyExists, FailedPrecondition
 from tessera.users.v1 import events_pb2
 from write_service.domain.aggregate import Aggregate, timestamp
 

@@ -18,10 +18,10 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar
 import grpc
 from opentelemetry import trace
 
-from shared_kernel import errors
-from shared_kernel.auth import current_principal
-from shared_kernel.consistency import encode_token
-from shared_kernel.errors import FieldViolation
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.consistency import encode_token
+from shared_kernel.contracts.errors import FieldViolation
+from shared_kernel.platform.security.authn import current_principal
 from write_service.commands.base import Command
 from write_service.service_layer.command_steps import CommandMeta, CommandResult, utc_now
 from write_service.service_layer.deadline import Deadline

@@ -20,12 +20,13 @@ from typing import Any
 import asyncpg
 import grpc
 
-from shared_kernel.db import create_pool
-from shared_kernel.grpc_server import GrpcServer, wait_for_shutdown_signal
-from shared_kernel.logs import configure_logging
-from shared_kernel.metrics import configure_metrics, current
-from shared_kernel.runtime import run
-from shared_kernel.telemetry import configure_tracing
+from shared_kernel.platform.db import create_pool
+from shared_kernel.platform.grpc_server import GrpcServer, wait_for_shutdown_signal
+from shared_kernel.platform.logs import configure_logging
+from shared_kernel.platform.metrics import configure_metrics, current
+from shared_kernel.platform.runtime import run
+from shared_kernel.platform.telemetry import configure_tracing
+from write_service.bootstrap import close_pool
 from write_service.saga.breaker import CircuitBreaker
 from write_service.saga.metrics import register_saga_metrics, saga_status_sampler
 from write_service.saga.orchestrator import SagaRunner
@@ -36,7 +37,6 @@ from write_service.saga.worker import SagaWorker
 logger = logging.getLogger("write_service.saga")
 
 APPLICATION_NAME = "tessera-saga-worker"
-_POOL_CLOSE_TIMEOUT_S = 10.0
 
 
 def default_worker_id() -> str:
@@ -120,10 +120,7 @@ async def serve(
         await channel.close()
         if secondary_channel is not None:
             await secondary_channel.close()
-        try:
-            await asyncio.wait_for(pool.close(), _POOL_CLOSE_TIMEOUT_S)
-        except TimeoutError:
-            pool.terminate()
+        await close_pool(pool)
 
 
 async def main() -> int:

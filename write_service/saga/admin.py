@@ -18,9 +18,9 @@ from typing import Any, TextIO
 
 import asyncpg
 
-from shared_kernel import errors
-from shared_kernel.db import NOT_UP_YET
-from shared_kernel.runtime import run
+from shared_kernel.contracts import errors
+from shared_kernel.platform.db import NOT_UP_YET
+from shared_kernel.platform.runtime import run
 from write_service.saga.operations import (
     MAX_PAGE_SIZE,
     STATUSES,

@@ -11,8 +11,8 @@ from typing import Any
 import asyncpg
 import grpc
 
-from shared_kernel import errors
-from shared_kernel.auth import current_principal
+from shared_kernel.contracts import errors
+from shared_kernel.platform.security.authn import current_principal
 from tessera.orders.v1 import saga_admin_service_pb2 as pb
 from tessera.orders.v1 import saga_admin_service_pb2_grpc as pb_grpc
 from write_service.saga import model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from shared_kernel.backoff import jittered_delay
+from shared_kernel.platform.backoff import jittered_delay
 
 
 def backoff_delay_s(attempt: int, base_ms: int, cap_ms: int, rng: random.Random | None = None) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 from opentelemetry import metrics
 
-from shared_kernel.metrics import Sampler, attrs
+from shared_kernel.platform.metrics import Sampler, attrs
 from write_service.saga import model
 
 METER_NAME = "tessera.saga"

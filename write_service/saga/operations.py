@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 from write_service.saga import model
 
 DEFAULT_PAGE_SIZE = 20

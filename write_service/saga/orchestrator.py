@@ -31,9 +31,9 @@ import asyncpg
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from shared_kernel.errors import Conflict
-from shared_kernel.event_log import NewEvent
-from shared_kernel.telemetry import context_from_envelope
+from shared_kernel.contracts.errors import Conflict
+from shared_kernel.contracts.event_log import NewEvent
+from shared_kernel.contracts.trace_context import context_from_envelope
 from write_service.adapters.unit_of_work import PostgresUnitOfWork
 from write_service.domain.catalog import Product
 from write_service.domain.orders import Order
@@ -621,16 +621,20 @@ class SagaRunner:
         if result != "UPDATE 1":
             raise Replan(None)
 
+    def remember_origin(self, order_id: uuid.UUID, origin: tuple[str, str, str]) -> None:
+        """Keep the correlation id and trace context of the request that placed the order."""
+        if len(self._origins) > 10_000:
+            self._origins.clear()
+        self._origins[order_id] = origin
+
     async def _origin(self, order_id: uuid.UUID) -> tuple[str, str, str]:
-        """Correlation id and trace context of the request that placed the order (cached)."""
+        """Correlation id and trace context of the request that placed the order (cached; the claim reads it)."""
         cached = self._origins.get(order_id)
         if cached is not None:
             return cached
         row = await self._pool.fetchrow(_ORIGIN, str(order_id))
         origin = (row["correlation_id"], row["traceparent"], row["tracestate"]) if row else (str(order_id), "", "")
-        if len(self._origins) > 10_000:
-            self._origins.clear()
-        self._origins[order_id] = origin
+        self.remember_origin(order_id, origin)
         return origin
 
     async def _read_saga(self, saga_id: uuid.UUID) -> SagaRow | None:

@@ -148,6 +148,13 @@ class GrpcPaymentProvider:
         self._timeout_s = timeout_s
         self._metadata = metadata
 
+    async def _call(self, method: Callable[..., Awaitable[T]], request: object) -> T:
+        """One call with the deadline and metadata; a failure as the port's error."""
+        try:
+            return await method(request, timeout=self._timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from exc
+
     async def authorize(
         self, reference: str, amount_minor: int, currency_code: str, customer_id: str, idempotency_key: str
     ) -> AuthorizeResult:
@@ -158,50 +165,35 @@ class GrpcPaymentProvider:
             customer_id=customer_id,
             idempotency_key=idempotency_key,
         )
-        try:
-            reply = await self._stub.Authorize(request, timeout=self._timeout_s, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from exc
+        reply: pb.AuthorizeResponse = await self._call(self._stub.Authorize, request)
         return AuthorizeResult(reply.approved, reply.authorization_id, reply.decline_reason)
 
     async def capture(self, reference: str, idempotency_key: str) -> PaymentInfo:
         """Capture(reference, key)."""
         request = pb.CaptureRequest(reference=reference, idempotency_key=idempotency_key)
-        try:
-            reply = await self._stub.Capture(request, timeout=self._timeout_s, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from exc
+        reply: pb.CaptureResponse = await self._call(self._stub.Capture, request)
         return payment_from_pb(reply.payment)
 
     async def void(self, reference: str, idempotency_key: str) -> PaymentInfo:
         """Void(reference, key)."""
         request = pb.VoidRequest(reference=reference, idempotency_key=idempotency_key)
-        try:
-            reply = await self._stub.Void(request, timeout=self._timeout_s, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from exc
+        reply: pb.VoidResponse = await self._call(self._stub.Void, request)
         return payment_from_pb(reply.payment)
 
     async def refund(self, reference: str, idempotency_key: str) -> RefundResult:
         """Refund(reference, key)."""
         request = pb.RefundRequest(reference=reference, idempotency_key=idempotency_key)
-        try:
-            reply = await self._stub.Refund(request, timeout=self._timeout_s, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from exc
+        reply: pb.RefundResponse = await self._call(self._stub.Refund, request)
         return RefundResult(reply.refund_id, payment_from_pb(reply.payment))
 
     async def get_payment(self, reference: str) -> PaymentInfo | None:
         """GetPayment(reference); NOT_FOUND is None."""
         try:
-            reply = await self._stub.GetPayment(
-                pb.GetPaymentRequest(reference=reference), timeout=self._timeout_s, metadata=self._metadata
+            reply: pb.GetPaymentResponse = await self._call(
+                self._stub.GetPayment, pb.GetPaymentRequest(reference=reference)
             )
-        except grpc.aio.AioRpcError as exc:
-            error = _translate(exc)
-            if isinstance(error, PaymentNotFound):
-                return None
-            raise error from exc
+        except PaymentNotFound:
+            return None
         return payment_from_pb(reply.payment)
 
 

@@ -7,7 +7,7 @@ from typing import Self
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared_kernel.settings import CommonSettings, DatabaseSettings, GrpcServerSettings
+from shared_kernel.platform.settings import CommonSettings, DatabaseSettings, GrpcServerSettings
 
 
 class SagaSettings(CommonSettings, DatabaseSettings):

@@ -47,13 +47,21 @@ WITH due AS (
     ORDER BY next_attempt_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE saga_executions AS s
+    SET locked_by = $2, locked_until = now() + make_interval(secs => $3::float8)
+    FROM due
+    WHERE s.id = due.id
+    RETURNING s.id, s.order_id, s.status, s.current_step, s.context::text AS context, s.version, s.attempts,
+              s.locked_by, due.previous_owner
 )
-UPDATE saga_executions AS s
-SET locked_by = $2, locked_until = now() + make_interval(secs => $3::float8)
-FROM due
-WHERE s.id = due.id
-RETURNING s.id, s.order_id, s.status, s.current_step, s.context::text AS context, s.version, s.attempts,
-          s.locked_by, due.previous_owner
+SELECT claimed.*, origin.correlation_id, origin.traceparent, origin.tracestate
+FROM claimed
+LEFT JOIN LATERAL (
+    SELECT correlation_id, traceparent, tracestate FROM outbox
+    WHERE aggregate_type = 'order' AND aggregate_id = claimed.order_id::text ORDER BY aggregate_version LIMIT 1
+) AS origin ON true
 """
 
 # Seconds until the next saga nobody holds falls due (or its lease runs out); NULL when none.
@@ -134,6 +142,11 @@ class SagaWorker:
             return 0
         for row in rows:
             saga = saga_from_row(row)
+            if row["correlation_id"] is not None:
+                # The request that placed the order, read with the claim: the steps need not look it up.
+                self._runner.remember_origin(
+                    saga.order_id, (row["correlation_id"], row["traceparent"], row["tracestate"])
+                )
             self.stats.claimed += 1
             if row["previous_owner"] is not None and row["previous_owner"] != self.worker_id:
                 self.stats.resumed_stale += 1

@@ -29,7 +29,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 from write_service.commands.base import ChangeCommand
 from write_service.domain.aggregate import Aggregate
 from write_service.service_layer.deadline import Deadline

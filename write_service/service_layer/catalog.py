@@ -12,17 +12,15 @@ from write_service.service_layer.command_steps import (
     Dependencies,
     Handler,
     change_aggregate,
-    commit,
-    stored_reply,
+    create_aggregate,
 )
 from write_service.service_layer.ports import UnitOfWork
 
 
 async def add_product(command: AddProduct, uow: UnitOfWork, deps: Dependencies, meta: CommandMeta) -> CommandResult:
     """Add a product whose sku is free."""
-    async with uow:
-        if (stored := await stored_reply(uow, command, deps, meta)) is not None:
-            return stored
+
+    async def create() -> catalog.Product:
         if await uow.products.sku_taken(command.sku):
             raise catalog.sku_taken()
         product = catalog.Product.add(
@@ -35,7 +33,9 @@ async def add_product(command: AddProduct, uow: UnitOfWork, deps: Dependencies, 
             now=deps.clock(),
         )
         await uow.products.add(product)
-        return await commit(uow, command, product, deps, meta)
+        return product
+
+    return await create_aggregate(command, uow, deps, meta, create=create)
 
 
 async def update_product_price(

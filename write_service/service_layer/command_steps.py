@@ -22,9 +22,9 @@ from typing import Any, Protocol, TypeVar, cast
 
 from opentelemetry import context as otel_context
 
-from shared_kernel.auth import ANONYMOUS
-from shared_kernel.errors import Conflict, DomainError, FailedPrecondition, NotFound
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.errors import Conflict, DomainError, FailedPrecondition, NotFound
+from shared_kernel.contracts.event_log import NewEvent
+from shared_kernel.platform.security.authn import ANONYMOUS
 from write_service.commands.base import ChangeCommand, Command
 from write_service.domain.aggregate import Aggregate
 from write_service.service_layer.aggregate_turns import AggregateTurns, Queued, Turn
@@ -102,7 +102,7 @@ class CommandMeta:
     correlation_id: str
     received_at: datetime
     deadline: Deadline
-    # Who sent it (shared_kernel.auth.current_principal() of the call).
+    # Who sent it (shared_kernel.platform.security.authn.current_principal() of the call).
     principal: str = ANONYMOUS
     # The caller's idempotency key, already validated; the bus turns it into `idempotency`.
     idempotency_key: str | None = None
@@ -123,6 +123,26 @@ class AggregateStore(Protocol[A]):
 
     async def save(self, aggregate: A, /) -> None:
         """Store the changed aggregate."""
+
+
+async def create_aggregate(
+    command: Command,
+    uow: UnitOfWork,
+    deps: Dependencies,
+    meta: CommandMeta,
+    *,
+    create: Callable[[], Awaitable[Aggregate]],
+) -> CommandResult:
+    """A command that creates an aggregate: the stored reply of a keyed retry, else `create` and commit.
+
+    `create` checks what the new aggregate needs (a free SKU, an active customer...), builds
+    it and adds it to its repository of `uow`; it runs in the unit of work, after the key's look-up.
+    """
+    async with uow:
+        if (stored := await stored_reply(uow, command, deps, meta)) is not None:
+            return stored
+        aggregate = await create()
+        return await commit(uow, command, aggregate, deps, meta)
 
 
 async def change_aggregate(
@@ -430,42 +450,9 @@ async def commit(
     before queueing its own write; otherwise they run here.
     """
     events = tuple(aggregate.pending_events)
-    claim = meta.idempotency
     if published is None:
         published = await publishable_events(uow, aggregate, deps)
-    completed_at = deps.clock()
-    await uow.append_events(published, correlation_id=meta.correlation_id, causation_id=str(meta.command_id))
-    await uow.log_command(
-        CommandLogEntry(
-            command_id=meta.command_id,
-            command_type=command.command_type,
-            aggregate_type=aggregate.aggregate_type,
-            aggregate_id=str(aggregate.id),
-            correlation_id=meta.correlation_id,
-            received_at=meta.received_at,
-            completed_at=completed_at,
-            outcome="succeeded",
-            event_ids=tuple(e.event_id for e in published),
-            summary=command.summary(),
-            principal=meta.principal,
-            idempotency_key=claim.scope.key if claim is not None else "",
-        )
-    )
-    result = CommandResult(aggregate_id=aggregate.id, version=aggregate.version, events=events)
-    if claim is not None:
-        result = replace(result, reply=claim.encode_reply(result))
-        await uow.idempotency.put(
-            StoredReply(
-                scope=claim.scope,
-                fingerprint=claim.fingerprint,
-                command_id=meta.command_id,
-                aggregate_id=str(aggregate.id),
-                aggregate_version=aggregate.version,
-                reply=result.reply,
-                created_at=completed_at,
-                expires_at=completed_at + claim.retention,
-            )
-        )
+    result = await _record(uow, command, aggregate, (events, published), aggregate.version, deps=deps, meta=meta)
     await uow.commit()
     aggregate.pending_events.clear()
     return result

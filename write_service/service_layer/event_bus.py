@@ -13,7 +13,7 @@ from datetime import datetime
 
 from google.protobuf.message import Message
 
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.event_log import NewEvent
 from write_service.domain.aggregate import Aggregate
 from write_service.domain.events import is_public
 from write_service.service_layer.ports import UnitOfWork

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from shared_kernel.errors import FieldViolation, InvalidArgument
+from shared_kernel.contracts.errors import FieldViolation, InvalidArgument
 from write_service.commands.base import Command
 from write_service.service_layer.ports import IdempotencyScope, PasswordHasher
 

@@ -22,9 +22,9 @@ from datetime import timedelta
 
 from opentelemetry import metrics, trace
 
-from shared_kernel import errors
-from shared_kernel.backoff import jittered_delay
-from shared_kernel.grpc_errors import status_for
+from shared_kernel.contracts import errors
+from shared_kernel.platform.backoff import jittered_delay
+from shared_kernel.platform.grpc_errors import status_for
 from write_service.commands.base import Command
 from write_service.service_layer.command_steps import (
     CommandMeta,

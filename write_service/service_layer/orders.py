@@ -14,8 +14,8 @@ from datetime import datetime
 
 from google.protobuf.message import Message
 
-from shared_kernel.errors import FailedPrecondition
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.errors import FailedPrecondition
+from shared_kernel.contracts.event_log import NewEvent
 from tessera.users.v1 import events_pb2 as user_events
 from write_service.commands.base import Command
 from write_service.commands.orders import AddOrderItem, CancelOrder, PlaceOrder, ShipOrder
@@ -28,8 +28,7 @@ from write_service.service_layer.command_steps import (
     Dependencies,
     Handler,
     change_aggregate,
-    commit,
-    stored_reply,
+    create_aggregate,
 )
 from write_service.service_layer.event_bus import Policy
 from write_service.service_layer.ports import UnitOfWork
@@ -47,9 +46,8 @@ async def _catalog_products(uow: UnitOfWork, skus: Sequence[str]) -> list[Produc
 
 async def place_order(command: PlaceOrder, uow: UnitOfWork, deps: Dependencies, meta: CommandMeta) -> CommandResult:
     """Place a pending order for an active customer, priced from the catalog, and start its saga."""
-    async with uow:
-        if (stored := await stored_reply(uow, command, deps, meta)) is not None:
-            return stored
+
+    async def create() -> orders.Order:
         customer = await uow.users.get_customer(command.customer_id)
         if customer is None:
             raise FailedPrecondition(
@@ -68,7 +66,9 @@ async def place_order(command: PlaceOrder, uow: UnitOfWork, deps: Dependencies, 
         )
         await uow.orders.add(order)
         await uow.sagas.start(deps.new_id(), order.id, now)
-        return await commit(uow, command, order, deps, meta)
+        return order
+
+    return await create_aggregate(command, uow, deps, meta, create=create)
 
 
 async def add_order_item(

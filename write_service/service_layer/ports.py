@@ -14,7 +14,7 @@ from typing import Any, Literal, Self
 
 from pydantic import SecretStr
 
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.event_log import NewEvent
 from write_service.domain.catalog import Product
 from write_service.domain.orders import Customer, Order
 from write_service.domain.users import User
@@ -41,7 +41,8 @@ class CommandLogEntry:
     event_ids: tuple[uuid.UUID, ...] = ()
     # Already redacted by the command: never a password or a hash.
     summary: Mapping[str, str | int | bool] = field(default_factory=dict)
-    # Who asked (shared_kernel.auth.current_principal() of the call) and with which key ("" for none).
+    # Who asked (`current_principal()` of the call, shared_kernel.platform.security.authn) and
+    # with which key ("" for none).
     principal: str = ""
     idempotency_key: str = ""
     # For outcome "replayed": the command whose stored reply was returned.

@@ -12,8 +12,7 @@ from write_service.service_layer.command_steps import (
     Dependencies,
     Handler,
     change_aggregate,
-    commit,
-    stored_reply,
+    create_aggregate,
 )
 from write_service.service_layer.ports import UnitOfWork
 
@@ -22,9 +21,8 @@ async def register_user(command: RegisterUser, uow: UnitOfWork, deps: Dependenci
     """Create a user whose email and username are free."""
     # Hash before the transaction: argon2 is slow on purpose and must not hold a connection.
     password_hash = await deps.hasher.hash(command.password)
-    async with uow:
-        if (stored := await stored_reply(uow, command, deps, meta)) is not None:
-            return stored
+
+    async def create() -> users.User:
         taken = await uow.users.taken_fields(command.email, command.username)
         if "email" in taken:
             raise users.email_taken()
@@ -39,7 +37,9 @@ async def register_user(command: RegisterUser, uow: UnitOfWork, deps: Dependenci
             now=deps.clock(),
         )
         await uow.users.add(user)
-        return await commit(uow, command, user, deps, meta)
+        return user
+
+    return await create_aggregate(command, uow, deps, meta, create=create)
 
 
 async def update_user_profile(

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from devstack.supervisor import ServiceProcess
-from shared_kernel.grpc_errors import bad_request_from_status
+from shared_kernel.platform.grpc_errors import bad_request_from_status
 from tessera.common.v1.money_pb2 import Money
 from tessera.payments.v1 import payment_provider_admin_pb2 as admin_pb
 from tessera.payments.v1 import payment_provider_admin_pb2_grpc as admin_grpc

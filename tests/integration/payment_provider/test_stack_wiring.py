@@ -11,7 +11,7 @@ import pytest
 
 from devstack.processes import wait_gone
 from devstack.supervisor import ServiceError, Stack, StackConfig
-from shared_kernel.healthcheck import check_serving
+from shared_kernel.platform.healthcheck import check_serving
 from tessera.payments.v1 import payment_provider_admin_pb2 as admin_pb
 from tessera.payments.v1 import payment_provider_admin_pb2_grpc as admin_grpc
 from tests.conftest import create_database, drop_database

@@ -20,7 +20,7 @@ from read_service.keys import UserKeys
 from read_service.projections.base import Projection
 from read_service.projections.users import UsersProjection
 from read_service.projector import Projector, ProjectorLinks, ProjectorOptions
-from shared_kernel.event_log import NewEvent, append_events, events_channel, head_channel, read_positioned
+from shared_kernel.contracts.event_log import NewEvent, append_events, events_channel, head_channel, read_positioned
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 from tessera.users.v1.events_pb2 import UserDeactivated, UserProfileUpdated, UserRegistered
 

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from read_service.keys import UserKeys
-from shared_kernel.event_log import NewEvent, events_channel
+from shared_kernel.contracts.event_log import NewEvent, events_channel
 from tessera.catalog.v1.events_pb2 import ProductAdded
 from tessera.common.v1.money_pb2 import Money
 from tessera.users.v1.user_query_service_pb2 import UserView

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from read_service.bootstrap import ReadService, running_read_service
-from shared_kernel.consistency import encode_token
+from shared_kernel.contracts.consistency import encode_token
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceStub
 

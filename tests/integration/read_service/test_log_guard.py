@@ -18,7 +18,7 @@ from read_service.generations import pointer_key
 from read_service.keys import UserKeys
 from read_service.log_guard import Fingerprint, LogRewound, check_log
 from read_service.projector import Projector
-from shared_kernel.event_log import read_positioned
+from shared_kernel.contracts.event_log import read_positioned
 from tessera.users.v1.user_query_service_pb2 import UserView
 
 from .conftest import EventLog, Publisher, Replica, UserFactory, eventually

@@ -13,9 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from read_service.bootstrap import ReadService, running_read_service
-from shared_kernel.consistency import encode_token
-from shared_kernel.event_log import NewEvent
-from shared_kernel.grpc_errors import bad_request_from_status
+from shared_kernel.contracts.consistency import encode_token
+from shared_kernel.contracts.event_log import NewEvent
+from shared_kernel.platform.grpc_errors import bad_request_from_status
 from tessera.catalog.v1 import product_query_service_pb2 as cpb
 from tessera.catalog.v1.product_query_service_pb2_grpc import ProductQueryServiceStub
 from tessera.orders.v1 import order_query_service_pb2 as opb

@@ -23,7 +23,7 @@ from read_service.generations import parked_events, skip_field, skips_key
 from read_service.projections.users import UsersProjection
 from read_service.projector import ParkingMode, ProjectorState
 from read_service.projector_metrics import register_projector_metrics
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.event_log import NewEvent
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceStub
 

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from read_service.keys import SortField, Subset, UserKeys
 from read_service.projector import ParkingMode, ProjectorState
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.event_log import NewEvent
 from tessera.events.v1.envelope_pb2 import StreamHead
 from tessera.users.v1.user_query_service_pb2 import UserView
 

@@ -30,7 +30,7 @@ from read_service.keys import SortField, Subset, UserKeys
 from read_service.log_guard import Fingerprint, LogRewound
 from read_service.projections.users import UsersProjection
 from read_service.projector import Projector
-from shared_kernel.event_log import events_channel, head_channel
+from shared_kernel.contracts.event_log import events_channel, head_channel
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 from tessera.users.v1.events_pb2 import UserDeactivated, UserProfileUpdated, UserRegistered
 from tessera.users.v1.user_query_service_pb2 import UserView

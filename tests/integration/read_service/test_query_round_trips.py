@@ -22,9 +22,9 @@ from read_service.projector import Projector
 from read_service.view_store import ViewReader
 from read_service.views.users import UserViews
 from read_service.watch import ChangeFeed
-from shared_kernel.consistency import encode_token
-from shared_kernel.grpc_server import GrpcServer
-from shared_kernel.settings import GrpcServerSettings
+from shared_kernel.contracts.consistency import encode_token
+from shared_kernel.platform.grpc_server import GrpcServer
+from shared_kernel.platform.settings import GrpcServerSettings
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceStub
 

@@ -13,7 +13,7 @@ import read_service.catch_up as catch_up_module
 from devstack.tcp_proxy import TcpProxy
 from read_service.bootstrap import create_redis_client
 from read_service.view_store import ViewStore
-from shared_kernel.event_log import events_channel, head_position
+from shared_kernel.contracts.event_log import events_channel, head_position
 
 from .conftest import EventLog, Publisher, StartProjector, UserFactory, dump_keyspace, eventually
 from .test_projector import view_of

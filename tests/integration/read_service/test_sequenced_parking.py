@@ -33,8 +33,8 @@ from read_service.published import PublishedState
 from read_service.rebuild import rebuild, registered_projections
 from read_service.sequences import log_key, parked_aggregates, pending_requests
 from read_service.watch import ChangeFeed
-from shared_kernel import errors
-from shared_kernel.event_log import NewEvent, read_positioned
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.event_log import NewEvent, read_positioned
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tessera.orders.v1 import order_query_service_pb2 as opb
 from tessera.orders.v1.order_pb2 import OrderStatus

@@ -25,7 +25,7 @@ from read_service.projections.users import UsersProjection
 from read_service.projector import ParkingMode
 from read_service.rebuild import ProjectionSpec, rebuild
 from read_service.watch import Watches, WatchLimiter
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.event_log import NewEvent
 from tessera.users.v1.events_pb2 import UserRegistered
 from tessera.users.v1.user_query_service_pb2 import UserView
 

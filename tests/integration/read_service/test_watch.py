@@ -20,7 +20,7 @@ from read_service.projections.users import UsersProjection
 from read_service.projector import Projector
 from read_service.views.users import UserViews
 from read_service.watch import Change, ChangeFeed, Watches, WatchLimiter, resume_at
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1.user_query_service_pb2 import UserView
 from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceStub

@@ -23,8 +23,8 @@ from devstack.supervisor import ServiceProcess
 from read_service.bootstrap import running_read_service
 from read_service.settings import ReadServiceSettings
 from read_service.workers import REPLICA_HEADER, ReplicaHeaderInterceptor, WorkerGroup, reserve_port
-from shared_kernel.consistency import encode_token
-from shared_kernel.grpc_errors import bad_request_from_status
+from shared_kernel.contracts.consistency import encode_token
+from shared_kernel.platform.grpc_errors import bad_request_from_status
 from tessera.users.v1 import user_query_service_pb2 as pb
 from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceStub
 

@@ -15,7 +15,7 @@ from relay.leadership import Connect
 from relay.publisher import Publisher, RedisPublisher
 from relay.runner import Relay
 from relay.settings import RelaySettings
-from shared_kernel.event_log import events_channel, head_channel
+from shared_kernel.contracts.event_log import events_channel, head_channel
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 from tests.integration.relay.support import ChannelRecorder
 

@@ -13,7 +13,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from relay.publisher import Publisher
-from shared_kernel.event_log import NewEvent, append_events
+from shared_kernel.contracts.event_log import NewEvent, append_events
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 
 T = TypeVar("T")

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from relay.outbox import published_head
 from relay.runner import Role
-from shared_kernel.event_log import events_channel, head_channel
+from shared_kernel.contracts.event_log import events_channel, head_channel
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 from tests.integration.relay.conftest import RelayHarness
 from tests.integration.relay.support import ChannelRecorder, insert_events, wait_until

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from relay.outbox import claim_batch
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.event_log import NewEvent
 from tessera.events.v1.envelope_pb2 import EventEnvelope
 from tests.integration.relay.conftest import RelayHarness
 from tests.integration.relay.support import (

@@ -16,7 +16,7 @@ from pydantic import PostgresDsn, RedisDsn
 
 from relay.runner import Relay
 from relay.settings import RelaySettings
-from shared_kernel import migrations
+from shared_kernel.platform import migrations
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 from tests.conftest import create_database, drop_database
 from tests.integration.relay.conftest import RelayHarness

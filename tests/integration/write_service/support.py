@@ -19,8 +19,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.servers import find_free_port
-from shared_kernel.auth import reset_principal, set_principal
-from shared_kernel.grpc_server import GrpcServer
+from shared_kernel.platform.grpc_server import GrpcServer
+from shared_kernel.platform.security.authn import reset_principal, set_principal
 from tessera.catalog.v1 import catalog_command_service_pb2_grpc as catalog_grpc
 from tessera.orders.v1 import order_command_service_pb2_grpc as orders_grpc
 from tessera.users.v1 import user_command_service_pb2_grpc as users_grpc
@@ -110,7 +110,9 @@ async def wait_until_blocked(pool: asyncpg.Pool[Any], timeout: float = 5.0) -> N
 
 def environment(**overrides: str) -> dict[str, str]:
     """This process's environment without the service settings a developer may have exported, plus `overrides`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "GRPC_", "ARGON2_", "COMMAND_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "GRPC_", "ARGON2_", "COMMAND_", "WRITE_"))
+    }
     env.update(overrides)
     return env
 
@@ -137,6 +139,7 @@ class WriteServiceProcess:
 
     process: asyncio.subprocess.Process
     channel: grpc.aio.Channel
+    address: str
 
     async def terminate(self, timeout: float = 20) -> tuple[int, str]:
         """SIGTERM, wait for the exit, and return (exit code, stderr)."""
@@ -173,7 +176,7 @@ async def running_write_service(database_url: str, **env: str) -> AsyncIterator[
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             await wait_until_serving(channel)
-            yield WriteServiceProcess(process, channel)
+            yield WriteServiceProcess(process, channel, f"127.0.0.1:{port}")
     finally:
         if process.returncode is None:
             process.kill()

@@ -10,8 +10,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from shared_kernel import errors
-from shared_kernel.db import keep_session
+from shared_kernel.contracts import errors
+from shared_kernel.platform.db import keep_session
 from tests.unit.write_service import helpers
 from write_service.adapters.unit_of_work import PostgresUnitOfWork
 from write_service.commands.catalog import RestockProduct

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 from tests.unit.write_service import helpers
 from write_service.service_layer.messagebus import CommandBus
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 from tests.integration.write_service.conftest import Factory
 from write_service.domain import catalog, orders, users
 

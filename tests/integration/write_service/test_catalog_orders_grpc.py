@@ -15,8 +15,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from shared_kernel.consistency import encode_token
-from shared_kernel.grpc_errors import bad_request_from_status
+from shared_kernel.contracts.consistency import encode_token
+from shared_kernel.platform.grpc_errors import bad_request_from_status
 from tessera.catalog.v1 import catalog_command_service_pb2 as cat
 from tessera.catalog.v1 import catalog_command_service_pb2_grpc as cat_grpc
 from tessera.common.v1.money_pb2 import Money

@@ -14,8 +14,8 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared_kernel.grpc_errors import bad_request_from_status
-from shared_kernel.grpc_server import GrpcServer
+from shared_kernel.platform.grpc_errors import bad_request_from_status
+from shared_kernel.platform.grpc_server import GrpcServer
 from tessera.users.v1 import user_command_service_pb2 as pb
 from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
 from tests.integration.write_service.tables import everything_as_text, rows

@@ -11,8 +11,8 @@ import asyncpg
 import grpc
 import pytest
 
-from shared_kernel.grpc_errors import bad_request_from_status
-from shared_kernel.grpc_server import GrpcServer
+from shared_kernel.platform.grpc_errors import bad_request_from_status
+from shared_kernel.platform.grpc_server import GrpcServer
 from tessera.users.v1 import user_command_service_pb2 as pb
 from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
 from tests.integration.write_service.support import PRINCIPAL_HEADER, PrincipalFromHeader

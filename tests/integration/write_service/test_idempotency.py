@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 from tests.integration.write_service.support import wait_until_blocked
 from tests.integration.write_service.tables import rows
 from tests.unit.write_service import helpers

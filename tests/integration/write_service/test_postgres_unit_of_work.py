@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 from tessera.users.v1 import events_pb2
 from tests.integration.write_service.support import wait_until_blocked
 from tests.integration.write_service.tables import everything_as_text, rows

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 from tests.integration.write_service.conftest import Factory
 from write_service.adapters.memory import InMemoryDatabase, InMemoryExpiredKeyPurger, InMemoryUnitOfWork
 from write_service.adapters.unit_of_work import PostgresExpiredKeyPurger, PostgresUnitOfWork

@@ -34,7 +34,7 @@ from read_service.entrypoints.grpc_server import SERVICE_NAME as USER_QUERY_SERV
 from read_service.settings import ReadServiceSettings
 from read_service.workers import STOP_MARGIN_S
 from relay.settings import RelaySettings
-from shared_kernel.settings import MetricsSettings
+from shared_kernel.platform.settings import MetricsSettings
 from write_service.entrypoints.catalog import CATALOG_SERVICE_NAME
 from write_service.entrypoints.orders import ORDER_SERVICE_NAME
 from write_service.entrypoints.users import USER_SERVICE_NAME as USER_COMMAND_SERVICE
@@ -73,7 +73,7 @@ SETTINGS: dict[str, type[BaseSettings]] = {
     "saga-worker": SagaWorkerSettings,
     "payment-provider": PaymentProviderSettings,
 }
-# Processes that call shared_kernel.metrics.configure_metrics (MetricsSettings) and the OpenTelemetry SDK.
+# Processes that call shared_kernel.platform.metrics.configure_metrics (MetricsSettings) and the OpenTelemetry SDK.
 WITH_METRICS = {"write", "relay", "read", "saga-worker"}
 WITH_TELEMETRY = {"write", "relay", "read", "saga-worker", "payment-provider"}
 # The health names each gRPC process registers ("" is the server as a whole), and the one its

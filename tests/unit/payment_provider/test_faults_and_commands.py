@@ -17,7 +17,7 @@ from payment_provider.faults import (
     config_to_proto,
 )
 from payment_provider.settings import PaymentProviderSettings
-from shared_kernel.errors import InvalidArgument
+from shared_kernel.contracts.errors import InvalidArgument
 from tessera.common.v1.money_pb2 import Money
 from tessera.payments.v1 import payment_provider_admin_pb2 as admin_pb
 from tessera.payments.v1 import payment_provider_pb2 as pb

@@ -8,7 +8,7 @@ import pytest
 
 from payment_provider.commands import AuthorizeCommand, PaymentCommand
 from payment_provider.ledger import Ledger
-from shared_kernel.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared_kernel.contracts.errors import FailedPrecondition, InvalidArgument, NotFound
 from tessera.common.v1.money_pb2 import Money
 from tessera.payments.v1 import payment_provider_pb2 as pb
 

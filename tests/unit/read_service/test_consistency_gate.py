@@ -8,8 +8,8 @@ import time
 import pytest
 
 from read_service.consistency import LOG_CHECK_AFTER_S, ConsistencyGate
-from shared_kernel import errors
-from shared_kernel.consistency import ConsistencyToken
+from shared_kernel.contracts import errors
+from shared_kernel.contracts.consistency import ConsistencyToken
 
 
 class Views:

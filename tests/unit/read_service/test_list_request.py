@@ -14,7 +14,7 @@ from read_service.entrypoints.grpc_server import (
 from read_service.keys import SortField, Subset
 from read_service.page_tokens import PageTokenCodec
 from read_service.views.users import ListUsersQuery
-from shared_kernel.errors import InvalidArgument
+from shared_kernel.contracts.errors import InvalidArgument
 from tessera.users.v1 import user_query_service_pb2 as pb
 
 LIMITS = PageLimits(default=20, maximum=100)

@@ -11,7 +11,7 @@ from read_service.entrypoints.order_queries import customer_orders_query, search
 from read_service.entrypoints.requests import PageLimits
 from read_service.keys import OrderSortField
 from read_service.page_tokens import PageTokenCodec
-from shared_kernel.errors import InvalidArgument
+from shared_kernel.contracts.errors import InvalidArgument
 from tessera.catalog.v1 import product_query_service_pb2 as cpb
 from tessera.orders.v1 import order_query_service_pb2 as opb
 from tessera.orders.v1.order_pb2 import OrderStatus

@@ -9,7 +9,7 @@ import pytest
 
 from read_service.keys import UserKeys
 from read_service.projections.users import OrderNote, UsersProjection
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.event_log import NewEvent
 from tessera.orders.v1.order_pb2 import OrderStatus
 from tessera.users.v1.events_pb2 import UserProfileUpdated, UserRegistered
 from tessera.users.v1.user_query_service_pb2 import UserView

@@ -29,19 +29,22 @@ def _packed(*args: bytes) -> bytes:
     return len(args).to_bytes(4, "big") + b"".join(len(a).to_bytes(4, "big") + a for a in args)
 
 
+def _segment(first: int, last: int, *ops: bytes) -> bytes:
+    digits = str(first).encode(), str(last).encode()
+    counts = b"".join(n.to_bytes(4, "big") for n in (len(ops), len(digits[0]), len(digits[1])))
+    return counts + b"".join(digits) + b"".join(ops)
+
+
 def test_ops_name_their_key_by_its_index_in_keys_and_pack_into_one_argument() -> None:
     batch = [Segment(1, 2, [("SET", "a", b"x"), ("HINCRBY", "b", "f", -1)]), Segment(3, 3, [("DEL", "a")])]
 
     keys, argv = encode("cp", batch)
 
-    assert keys == ["cp", "a", "b"]
+    # KEYS[2] is the fingerprint's key, written by the same call.
+    assert keys == ["cp", "cp:fingerprint", "a", "b"]
     assert argv == [
-        1,
-        2,
-        _packed(b"SET", b"2", b"x") + _packed(b"HINCRBY", b"3", b"f", b"-1"),
-        3,
-        3,
-        _packed(b"DEL", b"2"),
+        _segment(1, 2, _packed(b"SET", b"3", b"x"), _packed(b"HINCRBY", b"4", b"f", b"-1"))
+        + _segment(3, 3, _packed(b"DEL", b"3"))
     ]
 
 
@@ -64,5 +67,8 @@ def test_a_large_batch_splits_into_calls_at_segment_boundaries() -> None:
 
     assert len(calls) > 1
     # Every call declares its own keys, and together they carry every segment once, in order.
-    assert all(keys == ["cp", "k"] for keys, _ in calls)
-    assert [argv[i] for _, argv in calls for i in range(0, len(argv), 3)] == list(range(1, 41))
+    assert all(keys == ["cp", "cp:fingerprint", "k"] for keys, _ in calls)
+    one = [_segment(position, position, _packed(b"SET", b"3", b"x" * 600)) for position in range(1, 41)]
+    packed = [argv[0] for _, argv in calls]
+    assert all(isinstance(arg, bytes) for arg in packed)
+    assert b"".join(arg for arg in packed if isinstance(arg, bytes)) == b"".join(one)

@@ -6,7 +6,7 @@ import pydantic
 import pytest
 
 from relay.settings import DEFAULT_LOCK_KEY, RelaySettings
-from shared_kernel import migrations
+from shared_kernel.platform import migrations
 
 
 def test_defaults() -> None:

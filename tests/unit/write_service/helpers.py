@@ -6,7 +6,7 @@ import secrets
 import uuid
 from datetime import UTC, datetime
 
-from shared_kernel.auth import ANONYMOUS
+from shared_kernel.platform.security.authn import ANONYMOUS
 from write_service.adapters.password_hasher import Argon2PasswordHasher
 from write_service.commands.catalog import AddProduct
 from write_service.commands.orders import PlaceOrder

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 from tests.unit.write_service import helpers
 from write_service.adapters.memory import InMemoryDatabase, InMemoryUnitOfWork
 from write_service.commands.catalog import RestockProduct

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from shared_kernel.errors import InvalidArgument
+from shared_kernel.contracts.errors import InvalidArgument
 from tests.unit.write_service import helpers
 from write_service.commands.base import Command
 from write_service.commands.catalog import AddProduct, DiscontinueProduct, RestockProduct, UpdateProductPrice

@@ -16,7 +16,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared_kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from shared_kernel.contracts.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tessera.catalog.v1 import catalog_command_service_pb2 as cat
 from tessera.common.v1.money_pb2 import Money
 from tessera.orders.v1 import order_command_service_pb2 as ords

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from shared_kernel.errors import FieldViolation, InvalidArgument
+from shared_kernel.contracts.errors import FieldViolation, InvalidArgument
 from write_service.commands.users import DeactivateUser, RegisterUser, UpdateUserProfile
 
 USER_ID = "123e4567-e89b-12d3-a456-426614174000"

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shared_kernel.event_log import NewEvent
+from shared_kernel.contracts.event_log import NewEvent
 from tessera.catalog.v1 import events_pb2 as catalog_events
 from tessera.orders.v1 import events_pb2 as order_events
 from tessera.users.v1 import events_pb2 as user_events

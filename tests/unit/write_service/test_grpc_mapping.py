@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from shared_kernel.auth import reset_principal, set_principal
-from shared_kernel.errors import FailedPrecondition, InvalidArgument
+from shared_kernel.contracts.errors import FailedPrecondition, InvalidArgument
+from shared_kernel.platform.security.authn import reset_principal, set_principal
 from tessera.users.v1 import user_command_service_pb2 as pb
 from tests.unit.write_service import helpers
 from write_service.adapters.memory import InMemoryDatabase, InMemoryUnitOfWork

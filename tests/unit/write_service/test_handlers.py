@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 from tessera.users.v1 import events_pb2
 from tests.unit.write_service import helpers
 from write_service.adapters.memory import InMemoryDatabase, InMemoryUnitOfWork

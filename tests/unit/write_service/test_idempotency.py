@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import SecretStr
 
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 from tests.unit.write_service import helpers
 from write_service.adapters.memory import InMemoryDatabase, InMemoryExpiredKeyPurger, InMemoryUnitOfWork
 from write_service.entrypoints.idempotency_cleanup import ExpiredKeyCleanup

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shared_kernel.errors import FailedPrecondition
+from shared_kernel.contracts.errors import FailedPrecondition
 from tessera.users.v1 import events_pb2
 from write_service.domain import users
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shared_kernel.errors import FailedPrecondition
+from shared_kernel.contracts.errors import FailedPrecondition
 from tessera.catalog.v1 import events_pb2 as catalog_events
 from tessera.orders.v1 import events_pb2 as order_events
 from tessera.orders.v1 import order_pb2

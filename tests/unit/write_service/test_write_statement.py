@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from shared_kernel import errors
+from shared_kernel.contracts import errors
 from write_service.adapters.pg_calls import Step, compose, write_error
 
 

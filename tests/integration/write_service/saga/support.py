@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import grpc
 
-from shared_kernel.event_log import NewEvent, append_events
+from shared_kernel.contracts.event_log import NewEvent, append_events
 from tessera.common.v1.money_pb2 import Money
 from tessera.orders.v1 import events_pb2 as order_events
 from tessera.payments.v1 import payment_provider_admin_pb2 as admin_pb

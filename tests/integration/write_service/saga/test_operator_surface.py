@@ -13,7 +13,7 @@ import asyncpg
 import grpc
 import pytest
 
-from shared_kernel.security.tokens import TokenSigner
+from shared_kernel.platform.security.tokens import TokenSigner
 from tessera.orders.v1 import saga_admin_service_pb2 as pb
 from tessera.orders.v1 import saga_admin_service_pb2_grpc as pb_grpc
 from tests.integration.write_service.saga.support import add_product, add_user, place_order

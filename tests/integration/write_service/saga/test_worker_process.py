@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from devstack.supervisor import ServiceProcess
-from shared_kernel.healthcheck import check_serving_async
+from shared_kernel.platform.healthcheck import check_serving_async
 from tests.integration.write_service.saga.support import (
     add_product,
     add_user,

@@ -1,0 +1,54 @@
+"""The claim reads the queue of unpositioned rows once per claim (decision 0038).
+
+Each read of `outbox_unpositioned_idx` steps over every row positioned since the last
+vacuum whenever a transaction holds the xmin horizon back, so a second read doubled the
+cost of a drain. The plans are checked as Postgres runs them: on the relay's session
+settings, both the plan for the given parameters and the generic plan a prepared statement
+settles on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from perf.bench.relay_bench import insert_backlog
+from relay.outbox import CLAIM_SESSION_SETTINGS, _claim_statement, claim_batch
+
+pytestmark = pytest.mark.integration
+
+
+def _scans(node: dict[str, Any]) -> Iterator[str]:
+    if "Index Name" in node:
+        yield node["Index Name"]
+    for child in node.get("Plans", []):
+        yield from _scans(child)
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_a_claim_reads_the_unpositioned_index_once(database_url: str, plan_cache_mode: str) -> None:
+    # Enough rows that a scan of the outbox would be a real cost to the planner too.
+    await insert_backlog(database_url, 5_000, seed=7)
+    conn = await asyncpg.connect(
+        database_url, server_settings={**CLAIM_SESSION_SETTINGS, "plan_cache_mode": plan_cache_mode}
+    )
+    try:
+        statement = await conn.prepare("EXPLAIN (FORMAT JSON) " + _claim_statement(500))
+        plan = json.loads(await statement.fetchval(None, 0, 0, None))[0]["Plan"]
+        scans = list(_scans(plan))
+        assert scans.count("outbox_unpositioned_idx") == 1, scans
+        # The UPDATE reaches its rows through the primary key, not by reading the outbox.
+        assert "outbox_pkey" in scans, scans
+
+        # The plan above is the statement the relay runs: the oldest 500 rows, in id order.
+        claimed = await claim_batch(conn, 500, None)
+        oldest = await conn.fetch("SELECT id, position FROM outbox WHERE position IS NOT NULL ORDER BY id")
+        assert [e.position for e in claimed.envelopes] == list(range(1, 501))
+        assert [row["position"] for row in oldest] == list(range(1, 501))
+        assert await conn.fetchval("SELECT min(id) FROM outbox WHERE position IS NULL") > oldest[-1]["id"]
+    finally:
+        await conn.close()
