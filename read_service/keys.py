@@ -15,6 +15,8 @@ Every key starts with the deployment's `redis_key_prefix` (written `P` below):
     P users:spent:<user id>             hash    currency -> minor units paid and not refunded
     P users:tri:<trigram>               set     ids of the users whose case-folded e-mail, username
                                                 or full name holds the trigram (read_service.search)
+    P users:rank                        zset    every user id, scored by its creation time in
+                                                microseconds: ranks search candidates (same)
 
 `<sort>` is `created_at`, `email` or `username`; `<subset>` is `all`, `active` or `inactive`,
 so that every (sort, filter) pair of ListUsers reads one index in order. A member is the sort
@@ -87,6 +89,11 @@ class UserKeys:
         """Key of the search index set of one trigram: the ids of the users whose fields hold it."""
         return f"{self.prefix}users:tri:{gram}"
 
+    @property
+    def rank(self) -> str:
+        """Key of the search index's rank set: every user id scored by its creation time (micros)."""
+        return f"{self.prefix}users:rank"
+
 
 def email_key(email: str) -> str:
     """The case-insensitive form of an e-mail address used for lookups and ordering."""
@@ -153,6 +160,8 @@ def product_member(sku: str, product_id: str) -> bytes:
 #     P orders:tri:<trigram>              set     ids of the orders whose case-folded customer name,
 #                                                 customer e-mail, line skus or product names hold
 #                                                 the trigram (read_service.search)
+#     P orders:rank                       zset    every order id, scored by its placing time in
+#                                                 microseconds: ranks search candidates (same)
 #
 # Times and amounts in members are zero-padded decimal (microseconds since the epoch, minor
 # units), so that byte order is numeric order and members are exact keyset cursors.
@@ -192,6 +201,11 @@ class OrderKeys:
     def trigram(self, gram: str) -> str:
         """Key of the search index set of one trigram: the ids of the orders whose texts hold it."""
         return f"{self.prefix}orders:tri:{gram}"
+
+    @property
+    def rank(self) -> str:
+        """Key of the search index's rank set: every order id scored by its placing time (micros)."""
+        return f"{self.prefix}orders:rank"
 
 
 def padded(value: int) -> str:

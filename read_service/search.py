@@ -11,7 +11,10 @@ sets. When the smallest is at most a few times `limit` and the intersection of t
 at most `limit` ids (a rare term), the intersection is a short candidate list that holds every
 entity whose fields contain the term (a substring's trigrams are all trigrams of the field
 that contains it); the caller then reads those views, keeps those that really contain the
-term, orders them by the requested sort and pages them. A shorter term, or a common one (more
+term, orders them by the requested sort and pages them (read_service.views.paging). Each
+projection also keeps a rank set (`users:rank`, `orders:rank`: every id scored by its
+default sort key), so that for a query in that order the intersection comes back ranked and
+only the first page's views need reading. A shorter term, or a common one (more
 candidates), is answered by the ordered scan of the sort index instead, which fills pages fast
 precisely because the term is common. See docs/decisions/0037-search-index.md.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -37,8 +41,6 @@ DEFAULT_CANDIDATE_LIMIT = 2000
 # SINTER stops probing an id at the first set that lacks it, so the probe costs about one
 # lookup per id of the rarest set; what bounds the factor is the reply when the term is common.
 PROBE_FACTOR = 10
-# Views read per MGET while candidates are checked.
-CANDIDATE_CHUNK = 500
 
 
 def grams(texts: Iterable[str]) -> set[str]:
@@ -66,6 +68,8 @@ class Candidates:
     ids: list[str] | None
     # Whether the query's checkpoint has been read (the scan must then not read it again).
     checkpoint_read: bool = False
+    # Whether `ids` are in rank order (by sort key, then id: the order of the sort index).
+    ranked: bool = False
 
 
 async def candidates(
@@ -74,13 +78,18 @@ async def candidates(
     term: str,
     limit: int,
     at: QueryCheckpoint | None,
+    *,
+    rank_key: str | None = None,
 ) -> Candidates:
     """The candidate ids of a case-folded `term`; `at`'s checkpoint is read in the first round trip.
 
     Returns `ids` None when the term is shorter than a trigram or has more than `limit`
     candidates (see PROBE_FACTOR): the caller scans the sort index. Whenever a trigram
     set is read, `at`'s checkpoint has been read before it (in the same pipeline), so the
-    caller's scan must not read it again.
+    caller's scan must not read it again. With `rank_key` (a sorted set of every entity's
+    rank) the ids come in rank order (`ranked`), so that a caller can read the views of a
+    first page only: by ZINTER when the rarest set is within the limit, else by SINTER and
+    then the ranks of the ids (ZMSCORE) once the intersection is known to be within it.
     """
     term_grams = sorted(grams([term]))
     if not term_grams or limit <= 0:
@@ -96,30 +105,37 @@ async def candidates(
     if rarest > limit * PROBE_FACTOR:
         return Candidates(None, checkpoint_read=True)
     if rarest == 0:
-        return Candidates([], checkpoint_read=True)
-    # Smallest set first: SINTER walks the first set and probes the others.
+        return Candidates([], checkpoint_read=True, ranked=rank_key is not None)
+    # Smallest set first: SINTER walks the first set and probes the others (ZINTER orders them itself).
     ordered = [key for _, key in sorted(zip(sizes, keys, strict=True))]
+    return await _intersect(client, ordered, rarest <= limit, limit, rank_key)
+
+
+async def _intersect(
+    client: aioredis.Redis, ordered: list[str], surely_small: bool, limit: int, rank_key: str | None
+) -> Candidates:
+    """The ids in every set of `ordered` (None past `limit`), in rank order when `rank_key` is given."""
+    if rank_key is not None and surely_small:
+        # The intersection cannot exceed the limit: take it ranked in one call.
+        return await _ranked_intersection(client, ordered, rank_key)
     members = await client.sinter(ordered)
     if len(members) > limit:
         return Candidates(None, checkpoint_read=True)
-    ids = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
-    return Candidates(ids, checkpoint_read=True)
+    ids = [_text(m) for m in members]
+    if rank_key is None:
+        return Candidates(sorted(ids), checkpoint_read=True)
+    # Ranked only once it is known to be small: a large intersection is thrown away unranked.
+    scores = await client.zmscore(rank_key, ids) if ids else []
+    ranked = sorted((int(score), entity_id) for entity_id, score in zip(ids, scores, strict=True) if score is not None)
+    return Candidates([entity_id for _, entity_id in ranked], checkpoint_read=True, ranked=True)
 
 
-async def read_views(client: aioredis.Redis, view_keys: list[str]) -> list[bytes | None]:
-    """The raw views at `view_keys`, in order, in chunks of MGET."""
-    raws: list[bytes | None] = []
-    for start in range(0, len(view_keys), CANDIDATE_CHUNK):
-        chunk = await client.mget(view_keys[start : start + CANDIDATE_CHUNK])
-        raws.extend(r if r is None or isinstance(r, bytes) else str(r).encode() for r in chunk)
-    return raws
+async def _ranked_intersection(client: aioredis.Redis, keys: list[str], rank_key: str) -> Candidates:
+    """The ids in every one of `keys`, in rank order (ZINTER answers by score, ties by member)."""
+    # The sets count 0 towards the score: each member's score is its rank.
+    reply: list[Any] = list(await client.zinter({rank_key: 1, **dict.fromkeys(keys, 0)}))
+    return Candidates([_text(member) for member in reply], checkpoint_read=True, ranked=True)
 
 
-def page_after(
-    hits: list[tuple[bytes, object]], cursor: bytes | None, descending: bool, wanted: int
-) -> list[tuple[bytes, object]]:
-    """The first `wanted` hits after `cursor` in index order (members compare as Redis BYLEX does)."""
-    if cursor is not None:
-        hits = [h for h in hits if (h[0] < cursor if descending else h[0] > cursor)]
-    hits.sort(key=lambda h: h[0], reverse=descending)
-    return hits[:wanted]
+def _text(member: bytes | str) -> str:
+    return member.decode() if isinstance(member, bytes) else str(member)

@@ -79,7 +79,8 @@ class OrdersProjection:
 
     name = "orders"
     # 2: the search index (orders:tri:*); a replica of this version builds a generation that has it.
-    version: int = 2
+    # 3: the search index's rank set (orders:rank).
+    version: int = 3
 
     def __init__(self, keys: OrderKeys) -> None:
         self._keys = keys
@@ -313,6 +314,9 @@ class OrdersProjection:
             ops.extend(
                 gram_ops(self._keys.trigram, new.order_id, set() if old is None else searchable(old), searchable(new))
             )
+        placed = max(_micros(new.placed_at), 0)
+        if old is None or max(_micros(old.placed_at), 0) != placed:
+            ops.append(("ZADD", self._keys.rank, placed, new.order_id))
         change: Counter[tuple[str, str]] = Counter(self._contributions(new))
         if old is not None:
             change.subtract(self._contributions(old))

@@ -116,7 +116,8 @@ class UsersProjection:
 
     name = "users"
     # 2: the search index (users:tri:*); a replica of this version builds a generation that has it.
-    version: int = 2
+    # 3: the search index's rank set (users:rank).
+    version: int = 3
 
     def __init__(self, keys: UserKeys) -> None:
         self._keys = keys
@@ -192,6 +193,8 @@ class UsersProjection:
         ops.append(("HINCRBY", self._keys.stats, "users", 1))
         ops.append(("HINCRBY", self._keys.stats, "active_users", 1))
         ops.extend(gram_ops(self._keys.trigram, user_id, set(), _searchable(view)))
+        # Creation never changes: the user's rank among search candidates is written once.
+        ops.append(("ZADD", self._keys.rank, max(view.created_at.ToMicroseconds(), 0), user_id))
         return Effect(ops=ops, state={self._keys.view(user_id): data})
 
     def _current_view(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> UserView | None:

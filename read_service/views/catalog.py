@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from read_service.keys import CatalogKeys, member_id
-from read_service.near_cache import NearCache
-from read_service.view_store import QueryCheckpoint, ViewReader, read_single_view, read_view_field
+from read_service.view_store import QueryCheckpoint, read_single_view, read_view_field
+from read_service.views.base import ViewsBase
 from read_service.views.checkpointed import first_read
 from read_service.views.wire import view_bytes, view_field
 from tessera.catalog.v1.product_query_service_pb2 import ProductView
@@ -40,14 +38,8 @@ def _as_bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
-class ProductViews:
+class ProductViews(ViewsBase[CatalogKeys]):
     """Reads products from Redis; raises the driver's errors for the caller to map."""
-
-    def __init__(self, client: aioredis.Redis, keys: CatalogKeys, *, cache: NearCache | None = None) -> None:
-        self._client = client
-        self._reader = ViewReader(client)
-        self._keys = keys
-        self._cache = cache
 
     async def get(self, product_id: str) -> ProductView | None:
         """The product with this canonical id, or None (through the near cache, when there is one)."""
@@ -62,13 +54,6 @@ class ProductViews:
         return await read_single_view(
             self._client, self._keys.view(product_id), ProductView.FromString, at, self._cache
         )
-
-    def cached_field(self, product_id: str, at: QueryCheckpoint) -> tuple[bytes | None] | None:
-        """`(field,)` from the near cache at the projector's checkpoint, setting `at.position`; None on a miss."""
-        if self._cache is None:
-            return None
-        hit: tuple[bytes | None] | None = at.from_memory(self._cache, self._keys.view(product_id))
-        return hit
 
     async def field_at(self, product_id: str, at: QueryCheckpoint) -> bytes | None:
         """Like `get_at`, as field 1 of a reply (read_service.views.wire), without parsing the view."""

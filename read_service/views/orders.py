@@ -15,15 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from read_service.keys import OrderKeys, OrderSortField, member_id, padded
-from read_service.near_cache import NearCache
+from read_service.keys import OrderKeys, OrderSortField, padded
 from read_service.projections.orders import sort_member, status_name
-from read_service.search import DEFAULT_CANDIDATE_LIMIT, candidates, page_after, read_views
-from read_service.view_store import QueryCheckpoint, ViewReader, read_single_view, read_view_field
+from read_service.view_store import QueryCheckpoint, read_single_view, read_view_field
+from read_service.views.base import SearchableViews
 from read_service.views.checkpointed import first_read
+from read_service.views.paging import PageRequest, Search
 from read_service.views.wire import view_bytes, view_field
 from tessera.common.v1.money_pb2 import Money
 from tessera.orders.v1.order_pb2 import OrderStatus
@@ -34,8 +33,6 @@ from tessera.orders.v1.order_query_service_pb2 import (
     StatusCount,
 )
 
-# Index members read per round trip while a filter is applied.
-_SCAN_CHUNK = 256
 # The statuses an order can be in, in enum order (what GetOrderStatistics reports on).
 STATUSES = [s for s in OrderStatus.values() if s != OrderStatus.ORDER_STATUS_UNSPECIFIED]
 
@@ -143,25 +140,8 @@ class Statistics:
         return self.revenue_minor // self.paid_orders if self.paid_orders else 0
 
 
-class OrderViews:
+class OrderViews(SearchableViews[OrderKeys]):
     """Reads orders from Redis; raises the driver's errors for the caller to map."""
-
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        keys: OrderKeys,
-        scan_limit: int = 5000,
-        *,
-        cache: NearCache | None = None,
-        candidate_limit: int = DEFAULT_CANDIDATE_LIMIT,
-    ) -> None:
-        self._client = client
-        self._reader = ViewReader(client)
-        self._keys = keys
-        self._scan_limit = scan_limit
-        self._cache = cache
-        # A search whose rarest trigram set is larger than this scans the sort index instead.
-        self._candidate_limit = candidate_limit
 
     async def get(self, order_id: str) -> OrderView | None:
         """The order with this canonical id, or None (through the near cache, when there is one)."""
@@ -174,13 +154,6 @@ class OrderViews:
     async def get_at(self, order_id: str, at: QueryCheckpoint) -> OrderView | None:
         """Like `get`, also setting `at.position`; a read from Redis takes the checkpoint in the same round trip."""
         return await read_single_view(self._client, self._keys.view(order_id), OrderView.FromString, at, self._cache)
-
-    def cached_field(self, order_id: str, at: QueryCheckpoint) -> tuple[bytes | None] | None:
-        """`(field,)` from the near cache at the projector's checkpoint, setting `at.position`; None on a miss."""
-        if self._cache is None:
-            return None
-        hit: tuple[bytes | None] | None = at.from_memory(self._cache, self._keys.view(order_id))
-        return hit
 
     async def field_at(self, order_id: str, at: QueryCheckpoint) -> bytes | None:
         """Like `get_at`, as field 1 of a reply (read_service.views.wire), without parsing the view."""
@@ -205,28 +178,24 @@ class OrderViews:
         def matches(view: OrderView) -> bool:
             return not query.statuses or view.status in query.statuses
 
-        return await self._scan(
+        request = self._request(
             self._keys.by_customer(query.customer_id),
+            OrderSortField.PLACED_AT,
             descending=True,
             cursor=query.cursor,
             page_size=query.page_size,
             matches=matches,
             filtered=bool(query.statuses),
-            at=at,
         )
+        page = await self._pager.scan(request, at)
+        return OrderPage(page.views, page.next_cursor)
 
     async def search(self, query: SearchOrdersQuery, at: QueryCheckpoint | None = None) -> OrderPage:
         """One page of matching orders in the query's order; `at`'s checkpoint is read with the first read.
 
-        A text that the trigram index narrows to few candidates (read_service.search) is
-        answered from those, with full pages; a short or common one by the filtered scan.
+        A text that the trigram index narrows to few candidates is answered from those, with
+        full pages; a short or common one by the filtered scan (read_service.views.paging).
         """
-        if query.text:
-            plan = await candidates(self._client, self._keys.trigram, query.text, self._candidate_limit, at)
-            if plan.ids is not None:
-                return await self._indexed_page(query, plan.ids)
-            if plan.checkpoint_read:
-                at = None
         low, high = b"-", b"+"
         if query.sort is OrderSortField.PLACED_AT:
             # The placing-time bounds become bounds of the index range itself.
@@ -239,8 +208,9 @@ class OrderViews:
             filtered = bool(
                 query.text or query.statuses or query.placed_from_us is not None or query.placed_to_us is not None
             )
-        return await self._scan(
+        request = self._request(
             self._keys.index(query.sort),
+            query.sort,
             descending=query.descending,
             cursor=query.cursor,
             page_size=query.page_size,
@@ -248,26 +218,40 @@ class OrderViews:
             filtered=filtered,
             low=low,
             high=high,
-            at=at,
         )
+        if query.text:
+            rank = self._keys.rank if query.sort is OrderSortField.PLACED_AT else None
+            page = await self._pager.search(request, Search(query.text, self._keys.trigram, rank), at)
+        else:
+            page = await self._pager.scan(request, at)
+        return OrderPage(page.views, page.next_cursor)
 
-    async def _indexed_page(self, query: SearchOrdersQuery, ids: list[str]) -> OrderPage:
-        """A page from the search index's candidates: read, checked, ordered by the query's sort."""
-        raws = await read_views(self._client, [self._keys.view(order_id) for order_id in ids])
-        hits: list[tuple[bytes, object]] = []
-        for raw in raws:
-            if raw is None:
-                continue
-            view = OrderView.FromString(raw)
-            if query.matches(view):
-                hits.append((sort_member(query.sort, view), view))
-        wanted = query.page_size + 1
-        page = page_after(hits, query.cursor, query.descending, wanted)
-        next_cursor = None
-        if len(page) == wanted:
-            page = page[:-1]
-            next_cursor = page[-1][0]
-        return OrderPage([view for _, view in page if isinstance(view, OrderView)], next_cursor)
+    def _request(
+        self,
+        index: str,
+        sort: OrderSortField,
+        *,
+        descending: bool,
+        cursor: bytes | None,
+        page_size: int,
+        matches: Callable[[OrderView], bool],
+        filtered: bool,
+        low: bytes = b"-",
+        high: bytes = b"+",
+    ) -> PageRequest[OrderView]:
+        return PageRequest(
+            index=index,
+            descending=descending,
+            cursor=cursor,
+            page_size=page_size,
+            view_key=self._keys.view,
+            parse=OrderView.FromString,
+            matches=matches,
+            member_of=lambda view: sort_member(sort, view),
+            filtered=filtered,
+            low=low,
+            high=high,
+        )
 
     async def statistics(self, query: StatisticsQuery, at: QueryCheckpoint | None = None) -> Statistics:
         """The range's figures: one HGETALL per day, in one pipeline with `at`'s checkpoint."""
@@ -305,72 +289,3 @@ class OrderViews:
             for q, sku in ranked[: query.top_products]
         ]
         return result
-
-    async def _scan(
-        self,
-        index: str,
-        *,
-        descending: bool,
-        cursor: bytes | None,
-        page_size: int,
-        matches: Callable[[OrderView], bool],
-        filtered: bool,
-        low: bytes = b"-",
-        high: bytes = b"+",
-        at: QueryCheckpoint | None = None,
-    ) -> OrderPage:
-        wanted = page_size + 1  # one more than a page tells whether another page exists
-        budget = self._scan_limit if filtered else None
-        chunk = max(wanted, _SCAN_CHUNK) if filtered else wanted
-        hits: list[tuple[bytes, OrderView]] = []
-        scanned = 0
-        exhausted = False
-        while len(hits) < wanted:
-            count = chunk if budget is None else min(chunk, budget - scanned)
-            members = await self._range(index, cursor, descending, count, low=low, high=high, at=at)
-            at = None
-            raws = await self._client.mget([self._keys.view(member_id(m)) for m in members]) if members else []
-            for member, raw in zip(members, raws, strict=True):
-                scanned += 1
-                cursor = member
-                if raw is None:
-                    continue
-                view = OrderView.FromString(_as_bytes(raw))
-                if matches(view):
-                    hits.append((member, view))
-                    if len(hits) == wanted:
-                        break
-            if len(members) < count:
-                exhausted = True
-                break
-            if budget is not None and scanned >= budget:
-                break
-        if len(hits) == wanted:
-            page = hits[:-1]
-            return OrderPage([view for _, view in page], page[-1][0] if page else cursor)
-        if exhausted:
-            return OrderPage([view for _, view in hits], None)
-        # The scan budget ran out first: resume after the last member read.
-        return OrderPage([view for _, view in hits], cursor)
-
-    async def _range(
-        self,
-        index: str,
-        cursor: bytes | None,
-        descending: bool,
-        count: int,
-        *,
-        low: bytes,
-        high: bytes,
-        at: QueryCheckpoint | None,
-    ) -> list[bytes]:
-        def queue(pipe: Pipeline) -> None:
-            if descending:
-                start = b"(" + cursor if cursor is not None else high
-                pipe.zrange(index, start, low, desc=True, bylex=True, offset=0, num=count)
-            else:
-                start = b"(" + cursor if cursor is not None else low
-                pipe.zrange(index, start, high, bylex=True, offset=0, num=count)
-
-        (members,) = await first_read(self._client, at, queue)
-        return [m for m in members if isinstance(m, bytes)]

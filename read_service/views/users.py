@@ -4,20 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
-
-from read_service.keys import SortField, Subset, UserKeys, email_key, index_member, member_user_id
-from read_service.near_cache import NearCache
-from read_service.search import DEFAULT_CANDIDATE_LIMIT, candidates, page_after, read_views
-from read_service.view_store import QueryCheckpoint, ViewReader
+from read_service.keys import SortField, Subset, UserKeys, email_key, index_member
+from read_service.view_store import QueryCheckpoint
+from read_service.views.base import SearchableViews
 from read_service.views.checkpointed import first_read
+from read_service.views.paging import PageRequest, Search
 from read_service.views.wire import view_bytes, view_field
 from tessera.common.v1.money_pb2 import Money
 from tessera.users.v1.user_query_service_pb2 import UserView
-
-# Index members read per round trip while a search filters them.
-_SEARCH_CHUNK = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,25 +90,8 @@ def _parse(field: bytes | None) -> UserView | None:
     return None if field is None else UserView.FromString(view_bytes(field))
 
 
-class UserViews:
+class UserViews(SearchableViews[UserKeys]):
     """Reads users from Redis; raises the driver's errors for the caller to map."""
-
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        keys: UserKeys,
-        scan_limit: int = 5000,
-        *,
-        cache: NearCache | None = None,
-        candidate_limit: int = DEFAULT_CANDIDATE_LIMIT,
-    ) -> None:
-        self._client = client
-        self._reader = ViewReader(client)
-        self._keys = keys
-        self._scan_limit = scan_limit
-        self._cache = cache
-        # A search whose rarest trigram set is larger than this scans the sort index instead.
-        self._candidate_limit = candidate_limit
 
     def _keys_of(self, user_id: str) -> tuple[str, str]:
         # The view and what the user spent are kept apart: a write to either drops a cache entry.
@@ -133,13 +110,6 @@ class UserViews:
     async def get_at(self, user_id: str, at: QueryCheckpoint) -> UserView | None:
         """Like `get`, also setting `at.position`; a read from Redis takes the checkpoint in the same round trip."""
         return _parse(await self.field_at(user_id, at))
-
-    def cached_field(self, user_id: str, at: QueryCheckpoint) -> tuple[bytes | None] | None:
-        """`(field,)` from the near cache at the projector's checkpoint, setting `at.position`; None on a miss."""
-        if self._cache is None:
-            return None
-        hit: tuple[bytes | None] | None = at.from_memory(self._cache, self._keys.view(user_id))
-        return hit
 
     async def field_at(self, user_id: str, at: QueryCheckpoint) -> bytes | None:
         """Like `get_at`, as field 1 of a reply: the view and what the user spent, without building a message."""
@@ -229,99 +199,27 @@ class UserViews:
         """One page in index order, starting after the query's cursor; `at`'s checkpoint is read with the first read.
 
         Without a search every index member is a hit. A search term that the trigram index
-        narrows to few candidates (read_service.search) is answered from those: full pages.
-        A short or common term is answered by reading the sort index in chunks and filtering
-        here; at most `scan_limit` members are read per call, so such a search may give a
-        short page with a next cursor: callers follow tokens until none is returned.
+        narrows to few candidates is answered from those, with full pages; a short or common
+        term by the filtered scan, which reads at most `scan_limit` members per call and may
+        give a short page with a next cursor (read_service.views.paging).
         """
-        if query.search:
-            plan = await candidates(self._client, self._keys.trigram, query.search, self._candidate_limit, at)
-            if plan.ids is not None:
-                return await self._indexed_page(query, plan.ids)
-            if plan.checkpoint_read:
-                at = None
-        return await self._scanned_page(query, at)
-
-    async def _scanned_page(self, query: ListUsersQuery, at: QueryCheckpoint | None) -> UserPage:
-        """A page read from the sort index in order, each view filtered here (see `list_page`)."""
-        index = self._keys.index(query.sort, query.subset)
-        wanted = query.page_size + 1  # one more than a page tells whether another page exists
-        # Without a search every member is a hit, so only a search needs a budget.
-        budget = self._scan_limit if query.search else None
-        chunk = max(wanted, _SEARCH_CHUNK) if query.search else wanted
-        hits: list[tuple[bytes, UserView]] = []
+        request = PageRequest(
+            index=self._keys.index(query.sort, query.subset),
+            descending=query.descending,
+            cursor=query.cursor,
+            page_size=query.page_size,
+            view_key=self._keys.view,
+            parse=UserView.FromString,
+            matches=lambda view: _matches(view, query),
+            member_of=lambda view: index_member(query.sort, view),
+            filtered=bool(query.search),
+        )
         spent: dict[str, dict[bytes | str, bytes | str]] = {}
-        cursor = query.cursor
-        scanned = 0
-        exhausted = False
-        while len(hits) < wanted:
-            count = chunk if budget is None else min(chunk, budget - scanned)
-            members = await self._range(index, cursor, query.descending, count, at)
-            at = None
-            if query.search:
-                # Most members do not match: what they spent is read for the hits only, at the end.
-                raw_views = await self._client.mget([self._keys.view(member_user_id(m)) for m in members])
-            else:
-                # Every member with a view is a hit: its spending comes in the views' round trip.
-                raw_views = await self._views_and_spending([member_user_id(m) for m in members], spent)
-            for member, raw in zip(members, raw_views, strict=True):
-                scanned += 1
-                cursor = member
-                if raw is None:
-                    continue
-                view = UserView.FromString(_as_bytes(raw))
-                if _matches(view, query):
-                    hits.append((member, view))
-                    if len(hits) == wanted:
-                        break
-            if len(members) < count:
-                exhausted = True
-                break
-            if budget is not None and scanned >= budget:
-                break
-        if len(hits) == wanted:
-            hits = hits[:-1]
-            next_cursor = hits[-1][0] if hits else cursor
-        elif exhausted:
-            next_cursor = None
+        if query.search:
+            rank = self._keys.rank if query.sort is SortField.CREATED_AT else None
+            page = await self._pager.search(request, Search(query.search, self._keys.trigram, rank), at)
         else:
-            # The scan budget ran out first: resume after the last member read.
-            next_cursor = cursor
-        views = [view for _, view in hits]
-        await self._add_spending(views, spent)
-        return UserPage(views, next_cursor)
-
-    async def _indexed_page(self, query: ListUsersQuery, ids: list[str]) -> UserPage:
-        """A page from the search index's candidates: read, checked, ordered by the query's sort."""
-        raws = await read_views(self._client, [self._keys.view(user_id) for user_id in ids])
-        hits: list[tuple[bytes, object]] = []
-        for raw in raws:
-            if raw is None:
-                continue
-            view = UserView.FromString(raw)
-            if _matches(view, query):
-                hits.append((index_member(query.sort, view), view))
-        wanted = query.page_size + 1
-        page = page_after(hits, query.cursor, query.descending, wanted)
-        next_cursor = None
-        if len(page) == wanted:
-            page = page[:-1]
-            next_cursor = page[-1][0]
-        views = [view for _, view in page if isinstance(view, UserView)]
-        await self._add_spending(views)
-        return UserPage(views, next_cursor)
-
-    async def _range(
-        self, index: str, cursor: bytes | None, descending: bool, count: int, at: QueryCheckpoint | None
-    ) -> list[bytes]:
-        def queue(pipe: Pipeline) -> None:
-            if descending:
-                high = b"(" + cursor if cursor is not None else b"+"
-                pipe.zrange(index, high, b"-", desc=True, bylex=True, offset=0, num=count)
-            else:
-                low = b"(" + cursor if cursor is not None else b"-"
-                pipe.zrange(index, low, b"+", bylex=True, offset=0, num=count)
-
-        (members,) = await first_read(self._client, at, queue)
-        # BYLEX without scores answers a flat list of members.
-        return [m for m in members if isinstance(m, bytes)]
+            # Every member with a view is a hit: its spending comes in the views' round trip.
+            page = await self._pager.scan(request, at, read=lambda ids: self._views_and_spending(ids, spent))
+        await self._add_spending(page.views, spent)
+        return UserPage(page.views, page.next_cursor)

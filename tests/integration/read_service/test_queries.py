@@ -340,28 +340,32 @@ async def test_every_search_plan_gives_the_same_full_pages(
     redis_prefix: str,
     serve_servicer: ServeServicer,
 ):
-    """The scan (limit 0), an intersection too large for the index (limit 2: "smith"), and the index (limit 2000)."""
+    """The scan (limit 0), an intersection too large for the index (limit 2: "smith"), and the index (limit 2000).
+
+    Username order reads every candidate; creation order takes them ranked (read_service.views.paging).
+    """
     people = await populate(served, users)
+    orders = ((pb.USER_SORT_FIELD_USERNAME, True), (pb.USER_SORT_FIELD_CREATED_AT, False))
     for limit in (0, 2, 2000):
         servicer = UserQueryServicer(
             UserViews(views_client, UserKeys(redis_prefix), candidate_limit=limit), PageTokenCodec(SECRET), lambda: True
         )
         async with serve_servicer(servicer) as stub:
             for search in ("smith", "jones", "ol", "@example.org", "_1", "zoe@", "nothing-like-it"):
-                for active in (0, pb.ACTIVE_FILTER_ACTIVE):
-                    want = expected(people, sort=pb.USER_SORT_FIELD_USERNAME, desc=True, active=active, search=search)
+                for active, (sort, desc) in [(a, o) for a in (0, pb.ACTIVE_FILTER_ACTIVE) for o in orders]:
+                    want = expected(people, sort=sort, desc=desc, active=active, search=search)
                     got, calls = await list_all(
                         stub,
                         page_size=3,
                         search=search.upper(),
                         active=active,
-                        sort_by=pb.USER_SORT_FIELD_USERNAME,
-                        sort_direction=pb.SORT_DIRECTION_DESC,
+                        sort_by=sort,
+                        sort_direction=pb.SORT_DIRECTION_DESC if desc else pb.SORT_DIRECTION_ASC,
                     )
-                    assert got == want, (limit, search, active)
+                    assert got == want, (limit, search, active, sort)
                     if limit:
                         # Full pages: as many calls as pages the results need (one for none).
-                        assert calls == max(1, -(-len(want) // 3)), (limit, search, active)
+                        assert calls == max(1, -(-len(want) // 3)), (limit, search, active, sort)
 
 
 async def test_paging_is_stable_while_users_are_added(served: Served, users: UserFactory):

@@ -211,6 +211,37 @@ async def test_rare_terms_give_full_pages_in_every_sort_and_filter(searching: Se
     ) == [[o] for o in by_total]
 
 
+async def test_a_term_with_many_candidates_pages_in_order_through_every_match(searching: Searching) -> None:
+    s = searching
+    # "u19" is in the e-mail u<n>@example.org of every n that starts with 19: 1,111 users, a
+    # candidate list the rank set orders, of which each page reads only its own views.
+    matching = [n for n in range(USERS) if str(n).startswith("19")]
+    ids = [s.seeded.log[n].aggregate_id for n in matching]  # registered in this order
+    pages = await user_pages(s, page_size=50, search="u19")
+    assert all(len(page) == 50 for page in pages[:-1]) and [u for page in pages for u in page] == ids
+    pages = await user_pages(s, page_size=50, search="U19", sort_direction=upb.SORT_DIRECTION_DESC)
+    assert all(len(page) == 50 for page in pages[:-1]) and [u for page in pages for u in page] == ids[::-1]
+    # Another sort reads every candidate: the same users, in e-mail order.
+    by_email = [s.seeded.log[n].aggregate_id for n in sorted(matching, key=lambda n: f"u{n}@example.org")]
+    first = await s.users.ListUsers(upb.ListUsersRequest(page_size=30, search="u19", sort_by=upb.USER_SORT_FIELD_EMAIL))
+    assert [u.user_id for u in first.users] == by_email[:30]
+    assert await user_pages(s, page_size=50, search="u19", active=upb.ACTIVE_FILTER_INACTIVE) == [[]]
+
+    # Orders c<n>@example.org: every n that starts with 29, newest first; a placing window keeps 290..294.
+    orders = {n: s.seeded.log[USERS + 3 + n].aggregate_id for n in range(ORDERS)}
+    newest_first = [orders[n] for n in reversed(range(ORDERS)) if str(n).startswith("29")]
+    pages = await order_pages(s, page_size=20, text="c29")
+    assert all(len(page) == 20 for page in pages[:-1]) and [o for page in pages for o in page] == newest_first
+    placed_from = opb.SearchOrdersRequest().placed_from
+    placed_from.FromDatetime(START + timedelta(minutes=290))
+    placed_to = opb.SearchOrdersRequest().placed_to
+    placed_to.FromDatetime(START + timedelta(minutes=295))
+    assert await order_pages(s, page_size=3, text="c29", placed_from=placed_from, placed_to=placed_to) == [
+        [orders[n] for n in (294, 293, 292)],
+        [orders[n] for n in (291, 290)],
+    ]
+
+
 async def test_the_index_follows_updates_deactivations_placements_and_cancellations(searching: Searching) -> None:
     s = searching
     users = s.seeded.users
@@ -277,11 +308,14 @@ async def test_a_rebuild_gives_the_same_index_and_answers(
     old = pointer.decode()
     old_index = await dump_keyspace(redis_client, f"{keyspace_prefix(redis_prefix, 'users', old)}users:tri:")
     assert len(old_index) > 1000
+    old_rank = await dump_keyspace(redis_client, f"{keyspace_prefix(redis_prefix, 'users', old)}users:rank")
+    assert len(old_rank[""]) == USERS
 
     result = await rebuild(redis_client, db_pool, redis_prefix, registered_projections()["users"], grace_s=0.5)
 
     new_prefix = keyspace_prefix(redis_prefix, "users", result.generation)
     assert await dump_keyspace(redis_client, f"{new_prefix}users:tri:") == old_index
+    assert await dump_keyspace(redis_client, f"{new_prefix}users:rank") == old_rank
     await eventually(
         lambda: all(
             p.generation == result.generation for p in s.service.projectors if p.status().projection == "users"

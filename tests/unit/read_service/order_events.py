@@ -328,6 +328,7 @@ class MemoryViews:
     strings: dict[str, bytes] = field(default_factory=dict)
     hashes: dict[str, dict[str, bytes | int]] = field(default_factory=dict)
     zsets: dict[str, set[bytes]] = field(default_factory=dict)
+    ranks: dict[str, dict[str, int]] = field(default_factory=dict)
     sets: dict[str, set[str]] = field(default_factory=dict)
     checkpoint: int = 0
     duplicates: int = 0
@@ -379,6 +380,10 @@ class MemoryViews:
             current = self.hashes.setdefault(key, {}).get(fld, 0)
             assert isinstance(current, int)
             self.hashes[key][fld] = current + amount
+        elif name == "ZADD" and isinstance(args[2], str):
+            key, score, member = args  # the search index's rank set: an id scored by its sort key
+            assert isinstance(key, str) and isinstance(member, str) and isinstance(score, int) and score >= 0
+            self.ranks.setdefault(key, {})[member] = score
         elif name == "ZADD":
             key, score, member = args
             assert isinstance(key, str) and score == 0 and isinstance(member, bytes)

@@ -10,6 +10,7 @@ import pytest
 from read_service.keys import OrderKeys, OrderSortField, keyed_member, member_id
 from read_service.projections.base import ALLOWED_COMMANDS, PoisonEvent
 from read_service.projections.orders import OrdersProjection, searchable
+from tessera.orders.v1.events_pb2 import OrderPlaced
 from tessera.orders.v1.order_pb2 import OrderStatus
 from tessera.orders.v1.order_query_service_pb2 import OrderView
 from tests.unit.read_service.order_events import Events, MemoryViews, envelope
@@ -287,5 +288,8 @@ def test_members_carry_the_order_id_and_ops_are_allowed(events: Events) -> None:
     order_id, placed = events.place(CUSTOMER, [(anvil, 1)])
     effect = OrdersProjection(KEYS).project(envelope(placed, 1), {})
     assert {op[0] for op in effect.ops} <= ALLOWED_COMMANDS
-    members = [op[3] for op in effect.ops if op[0] == "ZADD"]
+    members = [op[3] for op in effect.ops if op[0] == "ZADD" and op[1] != KEYS.rank]
     assert members and all(isinstance(m, bytes) and member_id(m) == order_id for m in members)
+    # The rank set holds the bare id, scored by the placing time in microseconds.
+    placed_at = OrderPlaced.FromString(placed.payload.SerializeToString()).placed_at.ToMicroseconds()
+    assert [op[2:] for op in effect.ops if op[1] == KEYS.rank] == [(placed_at, order_id)]

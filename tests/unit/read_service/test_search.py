@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from read_service.search import gram_ops, grams, page_after
+from read_service.search import gram_ops, grams
+from read_service.views.paging import after
 
 
 def test_grams_are_case_folded_and_never_span_two_texts() -> None:
@@ -25,8 +26,8 @@ def test_gram_ops_remove_what_is_gone_and_add_what_is_new() -> None:
     assert gram_ops(lambda g: g, "id", {"x"}, {"x"}) == []
 
 
-def test_page_after_orders_by_member_and_starts_after_the_cursor() -> None:
-    hits: list[tuple[bytes, object]] = [(b"b", 2), (b"a", 1), (b"d", 4), (b"c", 3)]
-    assert [h[1] for h in page_after(list(hits), None, False, 3)] == [1, 2, 3]
-    assert [h[1] for h in page_after(list(hits), b"b", False, 3)] == [3, 4]
-    assert [h[1] for h in page_after(list(hits), b"c", True, 3)] == [2, 1]
+def test_after_orders_members_as_bylex_does_and_starts_after_the_cursor() -> None:
+    members = [b"b", b"a", b"d", b"c", b"a\x00z"]
+    assert after(list(members), None, False) == [b"a", b"a\x00z", b"b", b"c", b"d"]
+    assert after(list(members), b"b", False) == [b"c", b"d"]
+    assert after(list(members), b"c", True) == [b"b", b"a\x00z", b"a"]

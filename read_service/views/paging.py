@@ -1,0 +1,248 @@
+"""Pages of a list query: an ordered scan of a sort index, or the candidates of a search term.
+
+Both list queries that search (ListUsers and SearchOrders) and the plain listings page the
+same way: keyset pages over a sort index whose members are `<sort key> NUL <id>` (score 0,
+read BYLEX), each member's view read with MGET and kept when the query's filters match it.
+The cursor is always such a member, so a page token does not depend on how a page was found.
+
+A search term that the trigram index narrows to few candidates (read_service.search) is
+answered from them instead:
+
+- ranked: when the query is in the order of the projection's rank set (users by creation,
+  orders by placing time), the candidates come from Redis with their rank, already in page
+  order; only the views of the first page (and of the candidates that turn out not to match)
+  are read;
+- otherwise every candidate's view is read, the matching ones ordered by their member and
+  paged after the cursor.
+
+A short or common term is answered by the scan, which fills pages quickly precisely because
+the term is common; at most `scan_limit` members are read per call, so a filtered scan may
+give a short page with a next cursor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+
+from read_service.keys import MEMBER_SEPARATOR, member_id, padded
+from read_service.search import candidates
+from read_service.view_store import QueryCheckpoint
+from read_service.views.checkpointed import first_read
+
+V = TypeVar("V")
+
+# Index members read per round trip while a filter is applied.
+SCAN_CHUNK = 256
+# Views read per MGET while candidates are checked.
+CANDIDATE_CHUNK = 500
+
+Raw = bytes | str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PageRequest(Generic[V]):
+    """What one page reads: the sort index and its bounds, and how a view is found, parsed and kept."""
+
+    index: str
+    descending: bool
+    cursor: bytes | None
+    page_size: int
+    view_key: Callable[[str], str]
+    parse: Callable[[bytes], V]
+    matches: Callable[[V], bool]
+    # The member that places a view in `index`.
+    member_of: Callable[[V], bytes]
+    # Whether some members fail `matches`: only then does the scan need a budget.
+    filtered: bool
+    low: bytes = b"-"
+    high: bytes = b"+"
+
+
+@dataclass(frozen=True, slots=True)
+class Search:
+    """A search term and the keys of its projection's index."""
+
+    term: str
+    trigram_key: Callable[[str], str]
+    # The projection's rank set (id -> sort key) when the query is in its order, else None:
+    # a query in another order reads every candidate's view.
+    rank_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[V]):
+    """The views of one page, in order, and the cursor to continue after it (None on the last page)."""
+
+    views: list[V]
+    next_cursor: bytes | None
+
+
+def _as_bytes(raw: bytes | str) -> bytes:
+    # The client is built without decode_responses; the driver's types admit str as well.
+    return raw if isinstance(raw, bytes) else raw.encode()
+
+
+def after(members: list[bytes], cursor: bytes | None, descending: bool) -> list[bytes]:
+    """`members` in index order (members compare as Redis BYLEX does), from just after `cursor`."""
+    if cursor is not None:
+        members = [m for m in members if (m < cursor if descending else m > cursor)]
+    return sorted(members, reverse=descending)
+
+
+class IndexPager:
+    """Reads pages of views through a sort index or the search index; raises the driver's errors."""
+
+    def __init__(self, client: aioredis.Redis, scan_limit: int, candidate_limit: int) -> None:
+        self._client = client
+        self._scan_limit = scan_limit
+        # A search with more candidates than this scans the sort index instead (read_service.search).
+        self._candidate_limit = candidate_limit
+
+    async def search(self, request: PageRequest[V], search: Search, at: QueryCheckpoint | None) -> Page[V]:
+        """One page of the views that match `request` and contain the search term."""
+        plan = await candidates(
+            self._client, search.trigram_key, search.term, self._candidate_limit, at, rank_key=search.rank_key
+        )
+        if plan.ids is None:
+            return await self.scan(request, None if plan.checkpoint_read else at)
+        if plan.ranked:
+            return await self._ranked_page(request, plan.ids, search)
+        return await self._candidate_page(request, plan.ids)
+
+    async def scan(
+        self,
+        request: PageRequest[V],
+        at: QueryCheckpoint | None,
+        read: Callable[[list[str]], Awaitable[list[Raw]]] | None = None,
+    ) -> Page[V]:
+        """One page read from the sort index in order, each view filtered here; `read` reads views by id."""
+        read_views = read or self._mget_ids(request)
+        wanted = request.page_size + 1  # one more than a page tells whether another page exists
+        budget = self._scan_limit if request.filtered else None
+        chunk = max(wanted, SCAN_CHUNK) if request.filtered else wanted
+        hits: list[tuple[bytes, V]] = []
+        cursor = request.cursor
+        scanned = 0
+        exhausted = False
+        while len(hits) < wanted:
+            count = chunk if budget is None else min(chunk, budget - scanned)
+            members = await self._range(request, cursor, count, at)
+            at = None
+            raws = await read_views([member_id(m) for m in members]) if members else []
+            for member, raw in zip(members, raws, strict=True):
+                scanned += 1
+                cursor = member
+                if raw is None:
+                    continue
+                view = request.parse(_as_bytes(raw))
+                if request.matches(view):
+                    hits.append((member, view))
+                    if len(hits) == wanted:
+                        break
+            if len(members) < count:
+                exhausted = True
+                break
+            if budget is not None and scanned >= budget:
+                break
+        if len(hits) == wanted:
+            return _full(hits)
+        # Exhausted: the last page. Otherwise the budget ran out first: resume after the last member read.
+        return Page([view for _, view in hits], None if exhausted else cursor)
+
+    async def _ranked_page(self, request: PageRequest[V], ids: list[str], search: Search) -> Page[V]:
+        """A page from candidates in rank order: views read in page order until the page is full."""
+        ordered = ids[::-1] if request.descending else ids
+        cursor_id = None if request.cursor is None else member_id(request.cursor)
+        bounded = request.low != b"-" or request.high != b"+"
+        if bounded or (cursor_id is not None and cursor_id not in ordered):
+            # A placing window, or a cursor whose entity is no longer a candidate: place each
+            # candidate by its member, rebuilt from its rank (the sort index's member).
+            assert search.rank_key is not None
+            scores = await self._client.zmscore(search.rank_key, ordered) if ordered else []
+            members = {
+                padded(int(score)).encode() + MEMBER_SEPARATOR + entity_id.encode(): entity_id
+                for entity_id, score in zip(ordered, scores, strict=True)
+                if score is not None
+            }
+            kept = [m for m in after(list(members), request.cursor, request.descending) if _within(m, request)]
+            ordered = [members[m] for m in kept]
+        elif cursor_id is not None:
+            ordered = ordered[ordered.index(cursor_id) + 1 :]
+        wanted = request.page_size + 1
+        hits: list[tuple[bytes, V]] = []
+        start = 0
+        # Most candidates of a ranked term match: read a page's worth first, then more if some did not.
+        chunk = wanted
+        while start < len(ordered) and len(hits) < wanted:
+            batch = ordered[start : start + chunk]
+            start += len(batch)
+            chunk = min(chunk * 2, CANDIDATE_CHUNK)
+            raws = await self._client.mget([request.view_key(entity_id) for entity_id in batch])
+            for raw in raws:
+                if raw is None:
+                    continue
+                view = request.parse(_as_bytes(raw))
+                if request.matches(view):
+                    hits.append((request.member_of(view), view))
+                    if len(hits) == wanted:
+                        break
+        if len(hits) == wanted:
+            return _full(hits)
+        return Page([view for _, view in hits], None)
+
+    async def _candidate_page(self, request: PageRequest[V], ids: list[str]) -> Page[V]:
+        """A page from unranked candidates: every view read and checked, then ordered by its member."""
+        hits: dict[bytes, V] = {}
+        keys = [request.view_key(entity_id) for entity_id in ids]
+        for start in range(0, len(keys), CANDIDATE_CHUNK):
+            for raw in await self._client.mget(keys[start : start + CANDIDATE_CHUNK]):
+                if raw is None:
+                    continue
+                view = request.parse(_as_bytes(raw))
+                if request.matches(view):
+                    hits[request.member_of(view)] = view
+        wanted = request.page_size + 1
+        page = [(member, hits[member]) for member in after(list(hits), request.cursor, request.descending)[:wanted]]
+        if len(page) == wanted:
+            return _full(page)
+        return Page([view for _, view in page], None)
+
+    def _mget_ids(self, request: PageRequest[V]) -> Callable[[list[str]], Awaitable[list[Raw]]]:
+        async def read(ids: list[str]) -> list[Raw]:
+            return list(await self._client.mget([request.view_key(entity_id) for entity_id in ids]))
+
+        return read
+
+    async def _range(
+        self, request: PageRequest[V], cursor: bytes | None, count: int, at: QueryCheckpoint | None
+    ) -> list[bytes]:
+        def queue(pipe: Pipeline) -> None:
+            if request.descending:
+                start = b"(" + cursor if cursor is not None else request.high
+                pipe.zrange(request.index, start, request.low, desc=True, bylex=True, offset=0, num=count)
+            else:
+                start = b"(" + cursor if cursor is not None else request.low
+                pipe.zrange(request.index, start, request.high, bylex=True, offset=0, num=count)
+
+        (members,) = await first_read(self._client, at, queue)
+        # BYLEX without scores answers a flat list of members.
+        return [m for m in members if isinstance(m, bytes)]
+
+
+def _within(member: bytes, request: PageRequest[V]) -> bool:
+    """Whether `member` lies between the request's BYLEX bounds (`-`, `+`, `[x` or `(x`)."""
+    low, high = request.low, request.high
+    if low != b"-" and (member < low[1:] if low[:1] == b"[" else member <= low[1:]):
+        return False
+    return high == b"+" or (member <= high[1:] if high[:1] == b"[" else member < high[1:])
+
+
+def _full(hits: list[tuple[bytes, V]]) -> Page[V]:
+    """`hits` holds one more than a page: the page, and its last member as the next cursor."""
+    page = hits[:-1]
+    return Page([view for _, view in page], page[-1][0])
