@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import cProfile
 import json
-import os
 import random
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -33,7 +33,8 @@ import redis.asyncio as aioredis
 from pydantic import PostgresDsn, RedisDsn, SecretStr
 
 from perf.event_log import USER_EVENT_COLUMNS
-from perf.stack import backing_servers, scratch_database
+from perf.report import write_json
+from perf.stack import backing, clear_prefix, scratch_database
 from read_service.bootstrap import running_read_service
 from read_service.lease import ApplyMode
 from read_service.settings import ReadServiceSettings
@@ -175,7 +176,6 @@ async def measure(admin_url: str, redis_url: str, events: int, profile: str | No
             # One replica alone: no applying lease, which a starved loop on a busy machine lets lapse.
             read_apply_mode=ApplyMode.ALWAYS,
         )
-        cleaner = aioredis.Redis.from_url(redis_url, socket_timeout=30)
         try:
             async with running_read_service(settings) as service:
                 projectors = service.projectors
@@ -217,10 +217,7 @@ async def measure(admin_url: str, redis_url: str, events: int, profile: str | No
                     profiler.dump_stats(profile)
                 extra_catch_ups = sum(p.status().catch_ups for p in projectors) - catch_ups
         finally:
-            keys = [k async for k in cleaner.scan_iter(match=f"{prefix}*", count=1000)]
-            for start in range(0, len(keys), 1000):
-                await cleaner.delete(*keys[start : start + 1000])
-            await cleaner.aclose()
+            await clear_prefix(redis_url, prefix)
     return {
         "events": events,
         "published_s": round(published, 3),
@@ -258,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one measurement and print its figures as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--events", type=int, default=9000)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--profile", metavar="FILE", help="write cProfile statistics of the apply to FILE")
     parser.add_argument("--publish", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
@@ -266,14 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.publish:
         asyncio.run(publish(args.publish, args.redis_url, args.channel))
         return 0
-    admin_url = os.environ.get("TEST_DATABASE_URL")
-    redis_url = os.environ.get("TEST_REDIS_URL")
-    if admin_url and redis_url:
-        result = asyncio.run(measure(admin_url, redis_url, args.events, args.profile))
-    else:
-        with backing_servers() as (admin_url, redis_url):
-            result = asyncio.run(measure(admin_url, redis_url, args.events, args.profile))
+    with backing() as servers:
+        result = asyncio.run(measure(servers.admin_url, servers.redis_url, args.events, args.profile))
     print(json.dumps(result, indent=2))
+    if args.json is not None:
+        write_json(args.json, result)
     return 0
 
 

@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds the stack may take to serve the seeded log at first (a large -n on a busy machine needs more)",
     )
     args = parser.parse_args(argv)
-    with postgres_admin_url("DATABASE_URL") as admin_url, tempfile.TemporaryDirectory(prefix="redis-loss-logs-") as logs:
+    with (
+        postgres_admin_url("DATABASE_URL") as admin_url,
+        tempfile.TemporaryDirectory(prefix="redis-loss-logs-") as logs,
+    ):
         figures = asyncio.run(measure(admin_url, args.users, Path(logs), args.startup_timeout))
     print(json.dumps(figures, indent=2))
     if args.json is not None:

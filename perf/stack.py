@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import redis.asyncio as aioredis
 
+from devstack.servers import postgres_admin_url, redis_server_url
 from devstack.supervisor import Stack, StackConfig
 from shared_kernel.platform import migrations
 
@@ -58,17 +59,7 @@ async def scratch_database(admin_url: str) -> AsyncIterator[str]:
 @contextlib.contextmanager
 def backing_servers() -> Iterator[tuple[str, str]]:
     """DATABASE_URL and REDIS_URL, or embedded servers for what is not set."""
-    with contextlib.ExitStack() as stack:
-        database = os.environ.get("DATABASE_URL")
-        redis_url = os.environ.get("REDIS_URL")
-        if not database:
-            from devstack.servers import EmbeddedPostgres
-
-            database = stack.enter_context(EmbeddedPostgres()).url
-        if not redis_url:
-            from devstack.servers import EmbeddedRedis
-
-            redis_url = stack.enter_context(EmbeddedRedis()).url
+    with postgres_admin_url("DATABASE_URL") as database, redis_server_url("REDIS_URL") as redis_url:
         yield database, redis_url
 
 
