@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ import asyncpg
 import grpc
 
 from devstack.servers import EmbeddedRedis, postgres_admin_url
-from devstack.supervisor import Stack, StackConfig
+from devstack.supervisor import Stack, one_replica_config
 from perf.event_log import USER_EVENT_COLUMNS, user_events
 from perf.report import write_json
 from perf.stack import scratch_database
@@ -89,14 +88,11 @@ async def measure(admin_url: str, users: int, logs: Path, startup_timeout_s: flo
     try:
         async with scratch_database(admin_url) as url:
             ids = await seed_registrations(url, users)
-            config = StackConfig(
-                database_url=url,
-                redis_url=redis.url,
-                redis_key_prefix=f"loss:{secrets.token_hex(4)}:",
-                relays=1,
-                read_ports=(0,),
-                log_dir=logs,
-                migrate=False,
+            config = one_replica_config(
+                url,
+                redis.url,
+                "loss",
+                logs,
                 env={"LOG_LEVEL": "INFO"},
                 # The replica first builds its views of the whole seeded log.
                 startup_timeout=startup_timeout_s,
