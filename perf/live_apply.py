@@ -30,14 +30,14 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from pydantic import PostgresDsn, RedisDsn, SecretStr
+from pydantic import SecretStr
 
+from devstack.in_process import replica_settings
 from perf.event_log import USER_EVENT_COLUMNS
 from perf.report import write_json
 from perf.stack import backing, clear_prefix, scratch_database
 from read_service.bootstrap import running_read_service
 from read_service.lease import ApplyMode
-from read_service.settings import ReadServiceSettings
 from read_service.upcasting import current_version
 from shared_kernel.contracts.event_log import events_channel
 from tessera.catalog.v1.events_pb2 import ProductAdded, StockReserved
@@ -164,14 +164,10 @@ async def measure(admin_url: str, redis_url: str, events: int, profile: str | No
     rows = list(mixed_events(events))
     prefix = f"live-{uuid.uuid4().hex[:8]}:"
     async with scratch_database(admin_url) as database_url:
-        settings = ReadServiceSettings(
-            database_url=PostgresDsn(database_url),
-            redis_url=RedisDsn(redis_url),
-            redis_key_prefix=prefix,
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            grpc_shutdown_grace_s=1,
-            database_pool_min_size=1,
+        settings = replica_settings(
+            database_url,
+            redis_url,
+            prefix,
             page_token_secret=SecretStr("measure-live-apply-secret-0123456789"),
             # One replica alone: no applying lease, which a starved loop on a busy machine lets lapse.
             read_apply_mode=ApplyMode.ALWAYS,
