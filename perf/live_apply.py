@@ -8,7 +8,10 @@ there to position N. N stays below the replica's live buffer (10,000 messages), 
 figure is the live path, not a catch-up from the log. Besides the wall-clock rate it prints
 the events per second of the replica's own CPU time, the figure that holds on a busy machine.
 
-    python -m perf live-apply -n 9000
+    python -m perf live-apply -n 9000 [--json results/live_apply.json]
+
+Uses DATABASE_URL (an admin DSN: a database is created and dropped) and REDIS_URL (under a key
+prefix of its own, deleted afterwards) when set, embedded servers otherwise.
 """
 
 from __future__ import annotations
