@@ -732,25 +732,23 @@ class EmbeddedRedis(EmbeddedServer):
 
 
 @contextlib.contextmanager
-def postgres_admin_url(variable: str) -> Iterator[str]:
+def _url_or_embedded(variable: str, server: type[EmbeddedServer]) -> Iterator[str]:
+    url = os.environ.get(variable)
+    if url:
+        yield url
+        return
+    with server() as running:
+        yield running.url
+
+
+def postgres_admin_url(variable: str) -> contextlib.AbstractContextManager[str]:
     """The Postgres DSN in environment `variable`, or an embedded server's for as long as the block runs."""
-    url = os.environ.get(variable)
-    if url:
-        yield url
-        return
-    with EmbeddedPostgres() as server:
-        yield server.url
+    return _url_or_embedded(variable, EmbeddedPostgres)
 
 
-@contextlib.contextmanager
-def redis_server_url(variable: str) -> Iterator[str]:
+def redis_server_url(variable: str) -> contextlib.AbstractContextManager[str]:
     """The Redis URL in environment `variable`, or an embedded server's for as long as the block runs."""
-    url = os.environ.get(variable)
-    if url:
-        yield url
-        return
-    with EmbeddedRedis() as server:
-        yield server.url
+    return _url_or_embedded(variable, EmbeddedRedis)
 
 
 __all__ = [
