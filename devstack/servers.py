@@ -26,7 +26,7 @@ import tempfile
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -731,6 +731,26 @@ class EmbeddedRedis(EmbeddedServer):
             client.close()
 
 
+@contextlib.contextmanager
+def _url_or_embedded(variable: str, server: type[EmbeddedServer]) -> Iterator[str]:
+    url = os.environ.get(variable)
+    if url:
+        yield url
+        return
+    with server() as running:
+        yield running.url
+
+
+def postgres_admin_url(variable: str) -> contextlib.AbstractContextManager[str]:
+    """The Postgres DSN in environment `variable`, or an embedded server's for as long as the block runs."""
+    return _url_or_embedded(variable, EmbeddedPostgres)
+
+
+def redis_server_url(variable: str) -> contextlib.AbstractContextManager[str]:
+    """The Redis URL in environment `variable`, or an embedded server's for as long as the block runs."""
+    return _url_or_embedded(variable, EmbeddedRedis)
+
+
 __all__ = [
     "EmbeddedPostgres",
     "EmbeddedRedis",
@@ -742,4 +762,6 @@ __all__ = [
     "log_tail",
     "pid_alive",
     "port_is_free",
+    "postgres_admin_url",
+    "redis_server_url",
 ]

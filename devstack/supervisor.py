@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self, TextIO
+from typing import IO, Any, Self, TextIO
 
 from devstack.processes import Deadline, StartStop, signal_group
 from devstack.servers import (
@@ -480,6 +480,23 @@ class StackConfig:
     read_module: str = "read_service"
     provider_module: str = "payment_provider"
     saga_module: str = "write_service.saga"
+
+
+def one_replica_config(
+    database_url: str, redis_url: str, name: str, log_dir: Path | None, **overrides: Any
+) -> StackConfig:
+    """A write service, one relay and one replica over an already migrated database, under a key
+    prefix of their own starting with `name`; `overrides` set other StackConfig fields."""
+    return StackConfig(
+        database_url=database_url,
+        redis_url=redis_url,
+        redis_key_prefix=f"{name}:{secrets.token_hex(4)}:",
+        relays=1,
+        read_ports=(0,),
+        log_dir=log_dir,
+        migrate=False,
+        **overrides,
+    )
 
 
 class Stack(StartStop):

@@ -8,7 +8,10 @@ there to position N. N stays below the replica's live buffer (10,000 messages), 
 figure is the live path, not a catch-up from the log. Besides the wall-clock rate it prints
 the events per second of the replica's own CPU time, the figure that holds on a busy machine.
 
-    python -m perf live-apply -n 9000
+    python -m perf live-apply -n 9000 [--json results/live_apply.json]
+
+Uses DATABASE_URL (an admin DSN: a database is created and dropped) and REDIS_URL (under a key
+prefix of its own, deleted afterwards) when set, embedded servers otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import argparse
 import asyncio
 import cProfile
 import json
-import os
 import random
 import subprocess
 import sys
@@ -26,17 +28,19 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from pydantic import PostgresDsn, RedisDsn, SecretStr
+from pydantic import SecretStr
 
+from devstack.in_process import replica_settings
 from perf.event_log import USER_EVENT_COLUMNS
-from perf.stack import backing_servers, scratch_database
+from perf.report import write_json
+from perf.stack import backing, clear_prefix, scratch_database
 from read_service.bootstrap import running_read_service
 from read_service.lease import ApplyMode
-from read_service.settings import ReadServiceSettings
 from read_service.upcasting import current_version
 from shared_kernel.contracts.event_log import events_channel
 from tessera.catalog.v1.events_pb2 import ProductAdded, StockReserved
@@ -163,19 +167,14 @@ async def measure(admin_url: str, redis_url: str, events: int, profile: str | No
     rows = list(mixed_events(events))
     prefix = f"live-{uuid.uuid4().hex[:8]}:"
     async with scratch_database(admin_url) as database_url:
-        settings = ReadServiceSettings(
-            database_url=PostgresDsn(database_url),
-            redis_url=RedisDsn(redis_url),
-            redis_key_prefix=prefix,
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            grpc_shutdown_grace_s=1,
-            database_pool_min_size=1,
+        settings = replica_settings(
+            database_url,
+            redis_url,
+            prefix,
             page_token_secret=SecretStr("measure-live-apply-secret-0123456789"),
             # One replica alone: no applying lease, which a starved loop on a busy machine lets lapse.
             read_apply_mode=ApplyMode.ALWAYS,
         )
-        cleaner = aioredis.Redis.from_url(redis_url, socket_timeout=30)
         try:
             async with running_read_service(settings) as service:
                 projectors = service.projectors
@@ -217,10 +216,7 @@ async def measure(admin_url: str, redis_url: str, events: int, profile: str | No
                     profiler.dump_stats(profile)
                 extra_catch_ups = sum(p.status().catch_ups for p in projectors) - catch_ups
         finally:
-            keys = [k async for k in cleaner.scan_iter(match=f"{prefix}*", count=1000)]
-            for start in range(0, len(keys), 1000):
-                await cleaner.delete(*keys[start : start + 1000])
-            await cleaner.aclose()
+            await clear_prefix(redis_url, prefix)
     return {
         "events": events,
         "published_s": round(published, 3),
@@ -258,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one measurement and print its figures as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--events", type=int, default=9000)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--profile", metavar="FILE", help="write cProfile statistics of the apply to FILE")
     parser.add_argument("--publish", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
@@ -266,14 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.publish:
         asyncio.run(publish(args.publish, args.redis_url, args.channel))
         return 0
-    admin_url = os.environ.get("TEST_DATABASE_URL")
-    redis_url = os.environ.get("TEST_REDIS_URL")
-    if admin_url and redis_url:
-        result = asyncio.run(measure(admin_url, redis_url, args.events, args.profile))
-    else:
-        with backing_servers() as (admin_url, redis_url):
-            result = asyncio.run(measure(admin_url, redis_url, args.events, args.profile))
+    with backing() as servers:
+        result = asyncio.run(measure(servers.admin_url, servers.redis_url, args.events, args.profile))
     print(json.dumps(result, indent=2))
+    if args.json is not None:
+        write_json(args.json, result)
     return 0
 
 

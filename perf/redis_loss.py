@@ -20,23 +20,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import secrets
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
 
-from devstack.servers import EmbeddedPostgres, EmbeddedRedis
-from devstack.supervisor import Stack, StackConfig
+from devstack.servers import EmbeddedRedis, postgres_admin_url
+from devstack.supervisor import Stack, one_replica_config
 from perf.event_log import USER_EVENT_COLUMNS, user_events
+from perf.report import write_json
 from perf.stack import scratch_database
 from shared_kernel.platform.healthcheck import check_serving_async
 from tessera.users.v1 import user_query_service_pb2 as queries
@@ -90,14 +88,11 @@ async def measure(admin_url: str, users: int, logs: Path, startup_timeout_s: flo
     try:
         async with scratch_database(admin_url) as url:
             ids = await seed_registrations(url, users)
-            config = StackConfig(
-                database_url=url,
-                redis_url=redis.url,
-                redis_key_prefix=f"loss:{secrets.token_hex(4)}:",
-                relays=1,
-                read_ports=(0,),
-                log_dir=logs,
-                migrate=False,
+            config = one_replica_config(
+                url,
+                redis.url,
+                "loss",
+                logs,
                 env={"LOG_LEVEL": "INFO"},
                 # The replica first builds its views of the whole seeded log.
                 startup_timeout=startup_timeout_s,
@@ -149,16 +144,6 @@ async def _not(check: Any) -> bool:
     return not await check
 
 
-@contextlib.contextmanager
-def _postgres() -> Iterator[str]:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        yield url
-        return
-    with EmbeddedPostgres() as server:
-        yield server.url
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -171,12 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds the stack may take to serve the seeded log at first (a large -n on a busy machine needs more)",
     )
     args = parser.parse_args(argv)
-    with _postgres() as admin_url, tempfile.TemporaryDirectory(prefix="redis-loss-logs-") as logs:
+    with (
+        postgres_admin_url("DATABASE_URL") as admin_url,
+        tempfile.TemporaryDirectory(prefix="redis-loss-logs-") as logs,
+    ):
         figures = asyncio.run(measure(admin_url, args.users, Path(logs), args.startup_timeout))
     print(json.dumps(figures, indent=2))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(args.json, figures)
     return 0 if figures["served_after"] == args.users else 1
 
 

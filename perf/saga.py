@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import random
 import secrets
 import statistics
@@ -36,8 +34,10 @@ from typing import Any
 import asyncpg
 import grpc
 
-from devstack.supervisor import ServiceProcess, Stack, StackConfig
+from devstack.supervisor import ServiceProcess, Stack
 from perf.cpu import tree_cpu_seconds
+from perf.report import write_json
+from perf.stack import clear_prefix, tool_stack_config
 from tessera.catalog.v1 import catalog_command_service_pb2 as catalog
 from tessera.catalog.v1 import catalog_command_service_pb2_grpc as catalog_grpc
 from tessera.common.v1.money_pb2 import Money
@@ -180,24 +180,6 @@ def process_cpu(stack: Stack) -> dict[str, float]:
     }
 
 
-def _delete_keys(redis_url: str, prefix: str) -> None:
-    """Remove the run's keys from a Redis the run did not start (an embedded one goes away by itself)."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    try:
-        batch: list[bytes] = []
-        for key in client.scan_iter(match=f"{prefix}*", count=1000):
-            batch.append(key)
-            if len(batch) == 1000:
-                client.delete(*batch)
-                batch.clear()
-        if batch:
-            client.delete(*batch)
-    finally:
-        client.close()
-
-
 def main() -> int:
     """Parse arguments, start a stack, measure, print."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,16 +196,14 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
 
-    config = StackConfig(
-        database_url=os.environ.get("DATABASE_URL"),
-        redis_url=os.environ.get("REDIS_URL"),
-        redis_key_prefix=f"saga:{secrets.token_hex(4)}:",
+    config = tool_stack_config(
+        "saga",
         relays=1,
         read_ports=(0,),
+        payment_provider=True,
         saga_workers=0 if args.backlog else args.saga_workers,
         saga_env={"SAGA_CONCURRENCY": str(args.saga_concurrency)},
         provider_env={"PAYMENT_LATENCY_MS": "0"},
-        env={"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST_KIB": "1024", "ARGON2_PARALLELISM": "1"},
     )
     try:
         with Stack(config) as stack:
@@ -251,7 +231,7 @@ def main() -> int:
     finally:
         # After the stack stopped, so no replica writes a key behind the cleanup.
         if config.redis_url:
-            _delete_keys(config.redis_url, config.redis_key_prefix)
+            asyncio.run(clear_prefix(config.redis_url, config.redis_key_prefix))
     report["saga_workers"] = args.saga_workers
     report["saga_concurrency"] = args.saga_concurrency
     print(
@@ -263,8 +243,7 @@ def main() -> int:
     cpu = report["cpu_ms_per_order"]
     print("CPU ms per order: " + ", ".join(f"{name} {value}" for name, value in cpu.items()))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, report)
     return 0 if report["confirmed"] == report["orders"] else 1
 
 

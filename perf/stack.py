@@ -17,58 +17,24 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import redis.asyncio as aioredis
 
+from devstack.databases import throwaway_database
+from devstack.servers import postgres_admin_url, redis_server_url
 from devstack.supervisor import Stack, StackConfig
-from shared_kernel.platform import migrations
 
 
-def _with_database(dsn: str, database: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
-
-
-@contextlib.asynccontextmanager
-async def scratch_database(admin_url: str) -> AsyncIterator[str]:
+def scratch_database(admin_url: str) -> contextlib.AbstractAsyncContextManager[str]:
     """A new, migrated database, dropped on exit."""
-    name = f"tessera_bench_{secrets.token_hex(5)}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = _with_database(admin_url, name)
-    try:
-        conn = await asyncpg.connect(url)
-        try:
-            await migrations.apply(conn)
-        finally:
-            await conn.close()
-        yield url
-    finally:
-        admin = await asyncpg.connect(admin_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    return throwaway_database(admin_url, prefix="tessera_bench_")
 
 
 @contextlib.contextmanager
 def backing_servers() -> Iterator[tuple[str, str]]:
     """DATABASE_URL and REDIS_URL, or embedded servers for what is not set."""
-    with contextlib.ExitStack() as stack:
-        database = os.environ.get("DATABASE_URL")
-        redis_url = os.environ.get("REDIS_URL")
-        if not database:
-            from devstack.servers import EmbeddedPostgres
-
-            database = stack.enter_context(EmbeddedPostgres()).url
-        if not redis_url:
-            from devstack.servers import EmbeddedRedis
-
-            redis_url = stack.enter_context(EmbeddedRedis()).url
+    with postgres_admin_url("DATABASE_URL") as database, redis_server_url("REDIS_URL") as redis_url:
         yield database, redis_url
 
 

@@ -26,7 +26,7 @@ from perf.redis_loss import measure as measure_redis_loss
 from perf.stack import Backing, scratch
 from relay.outbox import CLAIM_SESSION_SETTINGS
 
-from .table import Goal, Row
+from .table import Goal, Row, rate_rows
 
 HOW_LIVE = "one in-process replica (perf.live_apply), backlog published while its loop is held"
 RELAY_LABEL = "one relay draining an outbox backlog of the same size"
@@ -51,24 +51,11 @@ class RedisLossSizes:
 
 def live_rows() -> list[Row]:
     """The live apply rows: the rate against its goal, and against the relay's drain rate."""
-    return [
-        Row(
-            key="live",
-            figure="live apply, one replica, mixed user/product/order backlog, events/s",
-            unit="events/s",
-            goal=Goal("value", ">=", 20_000, "events/s"),
-            how=HOW_LIVE,
-            ceiling_label=RELAY_LABEL,
-        ),
-        Row(
-            key="live",
-            figure="live apply against the relay's drain",
-            unit="events/s",
-            goal=Goal("ratio", ">=", 1.0),
-            how=HOW_LIVE,
-            ceiling_label=RELAY_LABEL,
-        ),
-    ]
+    figures = (
+        "live apply, one replica, mixed user/product/order backlog, events/s",
+        "live apply against the relay's drain",
+    )
+    return rate_rows("live", figures, 20_000, 1.0, how=HOW_LIVE, ceiling_label=RELAY_LABEL)
 
 
 def redis_loss_rows() -> list[Row]:

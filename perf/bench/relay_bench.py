@@ -36,7 +36,7 @@ from perf.stack import Backing, Scratch, scratch
 from relay.outbox import CLAIM_SESSION_SETTINGS
 from shared_kernel.contracts.event_log import ENVELOPE_COLUMNS, envelope_from_row, events_channel
 
-from .table import Goal, Row
+from .table import Row, rate_rows
 
 RELAY_BATCH = 500  # the relay's default RELAY_BATCH_SIZE
 # A user event as a command leaves it: everything up to the position (which the relay assigns).
@@ -78,24 +78,8 @@ def relay_rows() -> list[Row]:
     """The rows this bench fills: the drain rate against its goal, and against bare PUBLISH."""
     how = "one relay process, Postgres outbox → Redis PUBLISH, no subscribers"
     ceiling_label = "bare redis-py pipeline PUBLISH, same payloads"
-    return [
-        Row(
-            key="relay",
-            figure="relay draining an outbox backlog, events/s",
-            unit="events/s",
-            goal=Goal("value", ">=", 30_000, "events/s"),
-            how=how,
-            ceiling_label=ceiling_label,
-        ),
-        Row(
-            key="relay",
-            figure="relay drain against bare PUBLISH",
-            unit="events/s",
-            goal=Goal("ratio", ">=", 0.7),
-            how=how,
-            ceiling_label=ceiling_label,
-        ),
-    ]
+    figures = ("relay draining an outbox backlog, events/s", "relay drain against bare PUBLISH")
+    return rate_rows("relay", figures, 30_000, 0.7, how=how, ceiling_label=ceiling_label)
 
 
 def unpositioned_events(count: int, seed: int) -> Iterator[tuple[Any, ...]]:

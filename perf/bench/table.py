@@ -91,6 +91,31 @@ class Row:
         return self
 
 
+def rate_rows(
+    key: str, figures: tuple[str, str], value_goal: float, ratio_goal: float, *, how: str, ceiling_label: str
+) -> list[Row]:
+    """The two rows of a rate in events/s: the rate against `value_goal`, then against its ceiling
+    (ratio at least `ratio_goal`); `figures` names them."""
+    return [
+        Row(
+            key=key,
+            figure=figures[0],
+            unit="events/s",
+            goal=Goal("value", ">=", value_goal, "events/s"),
+            how=how,
+            ceiling_label=ceiling_label,
+        ),
+        Row(
+            key=key,
+            figure=figures[1],
+            unit="events/s",
+            goal=Goal("ratio", ">=", ratio_goal),
+            how=how,
+            ceiling_label=ceiling_label,
+        ),
+    ]
+
+
 def not_measured(rows: Sequence[Row], reason: str) -> list[Row]:
     """The rows, each marked not measured for `reason`."""
     return [row.fail(reason) for row in rows]

@@ -14,9 +14,9 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from devstack.databases import throwaway_database
 from devstack.supervisor import Stack, StackConfig
 from tessera_client import TesseraClient
-from tests.conftest import create_database, drop_database
 
 # Cheap argon2 parameters keep registration fast in tests; production defaults are in settings.
 FAST_HASHING = {
@@ -31,11 +31,8 @@ FAST_HASHING = {
 @pytest.fixture(scope="module")
 async def e2e_database(postgres_admin_url: str) -> AsyncIterator[str]:
     """A migrated database shared by one test module's stack."""
-    url = await create_database(postgres_admin_url)
-    try:
+    async with throwaway_database(postgres_admin_url) as url:
         yield url
-    finally:
-        await drop_database(postgres_admin_url, url)
 
 
 @pytest.fixture(scope="module")

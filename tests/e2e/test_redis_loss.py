@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.servers import EmbeddedRedis
-from devstack.supervisor import Stack, StackConfig
+from devstack.supervisor import Stack, one_replica_config
 from tessera.users.v1 import user_query_service_pb2 as qry
 from tessera.users.v1 import user_query_service_pb2_grpc as qry_grpc
 from tessera_client import TesseraClient
@@ -46,16 +46,7 @@ async def throwaway_redis() -> AsyncIterator[EmbeddedRedis]:
 @pytest.fixture(scope="module")
 async def loss_stack(e2e_database: str, throwaway_redis: EmbeddedRedis, e2e_logs: Path) -> AsyncIterator[Stack]:
     """Write service, one relay and one replica on the throwaway Redis."""
-    config = StackConfig(
-        database_url=e2e_database,
-        redis_url=throwaway_redis.url,
-        redis_key_prefix=f"loss:{secrets.token_hex(4)}:",
-        relays=1,
-        read_ports=(0,),
-        log_dir=e2e_logs,
-        migrate=False,
-        env=FAST_HASHING,
-    )
+    config = one_replica_config(e2e_database, throwaway_redis.url, "loss", e2e_logs, env=FAST_HASHING)
     running = await Stack(config).start_async()
     try:
         yield running

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from devstack.servers import EmbeddedRedis
-from devstack.supervisor import Stack, StackConfig
+from devstack.supervisor import Stack, one_replica_config
 from shared_kernel.contracts.event_log import events_channel, head_channel
 from shared_kernel.platform.healthcheck import check_serving_async
 from tessera.events.v1.envelope_pb2 import StreamHead
@@ -42,16 +42,7 @@ def filler() -> bytes:
 async def pause_stack(e2e_database: str, e2e_logs: Path) -> AsyncIterator[tuple[Stack, EmbeddedRedis]]:
     """A stack with one replica on a Redis of its own with a small pub/sub output buffer."""
     server = await asyncio.to_thread(EmbeddedRedis(extra_args=SMALL_PUBSUB_BUFFER).start)
-    config = StackConfig(
-        database_url=e2e_database,
-        redis_url=server.url,
-        redis_key_prefix=f"pause:{secrets.token_hex(4)}:",
-        relays=1,
-        read_ports=(0,),
-        log_dir=e2e_logs,
-        migrate=False,
-        env=FAST_HASHING,
-    )
+    config = one_replica_config(e2e_database, server.url, "pause", e2e_logs, env=FAST_HASHING)
     try:
         running = await Stack(config).start_async()
         try:

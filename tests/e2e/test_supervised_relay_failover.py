@@ -33,12 +33,12 @@ from devstack.chaos import (
     pid_owning_connection,
     wait_drained,
 )
+from devstack.databases import create_database, drop_database
 from devstack.processes import process_tree, wait_gone
 from devstack.servers import find_free_port
 from read_service.generations import served_checkpoint
 from tessera.users.v1 import user_query_service_pb2 as qry
 from tessera_client import TesseraClient, TesseraError
-from tests.conftest import create_database, drop_database
 from tests.devstack_up import DevstackUp
 from tests.e2e.conftest import FAST_HASHING
 

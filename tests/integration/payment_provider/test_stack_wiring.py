@@ -9,12 +9,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from devstack.databases import create_database, drop_database
 from devstack.processes import wait_gone
 from devstack.supervisor import ServiceError, Stack, StackConfig
 from shared_kernel.platform.healthcheck import check_serving
 from tessera.payments.v1 import payment_provider_admin_pb2 as admin_pb
 from tessera.payments.v1 import payment_provider_admin_pb2_grpc as admin_grpc
-from tests.conftest import create_database, drop_database
 
 pytestmark = pytest.mark.integration
 

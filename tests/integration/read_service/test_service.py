@@ -16,8 +16,9 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import PostgresDsn, RedisDsn, SecretStr
+from pydantic import SecretStr
 
+from devstack.in_process import replica_settings
 from read_service.bootstrap import running_read_service
 from read_service.settings import ReadServiceSettings
 from tessera.users.v1 import user_query_service_pb2 as pb
@@ -31,14 +32,11 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def settings_for(database_url: str, redis_url: str, prefix: str, port: int = 0) -> ReadServiceSettings:
-    return ReadServiceSettings(
-        database_url=PostgresDsn(database_url),
-        redis_url=RedisDsn(redis_url),
-        redis_key_prefix=prefix,
-        grpc_host="127.0.0.1",
+    return replica_settings(
+        database_url,
+        redis_url,
+        prefix,
         grpc_port=port,
-        grpc_shutdown_grace_s=1,
-        database_pool_min_size=1,
         page_token_secret=SecretStr("integration-test-secret-0123456789"),
     )
 

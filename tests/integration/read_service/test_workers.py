@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import PostgresDsn, RedisDsn
 
+from devstack.in_process import replica_settings
 from devstack.processes import children, wait_gone
 from devstack.supervisor import ServiceProcess
 from read_service.bootstrap import running_read_service
@@ -260,15 +261,7 @@ async def test_the_replica_header_travels_with_every_kind_of_reply(
 ):
     user_id, registered = users.register("header@example.com", "header")
     await event_log.append(registered)
-    settings = ReadServiceSettings(
-        database_url=PostgresDsn(database_url),
-        redis_url=RedisDsn(redis_server_url),
-        redis_key_prefix=redis_prefix,
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        grpc_shutdown_grace_s=1,
-        database_pool_min_size=1,
-    )
+    settings = replica_settings(database_url, redis_server_url, redis_prefix)
     interceptor = ReplicaHeaderInterceptor("in-process")
     async with (
         running_read_service(settings, interceptors=[interceptor]) as service,

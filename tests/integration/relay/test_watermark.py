@@ -14,11 +14,11 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import PostgresDsn, RedisDsn
 
+from devstack.databases import create_database, drop_database
 from relay.runner import Relay
 from relay.settings import RelaySettings
 from shared_kernel.platform import migrations
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
-from tests.conftest import create_database, drop_database
 from tests.integration.relay.conftest import RelayHarness
 from tests.integration.relay.support import ChannelRecorder, assert_gap_free, ids_of, insert_events, wait_until
 from tests.integration.relay.test_process import RelayProcess, relay_env

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from devstack.databases import create_database, drop_database
 from tessera.users.v1 import user_command_service_pb2 as pb
 from tessera.users.v1 import user_command_service_pb2_grpc as pb_grpc
-from tests.conftest import create_database, drop_database
 from tests.integration.write_service.support import ROOT, environment, running_write_service
 from tests.unit.write_service import helpers
 
