@@ -219,12 +219,15 @@ async def test_command_deadlines(hostile: HostileStack, rpc: str) -> None:
         # A call the client gave up on may still be finishing in the write service: wait until
         # none of its transactions is open, so the snapshot below is the final state.
         deadline = time.monotonic() + 10
-        while await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name = $1 AND state <> 'idle'",
+        while busy := await conn.fetch(
+            "SELECT pid, state, wait_event_type, wait_event, backend_xid, xact_start, state_change, "
+            "now() - state_change AS in_state_for, query FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = $1 AND state <> 'idle'",
             WRITE_APPLICATION,
         ):
-            assert time.monotonic() < deadline, "the write service kept a transaction open"
+            assert time.monotonic() < deadline, "the write service kept a transaction open:\n" + "\n".join(
+                str(dict(row)) for row in busy
+            )
             await asyncio.sleep(0.01)
         # Each command is one transaction, so every snapshot must show all of it or none of it.
         async with conn.transaction(isolation="repeatable_read", readonly=True):
