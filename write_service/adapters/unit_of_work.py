@@ -376,7 +376,13 @@ class PostgresUnitOfWork(UnitOfWork):
         still get the command's own result, not an error about a connection it no longer uses.
         """
         try:
-            await self._pool.release(conn)
+            # An explicit budget: by default asyncpg allows the release the acquire's timeout, the
+            # command's remaining time, which a command cut off by its deadline has spent. The
+            # release then terminates the connection at once, and termination drops asyncpg's
+            # pending cancel request: a statement the cancelled call left running (a lock wait,
+            # say) went on without a client until statement_timeout. With the grace, the release
+            # waits for that cancel to end the statement, then rolls back what is still open.
+            await self._pool.release(conn, timeout=_ROLLBACK_GRACE_S)
         except Exception as exc:
             logger.warning("discarded a connection that failed to reset on release (%s)", type(exc).__name__)
 

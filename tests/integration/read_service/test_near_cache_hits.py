@@ -40,8 +40,13 @@ async def query(
 
 
 @contextlib.asynccontextmanager
-async def commands_on(redis_server_url: str, prefix: str) -> AsyncIterator[list[str]]:
-    """Every command Redis runs on `prefix` keys inside the block (MONITOR, up to a marker command)."""
+async def commands_on(redis_server_url: str, prefix: str, client_name: str | None = None) -> AsyncIterator[list[str]]:
+    """Every command Redis runs on `prefix` keys inside the block (MONITOR, up to a marker command).
+
+    With `client_name`, only the commands of connections of that name (CLIENT SETNAME), and
+    of the scripts they run: a projector or change feed working on the same keys in the
+    background is not the code under test.
+    """
     seen: list[str] = []
     monitor_client = aioredis.Redis.from_url(redis_server_url)
     try:
@@ -50,12 +55,19 @@ async def commands_on(redis_server_url: str, prefix: str) -> AsyncIterator[list[
             marker = f"{prefix}end-of-monitoring"
             async with aioredis.Redis.from_url(redis_server_url) as other:
                 await other.get(marker)
+                # Asked after the block: the pool keeps the connections it used open.
+                named = {c["addr"] for c in await other.client_list() if client_name and c.get("name") == client_name}
+            # A script's own commands come from "lua", right after the EVALSHA that ran them.
+            sender = ""
             async with asyncio.timeout(10):
                 while True:
-                    command = str((await monitor.next_command())["command"])
+                    entry = await monitor.next_command()
+                    command = str(entry["command"])
                     if marker in command:
                         break
-                    if prefix in command:
+                    if entry["client_type"] != "lua":
+                        sender = f"{entry['client_address']}:{entry['client_port']}"
+                    if prefix in command and (client_name is None or sender in named):
                         seen.append(command)
     finally:
         await monitor_client.aclose()

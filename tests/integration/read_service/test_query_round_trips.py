@@ -36,14 +36,20 @@ from .test_near_cache_hits import commands_on, publish
 
 pytestmark = pytest.mark.integration
 
+# The name (CLIENT SETNAME) of the views' connections: the commands a query sends are the
+# commands of these connections; the projector's run on the same keys meanwhile.
+VIEWS_CLIENT = "round-trip-test-views"
+
 
 @pytest.fixture
 async def stub_and_projector(
-    start_projector: StartProjector, redis_client: aioredis.Redis, redis_prefix: str, db_pool: asyncpg.Pool[Any]
+    start_projector: StartProjector, redis_server_url: str, redis_prefix: str, db_pool: asyncpg.Pool[Any]
 ) -> AsyncIterator[tuple[UserQueryServiceAsyncStub, Projector]]:
+    """A UserQueryService whose views read through a client of their own, named VIEWS_CLIENT."""
     projector = await start_projector()
     await eventually(lambda: projector.ready)
-    views = UserViews(redis_client, UserKeys(redis_prefix))
+    client = aioredis.Redis.from_url(redis_server_url, client_name=VIEWS_CLIENT)
+    views = UserViews(client, UserKeys(redis_prefix))
     servicer = UserQueryServicer(
         views,
         PageTokenCodec(b"round-trip-test-page-token-secret"),
@@ -60,6 +66,7 @@ async def stub_and_projector(
             yield stub, projector
     finally:
         await server.stop()
+        await client.aclose()
 
 
 def _kinds(commands: list[str]) -> list[str]:
@@ -81,7 +88,7 @@ async def test_get_user_reads_checkpoint_and_view_in_one_pipeline_with_or_withou
     token = encode_token("user", user_id, 2)
 
     for request in (pb.GetUserRequest(user_id=user_id), pb.GetUserRequest(user_id=user_id, consistency_token=token)):
-        async with commands_on(redis_server_url, redis_prefix) as seen:
+        async with commands_on(redis_server_url, redis_prefix, VIEWS_CLIENT) as seen:
             call = stub.GetUser(request, timeout=5)
             reply = await call
         # One command (the read script) that reads the checkpoint, the view and what the user
@@ -169,7 +176,9 @@ async def cached_stub(
         projector, UsersProjection(UserKeys(redis_prefix)), redis_client, db_pool, recheck_s=0.05, caches=[cache]
     )
     projector.effect_listeners = (feed.on_effect,)
-    pool = aioredis.ConnectionPool.from_url(redis_server_url, connection_class=RecordingConnection)
+    pool = aioredis.ConnectionPool.from_url(
+        redis_server_url, connection_class=RecordingConnection, client_name=VIEWS_CLIENT
+    )
     client = aioredis.Redis(connection_pool=pool)
     views = UserViews(client, UserKeys(redis_prefix), cache=cache)
     servicer = UserQueryServicer(
@@ -209,7 +218,7 @@ async def test_list_users_reads_its_checkpoint_in_the_round_trip_of_its_first_ra
 
     for request in (pb.ListUsersRequest(page_size=10), pb.GetUserByEmailRequest(email="list1@example.com")):
         RecordingConnection.packets.clear()
-        async with commands_on(redis_server_url, redis_prefix) as seen:
+        async with commands_on(redis_server_url, redis_prefix, VIEWS_CLIENT) as seen:
             if isinstance(request, pb.ListUsersRequest):
                 listed = await stub.ListUsers(request, timeout=5)
                 assert len(listed.users) == 3 and listed.view_position == 3
@@ -242,7 +251,7 @@ async def test_a_token_the_near_cache_already_reflects_is_answered_without_redis
     await stub.GetUser(pb.GetUserRequest(user_id=user_id), timeout=5)  # fills the near cache
 
     for version in (1, 2):
-        async with commands_on(redis_server_url, redis_prefix) as seen:
+        async with commands_on(redis_server_url, redis_prefix, VIEWS_CLIENT) as seen:
             call = stub.GetUser(
                 pb.GetUserRequest(user_id=user_id, consistency_token=encode_token("user", user_id, version)),
                 timeout=5,
@@ -254,7 +263,7 @@ async def test_a_token_the_near_cache_already_reflects_is_answered_without_redis
     # A token ahead of the cached view goes to Redis (version 3 is in the log but never
     # published here, so the answer is stale).
     await event_log.append(users.update(user_id, "Unpublished"))
-    async with commands_on(redis_server_url, redis_prefix) as seen:
+    async with commands_on(redis_server_url, redis_prefix, VIEWS_CLIENT) as seen:
         reply = await stub.GetUser(
             pb.GetUserRequest(user_id=user_id, consistency_token=encode_token("user", user_id, 3), max_wait_ms=100),
             timeout=5,

@@ -327,3 +327,42 @@ async def test_a_lock_wait_is_bounded_by_the_deadline(pg_bus, db_pool):
     result = await pg_bus.dispatch(helpers.update(user_id, full_name="after"), helpers.meta())
     assert result.version == 2
     assert len(await rows(db_pool, "outbox")) == 2
+
+
+async def test_a_command_cut_off_by_its_deadline_leaves_no_statement_running(database_url, db_pool):
+    """A command whose lock wait its deadline cut off cancels the statement and keeps its connection.
+
+    The command's own time is spent by then, so the release needs a budget of its own.
+    """
+    # The command's pool of its own, so its sessions can be told apart from the test's.
+    pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=1, server_settings={"application_name": "cut-off-command"}
+    )
+    try:
+        bus = bus_on(pool)
+        user_id = (await bus.dispatch(helpers.register(), helpers.meta())).aggregate_id
+        session = await pool.fetchval("SELECT pg_backend_pid()")
+        holder = await db_pool.acquire()
+        try:
+            async with holder.transaction():
+                await holder.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)
+                # Little time left when it takes its connection, so the pool's own budget for the
+                # release is spent too by the time the lock wait is cancelled.
+                with pytest.raises(errors.Unavailable, match="time limit"):
+                    await bus.dispatch(helpers.update(user_id), helpers.meta(seconds=0.002))
+                # The lock is still held: only a cancel on the server can end the command's wait.
+                deadline = time.monotonic() + 3
+                while running := await holder.fetch(
+                    "SELECT pid, state, wait_event_type, query FROM pg_stat_activity "
+                    "WHERE application_name = 'cut-off-command' AND state <> 'idle'"
+                ):
+                    assert time.monotonic() < deadline, [dict(row) for row in running]
+                    await asyncio.sleep(0.01)
+        finally:
+            await db_pool.release(holder)
+        # The release waited for the cancel and rolled back, so the pool kept its connection
+        # (terminating it would also have dropped the cancel request still on its way).
+        assert await pool.fetchval("SELECT pg_backend_pid()") == session
+        assert (await bus.dispatch(helpers.update(user_id, full_name="after"), helpers.meta())).version == 2
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
