@@ -3,8 +3,8 @@ checkpoint in the round trip of its first read; a token the near cache already r
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -30,6 +30,8 @@ from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceStub
 
 if TYPE_CHECKING:
     from tessera.users.v1.user_query_service_pb2_grpc import UserQueryServiceAsyncStub
+
+from tests.integration.read_service.packet_recording import RecordingConnection
 
 from .conftest import EventLog, Publisher, StartProjector, UserFactory, eventually
 from .test_near_cache_hits import commands_on, publish
@@ -142,22 +144,6 @@ async def test_the_read_script_is_loaded_again_after_redis_forgets_it() -> None:
     assert int(first.checkpoint or 0) == 7 and first.view == b"\x0a\x01x"
     assert first.hashes == [{b"EUR": b"5"}]
     assert absent.view is None and int(absent.checkpoint or 0) == 0 and absent.hashes == []
-
-
-class RecordingConnection(aioredis.Connection):
-    """A connection that keeps every packet it sends: one packet is one round trip."""
-
-    packets: ClassVar[list[bytes]] = []
-
-    async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
-        if isinstance(command, str):
-            packet = command.encode()
-        elif isinstance(command, bytes):
-            packet = command
-        else:
-            packet = b"".join(command)
-        RecordingConnection.packets.append(packet)
-        await super().send_packed_command(command, check_health)
 
 
 @pytest.fixture

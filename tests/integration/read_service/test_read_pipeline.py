@@ -4,8 +4,6 @@ reply or error, a connection killed under it taken again, a caller that gives up
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from typing import ClassVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,30 +12,15 @@ import redis.exceptions
 from devstack.servers import EmbeddedRedis
 from read_service.read_pipeline import ReadPipeline, pack_evalsha, read_pipeline
 from read_service.view_store import ViewReader
+from tests.integration.read_service.packet_recording import RecordingConnection
 
 pytestmark = pytest.mark.integration
 
 _ECHO = "return {KEYS[1], redis.call('GET', KEYS[1]) or ''}"
 
 
-class CountingConnection(aioredis.Connection):
-    """A connection that keeps every packet it writes: one packet is one write to Redis."""
-
-    packets: ClassVar[list[bytes]] = []
-
-    async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
-        if isinstance(command, str):
-            packet = command.encode()
-        elif isinstance(command, bytes):
-            packet = command
-        else:
-            packet = b"".join(command)
-        CountingConnection.packets.append(packet)
-        await super().send_packed_command(command, check_health)
-
-
 async def _client(url: str) -> aioredis.Redis:
-    pool = aioredis.ConnectionPool.from_url(url, connection_class=CountingConnection)
+    pool = aioredis.ConnectionPool.from_url(url, connection_class=RecordingConnection)
     return aioredis.Redis.from_pool(pool)
 
 
@@ -51,9 +34,9 @@ async def test_concurrent_reads_share_writes_and_each_gets_its_own_reply(
         sha = await client.script_load(_ECHO)
         pipeline = read_pipeline(client)
         assert read_pipeline(client) is pipeline  # one per client: every reader shares its batches
-        CountingConnection.packets.clear()
+        RecordingConnection.packets.clear()
         replies = await asyncio.gather(*(pipeline.execute(pack_evalsha(sha, [key])) for key in keys))
-        writes = [p for p in CountingConnection.packets if b"EVALSHA" in p]
+        writes = [p for p in RecordingConnection.packets if b"EVALSHA" in p]
     finally:
         await client.aclose()
     assert [[k.decode(), v.decode()] for k, v in replies] == [[key, f"v{i}"] for i, key in enumerate(keys)]
