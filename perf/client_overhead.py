@@ -25,7 +25,7 @@ import time
 import grpc
 
 from devstack.supervisor import Stack
-from perf.stack import tool_stack_config
+from perf.stack import tool_stack, tool_stack_config
 from tessera.users.v1 import user_query_service_pb2 as users_q
 from tessera.users.v1 import user_query_service_pb2_grpc as users_q_grpc
 from tessera_client import TesseraClient
@@ -94,7 +94,7 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=200, help="sequential calls per block")
     args = parser.parse_args()
     config = tool_stack_config("overhead", read_ports=(0,), relays=1)
-    with Stack(config) as stack:
+    with tool_stack(config) as stack:
         report = asyncio.run(measure(stack, args.rounds, args.calls))
     print(json.dumps(report, indent=2))
     return 0

@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 
 from devstack.supervisor import ServiceProcess, Stack
 from perf.report import write_json
-from perf.stack import clear_prefix, tool_stack_config
+from perf.stack import tool_stack, tool_stack_config
 from read_service.generations import served_checkpoint
 from read_service.lease import lease_key
 from read_service.projections.users import UsersProjection
@@ -156,12 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "READ_LEASE_RENEW_MS": str(args.renew_ms),
         },
     )
-    try:
-        with Stack(config) as stack:
-            rounds = asyncio.run(measure(stack, args.rounds))
-    finally:
-        if config.redis_url:
-            asyncio.run(clear_prefix(config.redis_url, config.redis_key_prefix))
+    with tool_stack(config) as stack:
+        rounds = asyncio.run(measure(stack, args.rounds))
     figures = [float(str(r["takeover_ms"])) for r in rounds]
     report = {
         "cores": os.cpu_count(),

@@ -37,7 +37,7 @@ import grpc
 from devstack.supervisor import ServiceProcess, Stack
 from perf.cpu import tree_cpu_seconds
 from perf.report import write_json
-from perf.stack import clear_prefix, tool_stack_config
+from perf.stack import tool_stack, tool_stack_config
 from tessera.catalog.v1 import catalog_command_service_pb2 as catalog
 from tessera.catalog.v1 import catalog_command_service_pb2_grpc as catalog_grpc
 from tessera.common.v1.money_pb2 import Money
@@ -205,33 +205,28 @@ def main() -> int:
         saga_env={"SAGA_CONCURRENCY": str(args.saga_concurrency)},
         provider_env={"PAYMENT_LATENCY_MS": "0"},
     )
-    try:
-        with Stack(config) as stack:
-            cpu_before = process_cpu(stack)
+    with tool_stack(config) as stack:
+        cpu_before = process_cpu(stack)
 
-            async def start_workers() -> None:
-                nonlocal cpu_before
-                await asyncio.gather(*(asyncio.to_thread(stack.add_saga_worker) for _ in range(args.saga_workers)))
-                cpu_before = process_cpu(stack)  # the workers' start-up is not theirs to drain
+        async def start_workers() -> None:
+            nonlocal cpu_before
+            await asyncio.gather(*(asyncio.to_thread(stack.add_saga_worker) for _ in range(args.saga_workers)))
+            cpu_before = process_cpu(stack)  # the workers' start-up is not theirs to drain
 
-            report = asyncio.run(
-                measure(
-                    stack.write_address,
-                    stack.database_url,
-                    count=args.count,
-                    concurrency=args.concurrency,
-                    timeout_s=args.timeout,
-                    start_workers=start_workers if args.backlog else None,
-                )
+        report = asyncio.run(
+            measure(
+                stack.write_address,
+                stack.database_url,
+                count=args.count,
+                concurrency=args.concurrency,
+                timeout_s=args.timeout,
+                start_workers=start_workers if args.backlog else None,
             )
-            cpu_after = process_cpu(stack)
-            report["cpu_ms_per_order"] = {
-                name: round((cpu_after[name] - cpu_before[name]) * 1000 / args.count, 2) for name in cpu_after
-            }
-    finally:
-        # After the stack stopped, so no replica writes a key behind the cleanup.
-        if config.redis_url:
-            asyncio.run(clear_prefix(config.redis_url, config.redis_key_prefix))
+        )
+        cpu_after = process_cpu(stack)
+        report["cpu_ms_per_order"] = {
+            name: round((cpu_after[name] - cpu_before[name]) * 1000 / args.count, 2) for name in cpu_after
+        }
     report["saga_workers"] = args.saga_workers
     report["saga_concurrency"] = args.saga_concurrency
     print(

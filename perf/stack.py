@@ -7,6 +7,7 @@ its own (deleted afterwards), so measurements cannot see each other's data.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import platform
@@ -90,9 +91,10 @@ def bench_stack(
     env: dict[str, str] | None = None,
     log_dir: Path | None = None,
     saga: bool = False,
+    provider_env: dict[str, str] | None = None,
 ) -> Stack:
     """A stack (not started) on `place`: write service, relays, replicas; with `saga`, a payment
-    provider and one saga worker too."""
+    provider (its environment plus `provider_env`) and one saga worker too."""
     return Stack(
         StackConfig(
             database_url=place.database_url,
@@ -102,6 +104,7 @@ def bench_stack(
             relays=relays,
             payment_provider=saga,
             saga_workers=1 if saga else 0,
+            provider_env=provider_env or {},
             migrate=False,
             env={"LOG_LEVEL": "WARNING", **(env or {})},
             log_dir=log_dir,
@@ -128,6 +131,18 @@ def tool_stack_config(name: str, *, env: dict[str, str] | None = None, **overrid
         env={**FAST_HASHING, "LOG_LEVEL": "WARNING", **(env or {})},
         **settings,
     )
+
+
+@contextlib.contextmanager
+def tool_stack(config: StackConfig) -> Iterator[Stack]:
+    """Run the stack of `config`; once it has stopped (on success, failure or Ctrl-C alike),
+    delete its key prefix, so that no replica writes a key behind the cleanup."""
+    try:
+        with Stack(config) as stack:
+            yield stack
+    finally:
+        if config.redis_url:
+            asyncio.run(clear_prefix(config.redis_url, config.redis_key_prefix))
 
 
 def _rss_kib(pid: int) -> int:

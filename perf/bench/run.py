@@ -3,10 +3,11 @@
     python -m perf bench [--quick | --full] [--only NAME ...] [--search-sizes N,N] [--markdown FILE | --no-markdown]
                              [--json FILE]
 
-Runs the benches in order (read, write, relay, live, lag, rebuild, redis-loss, memory, search), prints an aligned table
-and rewrites the generated part of BENCHMARKS.md (between its bench markers; the rest of the
-file is kept). A bench that fails leaves its rows "not measured" with the reason, and the
-others still run. With --only the file is rewritten only when --markdown names it.
+Runs the benches in order (read, write, relay, live, lag, saga, rebuild, redis-loss, memory,
+search), prints an aligned table and rewrites the generated part of BENCHMARKS.md (between its
+bench markers; the rest of the file is kept). A bench that fails leaves its rows "not measured"
+with the reason, and the others still run. With --only the file is rewritten only when
+--markdown names it.
 
 Sizes: the default takes about 40 minutes on 2 shared cores, most of it in the search rows
 (they seed and index 100,000 and 1,000,000 users and as many orders, each built twice, at
@@ -51,6 +52,7 @@ from perf.bench.memory_bench import MemorySizes, measure_memory, memory_rows
 from perf.bench.read_bench import measure_read, read_rows
 from perf.bench.rebuild_bench import RebuildSizes, measure_rebuild_row, rebuild_rows
 from perf.bench.relay_bench import RelaySizes, measure_relay, relay_rows
+from perf.bench.saga_bench import SagaSizes, measure_saga, saga_rows
 from perf.bench.search_bench import SearchSizes, measure_search, parse_sizes, search_rows
 from perf.bench.table import (
     MarkersMissing,
@@ -63,7 +65,7 @@ from perf.bench.table import (
 from perf.bench.write_bench import WriteSizes, measure_write, write_rows
 from perf.stack import Backing, backing, machine_facts
 
-BENCHES = ("read", "write", "relay", "live", "lag", "rebuild", "redis-loss", "memory", "search")
+BENCHES = ("read", "write", "relay", "live", "lag", "saga", "rebuild", "redis-loss", "memory", "search")
 DEFAULT_MARKDOWN = REPO_ROOT / "BENCHMARKS.md"
 
 
@@ -81,6 +83,7 @@ class Sizes:
     live: LiveSizes = field(default_factory=LiveSizes)
     redis_loss: RedisLossSizes = field(default_factory=RedisLossSizes)
     search: SearchSizes = field(default_factory=SearchSizes)
+    saga: SagaSizes = field(default_factory=SagaSizes)
 
     def describe(self) -> list[str]:
         """One line per bench, for the report."""
@@ -91,6 +94,7 @@ class Sizes:
             f"relay: {self.relay.events:,}-event backlog, {self.relay.rounds} drain(s)",
             f"live: {self.live.events:,}-event mixed backlog on one replica",
             f"lag: {self.lag.duration_s:g} s open model, {self.lag.replicas} replicas",
+            f"saga: {self.saga.orders:,} orders, {self.saga.concurrency} placed at a time",
             f"rebuild: {self.rebuild.events:,} events, batch {self.rebuild.batch_size}",
             f"redis-loss: {self.redis_loss.events:,} events",
             f"memory: {self.memory.events:,} events and {self.memory.commands:,} commands per run "
@@ -114,6 +118,7 @@ def sizes_for(profile: str) -> Sizes:
             live=LiveSizes(events=3_000),
             redis_loss=RedisLossSizes(events=5_000),
             search=SearchSizes(sizes=(2_000, 20_000), queries=50),
+            saga=SagaSizes(orders=200),
         )
     memory = MemorySizes(events=100_000, commands=20_000)
     if profile == "full":
@@ -165,6 +170,10 @@ def _lag(run: Run) -> list[Row]:
     return asyncio.run(measure_lag(run.backing, run.sizes.lag))
 
 
+def _saga(run: Run) -> list[Row]:
+    return asyncio.run(measure_saga(run.backing, run.sizes.saga))
+
+
 def _rebuild(run: Run) -> list[Row]:
     return asyncio.run(measure_rebuild_row(run.backing, run.sizes.rebuild))
 
@@ -183,6 +192,7 @@ _MEASURE: dict[str, Callable[[Run], list[Row]]] = {
     "relay": _relay,
     "live": _live,
     "lag": _lag,
+    "saga": _saga,
     "rebuild": _rebuild,
     "redis-loss": _redis_loss,
     "memory": _memory,
@@ -198,6 +208,7 @@ def blank_rows(name: str, sizes: Sizes) -> list[Row]:
         "relay": relay_rows,
         "live": live_rows,
         "lag": lambda: lag_rows(sizes.lag.replicas),
+        "saga": saga_rows,
         "rebuild": rebuild_rows,
         "redis-loss": redis_loss_rows,
         "memory": memory_rows,
