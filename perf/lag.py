@@ -15,7 +15,8 @@ Schedules: `-n N` sends N commands one after another, each once the previous one
 every replica (the lag of an idle system); `--rate R --duration S` sends them on an open-model
 schedule (due at fixed intervals, whatever the replies do); `--rates` runs several such
 schedules on one stack and reports, for each, the share of one core that each service
-process, Postgres + Redis and the whole machine used meanwhile (Linux, from /proc).
+process, this measuring client, Postgres + Redis and the whole machine used meanwhile (Linux,
+from /proc).
 
 Without --write it starts a measured stack of its own (write service, one relay, two replicas,
 and for PlaceOrder a payment provider and a saga worker) on a scratch database and key prefix
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import secrets
 import sys
 import time
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from perf.cpu import machine_busy_s, named_cpu_s, shares, tree_cpu_seconds
+from perf.cpu import machine_busy_s, named_cpu_s, process_cpu_s, shares, tree_cpu_seconds
 from perf.loadtest.engine import Progress
 from perf.loadtest.probe import NotVisible, call_until_fresh, replica_client
 from perf.loadtest.requests import PASSWORD, CommandSource, add_product_request, bearer_token, send_command
@@ -197,6 +199,30 @@ async def measure_lag(  # noqa: PLR0915 - one schedule with its per-command clos
     return result
 
 
+async def wait_until_settled(
+    write: str, reads: Sequence[str], *, command: str = "add_product", within_s: float = 60.0
+) -> float:
+    """Send one fresh command and wait until every replica shows it; the seconds that took.
+
+    Replicas apply in position order, so a fresh command visible everywhere means whatever was
+    queued before it (a load's backlog in the relay or the replicas) has been applied: a lag
+    run that starts afterwards measures the path, not the previous load's queue. Raises
+    NotVisible when that does not happen within `within_s`.
+    """
+    started = time.perf_counter()
+    result = await measure_lag(
+        write, reads, command=command, rate=None, count=1, visible_within_s=within_s, progress_out=None
+    )
+    missing = [address for address, histogram in result.per_replica.items() if histogram.count == 0]
+    if missing or result.errors:
+        details = "; ".join(f"{code}: {text}" for code, text in sorted(result.first_errors.items()))
+        raise NotVisible(
+            f"a fresh {command} was not visible on {', '.join(missing) or 'every replica'} "
+            f"within {within_s:g} s ({details or 'no error'})"
+        )
+    return time.perf_counter() - started
+
+
 def lag_report(
     result: LagResult, *, write: str, reads: Sequence[str], command: str, rate: float | None, duration_s: float
 ) -> dict[str, object]:
@@ -235,6 +261,7 @@ def lag_report(
 def cpu_readings(pids: Mapping[str, int]) -> dict[str, float]:
     """One CPU reading of each service (with its workers), of Postgres + Redis, and of the machine."""
     values = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+    values["lag client"] = process_cpu_s(os.getpid())
     values["postgres+redis"] = named_cpu_s(BACKING_PROCESSES)
     values["machine"] = machine_busy_s()
     return values

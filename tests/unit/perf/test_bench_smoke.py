@@ -78,7 +78,7 @@ async def test_lag_cpu_reports_each_rate_with_the_processes_cpu(postgres_admin_u
     assert not result["errors"]
     assert len(result["visible_ms"]) == 2  # both replicas answered with the token
     cpu = result["cpu_cores"]
-    assert {"write", "relay-1", "read-1", "read-2", "postgres+redis", "machine"} <= set(cpu)
+    assert {"write", "relay-1", "read-1", "read-2", "lag client", "postgres+redis", "machine"} <= set(cpu)
     assert cpu["machine"] > 0
     assert lines == [describe(result)]
 
