@@ -271,14 +271,16 @@ def describe(result: Mapping[str, Any]) -> str:
     """One fixed-rate result (with its CPU shares) as a line of text."""
     visible = ", ".join(f"{address} p50 {v['p50']} / p99 {v['p99']} ms" for address, v in result["visible_ms"].items())
     cpu = ", ".join(f"{name} {share:.2f}" for name, share in result["cpu_cores"].items())
+    per_command = ", ".join(f"{name} {ms:.2f}" for name, ms in result["cpu_ms_per_command"].items())
     return (
         f"{result['rate']:g} {result['command']}/s: reply p50 {result['reply_ms']['p50']} / "
-        f"p99 {result['reply_ms']['p99']} ms; visible {visible}; cores used: {cpu}"
+        f"p99 {result['reply_ms']['p99']} ms; visible {visible}; cores used: {cpu}; "
+        f"CPU ms per command: {per_command}"
     )
 
 
 def rate_summary(report: Mapping[str, Any], rate: float, cpu: Mapping[str, float]) -> dict[str, Any]:
-    """The figures of one fixed-rate run: reply and visible p50/p99, and the cores each process used."""
+    """The figures of one fixed-rate run: reply and visible p50/p99, the cores each process used, and per command."""
     commands = report.get("command_latency_ms") or {}
     per_replica = report.get("per_replica") or {}
     return {
@@ -293,6 +295,8 @@ def rate_summary(report: Mapping[str, Any], rate: float, cpu: Mapping[str, float
             if isinstance(figures, dict) and figures.get("visible")
         },
         "cpu_cores": dict(cpu),
+        # A core's share at `rate` commands/s is that many CPU-ms per command over 1000 ms.
+        "cpu_ms_per_command": {name: round(share * 1000.0 / rate, 2) for name, share in cpu.items()},
     }
 
 
