@@ -15,7 +15,8 @@ Schedules: `-n N` sends N commands one after another, each once the previous one
 every replica (the lag of an idle system); `--rate R --duration S` sends them on an open-model
 schedule (due at fixed intervals, whatever the replies do); `--rates` runs several such
 schedules on one stack and reports, for each, the share of one core that each service
-process, Postgres + Redis and the whole machine used meanwhile (Linux, from /proc).
+process, this measuring client, Postgres + Redis and the whole machine used meanwhile (Linux,
+from /proc).
 
 Without --write it starts a measured stack of its own (write service, one relay, two replicas,
 and for PlaceOrder a payment provider and a saga worker) on a scratch database and key prefix
@@ -28,17 +29,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import math
+import os
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
-from perf.cpu import machine_busy_s, named_cpu_s, shares, tree_cpu_seconds
+import uvloop
+
+from perf.cpu import machine_busy_s, named_cpu_s, process_cpu_s, shares, tree_cpu_seconds
 from perf.loadtest.engine import Progress
 from perf.loadtest.probe import NotVisible, call_until_fresh, replica_client
 from perf.loadtest.requests import PASSWORD, CommandSource, add_product_request, bearer_token, send_command
@@ -53,6 +58,7 @@ from tessera_client import TesseraClient, TesseraError
 # Each command measured, with the query that shows its effect.
 LAG_COMMANDS = {"register_user": "get_user", "add_product": "get_product", "place_order": "get_order"}
 BACKING_PROCESSES = ("postgres", "redis-server")
+T = TypeVar("T")
 
 
 @dataclass
@@ -197,6 +203,30 @@ async def measure_lag(  # noqa: PLR0915 - one schedule with its per-command clos
     return result
 
 
+async def wait_until_settled(
+    write: str, reads: Sequence[str], *, command: str = "add_product", within_s: float = 60.0
+) -> float:
+    """Send one fresh command and wait until every replica shows it; the seconds that took.
+
+    Replicas apply in position order, so a fresh command visible everywhere means whatever was
+    queued before it (a load's backlog in the relay or the replicas) has been applied: a lag
+    run that starts afterwards measures the path, not the previous load's queue. Raises
+    NotVisible when that does not happen within `within_s`.
+    """
+    started = time.perf_counter()
+    result = await measure_lag(
+        write, reads, command=command, rate=None, count=1, visible_within_s=within_s, progress_out=None
+    )
+    missing = [address for address, histogram in result.per_replica.items() if histogram.count == 0]
+    if missing or result.errors:
+        details = "; ".join(f"{code}: {text}" for code, text in sorted(result.first_errors.items()))
+        raise NotVisible(
+            f"a fresh {command} was not visible on {', '.join(missing) or 'every replica'} "
+            f"within {within_s:g} s ({details or 'no error'})"
+        )
+    return time.perf_counter() - started
+
+
 def lag_report(
     result: LagResult, *, write: str, reads: Sequence[str], command: str, rate: float | None, duration_s: float
 ) -> dict[str, object]:
@@ -235,6 +265,7 @@ def lag_report(
 def cpu_readings(pids: Mapping[str, int]) -> dict[str, float]:
     """One CPU reading of each service (with its workers), of Postgres + Redis, and of the machine."""
     values = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+    values["lag client"] = process_cpu_s(os.getpid())
     values["postgres+redis"] = named_cpu_s(BACKING_PROCESSES)
     values["machine"] = machine_busy_s()
     return values
@@ -244,14 +275,16 @@ def describe(result: Mapping[str, Any]) -> str:
     """One fixed-rate result (with its CPU shares) as a line of text."""
     visible = ", ".join(f"{address} p50 {v['p50']} / p99 {v['p99']} ms" for address, v in result["visible_ms"].items())
     cpu = ", ".join(f"{name} {share:.2f}" for name, share in result["cpu_cores"].items())
+    per_command = ", ".join(f"{name} {ms:.2f}" for name, ms in result["cpu_ms_per_command"].items())
     return (
         f"{result['rate']:g} {result['command']}/s: reply p50 {result['reply_ms']['p50']} / "
-        f"p99 {result['reply_ms']['p99']} ms; visible {visible}; cores used: {cpu}"
+        f"p99 {result['reply_ms']['p99']} ms; visible {visible}; cores used: {cpu}; "
+        f"CPU ms per command: {per_command}"
     )
 
 
 def rate_summary(report: Mapping[str, Any], rate: float, cpu: Mapping[str, float]) -> dict[str, Any]:
-    """The figures of one fixed-rate run: reply and visible p50/p99, and the cores each process used."""
+    """The figures of one fixed-rate run: reply and visible p50/p99, the cores each process used, and per command."""
     commands = report.get("command_latency_ms") or {}
     per_replica = report.get("per_replica") or {}
     return {
@@ -266,6 +299,8 @@ def rate_summary(report: Mapping[str, Any], rate: float, cpu: Mapping[str, float
             if isinstance(figures, dict) and figures.get("visible")
         },
         "cpu_cores": dict(cpu),
+        # A core's share at `rate` commands/s is that many CPU-ms per command over 1000 ms.
+        "cpu_ms_per_command": {name: round(share * 1000.0 / rate, 2) for name, share in cpu.items()},
     }
 
 
@@ -337,6 +372,18 @@ async def at_rates(
     return results
 
 
+def _run_measuring(main: Coroutine[Any, Any, T]) -> T:
+    """Run the measuring client on the services' runtime: uvloop, imports out of the collector's reach.
+
+    The client's own pauses land in the lag it reports: a full collection walking every import
+    (tens of ms on a busy machine) would show as commit → visible lag. uvloop is what the
+    services run on.
+    """
+    gc.collect()
+    gc.freeze()
+    return uvloop.run(main)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", help="write service HOST:PORT (omit to start a stack of its own)")
@@ -402,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return await measured(target)
 
     try:
-        outcome = asyncio.run(run())
+        outcome = _run_measuring(run())
     except KeyboardInterrupt:
         return 130
     if isinstance(outcome, list):

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from perf.bench import read_bench, tools
-from perf.bench.lag_bench import fill_lag_rows, lag_rows
+from perf.bench.lag_bench import FIXED, HALF_MAX, fill_lag_rows, lag_rows, schedule_rows
 from perf.bench.read_bench import ReportError, rows_from_report
 from perf.bench.run import BENCHES, blank_rows, report_header, sizes_for, unmeasured_figures
 from perf.bench.run import main as bench_main
@@ -129,16 +129,42 @@ def _lag_report(**overrides: Any) -> dict[str, Any]:
 
 
 def test_lag_report_fills_p50_and_p99_per_replica() -> None:
-    rows = lag_rows(2)
-    fill_lag_rows(rows, _lag_report(), ["127.0.0.1:1", "127.0.0.1:2"], 250.0, "", busy_cores=1.75)
+    rows = schedule_rows(FIXED, 2)
+    fill_lag_rows(rows, _lag_report(), ["127.0.0.1:1", "127.0.0.1:2"], 100.0, "", busy_cores=1.75, settled_s=0.4)
     assert [row.value for row in rows] == [3.5, 12.0, 6.0, 30.0]
     assert [row.met for row in rows] == [True, True, False, False]  # goals: p50 ≤ 5 ms, p99 ≤ 20 ms
-    assert "250 AddProduct/s" in rows[0].notes[0]
-    assert rows[0].notes[1].startswith("the machine was busy 1.75 of its ")
+    assert "100 AddProduct/s" in rows[0].notes[0]
+    assert "fresh command was visible on every replica (400 ms)" in rows[0].notes[1]
+    assert rows[0].notes[2].startswith("the machine was busy 1.75 of its ")
+
+
+def test_lag_rows_are_the_fixed_rate_then_half_max_with_the_issues_goals() -> None:
+    rows = lag_rows(2)
+    assert len(rows) == 6
+    assert all("100 AddProduct/s" in row.figure for row in rows[:4])
+    assert all("half the max write rate" in row.figure and "p99" in row.figure for row in rows[4:])
+    assert [row.goal.threshold for row in rows if row.goal] == [5.0, 20.0, 5.0, 20.0, 20.0, 20.0]
+
+
+def test_half_max_rows_are_p99_with_the_p50_in_their_notes() -> None:
+    rows = schedule_rows(HALF_MAX, 2)
+    fill_lag_rows(rows, _lag_report(), ["127.0.0.1:1", "127.0.0.1:2"], 197.0, " (probed)")
+    assert [row.value for row in rows] == [12.0, 30.0]
+    assert [row.met for row in rows] == [True, False]
+    assert "p50 3.5 ms (no goal)" in rows[0].notes and "p50 6.0 ms (no goal)" in rows[1].notes
+
+
+def test_half_max_rows_of_a_replica_that_showed_nothing_are_not_measured() -> None:
+    rows = schedule_rows(HALF_MAX, 2)
+    report = _lag_report()
+    report["per_replica"]["127.0.0.1:1"]["visible"] = 0
+    fill_lag_rows(rows, report, ["127.0.0.1:1", "127.0.0.1:2"], 197.0, "")
+    assert rows[0].error is not None and "127.0.0.1:1" in rows[0].error
+    assert rows[1].value == 30.0
 
 
 def test_lag_report_without_a_replica_marks_its_rows_not_measured() -> None:
-    rows = lag_rows(2)
+    rows = schedule_rows(FIXED, 2)
     report = _lag_report()
     report["per_replica"]["127.0.0.1:2"]["visible"] = 0
     fill_lag_rows(rows, report, ["127.0.0.1:1", "127.0.0.1:2"], 250.0, "")
@@ -149,7 +175,7 @@ def test_lag_report_without_a_replica_marks_its_rows_not_measured() -> None:
 
 def test_lag_report_without_per_replica_is_refused() -> None:
     with pytest.raises(ToolError):
-        fill_lag_rows(lag_rows(1), _lag_report(per_replica=None), ["127.0.0.1:1"], 1.0, "")
+        fill_lag_rows(schedule_rows(FIXED, 1), _lag_report(per_replica=None), ["127.0.0.1:1"], 1.0, "")
 
 
 def test_write_rate_prefers_successful_calls() -> None:
@@ -169,7 +195,7 @@ def test_a_markdown_file_without_markers_is_refused_before_anything_runs(tmp_pat
 
 
 def test_strict_fails_on_a_figure_not_measured_never_on_a_missed_goal() -> None:
-    missed, broken = lag_rows(1)
+    missed, broken = schedule_rows(FIXED, 1)
     missed.value = 900.0  # far over its goal
     assert missed.met is False
     assert unmeasured_figures([missed, broken]) == []

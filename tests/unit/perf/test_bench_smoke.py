@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 
 import asyncpg
 import pytest
@@ -12,10 +14,18 @@ from perf.bench.loadgen import run_load
 from perf.bench.pgbench import add_product_script, find_pgbench, hot_restock_script, run_pgbench
 from perf.bench.relay_bench import RelaySizes, measure_relay
 from perf.bench.table import render_markdown, render_text
-from perf.lag import at_rates, describe, own_stack
+from perf.lag import at_rates, describe, own_stack, wait_until_settled
+from perf.loadtest.probe import NotVisible
 from perf.stack import Backing
 
 pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 async def test_relay_bench_measures_a_small_backlog(postgres_admin_url: str, redis_server_url: str) -> None:
@@ -78,9 +88,25 @@ async def test_lag_cpu_reports_each_rate_with_the_processes_cpu(postgres_admin_u
     assert not result["errors"]
     assert len(result["visible_ms"]) == 2  # both replicas answered with the token
     cpu = result["cpu_cores"]
-    assert {"write", "relay-1", "read-1", "read-2", "postgres+redis", "machine"} <= set(cpu)
+    assert {"write", "relay-1", "read-1", "read-2", "lag client", "postgres+redis", "machine"} <= set(cpu)
     assert cpu["machine"] > 0
+    assert result["cpu_ms_per_command"]["machine"] == round(cpu["machine"] * 1000.0 / 5.0, 2)
     assert lines == [describe(result)]
+
+
+async def test_settling_waits_for_every_replica_and_gives_up_at_its_deadline(
+    postgres_admin_url: str, redis_server_url: str
+) -> None:
+    backing = Backing(admin_url=postgres_admin_url, redis_url=redis_server_url)
+    async with own_stack(backing, "add_product") as target:
+        took = await wait_until_settled(target.write, target.reads, within_s=30.0)
+        assert 0 < took < 30.0
+        # A replica that never answers: settling must not report the stack settled.
+        silent = f"127.0.0.1:{free_port()}"
+        started = time.perf_counter()
+        with pytest.raises(NotVisible, match=silent):
+            await wait_until_settled(target.write, [*target.reads, silent], within_s=1.0)
+        assert time.perf_counter() - started < 20.0
 
 
 @pytest.mark.skipif(find_pgbench() is None, reason="pgbench is not installed")
