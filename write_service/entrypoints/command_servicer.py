@@ -131,10 +131,13 @@ class CommandServicer:
         extras: ReplyExtras[ReplyT] | None = None,
     ) -> ReplyT:
         span = trace.get_current_span()
-        # Ids only: a span never carries a field of the request itself.
-        span.set_attribute("tessera.command.id", str(meta.command_id))
-        span.set_attribute("tessera.command.type", command.command_type)
-        span.set_attribute("tessera.correlation_id", meta.correlation_id)
+        # Without an exporter no span records: skip building the attributes' text.
+        recording = span.is_recording()
+        if recording:
+            # Ids only: a span never carries a field of the request itself.
+            span.set_attribute("tessera.command.id", str(meta.command_id))
+            span.set_attribute("tessera.command.type", command.command_type)
+            span.set_attribute("tessera.correlation_id", meta.correlation_id)
 
         def encode(result: CommandResult) -> bytes:
             # The token goes into the stored bytes, so an idempotent replay hands out the same one.
@@ -154,10 +157,11 @@ class CommandServicer:
             if remaining is not None and remaining <= _DEADLINE_SLACK_S:
                 raise errors.DeadlineExceeded("the caller's deadline ran out before the command finished") from None
             raise
-        span.set_attribute("tessera.aggregate.id", str(result.aggregate_id))
-        span.set_attribute("tessera.aggregate.version", result.version)
-        if result.replay_of is not None:
-            span.set_attribute("tessera.command.replay_of", str(result.replay_of))
+        if recording:
+            span.set_attribute("tessera.aggregate.id", str(result.aggregate_id))
+            span.set_attribute("tessera.aggregate.version", result.version)
+            if result.replay_of is not None:
+                span.set_attribute("tessera.command.replay_of", str(result.replay_of))
         return reply_type.FromString(result.reply or encode(result))
 
 
