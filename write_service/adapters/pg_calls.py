@@ -14,18 +14,15 @@ statement in it, and the unit of work finishes that transaction at commit.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from shared_kernel.contracts import errors
-
-T = TypeVar("T")
 
 if TYPE_CHECKING:
     # Generic only in the stubs; at run time the class cannot be subscripted.
@@ -148,28 +145,31 @@ class Calls:
         # A retry after a lost guard: reads run in an explicit transaction and lock their rows.
         self.lock_reads = False
 
-    async def run(self, call: Awaitable[T]) -> T:
-        """Await `call`, cancelling it shortly after the deadline passes (TimeoutError)."""
-        # asyncpg cancels the statement on the server when the call is cancelled, so a lock
-        # wait ends with the caller's deadline. The grace lets a server-side statement_timeout
-        # (set in explicit transactions) fire first: a clean error that leaves the connection usable.
-        async with asyncio.timeout(self.deadline.remaining() + _CLIENT_GRACE_S):
-            return await call
+    def timeout(self) -> float:
+        """The time a call may take: what is left of the deadline, and a short grace.
+
+        Every statement is sent with it as the driver's own `timeout`: asyncpg then raises
+        TimeoutError and cancels the statement on the server, so a lock wait ends with the
+        caller's deadline. Its timer costs less than an `asyncio.timeout` block per call. The
+        grace lets a server-side statement_timeout (set in explicit transactions) fire first:
+        a clean error that leaves the connection usable.
+        """
+        return self.deadline.remaining() + _CLIENT_GRACE_S
 
     async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
         """Rows of one read (after any pending write, which it then sees)."""
         await self._before_read()
-        return await self.run(self.conn.fetch(sql, *args))
+        return await self.conn.fetch(sql, *args, timeout=self.timeout())
 
     async def fetchrow(self, sql: str, *args: object) -> asyncpg.Record | None:
         """The first row of one read, or None."""
         await self._before_read()
-        return await self.run(self.conn.fetchrow(sql, *args))
+        return await self.conn.fetchrow(sql, *args, timeout=self.timeout())
 
     async def fetchval(self, sql: str, *args: object) -> Any:
         """The first value of one read."""
         await self._before_read()
-        return await self.run(self.conn.fetchval(sql, *args))
+        return await self.conn.fetchval(sql, *args, timeout=self.timeout())
 
     def write(self, step: Step) -> None:
         """Add a step to the pending write; nothing is sent until the unit of work commits."""
@@ -194,7 +194,7 @@ class Calls:
         if not self.in_transaction:
             timeout_ms = max(1, int(self.deadline.remaining() * 1000))
             # BEGIN and the statement cap in one round trip; an int, so formatting it is safe.
-            await self.run(self.conn.execute(f"BEGIN; SET LOCAL statement_timeout = {timeout_ms}"))
+            await self.conn.execute(f"BEGIN; SET LOCAL statement_timeout = {timeout_ms}", timeout=self.timeout())
             self.in_transaction = True
         await self._send(unlock=())
 
@@ -203,7 +203,7 @@ class Calls:
         if self.in_transaction:
             if self.steps or self.key_locks:
                 await self._send(unlock=self.key_locks)
-            status = await self.run(self.conn.execute("COMMIT"))
+            status = await self.conn.execute("COMMIT", timeout=self.timeout())
             self.in_transaction = False
             if status != "COMMIT":
                 # Postgres answers COMMIT of a transaction an earlier error aborted with ROLLBACK.
@@ -223,7 +223,7 @@ class Calls:
         steps, self.steps = self.steps, []
         sql, args = compose(steps, unlock)
         try:
-            await self.run(self.conn.execute(sql, *args))
+            await self.conn.execute(sql, *args, timeout=self.timeout())
         except asyncpg.PostgresError as exc:
             translated = write_error(exc, steps)
             if translated is not None:

@@ -131,19 +131,31 @@ class CommandServicer:
         extras: ReplyExtras[ReplyT] | None = None,
     ) -> ReplyT:
         span = trace.get_current_span()
-        # Ids only: a span never carries a field of the request itself.
-        span.set_attribute("tessera.command.id", str(meta.command_id))
-        span.set_attribute("tessera.command.type", command.command_type)
-        span.set_attribute("tessera.correlation_id", meta.correlation_id)
+        # Without an exporter no span records: skip building the attributes' text.
+        recording = span.is_recording()
+        if recording:
+            # Ids only: a span never carries a field of the request itself.
+            span.set_attribute("tessera.command.id", str(meta.command_id))
+            span.set_attribute("tessera.command.type", command.command_type)
+            span.set_attribute("tessera.correlation_id", meta.correlation_id)
 
-        def encode(result: CommandResult) -> bytes:
+        # The reply last built for this command, by the version it answers: a keyed command's
+        # stored bytes are serialized from it, and the caller gets it without parsing them back.
+        built: dict[tuple[uuid.UUID, int], ReplyT] = {}
+
+        def build(result: CommandResult) -> ReplyT:
             # The token goes into the stored bytes, so an idempotent replay hands out the same one.
             token = encode_token(command.aggregate_type, str(result.aggregate_id), result.version)
             fields = {self.id_field: str(result.aggregate_id), "version": result.version, "consistency_token": token}
             reply = reply_type(**fields)
             if extras is not None:
                 extras(reply, result)
-            return reply.SerializeToString(deterministic=True)
+            built.clear()
+            built[result.aggregate_id, result.version] = reply
+            return reply
+
+        def encode(result: CommandResult) -> bytes:
+            return build(result).SerializeToString(deterministic=True)
 
         try:
             result = await self._bus.dispatch(command, meta, encode_reply=encode)
@@ -154,11 +166,15 @@ class CommandServicer:
             if remaining is not None and remaining <= _DEADLINE_SLACK_S:
                 raise errors.DeadlineExceeded("the caller's deadline ran out before the command finished") from None
             raise
-        span.set_attribute("tessera.aggregate.id", str(result.aggregate_id))
-        span.set_attribute("tessera.aggregate.version", result.version)
+        if recording:
+            span.set_attribute("tessera.aggregate.id", str(result.aggregate_id))
+            span.set_attribute("tessera.aggregate.version", result.version)
+            if result.replay_of is not None:
+                span.set_attribute("tessera.command.replay_of", str(result.replay_of))
         if result.replay_of is not None:
-            span.set_attribute("tessera.command.replay_of", str(result.replay_of))
-        return reply_type.FromString(result.reply or encode(result))
+            return reply_type.FromString(result.reply)
+        reply = built.get((result.aggregate_id, result.version))
+        return build(result) if reply is None else reply
 
 
 class _HasExpectedVersion(Protocol):

@@ -47,8 +47,10 @@ def secret_salt(scope: IdempotencyScope) -> bytes:
 
 async def fingerprint(command: Command, scope: IdempotencyScope, hasher: PasswordHasher) -> bytes:
     """SHA-256 of the command's canonical JSON form, secrets replaced by their salted argon2id digests."""
-    salt = secret_salt(scope)
-    secrets = {name: (await hasher.derive(value, salt)).hex() for name, value in command.secret_fields().items()}
+    secrets: dict[str, str] = {}
+    if secret_fields := command.secret_fields():  # the salt only when there is a secret to derive
+        salt = secret_salt(scope)
+        secrets = {name: (await hasher.derive(value, salt)).hex() for name, value in secret_fields.items()}
     canonical = json.dumps(
         {"command_type": command.command_type, "fields": command.fingerprint_fields(), "secrets": secrets},
         sort_keys=True,

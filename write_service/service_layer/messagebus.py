@@ -25,6 +25,7 @@ from opentelemetry import metrics, trace
 from shared_kernel.contracts import errors
 from shared_kernel.platform.backoff import jittered_delay
 from shared_kernel.platform.grpc_errors import status_for
+from shared_kernel.platform.telemetry import records_spans
 from write_service.commands.base import Command
 from write_service.service_layer.command_steps import (
     CommandMeta,
@@ -47,7 +48,8 @@ DEFAULT_IDEMPOTENCY_RETENTION = timedelta(days=1)
 
 # One span per attempt around the unit of work (begin … commit). It is current while the
 # events are appended, so the outbox rows carry its context and the relay's and the
-# projectors' spans become its children (docs/decisions/0020-observability.md).
+# projectors' spans become its children (docs/decisions/0020-observability.md). A process
+# that records no spans opens none: the rows then carry the server span's context.
 _tracer = trace.get_tracer("tessera.write_service")
 _idempotent_hits = metrics.get_meter("tessera.write_service").create_counter(
     "tessera.write.idempotency.hits", description="Keyed commands answered with their stored reply"
@@ -57,6 +59,19 @@ _idempotent_hits = metrics.get_meter("tessera.write_service").create_counter(
 def encode_result(result: CommandResult) -> bytes:
     """The reply stored for a keyed command when the caller gives no encoder of its own."""
     return json.dumps({"aggregate_id": str(result.aggregate_id), "version": result.version}).encode()
+
+
+def _log_extra(command: Command, meta: CommandMeta) -> dict[str, str]:
+    """The context of a log record about `command`."""
+    extra = {
+        "command_type": command.command_type,
+        "command_id": str(meta.command_id),
+        "correlation_id": meta.correlation_id,
+        "principal": meta.principal,
+    }
+    if meta.idempotency_key is not None:
+        extra["idempotency_key"] = meta.idempotency_key
+    return extra
 
 
 class CommandBus:
@@ -94,20 +109,12 @@ class CommandBus:
         and returned, byte for byte, to a retry.
         """
         handler = self._handlers[type(command)]
-        log_extra = {
-            "command_type": command.command_type,
-            "command_id": str(meta.command_id),
-            "correlation_id": meta.correlation_id,
-            "principal": meta.principal,
-        }
-        if meta.idempotency_key is not None:
-            log_extra["idempotency_key"] = meta.idempotency_key
-            if meta.idempotency is None:
-                meta = replace(meta, idempotency=await self._claim(command, meta, encode_reply))
+        if meta.idempotency_key is not None and meta.idempotency is None:
+            meta = replace(meta, idempotency=await self._claim(command, meta, encode_reply))
         try:
             result = await self._with_retries(handler, command, meta)
         except _REJECTIONS as exc:
-            logger.info("command rejected: %s", exc.message, extra=log_extra)
+            logger.info("command rejected: %s", exc.message, extra=_log_extra(command, meta))
             await self._log_outcome(command, meta, "rejected", exc)
             raise
         except errors.Unavailable:
@@ -115,7 +122,7 @@ class CommandBus:
             raise
         except errors.Conflict as exc:
             # INFO: the error interceptor already warns about every ABORTED reply.
-            logger.info("command gave up on a transient conflict: %s", exc.message, extra=log_extra)
+            logger.info("command gave up on a transient conflict: %s", exc.message, extra=_log_extra(command, meta))
             await self._log_outcome(command, meta, "failed", exc)
             raise
         except Exception as exc:
@@ -125,13 +132,22 @@ class CommandBus:
             _idempotent_hits.add(1, {"command_type": command.command_type})
             logger.info(
                 "idempotent hit: returned the stored reply",
-                extra={**log_extra, "replay_of": str(result.replay_of), "aggregate_id": str(result.aggregate_id)},
+                extra={
+                    **_log_extra(command, meta),
+                    "replay_of": str(result.replay_of),
+                    "aggregate_id": str(result.aggregate_id),
+                },
             )
             return result
-        logger.debug(
-            "command succeeded",
-            extra={**log_extra, "aggregate_id": str(result.aggregate_id), "version": result.version},
-        )
+        if logger.isEnabledFor(logging.DEBUG):  # the record's context is built only when it is written
+            logger.debug(
+                "command succeeded",
+                extra={
+                    **_log_extra(command, meta),
+                    "aggregate_id": str(result.aggregate_id),
+                    "version": result.version,
+                },
+            )
         return result
 
     async def _claim(self, command: Command, meta: CommandMeta, encode_reply: ReplyEncoder) -> IdempotencyClaim:
@@ -149,16 +165,15 @@ class CommandBus:
         attempt = 1
         while True:
             try:
+                if not records_spans():
+                    # Nothing would record the span: the rows carry the server span's context.
+                    return await self._attempt(handler, command, meta, attempt)
                 with _tracer.start_as_current_span(
                     f"transaction {command.command_type}",
                     attributes={"db.system": "postgresql", "tessera.command.attempt": attempt},
                 ) as span:
-                    uow = self._uow_factory(meta.deadline)
-                    if attempt > 1:
-                        # The first attempt lost a guard (or a key's lock): this one locks what it reads.
-                        uow.lock_reads()
-                    result = await handler(command, uow, self._deps, meta)
-                    if span.is_recording():  # without an exporter no span records: skip the ids' text
+                    result = await self._attempt(handler, command, meta, attempt)
+                    if span.is_recording():  # a parent that is not sampled leaves it non-recording
                         span.set_attribute("tessera.outbox.event_ids", [str(e.event_id) for e in result.events])
                     return result
             except errors.Conflict:
@@ -172,6 +187,14 @@ class CommandBus:
                 )
                 attempt += 1
                 await self._sleep(delay)
+
+    async def _attempt(self, handler: Handler, command: Command, meta: CommandMeta, attempt: int) -> CommandResult:
+        """One attempt of the command, with a unit of work of its own."""
+        uow = self._uow_factory(meta.deadline)
+        if attempt > 1:
+            # The first attempt lost a guard (or a key's lock): this one locks what it reads.
+            uow.lock_reads()
+        return await handler(command, uow, self._deps, meta)
 
     async def _log_outcome(self, command: Command, meta: CommandMeta, outcome: Outcome, exc: Exception) -> None:
         """Write a command-log row for a command that did not succeed; never raises."""

@@ -56,13 +56,14 @@ class IdempotencyScope:
     principal: str
     command_type: str
     key: str
+    # The signed 64-bit advisory-lock key of this scope, the same in every process; computed
+    # once (a command asks for it several times).
+    lock_id: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def lock_id(self) -> int:
-        """The signed 64-bit advisory-lock key of this scope, the same in every process."""
+    def __post_init__(self) -> None:
         # JSON keeps the three parts unambiguous whatever characters they hold.
         encoded = json.dumps([self.principal, self.command_type, self.key]).encode()
-        return int.from_bytes(hashlib.sha256(encoded).digest()[:8], "big", signed=True)
+        object.__setattr__(self, "lock_id", int.from_bytes(hashlib.sha256(encoded).digest()[:8], "big", signed=True))
 
 
 @dataclass(frozen=True, slots=True)
