@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import asyncpg
 
@@ -52,10 +52,38 @@ CLAIM_SESSION_SETTINGS = {"enable_bitmapscan": "off"}
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """What one claim found: where positions stood before it, and the events it positioned, in order."""
+    """What one claim found: where positions stood before it, and the rows it positioned.
+
+    The rows come back as the driver decoded them; their envelopes are built on demand
+    (`envelopes`), so a relay can send its next claim before spending CPU on this one's.
+    """
 
     positioned_before: int
-    envelopes: list[EventEnvelope]
+    rows: list[asyncpg.Record]
+
+    @property
+    def count(self) -> int:
+        """Events this claim positioned."""
+        return len(self.rows)
+
+    @property
+    def last_position(self) -> int:
+        """The highest position this claim handed out (`positioned_before` when it claimed nothing).
+
+        The claim numbers its rows from the locked last_position, gap-free, so it need not
+        look at them.
+        """
+        return self.positioned_before + len(self.rows)
+
+    @property
+    def envelopes(self) -> list[EventEnvelope]:
+        """The claimed events' envelopes, in position order."""
+        # RETURNING has no defined order; the positions are positioned_before + 1 … + count.
+        ordered: list[EventEnvelope | None] = [None] * len(self.rows)
+        for row in self.rows:
+            envelope = envelope_from_row(row)
+            ordered[envelope.position - self.positioned_before - 1] = envelope
+        return cast("list[EventEnvelope]", ordered)
 
 
 # One statement, so one round trip and an implicit transaction: read the oldest unpositioned
@@ -188,11 +216,9 @@ async def claim_batch(conn: Connection, limit: int, fence: Fence | None, publish
         raise RuntimeError("relay_state has no row; were the migrations applied?")
     if first["leader"] is False:
         raise LeadershipLost("the lock session no longer holds the relay lock")
-    # RETURNING has no defined order; a claim that found nothing is one row without an event.
-    envelopes = sorted(
-        (envelope_from_row(row) for row in rows if row["position"] is not None), key=lambda e: e.position
-    )
-    return Claim(int(first["positioned_before"]), envelopes)
+    # A claim that found nothing is one row without an event.
+    claimed = rows if first["position"] is not None else []
+    return Claim(int(first["positioned_before"]), claimed)
 
 
 async def record_watermark(conn: Connection, position: int) -> None:

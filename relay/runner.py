@@ -17,7 +17,7 @@ from opentelemetry import trace
 
 from relay.leadership import POSTGRES_ERRORS, Connect, LeaderSession
 from relay.metrics import record_published
-from relay.outbox import Fence, LeadershipLost, claim_batch, published_head, record_watermark
+from relay.outbox import Claim, Fence, LeadershipLost, claim_batch, published_head, record_watermark
 from relay.publisher import Publisher, RedisPublisher
 from relay.settings import RelaySettings
 from shared_kernel.contracts.event_log import OUTBOX_NOTIFY_CHANNEL, head_position, read_positioned
@@ -58,12 +58,17 @@ class _Batch:
 
     after: int
     stranded_to: int
-    claimed: list[EventEnvelope]
+    claim: Claim | None = None
+
+    @property
+    def claimed(self) -> int:
+        """Events the claim positioned."""
+        return self.claim.count if self.claim is not None else 0
 
     @property
     def count(self) -> int:
         """Events this batch publishes (positions are gap-free, so the stranded range counts itself)."""
-        return self.stranded_to - self.after + len(self.claimed)
+        return self.stranded_to - self.after + self.claimed
 
 
 def _describe(exc: BaseException) -> str:
@@ -198,7 +203,7 @@ class Relay:
         """
         async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
             positioned = await head_position(conn)
-        batch = _Batch(self._head, max(self._head, positioned), [])
+        batch = _Batch(self._head, max(self._head, positioned))
         if batch.count:
             logger.info(
                 "re-publishing positions %d to %d",
@@ -213,17 +218,25 @@ class Relay:
 
     async def _drain(self, batch_size: int) -> int:
         sent = 0
-        batch = await self._claim(batch_size)
+        size = batch_size
+        batch = await self._claim(size)
         while batch.count:
             sent += batch.count
-            if len(batch.claimed) < batch_size or self._stopping.is_set():
+            if batch.claimed < size or self._stopping.is_set():
                 await self._publish(batch, batch_size)
                 break
-            # A full batch: publish it while the next one is claimed, so Postgres and Redis
-            # work at the same time. Publishes stay in position order (the next one starts
-            # after both have finished); a failure of either leaves positioned rows above
-            # the watermark, which the next cycle publishes again.
-            batch = await _together(self._publish(batch, batch_size), self._claim(batch_size))
+            # A full batch means a backlog: the next claim takes twice as many rows, up to
+            # relay_max_batch_size. Each claim pays a fixed cost in Postgres (a statement, a
+            # commit, a walk of the unpositioned index past the rows positioned before it),
+            # which at the base size was a fifth of the claim's time per event. A cycle
+            # starts again at the base size, so a trickle is claimed in small batches.
+            size = min(size * 2, max(batch_size, self._settings.relay_max_batch_size))
+            # Publish this batch (building its envelopes) while the next one is claimed, so
+            # Postgres, the relay and Redis work at the same time. Publishes stay in
+            # position order (the next one starts after both have finished); a failure of
+            # either leaves positioned rows above the watermark, which the next cycle
+            # publishes again.
+            batch = await _together(self._publish(batch, batch_size), self._claim(size))
         return sent
 
     async def _claim(self, batch_size: int) -> _Batch:
@@ -232,12 +245,12 @@ class Relay:
         published = self._head if self._head > self._recorded else None
         async with self._pool.acquire(timeout=self._settings.database_connect_timeout_s) as conn:
             claim = await claim_batch(conn, batch_size, self._fence, published)
-        if published is not None and claim.envelopes:
+        if published is not None and claim.count:
             self._recorded = published
         # Positions this relay did not queue: a failed cycle, or a relay that was active
         # before (or was deposed without knowing it), positioned them; they go out first.
         stranded_to = max(self._queued, claim.positioned_before)
-        batch = _Batch(self._queued, stranded_to, claim.envelopes)
+        batch = _Batch(self._queued, stranded_to, claim)
         if stranded_to > self._queued:
             logger.info(
                 "re-publishing positions %d to %d",
@@ -245,7 +258,7 @@ class Relay:
                 stranded_to,
                 extra={"first_position": self._queued + 1, "last_position": stranded_to},
             )
-        self._queued = claim.envelopes[-1].position if claim.envelopes else stranded_to
+        self._queued = claim.last_position if claim.count else stranded_to
         return batch
 
     async def _publish(self, batch: _Batch, batch_size: int) -> None:
@@ -257,8 +270,8 @@ class Relay:
                 raise RuntimeError(f"positions {after + 1} to {batch.stranded_to} are missing from the outbox")
             await self._publish_only(envelopes)
             after = envelopes[-1].position
-        if batch.claimed:
-            await self._publish_only(batch.claimed)
+        if batch.claim is not None and batch.claim.count:
+            await self._publish_only(batch.claim.envelopes)
 
     async def _publish_only(self, envelopes: list[EventEnvelope]) -> None:
         await self._publisher.publish_events(envelopes)
@@ -444,10 +457,13 @@ async def _wait_event(event: asyncio.Event, seconds: float) -> bool:
 async def _together(first: Awaitable[None], second: Awaitable[_T]) -> _T:
     """Run both concurrently to the end; return the second's result, or raise an error (the first's first).
 
+    The second starts first: the relay's claim sends its statement before the publish
+    spends the CPU it needs on building envelopes, so Postgres is not left waiting.
     Unlike gather, neither is left running when the other fails, and a cancellation
     cancels both and waits for them.
     """
-    tasks: tuple[asyncio.Task[Any], asyncio.Task[_T]] = (asyncio.ensure_future(first), asyncio.ensure_future(second))
+    started_second = asyncio.ensure_future(second)
+    tasks: tuple[asyncio.Task[Any], asyncio.Task[_T]] = (asyncio.ensure_future(first), started_second)
     try:
         await asyncio.wait(tasks)
     except BaseException:

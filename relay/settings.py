@@ -25,6 +25,14 @@ class RelaySettings(CommonSettings, DatabaseSettings, RedisSettings):
         le=10_000,
         description="Outbox rows positioned and published per batch; a full batch is followed at once by the next.",
     )
+    relay_max_batch_size: int = Field(
+        default=4000,
+        ge=1,
+        le=10_000,
+        description=(
+            "Largest batch while a backlog drains: each full batch doubles the next, from relay_batch_size up to this."
+        ),
+    )
     relay_poll_interval_s: float = Field(
         default=1.0,
         gt=0,

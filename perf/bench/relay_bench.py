@@ -34,11 +34,14 @@ from perf.cpu import process_cpu_s
 from perf.event_log import USER_EVENT_COLUMNS, user_events
 from perf.stack import Backing, Scratch, scratch
 from relay.outbox import CLAIM_SESSION_SETTINGS
+from relay.settings import RelaySettings
 from shared_kernel.contracts.event_log import ENVELOPE_COLUMNS, envelope_from_row, events_channel
 
 from .table import Row, rate_rows
 
 RELAY_BATCH = 500  # the relay's default RELAY_BATCH_SIZE
+# The relay's default RELAY_MAX_BATCH_SIZE: while batches come back full, each claim doubles the next.
+RELAY_MAX_BATCH = int(RelaySettings.model_fields["relay_max_batch_size"].default)
 # A user event as a command leaves it: everything up to the position (which the relay assigns).
 _UNPOSITIONED_COLUMNS = list(USER_EVENT_COLUMNS[: USER_EVENT_COLUMNS.index("position")])
 _POSITIONED = "SELECT last_position FROM relay_state WHERE singleton"
@@ -246,7 +249,10 @@ async def measure_relay(backing: Backing, sizes: RelaySizes) -> list[Row]:
     for row in rows:
         row.value = max(rates)
         row.ceiling = max(ceilings)
-        row.how = f"one relay process (batch {RELAY_BATCH}), {sizes.events:,}-event backlog, best of {len(drains)}"
+        row.how = (
+            f"one relay process (batch {RELAY_BATCH} growing to {RELAY_MAX_BATCH:,}), "
+            f"{sizes.events:,}-event backlog, best of {len(drains)}"
+        )
     rows[0].notes.append(
         "rounds, relay / bare PUBLISH: "
         + ", ".join(f"{rate:,.0f} / {bare:,.0f} events/s" for rate, bare in zip(rates, ceilings, strict=True))

@@ -28,6 +28,8 @@ def relay_settings(database_url: str, redis_server_url: str, redis_prefix: str) 
         redis_url=RedisDsn(redis_server_url),
         redis_key_prefix=redis_prefix,
         relay_batch_size=50,
+        # Batches keep one size unless a test asks for growth: most tests count batches.
+        relay_max_batch_size=50,
         relay_poll_interval_s=0.2,
         relay_heartbeat_interval_s=0.2,
         relay_standby_retry_s=0.1,
@@ -57,7 +59,13 @@ class RelayHarness:
         redis: aioredis.Redis | None = None,
         **overrides: Any,
     ) -> Relay:
-        """A relay on the test's database and Redis, with settings overridden by keyword."""
+        """A relay on the test's database and Redis, with settings overridden by keyword.
+
+        A batch size given without a largest batch size is also the largest: the batches
+        stay that size.
+        """
+        if "relay_batch_size" in overrides:
+            overrides.setdefault("relay_max_batch_size", overrides["relay_batch_size"])
         settings = self.settings.model_copy(update=overrides)
         relay = Relay(settings, self.pool, redis or self.redis, connect=connect, publisher=publisher)
         self._relays.append(relay)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 import pytest
 
 from relay.outbox import claim_batch
+from relay.publisher import Publisher
 from shared_kernel.contracts.event_log import NewEvent
-from tessera.events.v1.envelope_pb2 import EventEnvelope
+from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 from tests.integration.relay.conftest import RelayHarness
 from tests.integration.relay.support import (
     ChannelRecorder,
@@ -137,6 +139,43 @@ async def test_a_backlog_drains_in_full_batches_in_id_order(
     await published.wait_for(lambda m: len(m) == 25)
     assert [m.event_id for m in published.messages] == [str(e.event_id) for e in written]
     assert [m.position for m in published.messages] == list(range(1, 26))
+
+
+class _BatchSizes:
+    """Publishes through `inner`, recording how many envelopes each batch carried."""
+
+    def __init__(self, inner: Publisher) -> None:
+        self._inner = inner
+        self.sizes: list[int] = []
+
+    async def publish_events(self, envelopes: Sequence[EventEnvelope]) -> None:
+        """Record the batch's size, then publish it."""
+        self.sizes.append(len(envelopes))
+        await self._inner.publish_events(envelopes)
+
+    async def publish_head(self, head: StreamHead) -> None:
+        """Delegate."""
+        await self._inner.publish_head(head)
+
+
+async def test_a_backlog_is_claimed_in_growing_batches_and_a_new_cycle_starts_small(
+    relays: RelayHarness, published: ChannelRecorder[EventEnvelope]
+) -> None:
+    written = await insert_events(relays.pool, "backlog", 47)
+    sizes = _BatchSizes(relays.real_publisher())
+    relay = relays.make(publisher=sizes, relay_batch_size=4, relay_max_batch_size=16)
+
+    assert await relay.run_once() == 47
+    # Each full batch doubles the next, up to the largest size; a short one ends the cycle.
+    assert sizes.sizes == [4, 8, 16, 16, 3]
+
+    written += await insert_events(relays.pool, "later", 6)
+    assert await relay.run_once() == 6
+    assert sizes.sizes[5:] == [4, 2]
+
+    await published.wait_for(lambda m: len(m) == 53)
+    assert [m.event_id for m in published.messages] == [str(e.event_id) for e in written]
+    assert [m.position for m in published.messages] == list(range(1, 54))
 
 
 async def test_racing_claimers_hand_out_each_position_once(relays: RelayHarness, writers_pool: Any) -> None:
