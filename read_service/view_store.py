@@ -165,8 +165,6 @@ def _pack_ops(
         extend(args)
 
 
-
-
 def pack_ops(keys: list[str], ops: Sequence[Op]) -> bytes:
     """`ops` packed in one string (see ops.lua), their keys added to `keys` (indexes count from 1)."""
     slots: dict[str | bytes | int | float, int] = {key: index for index, key in enumerate(keys, start=1)}
