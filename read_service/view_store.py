@@ -139,12 +139,19 @@ def _header(count: int) -> Callable[..., bytes]:
     return pack
 
 
+_ONE = struct.Struct(">BBII").pack
+_TWO = struct.Struct(">BBIII").pack
+
+
+def _bytes(value: str | bytes | int | float) -> bytes:
+    return value if type(value) is bytes else value.encode() if type(value) is str else _item(value)
+
+
 def _pack_ops(
     ops: Sequence[Op], keys: list[str], slots: dict[str | bytes | int | float, int], parts: list[bytes]
 ) -> None:
     """Append `ops` packed (see ops.lua) to `parts`, adding each key not in `slots` to `keys`."""
     append = parts.append
-    extend = parts.extend
     for op in ops:
         key = op[1]
         slot = slots.get(key)
@@ -155,14 +162,23 @@ def _pack_ops(
         code = _CODE_OF.get(command)
         if code is None:
             code = _CODE_OF[command] = _CODES.get(str(command).upper(), 0)
-        args = [
-            value if type(value) is bytes else value.encode() if type(value) is str else _item(value)
-            for value in op[2:]
-        ]
-        count = len(args)
-        header = _HEADERS.get(count) or _header(count)
-        append(header(count, code, slot, *[len(arg) for arg in args]))
-        extend(args)
+        count = len(op) - 2
+        # Most ops take one or two arguments after the key (a member, a score and a member).
+        if count == 1:
+            value = op[2]
+            data = value if type(value) is bytes else value.encode() if type(value) is str else _item(value)
+            append(_ONE(1, code, slot, len(data)))
+            append(data)
+        elif count == 2:
+            first, second = _bytes(op[2]), _bytes(op[3])
+            append(_TWO(2, code, slot, len(first), len(second)))
+            append(first)
+            append(second)
+        else:
+            args = [_bytes(value) for value in op[2:]]
+            header = _HEADERS.get(count) or _header(count)
+            append(header(count, code, slot, *[len(arg) for arg in args]))
+            parts.extend(args)
 
 
 def pack_ops(keys: list[str], ops: Sequence[Op]) -> bytes:
