@@ -144,7 +144,18 @@ _TWO = struct.Struct(">BBIII").pack
 
 
 def _bytes(value: str | bytes | int | float) -> bytes:
-    return value if type(value) is bytes else value.encode() if type(value) is str else _item(value)
+    kind = type(value)
+    if kind is bytes:
+        return value  # type: ignore[return-value]
+    if kind is str:
+        return value.encode()  # type: ignore[union-attr]
+    if kind is int:
+        # Scores and increments: most are the same few numbers (a score of 0, a count of 1).
+        return _INTS.get(value) or str(value).encode()  # type: ignore[arg-type]
+    return _item(value)
+
+
+_INTS = {number: str(number).encode() for number in range(-16, 17)}
 
 
 def _pack_ops(
@@ -165,8 +176,7 @@ def _pack_ops(
         count = len(op) - 2
         # Most ops take one or two arguments after the key (a member, a score and a member).
         if count == 1:
-            value = op[2]
-            data = value if type(value) is bytes else value.encode() if type(value) is str else _item(value)
+            data = _bytes(op[2])
             append(_ONE(1, code, slot, len(data)))
             append(data)
         elif count == 2:
