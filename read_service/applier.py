@@ -77,12 +77,13 @@ async def project_run(
     projector opens its span there). `sequences`: park per aggregate rather than stop.
     """
     projected = Projected()
+    handled: frozenset[str] | None = getattr(projection, "handles", None)
     for count, envelope in enumerate(run, start=1):
         if not count % YIELD_EVERY:
             # A long run (a catch-up page) must not hold the loop: the applying lease is
             # renewed, and queries answered, by other tasks of this loop.
             await asyncio.sleep(0)
-        if not handles(projection, envelope):
+        if handled is not None and envelope.event_type not in handled:
             effect = NO_EFFECT
         elif sequences is not None and sequences.holding(envelope):
             effect = sequences.hold(envelope)

@@ -66,13 +66,14 @@ for _, segment in ipairs(segments) do
     break
   end
   if checkpoint < last then
-    run_ops(segment[4])
+    run_merged(segment[4])
     -- Each segment moves the checkpoint itself, so that a MONITOR of Redis (the lease
     -- takeover test audits it) shows every event that writes views at its own position.
     redis.call('SET', KEYS[1], segment[3])
     checkpoint = last
   end
 end
+flush_merged()
 
 local fingerprint = tonumber(ARGV[2] or '')
 if fingerprint ~= nil and checkpoint >= fingerprint then

@@ -122,13 +122,44 @@ def encode(checkpoint_key: str, batch: Sequence[Segment], fingerprint: Fingerpri
     return keys, argv
 
 
-# An op's packed start (its argument count, then its command's length and bytes) by (argument
-# count, command): a handful of distinct values, packed once per process instead of once per op.
-_HEADS: dict[tuple[int, str | bytes | int | float], bytes] = {}
+# Each allowed command's code in an op (its index in ops.lua's `commands`); 0 is refused there.
+_CODES = {
+    name: code for code, name in enumerate(("SET", "DEL", "HSET", "HDEL", "HINCRBY", "ZADD", "ZREM", "SADD", "SREM"), 1)
+}
+# The code of each command as the projections spell it, looked up once per process.
+_CODE_OF: dict[object, int] = {}
+# The packer of an op's header by its count of arguments after the key (see ops.lua).
+_HEADERS: dict[int, Callable[..., bytes]] = {}
+
+
+def _header(count: int) -> Callable[..., bytes]:
+    if count > 255:
+        raise ValueError(f"an op takes at most 255 arguments after its key, not {count}")
+    pack = _HEADERS[count] = struct.Struct(">BBI" + "I" * count).pack
+    return pack
+
+
+_ONE = struct.Struct(">BBII").pack
+_TWO = struct.Struct(">BBIII").pack
+
+
+def _bytes(value: str | bytes | int | float) -> bytes:
+    kind = type(value)
+    if kind is bytes:
+        return value  # type: ignore[return-value]
+    if kind is str:
+        return value.encode()  # type: ignore[union-attr]
+    if kind is int:
+        # Scores and increments: most are the same few numbers (a score of 0, a count of 1).
+        return _INTS.get(value) or str(value).encode()  # type: ignore[arg-type]
+    return _item(value)
+
+
+_INTS = {number: str(number).encode() for number in range(-16, 17)}
 
 
 def _pack_ops(
-    ops: Sequence[Op], keys: list[str], slots: dict[str | bytes | int | float, bytes], parts: list[bytes]
+    ops: Sequence[Op], keys: list[str], slots: dict[str | bytes | int | float, int], parts: list[bytes]
 ) -> None:
     """Append `ops` packed (see ops.lua) to `parts`, adding each key not in `slots` to `keys`."""
     append = parts.append
@@ -137,30 +168,32 @@ def _pack_ops(
         slot = slots.get(key)
         if slot is None:
             keys.append(key.decode() if isinstance(key, bytes) else str(key))
-            digits = str(len(keys)).encode()
-            # The key's index in KEYS, already packed (length and digits) as the op's second argument.
-            slot = slots[key] = _U32(len(digits)) + digits
-        head = _HEADS.get((len(op), op[0]))
-        if head is None:
-            command = _item(op[0])
-            head = _HEADS[(len(op), op[0])] = _U32(len(op)) + _U32(len(command)) + command
-        append(head)
-        append(slot)
-        for value in op[2:]:
-            data = value if type(value) is bytes else value.encode() if type(value) is str else _item(value)
-            append(_U32(len(data)))
+            slot = slots[key] = len(keys)
+        command = op[0]
+        code = _CODE_OF.get(command)
+        if code is None:
+            code = _CODE_OF[command] = _CODES.get(str(command).upper(), 0)
+        count = len(op) - 2
+        # Most ops take one or two arguments after the key (a member, a score and a member).
+        if count == 1:
+            data = _bytes(op[2])
+            append(_ONE(1, code, slot, len(data)))
             append(data)
-
-
-_U32 = struct.Struct(">I").pack
+        elif count == 2:
+            first, second = _bytes(op[2]), _bytes(op[3])
+            append(_TWO(2, code, slot, len(first), len(second)))
+            append(first)
+            append(second)
+        else:
+            args = [_bytes(value) for value in op[2:]]
+            header = _HEADERS.get(count) or _header(count)
+            append(header(count, code, slot, *[len(arg) for arg in args]))
+            parts.extend(args)
 
 
 def pack_ops(keys: list[str], ops: Sequence[Op]) -> bytes:
     """`ops` packed in one string (see ops.lua), their keys added to `keys` (indexes count from 1)."""
-    slots: dict[str | bytes | int | float, bytes] = {}
-    for index, key in enumerate(keys, start=1):
-        digits = str(index).encode()
-        slots[key] = _U32(len(digits)) + digits
+    slots: dict[str | bytes | int | float, int] = {key: index for index, key in enumerate(keys, start=1)}
     parts: list[bytes] = []
     _pack_ops(ops, keys, slots, parts)
     return b"".join(parts)
@@ -180,8 +213,8 @@ def encode_calls(
     calls: list[tuple[list[str], list[bytes]]] = []
     fingerprint_at = fingerprint_key(checkpoint_key)
     keys: list[str] = []
-    # Each key's index in KEYS as the digits the op carries.
-    slots: dict[str | bytes | int | float, bytes] = {}
+    # Each key's index in KEYS.
+    slots: dict[str | bytes | int | float, int] = {}
     parts: list[bytes] = []
     size = 0
     for segment in batch:

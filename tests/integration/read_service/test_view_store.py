@@ -92,3 +92,49 @@ async def test_no_op_events_before_a_write_move_the_checkpoint_with_it(
 
 def _sha() -> str:
     return hashlib.sha1(_SCRIPT.encode()).hexdigest()
+
+
+def _shared_key_events(prefix: str) -> list[tuple[int, Sequence[Op]]]:
+    """Events whose ops come back to the same keys: adds, removals and other commands interleaved."""
+    s, z, h = f"{prefix}s", f"{prefix}z", f"{prefix}h"
+    return [
+        (1, [("SADD", s, "a"), ("ZADD", z, 1, "m"), ("HSET", h, "f", "1")]),
+        (2, [("SADD", s, "b"), ("ZADD", z, 2, "n"), ("HINCRBY", h, "count", 1)]),
+        (3, [("SREM", s, "a"), ("ZADD", z, 5, "m"), ("HSET", h, "f", "2")]),
+        (4, [("SADD", s, "a"), ("ZREM", z, "n"), ("HDEL", h, "f"), ("HINCRBY", h, "count", 1)]),
+        (5, [("SADD", s, "c"), ("SREM", s, "b"), ("ZADD", z, 3, "n"), ("HSET", h, "f", "3")]),
+        (6, [("DEL", s), ("SADD", s, "d"), ("ZADD", z, 4, "n")]),
+    ]
+
+
+@pytest.mark.parametrize("start", [0, 3])
+async def test_a_batch_of_ops_on_shared_keys_leaves_what_one_call_per_event_leaves(
+    redis_client: aioredis.Redis, redis_prefix: str, start: int
+) -> None:
+    # The script sends a run of one command on one key as one call: interleaved adds and
+    # removals of the same members must still end as they would one event at a time.
+    batched = ViewStore(redis_client, f"{redis_prefix}batched:checkpoint")
+    single = ViewStore(redis_client, f"{redis_prefix}single:checkpoint")
+    for store in (batched, single):
+        await redis_client.set(store.checkpoint_key, start)
+
+    await batched.apply_many(_shared_key_events(f"{redis_prefix}batched:"))
+    await _one_by_one(single, _shared_key_events(f"{redis_prefix}single:"))
+
+    for name in ("batched", "single"):
+        assert await redis_client.get(f"{redis_prefix}{name}:checkpoint") == b"6"
+    assert await redis_client.smembers(f"{redis_prefix}batched:s") == await redis_client.smembers(
+        f"{redis_prefix}single:s"
+    )
+    assert await redis_client.zrange(f"{redis_prefix}batched:z", 0, -1, withscores=True) == await redis_client.zrange(
+        f"{redis_prefix}single:z", 0, -1, withscores=True
+    )
+    assert await redis_client.hgetall(f"{redis_prefix}batched:h") == await redis_client.hgetall(
+        f"{redis_prefix}single:h"
+    )
+    # And what that is: the last word on each member wins.
+    assert await redis_client.smembers(f"{redis_prefix}batched:s") == {b"d"}
+    expected_sorted = [(b"n", 4.0), (b"m", 5.0)] if start == 0 else [(b"n", 4.0)]
+    assert await redis_client.zrange(f"{redis_prefix}batched:z", 0, -1, withscores=True) == expected_sorted
+    expected_hash = {b"f": b"3", b"count": b"2"} if start == 0 else {b"f": b"3", b"count": b"1"}
+    assert await redis_client.hgetall(f"{redis_prefix}batched:h") == expected_hash

@@ -25,8 +25,14 @@ def test_earlier_no_op_events_start_the_first_segment() -> None:
     assert segments([(7, SET), (8, [])], first=4) == [Segment(4, 7, SET), Segment(8, 8)]
 
 
-def _packed(*args: bytes) -> bytes:
-    return len(args).to_bytes(4, "big") + b"".join(len(a).to_bytes(4, "big") + a for a in args)
+# Each command's code in an op (ops.lua's `commands`).
+CODES = {b"SET": 1, b"DEL": 2, b"HINCRBY": 5}
+
+
+def _packed(command: bytes, key: int, *args: bytes) -> bytes:
+    """An op as ops.lua reads it: argument count, command code, key index, lengths, then the arguments."""
+    head = bytes([len(args), CODES[command]]) + key.to_bytes(4, "big")
+    return head + b"".join(len(a).to_bytes(4, "big") for a in args) + b"".join(args)
 
 
 def _segment(first: int, last: int, *ops: bytes) -> bytes:
@@ -43,8 +49,8 @@ def test_ops_name_their_key_by_its_index_in_keys_and_pack_into_one_argument() ->
     # KEYS[2] is the fingerprint's key, written by the same call.
     assert keys == ["cp", "cp:fingerprint", "a", "b"]
     assert argv == [
-        _segment(1, 2, _packed(b"SET", b"3", b"x"), _packed(b"HINCRBY", b"4", b"f", b"-1"))
-        + _segment(3, 3, _packed(b"DEL", b"3"))
+        _segment(1, 2, _packed(b"SET", 3, b"x"), _packed(b"HINCRBY", 4, b"f", b"-1"))
+        + _segment(3, 3, _packed(b"DEL", 3))
     ]
 
 
@@ -68,7 +74,7 @@ def test_a_large_batch_splits_into_calls_at_segment_boundaries() -> None:
     assert len(calls) > 1
     # Every call declares its own keys, and together they carry every segment once, in order.
     assert all(keys == ["cp", "cp:fingerprint", "k"] for keys, _ in calls)
-    one = [_segment(position, position, _packed(b"SET", b"3", b"x" * 600)) for position in range(1, 41)]
+    one = [_segment(position, position, _packed(b"SET", 3, b"x" * 600)) for position in range(1, 41)]
     packed = [argv[0] for _, argv in calls]
     assert all(isinstance(arg, bytes) for arg in packed)
     assert b"".join(arg for arg in packed if isinstance(arg, bytes)) == b"".join(one)
