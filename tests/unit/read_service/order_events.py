@@ -381,9 +381,16 @@ class MemoryViews:
             assert isinstance(current, int)
             self.hashes[key][fld] = current + amount
         elif name == "ZADD" and isinstance(args[2], str):
-            key, score, member = args  # the search index's rank set: an id scored by its sort key
+            key, score, member = args  # a trigram set of the search index: an id scored by its rank
             assert isinstance(key, str) and isinstance(member, str) and isinstance(score, int) and score >= 0
             self.ranks.setdefault(key, {})[member] = score
+        elif name == "ZREM" and isinstance(args[1], str):
+            key, member = args
+            assert isinstance(key, str)
+            found = self.ranks.get(key, {})
+            found.pop(member, None)
+            if not found:
+                self.ranks.pop(key, None)  # as Redis drops an empty sorted set
         elif name == "ZADD":
             key, score, member = args
             assert isinstance(key, str) and score == 0 and isinstance(member, bytes)
