@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -134,7 +135,7 @@ async def candidates(
     ordered = [key for _, key in sorted(zip(sizes, keys, strict=True))]
     if ranked:
         return Candidates(None, checkpoint_read=True, walk=ordered)
-    members = await client.zinter(ordered)
+    members: list[Any] = list(await client.zinter(ordered))
     if len(members) > limit:
         return Candidates(None, checkpoint_read=True)
     return Candidates(sorted(_text(m) for m in members), checkpoint_read=True)
