@@ -8,10 +8,10 @@ The cursor is always such a member, so a page token does not depend on how a pag
 A search term that the trigram index narrows to few candidates (read_service.search) is
 answered from them instead:
 
-- ranked: when the query is in the order of the projection's rank set (users by creation,
-  orders by placing time), the candidates come from Redis with their rank, already in page
-  order; only the views of the first page (and of the candidates that turn out not to match)
-  are read;
+- walked: when the query is in the order that scores the trigram sets (users by creation,
+  orders by placing time), the term's rarest trigram set is walked in that order from the
+  cursor, each id checked in the other sets, until a page's worth of candidates is found;
+  only their views are read (and more, if some of them do not match);
 - otherwise every candidate's view is read, the matching ones ordered by their member and
   paged after the cursor.
 
