@@ -43,10 +43,10 @@ GRAM = 3
 # Default size of the rarest trigram set above which a term is scanned rather than looked up.
 DEFAULT_CANDIDATE_LIMIT = 2000
 # A term whose rarest trigram set is larger than the candidate limit, but not more than this
-# many times larger, is still intersected: its trigrams may each be common while together
-# they are rare (a prefix such as "emma.wilson1"). Only a larger intersection is scanned.
-# SINTER stops probing an id at the first set that lacks it, so the probe costs about one
-# lookup per id of the rarest set; what bounds the factor is the reply when the term is common.
+# many times larger, is still walked or intersected: its trigrams may each be common while
+# together they are rare (a prefix such as "emma.wilson1"). Only a larger set is scanned.
+# Walking or intersecting costs at most about one lookup per other set per id of the rarest
+# set; what bounds the factor is a term with no hit (walked to the end) or a common one.
 PROBE_FACTOR = 10
 # Ids of the rarest trigram set one walk step reads at most: bounds how long one script call
 # holds Redis; a longer walk takes several calls.
