@@ -13,10 +13,9 @@ Every key starts with the deployment's `redis_key_prefix` (written `P` below):
     P users:order:<order id>            string  the order's customer, currency, total and paid flag
                                                 (see projections.users.OrderNote)
     P users:spent:<user id>             hash    currency -> minor units paid and not refunded
-    P users:tri:<trigram>               set     ids of the users whose case-folded e-mail, username
-                                                or full name holds the trigram (read_service.search)
-    P users:rank                        zset    every user id, scored by its creation time in
-                                                microseconds: ranks search candidates (same)
+    P users:tri:<trigram>               zset    ids of the users whose case-folded e-mail, username
+                                                or full name holds the trigram, each scored by its
+                                                creation time in microseconds (read_service.search)
 
 `<sort>` is `created_at`, `email` or `username`; `<subset>` is `all`, `active` or `inactive`,
 so that every (sort, filter) pair of ListUsers reads one index in order. A member is the sort
@@ -86,13 +85,8 @@ class UserKeys:
         return f"{self.prefix}users:spent:{user_id}"
 
     def trigram(self, gram: str) -> str:
-        """Key of the search index set of one trigram: the ids of the users whose fields hold it."""
+        """Key of the search index sorted set of one trigram: the users whose fields hold it, by creation time."""
         return f"{self.prefix}users:tri:{gram}"
-
-    @property
-    def rank(self) -> str:
-        """Key of the search index's rank set: every user id scored by its creation time (micros)."""
-        return f"{self.prefix}users:rank"
 
 
 def email_key(email: str) -> str:
@@ -157,11 +151,10 @@ def product_member(sku: str, product_id: str) -> bytes:
 #     P orders:stats:<currency>:<day>     hash    the figures of orders placed that UTC day (YYYY-MM-DD)
 #                                                 in that currency: `placed`, `status:<STATUS>`,
 #                                                 `paid`, `revenue`, `qty:<sku>`, `name:<sku>`
-#     P orders:tri:<trigram>              set     ids of the orders whose case-folded customer name,
+#     P orders:tri:<trigram>              zset    ids of the orders whose case-folded customer name,
 #                                                 customer e-mail, line skus or product names hold
-#                                                 the trigram (read_service.search)
-#     P orders:rank                       zset    every order id, scored by its placing time in
-#                                                 microseconds: ranks search candidates (same)
+#                                                 the trigram, each scored by its placing time in
+#                                                 microseconds (read_service.search)
 #
 # Times and amounts in members are zero-padded decimal (microseconds since the epoch, minor
 # units), so that byte order is numeric order and members are exact keyset cursors.
@@ -199,13 +192,8 @@ class OrderKeys:
         return f"{self.prefix}orders:stats:{currency_code}:{day}"
 
     def trigram(self, gram: str) -> str:
-        """Key of the search index set of one trigram: the ids of the orders whose texts hold it."""
+        """Key of the search index sorted set of one trigram: the orders whose texts hold it, by placing time."""
         return f"{self.prefix}orders:tri:{gram}"
-
-    @property
-    def rank(self) -> str:
-        """Key of the search index's rank set: every order id scored by its placing time (micros)."""
-        return f"{self.prefix}orders:rank"
 
 
 def padded(value: int) -> str:

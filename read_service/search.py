@@ -1,28 +1,35 @@
 """The trigram search index: which entities a search term may match, without reading every view.
 
-A projection keeps one Redis set per trigram (three consecutive characters of a case-folded
-searchable field) in its own key space, holding the ids of the entities whose fields contain
-that trigram (read_service.keys: `users:tri:<gram>`, `orders:tri:<gram>`). The sets are written
-by the projection's ops, in the same apply script call as the views, so they follow the views
-through checkpoints, generations (rebuilds), upcasting and parking without code of their own.
+A projection keeps one Redis sorted set per trigram (three consecutive characters of a
+case-folded searchable field) in its own key space, holding the ids of the entities whose
+fields contain that trigram, each scored by the entity's rank: its default sort key, creation
+or placing time in microseconds (read_service.keys: `users:tri:<gram>`, `orders:tri:<gram>`).
+The sets are written by the projection's ops, in the same apply script call as the views, so
+they follow the views through checkpoints, generations (rebuilds), upcasting and parking
+without code of their own.
 
 A query for a term of at least three characters reads the cardinality of each of its trigram
-sets. When the smallest is at most a few times `limit` and the intersection of the sets holds
-at most `limit` ids (a rare term), the intersection is a short candidate list that holds every
-entity whose fields contain the term (a substring's trigrams are all trigrams of the field
-that contains it); the caller then reads those views, keeps those that really contain the
-term, orders them by the requested sort and pages them (read_service.views.paging). Each
-projection also keeps a rank set (`users:rank`, `orders:rank`: every id scored by its
-default sort key), so that for a query in that order the intersection comes back ranked and
-only the first page's views need reading. A shorter term, or a common one (more
-candidates), is answered by the ordered scan of the sort index instead, which fills pages fast
-precisely because the term is common. See docs/decisions/0037-search-index.md.
+sets. When the smallest is at most a few times `limit`, every entity whose fields contain the
+term is in it (a substring's trigrams are all trigrams of the field that contains it):
+
+- for a query in rank order (users by creation, orders by placing time), the rarest set is
+  walked in that order from the page's cursor and each id looked up in the other sets
+  (search_walk.lua), only until a page of candidates is found; the work follows the page and
+  the density of the term, not the size of the sets;
+- for another order, the intersection (at most `limit` ids) is the candidate list; every
+  candidate's view is read, ordered by the requested sort and paged.
+
+The caller checks each candidate's view with the term and the filters
+(read_service.views.paging). A shorter term, or a common one (more candidates), is answered
+by the ordered scan of the sort index instead, which fills pages fast precisely because the
+term is common. See docs/decisions/0037-search-index.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -36,11 +43,18 @@ GRAM = 3
 # Default size of the rarest trigram set above which a term is scanned rather than looked up.
 DEFAULT_CANDIDATE_LIMIT = 2000
 # A term whose rarest trigram set is larger than the candidate limit, but not more than this
-# many times larger, is still intersected: its trigrams may each be common while together
-# they are rare (a prefix such as "emma.wilson1"). Only a larger intersection is scanned.
-# SINTER stops probing an id at the first set that lacks it, so the probe costs about one
-# lookup per id of the rarest set; what bounds the factor is the reply when the term is common.
+# many times larger, is still walked or intersected: its trigrams may each be common while
+# together they are rare (a prefix such as "emma.wilson1"). Only a larger set is scanned.
+# Walking or intersecting costs at most about one lookup per other set per id of the rarest
+# set; what bounds the factor is a term with no hit (walked to the end) or a common one.
 PROBE_FACTOR = 10
+# Ids of the rarest trigram set one walk step reads at most: bounds how long one script call
+# holds Redis; a longer walk takes several calls.
+WALK_BUDGET = 4096
+# Ids one range call of the walk reads at first (the script doubles it up to 1,024).
+WALK_CHUNK = 32
+
+_WALK_SCRIPT = resources.files("read_service").joinpath("search_walk.lua").read_text(encoding="utf-8")
 
 
 def grams(texts: Iterable[str]) -> set[str]:
@@ -53,23 +67,35 @@ def grams(texts: Iterable[str]) -> set[str]:
 
 
 def gram_ops(
-    key_of: Callable[[str], str], entity_id: str, before: set[str], after: set[str]
-) -> list[tuple[str, str, str]]:
-    """The set writes that move an entity from the trigrams `before` to `after` (in a stable order)."""
-    ops = [("SREM", key_of(g), entity_id) for g in sorted(before - after)]
-    ops.extend(("SADD", key_of(g), entity_id) for g in sorted(after - before))
+    key_of: Callable[[str], str],
+    entity_id: str,
+    before: set[str],
+    after: set[str],
+    rank: int,
+    *,
+    rank_changed: bool = False,
+) -> list[tuple[str | int, ...]]:
+    """The writes that move an entity from the trigrams `before` to `after` (in a stable order).
+
+    Each trigram set is a sorted set scored by the entity's rank (its default sort key), so
+    that a query can walk it in page order. With `rank_changed`, every trigram kept is
+    written again with the new rank.
+    """
+    ops: list[tuple[str | int, ...]] = [("ZREM", key_of(g), entity_id) for g in sorted(before - after)]
+    added = after if rank_changed else after - before
+    ops.extend(("ZADD", key_of(g), rank, entity_id) for g in sorted(added))
     return ops
 
 
 @dataclass(frozen=True, slots=True)
 class Candidates:
-    """The ids that may match a term (a superset of the matches), or `ids` None: scan instead."""
+    """How a term is answered: candidate `ids` (a superset of the matches), a `walk`, or neither: scan."""
 
     ids: list[str] | None
     # Whether the query's checkpoint has been read (the scan must then not read it again).
     checkpoint_read: bool = False
-    # Whether `ids` are in rank order (by sort key, then id: the order of the sort index).
-    ranked: bool = False
+    # The term's trigram sets, rarest first, to walk in rank order (read_service.views.paging).
+    walk: list[str] | None = None
 
 
 async def candidates(
@@ -79,17 +105,16 @@ async def candidates(
     limit: int,
     at: QueryCheckpoint | None,
     *,
-    rank_key: str | None = None,
+    ranked: bool = False,
 ) -> Candidates:
-    """The candidate ids of a case-folded `term`; `at`'s checkpoint is read in the first round trip.
+    """How to answer a case-folded `term`; `at`'s checkpoint is read in the first round trip.
 
-    Returns `ids` None when the term is shorter than a trigram or has more than `limit`
-    candidates (see PROBE_FACTOR): the caller scans the sort index. Whenever a trigram
-    set is read, `at`'s checkpoint has been read before it (in the same pipeline), so the
-    caller's scan must not read it again. With `rank_key` (a sorted set of every entity's
-    rank) the ids come in rank order (`ranked`), so that a caller can read the views of a
-    first page only: by ZINTER when the rarest set is within the limit, else by SINTER and
-    then the ranks of the ids (ZMSCORE) once the intersection is known to be within it.
+    Returns `ids` None and no walk when the term is shorter than a trigram or has more than
+    `limit` candidates (see PROBE_FACTOR): the caller scans the sort index. Whenever a
+    trigram set is read, `at`'s checkpoint has been read before it (in the same pipeline), so
+    the caller's scan must not read it again. With `ranked` (the query is in rank order) the
+    answer is the trigram sets to walk, rarest first (`walk`), so that the caller reads
+    Redis only as far as its page reaches; otherwise the intersection itself, by id.
     """
     term_grams = sorted(grams([term]))
     if not term_grams or limit <= 0:
@@ -98,43 +123,62 @@ async def candidates(
 
     def queue(pipe: Pipeline) -> None:
         for key in keys:
-            pipe.scard(key)
+            pipe.zcard(key)
 
     sizes = [int(n) for n in await first_read(client, at, queue)]
     rarest = min(sizes)
     if rarest > limit * PROBE_FACTOR:
         return Candidates(None, checkpoint_read=True)
     if rarest == 0:
-        return Candidates([], checkpoint_read=True, ranked=rank_key is not None)
-    # Smallest set first: SINTER walks the first set and probes the others (ZINTER orders them itself).
+        return Candidates([], checkpoint_read=True)
+    # Smallest set first: the walk reads it in order and probes the others.
     ordered = [key for _, key in sorted(zip(sizes, keys, strict=True))]
-    return await _intersect(client, ordered, rarest <= limit, limit, rank_key)
-
-
-async def _intersect(
-    client: aioredis.Redis, ordered: list[str], surely_small: bool, limit: int, rank_key: str | None
-) -> Candidates:
-    """The ids in every set of `ordered` (None past `limit`), in rank order when `rank_key` is given."""
-    if rank_key is not None and surely_small:
-        # The intersection cannot exceed the limit: take it ranked in one call.
-        return await _ranked_intersection(client, ordered, rank_key)
-    members = await client.sinter(ordered)
+    if ranked:
+        return Candidates(None, checkpoint_read=True, walk=ordered)
+    members: list[Any] = list(await client.zinter(ordered))
     if len(members) > limit:
         return Candidates(None, checkpoint_read=True)
-    ids = [_text(m) for m in members]
-    if rank_key is None:
-        return Candidates(sorted(ids), checkpoint_read=True)
-    # Ranked only once it is known to be small: a large intersection is thrown away unranked.
-    scores = await client.zmscore(rank_key, ids) if ids else []
-    ranked = sorted((int(score), entity_id) for entity_id, score in zip(ids, scores, strict=True) if score is not None)
-    return Candidates([entity_id for _, entity_id in ranked], checkpoint_read=True, ranked=True)
+    return Candidates(sorted(_text(m) for m in members), checkpoint_read=True)
 
 
-async def _ranked_intersection(client: aioredis.Redis, keys: list[str], rank_key: str) -> Candidates:
-    """The ids in every one of `keys`, in rank order (ZINTER answers by score, ties by member)."""
-    # The sets count 0 towards the score: each member's score is its rank.
-    reply: list[Any] = list(await client.zinter({rank_key: 1, **dict.fromkeys(keys, 0)}))
-    return Candidates([_text(member) for member in reply], checkpoint_read=True, ranked=True)
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a walk stands: a rank (a Redis score bound: a number, `-inf` or `+inf`) and the id after which to go on."""
+
+    score: str
+    after_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What one step of a walk found: (rank, id) in walk order, whether the range is exhausted, where it stopped."""
+
+    found: list[tuple[int, str]]
+    done: bool
+    position: Position
+
+
+class Walker:
+    """Walks a term's trigram sets in rank order (search_walk.lua); raises the driver's errors."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._script = client.register_script(_WALK_SCRIPT)
+
+    async def step(
+        self, keys: list[str], start: Position, stop: str, wanted: int, *, descending: bool, budget: int | None = None
+    ) -> Step:
+        """Up to `wanted` ids in every set of `keys` (the rarest first), after `start` and up to rank `stop`."""
+        walk = WALK_BUDGET if budget is None else budget
+        args = ["1" if descending else "0", start.score, start.after_id, stop, wanted, walk, WALK_CHUNK]
+        reply = list(await self._script(keys=keys, args=args))
+        done, last_score, last_id, *flat = reply
+        found = [(_rank(flat[i + 1]), _text(flat[i])) for i in range(0, len(flat), 2)]
+        return Step(found, int(done) == 1, Position(_text(last_score), _text(last_id)))
+
+
+def _rank(score: bytes | str) -> int:
+    # Ranks are whole microseconds, exact in a double (below 2**53).
+    return int(float(_text(score)))
 
 
 def _text(member: bytes | str) -> str:

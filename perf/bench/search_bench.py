@@ -7,8 +7,8 @@ bench does), three of which hold a rare term. It builds the projection with
 gives the rebuild's slowdown from the index (live apply runs the same projection and apply
 script per event, so its slowdown is of the same order). Then it reads first pages (20 per
 page) of a rare term, a common term and a prefix through the query code the replicas run
-(read_service.views), and measures the index's memory (MEMORY USAGE of every trigram set)
-per entity. Today's capped scan answers the rare term as the ceiling column.
+(read_service.views), and measures the index's memory (MEMORY USAGE of every trigram sorted
+set) per entity. Today's capped scan answers the rare term as the ceiling column.
 
     python -m perf bench --only search --search-sizes 100000,1000000
 """
@@ -87,8 +87,8 @@ class _WithoutIndex:
 
     def project(self, envelope: Any, state: Mapping[str, bytes | None]) -> Effect:
         effect: Effect = self._inner.project(envelope, state)
-        rank = f"{self.name}:rank"  # the rank set (read_service.keys), the index's only sorted set
-        kept = [op for op in effect.ops if op[0] not in ("SADD", "SREM") and not str(op[1]).endswith(rank)]
+        trigram = f"{self.name}:tri:"  # the trigram sets (read_service.keys)
+        kept = [op for op in effect.ops if trigram not in str(op[1])]
         return Effect(kept, effect.state)
 
 
@@ -231,7 +231,7 @@ def _blank(kind: str, n: int) -> list[Row]:
             figure=f"search index memory per {kind[:-1]}, {n:,} {kind}",
             unit="bytes",
             goal=Goal("value", "<=", 4096, "bytes"),
-            how="MEMORY USAGE of every trigram set and the rank set ÷ entities",
+            how="MEMORY USAGE of every trigram set ÷ entities",
         ),
         Row(
             key="search",
@@ -269,11 +269,8 @@ async def _measure_one(
             rebuild_row.ceiling = without.events_per_s
             space = keyspace_prefix(prefix, kind, built.generation)
             used, keys = await _index_bytes(client, f"{space}{kind}:tri:*")
-            ranked, _ = await _index_bytes(client, f"{space}{kind}:rank")
-            memory_row.value = (used + ranked) / n
-            memory_row.notes.append(
-                f"{keys:,} trigram sets, {used / 1e6:,.1f} MB, and the rank set, {ranked / 1e6:,.1f} MB"
-            )
+            memory_row.value = used / n
+            memory_row.notes.append(f"{keys:,} trigram sets, {used / 1e6:,.1f} MB")
             if kind == "users":
                 views = UserViews(client, UserKeys(space))
                 scan = UserViews(client, UserKeys(space), candidate_limit=0)

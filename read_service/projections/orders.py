@@ -80,7 +80,8 @@ class OrdersProjection:
     name = "orders"
     # 2: the search index (orders:tri:*); a replica of this version builds a generation that has it.
     # 3: the search index's rank set (orders:rank).
-    version: int = 3
+    # 4: trigram sets are sorted sets scored by placing time, walked in page order; no rank set.
+    version: int = 4
 
     def __init__(self, keys: OrderKeys) -> None:
         self._keys = keys
@@ -310,13 +311,14 @@ class OrdersProjection:
         after = self._memberships(new)
         ops.extend(("ZREM", index, member) for index, member in sorted(before - after))
         ops.extend(("ZADD", index, 0, member) for index, member in sorted(after - before))
-        if old is None or not _same_search_text(old, new):
-            ops.extend(
-                gram_ops(self._keys.trigram, new.order_id, set() if old is None else searchable(old), searchable(new))
-            )
+        # The trigram sets are scored by the placing time: written again if it ever moves.
         placed = max(_micros(new.placed_at), 0)
-        if old is None or max(_micros(old.placed_at), 0) != placed:
-            ops.append(("ZADD", self._keys.rank, placed, new.order_id))
+        moved = old is not None and max(_micros(old.placed_at), 0) != placed
+        if old is None or moved or not _same_search_text(old, new):
+            before_grams = set() if old is None else searchable(old)
+            ops.extend(
+                gram_ops(self._keys.trigram, new.order_id, before_grams, searchable(new), placed, rank_changed=moved)
+            )
         change: Counter[tuple[str, str]] = Counter(self._contributions(new))
         if old is not None:
             change.subtract(self._contributions(old))

@@ -91,6 +91,11 @@ def _searchable(view: UserView) -> set[str]:
     return grams((view.email, view.username, view.full_name))
 
 
+def _rank(view: UserView) -> int:
+    """The score of a user in its trigram sets: its creation time in microseconds (never changes)."""
+    return max(view.created_at.ToMicroseconds(), 0)
+
+
 def _canonical_user_id(envelope: EventEnvelope) -> str:
     return canonical_id(envelope.aggregate_id, "aggregate_id")
 
@@ -117,7 +122,8 @@ class UsersProjection:
     name = "users"
     # 2: the search index (users:tri:*); a replica of this version builds a generation that has it.
     # 3: the search index's rank set (users:rank).
-    version: int = 3
+    # 4: trigram sets are sorted sets scored by creation time, walked in page order; no rank set.
+    version: int = 4
 
     def __init__(self, keys: UserKeys) -> None:
         self._keys = keys
@@ -192,9 +198,7 @@ class UsersProjection:
             ops.append(("ZADD", active, 0, member))
         ops.append(("HINCRBY", self._keys.stats, "users", 1))
         ops.append(("HINCRBY", self._keys.stats, "active_users", 1))
-        ops.extend(gram_ops(self._keys.trigram, user_id, set(), _searchable(view)))
-        # Creation never changes: the user's rank among search candidates is written once.
-        ops.append(("ZADD", self._keys.rank, max(view.created_at.ToMicroseconds(), 0), user_id))
+        ops.extend(gram_ops(self._keys.trigram, user_id, set(), _searchable(view), _rank(view)))
         return Effect(ops=ops, state={self._keys.view(user_id): data})
 
     def _current_view(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> UserView | None:
@@ -232,7 +236,7 @@ class UsersProjection:
         data = view.SerializeToString(deterministic=True)
         key = self._keys.view(view.user_id)
         ops: list[Op] = [("SET", key, data)]
-        ops.extend(gram_ops(self._keys.trigram, view.user_id, before, _searchable(view)))
+        ops.extend(gram_ops(self._keys.trigram, view.user_id, before, _searchable(view), _rank(view)))
         return Effect(ops=ops, state={key: data})
 
     def _deactivated(self, envelope: EventEnvelope, state: Mapping[str, bytes | None]) -> Effect:

@@ -220,8 +220,8 @@ class OrderViews(SearchableViews[OrderKeys]):
             high=high,
         )
         if query.text:
-            rank = self._keys.rank if query.sort is OrderSortField.PLACED_AT else None
-            page = await self._pager.search(request, Search(query.text, self._keys.trigram, rank), at)
+            ranked = query.sort is OrderSortField.PLACED_AT
+            page = await self._pager.search(request, Search(query.text, self._keys.trigram, ranked), at)
         else:
             page = await self._pager.scan(request, at)
         return OrderPage(page.views, page.next_cursor)

@@ -8,10 +8,10 @@ The cursor is always such a member, so a page token does not depend on how a pag
 A search term that the trigram index narrows to few candidates (read_service.search) is
 answered from them instead:
 
-- ranked: when the query is in the order of the projection's rank set (users by creation,
-  orders by placing time), the candidates come from Redis with their rank, already in page
-  order; only the views of the first page (and of the candidates that turn out not to match)
-  are read;
+- walked: when the query is in the order that scores the trigram sets (users by creation,
+  orders by placing time), the term's rarest trigram set is walked in that order from the
+  cursor, each id checked in the other sets, until a page's worth of candidates is found;
+  only their views are read (and more, if some of them do not match);
 - otherwise every candidate's view is read, the matching ones ordered by their member and
   paged after the cursor.
 
@@ -29,8 +29,8 @@ from typing import Generic, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from read_service.keys import MEMBER_SEPARATOR, member_id, padded
-from read_service.search import candidates
+from read_service.keys import MEMBER_SEPARATOR, keyed_member, member_id
+from read_service.search import Position, Walker, candidates
 from read_service.view_store import QueryCheckpoint
 from read_service.views.checkpointed import first_read
 
@@ -69,9 +69,9 @@ class Search:
 
     term: str
     trigram_key: Callable[[str], str]
-    # The projection's rank set (id -> sort key) when the query is in its order, else None:
-    # a query in another order reads every candidate's view.
-    rank_key: str | None = None
+    # Whether the query is in rank order (the default sort key, which scores the trigram sets):
+    # the sets are then walked in page order; a query in another order reads every candidate's view.
+    ranked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,16 +102,17 @@ class IndexPager:
         self._scan_limit = scan_limit
         # A search with more candidates than this scans the sort index instead (read_service.search).
         self._candidate_limit = candidate_limit
+        self._walker = Walker(client)
 
     async def search(self, request: PageRequest[V], search: Search, at: QueryCheckpoint | None) -> Page[V]:
         """One page of the views that match `request` and contain the search term."""
         plan = await candidates(
-            self._client, search.trigram_key, search.term, self._candidate_limit, at, rank_key=search.rank_key
+            self._client, search.trigram_key, search.term, self._candidate_limit, at, ranked=search.ranked
         )
+        if plan.walk is not None:
+            return await self._walked_page(request, plan.walk)
         if plan.ids is None:
             return await self.scan(request, None if plan.checkpoint_read else at)
-        if plan.ranked:
-            return await self._ranked_page(request, plan.ids, search)
         return await self._candidate_page(request, plan.ids)
 
     async def scan(
@@ -154,46 +155,35 @@ class IndexPager:
         # Exhausted: the last page. Otherwise the budget ran out first: resume after the last member read.
         return Page([view for _, view in hits], None if exhausted else cursor)
 
-    async def _ranked_page(self, request: PageRequest[V], ids: list[str], search: Search) -> Page[V]:
-        """A page from candidates in rank order: views read in page order until the page is full."""
-        ordered = ids[::-1] if request.descending else ids
-        cursor_id = None if request.cursor is None else member_id(request.cursor)
-        bounded = request.low != b"-" or request.high != b"+"
-        if bounded or (cursor_id is not None and cursor_id not in ordered):
-            # A placing window, or a cursor whose entity is no longer a candidate: place each
-            # candidate by its member, rebuilt from its rank (the sort index's member).
-            assert search.rank_key is not None
-            scores = await self._client.zmscore(search.rank_key, ordered) if ordered else []
-            members = {
-                padded(int(score)).encode() + MEMBER_SEPARATOR + entity_id.encode(): entity_id
-                for entity_id, score in zip(ordered, scores, strict=True)
-                if score is not None
-            }
-            kept = [m for m in after(list(members), request.cursor, request.descending) if _within(m, request)]
-            ordered = [members[m] for m in kept]
-        elif cursor_id is not None:
-            ordered = ordered[ordered.index(cursor_id) + 1 :]
+    async def _walked_page(self, request: PageRequest[V], keys: list[str]) -> Page[V]:
+        """A page from the walk of the term's trigram sets in rank order: Redis reads as far as the page reaches."""
         wanted = request.page_size + 1
+        position, stop = _walk_bounds(request)
         hits: list[tuple[bytes, V]] = []
-        start = 0
-        # Most candidates of a ranked term match: read a page's worth first, then more if some did not.
-        chunk = wanted
-        while start < len(ordered) and len(hits) < wanted:
-            batch = ordered[start : start + chunk]
-            start += len(batch)
-            chunk = min(chunk * 2, CANDIDATE_CHUNK)
-            raws = await self._client.mget([request.view_key(entity_id) for entity_id in batch])
+        while True:
+            needed = wanted - len(hits)
+            step = await self._walker.step(keys, position, stop, needed, descending=request.descending)
+            used = step.found[:needed]
+            done = step.done and len(used) == len(step.found)
+            if len(used) < len(step.found):
+                # Found more than the page needs: go on after the last one used, not after the walk.
+                rank, entity_id = used[-1]
+                position = Position(str(rank), entity_id)
+            else:
+                position = step.position
+            placed = [(keyed_member(rank, entity_id), entity_id) for rank, entity_id in used]
+            inside = [(member, entity_id) for member, entity_id in placed if _within(member, request)]
+            raws = await self._client.mget([request.view_key(entity_id) for _, entity_id in inside]) if inside else []
             for raw in raws:
                 if raw is None:
                     continue
                 view = request.parse(_as_bytes(raw))
                 if request.matches(view):
                     hits.append((request.member_of(view), view))
-                    if len(hits) == wanted:
-                        break
-        if len(hits) == wanted:
-            return _full(hits)
-        return Page([view for _, view in hits], None)
+            if len(hits) == wanted:
+                return _full(hits)
+            if done:
+                return Page([view for _, view in hits], None)
 
     async def _candidate_page(self, request: PageRequest[V], ids: list[str]) -> Page[V]:
         """A page from unranked candidates: every view read and checked, then ordered by its member."""
@@ -240,6 +230,32 @@ def _within(member: bytes, request: PageRequest[V]) -> bool:
     if low != b"-" and (member < low[1:] if low[:1] == b"[" else member <= low[1:]):
         return False
     return high == b"+" or (member <= high[1:] if high[:1] == b"[" else member < high[1:])
+
+
+def _walk_bounds(request: PageRequest[V]) -> tuple[Position, str]:
+    """Where the walk of a ranked page starts (after the cursor, within the bounds) and the rank it stops at.
+
+    The bounds give ranks inclusive of every member within them (members are checked
+    exactly by `_within`); the walk starts at the cursor's member or the near bound,
+    whichever comes later in the walk's direction.
+    """
+    low, high = _bound_rank(request.low), _bound_rank(request.high)
+    near, far = (high, low) if request.descending else (low, high)
+    edge = ("+inf", "-inf") if request.descending else ("-inf", "+inf")
+    start = Position(edge[0] if near is None else str(near))
+    if request.cursor is not None:
+        key, _, entity_id = request.cursor.partition(MEMBER_SEPARATOR)
+        rank = int(key)
+        if near is None or (rank <= near if request.descending else rank >= near):
+            start = Position(str(rank), entity_id.decode())
+    return start, edge[1] if far is None else str(far)
+
+
+def _bound_rank(bound: bytes) -> int | None:
+    """The rank of a BYLEX bound's member (`[x` or `(x`, x a padded rank, maybe with an id), None for `-`/`+`."""
+    if bound in (b"-", b"+"):
+        return None
+    return int(bound[1:].partition(MEMBER_SEPARATOR)[0])
 
 
 def _full(hits: list[tuple[bytes, V]]) -> Page[V]:

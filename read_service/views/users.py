@@ -216,8 +216,8 @@ class UserViews(SearchableViews[UserKeys]):
         )
         spent: dict[str, dict[bytes | str, bytes | str]] = {}
         if query.search:
-            rank = self._keys.rank if query.sort is SortField.CREATED_AT else None
-            page = await self._pager.search(request, Search(query.search, self._keys.trigram, rank), at)
+            ranked = query.sort is SortField.CREATED_AT
+            page = await self._pager.search(request, Search(query.search, self._keys.trigram, ranked), at)
         else:
             # Every member with a view is a hit: its spending comes in the views' round trip.
             page = await self._pager.scan(request, at, read=lambda ids: self._views_and_spending(ids, spent))

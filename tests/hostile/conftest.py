@@ -44,8 +44,9 @@ READ_KEY_KINDS = (
     "orders:stats:",
     "orders:tri:",
 )
-# The commands the query path sends (SCARD and SINTER: the search index, read_service.search);
-# the projector's writes go through EVALSHA instead.
+# The commands the query path sends (ZCARD, ZINTER and the walk's ZRANGEBYSCORE and ZMSCORE
+# inside its script: the search index, read_service.search); the projector's writes go
+# through EVALSHA instead.
 QUERY_COMMANDS = frozenset(
     {
         "GET",
@@ -57,8 +58,9 @@ QUERY_COMMANDS = frozenset(
         "ZREVRANGEBYLEX",
         "ZRANGEBYSCORE",
         "ZREVRANGEBYSCORE",
-        "SCARD",
-        "SINTER",
+        "ZCARD",
+        "ZINTER",
+        "ZMSCORE",
     }
 )
 

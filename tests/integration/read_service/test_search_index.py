@@ -213,8 +213,8 @@ async def test_rare_terms_give_full_pages_in_every_sort_and_filter(searching: Se
 
 async def test_a_term_with_many_candidates_pages_in_order_through_every_match(searching: Searching) -> None:
     s = searching
-    # "u19" is in the e-mail u<n>@example.org of every n that starts with 19: 1,111 users, a
-    # candidate list the rank set orders, of which each page reads only its own views.
+    # "u19" is in the e-mail u<n>@example.org of every n that starts with 19: 1,111 users,
+    # walked in creation order, each page reading only as far as it reaches.
     matching = [n for n in range(USERS) if str(n).startswith("19")]
     ids = [s.seeded.log[n].aggregate_id for n in matching]  # registered in this order
     pages = await user_pages(s, page_size=50, search="u19")
@@ -303,19 +303,20 @@ async def test_a_rebuild_gives_the_same_index_and_answers(
     users = s.seeded.users
     await s.append(users.update(s.seeded.rare_users[0], "Renamed Away"))
     before_pages = await user_pages(s, search=RARE, sort_by=upb.USER_SORT_FIELD_USERNAME)
+    walked_pages = await user_pages(s, page_size=50, search="u19")  # creation order: the walk
     pointer = await redis_client.get(pointer_key(redis_prefix, "users"))
     assert isinstance(pointer, bytes)
     old = pointer.decode()
     old_index = await dump_keyspace(redis_client, f"{keyspace_prefix(redis_prefix, 'users', old)}users:tri:")
     assert len(old_index) > 1000
-    old_rank = await dump_keyspace(redis_client, f"{keyspace_prefix(redis_prefix, 'users', old)}users:rank")
-    assert len(old_rank[""]) == USERS
+    # Sorted sets scored by creation time: "u19" is in u19@, u190@.. and u1900@.. (registered a second apart).
+    scores = {score for _, score in old_index["u19"]}
+    assert len(old_index["u19"]) == 1 + 10 + 100 + 1_000 and len(scores) == len(old_index["u19"])
 
     result = await rebuild(redis_client, db_pool, redis_prefix, registered_projections()["users"], grace_s=0.5)
 
     new_prefix = keyspace_prefix(redis_prefix, "users", result.generation)
     assert await dump_keyspace(redis_client, f"{new_prefix}users:tri:") == old_index
-    assert await dump_keyspace(redis_client, f"{new_prefix}users:rank") == old_rank
     await eventually(
         lambda: all(
             p.generation == result.generation for p in s.service.projectors if p.status().projection == "users"
@@ -323,6 +324,7 @@ async def test_a_rebuild_gives_the_same_index_and_answers(
         timeout=10,
     )
     assert await user_pages(s, search=RARE, sort_by=upb.USER_SORT_FIELD_USERNAME) == before_pages
+    assert await user_pages(s, page_size=50, search="u19") == walked_pages
     # The rename kept the term in the e-mail; username order: qzxv_11000, user_17500, user_4000.
     rare = s.seeded.rare_users
     assert before_pages == [[rare[1], rare[2]], [rare[0]]]

@@ -329,7 +329,6 @@ class MemoryViews:
     hashes: dict[str, dict[str, bytes | int]] = field(default_factory=dict)
     zsets: dict[str, set[bytes]] = field(default_factory=dict)
     ranks: dict[str, dict[str, int]] = field(default_factory=dict)
-    sets: dict[str, set[str]] = field(default_factory=dict)
     checkpoint: int = 0
     duplicates: int = 0
 
@@ -381,9 +380,16 @@ class MemoryViews:
             assert isinstance(current, int)
             self.hashes[key][fld] = current + amount
         elif name == "ZADD" and isinstance(args[2], str):
-            key, score, member = args  # the search index's rank set: an id scored by its sort key
+            key, score, member = args  # a trigram set of the search index: an id scored by its rank
             assert isinstance(key, str) and isinstance(member, str) and isinstance(score, int) and score >= 0
             self.ranks.setdefault(key, {})[member] = score
+        elif name == "ZREM" and isinstance(args[1], str):
+            key, member = args
+            assert isinstance(key, str) and isinstance(member, str)
+            found = self.ranks.get(key, {})
+            found.pop(member, None)
+            if not found:
+                self.ranks.pop(key, None)  # as Redis drops an empty sorted set
         elif name == "ZADD":
             key, score, member = args
             assert isinstance(key, str) and score == 0 and isinstance(member, bytes)
@@ -392,16 +398,5 @@ class MemoryViews:
             key, member = args
             assert isinstance(key, str) and isinstance(member, bytes)
             self.zsets.get(key, set()).discard(member)
-        elif name == "SADD":
-            key, member = args
-            assert isinstance(key, str) and isinstance(member, str)
-            self.sets.setdefault(key, set()).add(member)
-        elif name == "SREM":
-            key, member = args
-            assert isinstance(key, str) and isinstance(member, str)
-            found = self.sets.get(key, set())
-            found.discard(member)
-            if not found:
-                self.sets.pop(key, None)  # as Redis drops an empty set
         else:
             raise AssertionError(f"unexpected op {name!r}")

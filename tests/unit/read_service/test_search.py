@@ -21,9 +21,14 @@ def test_every_substring_of_three_or_more_has_only_grams_of_its_text() -> None:
 
 
 def test_gram_ops_remove_what_is_gone_and_add_what_is_new() -> None:
-    ops = gram_ops(lambda g: f"k:{g}", "id-1", {"abc", "bcd"}, {"bcd", "cde"})
-    assert ops == [("SREM", "k:abc", "id-1"), ("SADD", "k:cde", "id-1")]
-    assert gram_ops(lambda g: g, "id", {"x"}, {"x"}) == []
+    ops = gram_ops(lambda g: f"k:{g}", "id-1", {"abc", "bcd"}, {"bcd", "cde"}, 7)
+    assert ops == [("ZREM", "k:abc", "id-1"), ("ZADD", "k:cde", 7, "id-1")]
+    assert gram_ops(lambda g: g, "id", {"x"}, {"x"}, 7) == []
+    # A new rank rescores every trigram the entity keeps.
+    assert gram_ops(lambda g: g, "id", {"x", "y"}, {"x"}, 9, rank_changed=True) == [
+        ("ZREM", "y", "id"),
+        ("ZADD", "x", 9, "id"),
+    ]
 
 
 def test_after_orders_members_as_bylex_does_and_starts_after_the_cursor() -> None:

@@ -19,6 +19,7 @@ from tessera.users.v1.user_query_service_pb2 import UserView
 KEYS = UserKeys("unit:")
 USER_ID = str(uuid.uuid4())
 REGISTERED_AT = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+REGISTERED_AT_MICROS = int(REGISTERED_AT.timestamp()) * 1_000_000 + REGISTERED_AT.microsecond
 UPDATED_AT = datetime(2024, 6, 1, 8, 30, tzinfo=UTC)
 
 
@@ -94,7 +95,11 @@ def test_registered_writes_view_email_index_sorted_indexes_and_counters(projecti
     assert ("HINCRBY", KEYS.stats, "users", 1) in ops
     assert ("HINCRBY", KEYS.stats, "active_users", 1) in ops
     searchable = grams(["Ada@Example.com", "AdaL", "Ada Lovelace"])
-    assert {op[1] for op in ops if op[0] == "SADD"} == {KEYS.trigram(g) for g in searchable}
+    created = REGISTERED_AT_MICROS
+    tri_ops = [op for op in ops if str(op[1]).startswith(KEYS.trigram(""))]
+    # Each trigram set is a sorted set of ids scored by the creation time (the walk's order).
+    assert {op[1] for op in tri_ops} == {KEYS.trigram(g) for g in searchable}
+    assert {(op[0], op[2], op[3]) for op in tri_ops} == {("ZADD", created, USER_ID)}
     assert {"ada", "@ex", "a l", "ace"} <= searchable
     assert all(str(op[0]) in ALLOWED_COMMANDS for op in ops)
 
@@ -128,12 +133,13 @@ def test_profile_updated_reads_the_view_and_rewrites_only_it(projection):
     assert view.updated_at.ToDatetime(tzinfo=UTC) == UPDATED_AT
     # The search index moves from the old full name's trigrams to the new one's.
     assert effect.ops[0] == ("SET", KEYS.view(USER_ID), effect.state[KEYS.view(USER_ID)])
-    assert {op[0] for op in effect.ops[1:]} == {"SREM", "SADD"}
+    assert {op[0] for op in effect.ops[1:]} == {"ZREM", "ZADD"}
     before = grams(["Ada@Example.com", "AdaL", "Ada Lovelace"])
     after = grams(["Ada@Example.com", "AdaL", "Ada King"])
-    assert {op[1] for op in effect.ops if op[0] == "SREM"} == {KEYS.trigram(g) for g in before - after}
-    assert {op[1] for op in effect.ops if op[0] == "SADD"} == {KEYS.trigram(g) for g in after - before}
-    assert all(op[2] == USER_ID for op in effect.ops if op[0] in ("SREM", "SADD"))
+    assert {op[1] for op in effect.ops if op[0] == "ZREM"} == {KEYS.trigram(g) for g in before - after}
+    assert {op[1] for op in effect.ops if op[0] == "ZADD"} == {KEYS.trigram(g) for g in after - before}
+    assert all(op[2] == USER_ID for op in effect.ops if op[0] == "ZREM")
+    assert all(op[2:] == (REGISTERED_AT_MICROS, USER_ID) for op in effect.ops if op[0] == "ZADD")
     assert KEYS.trigram("ada") not in {op[1] for op in effect.ops}  # still in the e-mail and username
 
 
