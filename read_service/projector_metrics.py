@@ -40,7 +40,7 @@ def status_observations(
 
 def lag_seconds(status: ProjectorStatus, now: datetime | None = None) -> float | None:
     """0 when caught up; else the age of the newest applied event (None when nothing was applied yet)."""
-    if status.checkpoint >= status.head:
+    if max(status.checkpoint, status.seen) >= status.head:
         return 0.0
     if status.last_applied_occurred_at is None:
         return None
@@ -69,7 +69,7 @@ def register_projector_metrics(
     )
     meter.create_observable_gauge(
         "tessera.read.projection.behind",
-        [observe(lambda s: max(s.head - s.checkpoint, 0))],
+        [observe(lambda s: max(s.head - max(s.checkpoint, s.seen), 0))],
         description="Events the projection is behind the highest position this replica has seen",
     )
     meter.create_observable_gauge(

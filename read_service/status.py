@@ -36,6 +36,9 @@ class ProjectorStatus:
     last_applied_occurred_at: datetime | None = None
     # Aggregates whose sequences are parked now (aggregate parking).
     parked_aggregates: int = 0
+    # The highest position the projector is done with: the checkpoint, or past it the events it
+    # ignores whose marker is not written yet (they are not behind: nothing is left to apply).
+    seen: int = 0
 
 
 def snapshot(ctx: ProjectionContext) -> ProjectorStatus:
@@ -62,4 +65,5 @@ def snapshot(ctx: ProjectionContext) -> ProjectorStatus:
         lease_holder=None if lease is None else lease.holder,
         last_applied_occurred_at=None if last is None else last.occurred_at.ToDatetime(tzinfo=UTC),
         parked_aggregates=len(ctx.published.parked_aggregates),
+        seen=ctx.seen(),
     )

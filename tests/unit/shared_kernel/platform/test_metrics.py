@@ -84,7 +84,7 @@ def test_rpc_recorder_counts_calls_by_method_and_status() -> None:
     assert found["GetUser", "INVALID_ARGUMENT"].count == 1
 
 
-def status(checkpoint: int, head: int, occurred_at: datetime | None) -> ProjectorStatus:
+def status(checkpoint: int, head: int, occurred_at: datetime | None, seen: int = 0) -> ProjectorStatus:
     return ProjectorStatus(
         projection="users",
         state=ProjectorState.LIVE,
@@ -98,6 +98,7 @@ def status(checkpoint: int, head: int, occurred_at: datetime | None) -> Projecto
         reconnects=0,
         poison_events=0,
         last_applied_occurred_at=occurred_at,
+        seen=seen,
     )
 
 
@@ -106,6 +107,14 @@ def test_lag_is_zero_when_caught_up_and_the_newest_applied_events_age_while_behi
     assert lag_seconds(status(5, 5, now - timedelta(hours=1)), now) == 0.0
     assert lag_seconds(status(5, 9, now - timedelta(seconds=3)), now) == pytest.approx(3.0)
     assert lag_seconds(status(0, 9, None), now) is None
+
+
+def test_events_a_projection_ignores_are_no_lag_while_their_marker_waits() -> None:
+    # Users applied its last event an hour ago; the product events after it are done with,
+    # their checkpoint marker just not written yet.
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert lag_seconds(status(5, 9, now - timedelta(hours=1), seen=9), now) == 0.0
+    assert lag_seconds(status(5, 9, now - timedelta(seconds=3), seen=7), now) == pytest.approx(3.0)
 
 
 async def test_sampler_keeps_the_last_good_values_when_a_sample_fails() -> None:
