@@ -173,8 +173,7 @@ async def order_pages(s: Searching, page_size: int = 2, **fields: Any) -> list[l
             return pages
 
 
-async def test_rare_terms_give_full_pages_in_every_sort_and_filter(searching: Searching) -> None:
-    s = searching
+async def rare_terms_give_full_pages_in_every_sort_and_filter(s: Searching) -> None:
     rare = s.seeded.rare_users
     # Registered in this order, so created_at order is this order.
     assert await user_pages(s, search=RARE) == [rare[:2], rare[2:]]
@@ -211,8 +210,7 @@ async def test_rare_terms_give_full_pages_in_every_sort_and_filter(searching: Se
     ) == [[o] for o in by_total]
 
 
-async def test_a_term_with_many_candidates_pages_in_order_through_every_match(searching: Searching) -> None:
-    s = searching
+async def a_term_with_many_candidates_pages_in_order_through_every_match(s: Searching) -> None:
     # "u19" is in the e-mail u<n>@example.org of every n that starts with 19: 1,111 users,
     # walked in creation order, each page reading only as far as it reaches.
     matching = [n for n in range(USERS) if str(n).startswith("19")]
@@ -240,6 +238,12 @@ async def test_a_term_with_many_candidates_pages_in_order_through_every_match(se
         [orders[n] for n in (294, 293, 292)],
         [orders[n] for n in (291, 290)],
     ]
+
+
+async def test_rare_terms_and_terms_with_many_candidates_give_full_pages_in_order(searching: Searching) -> None:
+    # Both only read, so they share one seeded world (seeding and building it is most of this file's time).
+    await rare_terms_give_full_pages_in_every_sort_and_filter(searching)
+    await a_term_with_many_candidates_pages_in_order_through_every_match(searching)
 
 
 async def test_the_index_follows_updates_deactivations_placements_and_cancellations(searching: Searching) -> None:
