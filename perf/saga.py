@@ -180,6 +180,11 @@ def process_cpu(stack: Stack) -> dict[str, float]:
     }
 
 
+def cpu_ms_per_order(before: dict[str, float], after: dict[str, float], orders: int) -> dict[str, float]:
+    """CPU milliseconds per order of each process between two `process_cpu` readings."""
+    return {name: round((after[name] - before[name]) * 1000 / orders, 2) for name in after}
+
+
 def main() -> int:
     """Parse arguments, start a stack, measure, print."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,9 +229,7 @@ def main() -> int:
             )
         )
         cpu_after = process_cpu(stack)
-        report["cpu_ms_per_order"] = {
-            name: round((cpu_after[name] - cpu_before[name]) * 1000 / args.count, 2) for name in cpu_after
-        }
+        report["cpu_ms_per_order"] = cpu_ms_per_order(cpu_before, cpu_after, args.count)
     report["saga_workers"] = args.saga_workers
     report["saga_concurrency"] = args.saga_concurrency
     print(

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from perf.bench.table import Goal, Row
-from perf.saga import measure, process_cpu
+from perf.saga import cpu_ms_per_order, measure, process_cpu
 from perf.stack import FAST_HASHING, Backing, bench_stack, scratch
 
 BEFORE_PER_S = 82.0  # `make bench-saga` before the saga went through the domain
@@ -61,7 +61,7 @@ async def measure_saga(backing: Backing, sizes: SagaSizes) -> list[Row]:
     if report["confirmed"] != report["orders"]:
         return [row.fail(f"{report['confirmed']} of {report['orders']} orders confirmed")]
     row.value = float(report["confirmed_per_s"])
-    cpu = ", ".join(f"{name} {(after[name] - before[name]) * 1000 / sizes.orders:.2f}" for name in after)
+    cpu = ", ".join(f"{name} {ms}" for name, ms in cpu_ms_per_order(before, after, sizes.orders).items())
     row.notes += [
         f"{report['orders']:,} orders in {report['elapsed_s']} s; PlaceOrder → confirmed median "
         f"{report['place_to_confirmed_median_ms']} ms, p99 {report['place_to_confirmed_p99_ms']} ms",
