@@ -29,19 +29,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import math
 import os
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
-
-import uvloop
+from typing import Any, TextIO
 
 from perf.cpu import machine_busy_s, named_cpu_s, process_cpu_s, shares, tree_cpu_seconds
 from perf.loadtest.engine import Progress
@@ -51,6 +48,7 @@ from perf.loadtest.schedule import due_offsets
 from perf.loadtest.stats import Histogram, Second, Timeline
 from perf.report import build_report, print_summary, write_json
 from perf.stack import FAST_HASHING, Backing, backing, bench_stack, scratch
+from shared_kernel.platform import runtime
 from tessera.orders.v1 import order_command_service_pb2 as order_commands
 from tessera.orders.v1 import order_pb2
 from tessera_client import TesseraClient, TesseraError
@@ -58,7 +56,6 @@ from tessera_client import TesseraClient, TesseraError
 # Each command measured, with the query that shows its effect.
 LAG_COMMANDS = {"register_user": "get_user", "add_product": "get_product", "place_order": "get_order"}
 BACKING_PROCESSES = ("postgres", "redis-server")
-T = TypeVar("T")
 
 
 @dataclass
@@ -372,18 +369,6 @@ async def at_rates(
     return results
 
 
-def _run_measuring(main: Coroutine[Any, Any, T]) -> T:
-    """Run the measuring client on the services' runtime: uvloop, imports out of the collector's reach.
-
-    The client's own pauses land in the lag it reports: a full collection walking every import
-    (tens of ms on a busy machine) would show as commit → visible lag. uvloop is what the
-    services run on.
-    """
-    gc.collect()
-    gc.freeze()
-    return uvloop.run(main)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", help="write service HOST:PORT (omit to start a stack of its own)")
@@ -449,7 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return await measured(target)
 
     try:
-        outcome = _run_measuring(run())
+        # On the services' runtime (uvloop, imports out of the collector's reach): a full
+        # collection walking every import would show as commit → visible lag.
+        outcome = runtime.run(run())
     except KeyboardInterrupt:
         return 130
     if isinstance(outcome, list):

@@ -7,12 +7,14 @@ import contextlib
 import gc
 import logging
 from collections.abc import Collection, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
-def run(main: Coroutine[Any, Any, int]) -> int:
+
+def run(main: Coroutine[Any, Any, T]) -> T:
     """Run `main` to completion on uvloop when installed, else on the default loop.
 
     What exists by now (the modules and what they built at import) lives as long as the process,
