@@ -85,3 +85,39 @@ async def test_events_the_projection_ignores_ride_along_with_its_writes(
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await monitor_client.aclose()
+
+
+async def test_a_trickle_of_ignored_events_shares_one_marker_instead_of_one_call_each(
+    event_log: EventLog,
+    start_projector: StartProjector,
+    redis_server_url: str,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    keys = UserKeys(redis_prefix)
+    projector = await start_projector()
+    await eventually(lambda: projector.ready)
+    calls: list[str] = []
+    monitor_client = aioredis.Redis.from_url(redis_server_url, socket_timeout=5)
+    watcher = asyncio.create_task(_script_calls(monitor_client, keys.checkpoint, calls))
+    try:
+        await asyncio.sleep(0)
+        envelopes = await event_log.append(*(_product() for _ in range(20)))
+        for envelope in envelopes:
+            # One at a time, each taken by the projector before the next is published: its inbox
+            # drains after every event, as it does at a steady trickle from the relay.
+            await redis_client.publish(events_channel(redis_prefix), envelope.SerializeToString())
+            deadline = asyncio.get_running_loop().time() + 10
+            while projector.status().seen < envelope.position:
+                assert asyncio.get_running_loop().time() < deadline, f"event {envelope.position} not taken"
+                await asyncio.sleep(0.001)
+        await eventually(lambda: projector.checkpoint == 20, message=f"stuck at {projector.checkpoint}")
+        assert await redis_client.get(keys.checkpoint) == b"20"
+        await eventually(lambda: len(calls) >= 1)
+        # Written as soon as the inbox drained, each event was a marker call of its own: 20.
+        assert len(calls) <= 5, calls
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await monitor_client.aclose()
