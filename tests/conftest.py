@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import redis as sync_redis
 import redis.asyncio as aioredis
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -58,19 +59,26 @@ async def db_pool(database_url: str) -> AsyncIterator[asyncpg.Pool[Any]]:
 
 
 @pytest.fixture
-def redis_prefix() -> str:
-    """A key and channel prefix no other test uses."""
-    return f"test:{secrets.token_hex(6)}:"
+def redis_prefix(redis_server_url: str) -> Iterator[str]:
+    """A key and channel prefix no other test uses; its keys are deleted after the test.
+
+    Deleted here rather than by `redis_client`: this fixture is torn down after every fixture
+    that uses the prefix (a projector, a relay, a server process), so nothing writes under it
+    once it has been cleared.
+    """
+    prefix = f"test:{secrets.token_hex(6)}:"
+    yield prefix
+    with sync_redis.Redis.from_url(redis_server_url) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
 
 
 @pytest.fixture
 async def redis_client(redis_server_url: str, redis_prefix: str) -> AsyncIterator[aioredis.Redis]:
-    """A client on the shared test Redis; the test's keys are deleted afterwards."""
+    """A client on the shared test Redis (the prefix's keys are deleted by `redis_prefix`)."""
     client = aioredis.Redis.from_url(redis_server_url)
     try:
         yield client
     finally:
-        keys = [k async for k in client.scan_iter(match=f"{redis_prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
         await client.aclose()
