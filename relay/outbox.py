@@ -132,8 +132,7 @@ class Claim:
 # row), `leader` is NULL when nothing was there to claim.
 _CLAIM = f"""
 WITH batch AS (
-    SELECT id FROM outbox
-    WHERE position IS NULL
+    SELECT id FROM outbox_pending
     ORDER BY id
     LIMIT {{limit}}
 ), seen AS (
@@ -150,22 +149,26 @@ WITH batch AS (
     FOR UPDATE
 ), numbered AS (
     SELECT id AS claimed_id,
-           (SELECT last_position FROM state) + row_number() OVER (ORDER BY id) AS new_position
+           (SELECT last_position FROM state) + row_number() OVER (ORDER BY id) AS position
     FROM batch
     WHERE (SELECT leader FROM state)
       AND (SELECT last_position FROM state) = (SELECT last_position FROM seen)
+), dequeued AS (
+    DELETE FROM outbox_pending
+    WHERE id = ANY (ARRAY(SELECT claimed_id FROM numbered))
+), positioned AS (
+    INSERT INTO outbox_position (outbox_id, position)
+    SELECT claimed_id, position FROM numbered
 ), claimed AS (
-    UPDATE outbox
-    SET position = numbered.new_position
+    SELECT {ENVELOPE_COLUMNS}
     FROM numbered
-    WHERE outbox.id = numbered.claimed_id
-      AND outbox.id = ANY (ARRAY(SELECT claimed_id FROM numbered))
-    RETURNING {ENVELOPE_COLUMNS}
+    JOIN outbox_event ON outbox_event.id = numbered.claimed_id
+    WHERE outbox_event.id = ANY (ARRAY(SELECT claimed_id FROM numbered))
 ), advanced AS (
     UPDATE relay_state
-    SET last_position = (SELECT max(position) FROM claimed),
+    SET last_position = (SELECT max(position) FROM numbered),
         published_position = greatest(published_position, $4::bigint)
-    WHERE singleton AND EXISTS (SELECT 1 FROM claimed)
+    WHERE singleton AND EXISTS (SELECT 1 FROM numbered)
 )
 SELECT coalesce(state.last_position, (SELECT last_position FROM seen)) AS positioned_before,
        state.leader, claimed.*

@@ -50,7 +50,7 @@ _POSITIONED = "SELECT last_position FROM relay_state WHERE singleton"
 # relay's), where an EXISTS may (on the generic plan of the prepared statement) read the
 # outbox from its start, competing with the relay.
 _DRAINED = """
-SELECT (SELECT id FROM outbox WHERE position IS NULL ORDER BY id LIMIT 1) IS NULL
+SELECT NOT EXISTS (SELECT 1 FROM outbox_pending)
    AND (SELECT published_position = last_position FROM relay_state WHERE singleton)
 """
 # When the bench knows how many events it wrote, the watermark alone says when they are out:
@@ -98,7 +98,7 @@ async def insert_backlog(url: str, count: int, seed: int, chunk: int = 20_000) -
         rows = unpositioned_events(count, seed)
         async with conn.transaction():
             while batch := list(itertools.islice(rows, chunk)):
-                await conn.copy_records_to_table("outbox", records=batch, columns=_UNPOSITIONED_COLUMNS)
+                await conn.copy_records_to_table("outbox_event", records=batch, columns=_UNPOSITIONED_COLUMNS)
     finally:
         await conn.close()
 

@@ -55,7 +55,7 @@ class NewEvent:
 
 
 _INSERT = """
-INSERT INTO outbox (event_id, event_type, schema_version, aggregate_type, aggregate_id,
+INSERT INTO outbox_event (event_id, event_type, schema_version, aggregate_type, aggregate_id,
                     aggregate_version, payload, occurred_at, correlation_id, causation_id,
                     traceparent, tracestate)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
@@ -85,7 +85,7 @@ async def append_events(
 # ids are taken in the arrays' order, which is each aggregate's version order (the relay
 # positions by id).
 _INSERT_ROWS = """
-INSERT INTO outbox (event_id, event_type, schema_version, aggregate_type, aggregate_id,
+INSERT INTO outbox_event (event_id, event_type, schema_version, aggregate_type, aggregate_id,
                     aggregate_version, payload, occurred_at, correlation_id, causation_id,
                     traceparent, tracestate)
 SELECT e.event_id, e.event_type, e.schema_version, e.aggregate_type, e.aggregate_id,
