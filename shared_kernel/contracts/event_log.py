@@ -1,9 +1,11 @@
 """The outbox table contract: how events are appended, and how the event log is read back.
 
-The write service appends events (position NULL) in the command's transaction. The
-relay assigns gap-free positions and publishes. Read replicas read positioned rows
-back in position order to catch up and to rebuild views. All three go through this
-module, so the table's shape is known in one place.
+The write service appends events to `outbox_event` in the command's transaction (a
+trigger queues each one's id in `outbox_pending`). The relay assigns gap-free positions
+(`outbox_position`) and publishes. Read replicas read positioned events back in position
+order through the `outbox` view (an event with its position, NULL until it has one) to
+catch up and to rebuild views. All three go through this module, so the log's shape is
+known in one place (migrations/0006).
 """
 
 from __future__ import annotations

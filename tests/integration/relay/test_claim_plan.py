@@ -1,10 +1,10 @@
-"""The claim reads the queue of unpositioned rows once per claim (decision 0038).
+"""The claim walks the queue of unpositioned events once per claim (decision 0038).
 
 Each walk of `outbox_pending` in id order steps over every id dequeued since the last
 vacuum whenever a transaction holds the xmin horizon back, so a second walk doubled the
-cost of a drain (decision 0038 measured it on the partial index the queue replaced). The plans are checked as Postgres runs them: on the relay's session
-settings, both the plan for the given parameters and the generic plan a prepared statement
-settles on.
+cost of a drain (0038 measured it on the partial index the queue replaced). The plans are
+checked as Postgres runs them: on the relay's session settings, both the plan for the
+given parameters and the generic plan a prepared statement settles on.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The published watermark: a relay killed before advancing it re-publishes, and migrations 0005 and 0006 keep old data."""
+"""The published watermark: a relay killed before advancing it re-publishes; migrations 0005 and 0006 keep old data."""
 
 from __future__ import annotations
 
@@ -187,7 +187,9 @@ async def test_migrations_keep_published_rows_published_and_republish_the_rest(
             ids_by_position = dict(
                 await conn.fetch("SELECT position, id FROM outbox WHERE position IS NOT NULL ORDER BY position")
             )
-            unpositioned = [r["id"] for r in await conn.fetch("SELECT id FROM outbox WHERE position IS NULL ORDER BY id")]
+            unpositioned = [
+                r["id"] for r in await conn.fetch("SELECT id FROM outbox WHERE position IS NULL ORDER BY id")
+            ]
             before = [tuple(r) for r in await conn.fetch("SELECT * FROM outbox ORDER BY id")]
 
             # 0006: positions move to their own table, unpositioned ids to the queue, and the
