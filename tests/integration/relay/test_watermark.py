@@ -184,9 +184,10 @@ async def test_migrations_keep_published_rows_published_and_republish_the_rest(
                 "outbox_unpositioned_idx",
                 "outbox_aggregate_type_aggregate_id_aggregate_version_key",
             }
-            ids_by_position = dict(
-                await conn.fetch("SELECT position, id FROM outbox WHERE position IS NOT NULL ORDER BY position")
-            )
+            ids_by_position = {
+                r["position"]: r["id"]
+                for r in await conn.fetch("SELECT position, id FROM outbox WHERE position IS NOT NULL")
+            }
             unpositioned = [
                 r["id"] for r in await conn.fetch("SELECT id FROM outbox WHERE position IS NULL ORDER BY id")
             ]
@@ -195,7 +196,10 @@ async def test_migrations_keep_published_rows_published_and_republish_the_rest(
             # 0006: positions move to their own table, unpositioned ids to the queue, and the
             # outbox (now a view) reads as the table did.
             assert await migrations.apply(conn) == [m.version for m in migrations.discover()[5:]]
-            assert dict(await conn.fetch("SELECT position, outbox_id FROM outbox_position")) == ids_by_position
+            assert {
+                r["position"]: r["outbox_id"]
+                for r in await conn.fetch("SELECT position, outbox_id FROM outbox_position")
+            } == ids_by_position
             assert [r["id"] for r in await conn.fetch("SELECT id FROM outbox_pending ORDER BY id")] == unpositioned
             assert [tuple(r) for r in await conn.fetch("SELECT * FROM outbox ORDER BY id")] == before
             assert await _state(conn) == (4, 7)
