@@ -15,7 +15,10 @@ ALTER TABLE outbox RENAME TO outbox_event;
 
 CREATE TABLE outbox_position (
     outbox_id bigint PRIMARY KEY,
-    position  bigint NOT NULL UNIQUE CHECK (position > 0)
+    position  bigint NOT NULL CHECK (position > 0),
+    -- Catch-up and rebuilds read ranges of positions; with the id in the index they need not
+    -- visit this table (once a vacuum has marked its pages all-visible).
+    CONSTRAINT outbox_position_position_key UNIQUE (position) INCLUDE (outbox_id)
 );
 INSERT INTO outbox_position (outbox_id, position)
 SELECT id, position FROM outbox_event WHERE position IS NOT NULL;
