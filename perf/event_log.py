@@ -73,12 +73,34 @@ def user_events(count: int, seed: int = 7) -> Iterator[tuple[Any, ...]]:
         )
 
 
+async def copy_positioned(conn: Any, rows: list[tuple[Any, ...]]) -> None:
+    """COPY outbox rows that carry their positions (`USER_EVENT_COLUMNS`) into the log, as the relay leaves them.
+
+    The `outbox` view takes them too, but row by row through its trigger; this writes the
+    events, their positions and (emptied again) the pending queue a COPY each.
+    """
+    if not rows:
+        return
+    async with conn.transaction():
+        ids = [r[0] for r in await conn.fetch("SELECT nextval('outbox_id_seq') FROM generate_series(1, $1)", len(rows))]
+        await conn.copy_records_to_table(
+            "outbox_event",
+            records=[(id_, *row[:8]) for id_, row in zip(ids, rows, strict=True)],
+            columns=["id", *USER_EVENT_COLUMNS[:8]],
+        )
+        await conn.execute("DELETE FROM outbox_pending WHERE id = ANY($1::bigint[])", ids)
+        await conn.copy_records_to_table(
+            "outbox_position",
+            records=[(id_, row[8]) for id_, row in zip(ids, rows, strict=True)],
+            columns=["outbox_id", "position"],
+        )
+
+
 async def seed_users(pool: asyncpg.Pool[Any], count: int, chunk: int = 20_000) -> int:
     """Write `count` positioned, published user events to an empty log; return the number of users."""
     rows = list(user_events(count))
     async with pool.acquire() as conn, conn.transaction():
         for start in range(0, len(rows), chunk):
-            batch = rows[start : start + chunk]
-            await conn.copy_records_to_table("outbox", records=batch, columns=list(USER_EVENT_COLUMNS))
+            await copy_positioned(conn, rows[start : start + chunk])
         await conn.execute("UPDATE relay_state SET last_position = $1, published_position = $1", count)
     return sum(1 for row in rows if row[5] == 1)

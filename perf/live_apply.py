@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from devstack.in_process import replica_settings
-from perf.event_log import USER_EVENT_COLUMNS
+from perf.event_log import copy_positioned
 from perf.report import write_json
 from perf.stack import backing, clear_prefix, scratch_database
 from read_service.bootstrap import running_read_service
@@ -181,7 +181,7 @@ async def measure(admin_url: str, redis_url: str, events: int, profile: str | No
                 await _wait(lambda: all(p.ready for p in projectors), 30, "the replica did not become ready")
                 conn = await asyncpg.connect(database_url, timeout=10)
                 try:
-                    await conn.copy_records_to_table("outbox", records=rows, columns=list(USER_EVENT_COLUMNS))
+                    await copy_positioned(conn, rows)
                     await conn.execute("UPDATE relay_state SET last_position = $1", events)
                 finally:
                     await conn.close()

@@ -33,7 +33,7 @@ import grpc
 
 from devstack.servers import EmbeddedRedis, postgres_admin_url
 from devstack.supervisor import Stack, one_replica_config
-from perf.event_log import USER_EVENT_COLUMNS, user_events
+from perf.event_log import copy_positioned, user_events
 from perf.report import write_json
 from perf.stack import scratch_database
 from shared_kernel.platform.healthcheck import check_serving_async
@@ -52,7 +52,7 @@ async def seed_registrations(url: str, users: int) -> list[str]:
     conn = await asyncpg.connect(url)
     try:
         async with conn.transaction():
-            await conn.copy_records_to_table("outbox", records=rows, columns=list(USER_EVENT_COLUMNS))
+            await copy_positioned(conn, rows)
             await conn.execute("UPDATE relay_state SET last_position = $1, published_position = $1", len(rows))
     finally:
         await conn.close()

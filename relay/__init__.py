@@ -35,20 +35,23 @@ A cycle. (1) When leading begins, and after a failed cycle, publish every positi
 what this relay has published (from the published watermark at first) up to relay_state's
 last_position, read back from the outbox in position order: a crash or a failed publish
 left them. No new positions are handed out before they have gone out. (2) Claim: one
-statement reads the oldest `position IS NULL` rows by id, locks the `relay_state` row
-(only when it found some), gives them `last_position + 1 ...` in id order, advances `relay_state` (and records the
-watermark while it is behind), and commits. Rows are claimed by status, never by "id
-greater than the last one": a bigserial id is taken at insert time but becomes visible at
-commit time, so id 41 can commit after id 42 was read, and a cursor on ids would skip it
-for good (the comment on `_lock_table` in pyeventsourcing's postgres.py explains the
-hazard; it serializes writers with a table lock instead, which we avoid by numbering at
-relay time). The claim also reports where positions stood before it: any it did not
-expect (a relay that was deposed without knowing it claimed them) go out before its own.
+statement reads the oldest ids of `outbox_pending` (the events without a position, queued
+by a trigger in the inserting transaction), locks the `relay_state` row (only when it found
+some), takes them off the queue, writes `(id, last_position + 1 ...)` in id order to
+`outbox_position`, advances `relay_state` (and records the watermark while it is behind),
+and commits; the events themselves (`outbox_event`) are never rewritten (decision 0040).
+Events are claimed by status, never by "id greater than the last one": a bigserial id is
+taken at insert time but becomes visible at commit time, so id 41 can commit after id 42
+was read, and a cursor on ids would skip it for good (the comment on `_lock_table` in
+pyeventsourcing's postgres.py explains the hazard; it serializes writers with a table lock
+instead, which we avoid by numbering at relay time). The claim also reports where
+positions stood before it: any it did not expect (a relay that was deposed without knowing
+it claimed them) go out before its own.
 (3) Publish the batch with one script call that PUBLISHes each envelope in order (one reply
 instead of one per event), each envelope serialized once; a full batch is published while
 the next one is claimed. (4) When the cycle ends, record the highest position published as
-the watermark (`relay_state.published_position`). An outbox row is written once, when it
-gets its position; nothing marks it published.
+the watermark (`relay_state.published_position`). An event's row is written once, by its
+command; its position once, by the claim; nothing marks it published.
 
 Crash safety. Positions are committed before publishing. Publishing first and crashing
 before the commit would let a later claim give the same positions to other events, and a

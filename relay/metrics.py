@@ -6,7 +6,7 @@
                                stage=unpositioned (committed, waiting for a position) and
                                stage=positioned (positioned, above the published watermark)
 
-The backlog comes from a count over the outbox's partial index of unpositioned rows (it
+The backlog comes from a count of `outbox_pending`, the ids waiting for a position (it
 stays small however long the outbox grows) and relay_state's two positions, sampled every
 METRICS_SAMPLE_INTERVAL_S by every relay, active or standby, so the figure survives a
 failover. In Prometheus: tessera_relay_published_total, tessera_relay_backlog.
@@ -25,7 +25,7 @@ from shared_kernel.platform.metrics import Sampler, attrs
 METER_NAME = "tessera.relay"
 
 _BACKLOG = """
-SELECT (SELECT count(*) FROM outbox WHERE position IS NULL) AS unpositioned,
+SELECT (SELECT count(*) FROM outbox_pending) AS unpositioned,
        (SELECT last_position - published_position FROM relay_state WHERE singleton) AS positioned
 """
 

@@ -41,7 +41,7 @@ class Fence:
 
 
 # Settings for the sessions the claim runs on. Without bitmap scans, "the oldest n
-# unpositioned rows" can only be read in id order from the partial index, stopping after n.
+# unpositioned rows" can only be read in id order from an index, stopping after n.
 # The planner otherwise picks a bitmap scan of every unpositioned row and a sort whenever
 # its statistics say few rows are unpositioned, which is what they say in steady state (and
 # before the first ANALYZE): then a backlog of a million rows was read and sorted whole for
@@ -86,54 +86,56 @@ class Claim:
         return cast("list[EventEnvelope]", ordered)
 
 
-# One statement, so one round trip and an implicit transaction: read the oldest unpositioned
-# rows, lock the relay_state row, check the fence, position the rows after its
-# last_position, advance it, and record the published watermark the caller passes ($4,
-# NULL: leave it).
+# One statement, so one round trip and an implicit transaction: read the oldest ids waiting
+# for a position, lock the relay_state row, check the fence, take the ids off the queue,
+# give them the positions after its last_position, advance it, and record the published
+# watermark the caller passes ($4, NULL: leave it).
 #
-# - `batch` reads the oldest unpositioned rows in the statement's snapshot, once: it is the
-#   only walk of the partial index. Rows a claim positioned leave their old versions in that
-#   index until a vacuum removes them, and a vacuum (or an index scan marking them dead)
-#   can only do so once no transaction on the server is older than the claim: while one is
-#   (a long report, an idle session in a transaction, in any database of the server), every
-#   walk steps over every row positioned since, so each walk costs time in proportion to
-#   the drain so far. A second walk (a look for any unpositioned row before locking) doubled
-#   that.
+# - Positions go to the narrow `outbox_position` (id, position); the event's own row in
+#   `outbox_event` is never rewritten (decision 0040). Rewriting it (a new version of the
+#   whole event, an entry in each of its three indexes) was most of a drain's Postgres CPU.
+# - `batch` reads the oldest ids of `outbox_pending` in the statement's snapshot, once: it
+#   is the only walk of the queue. Ids a claim dequeued stay in the queue's index until a
+#   vacuum removes them, and a vacuum (or an index scan marking them dead) can only do so
+#   once no transaction on the server is older than the claim: while one is (a long report,
+#   an idle session in a transaction, in any database of the server), every walk steps over
+#   every id dequeued since, so each walk costs time in proportion to the drain so far. A
+#   second walk (a look for any waiting id before locking) doubled that (decision 0038).
 # - `state` locks the row only when `batch` found something: a wake-up that finds nothing
 #   (most polls) takes no lock and writes nothing; it still reads last_position (`seen`),
 #   so the caller sees positions it has not published.
 # - A second claimer (a relay that lost its lock but does not know yet) waits at the lock,
 #   and under READ COMMITTED then gets the row as the first one committed it, while the rest
-#   of its statement still reads its older snapshot, in which the rows the first one
-#   positioned look unpositioned. `numbered` therefore keeps the batch only when the locked
+#   of its statement still reads its older snapshot, in which the ids the first one
+#   dequeued are still queued. `numbered` therefore keeps the batch only when the locked
 #   last_position equals the snapshot's (`seen`): every claim advances last_position, so
-#   equal values mean no claim committed in between, and the snapshot's unpositioned rows
-#   are still unpositioned. Otherwise it claims nothing (and the caller sees the other
-#   claim's positions in `positioned_before`). This replaces a FOR UPDATE on each claimed
-#   row, which wrote a lock to every row before the UPDATE rewrote it anyway; nothing but a
-#   claim ever changes an outbox row.
+#   equal values mean no claim committed in between, and the snapshot's queued ids are
+#   still queued. Otherwise it claims nothing (and the caller sees the other claim's
+#   positions in `positioned_before`). Should two claims ever number the same event, the
+#   primary key of outbox_position refuses the second; two events never share a position
+#   (its unique key).
 # - Positions stay gap-free and unique: they are numbered from the locked last_position.
 # - Claim by status, never by "id > last id": ids are taken at insert but become visible at
-#   commit, so a lower id may commit after a higher one was already read. Positions follow
-#   id order within the batch.
+#   commit, so a lower id may commit after a higher one was already read. The queue's row
+#   commits with its event (a trigger writes it in the same statement). Positions follow id
+#   order within the batch.
 # - The watermark rides along with the position update (the relay_state row is written
-#   anyway), so a drain writes relay_state once per batch and each outbox row once.
+#   anyway), so a drain writes relay_state once per batch.
 #
 # - The plan must not depend on the planner's guesses: asyncpg prepares the statement, and
-#   after a few runs Postgres plans it once for any parameters. That generic plan joined the
-#   UPDATE by scanning the whole outbox (the log, not just the batch) on every claim, and
-#   answered "is anything unpositioned?" (an EXISTS on the table) by reading the table from
-#   its start. The batch's ids as an array make the UPDATE look its rows up in the primary
-#   key; the oldest unpositioned ids in id order can only come from the partial index. The
-#   batch size is part of the text, so the planner also knows how many rows to expect.
+#   after a few runs Postgres plans it once for any parameters. Generic plans once joined a
+#   claim's rows by scanning the whole outbox on every claim, and answered "is anything
+#   unpositioned?" (an EXISTS on the table) by reading the table from its start. The
+#   batch's ids as an array make the dequeue and the read of the events look their rows up
+#   by primary key; the oldest queued ids in id order come from the queue's primary key.
+#   The batch size is part of the text, so the planner also knows how many rows to expect.
 #
 # Rows: one per claimed event, or a single row with NULL event columns when nothing was
 # claimed; `positioned_before` is last_position before this claim (NULL: no relay_state
 # row), `leader` is NULL when nothing was there to claim.
 _CLAIM = f"""
 WITH batch AS (
-    SELECT id FROM outbox
-    WHERE position IS NULL
+    SELECT id FROM outbox_pending
     ORDER BY id
     LIMIT {{limit}}
 ), seen AS (
@@ -150,22 +152,26 @@ WITH batch AS (
     FOR UPDATE
 ), numbered AS (
     SELECT id AS claimed_id,
-           (SELECT last_position FROM state) + row_number() OVER (ORDER BY id) AS new_position
+           (SELECT last_position FROM state) + row_number() OVER (ORDER BY id) AS position
     FROM batch
     WHERE (SELECT leader FROM state)
       AND (SELECT last_position FROM state) = (SELECT last_position FROM seen)
+), dequeued AS (
+    DELETE FROM outbox_pending
+    WHERE id = ANY (ARRAY(SELECT claimed_id FROM numbered))
+), positioned AS (
+    INSERT INTO outbox_position (outbox_id, position)
+    SELECT claimed_id, position FROM numbered
 ), claimed AS (
-    UPDATE outbox
-    SET position = numbered.new_position
+    SELECT {ENVELOPE_COLUMNS}
     FROM numbered
-    WHERE outbox.id = numbered.claimed_id
-      AND outbox.id = ANY (ARRAY(SELECT claimed_id FROM numbered))
-    RETURNING {ENVELOPE_COLUMNS}
+    JOIN outbox_event ON outbox_event.id = numbered.claimed_id
+    WHERE outbox_event.id = ANY (ARRAY(SELECT claimed_id FROM numbered))
 ), advanced AS (
     UPDATE relay_state
-    SET last_position = (SELECT max(position) FROM claimed),
+    SET last_position = (SELECT max(position) FROM numbered),
         published_position = greatest(published_position, $4::bigint)
-    WHERE singleton AND EXISTS (SELECT 1 FROM claimed)
+    WHERE singleton AND EXISTS (SELECT 1 FROM numbered)
 )
 SELECT coalesce(state.last_position, (SELECT last_position FROM seen)) AS positioned_before,
        state.leader, claimed.*

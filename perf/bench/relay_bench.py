@@ -1,9 +1,10 @@
 """Figure 5: one relay draining an outbox backlog, events/s, beside bare redis-py pipelined PUBLISHes.
 
-The backlog is written straight into a fresh outbox with COPY (unpositioned user events,
-as commands leave them) while no relay runs. Then one relay starts; the clock starts when
-the first position is handed out and stops when the published watermark has reached the
-last of the backlog's positions (positions are gap-free, and nothing else writes).
+The backlog is written straight into a fresh outbox with COPY (user events in
+`outbox_event`, queued for a position by its trigger, as commands leave them) while no
+relay runs. Then one relay starts; the clock starts when the first position is handed out
+and stops when the published watermark has reached the last of the backlog's positions
+(positions are gap-free, and nothing else writes).
 Nothing subscribes to the channel, in either run. The ceiling publishes the same serialized
 envelopes, in batches of the relay's default size, from one redis-py client.
 
@@ -45,12 +46,10 @@ RELAY_MAX_BATCH = int(RelaySettings.model_fields["relay_max_batch_size"].default
 # A user event as a command leaves it: everything up to the position (which the relay assigns).
 _UNPOSITIONED_COLUMNS = list(USER_EVENT_COLUMNS[: USER_EVENT_COLUMNS.index("position")])
 _POSITIONED = "SELECT last_position FROM relay_state WHERE singleton"
-# Polled every 10 ms while the relay drains, so it must stay cheap: the first unpositioned
-# id in id order comes from the partial index (on a session without bitmap scans, as the
-# relay's), where an EXISTS may (on the generic plan of the prepared statement) read the
-# outbox from its start, competing with the relay.
+# Polled every 10 ms while the relay drains, so it must stay cheap: a look at the queue of
+# events waiting for a position (its ids leave it as they are claimed).
 _DRAINED = """
-SELECT (SELECT id FROM outbox WHERE position IS NULL ORDER BY id LIMIT 1) IS NULL
+SELECT NOT EXISTS (SELECT 1 FROM outbox_pending)
    AND (SELECT published_position = last_position FROM relay_state WHERE singleton)
 """
 # When the bench knows how many events it wrote, the watermark alone says when they are out:
@@ -92,13 +91,13 @@ def unpositioned_events(count: int, seed: int) -> Iterator[tuple[Any, ...]]:
 
 
 async def insert_backlog(url: str, count: int, seed: int, chunk: int = 20_000) -> None:
-    """COPY `count` unpositioned user events into the outbox at `url`."""
+    """COPY `count` unpositioned user events into the outbox at `url` (its trigger queues them for the relay)."""
     conn = await asyncpg.connect(url)
     try:
         rows = unpositioned_events(count, seed)
         async with conn.transaction():
             while batch := list(itertools.islice(rows, chunk)):
-                await conn.copy_records_to_table("outbox", records=batch, columns=_UNPOSITIONED_COLUMNS)
+                await conn.copy_records_to_table("outbox_event", records=batch, columns=_UNPOSITIONED_COLUMNS)
     finally:
         await conn.close()
 

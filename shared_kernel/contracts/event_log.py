@@ -1,9 +1,11 @@
 """The outbox table contract: how events are appended, and how the event log is read back.
 
-The write service appends events (position NULL) in the command's transaction. The
-relay assigns gap-free positions and publishes. Read replicas read positioned rows
-back in position order to catch up and to rebuild views. All three go through this
-module, so the table's shape is known in one place.
+The write service appends events to `outbox_event` in the command's transaction (a
+trigger queues each one's id in `outbox_pending`). The relay assigns gap-free positions
+(`outbox_position`) and publishes. Read replicas read positioned events back in position
+order through the `outbox` view (an event with its position, NULL until it has one) to
+catch up and to rebuild views. All three go through this module, so the log's shape is
+known in one place (migrations/0006).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class NewEvent:
 
 
 _INSERT = """
-INSERT INTO outbox (event_id, event_type, schema_version, aggregate_type, aggregate_id,
+INSERT INTO outbox_event (event_id, event_type, schema_version, aggregate_type, aggregate_id,
                     aggregate_version, payload, occurred_at, correlation_id, causation_id,
                     traceparent, tracestate)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
@@ -85,7 +87,7 @@ async def append_events(
 # ids are taken in the arrays' order, which is each aggregate's version order (the relay
 # positions by id).
 _INSERT_ROWS = """
-INSERT INTO outbox (event_id, event_type, schema_version, aggregate_type, aggregate_id,
+INSERT INTO outbox_event (event_id, event_type, schema_version, aggregate_type, aggregate_id,
                     aggregate_version, payload, occurred_at, correlation_id, causation_id,
                     traceparent, tracestate)
 SELECT e.event_id, e.event_type, e.schema_version, e.aggregate_type, e.aggregate_id,

@@ -1,4 +1,4 @@
-"""The published watermark: a relay killed before advancing it re-publishes, and migration 0005 keeps old data."""
+"""The published watermark: a relay killed before advancing it re-publishes; migrations 0005 and 0006 keep old data."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ async def test_a_relay_killed_before_advancing_the_watermark_is_followed_by_a_re
         await holder.close()
 
 
-async def test_migration_keeps_published_rows_published_and_republishes_the_rest(
+async def test_migrations_keep_published_rows_published_and_republish_the_rest(
     postgres_admin_url: str,
     redis_server_url: str,
     redis_prefix: str,
@@ -161,7 +161,11 @@ async def test_migration_keeps_published_rows_published_and_republishes_the_rest
                 )
             await conn.execute("UPDATE relay_state SET last_position = 7")
 
-            assert await migrations.apply(conn) == [m.version for m in migrations.discover()[4:]]
+            through_0005 = tmp_path / "through_0005"
+            through_0005.mkdir()
+            for migration in migrations.discover()[:5]:
+                shutil.copy(migration.path, through_0005)
+            assert await migrations.apply(conn, through_0005) == [5]
 
             assert await _state(conn) == (4, 7)
             columns = {
@@ -179,6 +183,39 @@ async def test_migration_keeps_published_rows_published_and_republishes_the_rest
                 "outbox_position_key",
                 "outbox_unpositioned_idx",
                 "outbox_aggregate_type_aggregate_id_aggregate_version_key",
+            }
+            ids_by_position = {
+                r["position"]: r["id"]
+                for r in await conn.fetch("SELECT position, id FROM outbox WHERE position IS NOT NULL")
+            }
+            unpositioned = [
+                r["id"] for r in await conn.fetch("SELECT id FROM outbox WHERE position IS NULL ORDER BY id")
+            ]
+            before = [tuple(r) for r in await conn.fetch("SELECT * FROM outbox ORDER BY id")]
+
+            # 0006: positions move to their own table, unpositioned ids to the queue, and the
+            # outbox (now a view) reads as the table did.
+            assert await migrations.apply(conn) == [m.version for m in migrations.discover()[5:]]
+            assert {
+                r["position"]: r["outbox_id"]
+                for r in await conn.fetch("SELECT position, outbox_id FROM outbox_position")
+            } == ids_by_position
+            assert [r["id"] for r in await conn.fetch("SELECT id FROM outbox_pending ORDER BY id")] == unpositioned
+            assert [tuple(r) for r in await conn.fetch("SELECT * FROM outbox ORDER BY id")] == before
+            assert await _state(conn) == (4, 7)
+            indexes = {
+                (r["tablename"], r["indexname"])
+                for r in await conn.fetch(
+                    "SELECT tablename, indexname FROM pg_indexes"
+                    " WHERE tablename IN ('outbox_event', 'outbox_position', 'outbox_pending')"
+                )
+            }
+            assert indexes == {
+                ("outbox_event", "outbox_pkey"),
+                ("outbox_event", "outbox_aggregate_type_aggregate_id_aggregate_version_key"),
+                ("outbox_position", "outbox_position_pkey"),
+                ("outbox_position", "outbox_position_position_key"),
+                ("outbox_pending", "outbox_pending_pkey"),
             }
         finally:
             await conn.close()
