@@ -10,7 +10,7 @@ around the SQL: gRPC, validation, the handler and its domain objects.
     SELECT ... FROM idempotency_keys WHERE ...         -- no stored reply
     SELECT EXISTS (... products WHERE lower(sku) = ...)
     INSERT INTO products ...
-    INSERT INTO outbox ...                              -- ProductAdded (executemany, as the service)
+    INSERT INTO outbox_event ...                              -- ProductAdded (executemany, as the service)
     INSERT INTO command_log ...
     INSERT INTO idempotency_keys ... ON CONFLICT ...    -- the stored reply
     COMMIT
@@ -49,7 +49,7 @@ INSERT INTO products (id, sku, name, currency_code, price_minor, stock_available
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 """
 _INSERT_OUTBOX = """
-INSERT INTO outbox (event_id, event_type, schema_version, aggregate_type, aggregate_id,
+INSERT INTO outbox_event (event_id, event_type, schema_version, aggregate_type, aggregate_id,
                     aggregate_version, payload, occurred_at, correlation_id, causation_id,
                     traceparent, tracestate)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)

@@ -72,7 +72,7 @@ def memory_rows() -> list[Row]:
 
 
 _INSERT_SENTINEL = """
-INSERT INTO outbox (event_id, event_type, schema_version, aggregate_type, aggregate_id, aggregate_version,
+INSERT INTO outbox_event (event_id, event_type, schema_version, aggregate_type, aggregate_id, aggregate_version,
                     payload, occurred_at)
 VALUES ($1, $2, 1, 'user', $3, 1, $4, $5)
 """

@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from perf.event_log import USER_EVENT_COLUMNS
+from perf.event_log import copy_positioned
 from perf.stack import Backing, scratch_database
 from read_service.generations import drop_keyspace, keyspace_prefix
 from read_service.keys import OrderKeys, UserKeys
@@ -149,10 +149,10 @@ async def _seed(pool: asyncpg.Pool[Any], rows: Iterator[tuple[Any, ...]], count:
         for row in rows:
             batch.append(row)
             if len(batch) == chunk:
-                await conn.copy_records_to_table("outbox", records=batch, columns=list(USER_EVENT_COLUMNS))
+                await copy_positioned(conn, batch)
                 batch = []
         if batch:
-            await conn.copy_records_to_table("outbox", records=batch, columns=list(USER_EVENT_COLUMNS))
+            await copy_positioned(conn, batch)
         await conn.execute("UPDATE relay_state SET last_position = $1, published_position = $1", count)
 
 
