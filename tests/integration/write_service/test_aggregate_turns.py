@@ -189,10 +189,10 @@ async def test_concurrent_restocks_of_one_product_give_one_event_each_with_conse
     assert (product.version, product.stock_available) == (65, sum(quantities))
     assert [r.version for r in replays] == ([r.version for r in results] if keyed else [])
     # Queued commands were written together: far fewer writes than commands. Unkeyed, nearly
-    # all 64 queue behind the first write (2 writes seen). A keyed command holds a pooled
-    # connection while it waits for its turn, so a batch holds at most the pool's 8 less the
-    # one writing: 17-18 writes on a quiet machine, 32 once with two cores saturated, when
-    # commands reach the queue spread out. Either bound fails if commands are written one by one.
+    # all 64 queue behind the first write (2 writes seen). Keyed commands queue without a
+    # connection too, but each first computes its key's fingerprint, so they reach the queue
+    # more spread out on a loaded machine; the looser bound leaves room for that. Either
+    # bound fails if commands are written one by one.
     bound = 64 * 3 / 4 if keyed else 64 / 2
     assert len(writes) < bound, len(writes)
 
