@@ -86,6 +86,19 @@ FROM (VALUES (1)) AS one (n)
 LEFT JOIN idempotency_keys AS k ON k.principal = $1 AND k.command_type = $2 AND k.idempotency_key = $3
 """
 
+# The same for several keys at once (the keyed commands of one batch, decision 0033), in
+# the order given. The keys are distinct and each matches at most one row (the primary
+# key), so each lock is tried once.
+_LOCK_AND_SELECT_STORED_REPLIES = """
+SELECT pg_try_advisory_lock(s.lock_id) AS locked, k.fingerprint, k.command_id, k.aggregate_id, k.aggregate_version,
+       k.reply, k.created_at, k.expires_at
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) WITH ORDINALITY
+     AS s (principal, command_type, idempotency_key, lock_id, n)
+LEFT JOIN idempotency_keys AS k
+       ON k.principal = s.principal AND k.command_type = s.command_type AND k.idempotency_key = s.idempotency_key
+ORDER BY s.n
+"""
+
 _STORED_REPLY_INSERT = """
 INSERT INTO idempotency_keys (principal, command_type, idempotency_key, lock_id, fingerprint, command_id,
                               aggregate_id, aggregate_version, reply, created_at, expires_at)
@@ -178,6 +191,26 @@ class PostgresIdempotencyStore(IdempotencyStore):
             return False, None
         self._calls.key_locks.append(scope.lock_id)
         return True, (_stored_reply(scope, row) if row["command_id"] is not None else None)
+
+    async def lock_and_get_many(self, scopes: Sequence[IdempotencyScope]) -> list[tuple[bool, StoredReply | None]]:
+        """The locks and look-ups of several distinct scopes in one round trip, in order."""
+        if len(scopes) == 1 or any(scope.lock_id in self._calls.key_locks for scope in scopes):
+            return [await self.lock_and_get(scope) for scope in scopes]
+        rows = await self._calls.fetch(
+            _LOCK_AND_SELECT_STORED_REPLIES,
+            [scope.principal for scope in scopes],
+            [scope.command_type for scope in scopes],
+            [scope.key for scope in scopes],
+            [scope.lock_id for scope in scopes],
+        )
+        found: list[tuple[bool, StoredReply | None]] = []
+        for scope, row in zip(scopes, rows, strict=True):
+            if not row["locked"]:
+                found.append((False, None))
+                continue
+            self._calls.key_locks.append(scope.lock_id)
+            found.append((True, _stored_reply(scope, row) if row["command_id"] is not None else None))
+        return found
 
     async def put(self, reply: StoredReply) -> None:
         """Insert, or replace an expired row, at commit; a live row (a twin that slipped past the lock) fails it."""

@@ -85,6 +85,8 @@ class AggregateTurns:
         self._turns: dict[tuple[str, str], Turn] = {}
         self._max_batch = max_batch
         self._alone: set[uuid.UUID] = set()
+        # Lock ids of the idempotency keys of keyed commands queued or being written here.
+        self._keys: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._turns)
@@ -112,6 +114,17 @@ class AggregateTurns:
             if turn.users == 0:
                 del self._turns[key]
 
+    def claim_key(self, lock_id: int) -> bool:
+        """Mark a key as running here; False when a command with that key already runs in this process."""
+        if lock_id in self._keys:
+            return False
+        self._keys.add(lock_id)
+        return True
+
+    def release_key(self, lock_id: int) -> None:
+        """The command with this key has its outcome."""
+        self._keys.discard(lock_id)
+
     def retry_alone(self, command_id: uuid.UUID) -> None:
         """Have the next attempt of this command written in a batch of its own."""
         if len(self._alone) >= _MAX_ALONE:
@@ -136,9 +149,9 @@ class AggregateTurns:
         Whoever gets the turn while its entry is still unwritten takes the queue (up to
         MAX_BATCH entries, never past one that must go alone) and writes it through the
         unit of work of the command with the most time left (the first to arrive usually
-        has the least): its own, or an unkeyed command's (opened only by the write); the
-        write settles each entry. An entry that runs out of time while still queued leaves
-        the queue with Unavailable; once taken, it waits for the write it is part of.
+        has the least), which only the write opens; the write settles each entry. An entry
+        that runs out of time while still queued leaves the queue with Unavailable; once
+        taken, it waits for the write it is part of.
         """
         command = entry.command
         key = (command.aggregate_type, command.aggregate_id)
@@ -165,10 +178,8 @@ class AggregateTurns:
                 if not entry.outcome.done():
                     batch = self._take(turn, entry)
                     try:
-                        # Another keyed command's unit of work is open in a task that a
-                        # cancellation may end at any moment, closing it under the write.
-                        writers = [q for q in batch if q is entry or q.meta.idempotency is None]
-                        writer = max(writers, key=lambda queued: queued.meta.deadline.remaining())
+                        # No queued command has its unit of work open: any of them can write the batch.
+                        writer = max(batch, key=lambda queued: queued.meta.deadline.remaining())
                         await writer.write(turn, batch)
                     except BaseException as exc:
                         # What failed the write fails every command in it; a cancellation of

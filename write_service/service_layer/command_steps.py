@@ -13,7 +13,6 @@ match, its user would already be deactivated, its order would already be cancell
 from __future__ import annotations
 
 import copy
-import functools
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -165,27 +164,11 @@ async def change_aggregate(
     Products are decided and written in batches of the commands queued on the aggregate
     (`_write_queued`, decision 0033).
     """
-    if meta.idempotency is None and command.aggregate_type in BATCHED_AGGREGATES:
-        # Queued without a connection: only the command that writes the batch takes one.
-        async def write(turn: Turn, batch: list[Queued]) -> None:
-            async with uow:
-                await _write_queued(uow, deps, store, turn, batch)
-
-        queued: CommandResult = await deps.turns.run_queued(
-            deps.turns.enqueue(command, meta, change, write), meta.deadline
-        )
-        return queued
+    if command.aggregate_type in BATCHED_AGGREGATES:
+        return await _run_queued(command, uow, deps, meta, store=store, change=change)
     async with uow:
         if (stored := await stored_reply(uow, command, deps, meta)) is not None:
             return stored
-        if command.aggregate_type in BATCHED_AGGREGATES:
-            # A keyed command holds its key's lock on its own connection while it waits.
-            # Only this command's own task writes through its open unit of work (when it leads).
-            entry = deps.turns.enqueue(command, meta, change, functools.partial(_write_queued, uow, deps, store))
-            result: CommandResult = await deps.turns.run_queued(entry, meta.deadline)
-            # Whoever wrote this command's rows committed them; this releases its key's lock, if any.
-            await uow.commit()
-            return result
         async with deps.turns.turn(command, meta.deadline) as turn:
             repository = store(uow)
             held, turn.state = turn.state, None
@@ -213,12 +196,94 @@ async def change_aggregate(
             return result
 
 
+async def _run_queued(
+    command: ChangeCommand,
+    uow: UnitOfWork,
+    deps: Dependencies,
+    meta: CommandMeta,
+    *,
+    store: Callable[[UnitOfWork], AggregateStore[A]],
+    change: Callable[[A], Awaitable[None]],
+) -> CommandResult:
+    """Queue the command on its aggregate without a connection; whoever writes the batch takes one.
+
+    A keyed command's key is locked and looked up by the batch's writer, with the other
+    keys of the batch, in one round trip (`_look_up_keys`). Within this process a second
+    command with a key that is still running is refused at once, as the key's lock refuses
+    one from another process.
+    """
+
+    async def write(turn: Turn, batch: list[Queued]) -> None:
+        async with uow:
+            await _write_queued(uow, deps, store, turn, batch)
+
+    entry = deps.turns.enqueue(command, meta, change, write)
+    if meta.idempotency is None:
+        queued: CommandResult = await deps.turns.run_queued(entry, meta.deadline)
+        return queued
+    lock_id = meta.idempotency.scope.lock_id
+    if not deps.turns.claim_key(lock_id):
+        raise Conflict(_KEY_IN_PROGRESS)
+    try:
+        result: CommandResult = await deps.turns.run_queued(entry, meta.deadline)
+    finally:
+        deps.turns.release_key(lock_id)
+    return result
+
+
+_KEY_IN_PROGRESS = "a request with this idempotency key is still in progress; retry it later"
+
+
+async def _look_up_keys(
+    uow: UnitOfWork, deps: Dependencies, batch: list[Queued]
+) -> tuple[list[Queued], list[tuple[Queued, CommandResult]]]:
+    """Lock and look up the keys of the batch's keyed commands: the commands left to decide, and the replays.
+
+    What `stored_reply` does for one command, for all of them in one call: a key another
+    process holds refuses its command (Conflict, retried by the bus), a key with a live
+    reply of a different request refuses it as reused, and a key with the same request's
+    reply answers with that reply; its command-log row joins the batch's write.
+    """
+    keyed = [entry for entry in batch if entry.meta.idempotency is not None]
+    if not keyed:
+        return batch, []
+    found = await uow.idempotency.lock_and_get_many([entry.meta.idempotency.scope for entry in keyed])
+    replays: list[tuple[Queued, CommandResult]] = []
+    done: set[int] = set()
+    now = deps.clock()
+    for entry, (locked, stored) in zip(keyed, found, strict=True):
+        claim = entry.meta.idempotency
+        assert claim is not None
+        if not locked:
+            entry.settle(error=Conflict(_KEY_IN_PROGRESS))
+        elif stored is None or stored.expires_at <= now:
+            continue
+        elif stored.fingerprint != claim.fingerprint:
+            entry.settle(error=key_reused())
+        else:
+            replays.append((entry, await _replay(uow, entry.command, stored, now, entry.meta)))
+        done.add(id(entry))
+    return [entry for entry in batch if id(entry) not in done], replays
+
+
+async def _commit_replays(uow: UnitOfWork, replays: list[tuple[Queued, CommandResult]]) -> None:
+    """Commit what is pending (the replays' log rows, the release of the keys) and answer the replays."""
+    try:
+        await uow.commit()
+    except DomainError as failure:
+        for entry, _result in replays:
+            entry.settle(error=failure)
+        return
+    for entry, result in replays:
+        entry.settle(result)
+
+
 async def _write_queued(
     uow: UnitOfWork,
     deps: Dependencies,
     store: Callable[[UnitOfWork], AggregateStore[A]],
     turn: Turn,
-    batch: list[Queued],
+    queued: list[Queued],
 ) -> None:
     """Decide each queued command in order on one aggregate and write all that the rules accept at once.
 
@@ -230,6 +295,10 @@ async def _write_queued(
     as it was without batching. When the write of several commands fails on something one
     of them did (a unique index), each retries in a write of its own.
     """
+    batch, replays = await _look_up_keys(uow, deps, queued)
+    if not batch:
+        await _commit_replays(uow, replays)
+        return
     first = batch[0].command
     repository = store(uow)
     held, turn.state = turn.state, None
@@ -242,12 +311,29 @@ async def _write_queued(
     if aggregate is None:
         for entry in batch:
             entry.settle(error=NotFound(f"{first.aggregate_type} {first.aggregate_id} not found"))
+        await _commit_replays(uow, replays)
         return
     aggregate, accepted, refused = await _decide(batch, aggregate, confirmed=held is None)
     if not accepted:
         for entry, refusal in refused:
             _settle_unconfirmed(entry, refusal)
+        await _commit_replays(uow, replays)
         return
+    await _write_accepted(uow, deps, repository, turn, aggregate, accepted=accepted, refused=refused, replays=replays)
+
+
+async def _write_accepted(
+    uow: UnitOfWork,
+    deps: Dependencies,
+    repository: AggregateStore[A],
+    turn: Turn,
+    aggregate: A,
+    *,
+    accepted: list[tuple[Queued, tuple[NewEvent, ...], int]],
+    refused: list[tuple[Queued, Exception]],
+    replays: list[tuple[Queued, CommandResult]],
+) -> None:
+    """Save the aggregate with every accepted command's rows in one write; settle every command of the batch."""
     # Policies read before any write is queued (as in change_aggregate), one command at a time.
     published = [
         integration_events(await handle_domain_events(uow, events, deps.clock(), deps.policies))
@@ -268,11 +354,16 @@ async def _write_queued(
         await uow.commit()
     except DomainError as failure:
         _settle_failed_write(deps.turns, [entry for entry, _, _ in accepted], refused, failure)
+        for entry, _result in replays:
+            # Its log row was not written either: the retry finds the stored reply again.
+            entry.settle(error=Conflict("the write this replay's log row was part of failed; retry it"))
         return
     aggregate.pending_events.clear()
     turn.state = _snapshot(aggregate)
     for (entry, _events, _version), result in zip(accepted, results, strict=True):
         entry.settle(result)
+    for entry, replay in replays:
+        entry.settle(replay)
     for entry, refusal in refused:
         entry.settle(error=refusal)  # the write confirmed the state it was refused on
 
@@ -398,12 +489,21 @@ async def stored_reply(
     # write (put() is a guard), and its retry finds the reply (decision 0027).
     locked, stored = await uow.idempotency.lock_and_get(claim.scope)
     if not locked:
-        raise Conflict("a request with this idempotency key is still in progress; retry it later")
+        raise Conflict(_KEY_IN_PROGRESS)
     completed_at = deps.clock()
     if stored is None or stored.expires_at <= completed_at:
         return None
     if stored.fingerprint != claim.fingerprint:
         raise key_reused()
+    result = await _replay(uow, command, stored, completed_at, meta)
+    await uow.commit()
+    return result
+
+
+async def _replay(
+    uow: UnitOfWork, command: Command, stored: StoredReply, completed_at: datetime, meta: CommandMeta
+) -> CommandResult:
+    """Add the command-log row of a command answered with its stored reply; that reply."""
     await uow.log_command(
         CommandLogEntry(
             command_id=meta.command_id,
@@ -416,11 +516,10 @@ async def stored_reply(
             outcome="replayed",
             summary=command.summary(),
             principal=meta.principal,
-            idempotency_key=claim.scope.key,
+            idempotency_key=stored.scope.key,
             replay_of=stored.command_id,
         )
     )
-    await uow.commit()
     return CommandResult(
         aggregate_id=uuid.UUID(stored.aggregate_id),
         version=stored.aggregate_version,

@@ -229,6 +229,10 @@ class IdempotencyStore(abc.ABC):
             return False, None
         return True, await self.get(scope)
 
+    async def lock_and_get_many(self, scopes: Sequence[IdempotencyScope]) -> list[tuple[bool, StoredReply | None]]:
+        """`lock_and_get` of each scope (all distinct), in order; an adapter may do them all in one call."""
+        return [await self.lock_and_get(scope) for scope in scopes]
+
     @abc.abstractmethod
     async def put(self, reply: StoredReply) -> None:
         """Store a reply, replacing one that expired by `reply.created_at`; Conflict when a live one exists."""
