@@ -4,6 +4,9 @@ A projection keeps one Redis sorted set per trigram (three consecutive character
 case-folded searchable field) in its own key space, holding the ids of the entities whose
 fields contain that trigram, each scored by the entity's rank: its default sort key, creation
 or placing time in microseconds (read_service.keys: `users:tri:<gram>`, `orders:tri:<gram>`).
+A member is the id's 16 bytes (`member`), not its 36-character text: the sets are most of the
+index's memory, and byte order of the 16 bytes is the order of the canonical text, so ties
+of rank still come out in the sort index's order.
 The sets are written by the projection's ops, in the same apply script call as the views, so
 they follow the views through checkpoints, generations (rebuilds), upcasting and parking
 without code of their own.
@@ -31,6 +34,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+
+import uuid
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -66,6 +71,17 @@ def grams(texts: Iterable[str]) -> set[str]:
     return found
 
 
+def member(entity_id: str) -> bytes:
+    """An entity's member in the trigram sets: the 16 bytes of its canonical id."""
+    return uuid.UUID(entity_id).bytes
+
+
+def entity_of(raw: bytes | str) -> str:
+    """The canonical id of a trigram set member."""
+    data = raw if isinstance(raw, bytes) else raw.encode("latin-1")
+    return str(uuid.UUID(bytes=data))
+
+
 def gram_ops(
     key_of: Callable[[str], str],
     entity_id: str,
@@ -81,9 +97,10 @@ def gram_ops(
     that a query can walk it in page order. With `rank_changed`, every trigram kept is
     written again with the new rank.
     """
-    ops: list[tuple[str | int, ...]] = [("ZREM", key_of(g), entity_id) for g in sorted(before - after)]
+    packed = member(entity_id)
+    ops: list[tuple[str | bytes | int, ...]] = [("ZREM", key_of(g), packed) for g in sorted(before - after)]
     added = after if rank_changed else after - before
-    ops.extend(("ZADD", key_of(g), rank, entity_id) for g in sorted(added))
+    ops.extend(("ZADD", key_of(g), rank, packed) for g in sorted(added))
     return ops
 
 
@@ -138,7 +155,7 @@ async def candidates(
     members: list[Any] = list(await client.zinter(ordered))
     if len(members) > limit:
         return Candidates(None, checkpoint_read=True)
-    return Candidates(sorted(_text(m) for m in members), checkpoint_read=True)
+    return Candidates(sorted(entity_of(m) for m in members), checkpoint_read=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,11 +186,13 @@ class Walker:
     ) -> Step:
         """Up to `wanted` ids in every set of `keys` (the rarest first), after `start` and up to rank `stop`."""
         walk = WALK_BUDGET if budget is None else budget
-        args = ["1" if descending else "0", start.score, start.after_id, stop, wanted, walk, WALK_CHUNK]
+        after = member(start.after_id) if start.after_id else b""
+        args = ["1" if descending else "0", start.score, after, stop, wanted, walk, WALK_CHUNK]
         reply = list(await self._script(keys=keys, args=args))
         done, last_score, last_id, *flat = reply
-        found = [(_rank(flat[i + 1]), _text(flat[i])) for i in range(0, len(flat), 2)]
-        return Step(found, int(done) == 1, Position(_text(last_score), _text(last_id)))
+        found = [(_rank(flat[i + 1]), entity_of(flat[i])) for i in range(0, len(flat), 2)]
+        last = entity_of(last_id) if last_id else ""
+        return Step(found, int(done) == 1, Position(_text(last_score), last))
 
 
 def _rank(score: bytes | str) -> int:

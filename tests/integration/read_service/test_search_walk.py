@@ -7,6 +7,8 @@ whose entity is gone, walks longer than one script call.
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import redis.asyncio as aioredis
 
@@ -21,7 +23,8 @@ EVERY = 600
 
 
 def _id(n: int) -> str:
-    return f"id{n:05d}"
+    # Canonical ids whose order is n's order.
+    return str(uuid.UUID(int=n + 1))
 
 
 def _rank(n: int) -> int:
@@ -47,10 +50,10 @@ class World:
     async def seed(self) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
             for start in range(0, RAREST, 5_000):
-                pipe.zadd(self.key("abc"), {_id(n): _rank(n) for n in range(start, start + 5_000)})
+                pipe.zadd(self.key("abc"), {search.member(_id(n)): _rank(n) for n in range(start, start + 5_000)})
             # The other set holds the hits and many ids that are not in the rarest set.
-            pipe.zadd(self.key("bcd"), {_id(n): _rank(n) for n in self.hits})
-            pipe.zadd(self.key("bcd"), {f"other{n}": n for n in range(50_000)})
+            pipe.zadd(self.key("bcd"), {search.member(_id(n)): _rank(n) for n in self.hits})
+            pipe.zadd(self.key("bcd"), {search.member(_id(RAREST + n)): n for n in range(50_000)})
             for n in self.hits:
                 pipe.set(self.view_key(_id(n)), keyed_member(_rank(n), _id(n)))
             await pipe.execute()
