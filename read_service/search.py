@@ -12,20 +12,23 @@ they follow the views through checkpoints, generations (rebuilds), upcasting and
 without code of their own.
 
 A query for a term of at least three characters reads the cardinality of each of its trigram
-sets. When the smallest is at most a few times `limit`, every entity whose fields contain the
-term is in it (a substring's trigrams are all trigrams of the field that contains it):
+sets. Every entity whose fields contain the term is in the smallest (a substring's trigrams
+are all trigrams of the field that contains it):
 
 - for a query in rank order (users by creation, orders by placing time), the rarest set is
   walked in that order from the page's cursor and each id looked up in the other sets
   (search_walk.lua), only until a page of candidates is found; the work follows the page and
-  the density of the term, not the size of the sets;
-- for another order, the intersection (at most `limit` ids) is the candidate list; every
-  candidate's view is read, ordered by the requested sort and paged.
+  the density of the term, not the size of the sets. When even the rarest set is larger than
+  a few times `limit` (a common term), the walk reads at most the scan's budget of ids per
+  call and may give a short page with a next cursor, as the scan does;
+- for another order, when the smallest set is at most a few times `limit`, the intersection
+  (at most `limit` ids) is the candidate list; every candidate's view is read, ordered by the
+  requested sort and paged.
 
 The caller checks each candidate's view with the term and the filters
-(read_service.views.paging). A shorter term, or a common one (more candidates), is answered
-by the ordered scan of the sort index instead, which fills pages fast precisely because the
-term is common. See docs/decisions/0037-search-index.md.
+(read_service.views.paging). A shorter term, or a common one in another order (more
+candidates), is answered by the ordered scan of the sort index instead, which fills pages
+fast precisely because the term is common. See docs/decisions/0037-search-index.md.
 """
 
 from __future__ import annotations
@@ -113,6 +116,9 @@ class Candidates:
     checkpoint_read: bool = False
     # The term's trigram sets, rarest first, to walk in rank order (read_service.views.paging).
     walk: list[str] | None = None
+    # Whether the walk is of sets larger than the probe bound: it then reads a bounded number
+    # of ids per call, as the scan does, and may give a short page with a next cursor.
+    bounded: bool = False
 
 
 async def candidates(
@@ -144,14 +150,18 @@ async def candidates(
 
     sizes = [int(n) for n in await first_read(client, at, queue)]
     rarest = min(sizes)
-    if rarest > limit * PROBE_FACTOR:
-        return Candidates(None, checkpoint_read=True)
     if rarest == 0:
         return Candidates([], checkpoint_read=True)
     # Smallest set first: the walk reads it in order and probes the others.
     ordered = [key for _, key in sorted(zip(sizes, keys, strict=True))]
+    common = rarest > limit * PROBE_FACTOR
     if ranked:
-        return Candidates(None, checkpoint_read=True, walk=ordered)
+        # A common term is walked too: its hits are dense, so the walk fills a page after a
+        # few dozen ids and reads only the page's views, where the scan reads and parses a
+        # view per entity of the whole index until the page is full.
+        return Candidates(None, checkpoint_read=True, walk=ordered, bounded=common)
+    if common:
+        return Candidates(None, checkpoint_read=True)
     members: list[Any] = list(await client.zinter(ordered))
     if len(members) > limit:
         return Candidates(None, checkpoint_read=True)
@@ -173,6 +183,8 @@ class Step:
     found: list[tuple[int, str]]
     done: bool
     position: Position
+    # Ids of the rarest set the step read.
+    walked: int = 0
 
 
 class Walker:
@@ -184,15 +196,23 @@ class Walker:
     async def step(
         self, keys: list[str], start: Position, stop: str, wanted: int, *, descending: bool, budget: int | None = None
     ) -> Step:
-        """Up to `wanted` ids in every set of `keys` (the rarest first), after `start` and up to rank `stop`."""
-        walk = WALK_BUDGET if budget is None else budget
+        """Up to `wanted` ids in every set of `keys` (the rarest first), after `start` and up to rank `stop`.
+
+        At most `budget` ids of the rarest set are read (never more than WALK_BUDGET per call).
+        """
+        walk = WALK_BUDGET if budget is None else min(budget, WALK_BUDGET)
         after = member(start.after_id) if start.after_id else b""
         args = ["1" if descending else "0", start.score, after, stop, wanted, walk, WALK_CHUNK]
         reply = list(await self._script(keys=keys, args=args))
-        done, last_score, last_id, *flat = reply
+        done, last_score, last_id, walked, *flat = reply
         found = [(_rank(flat[i + 1]), entity_of(flat[i])) for i in range(0, len(flat), 2)]
         last = entity_of(last_id) if last_id else ""
-        return Step(found, int(done) == 1, Position(_text(last_score), last))
+        return Step(found, int(done) == 1, Position(_text(last_score), last), int(walked))
+
+
+def rank_of(position: Position) -> int:
+    """The rank of a position a walk has reached (not an end of the set)."""
+    return _rank(position.score)
 
 
 def _rank(score: bytes | str) -> int:

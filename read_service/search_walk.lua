@@ -14,8 +14,9 @@
 -- ARGV[4] score to stop at, inclusive ('+inf' or '-inf' for none)
 -- ARGV[5] ids to keep; ARGV[6] ids to walk at most; ARGV[7] ids read per range call
 --
--- Replies {done, last score, last id, id1, score1, id2, score2, ...}: done is 1 when the
--- range is exhausted; the last walked (score, id) is where the next step starts after.
+-- Replies {done, last score, last id, walked, id1, score1, id2, score2, ...}: done is 1 when
+-- the range is exhausted; the last walked (score, id) is where the next step starts after;
+-- walked is how many ids of KEYS[1] the step read.
 local down = ARGV[1] == '1'
 local start = ARGV[2]
 local after = ARGV[3]
@@ -111,7 +112,7 @@ while #kept < 2 * wanted and walked < budget do
   chunk = math.min(chunk * 2, 1024)
 end
 
-local out = {done, last_score, last_id}
+local out = {done, last_score, last_id, walked}
 for i = 1, #kept do
   out[#out + 1] = kept[i]
 end
