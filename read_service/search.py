@@ -33,12 +33,11 @@ fast precisely because the term is common. See docs/decisions/0037-search-index.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-
-import uuid
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -93,7 +92,7 @@ def gram_ops(
     rank: int,
     *,
     rank_changed: bool = False,
-) -> list[tuple[str | int, ...]]:
+) -> list[tuple[str | bytes | int, ...]]:
     """The writes that move an entity from the trigrams `before` to `after` (in a stable order).
 
     Each trigram set is a sorted set scored by the entity's rank (its default sort key), so
