@@ -110,7 +110,7 @@ class IndexPager:
             self._client, search.trigram_key, search.term, self._candidate_limit, at, ranked=search.ranked
         )
         if plan.walk is not None:
-            return await self._walked_page(request, plan.walk, self._scan_limit if plan.bounded else None)
+            return await self._walked_page(request, plan.walk, max(self._scan_limit, 1) if plan.bounded else None)
         if plan.ids is None:
             return await self.scan(request, None if plan.checkpoint_read else at)
         return await self._candidate_page(request, plan.ids)
@@ -191,8 +191,11 @@ class IndexPager:
                 return _full(hits)
             if done:
                 return Page([view for _, view in hits], None)
-            if budget is not None and walked >= budget and position.after_id:
-                return Page([view for _, view in hits], keyed_member(rank_of(position), position.after_id))
+            if budget is not None and walked >= budget:
+                # The last id walked is where the next page resumes (a budget of at least one
+                # id walks one, so there is one).
+                cursor = keyed_member(rank_of(position), position.after_id) if position.after_id else None
+                return Page([view for _, view in hits], cursor)
 
     async def _candidate_page(self, request: PageRequest[V], ids: list[str]) -> Page[V]:
         """A page from unranked candidates: every view read and checked, then ordered by its member."""
