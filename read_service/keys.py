@@ -14,8 +14,9 @@ Every key starts with the deployment's `redis_key_prefix` (written `P` below):
                                                 (see projections.users.OrderNote)
     P users:spent:<user id>             hash    currency -> minor units paid and not refunded
     P users:tri:<trigram>               zset    ids of the users whose case-folded e-mail, username
-                                                or full name holds the trigram, each scored by its
-                                                creation time in microseconds (read_service.search)
+                                                or full name holds the trigram (each id's 16 bytes),
+                                                each scored by its creation time in microseconds
+                                                (read_service.search)
 
 `<sort>` is `created_at`, `email` or `username`; `<subset>` is `all`, `active` or `inactive`,
 so that every (sort, filter) pair of ListUsers reads one index in order. A member is the sort
@@ -153,8 +154,8 @@ def product_member(sku: str, product_id: str) -> bytes:
 #                                                 `paid`, `revenue`, `qty:<sku>`, `name:<sku>`
 #     P orders:tri:<trigram>              zset    ids of the orders whose case-folded customer name,
 #                                                 customer e-mail, line skus or product names hold
-#                                                 the trigram, each scored by its placing time in
-#                                                 microseconds (read_service.search)
+#                                                 the trigram (each id's 16 bytes), each scored by
+#                                                 its placing time in microseconds (read_service.search)
 #
 # Times and amounts in members are zero-padded decimal (microseconds since the epoch, minor
 # units), so that byte order is numeric order and members are exact keyset cursors.

@@ -4,29 +4,36 @@ A projection keeps one Redis sorted set per trigram (three consecutive character
 case-folded searchable field) in its own key space, holding the ids of the entities whose
 fields contain that trigram, each scored by the entity's rank: its default sort key, creation
 or placing time in microseconds (read_service.keys: `users:tri:<gram>`, `orders:tri:<gram>`).
+A member is the id's 16 bytes (`member`), not its 36-character text: the sets are most of the
+index's memory, and byte order of the 16 bytes is the order of the canonical text, so ties
+of rank still come out in the sort index's order.
 The sets are written by the projection's ops, in the same apply script call as the views, so
 they follow the views through checkpoints, generations (rebuilds), upcasting and parking
 without code of their own.
 
 A query for a term of at least three characters reads the cardinality of each of its trigram
-sets. When the smallest is at most a few times `limit`, every entity whose fields contain the
-term is in it (a substring's trigrams are all trigrams of the field that contains it):
+sets. Every entity whose fields contain the term is in the smallest (a substring's trigrams
+are all trigrams of the field that contains it):
 
 - for a query in rank order (users by creation, orders by placing time), the rarest set is
   walked in that order from the page's cursor and each id looked up in the other sets
   (search_walk.lua), only until a page of candidates is found; the work follows the page and
-  the density of the term, not the size of the sets;
-- for another order, the intersection (at most `limit` ids) is the candidate list; every
-  candidate's view is read, ordered by the requested sort and paged.
+  the density of the term, not the size of the sets. When even the rarest set is larger than
+  a few times `limit` (a common term), the walk reads at most the scan's budget of ids per
+  call and may give a short page with a next cursor, as the scan does;
+- for another order, when the smallest set is at most a few times `limit`, the intersection
+  (at most `limit` ids) is the candidate list; every candidate's view is read, ordered by the
+  requested sort and paged.
 
 The caller checks each candidate's view with the term and the filters
-(read_service.views.paging). A shorter term, or a common one (more candidates), is answered
-by the ordered scan of the sort index instead, which fills pages fast precisely because the
-term is common. See docs/decisions/0037-search-index.md.
+(read_service.views.paging). A shorter term, or a common one in another order (more
+candidates), is answered by the ordered scan of the sort index instead, which fills pages
+fast precisely because the term is common. See docs/decisions/0037-search-index.md.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -66,6 +73,17 @@ def grams(texts: Iterable[str]) -> set[str]:
     return found
 
 
+def member(entity_id: str) -> bytes:
+    """An entity's member in the trigram sets: the 16 bytes of its canonical id."""
+    return uuid.UUID(entity_id).bytes
+
+
+def entity_of(raw: bytes | str) -> str:
+    """The canonical id of a trigram set member."""
+    data = raw if isinstance(raw, bytes) else raw.encode("latin-1")
+    return str(uuid.UUID(bytes=data))
+
+
 def gram_ops(
     key_of: Callable[[str], str],
     entity_id: str,
@@ -74,16 +92,17 @@ def gram_ops(
     rank: int,
     *,
     rank_changed: bool = False,
-) -> list[tuple[str | int, ...]]:
+) -> list[tuple[str | bytes | int, ...]]:
     """The writes that move an entity from the trigrams `before` to `after` (in a stable order).
 
     Each trigram set is a sorted set scored by the entity's rank (its default sort key), so
     that a query can walk it in page order. With `rank_changed`, every trigram kept is
     written again with the new rank.
     """
-    ops: list[tuple[str | int, ...]] = [("ZREM", key_of(g), entity_id) for g in sorted(before - after)]
+    packed = member(entity_id)
+    ops: list[tuple[str | bytes | int, ...]] = [("ZREM", key_of(g), packed) for g in sorted(before - after)]
     added = after if rank_changed else after - before
-    ops.extend(("ZADD", key_of(g), rank, entity_id) for g in sorted(added))
+    ops.extend(("ZADD", key_of(g), rank, packed) for g in sorted(added))
     return ops
 
 
@@ -96,6 +115,9 @@ class Candidates:
     checkpoint_read: bool = False
     # The term's trigram sets, rarest first, to walk in rank order (read_service.views.paging).
     walk: list[str] | None = None
+    # Whether the walk is of sets larger than the probe bound: it then reads a bounded number
+    # of ids per call, as the scan does, and may give a short page with a next cursor.
+    bounded: bool = False
 
 
 async def candidates(
@@ -127,18 +149,22 @@ async def candidates(
 
     sizes = [int(n) for n in await first_read(client, at, queue)]
     rarest = min(sizes)
-    if rarest > limit * PROBE_FACTOR:
-        return Candidates(None, checkpoint_read=True)
     if rarest == 0:
         return Candidates([], checkpoint_read=True)
     # Smallest set first: the walk reads it in order and probes the others.
     ordered = [key for _, key in sorted(zip(sizes, keys, strict=True))]
+    common = rarest > limit * PROBE_FACTOR
     if ranked:
-        return Candidates(None, checkpoint_read=True, walk=ordered)
+        # A common term is walked too: its hits are dense, so the walk fills a page after a
+        # few dozen ids and reads only the page's views, where the scan reads and parses a
+        # view per entity of the whole index until the page is full.
+        return Candidates(None, checkpoint_read=True, walk=ordered, bounded=common)
+    if common:
+        return Candidates(None, checkpoint_read=True)
     members: list[Any] = list(await client.zinter(ordered))
     if len(members) > limit:
         return Candidates(None, checkpoint_read=True)
-    return Candidates(sorted(_text(m) for m in members), checkpoint_read=True)
+    return Candidates(sorted(entity_of(m) for m in members), checkpoint_read=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +182,8 @@ class Step:
     found: list[tuple[int, str]]
     done: bool
     position: Position
+    # Ids of the rarest set the step read.
+    walked: int = 0
 
 
 class Walker:
@@ -167,13 +195,23 @@ class Walker:
     async def step(
         self, keys: list[str], start: Position, stop: str, wanted: int, *, descending: bool, budget: int | None = None
     ) -> Step:
-        """Up to `wanted` ids in every set of `keys` (the rarest first), after `start` and up to rank `stop`."""
-        walk = WALK_BUDGET if budget is None else budget
-        args = ["1" if descending else "0", start.score, start.after_id, stop, wanted, walk, WALK_CHUNK]
+        """Up to `wanted` ids in every set of `keys` (the rarest first), after `start` and up to rank `stop`.
+
+        At most `budget` ids of the rarest set are read (never more than WALK_BUDGET per call).
+        """
+        walk = WALK_BUDGET if budget is None else min(budget, WALK_BUDGET)
+        after = member(start.after_id) if start.after_id else b""
+        args = ["1" if descending else "0", start.score, after, stop, wanted, walk, WALK_CHUNK]
         reply = list(await self._script(keys=keys, args=args))
-        done, last_score, last_id, *flat = reply
-        found = [(_rank(flat[i + 1]), _text(flat[i])) for i in range(0, len(flat), 2)]
-        return Step(found, int(done) == 1, Position(_text(last_score), _text(last_id)))
+        done, last_score, last_id, walked, *flat = reply
+        found = [(_rank(flat[i + 1]), entity_of(flat[i])) for i in range(0, len(flat), 2)]
+        last = entity_of(last_id) if last_id else ""
+        return Step(found, int(done) == 1, Position(_text(last_score), last), int(walked))
+
+
+def rank_of(position: Position) -> int:
+    """The rank of a position a walk has reached (not an end of the set)."""
+    return _rank(position.score)
 
 
 def _rank(score: bytes | str) -> int:

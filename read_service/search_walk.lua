@@ -1,8 +1,8 @@
 -- One step of the ordered walk of a search term's trigram sets (read_service.search).
 --
 -- KEYS[1] is the term's rarest trigram set, KEYS[2..n] its other trigram sets: sorted sets
--- of entity ids, each scored by the entity's rank (its default sort key). The walk reads
--- KEYS[1] in score order (ties by id, as the sort index orders them) from just after the
+-- of entity ids (16 bytes each), each scored by the entity's rank (its default sort key). The
+-- walk reads KEYS[1] in score order (ties by id, as the sort index orders them) from just after the
 -- position (ARGV[2], ARGV[3]) and keeps the ids found in every other set, until ARGV[5]
 -- ids are kept, ARGV[6] ids are walked, or the range up to ARGV[4] is exhausted. Its work
 -- follows the page and the density of the term, not the size of the sets.
@@ -14,8 +14,9 @@
 -- ARGV[4] score to stop at, inclusive ('+inf' or '-inf' for none)
 -- ARGV[5] ids to keep; ARGV[6] ids to walk at most; ARGV[7] ids read per range call
 --
--- Replies {done, last score, last id, id1, score1, id2, score2, ...}: done is 1 when the
--- range is exhausted; the last walked (score, id) is where the next step starts after.
+-- Replies {done, last score, last id, walked, id1, score1, id2, score2, ...}: done is 1 when
+-- the range is exhausted; the last walked (score, id) is where the next step starts after;
+-- walked is how many ids of KEYS[1] the step read.
 local down = ARGV[1] == '1'
 local start = ARGV[2]
 local after = ARGV[3]
@@ -30,14 +31,30 @@ local kept = {}
 local last_score, last_id = start, after
 local done = 0
 
+-- Byte order of two ids (-1, 0, 1). Lua's own string comparison follows the server's
+-- collation locale, which need not be byte order for binary ids.
+local byte = string.byte
+local function compare(a, b)
+  if a == b then
+    return 0
+  end
+  for i = 1, math.min(#a, #b) do
+    local x, y = byte(a, i), byte(b, i)
+    if x ~= y then
+      return x < y and -1 or 1
+    end
+  end
+  return #a < #b and -1 or 1
+end
+
 local function skipped(id, score)
   if after == '' or tonumber(score) ~= start_n then
     return false
   end
   if down then
-    return id >= after
+    return compare(id, after) >= 0
   end
-  return id <= after
+  return compare(id, after) <= 0
 end
 
 while #kept < 2 * wanted and walked < budget do
@@ -95,7 +112,7 @@ while #kept < 2 * wanted and walked < budget do
   chunk = math.min(chunk * 2, 1024)
 end
 
-local out = {done, last_score, last_id}
+local out = {done, last_score, last_id, walked}
 for i = 1, #kept do
   out[#out + 1] = kept[i]
 end

@@ -81,7 +81,8 @@ class OrdersProjection:
     # 2: the search index (orders:tri:*); a replica of this version builds a generation that has it.
     # 3: the search index's rank set (orders:rank).
     # 4: trigram sets are sorted sets scored by placing time, walked in page order; no rank set.
-    version: int = 4
+    # 5: trigram set members are the id's 16 bytes rather than its text (a third less memory).
+    version: int = 5
 
     def __init__(self, keys: OrderKeys) -> None:
         self._keys = keys

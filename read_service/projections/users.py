@@ -123,7 +123,8 @@ class UsersProjection:
     # 2: the search index (users:tri:*); a replica of this version builds a generation that has it.
     # 3: the search index's rank set (users:rank).
     # 4: trigram sets are sorted sets scored by creation time, walked in page order; no rank set.
-    version: int = 4
+    # 5: trigram set members are the id's 16 bytes rather than its text (a third less memory).
+    version: int = 5
 
     def __init__(self, keys: UserKeys) -> None:
         self._keys = keys

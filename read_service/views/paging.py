@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from read_service.keys import MEMBER_SEPARATOR, keyed_member, member_id
-from read_service.search import Position, Walker, candidates
+from read_service.search import Position, Walker, candidates, rank_of
 from read_service.view_store import QueryCheckpoint
 from read_service.views.checkpointed import first_read
 
@@ -110,7 +110,7 @@ class IndexPager:
             self._client, search.trigram_key, search.term, self._candidate_limit, at, ranked=search.ranked
         )
         if plan.walk is not None:
-            return await self._walked_page(request, plan.walk)
+            return await self._walked_page(request, plan.walk, max(self._scan_limit, 1) if plan.bounded else None)
         if plan.ids is None:
             return await self.scan(request, None if plan.checkpoint_read else at)
         return await self._candidate_page(request, plan.ids)
@@ -155,14 +155,21 @@ class IndexPager:
         # Exhausted: the last page. Otherwise the budget ran out first: resume after the last member read.
         return Page([view for _, view in hits], None if exhausted else cursor)
 
-    async def _walked_page(self, request: PageRequest[V], keys: list[str]) -> Page[V]:
-        """A page from the walk of the term's trigram sets in rank order: Redis reads as far as the page reaches."""
+    async def _walked_page(self, request: PageRequest[V], keys: list[str], budget: int | None) -> Page[V]:
+        """A page from the walk of the term's trigram sets in rank order: Redis reads as far as the page reaches.
+
+        With a `budget` (a common term), at most that many ids of the rarest set are read: the
+        page may then be short, with the last id read as the next cursor, as in the scan.
+        """
         wanted = request.page_size + 1
         position, stop = _walk_bounds(request)
         hits: list[tuple[bytes, V]] = []
+        walked = 0
         while True:
             needed = wanted - len(hits)
-            step = await self._walker.step(keys, position, stop, needed, descending=request.descending)
+            left = None if budget is None else budget - walked
+            step = await self._walker.step(keys, position, stop, needed, descending=request.descending, budget=left)
+            walked += step.walked
             used = step.found[:needed]
             done = step.done and len(used) == len(step.found)
             if len(used) < len(step.found):
@@ -184,6 +191,11 @@ class IndexPager:
                 return _full(hits)
             if done:
                 return Page([view for _, view in hits], None)
+            if budget is not None and walked >= budget:
+                # The last id walked is where the next page resumes (a budget of at least one
+                # id walks one, so there is one).
+                cursor = keyed_member(rank_of(position), position.after_id) if position.after_id else None
+                return Page([view for _, view in hits], cursor)
 
     async def _candidate_page(self, request: PageRequest[V], ids: list[str]) -> Page[V]:
         """A page from unranked candidates: every view read and checked, then ordered by its member."""

@@ -7,6 +7,8 @@ whose entity is gone, walks longer than one script call.
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import redis.asyncio as aioredis
 
@@ -21,7 +23,8 @@ EVERY = 600
 
 
 def _id(n: int) -> str:
-    return f"id{n:05d}"
+    # Canonical ids whose order is n's order.
+    return str(uuid.UUID(int=n + 1))
 
 
 def _rank(n: int) -> int:
@@ -47,10 +50,10 @@ class World:
     async def seed(self) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
             for start in range(0, RAREST, 5_000):
-                pipe.zadd(self.key("abc"), {_id(n): _rank(n) for n in range(start, start + 5_000)})
+                pipe.zadd(self.key("abc"), {search.member(_id(n)): _rank(n) for n in range(start, start + 5_000)})
             # The other set holds the hits and many ids that are not in the rarest set.
-            pipe.zadd(self.key("bcd"), {_id(n): _rank(n) for n in self.hits})
-            pipe.zadd(self.key("bcd"), {f"other{n}": n for n in range(50_000)})
+            pipe.zadd(self.key("bcd"), {search.member(_id(n)): _rank(n) for n in self.hits})
+            pipe.zadd(self.key("bcd"), {search.member(_id(RAREST + n)): n for n in range(50_000)})
             for n in self.hits:
                 pipe.set(self.view_key(_id(n)), keyed_member(_rank(n), _id(n)))
             await pipe.execute()
@@ -72,8 +75,10 @@ class World:
             high=high,
         )
 
-    async def pages(self, descending: bool, low: bytes = b"-", high: bytes = b"+") -> list[list[bytes]]:
-        pager = IndexPager(self.client, scan_limit=5_000, candidate_limit=5_000)
+    async def pages(
+        self, descending: bool, low: bytes = b"-", high: bytes = b"+", pager: IndexPager | None = None
+    ) -> list[list[bytes]]:
+        pager = pager or IndexPager(self.client, scan_limit=5_000, candidate_limit=5_000)
         pages: list[list[bytes]] = []
         cursor: bytes | None = None
         while True:
@@ -130,3 +135,16 @@ async def test_a_window_and_a_vanished_cursor_entity_keep_the_walk_in_place(
     pages = await world.pages(True, low, high)
     assert [m for page in pages for m in page] == inside and all(len(p) == 7 for p in pages[:-1])
     assert len(inside) > 14
+
+
+@pytest.mark.parametrize("descending", [False, True])
+async def test_a_walk_of_sets_over_the_probe_bound_reads_a_budget_per_call(world: World, descending: bool) -> None:
+    # The rarest set (30,000 ids) is over the probe bound: the walk reads at most the scan's
+    # budget per call (about two hits per 1,000 ids here), so pages may be short, each with a
+    # cursor that resumes the walk where it stopped, and together they hold every hit in order.
+    pager = IndexPager(world.client, scan_limit=1_000, candidate_limit=10)
+    assert RAREST > 10 * search.PROBE_FACTOR
+    pages = await world.pages(descending, pager=pager)
+    assert [m for page in pages for m in page] == expected(world, descending)
+    assert any(len(page) < 7 for page in pages[:-1]) and all(len(page) <= 7 for page in pages)
+    assert len(pages) >= RAREST // 1_000

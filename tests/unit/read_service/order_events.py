@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.message import Message
 
 from read_service.projections.base import Effect, Projection
+from read_service.search import entity_of
 from shared_kernel.contracts.event_log import NewEvent
 from tessera.catalog.v1.events_pb2 import (
     ProductAdded,
@@ -379,15 +380,15 @@ class MemoryViews:
             current = self.hashes.setdefault(key, {}).get(fld, 0)
             assert isinstance(current, int)
             self.hashes[key][fld] = current + amount
-        elif name == "ZADD" and isinstance(args[2], str):
-            key, score, member = args  # a trigram set of the search index: an id scored by its rank
-            assert isinstance(key, str) and isinstance(member, str) and isinstance(score, int) and score >= 0
-            self.ranks.setdefault(key, {})[member] = score
-        elif name == "ZREM" and isinstance(args[1], str):
+        elif name == "ZADD" and ":tri:" in str(args[0]):
+            key, score, member = args  # a trigram set of the search index: an id (16 bytes) scored by its rank
+            assert isinstance(key, str) and isinstance(member, bytes) and isinstance(score, int) and score >= 0
+            self.ranks.setdefault(key, {})[entity_of(member)] = score
+        elif name == "ZREM" and ":tri:" in str(args[0]):
             key, member = args
-            assert isinstance(key, str) and isinstance(member, str)
+            assert isinstance(key, str) and isinstance(member, bytes)
             found = self.ranks.get(key, {})
-            found.pop(member, None)
+            found.pop(entity_of(member), None)
             if not found:
                 self.ranks.pop(key, None)  # as Redis drops an empty sorted set
         elif name == "ZADD":

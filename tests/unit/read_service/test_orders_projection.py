@@ -291,7 +291,7 @@ def test_members_carry_the_order_id_and_ops_are_allowed(events: Events) -> None:
     trigram = KEYS.trigram("")
     members = [op[3] for op in effect.ops if op[0] == "ZADD" and not str(op[1]).startswith(trigram)]
     assert members and all(isinstance(m, bytes) and member_id(m) == order_id for m in members)
-    # The trigram sets hold the bare id, scored by the placing time in microseconds.
+    # The trigram sets hold the id's 16 bytes, scored by the placing time in microseconds.
     placed_at = OrderPlaced.FromString(placed.payload.SerializeToString()).placed_at.ToMicroseconds()
     grams = [op[2:] for op in effect.ops if str(op[1]).startswith(trigram)]
-    assert grams and set(grams) == {(placed_at, order_id)}
+    assert grams and set(grams) == {(placed_at, uuid.UUID(order_id).bytes)}

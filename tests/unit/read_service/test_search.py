@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from read_service.search import gram_ops, grams
+import uuid
+
+from read_service.search import entity_of, gram_ops, grams, member
 from read_service.views.paging import after
 
 
@@ -20,15 +22,28 @@ def test_every_substring_of_three_or_more_has_only_grams_of_its_text() -> None:
             assert grams([text[start:end]]) <= grams([text])
 
 
+ID = "0b6a4f44-7d1e-4c39-9a55-1f0d2c3b4a59"
+
+
 def test_gram_ops_remove_what_is_gone_and_add_what_is_new() -> None:
-    ops = gram_ops(lambda g: f"k:{g}", "id-1", {"abc", "bcd"}, {"bcd", "cde"}, 7)
-    assert ops == [("ZREM", "k:abc", "id-1"), ("ZADD", "k:cde", 7, "id-1")]
-    assert gram_ops(lambda g: g, "id", {"x"}, {"x"}, 7) == []
+    packed = uuid.UUID(ID).bytes
+    ops = gram_ops(lambda g: f"k:{g}", ID, {"abc", "bcd"}, {"bcd", "cde"}, 7)
+    assert ops == [("ZREM", "k:abc", packed), ("ZADD", "k:cde", 7, packed)]
+    assert gram_ops(lambda g: g, ID, {"x"}, {"x"}, 7) == []
     # A new rank rescores every trigram the entity keeps.
-    assert gram_ops(lambda g: g, "id", {"x", "y"}, {"x"}, 9, rank_changed=True) == [
-        ("ZREM", "y", "id"),
-        ("ZADD", "x", 9, "id"),
+    assert gram_ops(lambda g: g, ID, {"x", "y"}, {"x"}, 9, rank_changed=True) == [
+        ("ZREM", "y", packed),
+        ("ZADD", "x", 9, packed),
     ]
+
+
+def test_members_are_an_ids_16_bytes_in_the_order_of_its_text() -> None:
+    ids = sorted(str(uuid.UUID(int=n * 0x1F3D5B79A1B2C3D4E5F60718293A4B5C % (1 << 128))) for n in range(200))
+    packed = [member(i) for i in ids]
+    assert all(len(m) == 16 for m in packed)
+    # Redis orders ties of rank by member bytes: the same order as the sort index's id text.
+    assert sorted(packed) == packed
+    assert [entity_of(m) for m in packed] == ids
 
 
 def test_after_orders_members_as_bylex_does_and_starts_after_the_cursor() -> None:

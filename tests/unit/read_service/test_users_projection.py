@@ -97,9 +97,9 @@ def test_registered_writes_view_email_index_sorted_indexes_and_counters(projecti
     searchable = grams(["Ada@Example.com", "AdaL", "Ada Lovelace"])
     created = REGISTERED_AT_MICROS
     tri_ops = [op for op in ops if str(op[1]).startswith(KEYS.trigram(""))]
-    # Each trigram set is a sorted set of ids scored by the creation time (the walk's order).
+    # Each trigram set is a sorted set of ids (16 bytes each) scored by the creation time (the walk's order).
     assert {op[1] for op in tri_ops} == {KEYS.trigram(g) for g in searchable}
-    assert {(op[0], op[2], op[3]) for op in tri_ops} == {("ZADD", created, USER_ID)}
+    assert {(op[0], op[2], op[3]) for op in tri_ops} == {("ZADD", created, uuid.UUID(USER_ID).bytes)}
     assert {"ada", "@ex", "a l", "ace"} <= searchable
     assert all(str(op[0]) in ALLOWED_COMMANDS for op in ops)
 
@@ -138,8 +138,8 @@ def test_profile_updated_reads_the_view_and_rewrites_only_it(projection):
     after = grams(["Ada@Example.com", "AdaL", "Ada King"])
     assert {op[1] for op in effect.ops if op[0] == "ZREM"} == {KEYS.trigram(g) for g in before - after}
     assert {op[1] for op in effect.ops if op[0] == "ZADD"} == {KEYS.trigram(g) for g in after - before}
-    assert all(op[2] == USER_ID for op in effect.ops if op[0] == "ZREM")
-    assert all(op[2:] == (REGISTERED_AT_MICROS, USER_ID) for op in effect.ops if op[0] == "ZADD")
+    assert all(op[2] == uuid.UUID(USER_ID).bytes for op in effect.ops if op[0] == "ZREM")
+    assert all(op[2:] == (REGISTERED_AT_MICROS, uuid.UUID(USER_ID).bytes) for op in effect.ops if op[0] == "ZADD")
     assert KEYS.trigram("ada") not in {op[1] for op in effect.ops}  # still in the e-mail and username
 
 
