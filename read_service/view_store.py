@@ -158,30 +158,77 @@ def _bytes(value: str | bytes | int | float) -> bytes:
 _INTS = {number: str(number).encode() for number in range(-16, 17)}
 
 
-def _pack_ops(
+def _pack_ops(  # noqa: PLR0912, PLR0915 - the write path's inner loop, inlined on purpose
     ops: Sequence[Op], keys: list[str], slots: dict[str | bytes | int | float, int], parts: list[bytes]
 ) -> None:
     """Append `ops` packed (see ops.lua) to `parts`, adding each key not in `slots` to `keys`."""
+    # The hot loop of every write: names bound locally, the common argument types (bytes, str)
+    # turned to bytes inline rather than through _bytes.
     append = parts.append
+    slot_of = slots.get
+    code_of = _CODE_OF.get
+    one = _ONE
+    two = _TWO
+    ints = _INTS
+    last_first: object = None
+    last_second: object = None
+    last_first_bytes = last_second_bytes = b""
+    data: Any
+    first: Any
+    second: Any
     for op in ops:
         key = op[1]
-        slot = slots.get(key)
+        slot = slot_of(key)
         if slot is None:
             keys.append(key.decode() if isinstance(key, bytes) else str(key))
             slot = slots[key] = len(keys)
         command = op[0]
-        code = _CODE_OF.get(command)
+        code = code_of(command)
         if code is None:
             code = _CODE_OF[command] = _CODES.get(str(command).upper(), 0)
         count = len(op) - 2
         # Most ops take one or two arguments after the key (a member, a score and a member).
         if count == 1:
-            data = _bytes(op[2])
-            append(_ONE(1, code, slot, len(data)))
+            data = op[2]
+            if data is last_second:
+                data = last_second_bytes
+            else:
+                last_second = data
+                kind = type(data)
+                if kind is not bytes:
+                    data = data.encode() if kind is str else _bytes(data)
+                last_second_bytes = data
+            append(one(1, code, slot, len(data)))
             append(data)
         elif count == 2:
-            first, second = _bytes(op[2]), _bytes(op[3])
-            append(_TWO(2, code, slot, len(first), len(second)))
+            # Runs of ops share their arguments (an entity's trigram writes: one score, one
+            # member): the bytes of the previous op's are reused when they are the same objects.
+            first = op[2]
+            if first is last_first:
+                first = last_first_bytes
+            else:
+                last_first = first
+                kind = type(first)
+                if kind is not bytes:
+                    # A score or an increment (an int, mostly one of a few small ones), or a field name.
+                    first = (
+                        (ints.get(first) or str(first).encode())
+                        if kind is int
+                        else first.encode()
+                        if kind is str
+                        else _bytes(first)
+                    )
+                last_first_bytes = first
+            second = op[3]
+            if second is last_second:
+                second = last_second_bytes
+            else:
+                last_second = second
+                kind = type(second)
+                if kind is not bytes:
+                    second = second.encode() if kind is str else _bytes(second)
+                last_second_bytes = second
+            append(two(2, code, slot, len(first), len(second)))
             append(first)
             append(second)
         else:
