@@ -287,6 +287,37 @@ def encode_calls(
     return result
 
 
+# The RESP bulk string of each key named lately: most keys of a write (an index, a trigram set)
+# come back in write after write, and packing each key anew was as much work as packing its ops.
+_BULKS: dict[str, bytes] = {}
+_BULKS_MAX = 100_000
+
+
+def _bulk_key(key: str) -> bytes:
+    bulk = _BULKS.get(key)
+    if bulk is None:
+        data = key.encode()
+        bulk = b"$%d\r\n%s\r\n" % (len(data), data)
+        if len(_BULKS) >= _BULKS_MAX:
+            _BULKS.clear()
+        _BULKS[key] = bulk
+    return bulk
+
+
+def _bulk(value: str | bytes | int) -> bytes:
+    data = value if isinstance(value, bytes) else str(value).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def pack_call(sha: str, keys: Sequence[str], argv: Sequence[str | bytes | int]) -> bytes:
+    """EVALSHA `sha` with `keys` and `argv` in the Redis protocol."""
+    bulks = _BULKS
+    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(argv)), _bulk(sha), _bulk(len(keys))]
+    parts += [bulks.get(key) or _bulk_key(key) for key in keys]
+    parts += [_bulk(value) for value in argv]
+    return b"".join(parts)
+
+
 def results(positions: Sequence[int], before: int, after: int) -> list[ApplyResult]:
     """Per-event outcomes of a call that moved the checkpoint from `before` to `after`."""
     return [
@@ -408,13 +439,41 @@ class ViewStore:
             await self.load_script()
         sha = self._sha
         assert sha is not None
-        if len(calls) == 1:
-            keys, argv = calls[0]
-            return [await self._client.evalsha(sha, len(keys), *keys, *argv)]
-        async with self._client.pipeline(transaction=False) as pipe:
-            for keys, argv in calls:
-                pipe.evalsha(sha, len(keys), *keys, *argv)
-            return list(await pipe.execute())
+        packed = b"".join([pack_call(sha, keys, argv) for keys, argv in calls])
+        pool = self._client.connection_pool
+        for attempt in (1, 2):
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            answered = 0
+            try:
+                await connection.send_packed_command(packed)
+                replies: list[Any] = []
+                error: redis.exceptions.ResponseError | None = None
+                for _ in calls:
+                    try:
+                        replies.append(await connection.read_response())
+                    except redis.exceptions.ResponseError as exc:
+                        # Read every reply of the batch first: the connection stays in step.
+                        error = error or exc
+                    answered += 1
+            except (redis.exceptions.ConnectionError, OSError) as exc:
+                await connection.disconnect(nowait=True)
+                # A pooled connection Redis had closed (a restart): sent once more on a new one,
+                # as the driver's own retry does. Nothing was applied by a call that never answered
+                # back, and a call that did comes back as a duplicate, which the script refuses.
+                if attempt == 2 or answered:
+                    raise
+                logger.debug("apply call on a closed connection (%s); sending it again", exc)
+                continue
+            except BaseException:
+                # Cancelled or timed out: what is still on the wire is unknown.
+                await connection.disconnect(nowait=True)
+                raise
+            finally:
+                await pool.release(connection)
+            if error is not None:
+                raise error
+            return replies
+        raise AssertionError("unreachable")
 
 
 # Reads what one single-view query needs in one command: KEYS[1] the checkpoint, KEYS[2] the
