@@ -146,7 +146,8 @@ class BatchApplier:
         """The checkpoint and the state the handled events need (with aggregate parking, the parked ones too)."""
         ctx = self._ctx
         projection = ctx.projection
-        handled = [e for e in events if handles(projection, e)]
+        types: frozenset[str] | None = getattr(projection, "handles", None)
+        handled = list(events) if types is None else [e for e in events if e.event_type in types]
         keys = list(dict.fromkeys(k for e in handled for k in projection.state_keys(e)))
         if handled and ctx.options.parking is ParkingMode.AGGREGATE:
             # The parked aggregates are read with the state, at the same checkpoint.
