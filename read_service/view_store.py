@@ -133,8 +133,8 @@ _HEADERS: dict[int, Callable[..., bytes]] = {}
 
 
 def _header(count: int) -> Callable[..., bytes]:
-    if count > 255:
-        raise ValueError(f"an op takes at most 255 arguments after its key, not {count}")
+    if count > _FAN_OUT_MARK - 1:
+        raise ValueError(f"an op takes at most {_FAN_OUT_MARK - 1} arguments after its key, not {count}")
     pack = _HEADERS[count] = struct.Struct(">BBI" + "I" * count).pack
     return pack
 
@@ -158,24 +158,65 @@ def _bytes(value: str | bytes | int | float) -> bytes:
 _INTS = {number: str(number).encode() for number in range(-16, 17)}
 
 
-def _pack_ops(  # noqa: PLR0912, PLR0915 - the write path's inner loop, inlined on purpose
+# At most this many keys in one fan-out op (see ops.lua): Lua unpacks their indexes in one call.
+FAN_OUT_MAX = 200
+_FAN_OUT = struct.Struct(">BBBI").pack
+# The first byte of a fan-out op, where any other op has its argument count.
+_FAN_OUT_MARK = 255
+# What an op of one argument has in place of a second.
+_NO_ARGUMENT = object()
+
+
+def _emit_run(parts: list[bytes], code: int, slots: list[int], first: bytes, second: bytes | None) -> None:
+    """Append a run of one command with the same arguments on `slots` (one op, or a fan-out op)."""
+    append = parts.append
+    if len(slots) == 1:
+        if second is None:
+            append(_ONE(1, code, slots[0], len(first)))
+            append(first)
+        else:
+            append(_TWO(2, code, slots[0], len(first), len(second)))
+            append(first)
+            append(second)
+        return
+    append(_FAN_OUT(_FAN_OUT_MARK, code, 1 if second is None else 2, len(slots)))
+    append(struct.pack(f">{len(slots)}I", *slots))
+    if second is None:
+        append(len(first).to_bytes(4, "big"))
+        append(first)
+    else:
+        append(len(first).to_bytes(4, "big") + len(second).to_bytes(4, "big"))
+        append(first)
+        append(second)
+
+
+def _arg_bytes(value: Any) -> bytes:
+    kind = type(value)
+    if kind is bytes:
+        return value  # type: ignore[no-any-return]
+    if kind is str:
+        return value.encode()  # type: ignore[no-any-return]
+    return _bytes(value)
+
+
+def _pack_ops(
     ops: Sequence[Op], keys: list[str], slots: dict[str | bytes | int | float, int], parts: list[bytes]
 ) -> None:
-    """Append `ops` packed (see ops.lua) to `parts`, adding each key not in `slots` to `keys`."""
-    # The hot loop of every write: names bound locally, the common argument types (bytes, str)
-    # turned to bytes inline rather than through _bytes.
-    append = parts.append
+    """Append `ops` packed (see ops.lua) to `parts`, adding each key not in `slots` to `keys`.
+
+    Consecutive ops of one command with the very same arguments on different keys (an entity's
+    trigram sets: one score, one member) go as one fan-out op: their key indexes, then the
+    arguments once. Redis runs them as the ops they stand for, in the same order.
+    """
+    # The hot loop of every write: names bound locally, the run's arguments compared by identity.
     slot_of = slots.get
     code_of = _CODE_OF.get
-    one = _ONE
-    two = _TWO
-    ints = _INTS
-    last_first: object = None
-    last_second: object = None
-    last_first_bytes = last_second_bytes = b""
-    data: Any
-    first: Any
-    second: Any
+    run: list[int] = []
+    run_code = 0
+    run_first: Any = None
+    run_second: Any = None
+    first_bytes = b""
+    second_bytes: bytes | None = None
     for op in ops:
         key = op[1]
         slot = slot_of(key)
@@ -187,55 +228,28 @@ def _pack_ops(  # noqa: PLR0912, PLR0915 - the write path's inner loop, inlined 
         if code is None:
             code = _CODE_OF[command] = _CODES.get(str(command).upper(), 0)
         count = len(op) - 2
-        # Most ops take one or two arguments after the key (a member, a score and a member).
-        if count == 1:
-            data = op[2]
-            if data is last_second:
-                data = last_second_bytes
-            else:
-                last_second = data
-                kind = type(data)
-                if kind is not bytes:
-                    data = data.encode() if kind is str else _bytes(data)
-                last_second_bytes = data
-            append(one(1, code, slot, len(data)))
-            append(data)
-        elif count == 2:
-            # Runs of ops share their arguments (an entity's trigram writes: one score, one
-            # member): the bytes of the previous op's are reused when they are the same objects.
+        if count in (1, 2):
             first = op[2]
-            if first is last_first:
-                first = last_first_bytes
-            else:
-                last_first = first
-                kind = type(first)
-                if kind is not bytes:
-                    # A score or an increment (an int, mostly one of a few small ones), or a field name.
-                    first = (
-                        (ints.get(first) or str(first).encode())
-                        if kind is int
-                        else first.encode()
-                        if kind is str
-                        else _bytes(first)
-                    )
-                last_first_bytes = first
-            second = op[3]
-            if second is last_second:
-                second = last_second_bytes
-            else:
-                last_second = second
-                kind = type(second)
-                if kind is not bytes:
-                    second = second.encode() if kind is str else _bytes(second)
-                last_second_bytes = second
-            append(two(2, code, slot, len(first), len(second)))
-            append(first)
-            append(second)
-        else:
-            args = [_bytes(value) for value in op[2:]]
-            header = _HEADERS.get(count) or _header(count)
-            append(header(count, code, slot, *[len(arg) for arg in args]))
-            parts.extend(args)
+            second = op[3] if count == 2 else _NO_ARGUMENT
+            if run and code == run_code and first is run_first and second is run_second and len(run) < FAN_OUT_MAX:
+                run.append(slot)
+                continue
+            if run:
+                _emit_run(parts, run_code, run, first_bytes, second_bytes)
+            run = [slot]
+            run_code, run_first, run_second = code, first, second
+            first_bytes = _INTS.get(first) or str(first).encode() if type(first) is int else _arg_bytes(first)
+            second_bytes = None if count == 1 else _arg_bytes(second)
+            continue
+        if run:
+            _emit_run(parts, run_code, run, first_bytes, second_bytes)
+            run = []
+        args = [_bytes(value) for value in op[2:]]
+        header = _HEADERS.get(count) or _header(count)
+        parts.append(header(count, code, slot, *[len(arg) for arg in args]))
+        parts.extend(args)
+    if run:
+        _emit_run(parts, run_code, run, first_bytes, second_bytes)
 
 
 def pack_ops(keys: list[str], ops: Sequence[Op]) -> bytes:
