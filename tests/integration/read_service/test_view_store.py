@@ -168,7 +168,8 @@ async def test_fan_out_runs_leave_redis_as_the_ops_one_by_one_would(
         found: dict[str, object] = {}
         async for key in redis_client.scan_iter(match=f"{redis_prefix}{space}:*"):
             name = key.decode()[len(f"{redis_prefix}{space}:") :]
-            kind = (await redis_client.type(key)).decode()
+            kind_reply = await redis_client.type(key)
+            kind = kind_reply.decode() if isinstance(kind_reply, bytes) else kind_reply
             if kind == "zset":
                 found[name] = await redis_client.zrange(key, 0, -1, withscores=True)
             elif kind == "hash":
