@@ -146,7 +146,8 @@ class BatchApplier:
         """The checkpoint and the state the handled events need (with aggregate parking, the parked ones too)."""
         ctx = self._ctx
         projection = ctx.projection
-        handled = [e for e in events if handles(projection, e)]
+        types: frozenset[str] | None = getattr(projection, "handles", None)
+        handled = list(events) if types is None else [e for e in events if e.event_type in types]
         keys = list(dict.fromkeys(k for e in handled for k in projection.state_keys(e)))
         if handled and ctx.options.parking is ParkingMode.AGGREGATE:
             # The parked aggregates are read with the state, at the same checkpoint.
@@ -230,19 +231,25 @@ class BatchApplier:
             ctx.pending = 0
             ctx.pending_since = 0.0
         self._count(moves, [position for position, _ in items])
-        for envelope in run:
-            span = spans.get(envelope.position)
-            if span is not None:
-                outcome = (
-                    Outcome.DUPLICATE
-                    if envelope.position <= before
-                    else Outcome.APPLIED
-                    if envelope.position <= after
-                    else Outcome.GAP
-                )
-                span.set_attribute("tessera.projection.outcome", outcome.name.lower())
-            if before < envelope.position <= after and handles(ctx.projection, envelope):
+        if spans:
+            for envelope in run:
+                span = spans.get(envelope.position)
+                if span is not None:
+                    outcome = (
+                        Outcome.DUPLICATE
+                        if envelope.position <= before
+                        else Outcome.APPLIED
+                        if envelope.position <= after
+                        else Outcome.GAP
+                    )
+                    span.set_attribute("tessera.projection.outcome", outcome.name.lower())
+        # The last event applied that the projection handles (only the last one is kept).
+        for envelope in reversed(run):
+            if envelope.position <= before:
+                break
+            if envelope.position <= after and handles(ctx.projection, envelope):
                 ctx.counters.last_applied_envelope = envelope
+                break
         await ctx.observe_checkpoint(after)
 
     def _count(self, moves: Sequence[tuple[int, int]], positions: Sequence[int]) -> None:
@@ -260,10 +267,12 @@ class BatchApplier:
                 before,
                 extra={"projection": ctx.name, "checkpoint": moves[-1][1]},
             )
+        applied_at: datetime | None = None
         for first, last in moves:
             if last > first:
                 counters.applied += last - first
-                counters.last_applied_at = datetime.now(UTC)
+                applied_at = applied_at or datetime.now(UTC)
+                counters.last_applied_at = applied_at
                 on_applied = ctx.links.on_applied
                 if on_applied is not None:
                     for position in range(first + 1, last + 1):

@@ -94,6 +94,11 @@ class NearCache:
         return self.capacity > 0
 
     @property
+    def holds_anything(self) -> bool:
+        """True when an entry or a read under way could depend on a key: only then can `invalidate` matter."""
+        return bool(self._entries) or bool(self._inflight)
+
+    @property
     def through(self) -> int | None:
         """The position up to which invalidations have been applied (None before the first reset)."""
         return self._through

@@ -7,7 +7,13 @@
 -- it writes (4 bytes), the length of each of its n arguments (4 bytes each), then their bytes.
 -- Numbers are big-endian. The header of an op is read by one struct.unpack call: reading Redis's
 -- script arguments was a third of the apply's time inside Redis when each length was read alone.
+-- A run of ops of one command with the same arguments on different keys (an entity's trigram
+-- sets) may come as one fan-out op instead: 255 in place of the count, then as described at
+-- FAN_OUT below; it unpacks to the ops it stands for.
 local commands = {'SET', 'DEL', 'HSET', 'HDEL', 'HINCRBY', 'ZADD', 'ZREM', 'SADD', 'SREM'}
+
+-- The first byte of a fan-out op, in place of an argument count (an op takes at most 254).
+local FAN_OUT = 255
 
 -- struct formats of an op's header (after its first byte) by its argument count.
 local headers = {}
@@ -33,33 +39,63 @@ local function unpack_ops(blob, pos, count)
     if n == nil then
       error('op list cut short')
     end
-    local op
-    if n == 1 then
-      local code, key, len
-      code, key, len, pos = struct.unpack('>BI4I4', blob, pos + 1)
-      op = {commands[code] or false, key, sub(blob, pos, pos + len - 1)}
-      pos = pos + len
-    elseif n == 2 then
-      local code, key, len1, len2
-      code, key, len1, len2, pos = struct.unpack('>BI4I4I4', blob, pos + 1)
-      local second = pos + len1
-      op = {commands[code] or false, key, sub(blob, pos, second - 1), sub(blob, second, second + len2 - 1)}
-      pos = second + len2
-    else
-      local head = {struct.unpack(header(n), blob, pos + 1)}
-      op = {commands[head[1]] or false, head[2]}
-      pos = head[n + 3]
-      for k = 1, n do
-        local len = head[k + 2]
-        op[k + 2] = sub(blob, pos, pos + len - 1)
-        pos = pos + len
+    if n == FAN_OUT then
+      -- A fan-out op: one command with the same m arguments on k keys (an entity's trigram
+      -- sets). Its code (1 byte), m (1 byte), k (4 bytes), the k key indexes, the m lengths,
+      -- then the arguments once; it stands for k ops, one per key, in that order.
+      local code, m, k
+      code, m, k, pos = struct.unpack('>BBI4', blob, pos + 1)
+      if m < 1 or m > 2 or k < 1 or k > 200 then
+        error('malformed fan-out op')
       end
+      local slots = {struct.unpack('>' .. string.rep('I4', k), blob, pos)}
+      pos = slots[k + 1]
+      local lens = {struct.unpack('>' .. string.rep('I4', m), blob, pos)}
+      pos = lens[m + 1]
+      local first = sub(blob, pos, pos + lens[1] - 1)
+      pos = pos + lens[1]
+      local second
+      if m == 2 then
+        second = sub(blob, pos, pos + lens[2] - 1)
+        pos = pos + lens[2]
+      end
+      if pos - 1 > size then
+        error('op list cut short')
+      end
+      local name = commands[code] or false
+      for s = 1, k do
+        found = found + 1
+        ops[found] = {name, slots[s], first, second}
+      end
+    else
+      local op
+      if n == 1 then
+        local code, key, len
+        code, key, len, pos = struct.unpack('>BI4I4', blob, pos + 1)
+        op = {commands[code] or false, key, sub(blob, pos, pos + len - 1)}
+        pos = pos + len
+      elseif n == 2 then
+        local code, key, len1, len2
+        code, key, len1, len2, pos = struct.unpack('>BI4I4I4', blob, pos + 1)
+        local second = pos + len1
+        op = {commands[code] or false, key, sub(blob, pos, second - 1), sub(blob, second, second + len2 - 1)}
+        pos = second + len2
+      else
+        local head = {struct.unpack(header(n), blob, pos + 1)}
+        op = {commands[head[1]] or false, head[2]}
+        pos = head[n + 3]
+        for k = 1, n do
+          local len = head[k + 2]
+          op[k + 2] = sub(blob, pos, pos + len - 1)
+          pos = pos + len
+        end
+      end
+      if pos - 1 > size then
+        error('op list cut short')
+      end
+      found = found + 1
+      ops[found] = op
     end
-    if pos - 1 > size then
-      error('op list cut short')
-    end
-    found = found + 1
-    ops[found] = op
   end
   return ops, pos
 end

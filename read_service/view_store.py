@@ -133,8 +133,8 @@ _HEADERS: dict[int, Callable[..., bytes]] = {}
 
 
 def _header(count: int) -> Callable[..., bytes]:
-    if count > 255:
-        raise ValueError(f"an op takes at most 255 arguments after its key, not {count}")
+    if count > _FAN_OUT_MARK - 1:
+        raise ValueError(f"an op takes at most {_FAN_OUT_MARK - 1} arguments after its key, not {count}")
     pack = _HEADERS[count] = struct.Struct(">BBI" + "I" * count).pack
     return pack
 
@@ -158,37 +158,98 @@ def _bytes(value: str | bytes | int | float) -> bytes:
 _INTS = {number: str(number).encode() for number in range(-16, 17)}
 
 
+# At most this many keys in one fan-out op (see ops.lua): Lua unpacks their indexes in one call.
+FAN_OUT_MAX = 200
+_FAN_OUT = struct.Struct(">BBBI").pack
+# The first byte of a fan-out op, where any other op has its argument count.
+_FAN_OUT_MARK = 255
+# What an op of one argument has in place of a second.
+_NO_ARGUMENT = object()
+
+
+def _emit_run(parts: list[bytes], code: int, slots: list[int], first: bytes, second: bytes | None) -> None:
+    """Append a run of one command with the same arguments on `slots` (one op, or a fan-out op)."""
+    append = parts.append
+    if len(slots) == 1:
+        if second is None:
+            append(_ONE(1, code, slots[0], len(first)))
+            append(first)
+        else:
+            append(_TWO(2, code, slots[0], len(first), len(second)))
+            append(first)
+            append(second)
+        return
+    append(_FAN_OUT(_FAN_OUT_MARK, code, 1 if second is None else 2, len(slots)))
+    append(struct.pack(f">{len(slots)}I", *slots))
+    if second is None:
+        append(len(first).to_bytes(4, "big"))
+        append(first)
+    else:
+        append(len(first).to_bytes(4, "big") + len(second).to_bytes(4, "big"))
+        append(first)
+        append(second)
+
+
+def _arg_bytes(value: Any) -> bytes:
+    kind = type(value)
+    if kind is bytes:
+        return value  # type: ignore[no-any-return]
+    if kind is str:
+        return value.encode()  # type: ignore[no-any-return]
+    return _bytes(value)
+
+
 def _pack_ops(
     ops: Sequence[Op], keys: list[str], slots: dict[str | bytes | int | float, int], parts: list[bytes]
 ) -> None:
-    """Append `ops` packed (see ops.lua) to `parts`, adding each key not in `slots` to `keys`."""
-    append = parts.append
+    """Append `ops` packed (see ops.lua) to `parts`, adding each key not in `slots` to `keys`.
+
+    Consecutive ops of one command with the very same arguments on different keys (an entity's
+    trigram sets: one score, one member) go as one fan-out op: their key indexes, then the
+    arguments once. Redis runs them as the ops they stand for, in the same order.
+    """
+    # The hot loop of every write: names bound locally, the run's arguments compared by identity.
+    slot_of = slots.get
+    code_of = _CODE_OF.get
+    run: list[int] = []
+    run_code = 0
+    run_first: Any = None
+    run_second: Any = None
+    first_bytes = b""
+    second_bytes: bytes | None = None
     for op in ops:
         key = op[1]
-        slot = slots.get(key)
+        slot = slot_of(key)
         if slot is None:
             keys.append(key.decode() if isinstance(key, bytes) else str(key))
             slot = slots[key] = len(keys)
         command = op[0]
-        code = _CODE_OF.get(command)
+        code = code_of(command)
         if code is None:
             code = _CODE_OF[command] = _CODES.get(str(command).upper(), 0)
         count = len(op) - 2
-        # Most ops take one or two arguments after the key (a member, a score and a member).
-        if count == 1:
-            data = _bytes(op[2])
-            append(_ONE(1, code, slot, len(data)))
-            append(data)
-        elif count == 2:
-            first, second = _bytes(op[2]), _bytes(op[3])
-            append(_TWO(2, code, slot, len(first), len(second)))
-            append(first)
-            append(second)
-        else:
-            args = [_bytes(value) for value in op[2:]]
-            header = _HEADERS.get(count) or _header(count)
-            append(header(count, code, slot, *[len(arg) for arg in args]))
-            parts.extend(args)
+        if count in (1, 2):
+            first = op[2]
+            second = op[3] if count == 2 else _NO_ARGUMENT
+            if run and code == run_code and first is run_first and second is run_second and len(run) < FAN_OUT_MAX:
+                run.append(slot)
+                continue
+            if run:
+                _emit_run(parts, run_code, run, first_bytes, second_bytes)
+            run = [slot]
+            run_code, run_first, run_second = code, first, second
+            first_bytes = _INTS.get(first) or str(first).encode() if type(first) is int else _arg_bytes(first)
+            second_bytes = None if count == 1 else _arg_bytes(second)
+            continue
+        if run:
+            _emit_run(parts, run_code, run, first_bytes, second_bytes)
+            run = []
+        args = [_bytes(value) for value in op[2:]]
+        header = _HEADERS.get(count) or _header(count)
+        parts.append(header(count, code, slot, *[len(arg) for arg in args]))
+        parts.extend(args)
+    if run:
+        _emit_run(parts, run_code, run, first_bytes, second_bytes)
 
 
 def pack_ops(keys: list[str], ops: Sequence[Op]) -> bytes:
@@ -238,6 +299,37 @@ def encode_calls(
             args += [fingerprint.position, fingerprint.event_id]
         result.append((keys, args))
     return result
+
+
+# The RESP bulk string of each key named lately: most keys of a write (an index, a trigram set)
+# come back in write after write, and packing each key anew was as much work as packing its ops.
+_BULKS: dict[str, bytes] = {}
+_BULKS_MAX = 100_000
+
+
+def _bulk_key(key: str) -> bytes:
+    bulk = _BULKS.get(key)
+    if bulk is None:
+        data = key.encode()
+        bulk = b"$%d\r\n%s\r\n" % (len(data), data)
+        if len(_BULKS) >= _BULKS_MAX:
+            _BULKS.clear()
+        _BULKS[key] = bulk
+    return bulk
+
+
+def _bulk(value: str | bytes | int) -> bytes:
+    data = value if isinstance(value, bytes) else str(value).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def pack_call(sha: str, keys: Sequence[str], argv: Sequence[str | bytes | int]) -> bytes:
+    """EVALSHA `sha` with `keys` and `argv` in the Redis protocol."""
+    bulks = _BULKS
+    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(argv)), _bulk(sha), _bulk(len(keys))]
+    parts += [bulks.get(key) or _bulk_key(key) for key in keys]
+    parts += [_bulk(value) for value in argv]
+    return b"".join(parts)
 
 
 def results(positions: Sequence[int], before: int, after: int) -> list[ApplyResult]:
@@ -361,13 +453,41 @@ class ViewStore:
             await self.load_script()
         sha = self._sha
         assert sha is not None
-        if len(calls) == 1:
-            keys, argv = calls[0]
-            return [await self._client.evalsha(sha, len(keys), *keys, *argv)]
-        async with self._client.pipeline(transaction=False) as pipe:
-            for keys, argv in calls:
-                pipe.evalsha(sha, len(keys), *keys, *argv)
-            return list(await pipe.execute())
+        packed = b"".join([pack_call(sha, keys, argv) for keys, argv in calls])
+        pool = self._client.connection_pool
+        for attempt in (1, 2):
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            answered = 0
+            try:
+                await connection.send_packed_command(packed)
+                replies: list[Any] = []
+                error: redis.exceptions.ResponseError | None = None
+                for _ in calls:
+                    try:
+                        replies.append(await connection.read_response())
+                    except redis.exceptions.ResponseError as exc:
+                        # Read every reply of the batch first: the connection stays in step.
+                        error = error or exc
+                    answered += 1
+            except (redis.exceptions.ConnectionError, OSError) as exc:
+                await connection.disconnect(nowait=True)
+                # A pooled connection Redis had closed (a restart): sent once more on a new one,
+                # as the driver's own retry does. Nothing was applied by a call that never answered
+                # back, and a call that did comes back as a duplicate, which the script refuses.
+                if attempt == 2 or answered:
+                    raise
+                logger.debug("apply call on a closed connection (%s); sending it again", exc)
+                continue
+            except BaseException:
+                # Cancelled or timed out: what is still on the wire is unknown.
+                await connection.disconnect(nowait=True)
+                raise
+            finally:
+                await pool.release(connection)
+            if error is not None:
+                raise error
+            return replies
+        raise AssertionError("unreachable")
 
 
 # Reads what one single-view query needs in one command: KEYS[1] the checkpoint, KEYS[2] the

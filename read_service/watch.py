@@ -494,6 +494,20 @@ class ChangeFeed:
         assert self._released is not None
         position = self._released + 1
         while position <= target:
+            if not self._by_key and not self._matchers and not any(c.holds_anything for c in self._caches):
+                # Nobody to tell about the effects computed here: the caches only learn how far
+                # the feed got, once for the whole run.
+                computed = self._pending
+                last = position - 1
+                while last < target and last + 1 in computed:
+                    last += 1
+                    del computed[last]
+                if last >= position:
+                    for cache in self._caches:
+                        cache.advance(last)
+                    self._released = last
+                    position = last + 1
+                    continue
             item = self._pending.pop(position, None)
             if item is not None:
                 self._deliver(item[0], item[1], exact=True)
@@ -647,7 +661,13 @@ class ChangeFeed:
     def _deliver(self, envelope: EventEnvelope, effect: Effect, *, exact: bool) -> None:
         position = envelope.position
         if self._caches:
-            written = written_keys(effect.ops) if exact and effect.ops else None
+            # Working out the keys an effect writes is most of this bookkeeping: only when a
+            # cache holds an entry or a read that the write could make stale.
+            written = (
+                written_keys(effect.ops)
+                if exact and effect.ops and any(cache.holds_anything for cache in self._caches)
+                else None
+            )
             for cache in self._caches:
                 if not exact:
                     cache.reset(position)

@@ -20,7 +20,6 @@ StockReserved of a pending order, or its PaymentAuthorized, moves it to RESERVED
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
@@ -86,6 +85,8 @@ class OrdersProjection:
 
     def __init__(self, keys: OrderKeys) -> None:
         self._keys = keys
+        # The key of the index of every order by each sort, built once.
+        self._indexes = {sort: keys.index(sort) for sort in OrderSortField}
         self._handlers: dict[str, tuple[type[Message], Handler]] = {
             _PLACED: (OrderPlaced, self._placed),
             event_name(OrderItemAdded): (OrderItemAdded, self._item_added),
@@ -288,20 +289,26 @@ class OrdersProjection:
     # -- from (old view, new view) to ops ---------------------------------------------------------
 
     def _memberships(self, view: OrderView) -> set[tuple[str, bytes]]:
-        memberships = {(self._keys.index(sort), sort_member(sort, view)) for sort in OrderSortField}
-        memberships.add((self._keys.by_customer(view.customer_id), sort_member(OrderSortField.PLACED_AT, view)))
-        return memberships
+        # As sort_member for each sort, with the placing-time member (two indexes use it) built once.
+        indexes = self._indexes
+        order_id = view.order_id
+        placed = keyed_member(_micros(view.placed_at), order_id)
+        return {
+            (indexes[OrderSortField.PLACED_AT], placed),
+            (indexes[OrderSortField.TOTAL], keyed_member(view.total.amount_minor, order_id)),
+            (indexes[OrderSortField.UPDATED_AT], keyed_member(_micros(view.updated_at), order_id)),
+            (self._keys.by_customer(view.customer_id), placed),
+        }
 
-    def _contributions(self, view: OrderView) -> Counter[tuple[str, str]]:
+    def _contributions(self, view: OrderView) -> dict[tuple[str, str], int]:
         key = self._keys.stats(view.total.currency_code, day_of(view.placed_at))
-        figures: Counter[tuple[str, str]] = Counter(
-            {(key, "placed"): 1, (key, f"status:{status_name(view.status)}"): 1}
-        )
+        figures = {(key, "placed"): 1, (key, f"status:{status_name(view.status)}"): 1}
         if view.paid:
-            figures[(key, "paid")] += 1
-            figures[(key, "revenue")] += view.total.amount_minor
+            figures[(key, "paid")] = 1
+            figures[(key, "revenue")] = view.total.amount_minor
             for line in view.lines:
-                figures[(key, f"qty:{line.sku}")] += line.quantity
+                name = (key, f"qty:{line.sku}")
+                figures[name] = figures.get(name, 0) + line.quantity
         return figures
 
     def _diff(self, old: OrderView | None, new: OrderView) -> Effect:
@@ -320,9 +327,10 @@ class OrdersProjection:
             ops.extend(
                 gram_ops(self._keys.trigram, new.order_id, before_grams, searchable(new), placed, rank_changed=moved)
             )
-        change: Counter[tuple[str, str]] = Counter(self._contributions(new))
+        change = self._contributions(new)
         if old is not None:
-            change.subtract(self._contributions(old))
+            for name, amount in self._contributions(old).items():
+                change[name] = change.get(name, 0) - amount
         ops.extend(("HINCRBY", key, name, amount) for (key, name), amount in sorted(change.items()) if amount)
         if new.paid and (old is None or not old.paid):
             key = self._keys.stats(new.total.currency_code, day_of(new.placed_at))

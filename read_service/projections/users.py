@@ -67,16 +67,15 @@ class OrderNote:
     paid: bool = False
 
     def encode(self) -> bytes:
-        """The stored form (compact JSON)."""
-        return json.dumps(
-            {
-                "customer_id": self.customer_id,
-                "currency": self.currency_code,
-                "total": self.total_minor,
-                "paid": self.paid,
-            },
-            separators=(",", ":"),
-            sort_keys=True,
+        """The stored form (compact JSON, keys sorted).
+
+        Written out by hand with the JSON encoder's own string quoting: the same bytes as
+        json.dumps(..., separators=(",", ":"), sort_keys=True), at a fraction of its cost on a
+        path that runs for every order event.
+        """
+        return (
+            f'{{"currency":{_json_string(self.currency_code)},"customer_id":{_json_string(self.customer_id)},'
+            f'"paid":{"true" if self.paid else "false"},"total":{int(self.total_minor)}}}'
         ).encode()
 
     @classmethod
@@ -84,6 +83,10 @@ class OrderNote:
         """The note from its stored form."""
         data = json.loads(raw)
         return cls(str(data["customer_id"]), str(data["currency"]), int(data["total"]), bool(data["paid"]))
+
+
+# How json.dumps quotes a string (ASCII only, as its default ensure_ascii does).
+_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
 def _searchable(view: UserView) -> set[str]:

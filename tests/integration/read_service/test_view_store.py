@@ -138,3 +138,47 @@ async def test_a_batch_of_ops_on_shared_keys_leaves_what_one_call_per_event_leav
     assert await redis_client.zrange(f"{redis_prefix}batched:z", 0, -1, withscores=True) == expected_sorted
     expected_hash = {b"f": b"3", b"count": b"2"} if start == 0 else {b"f": b"3", b"count": b"1"}
     assert await redis_client.hgetall(f"{redis_prefix}batched:h") == expected_hash
+
+
+async def test_fan_out_runs_leave_redis_as_the_ops_one_by_one_would(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    def ops(space: str) -> list[tuple[int, Sequence[Op]]]:
+        # Trigram-like runs (the same score and member on many keys), a removal run, a run cut
+        # by another command, and a key a run writes twice.
+        tri = [f"{redis_prefix}{space}:tri:{n}" for n in range(6)]
+        first: list[Op] = [("ZADD", key, 7, "u1") for key in tri]
+        first += [("HINCRBY", f"{redis_prefix}{space}:stats", "users", 1), ("ZADD", tri[0], 7, "u2")]
+        second: list[Op] = [("ZREM", key, "u1") for key in tri[:4]]
+        second += [("SADD", f"{redis_prefix}{space}:s", "m"), ("SADD", f"{redis_prefix}{space}:t", "m")]
+        second += [("ZADD", tri[5], 9, "u1"), ("ZADD", tri[5], 9, "u1")]
+        return [(1, first), (2, second)]
+
+    batched = ViewStore(redis_client, f"{redis_prefix}batched:checkpoint")
+    single = ViewStore(redis_client, f"{redis_prefix}single:checkpoint")
+    await batched.apply_many(ops("batched"))
+    # One op per event: no run to merge.
+    position = 0
+    for _, event_ops in ops("single"):
+        for op in event_ops:
+            position += 1
+            await single.apply(position, [op])
+
+    async def dump(space: str) -> dict[str, object]:
+        found: dict[str, object] = {}
+        async for key in redis_client.scan_iter(match=f"{redis_prefix}{space}:*"):
+            name = key.decode()[len(f"{redis_prefix}{space}:") :]
+            kind_reply = await redis_client.type(key)
+            kind = kind_reply.decode() if isinstance(kind_reply, bytes) else kind_reply
+            if kind == "zset":
+                found[name] = await redis_client.zrange(key, 0, -1, withscores=True)
+            elif kind == "hash":
+                found[name] = await redis_client.hgetall(key)
+            elif kind == "set":
+                found[name] = sorted(await redis_client.smembers(key))
+        return found
+
+    got = await dump("batched")
+    assert got == await dump("single")
+    assert got["tri:0"] == [(b"u2", 7.0)]
+    assert got["tri:5"] == [(b"u1", 9.0)]

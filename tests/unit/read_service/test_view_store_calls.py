@@ -78,3 +78,28 @@ def test_a_large_batch_splits_into_calls_at_segment_boundaries() -> None:
     packed = [argv[0] for _, argv in calls]
     assert all(isinstance(arg, bytes) for arg in packed)
     assert b"".join(arg for arg in packed if isinstance(arg, bytes)) == b"".join(one)
+
+
+def test_a_run_of_one_command_with_the_same_arguments_packs_as_one_fan_out_op() -> None:
+    member, score = "user-1", 1_700_000
+    ops: list[Op] = [("ZADD", f"tri:{gram}", score, member) for gram in ("abc", "bcd", "cde")]
+    ops.append(("ZADD", "tri:def", score, "user-2"))
+
+    keys, argv = encode("cp", [Segment(1, 1, ops)])
+
+    assert keys == ["cp", "cp:fingerprint", "tri:abc", "tri:bcd", "tri:cde", "tri:def"]
+    zadd, digits = 6, str(score).encode()
+    fan_out = (
+        bytes([255, zadd, 2])
+        + (3).to_bytes(4, "big")
+        + b"".join(slot.to_bytes(4, "big") for slot in (3, 4, 5))
+        + len(digits).to_bytes(4, "big")
+        + len(member).to_bytes(4, "big")
+        + digits
+        + member.encode()
+    )
+    single = bytes([2, zadd]) + (6).to_bytes(4, "big") + len(digits).to_bytes(4, "big") + (6).to_bytes(4, "big")
+    single += digits + b"user-2"
+    # The segment still counts four ops: the fan-out op stands for three of them.
+    head = b"".join(n.to_bytes(4, "big") for n in (4, 1, 1)) + b"11"
+    assert argv == [head + fan_out + single]
