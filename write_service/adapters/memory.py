@@ -348,6 +348,23 @@ class InMemorySagaHandoff(SagaHandoff):
         saga.version += 1
         self.staged[saga.order_id] = saga
 
+    async def keep(
+        self, saga_id: uuid.UUID, version: int, *, step: str, context: Mapping[str, Any], lease_s: float
+    ) -> None:
+        """Stage the execution row moved on to `step` in its status; Conflict when it is no longer at `version`."""
+        saga = self._by_id(saga_id)
+        await self.advance(
+            saga_id,
+            version,
+            status=saga.status,
+            step=step,
+            context=context,
+            attempts=0,
+            last_error="",
+            delay_s=0.0,
+            lease_s=lease_s,
+        )
+
     async def log_step(
         self, saga_id: uuid.UUID, *, step: str, kind: str, outcome: str, detail: str, attempt: int
     ) -> None:

@@ -90,6 +90,17 @@ SET status = $3, current_step = $4, context = $5::jsonb, attempts = $6, last_err
 WHERE id = $1 AND version = $2
 RETURNING 1
 """
+# A step that leaves the saga in its status and with this worker: only the step, the context
+# and the lease move. Status and due time are left as they are (the claim found it due, so it
+# is due again should the lease run out), so no index entry changes (a HOT update) and the
+# saga_due trigger, which fires on writes of those columns, wakes no worker for it.
+_KEEP_SAGA = """
+UPDATE saga_executions
+SET current_step = $3, context = $4::jsonb, attempts = 0, last_error = '',
+    locked_until = now() + make_interval(secs => $5::float8), version = version + 1, updated_at = now()
+WHERE id = $1 AND version = $2
+RETURNING 1
+"""
 _LOG_SAGA_STEP = """
 INSERT INTO saga_steps (saga_id, step, kind, outcome, detail, attempt, at) VALUES ($1, $2, $3, $4, $5, $6, now())
 """
@@ -129,6 +140,10 @@ def _address(text: str) -> orders.Address:
     return orders.Address(**fields)
 
 
+def _quantities(order: orders.Order) -> dict[int, int]:
+    return {line.line_no: line.quantity for line in order.lines}
+
+
 class PostgresOrderRepository(OrderRepository):
     """Orders and their lines, read and written through the unit of work's calls."""
 
@@ -138,6 +153,8 @@ class PostgresOrderRepository(OrderRepository):
         self._status_read: dict[uuid.UUID, str] = {}
         # The open reservations of each order as read (or adopted) here: its save writes the difference.
         self._reservations_read: dict[uuid.UUID, dict[uuid.UUID, int]] = {}
+        # The quantity of each line as read (or adopted) here: its save writes only new or changed lines.
+        self._lines_read: dict[uuid.UUID, dict[int, int]] = {}
 
     async def get(self, order_id: uuid.UUID) -> orders.Order | None:
         """The order with its lines as stored now; its save is guarded by the version read here."""
@@ -161,6 +178,7 @@ class PostgresOrderRepository(OrderRepository):
         lines: list[dict[str, Any]] = json.loads(row["lines"])
         reservations = {uuid.UUID(pid): int(units) for pid, units in json.loads(row["reservations"]).items()}
         self._reservations_read[order_id] = dict(reservations)
+        self._lines_read[order_id] = {line["line_no"]: line["quantity"] for line in lines}
         return orders.Order(
             id=row["id"],
             customer_id=row["customer_id"],
@@ -215,6 +233,7 @@ class PostgresOrderRepository(OrderRepository):
         )
         await self._calls.check_insert_now()
         self._write_lines(order)
+        self._lines_read[order.id] = _quantities(order)
         order.stored_version = order.version
 
     def adopt(self, order: orders.Order) -> None:
@@ -222,6 +241,7 @@ class PostgresOrderRepository(OrderRepository):
         self._calls.loaded.add(("order", order.id))
         self._status_read[order.id] = order.status
         self._reservations_read[order.id] = dict(order.reservations)
+        self._lines_read[order.id] = _quantities(order)
 
     async def save(self, order: orders.Order) -> None:
         """Update the order at commit if it is still at the version loaded (else Conflict), and its lines."""
@@ -251,6 +271,7 @@ class PostgresOrderRepository(OrderRepository):
         order.stored_version = order.version
         self._status_read[order.id] = order.status
         self._reservations_read[order.id] = dict(order.reservations)
+        self._lines_read[order.id] = _quantities(order)
 
     def _write_reservations(self, order: orders.Order) -> None:
         before = self._reservations_read.get(order.id, {})
@@ -269,9 +290,11 @@ class PostgresOrderRepository(OrderRepository):
             )
 
     def _write_lines(self, order: orders.Order) -> None:
-        if not order.lines:
+        # Lines as read are not written again: an upsert that changes nothing still locks each row.
+        read = self._lines_read.get(order.id, {})
+        lines = [line for line in order.lines if read.get(line.line_no) != line.quantity]
+        if not lines:
             return
-        lines = order.lines
         self._calls.write(
             Step(
                 _UPSERT_LINES,
@@ -331,6 +354,19 @@ class PostgresSagaHandoff(SagaHandoff):
             Step(
                 _ADVANCE_SAGA,
                 (saga_id, version, status, step, json.dumps(dict(context)), attempts, last_error, delay_s, lease_s),
+                expect_rows=1,
+                conflict=f"saga {saga_id} changed concurrently",
+            )
+        )
+
+    async def keep(
+        self, saga_id: uuid.UUID, version: int, *, step: str, context: Mapping[str, Any], lease_s: float
+    ) -> None:
+        """Move the execution row on to `step` in its status, keeping the lease, if it is still at `version`."""
+        self._calls.write(
+            Step(
+                _KEEP_SAGA,
+                (saga_id, version, step, json.dumps(dict(context)), lease_s),
                 expect_rows=1,
                 conflict=f"saga {saga_id} changed concurrently",
             )

@@ -34,6 +34,7 @@ from opentelemetry import trace
 from shared_kernel.contracts.errors import Conflict
 from shared_kernel.contracts.event_log import NewEvent
 from shared_kernel.contracts.trace_context import context_from_envelope
+from shared_kernel.platform.telemetry import records_spans
 from write_service.adapters.unit_of_work import PostgresUnitOfWork
 from write_service.domain.catalog import Product
 from write_service.domain.orders import Order
@@ -189,7 +190,17 @@ class SagaRunner:
         self._base_ms = backoff_base_ms
         self._cap_ms = backoff_cap_ms
         self._rng = rng or random.Random()  # noqa: S311 - jitter
-        self._origins: dict[uuid.UUID, tuple[str, str, str]] = {}
+        # Each order's correlation id and the trace context of the request that placed it, parsed once.
+        self._origins: dict[uuid.UUID, tuple[str, otel_context.Context | None]] = {}
+        # Decided once: tracing is configured before the runner is built.
+        self._record_spans = records_spans()
+        self._handlers: dict[str, Callable[[SagaRow, str, str], Awaitable[SagaRow | None]]] = {
+            model.RESERVE_STOCK: self._reserve_stock,
+            model.AUTHORIZE_PAYMENT: self._authorize_payment,
+            model.CAPTURE_AND_CONFIRM: self._capture_and_confirm,
+            model.RELEASE_STOCK: self._release_stock,
+            model.SETTLE_PAYMENT: self._settle_payment,
+        }
         # The order as the last step of a saga in hand committed it: the next step starts from it
         # without reading it again (its save is guarded by the version and status committed).
         self._held: dict[uuid.UUID, Order] = {}
@@ -213,23 +224,22 @@ class SagaRunner:
         finally:
             # The lease goes back with the saga: another worker may move the order on meanwhile.
             self._held.pop(saga.id, None)
+            # A later claim reads the origin again.
+            self._origins.pop(saga.order_id, None)
 
     async def run_step(self, saga: SagaRow) -> SagaRow | None:
         """Run the saga's next step; the row after it when this worker should go on, else None."""
         step = model.step_to_run(saga.status, saga.current_step)
-        correlation_id, traceparent, tracestate = await self._origin(saga.order_id)
-        token = otel_context.attach(context_from_envelope(traceparent, tracestate)) if traceparent else None
+        correlation_id, parent = await self._origin(saga.order_id)
+        token = otel_context.attach(parent) if parent is not None else None
         try:
+            handler = self._handlers[step]
+            if not self._record_spans:
+                # Nothing would record the span: the step's logs and events carry the placing request's context.
+                return await handler(saga, step, correlation_id)
             with _tracer.start_as_current_span(
                 f"saga.{step}", attributes={"saga.id": str(saga.id), "order.id": str(saga.order_id)}
             ):
-                handler = {
-                    model.RESERVE_STOCK: self._reserve_stock,
-                    model.AUTHORIZE_PAYMENT: self._authorize_payment,
-                    model.CAPTURE_AND_CONFIRM: self._capture_and_confirm,
-                    model.RELEASE_STOCK: self._release_stock,
-                    model.SETTLE_PAYMENT: self._settle_payment,
-                }[step]
                 return await handler(saga, step, correlation_id)
         finally:
             if token is not None:
@@ -535,17 +545,21 @@ class SagaRunner:
             )
             context = saga.context if outcome.context is None else outcome.context
             keep = outcome.due and outcome.status in model.ACTIVE_STATUSES
-            await uow.sagas.advance(
-                saga.id,
-                saga.version,
-                status=outcome.status,
-                step=outcome.step,
-                context=context,
-                attempts=0,
-                last_error="",
-                delay_s=0.0 if keep else None,
-                lease_s=self._lease_s if keep else None,
-            )
+            if keep and outcome.status == saga.status:
+                # The usual step: on to the next one, still with this worker.
+                await uow.sagas.keep(saga.id, saga.version, step=outcome.step, context=context, lease_s=self._lease_s)
+            else:
+                await uow.sagas.advance(
+                    saga.id,
+                    saga.version,
+                    status=outcome.status,
+                    step=outcome.step,
+                    context=context,
+                    attempts=0,
+                    last_error="",
+                    delay_s=0.0 if keep else None,
+                    lease_s=self._lease_s if keep else None,
+                )
             for entry in outcome.log:
                 await uow.sagas.log_step(
                     saga.id,
@@ -625,9 +639,11 @@ class SagaRunner:
         """Keep the correlation id and trace context of the request that placed the order."""
         if len(self._origins) > 10_000:
             self._origins.clear()
-        self._origins[order_id] = origin
+        correlation_id, traceparent, tracestate = origin
+        parent = context_from_envelope(traceparent, tracestate) if traceparent else None
+        self._origins[order_id] = (correlation_id, parent)
 
-    async def _origin(self, order_id: uuid.UUID) -> tuple[str, str, str]:
+    async def _origin(self, order_id: uuid.UUID) -> tuple[str, otel_context.Context | None]:
         """Correlation id and trace context of the request that placed the order (cached; the claim reads it)."""
         cached = self._origins.get(order_id)
         if cached is not None:
@@ -635,7 +651,7 @@ class SagaRunner:
         row = await self._pool.fetchrow(_ORIGIN, str(order_id))
         origin = (row["correlation_id"], row["traceparent"], row["tracestate"]) if row else (str(order_id), "", "")
         self.remember_origin(order_id, origin)
-        return origin
+        return self._origins[order_id]
 
     async def _read_saga(self, saga_id: uuid.UUID) -> SagaRow | None:
         row = await self._pool.fetchrow(_READ_SAGA, saga_id)

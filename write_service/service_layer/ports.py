@@ -206,6 +206,16 @@ class SagaHandoff(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def keep(
+        self, saga_id: uuid.UUID, version: int, *, step: str, context: Mapping[str, Any], lease_s: float
+    ) -> None:
+        """Move the execution row on to `step` in the same status, renewing the worker's lease for `lease_s`.
+
+        Attempts and the last error are cleared; the due time is left as it is (the saga was due
+        when claimed, so it is due again should the lease run out). Guarded by `version`, as `advance`.
+        """
+
+    @abc.abstractmethod
     async def log_step(
         self, saga_id: uuid.UUID, *, step: str, kind: str, outcome: str, detail: str, attempt: int
     ) -> None:
