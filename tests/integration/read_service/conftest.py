@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 import uuid
@@ -129,6 +130,31 @@ class UserFactory:
         payload = UserDeactivated(user_id=user_id, reason=reason)
         payload.deactivated_at.FromDatetime(when)
         return NewEvent(payload, "user", user_id, self._next(user_id), when)
+
+
+@contextlib.asynccontextmanager
+async def script_calls(redis_url: str, checkpoint_key: str) -> AsyncIterator[list[str]]:
+    """Every EVALSHA naming `checkpoint_key` (the apply script's KEYS[1]) while the block runs, seen by MONITOR."""
+    calls: list[str] = []
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=5)
+
+    async def record() -> None:
+        async with client.monitor() as monitor:
+            async for command in monitor.listen():
+                text = str(command.get("command", ""))
+                if text.upper().startswith("EVALSHA") and checkpoint_key in text:
+                    calls.append(text)
+
+    watcher = asyncio.create_task(record())
+    try:
+        # Let the watcher send MONITOR before the block's first command.
+        await asyncio.sleep(0)
+        yield calls
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await client.aclose()
 
 
 async def dump_keyspace(client: aioredis.Redis, prefix: str) -> dict[str, Any]:

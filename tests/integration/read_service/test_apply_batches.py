@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from datetime import UTC, datetime
 
@@ -16,7 +15,7 @@ from tessera.catalog.v1.events_pb2 import ProductAdded
 from tessera.common.v1.money_pb2 import Money
 from tessera.users.v1.user_query_service_pb2 import UserView
 
-from .conftest import EventLog, StartProjector, UserFactory, eventually
+from .conftest import EventLog, StartProjector, UserFactory, eventually, script_calls
 
 pytestmark = pytest.mark.integration
 
@@ -32,15 +31,6 @@ def _product() -> NewEvent:
     return NewEvent(payload, "product", product_id, 1, datetime.now(UTC))
 
 
-async def _script_calls(client: aioredis.Redis, checkpoint_key: str, calls: list[str]) -> None:
-    """Append every EVALSHA that names `checkpoint_key` (the apply script's KEYS[1]) to `calls`."""
-    async with client.monitor() as monitor:
-        async for command in monitor.listen():
-            text = str(command.get("command", ""))
-            if text.upper().startswith("EVALSHA") and checkpoint_key in text:
-                calls.append(text)
-
-
 async def test_events_the_projection_ignores_ride_along_with_its_writes(
     event_log: EventLog,
     users: UserFactory,
@@ -52,12 +42,7 @@ async def test_events_the_projection_ignores_ride_along_with_its_writes(
     keys = UserKeys(redis_prefix)
     projector = await start_projector()
     await eventually(lambda: projector.ready)
-    calls: list[str] = []
-    monitor_client = aioredis.Redis.from_url(redis_server_url, socket_timeout=5)
-    watcher = asyncio.create_task(_script_calls(monitor_client, keys.checkpoint, calls))
-    try:
-        # MONITOR is on once a command of ours shows up in it.
-        await asyncio.sleep(0)
+    async with script_calls(redis_server_url, keys.checkpoint) as calls:
         first_id, first = users.register("first@example.com", "first")
         second_id, second = users.register("second@example.com", "second")
         # A user, twenty product events the users projection does not handle, a user, ten more.
@@ -80,11 +65,6 @@ async def test_events_the_projection_ignores_ride_along_with_its_writes(
         # holding a user (at most two) and one marker.
         await eventually(lambda: len(calls) >= 1)
         assert 1 <= len(calls) <= 3, calls
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-        await monitor_client.aclose()
 
 
 async def test_a_trickle_of_ignored_events_shares_one_marker_instead_of_one_call_each(
@@ -97,11 +77,7 @@ async def test_a_trickle_of_ignored_events_shares_one_marker_instead_of_one_call
     keys = UserKeys(redis_prefix)
     projector = await start_projector()
     await eventually(lambda: projector.ready)
-    calls: list[str] = []
-    monitor_client = aioredis.Redis.from_url(redis_server_url, socket_timeout=5)
-    watcher = asyncio.create_task(_script_calls(monitor_client, keys.checkpoint, calls))
-    try:
-        await asyncio.sleep(0)
+    async with script_calls(redis_server_url, keys.checkpoint) as calls:
         envelopes = await event_log.append(*(_product() for _ in range(20)))
         for envelope in envelopes:
             # One at a time, each taken by the projector before the next is published: its inbox
@@ -116,8 +92,3 @@ async def test_a_trickle_of_ignored_events_shares_one_marker_instead_of_one_call
         await eventually(lambda: len(calls) >= 1)
         # Written as soon as the inbox drained, each event was a marker call of its own: 20.
         assert len(calls) <= 5, calls
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-        await monitor_client.aclose()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import pytest
@@ -16,8 +15,7 @@ from read_service.keys import UserKeys
 from shared_kernel.contracts.event_log import events_channel, head_channel
 from tessera.events.v1.envelope_pb2 import EventEnvelope, StreamHead
 
-from .conftest import EventLog, StartProjector, UserFactory, dump_keyspace, eventually
-from .test_apply_batches import _script_calls
+from .conftest import EventLog, StartProjector, UserFactory, dump_keyspace, eventually, script_calls
 
 pytestmark = pytest.mark.integration
 
@@ -90,11 +88,7 @@ async def test_a_queued_burst_is_applied_in_few_calls_and_equals_a_rebuild(
     keys = UserKeys(redis_prefix)
     projector = await start_projector()
     await eventually(lambda: projector.ready)
-    calls: list[str] = []
-    monitor_client = aioredis.Redis.from_url(redis_server_url, socket_timeout=5)
-    watcher = asyncio.create_task(_script_calls(monitor_client, keys.checkpoint, calls))
-    try:
-        await asyncio.sleep(0)
+    async with script_calls(redis_server_url, keys.checkpoint) as calls:
         stream = []
         registered = []
         for n in range(150):
@@ -113,11 +107,6 @@ async def test_a_queued_burst_is_applied_in_few_calls_and_equals_a_rebuild(
         await eventually(lambda: len(calls) >= 1)
         # A call per event was 222; a queued burst goes as batches, each split only by call size.
         assert len(calls) <= 30, len(calls)
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-        await monitor_client.aclose()
 
     # A projector on a key space of its own builds the same views from the log alone.
     rebuilt_prefix = f"{redis_prefix}rebuilt:"
