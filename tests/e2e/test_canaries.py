@@ -6,7 +6,7 @@ on an e-mail address and is refused by auth, every place the system writes is se
 
 - passwords and tokens: nowhere (process logs and spans, every Postgres table, every Redis
   key and value);
-- e-mail addresses: only where they belong (events in the outbox, the users table, the
+- e-mail addresses: only where they belong (events in the `outbox_event` table, the users table, the
   command-log summary, the Redis views), never in logs or spans; an address sent only in
   a refused call, or only looked up, appears nowhere.
 """
@@ -254,7 +254,7 @@ def test_the_search_is_not_vacuous(evidence: Evidence) -> None:
     assert '"name": "/tessera.users.v1.UserCommandService/RegisterUser"' in write_log, "no spans in the log"
     assert any('"name": "/tessera.users.v1.UserQueryService/' in evidence.logs[n] for n in evidence.logs)
     places = evidence.places()
-    assert "table outbox" in _found_in(places, EMAIL)
+    assert "table outbox_event" in _found_in(places, EMAIL)
     assert "redis" in _found_in(places, EMAIL)
     assert EMAIL in evidence.tables["command_log"]
     assert "call refused" in write_log
@@ -274,7 +274,7 @@ def test_tokens_appear_nowhere(evidence: Evidence) -> None:
 
 
 def test_emails_appear_only_where_they_belong(evidence: Evidence) -> None:
-    allowed = {"table outbox", "table users", "table command_log", "redis"}
+    allowed = {"table outbox_event", "table users", "table command_log", "redis"}
     found = _found_in(evidence.places(), EMAIL)
     assert set(found) <= allowed, f"{EMAIL} leaked into {sorted(set(found) - allowed)}"
 
