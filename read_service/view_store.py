@@ -190,15 +190,6 @@ def _emit_run(parts: list[bytes], code: int, slots: list[int], first: bytes, sec
         append(second)
 
 
-def _arg_bytes(value: Any) -> bytes:
-    kind = type(value)
-    if kind is bytes:
-        return value  # type: ignore[no-any-return]
-    if kind is str:
-        return value.encode()  # type: ignore[no-any-return]
-    return _bytes(value)
-
-
 def _pack_ops(
     ops: Sequence[Op], keys: list[str], slots: dict[str | bytes | int | float, int], parts: list[bytes]
 ) -> None:
@@ -238,8 +229,8 @@ def _pack_ops(
                 _emit_run(parts, run_code, run, first_bytes, second_bytes)
             run = [slot]
             run_code, run_first, run_second = code, first, second
-            first_bytes = _INTS.get(first) or str(first).encode() if type(first) is int else _arg_bytes(first)
-            second_bytes = None if count == 1 else _arg_bytes(second)
+            first_bytes = _bytes(first)
+            second_bytes = None if count == 1 else _bytes(op[3])
             continue
         if run:
             _emit_run(parts, run_code, run, first_bytes, second_bytes)
